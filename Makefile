@@ -1,0 +1,34 @@
+# cvtpm — see README.md. Every target installs what it needs on Debian.
+SHELL := /bin/bash
+export PATH := /usr/local/go/bin:$(PATH)
+GO ?= go
+BIN := bin/cvtpm
+
+.PHONY: all build deps test unit fuzz demo bench clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+build:
+	@mkdir -p bin
+	$(GO) build -trimpath -o $(BIN) ./cmd/cvtpm
+
+# The full suite: unit tests, cross-component tests against the real peers
+# (tpm2-tools, swtpm-tools, QEMU), then a short run of every fuzz target.
+test: deps build
+	CVTPM_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 15m ./...
+	@scripts/fuzz.sh 10s
+
+fuzz: deps
+	@scripts/fuzz.sh $${FUZZTIME:-60s}
+
+demo: deps build
+	@scripts/demo.sh
+
+bench: deps build
+	CVTPM_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench . -benchtime 2000x -count 1 ./test/bench/ | tee bench.txt
+
+clean:
+	rm -rf bin bench.txt

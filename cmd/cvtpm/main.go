@@ -1,0 +1,88 @@
+// Command cvtpm is the confidential vTPM: one binary whose subcommands run the
+// swtpm-compatible TPM socket, the backend, the host frontend, the EK CA, the
+// verifier and the in-guest tools.
+//
+// Invoked under the name "swtpm" (for example through a symlink that libvirt
+// finds on its PATH) it behaves exactly as "cvtpm", so "swtpm socket --tpm2 ..."
+// runs cvtpm's socket command.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sort"
+	"syscall"
+)
+
+// command is one subcommand of cvtpm. Each lives in its own file and
+// registers itself in init, so adding a command touches no shared code.
+type command struct {
+	name    string
+	summary string
+	run     func(ctx context.Context, args []string) error
+}
+
+var commands = map[string]command{}
+
+func register(c command) {
+	if _, dup := commands[c.name]; dup {
+		panic("cvtpm: duplicate command " + c.name)
+	}
+	commands[c.name] = c
+}
+
+// exitError carries a process exit code through the command's error return
+// without printing anything more (the command already explained itself).
+type exitError struct{ code int }
+
+func (e exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
+
+func usage() {
+	fmt.Fprintf(os.Stderr, "Usage: cvtpm <command> [options]\n\nCommands:\n")
+	names := make([]string, 0, len(commands))
+	for n := range commands {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		fmt.Fprintf(os.Stderr, "  %-10s %s\n", n, commands[n].summary)
+	}
+	fmt.Fprintf(os.Stderr, "\nRun 'cvtpm <command> --help' for the options of a command.\n"+
+		"Invoked as 'swtpm' (a symlink), cvtpm accepts swtpm's command line.\n")
+}
+
+func main() {
+	args := os.Args[1:]
+	prog := filepath.Base(os.Args[0])
+	_ = prog // "swtpm" and "cvtpm" behave the same: the subcommand comes first.
+
+	if len(args) == 0 {
+		usage()
+		os.Exit(2)
+	}
+	switch args[0] {
+	case "-h", "--help", "help":
+		usage()
+		return
+	}
+	cmd, ok := commands[args[0]]
+	if !ok {
+		fmt.Fprintf(os.Stderr, "cvtpm: unknown command %q (run 'cvtpm --help' for the list)\n", args[0])
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := cmd.run(ctx, args[1:])
+	stop()
+	if err != nil {
+		var ee exitError
+		if errors.As(err, &ee) {
+			os.Exit(ee.code)
+		}
+		fmt.Fprintf(os.Stderr, "cvtpm %s: %v\n", cmd.name, err)
+		os.Exit(1)
+	}
+}
