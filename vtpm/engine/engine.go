@@ -415,8 +415,8 @@ func (t *TPM) GetState(st uint32) ([]byte, uint32) {
 	b, err := t.store.Load(name)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			// swtpm sends an empty blob when there is none.
-			return nil, RCSuccess
+			// swtpm answers TPM_RETRY when there is no such blob.
+			return nil, uint32(C.TPM_RETRY)
 		}
 		t.log.Error("loading a state blob failed", "blob", name, "err", err)
 		return nil, RCFail

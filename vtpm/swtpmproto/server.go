@@ -1,0 +1,121 @@
+// Package swtpmproto serves a TPM over swtpm's wire protocols: the control
+// channel (include/swtpm/tpm_ioctl.h, including SET_DATAFD with SCM_RIGHTS),
+// the data channel (raw TPM commands or the TPM_SEND_COMMAND prefix) and the
+// Microsoft simulator ("mssim") command and platform ports, over unix sockets
+// and TCP.
+//
+// Each connection is served on its own goroutine, which calls the TPM
+// directly: no per-command hand-off, and per-connection buffers are reused.
+package swtpmproto
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"sync"
+)
+
+// TPM is what the servers need from a TPM. *engine.TPM satisfies it; a
+// frontend may satisfy it by forwarding to a remote engine. Methods return
+// swtpm's TPM result codes.
+type TPM interface {
+	Init(flags uint32) uint32
+	Stop()
+	Running() bool
+	Execute(dst, cmd []byte) []byte
+	ExecuteAt(dst, cmd []byte, locality uint8) []byte
+	SetLocality(loc uint8) uint32
+	Established() (bool, uint32)
+	ResetEstablished(loc uint8) uint32
+	HashStart() uint32
+	HashData(data []byte) uint32
+	HashEnd() uint32
+	Cancel() uint32
+	StoreVolatile() uint32
+	SetBufferSize(wanted uint32) (size, minSize, maxSize uint32, err error)
+	Info(flags uint64) (string, error)
+	GetState(blobType uint32) ([]byte, uint32)
+	SetState(blobType uint32, blob []byte) uint32
+	MaxCommandSize() int
+}
+
+// Options configures a Server.
+type Options struct {
+	Logger *slog.Logger
+	// LockStorage serves CMD_LOCK_STORAGE; nil answers TPM_FAIL.
+	LockStorage func(retries uint32) error
+	// FileKey and MigrationKey are reported by CMD_GET_CONFIG.
+	FileKey, MigrationKey bool
+	// Migration seals and opens state blobs for GET/SET_STATEBLOB when a
+	// migration key is set; nil transfers them in the clear.
+	Migration BlobSealer
+	// RejectLocality4 refuses locality 4 (swtpm's --locality reject-locality-4).
+	RejectLocality4 bool
+}
+
+// BlobSealer encrypts state blobs in transit (the --migration-key).
+type BlobSealer interface {
+	Seal(plain []byte) ([]byte, error)
+	Open(sealed []byte) ([]byte, error)
+}
+
+// Server serves one TPM on any number of listeners.
+type Server struct {
+	tpm  TPM
+	opts Options
+	log  *slog.Logger
+
+	mu       sync.Mutex
+	dataFD   net.Conn // the connection passed by CMD_SET_DATAFD, if any
+	shutdown chan struct{}
+	once     sync.Once
+	conns    sync.WaitGroup
+}
+
+// New returns a Server for tpm.
+func New(tpm TPM, opts Options) *Server {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Server{tpm: tpm, opts: opts, log: opts.Logger, shutdown: make(chan struct{})}
+}
+
+// ShutdownRequested is closed when a client sent CMD_SHUTDOWN; swtpm then
+// terminates, and so should the caller.
+func (s *Server) ShutdownRequested() <-chan struct{} { return s.shutdown }
+
+func (s *Server) requestShutdown() { s.once.Do(func() { close(s.shutdown) }) }
+
+// serve accepts connections on ln until ctx ends or ln fails, running handle
+// for each on its own goroutine.
+func (s *Server) serve(ctx context.Context, ln net.Listener, handle func(context.Context, net.Conn)) error {
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return err
+		}
+		s.conns.Add(1)
+		go func() {
+			defer s.conns.Done()
+			defer c.Close()
+			cctx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			unblock := context.AfterFunc(cctx, func() { c.Close() })
+			defer unblock()
+			handle(cctx, c)
+		}()
+	}
+}
+
+// Wait waits for all connection goroutines to end.
+func (s *Server) Wait() { s.conns.Wait() }
