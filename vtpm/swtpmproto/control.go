@@ -118,11 +118,11 @@ func (s *Server) HandleControl(ctx context.Context, c net.Conn) {
 		} else {
 			n, err = c.Read(buf)
 		}
-		buf = buf[:n]
-		if err != nil || n == 0 {
+		if err != nil || n <= 0 {
 			closeFD(passed)
 			return
 		}
+		buf = buf[:n]
 		// The rest of a message must follow within 500 ms, as in swtpm.
 		for need := ControlNeed(buf); len(buf) < need; need = ControlNeed(buf) {
 			if cap(buf) < need {
