@@ -1,0 +1,163 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseSocketArgs(t *testing.T) {
+	env := func(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+	none := env(nil)
+	tests := []struct {
+		name    string
+		args    []string
+		getenv  func(string) string
+		wantErr string // substring; "" = success
+		check   func(*socketConfig) bool
+	}{
+		{"libvirt style", []string{"--tpm2", "--tpmstate", "dir=/s,mode=0600", "--ctrl", "type=unixio,path=/r/c,mode=0600", "--log", "file=/l,level=20", "--pid", "file=/p", "--flags", "startup-clear"}, none, "",
+			func(c *socketConfig) bool {
+				return c.stateDir == "/s" && c.ctrl.typ == "unixio" && c.ctrl.path == "/r/c" && c.ctrl.mode == 0o600 && c.logLevel == 20 && c.pidFile == "/p" && c.startup == "clear"
+			}},
+		{"equals form and tcp defaults", []string{"--tpm2", "--tpmstate=dir=/s", "--server=type=tcp,port=2321,disconnect", "--ctrl=type=tcp,port=2322"}, none, "",
+			func(c *socketConfig) bool {
+				return c.server.port == 2321 && c.server.bindaddr == "127.0.0.1" && c.server.disconnect && c.ctrl.port == 2322
+			}},
+		{"TPM_PATH and TPM_PORT", []string{"--tpm2", "--server", "type=tcp"}, env(map[string]string{"TPM_PATH": "/e", "TPM_PORT": "7000"}), "",
+			func(c *socketConfig) bool { return c.stateDir == "/e" && c.server.port == 7000 }},
+		{"mssim", []string{"--tpm2", "--tpmstate", "dir=/s", "--mssim", "port=2321,bindaddr=::1"}, none, "",
+			func(c *socketConfig) bool { return c.mssimPort == 2321 && c.mssimBind == "::1" }},
+		{"not-need-init", []string{"--tpm2", "--tpmstate", "dir=/s", "--flags", "not-need-init,startup-state,disable-auto-shutdown"}, none, "",
+			func(c *socketConfig) bool { return c.notNeedInit && c.startup == "state" }},
+		{"key", []string{"--tpm2", "--tpmstate", "dir=/s", "--key", "pwdfile=/k,kdf=sha512,mode=sm4-gcm"}, none, "",
+			func(c *socketConfig) bool {
+				return c.key.pwdfile == "/k" && c.key.kdf == "sha512" && c.key.mode == "sm4-gcm"
+			}},
+		{"seccomp none", []string{"--tpm2", "--tpmstate", "dir=/s", "--seccomp", "action=none"}, none, "", nil},
+		{"print capabilities needs nothing else", []string{"--print-capabilities"}, none, "", func(c *socketConfig) bool { return c.printCaps }},
+		{"unknown option", []string{"--tpm2", "--bogus"}, none, "unknown option --bogus", nil},
+		{"unknown parameter", []string{"--tpm2", "--server", "type=tcp,port=1,colour=red"}, none, `--server: unknown parameter "colour"`, nil},
+		{"bad port", []string{"--tpm2", "--server", "type=tcp,port=70000"}, none, "--server: port=", nil},
+		{"bad type", []string{"--server", "type=vsock"}, none, `--server: type="vsock"`, nil},
+		{"missing value", []string{"--tpm2", "--ctrl"}, none, "--ctrl: missing value", nil},
+		{"no tpm2", []string{"--tpmstate", "dir=/s"}, none, "--tpm2 is required", nil},
+		{"no state dir", []string{"--tpm2"}, none, "--tpmstate", nil},
+		{"tcp without port", []string{"--tpm2", "--tpmstate", "dir=/s", "--server", "type=tcp"}, none, "--server: no valid port", nil},
+		{"unixio without path", []string{"--tpm2", "--tpmstate", "dir=/s", "--ctrl", "type=unixio"}, none, "--ctrl: type=unixio needs path=", nil},
+		{"two key sources", []string{"--tpm2", "--tpmstate", "dir=/s", "--key", "file=/a,fd=3"}, none, "--key: give exactly one", nil},
+		{"seccomp kill", []string{"--tpm2", "--tpmstate", "dir=/s", "--seccomp", "action=kill"}, none, "--seccomp: action=", nil},
+		{"runas", []string{"--tpm2", "--runas", "tss"}, none, "--runas is not supported", nil},
+		{"backend uri", []string{"--tpm2", "--tpmstate", "backend-uri=file:///x"}, none, "--tpmstate: backend-uri", nil},
+		{"bad mode", []string{"--tpm2", "--tpmstate", "dir=/s,mode=999"}, none, "--tpmstate: mode=", nil},
+		{"stray argument", []string{"--tpm2", "extra"}, none, `unexpected argument "extra"`, nil},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := parseSocketArgs(tc.args, tc.getenv)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("err = %v, want it to contain %q", err, tc.wantErr)
+				}
+				if strings.Contains(err.Error(), "\n") {
+					t.Errorf("error spans several lines: %q", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("err = %v", err)
+			}
+			if tc.check != nil && !tc.check(c) {
+				t.Errorf("parsed config %+v does not match", c)
+			}
+		})
+	}
+}
+
+func TestPrintCapabilities(t *testing.T) {
+	var buf bytes.Buffer
+	if err := printCapabilities(&buf); err != nil {
+		t.Fatal(err)
+	}
+	var caps struct {
+		Type     string   `json:"type"`
+		Features []string `json:"features"`
+		Version  string   `json:"version"`
+	}
+	if err := json.Unmarshal(buf.Bytes(), &caps); err != nil {
+		t.Fatalf("not JSON: %v: %s", err, buf.Bytes())
+	}
+	has := map[string]bool{}
+	for _, f := range caps.Features {
+		has[f] = true
+	}
+	for _, want := range []string{"tpm-2.0", "tpm-send-command-header", "flags-opt-startup", "cmdarg-key-fd", "cmdarg-pwd-fd"} {
+		if !has[want] {
+			t.Errorf("feature %q missing from %s", want, buf.Bytes())
+		}
+	}
+	if has["tpm-1.2"] {
+		t.Errorf("claims tpm-1.2")
+	}
+	if caps.Type != "swtpm" {
+		t.Errorf("type %q, want swtpm (libvirt checks it)", caps.Type)
+	}
+}
+
+// TestServeSocket runs the socket command in-process and sends a raw
+// TPM2_GetRandom on the data socket, then shuts it down over the control
+// channel and checks that the sockets and the pid file are gone.
+func TestServeSocket(t *testing.T) {
+	dir := t.TempDir()
+	data, ctrl, pid := filepath.Join(dir, "sock"), filepath.Join(dir, "sock.ctrl"), filepath.Join(dir, "pid")
+	cfg, err := parseSocketArgs([]string{"--tpm2", "--tpmstate", "dir=" + filepath.Join(dir, "state"),
+		"--server", "type=unixio,path=" + data, "--ctrl", "type=unixio,path=" + ctrl,
+		"--flags", "not-need-init,startup-clear", "--pid", "file=" + pid, "--log", "file=-"}, os.Getenv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- serveSocket(context.Background(), cfg) }()
+	var c net.Conn
+	for range 500 {
+		if _, err := os.Stat(pid); err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if c, err = net.Dial("unix", data); err != nil {
+		t.Fatalf("data socket: %v", err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 8}); err != nil {
+		t.Fatal(err)
+	}
+	resp := make([]byte, 64)
+	n, err := c.Read(resp)
+	if err != nil || n != 20 || !bytes.Equal(resp[:10], []byte{0x80, 0x01, 0, 0, 0, 20, 0, 0, 0, 0}) {
+		t.Fatalf("GetRandom: % x, %v", resp[:n], err)
+	}
+	cc, err := net.Dial("unix", ctrl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	cc.Write([]byte{0, 0, 0, 3}) // CMD_SHUTDOWN
+	if n, _ := cc.Read(resp); n != 4 || !bytes.Equal(resp[:4], []byte{0, 0, 0, 0}) {
+		t.Errorf("SHUTDOWN reply % x", resp[:n])
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("serveSocket: %v", err)
+	}
+	for _, p := range []string{data, ctrl, pid} {
+		if _, err := os.Stat(p); err == nil {
+			t.Errorf("%s still exists after shutdown", p)
+		}
+	}
+}
