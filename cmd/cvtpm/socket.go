@@ -716,7 +716,12 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 		if ln != nil {
 			start(func() error { return srv.ServeControl(ctx, ln) })
 		} else {
-			start(func() error { defer conn.Close(); srv.HandleControl(ctx, conn); return nil })
+			start(func() error {
+				defer context.AfterFunc(ctx, func() { conn.Close() })()
+				defer conn.Close()
+				srv.HandleControl(ctx, conn)
+				return nil
+			})
 		}
 	}
 	if cfg.server != nil {
@@ -727,7 +732,12 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 		if ln != nil {
 			start(func() error { return srv.ServeData(ctx, ln, cfg.server.disconnect) })
 		} else {
-			start(func() error { defer conn.Close(); srv.HandleData(ctx, conn, false); return nil })
+			start(func() error {
+				defer context.AfterFunc(ctx, func() { conn.Close() })()
+				defer conn.Close()
+				srv.HandleData(ctx, conn, false)
+				return nil
+			})
 		}
 	}
 	if cfg.mssimPort >= 0 {
@@ -783,13 +793,18 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 	case runErr = <-errc:
 		running--
 	}
+	// Close the listeners (which unlinks unix sockets) and wait for every
+	// connection to end before the engine and the store go away.
 	cancel()
 	srv.CloseDataFD()
-	tpm.Stop()
-	if runErr != nil {
-		return runErr
+	for ; running > 0; running-- {
+		if err := <-errc; err != nil && runErr == nil {
+			runErr = err
+		}
 	}
-	return nil
+	srv.Wait()
+	tpm.Stop()
+	return runErr
 }
 
 func writePidFile(path string) error {
