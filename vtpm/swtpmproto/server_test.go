@@ -50,7 +50,7 @@ func (m *memStorage) Delete(name string) error {
 
 // cvtpmServer runs a Server on a real engine with unix control and data
 // sockets in a temporary directory; it returns the control and data paths.
-func cvtpmServer(t *testing.T) (srv *Server, ctrlPath, dataPath string) {
+func cvtpmServer(t testing.TB) (srv *Server, ctrlPath, dataPath string) {
 	t.Helper()
 	tpm, err := engine.New(newMem(), nil)
 	if err != nil {
