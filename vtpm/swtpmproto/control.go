@@ -426,10 +426,13 @@ func (s *Server) setDataFD(fd int) uint32 {
 		return rcBadParameter
 	}
 	s.dataFD = c
+	ctx, cancel := context.WithCancel(context.Background())
+	s.dataCancel = cancel
 	s.conns.Add(1)
 	go func() {
 		defer s.conns.Done()
-		s.HandleData(context.Background(), c, false)
+		defer cancel()
+		s.handleDataConn(ctx, c, false)
 		c.Close()
 		s.mu.Lock()
 		s.dataFD = nil
@@ -443,6 +446,7 @@ func (s *Server) setDataFD(fd int) uint32 {
 func (s *Server) CloseDataFD() {
 	s.mu.Lock()
 	if s.dataFD != nil {
+		s.dataCancel()
 		s.dataFD.Close()
 	}
 	s.mu.Unlock()

@@ -26,6 +26,8 @@ type Frame struct {
 	End      int   // offset after the TPM command
 }
 
+var errEOF = io.EOF
+
 // ErrFrame reports a data-channel message that cannot be a TPM command.
 var ErrFrame = errors.New("bad TPM data frame")
 
@@ -61,7 +63,7 @@ func ParseFrame(b []byte, maxCmd int) (f Frame, need int, err error) {
 // --server ...,disconnect); with disconnect, it is closed after one.
 func (s *Server) ServeData(ctx context.Context, ln net.Listener, disconnect bool) error {
 	return s.serve(ctx, ln, func(ctx context.Context, c net.Conn) {
-		s.HandleData(ctx, c, disconnect)
+		s.handleDataConn(ctx, c, disconnect)
 	})
 }
 

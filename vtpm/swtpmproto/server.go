@@ -66,11 +66,12 @@ type Server struct {
 	opts Options
 	log  *slog.Logger
 
-	mu       sync.Mutex
-	dataFD   net.Conn // the connection passed by CMD_SET_DATAFD, if any
-	shutdown chan struct{}
-	once     sync.Once
-	conns    sync.WaitGroup
+	mu         sync.Mutex
+	dataFD     net.Conn // the connection passed by CMD_SET_DATAFD, if any
+	dataCancel context.CancelFunc
+	shutdown   chan struct{}
+	once       sync.Once
+	conns      sync.WaitGroup
 }
 
 // New returns a Server for tpm.
