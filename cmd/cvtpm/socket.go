@@ -17,7 +17,9 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
+	"time"
 
 	"cvtpm/vtpm/engine"
 	"cvtpm/vtpm/swtpmproto"
@@ -672,7 +674,7 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 		FileKey:         cfg.key != nil,
 		MigrationKey:    sealer != nil,
 		RejectLocality4: cfg.rejectLocality4,
-		LockStorage:     func(uint32) error { return store.Lock() },
+		LockStorage:     storageLocker(store, cfg.stateLock),
 	}
 	if sealer != nil {
 		opts.Migration = sealer
@@ -805,6 +807,29 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 	srv.Wait()
 	tpm.Stop()
 	return runErr
+}
+
+// storageLocker serves CMD_LOCK_STORAGE as swtpm 0.8 does: locking an
+// already locked store succeeds; otherwise it is tried retries more times,
+// 10 ms apart (another process may be releasing it during a migration).
+func storageLocker(store stateStore, locked bool) func(retries uint32) error {
+	var mu sync.Mutex
+	return func(retries uint32) error {
+		mu.Lock()
+		defer mu.Unlock()
+		for i := uint32(0); !locked; i++ {
+			err := store.Lock()
+			if err == nil {
+				locked = true
+				break
+			}
+			if i >= retries {
+				return err
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		return nil
+	}
 }
 
 func writePidFile(path string) error {
