@@ -488,7 +488,10 @@ func runSocket(ctx context.Context, args []string) error {
 // the features cvtpm really has.
 func printCapabilities(w io.Writer) error {
 	features := []string{"tpm-2.0", "tpm-send-command-header", "flags-opt-startup",
-		"cmdarg-seccomp", "cmdarg-key-fd", "cmdarg-pwd-fd", "nvram-backend-dir"}
+		"cmdarg-seccomp", "nvram-backend-dir"}
+	if sealedStateSupported {
+		features = append(features, "cmdarg-key-fd", "cmdarg-pwd-fd")
+	}
 	// libtpms 0.9 reports the RSA key sizes it supports.
 	features = append(features, "rsa-keysize-1024", "rsa-keysize-2048", "rsa-keysize-3072")
 	b, err := json.Marshal(struct {

@@ -13,6 +13,10 @@ import (
 	"cvtpm/vtpm/swtpmproto"
 )
 
+// sealedStateSupported reports whether --key and --migration-key work, so
+// that --print-capabilities only claims what this build has.
+const sealedStateSupported = false
+
 // stateStore is what the socket command needs of the state directory.
 type stateStore interface {
 	engine.Storage
