@@ -28,7 +28,7 @@ const (
 // blocks is how many alternating blocks a benchmark's b.N operations are cut
 // into per server: enough that a 2x speed drift over minutes affects both
 // servers alike, few enough that a block is long compared with a time.Now.
-const blocks = 20
+const blocks = 40
 
 // maxStartSamples caps process starts per server in the start benchmarks, so
 // that -benchtime 2000x does not mean 4000 process starts.
@@ -174,11 +174,15 @@ func startTarget(srv server, stateDir string, nw network) (*target, error) {
 }
 
 // alternate runs op b.N times against each server of p, in blocks whose
-// order flips every block (cvtpm first, then swtpm first, ...), and reports
-// the mean latency per operation for each and their ratio.
+// order flips every block (cvtpm first, then swtpm first, ...). It reports,
+// for each server, the median over blocks of the mean latency per operation,
+// and the median of the per-block ratios: a block pair runs within a few
+// milliseconds, so a drift or a hiccup of the machine skews one pair, not the
+// result.
 func alternate(b *testing.B, p *pair, label string, op func(t *target) error) {
 	b.Helper()
-	var total [2]time.Duration
+	var perOp [2][]float64 // microseconds per operation, one entry per block
+	var ratios []float64
 	block := max(1, b.N/blocks)
 	b.ResetTimer()
 	for done, i := 0, 0; done < b.N; i++ {
@@ -187,6 +191,7 @@ func alternate(b *testing.B, p *pair, label string, op func(t *target) error) {
 		if i%2 == 1 {
 			order = [2]int{sw, cv}
 		}
+		var us [2]float64
 		for _, s := range order {
 			t0 := time.Now()
 			for range k {
@@ -194,26 +199,37 @@ func alternate(b *testing.B, p *pair, label string, op func(t *target) error) {
 					b.Fatalf("%s on %s: %v", label, p[s].proc.srv.name, err)
 				}
 			}
-			total[s] += time.Since(t0)
+			us[s] = float64(time.Since(t0).Nanoseconds()) / 1e3 / float64(k)
+			perOp[s] = append(perOp[s], us[s])
 		}
+		ratios = append(ratios, us[cv]/us[sw])
 		done += k
 	}
 	b.StopTimer()
-	us := func(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e3 / float64(b.N) }
-	report(b, label, us(total[cv]), us(total[sw]), "us/op")
+	report(b, label, medianFloat(perOp[cv]), medianFloat(perOp[sw]), medianFloat(ratios), "us/op")
+}
+
+func medianFloat(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
 }
 
 // report attaches the per-server figures and their ratio to the benchmark
 // and remembers them for the final table.
-func report(b *testing.B, label string, cvVal, swVal float64, unit string) {
+func report(b *testing.B, label string, cvVal, swVal, ratio float64, unit string) {
 	b.ReportMetric(cvVal, "cvtpm-"+unit)
 	b.ReportMetric(swVal, "swtpm-"+unit)
-	ratio := 0.0
-	if swVal != 0 {
-		ratio = cvVal / swVal
-	}
 	b.ReportMetric(ratio, "ratio")
-	results.set(label, cvVal, swVal, unit)
+	results.set(label, cvVal, swVal, ratio, unit)
+}
+
+// plainRatio is cvVal/swVal, 0 when swVal is 0.
+func plainRatio(cvVal, swVal float64) float64 {
+	if swVal == 0 {
+		return 0
+	}
+	return cvVal / swVal
 }
 
 func getRandom(t transport.TPM) ([]byte, error) {
@@ -433,8 +449,8 @@ func benchStart(b *testing.B, label string, measure func(p *process) (time.Durat
 		}
 	}
 	b.StopTimer()
-	ms := func(ds []time.Duration) float64 { return float64(median(ds).Nanoseconds()) / 1e6 }
-	report(b, label, ms(got[cv]), ms(got[sw]), "ms")
+	cvMs, swMs := float64(median(got[cv]).Nanoseconds())/1e6, float64(median(got[sw]).Nanoseconds())/1e6
+	report(b, label, cvMs, swMs, plainRatio(cvMs, swMs), "ms")
 }
 
 func measureOneStart(srv server, dir string, measure func(p *process) (time.Duration, error)) (time.Duration, error) {
@@ -508,7 +524,7 @@ func BenchmarkIdleRSS(b *testing.B) {
 	}
 	for range b.N {
 	}
-	report(b, "idle RSS (process tree)", mb[cv], mb[sw], "MiB")
+	report(b, "idle RSS (process tree)", mb[cv], mb[sw], plainRatio(mb[cv], mb[sw]), "MiB")
 }
 
 func fewCommands(t transport.TPM) error {
@@ -542,14 +558,14 @@ type resultTable struct {
 }
 
 type resultRow struct {
-	order      int
-	cvVal      float64
-	swVal      float64
-	unit       string
-	measuredAt time.Time
+	order int
+	cvVal float64
+	swVal float64
+	ratio float64
+	unit  string
 }
 
-func (r *resultTable) set(label string, cvVal, swVal float64, unit string) {
+func (r *resultTable) set(label string, cvVal, swVal, ratio float64, unit string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.rows == nil {
@@ -561,7 +577,7 @@ func (r *resultTable) set(label string, cvVal, swVal float64, unit string) {
 	} else {
 		r.seq++
 	}
-	r.rows[label] = resultRow{order: order, cvVal: cvVal, swVal: swVal, unit: unit, measuredAt: time.Now()}
+	r.rows[label] = resultRow{order: order, cvVal: cvVal, swVal: swVal, ratio: ratio, unit: unit}
 }
 
 func (r *resultTable) print(w io.Writer) {
@@ -575,15 +591,12 @@ func (r *resultTable) print(w io.Writer) {
 		labels = append(labels, l)
 	}
 	sort.Slice(labels, func(i, j int) bool { return r.rows[labels[i]].order < r.rows[labels[j]].order })
-	fmt.Fprintf(w, "\ncvtpm vs swtpm, same run, alternating blocks (ratio = cvtpm/swtpm; below 1 means cvtpm is faster or smaller)\n")
+	fmt.Fprintf(w, "\ncvtpm vs swtpm, same run, alternating blocks; latencies are medians over blocks,\n")
+	fmt.Fprintf(w, "ratio = cvtpm/swtpm (median of per-block ratios for latencies); below 1 means cvtpm is faster or smaller\n")
 	fmt.Fprintf(w, "%-36s %14s %14s %7s\n", "measurement", "cvtpm", "swtpm", "ratio")
 	for _, l := range labels {
 		row := r.rows[l]
-		ratio := 0.0
-		if row.swVal != 0 {
-			ratio = row.cvVal / row.swVal
-		}
-		fmt.Fprintf(w, "%-36s %10.2f %-3s %10.2f %-3s %7.2f\n", l, row.cvVal, unitShort(row.unit), row.swVal, unitShort(row.unit), ratio)
+		fmt.Fprintf(w, "%-36s %10.2f %-3s %10.2f %-3s %7.2f\n", l, row.cvVal, unitShort(row.unit), row.swVal, unitShort(row.unit), row.ratio)
 	}
 }
 
