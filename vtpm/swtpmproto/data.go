@@ -69,9 +69,11 @@ func (s *Server) ServeData(ctx context.Context, ln net.Listener, disconnect bool
 
 // HandleData serves data-channel commands on rw until EOF or error.
 func (s *Server) HandleData(ctx context.Context, rw io.ReadWriter, once bool) {
-	maxCmd := s.tpm.MaxCommandSize() + prefixLen
-	in := make([]byte, 0, 4096+prefixLen)
-	out := make([]byte, 0, 4096+prefixLen+4)
+	maxCmd := s.maxCommandSize() + prefixLen
+	bufs := s.buffers.Get().(*connBuffers)
+	defer s.buffers.Put(bufs)
+	in, out := bufs.in[:0], bufs.out[:0]
+	defer func() { bufs.in, bufs.out = in[:0], out[:0] }()
 	for ctx.Err() == nil {
 		f, err := readFrame(rw, &in, maxCmd)
 		if err != nil {
@@ -92,6 +94,19 @@ func (s *Server) HandleData(ctx context.Context, rw io.ReadWriter, once bool) {
 			return
 		}
 	}
+}
+
+// connBuffers are one connection's reusable command and response buffers.
+type connBuffers struct{ in, out []byte }
+
+func newConnBuffers() any {
+	return &connBuffers{in: make([]byte, 0, 4096+prefixLen), out: make([]byte, 0, 4096+prefixLen+8)}
+}
+
+// maxCommandSize is the engine's largest command, asked once.
+func (s *Server) maxCommandSize() int {
+	s.maxCmdOnce.Do(func() { s.maxCmd = s.tpm.MaxCommandSize() })
+	return s.maxCmd
 }
 
 // answer runs the command of frame f in buf and appends the full reply to out.

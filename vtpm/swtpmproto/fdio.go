@@ -6,33 +6,70 @@ import (
 	"syscall"
 )
 
-// Serving a data connection with blocking read/write on its own descriptor
+// Serving a busy data connection with a blocking read on its descriptor
 // avoids the Go netpoller's park/wake-up per command, which costs more than
-// libtpms itself for small commands (DESIGN.md section 7).
+// libtpms itself for small commands (DESIGN.md section 7). A blocked read
+// holds one of the runtime's Ps, though, so it is bounded by a receive
+// timeout: an idle connection falls back to waiting in the netpoller.
 
-// fdConn does blocking I/O on a duplicated socket descriptor.
-type fdConn int
+// fastReadWindow bounds a blocking read; commands arriving within it are
+// picked up without a netpoller round trip.
+const fastReadWindow = 2000 // microseconds
+
+// fdConn reads and writes a duplicate of a socket's descriptor.
+type fdConn struct {
+	fd  int
+	raw syscall.RawConn // the original connection, for netpoller waits
+}
 
 func (f fdConn) Read(b []byte) (int, error) {
 	for {
-		n, err := syscall.Read(int(f), b)
-		if err == syscall.EINTR {
+		n, err := syscall.Read(f.fd, b)
+		switch err {
+		case nil:
+			if n == 0 && len(b) > 0 {
+				return 0, errEOF
+			}
+			return n, nil
+		case syscall.EINTR:
 			continue
-		}
-		if err != nil {
+		case syscall.EAGAIN:
+			return f.waitRead(b)
+		default:
 			return 0, err
 		}
-		if n == 0 && len(b) > 0 {
-			return 0, errEOF
-		}
-		return n, nil
 	}
+}
+
+// waitRead parks in the netpoller until data arrives (the connection went
+// idle), then returns to blocking reads.
+func (f fdConn) waitRead(b []byte) (int, error) {
+	if err := syscall.SetNonblock(f.fd, true); err != nil { // shared with the original
+		return 0, err
+	}
+	defer syscall.SetNonblock(f.fd, false)
+	var n int
+	var rerr error
+	err := f.raw.Read(func(fd uintptr) bool {
+		n, rerr = syscall.Read(int(fd), b)
+		return rerr != syscall.EAGAIN
+	})
+	if err != nil {
+		return 0, err
+	}
+	if rerr != nil {
+		return 0, rerr
+	}
+	if n == 0 && len(b) > 0 {
+		return 0, errEOF
+	}
+	return n, nil
 }
 
 func (f fdConn) Write(b []byte) (int, error) {
 	total := 0
 	for total < len(b) {
-		n, err := syscall.Write(int(f), b[total:])
+		n, err := syscall.Write(f.fd, b[total:])
 		if err == syscall.EINTR {
 			continue
 		}
@@ -44,17 +81,16 @@ func (f fdConn) Write(b []byte) (int, error) {
 	return total, nil
 }
 
-// blockingFD duplicates c's descriptor in blocking mode, or returns false.
-// The original connection must not be used for I/O afterwards (O_NONBLOCK
-// is shared by both descriptors).
-func blockingFD(c net.Conn) (int, bool) {
+// blockingFD duplicates c's descriptor in blocking mode with a bounded
+// receive timeout, or returns false.
+func blockingFD(c net.Conn) (fdConn, bool) {
 	sc, ok := c.(syscall.Conn)
 	if !ok {
-		return -1, false
+		return fdConn{}, false
 	}
 	raw, err := sc.SyscallConn()
 	if err != nil {
-		return -1, false
+		return fdConn{}, false
 	}
 	fd := -1
 	raw.Control(func(orig uintptr) {
@@ -64,25 +100,62 @@ func blockingFD(c net.Conn) (int, bool) {
 		}
 	})
 	if fd < 0 {
-		return -1, false
+		return fdConn{}, false
 	}
-	if err := syscall.SetNonblock(fd, false); err != nil {
+	tv := syscall.Timeval{Usec: fastReadWindow}
+	if syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &tv) != nil ||
+		syscall.SetNonblock(fd, false) != nil {
 		syscall.Close(fd)
-		return -1, false
+		return fdConn{}, false
 	}
-	return fd, true
+	return fdConn{fd: fd, raw: raw}, true
 }
 
-// handleDataConn serves the data channel on c, with blocking I/O when possible.
-func (s *Server) handleDataConn(ctx context.Context, c net.Conn, once bool) {
-	fd, ok := blockingFD(c)
-	if !ok {
-		s.HandleData(ctx, c, once)
-		return
+// lazyConn starts on the netpoller and switches to a blocking duplicate
+// once the connection has shown it carries more than one command, so
+// connection-per-command clients (tpm2-tss's swtpm TCTI) pay no set-up.
+type lazyConn struct {
+	ctx   context.Context
+	c     net.Conn
+	f     fdConn
+	fast  bool
+	reads int
+	stop  func() bool
+}
+
+func (l *lazyConn) Read(b []byte) (int, error) {
+	if !l.fast && l.reads >= 2 {
+		if f, ok := blockingFD(l.c); ok {
+			l.f, l.fast = f, true
+			// Closing c would not wake a read blocked on the duplicate; shutdown does.
+			l.stop = context.AfterFunc(l.ctx, func() { syscall.Shutdown(f.fd, syscall.SHUT_RDWR) })
+		}
 	}
-	defer syscall.Close(fd)
-	// Closing c would not wake a read blocked on the duplicate; shutdown does.
-	stop := context.AfterFunc(ctx, func() { syscall.Shutdown(fd, syscall.SHUT_RDWR) })
-	defer stop()
-	s.HandleData(ctx, fdConn(fd), once)
+	l.reads++
+	if l.fast {
+		return l.f.Read(b)
+	}
+	return l.c.Read(b)
+}
+
+func (l *lazyConn) Write(b []byte) (int, error) {
+	if l.fast {
+		return l.f.Write(b)
+	}
+	return l.c.Write(b)
+}
+
+func (l *lazyConn) close() {
+	if l.fast {
+		l.stop()
+		syscall.Close(l.f.fd)
+	}
+}
+
+// handleDataConn serves the data channel on c, switching to blocking I/O
+// when it carries a stream of commands.
+func (s *Server) handleDataConn(ctx context.Context, c net.Conn, once bool) {
+	l := &lazyConn{ctx: ctx, c: c}
+	defer l.close()
+	s.HandleData(ctx, l, once)
 }

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"syscall"
 )
 
 // Microsoft TPM simulator ("mssim") codes, as the tpm2-tss mssim TCTI sends
@@ -101,14 +100,9 @@ func (s *Server) ServeMssimPlatform(ctx context.Context, ln net.Listener) error 
 
 // HandleMssimCommand serves one mssim command-port connection.
 func (s *Server) HandleMssimCommand(ctx context.Context, conn net.Conn) {
-	var c io.ReadWriter = conn
-	if fd, ok := blockingFD(conn); ok {
-		defer syscall.Close(fd)
-		stop := context.AfterFunc(ctx, func() { syscall.Shutdown(fd, syscall.SHUT_RDWR) })
-		defer stop()
-		c = fdConn(fd)
-	}
-	maxCmd := s.tpm.MaxCommandSize()
+	c := &lazyConn{ctx: ctx, c: conn}
+	defer c.close()
+	maxCmd := s.maxCommandSize()
 	buf := make([]byte, 0, 4096+prefixLen)
 	out := make([]byte, 0, 4096+prefixLen+4)
 	for ctx.Err() == nil {

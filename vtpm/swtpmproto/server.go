@@ -72,6 +72,10 @@ type Server struct {
 	shutdown   chan struct{}
 	once       sync.Once
 	conns      sync.WaitGroup
+
+	buffers    sync.Pool // *connBuffers
+	maxCmdOnce sync.Once
+	maxCmd     int
 }
 
 // New returns a Server for tpm.
@@ -79,7 +83,9 @@ func New(tpm TPM, opts Options) *Server {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Server{tpm: tpm, opts: opts, log: opts.Logger, shutdown: make(chan struct{})}
+	s := &Server{tpm: tpm, opts: opts, log: opts.Logger, shutdown: make(chan struct{})}
+	s.buffers.New = newConnBuffers
+	return s
 }
 
 // ShutdownRequested is closed when a client sent CMD_SHUTDOWN; swtpm then
