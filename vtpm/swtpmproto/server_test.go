@@ -107,6 +107,8 @@ func swtpmServer(t *testing.T) (ctrlPath, dataPath string) {
 	return
 }
 
+func rcOf(resp []byte) uint32 { return binary.BigEndian.Uint32(resp[6:10]) }
+
 func ctrlMsg(cmd uint32, body ...byte) []byte {
 	return append(binary.BigEndian.AppendUint32(nil, cmd), body...)
 }
@@ -289,6 +291,14 @@ func TestDataFraming(t *testing.T) {
 	for _, tc := range tests {
 		if got := dataRoundTrip(t, d, tc.in); !bytes.Equal(got, tc.want) {
 			t.Errorf("%s: got % x, want % x", tc.name, got, tc.want)
+		}
+	}
+	// After an idle spell longer than the blocking-read window, the
+	// connection waits in the netpoller and still answers.
+	for range 3 {
+		time.Sleep(3 * fastReadWindow * time.Microsecond)
+		if got := dataRoundTrip(t, d, tpm2GetRandom8); len(got) != 20 || rcOf(got) != 0 {
+			t.Fatalf("GetRandom after idling: % x", got)
 		}
 	}
 	// Two commands in one write get two answers, in order.
