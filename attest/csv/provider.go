@@ -1,0 +1,72 @@
+package csv
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+)
+
+// ReportProvider gives "a report whose report_data is X". Callers never care
+// whether a real CSV guest device or the simulator answered, except through
+// the verified claims (Claims.Simulated).
+type ReportProvider interface {
+	Report(ctx context.Context, reportData []byte) ([]byte, error)
+}
+
+// DevicePath is the CSV guest driver's device node.
+const DevicePath = "/dev/csv-guest"
+
+// ProviderOptions choose a ReportProvider.
+type ProviderOptions struct {
+	// DevicePath overrides /dev/csv-guest (tests).
+	DevicePath string
+	// SimulatorDir, if set, allows falling back to the simulator saved
+	// there (created if missing) when no device exists. Without it a
+	// missing device is an error: nothing silently turns into a simulator.
+	SimulatorDir string
+}
+
+// ErrNoDevice means no CSV guest device exists and no simulator was allowed.
+var ErrNoDevice = errors.New("no CSV guest device (" + DevicePath + ") and no simulator configured")
+
+// OpenProvider returns the guest device if it exists, else the simulator
+// from opts.SimulatorDir if one was explicitly allowed.
+func OpenProvider(opts ProviderOptions) (ReportProvider, error) {
+	path := opts.DevicePath
+	if path == "" {
+		path = DevicePath
+	}
+	if _, err := os.Stat(path); err == nil {
+		return &Device{Path: path}, nil
+	}
+	if opts.SimulatorDir == "" {
+		return nil, ErrNoDevice
+	}
+	s, err := LoadSimulator(opts.SimulatorDir)
+	if err == nil {
+		return s, nil
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	s, err = NewSimulator("SIM" + randomSerialSuffix())
+	if err != nil {
+		return nil, err
+	}
+	if err := s.Save(opts.SimulatorDir); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+func randomSerialSuffix() string {
+	var b [5]byte
+	_, _ = randReader.Read(b[:])
+	return fmt.Sprintf("%X", b[:])
+}
+
+// Device asks the CSV firmware for reports through /dev/csv-guest.
+type Device struct {
+	Path string
+}
