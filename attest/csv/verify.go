@@ -255,7 +255,7 @@ func rootName(root *CACert) string {
 	if bytes.Equal(root.Marshal(), builtinHRK) {
 		return "HYGON HRK"
 	}
-	return "untrusted root " + hex.EncodeToString(root.KeyID[:])
+	return "non-HYGON root (simulated or untrusted) key id " + hex.EncodeToString(root.KeyID[:])
 }
 
 // verifyCA checks that signer signed the CA certificate c and that c has the
