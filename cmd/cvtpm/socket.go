@@ -80,6 +80,7 @@ type socketConfig struct {
 	rejectLocality4   bool
 	printCaps         bool
 	daemon            bool
+	terminate         bool
 	help, version     bool
 }
 
@@ -398,7 +399,7 @@ func parseSocketArgs(args []string, getenv func(string) string) (*socketConfig, 
 		case "runas", "chroot":
 			err = fmt.Errorf("%s is not supported: start cvtpm as the target user (or let systemd/libvirt drop privileges)", opt)
 		case "terminate":
-			err = fmt.Errorf("%s is not supported by cvtpm socket", opt)
+			c.terminate = true
 		case "print-states":
 			err = fmt.Errorf("%s is not supported by cvtpm socket", opt)
 		default:
@@ -459,6 +460,7 @@ A TPM 2.0 (libtpms) served over swtpm's control and data channels.
 --seccomp action=none|log   accepted; cvtpm installs no seccomp filter
 --print-capabilities   print swtpm-style capabilities JSON and exit
 --daemon               run in the background once the sockets listen
+-t, --terminate        exit when the data connection is lost
 -h, --help             this text
 --version              print the version
 `
@@ -673,11 +675,12 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 	defer tpm.Close()
 
 	opts := swtpmproto.Options{
-		Logger:          log,
-		FileKey:         cfg.key != nil,
-		MigrationKey:    sealer != nil,
-		RejectLocality4: cfg.rejectLocality4,
-		LockStorage:     storageLocker(store, cfg.stateLock),
+		Logger:                log,
+		FileKey:               cfg.key != nil,
+		MigrationKey:          sealer != nil,
+		RejectLocality4:       cfg.rejectLocality4,
+		TerminateOnDisconnect: cfg.terminate,
+		LockStorage:           storageLocker(store, cfg.stateLock),
 	}
 	if sealer != nil {
 		opts.Migration = sealer

@@ -158,4 +158,8 @@ func (s *Server) handleDataConn(ctx context.Context, c net.Conn, once bool) {
 	l := &lazyConn{ctx: ctx, c: c}
 	defer l.close()
 	s.HandleData(ctx, l, once)
+	if s.opts.TerminateOnDisconnect && ctx.Err() == nil {
+		s.log.Info("data client disconnected; terminating (--terminate)")
+		s.requestShutdown()
+	}
 }

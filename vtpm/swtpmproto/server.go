@@ -50,6 +50,9 @@ type Options struct {
 	// Migration seals and opens state blobs for GET/SET_STATEBLOB when a
 	// migration key is set; nil transfers them in the clear.
 	Migration BlobSealer
+	// TerminateOnDisconnect requests shutdown when a data connection ends
+	// (swtpm's --terminate).
+	TerminateOnDisconnect bool
 	// RejectLocality4 refuses locality 4 (swtpm's --locality reject-locality-4).
 	RejectLocality4 bool
 }
