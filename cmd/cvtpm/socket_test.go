@@ -40,6 +40,8 @@ func TestParseSocketArgs(t *testing.T) {
 			func(c *socketConfig) bool {
 				return c.key.pwdfile == "/k" && c.key.kdf == "sha512" && c.key.mode == "sm4-gcm"
 			}},
+		{"terminate (libvirt)", []string{"--tpm2", "--tpmstate", "dir=/s", "-t", "--daemon"}, none, "",
+			func(c *socketConfig) bool { return c.terminate && c.daemon }},
 		{"seccomp none", []string{"--tpm2", "--tpmstate", "dir=/s", "--seccomp", "action=none"}, none, "", nil},
 		{"print capabilities needs nothing else", []string{"--print-capabilities"}, none, "", func(c *socketConfig) bool { return c.printCaps }},
 		{"unknown option", []string{"--tpm2", "--bogus"}, none, "unknown option --bogus", nil},
