@@ -390,3 +390,43 @@ func TestMssim(t *testing.T) {
 		t.Errorf("TPM_SEND_COMMAND(Startup): % x, want % x", got, want)
 	}
 }
+
+// TestTCPConnectionPerCommand follows tpm2-tss's swtpm TCTI (a connection
+// per command) and checks --server ...,disconnect closing after one reply.
+func TestTCPConnectionPerCommand(t *testing.T) {
+	tpm, err := engine.New(newMem(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tpm.Close()
+	srv := New(tpm, Options{})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer func() { cancel(); srv.Wait() }()
+	if rc := tpm.Init(0); rc != 0 {
+		t.Fatal(rc)
+	}
+	tpm.Execute(nil, tpm2StartupClr)
+	for _, disconnect := range []bool{false, true} {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		go srv.ServeData(ctx, ln, disconnect)
+		for i := range 3 {
+			c, err := net.Dial("tcp", ln.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := dataRoundTrip(t, c, tpm2GetRandom8); len(got) != 20 || rcOf(got) != 0 {
+				t.Errorf("disconnect=%v, connection %d: % x", disconnect, i, got)
+			}
+			if disconnect {
+				c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				if n, err := c.Read(make([]byte, 1)); err != io.EOF {
+					t.Errorf("disconnect: server kept the connection (read %d, %v)", n, err)
+				}
+			}
+			c.Close()
+		}
+	}
+}
