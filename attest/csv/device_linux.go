@@ -9,7 +9,6 @@ import (
 	"runtime"
 	"unsafe"
 
-	"github.com/emmansun/gmsm/sm3"
 	"golang.org/x/sys/unix"
 )
 
@@ -33,15 +32,11 @@ func (d *Device) Report(ctx context.Context, reportData []byte) ([]byte, error) 
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	buf := make([]byte, ReportPage)
-	copy(buf[:64], reportData)
 	var mnonce [16]byte
 	if _, err := io.ReadFull(randReader, mnonce[:]); err != nil {
 		return nil, fmt.Errorf("mnonce: %w", err)
 	}
-	copy(buf[64:80], mnonce[:])
-	h := sm3.Sum(buf[:80])
-	copy(buf[80:112], h[:])
+	buf := reportRequest(reportData, mnonce)
 
 	f, err := os.OpenFile(d.Path, os.O_RDWR, 0)
 	if err != nil {

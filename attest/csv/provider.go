@@ -2,8 +2,10 @@ package csv
 
 import (
 	"context"
+
 	"errors"
 	"fmt"
+	"github.com/emmansun/gmsm/sm3"
 	"os"
 )
 
@@ -69,4 +71,16 @@ func randomSerialSuffix() string {
 // Device asks the CSV firmware for reports through /dev/csv-guest.
 type Device struct {
 	Path string
+}
+
+// reportRequest builds the page handed to CSV_CMD_GET_REPORT: data[64] ||
+// mnonce[16] || SM3(data || mnonce), the rest zero. The firmware overwrites
+// it with the report.
+func reportRequest(reportData []byte, mnonce [16]byte) []byte {
+	buf := make([]byte, ReportPage)
+	copy(buf[:64], reportData)
+	copy(buf[64:80], mnonce[:])
+	h := sm3.Sum(buf[:80])
+	copy(buf[80:112], h[:])
+	return buf
 }
