@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"os"
@@ -151,8 +152,10 @@ func (c *CachedSource) HSKCEK(ctx context.Context, chipSerial string) (*CACert, 
 	}
 	hsk, cek, err := c.Source.HSKCEK(ctx, chipSerial)
 	if err != nil {
+		slog.WarnContext(ctx, "csv: HSK/CEK lookup failed", "chip", chipSerial, "err", err)
 		return nil, nil, err
 	}
+	slog.DebugContext(ctx, "csv: HSK/CEK fetched and cached", "chip", chipSerial, "ttl", c.TTL)
 	c.mu.Lock()
 	if c.entries == nil {
 		c.entries = map[string]cachedPair{}

@@ -309,3 +309,22 @@ func TestSimulatorSaveLoad(t *testing.T) {
 		t.Errorf("OpenProvider gave %T, want the saved simulator", p)
 	}
 }
+
+func TestOpenProviderPrefersDevice(t *testing.T) {
+	dev := filepath.Join(t.TempDir(), "csv-guest")
+	os.WriteFile(dev, nil, 0o600) // a regular file: exists, but ioctl fails
+	p, err := OpenProvider(ProviderOptions{DevicePath: dev, SimulatorDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, ok := p.(*Device)
+	if !ok {
+		t.Fatalf("got %T, want *Device when the device node exists", p)
+	}
+	if _, err := d.Report(context.Background(), []byte("x")); err == nil {
+		t.Fatal("ioctl on a regular file succeeded")
+	}
+	if _, err := d.Report(context.Background(), make([]byte, 65)); err == nil {
+		t.Fatal("65-byte report_data accepted")
+	}
+}
