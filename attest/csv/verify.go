@@ -20,12 +20,18 @@ var builtinHRK []byte
 // openanolis/csv-rs src/certs/builtin/hrk.cert). It is the only root whose
 // results are not marked Simulated.
 func BuiltinHRK() *CACert {
+	return builtinRoot()
+}
+
+var builtinRoot = sync.OnceValue(func() *CACert {
 	c, err := ParseCACert(builtinHRK)
 	if err != nil {
 		panic("csv: embedded hrk.cert is corrupt: " + err.Error())
 	}
 	return c
-}
+})
+
+var builtinFingerprint = sync.OnceValue(func() string { return builtinRoot().Fingerprint() })
 
 // Fingerprint is the hex SM3 digest of the certificate's 832 bytes; roots are
 // named by it in claims.
@@ -182,7 +188,7 @@ func (v *Verifier) Verify(ctx context.Context, reportBytes, expectedReportData [
 		ChipSerial: r.ChipSerial(),
 		Firmware:   fmt.Sprintf("%d.%d", r.PEK.FirmwareMajor, r.PEK.FirmwareMinor),
 		Root:       root,
-		Simulated:  root.Fingerprint != BuiltinHRK().Fingerprint(),
+		Simulated:  root.Fingerprint != builtinFingerprint(),
 	}
 	if r.Version == 2 {
 		c.Build, c.RTMRVersion = r.Build, r.RTMRVersion

@@ -121,17 +121,19 @@ func TestMutations(t *testing.T) {
 	}{
 		{"report tee_info signed+xor", "report", 0, v1XORLen},
 		{"report anonce", "report", 188, 192},
-		{"report signature r (used bytes)", "report", 192, 224},
-		{"report signature s (used bytes)", "report", 264, 296},
+		{"report signature", "report", 192, 336},
 		{"report pek/sn/reserved (mac)", "report", tee, tee + signerMACCovers},
 		{"report mac", "report", tee + signerMACCovers, tee + signerLen},
 		{"hsk signed body", "hsk_cek", 0, caSignedLen},
-		{"hsk signature", "hsk_cek", caSignedLen, caSignedLen + 32},
-		{"hsk signature s", "hsk_cek", caSignedLen + 72, caSignedLen + 104},
+		{"hsk signature", "hsk_cek", caSignedLen, caSignedLen + sigSize},
 		{"cek signed body", "hsk_cek", CACertSize, CACertSize + csvSignedLen},
-		{"cek slot 0 usage/algo/sig", "hsk_cek", CACertSize + csvSignedLen, CACertSize + csvSignedLen + 8 + 32},
+		{"cek slot 0 usage/algo/sig", "hsk_cek", CACertSize + csvSignedLen, CACertSize + csvSignedLen + 8 + sigSize},
 		{"hrk signed body", "hrk", 0, caSignedLen},
-		{"hrk signature", "hrk", caSignedLen, caSignedLen + 32},
+		{"hrk signature", "hrk", caSignedLen, caSignedLen + sigSize},
+		// PEK changed and the MAC recomputed (anyone can: the mnonce is in
+		// the report), so the PEK's signature by the CEK must catch it.
+		{"pek signed body, mac recomputed", "pek", 0, csvSignedLen},
+		{"pek slot 0, mac recomputed", "pek", csvSignedLen, csvSignedLen + 8 + sigSize},
 	}
 	ctx := context.Background()
 	cases := 0
@@ -148,6 +150,13 @@ func TestMutations(t *testing.T) {
 			case "hrk":
 				root = bytes.Clone(hrkBytes)
 				root[i] ^= 0x01
+			case "pek":
+				r, _ := ParseReport(report)
+				pb := r.PEK.Marshal()
+				pb[i] ^= 0x01
+				r.PEK, _ = ParseCSVCert(pb)
+				r.MAC = r.ComputeMAC()
+				rep = r.Marshal()
 			}
 			hsk, cek, err := ParseHSKCEK(hc)
 			if err != nil {
@@ -157,6 +166,8 @@ func TestMutations(t *testing.T) {
 			v := NewVerifier(VerifierOptions{TrustedRoots: []*CACert{r}, Certs: StaticSource{hsk, cek}})
 			if _, err := v.Verify(ctx, rep, nil); err == nil {
 				t.Errorf("%s: flipping byte %d was accepted", rg.name, i)
+			} else if rg.target == "pek" && checkOf(err) != CheckPEK {
+				t.Errorf("%s: byte %d failed at %q, want %q", rg.name, i, checkOf(err), CheckPEK)
 			} else if checkOf(err) == "" {
 				t.Errorf("%s: byte %d: error is not a *CheckError: %v", rg.name, i, err)
 			}
