@@ -44,7 +44,24 @@ type plainDir struct{ dir string }
 
 func (d *plainDir) path(name string) string { return filepath.Join(d.dir, "cvtpm-plain."+name) }
 
-func (d *plainDir) Load(name string) ([]byte, error) { return os.ReadFile(d.path(name)) }
+// Load reads a blob; without one of ours it falls back to an unencrypted
+// swtpm blob (tpm2-00.<name>, as swtpm_setup writes it), so a state
+// directory made for swtpm keeps its EK, certificates and NV contents.
+func (d *plainDir) Load(name string) ([]byte, error) {
+	b, err := os.ReadFile(d.path(name))
+	if !errors.Is(err, os.ErrNotExist) {
+		return b, err
+	}
+	sw, swErr := os.ReadFile(filepath.Join(d.dir, "tpm2-00."+name))
+	if swErr != nil {
+		return nil, err
+	}
+	plain, decErr := swtpmproto.DecodeStateBlob(sw, nil)
+	if decErr != nil {
+		return nil, fmt.Errorf("importing swtpm state %s: %w", "tpm2-00."+name, decErr)
+	}
+	return plain, nil
+}
 
 func (d *plainDir) Save(name string, data []byte) error {
 	tmp := d.path(name) + ".tmp"

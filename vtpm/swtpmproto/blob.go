@@ -56,8 +56,9 @@ var (
 	ErrBlobStateKeyed = errors.New("state blob is encrypted with swtpm's state key (--key); transfer it decrypted")
 )
 
-// DecodeStateBlob undoes EncodeStateBlob (and reads blobs made by swtpm
-// without a key): it returns the plain libtpms blob.
+// DecodeStateBlob undoes EncodeStateBlob, and also reads swtpm's
+// unencrypted transfer blobs and state files (tpm2-00.*, which lack the
+// migration wrapper): it returns the plain libtpms blob.
 func DecodeStateBlob(b []byte, sealer BlobSealer) ([]byte, error) {
 	if len(b) < blobHeaderLen {
 		return nil, fmt.Errorf("%w: %d bytes, need at least %d", ErrBlobHeader, len(b), blobHeaderLen)
@@ -93,11 +94,14 @@ func DecodeStateBlob(b []byte, sealer BlobSealer) ([]byte, error) {
 		if inner, err = sealer.Open(sealed); err != nil {
 			return nil, fmt.Errorf("opening state blob with the migration key: %w", err)
 		}
-	} else {
+	} else if flags&blobFlagMigrationData != 0 {
 		var err error
 		if inner, err = findTLV(data, tagMigrationData); err != nil {
 			return nil, err
 		}
+	} else {
+		// swtpm's state file format (tpm2-00.*): the data TLV directly.
+		inner = data
 	}
 	if flags&blobFlagEncrypted != 0 {
 		return nil, ErrBlobStateKeyed
