@@ -137,9 +137,12 @@ func (p *process) stop() error {
 	return nil
 }
 
-// rssBytes is the resident set of the server and all its descendants
-// (cvtpm may run its TPM in a worker child), from VmRSS in /proc.
-func (p *process) rssBytes() (int64, error) {
+// rssBytes sums a resident-set field of /proc/PID/status ("VmRSS", or
+// "RssAnon" for the private anonymous part that each instance really costs:
+// file-backed pages of the binary and libraries are shared and evictable)
+// over the server and all its descendants (cvtpm may run its TPM in a
+// worker child).
+func (p *process) rssBytes(field string) (int64, error) {
 	children := map[int][]int{}
 	entries, err := os.ReadDir("/proc")
 	if err != nil {
@@ -168,7 +171,7 @@ func (p *process) rssBytes() (int64, error) {
 	for len(todo) > 0 {
 		pid := todo[0]
 		todo = append(todo[1:], children[pid]...)
-		kb, err := vmRSSKiB(pid)
+		kb, err := statusKiB(pid, field)
 		if err != nil {
 			if pid == p.cmd.Process.Pid {
 				return 0, err
@@ -180,13 +183,13 @@ func (p *process) rssBytes() (int64, error) {
 	return total, nil
 }
 
-func vmRSSKiB(pid int) (int64, error) {
+func statusKiB(pid int, field string) (int64, error) {
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, fmt.Errorf("read status of pid %d: %w", pid, err)
 	}
 	for _, line := range strings.Split(string(status), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
 			f := strings.Fields(v)
 			if len(f) == 0 {
 				break
@@ -194,5 +197,5 @@ func vmRSSKiB(pid int) (int64, error) {
 			return strconv.ParseInt(f[0], 10, 64)
 		}
 	}
-	return 0, errors.New("no VmRSS line in /proc/" + strconv.Itoa(pid) + "/status")
+	return 0, errors.New("no " + field + " line in /proc/" + strconv.Itoa(pid) + "/status")
 }
