@@ -136,7 +136,15 @@ func sharedPair(b *testing.B, nw network, keepConn bool) *pair {
 	}
 	var p pair
 	for i, srv := range srvs {
-		t, err := startTarget(srv, filepath.Join(workDir, key, srv.name), nw)
+		mode, err := benchPinMode()
+		if err != nil {
+			b.Fatal(err)
+		}
+		cpu, err := serverCPU(mode)
+		if err != nil {
+			b.Fatal(err)
+		}
+		t, err := startTarget(srv, filepath.Join(workDir, key, srv.name), nw, cpu)
 		if err != nil {
 			if i == sw {
 				p[cv].close()
@@ -153,10 +161,10 @@ func sharedPair(b *testing.B, nw network, keepConn bool) *pair {
 	return &p
 }
 
-func startTarget(srv server, stateDir string, nw network) (*target, error) {
+func startTarget(srv server, stateDir string, nw network, cpu int) (*target, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	defer cancel()
-	proc, err := start(ctx, srv, stateDir, nw)
+	proc, err := start(ctx, srv, stateDir, nw, cpu)
 	if err != nil {
 		return nil, err
 	}
@@ -184,6 +192,19 @@ func alternate(b *testing.B, p *pair, label string, op func(t *target) error) {
 	var perOp [2][]float64 // microseconds per operation, one entry per block
 	var ratios []float64
 	block := max(1, b.N/blocks)
+	mode, err := benchPinMode()
+	if err != nil {
+		b.Fatal(err)
+	}
+	cpu, err := clientCPU(mode)
+	if err != nil {
+		b.Fatal(err)
+	}
+	restore, err := pinProcess(cpu)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer restore()
 	b.ResetTimer()
 	for done, i := 0, 0; done < b.N; i++ {
 		k := min(block, b.N-done)
@@ -456,7 +477,7 @@ func benchStart(b *testing.B, label string, measure func(p *process) (time.Durat
 func measureOneStart(srv server, dir string, measure func(p *process) (time.Duration, error)) (time.Duration, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	defer cancel()
-	p, err := start(ctx, srv, dir, unixNet)
+	p, err := start(ctx, srv, dir, unixNet, -1)
 	if err != nil {
 		return 0, err
 	}
@@ -508,7 +529,7 @@ func BenchmarkIdleRSS(b *testing.B) {
 	srvs := resolveServers(b)
 	var total, anon [2]float64
 	for i, srv := range srvs {
-		t, err := startTarget(srv, filepath.Join(workDir, "rss", srv.name), unixNet)
+		t, err := startTarget(srv, filepath.Join(workDir, "rss", srv.name), unixNet, -1)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -602,6 +623,9 @@ func (r *resultTable) print(w io.Writer) {
 	sort.Slice(labels, func(i, j int) bool { return r.rows[labels[i]].order < r.rows[labels[j]].order })
 	fmt.Fprintf(w, "\ncvtpm vs swtpm, same run, alternating blocks; latencies are medians over blocks,\n")
 	fmt.Fprintf(w, "ratio = cvtpm/swtpm (median of per-block ratios for latencies); below 1 means cvtpm is faster or smaller\n")
+	if m, err := benchPinMode(); err == nil {
+		fmt.Fprintf(w, "latency benchmarks pinned: CVTPM_BENCH_PIN=%s (same: client and servers share one CPU; cross: different CPUs)\n", m)
+	}
 	fmt.Fprintf(w, "%-36s %14s %14s %7s\n", "measurement", "cvtpm", "swtpm", "ratio")
 	for _, l := range labels {
 		row := r.rows[l]

@@ -74,7 +74,8 @@ func freeTCPAddr() (string, error) {
 // data socket accepts a connection, or fails if the process exits or ctx ends
 // first. The measured start time covers fork/exec until the first accepted
 // connect.
-func start(ctx context.Context, srv server, stateDir string, nw network) (*process, error) {
+// cpu >= 0 pins the server to that CPU.
+func start(ctx context.Context, srv server, stateDir string, nw network, cpu int) (*process, error) {
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create state dir for %s: %w", srv.name, err)
 	}
@@ -96,7 +97,7 @@ func start(ctx context.Context, srv server, stateDir string, nw network) (*proce
 	p.cmd.Stderr = p.stderr
 	p.cmd.Stdout = p.stderr
 	t0 := time.Now()
-	if err := p.cmd.Start(); err != nil {
+	if err := startOnCPU(p.cmd, cpu); err != nil {
 		return nil, fmt.Errorf("start %s (%s): %w", srv.name, srv.bin, err)
 	}
 	go func() { p.waitErr = p.cmd.Wait(); close(p.exited) }()
