@@ -2,15 +2,20 @@ package swtpmproto
 
 import (
 	"context"
+	"io"
 	"net"
+	"os"
 	"syscall"
 )
 
 // Serving a busy data connection with a blocking read on its descriptor
 // avoids the Go netpoller's park/wake-up per command, which costs more than
-// libtpms itself for small commands (DESIGN.md section 7). A blocked read
-// holds one of the runtime's Ps, though, so it is bounded by a receive
-// timeout: an idle connection falls back to waiting in the netpoller.
+// libtpms itself for small commands (DESIGN.md section 7). The original
+// net.Conn is closed once the duplicate exists, so the socket leaves the
+// netpoller's epoll set and incoming commands wake nothing else. A blocked
+// read holds one of the runtime's Ps, though, so it is bounded by a receive
+// timeout: an idle connection waits in the netpoller through a temporary
+// registration, then returns to blocking reads.
 
 // fastReadWindow bounds a blocking read; commands arriving within it are
 // picked up without a netpoller round trip.
@@ -18,8 +23,7 @@ const fastReadWindow = 2000 // microseconds
 
 // fdConn reads and writes a duplicate of a socket's descriptor.
 type fdConn struct {
-	fd  int
-	raw syscall.RawConn // the original connection, for netpoller waits
+	fd int
 }
 
 func (f fdConn) Read(b []byte) (int, error) {
@@ -44,26 +48,24 @@ func (f fdConn) Read(b []byte) (int, error) {
 // waitRead parks in the netpoller until data arrives (the connection went
 // idle), then returns to blocking reads.
 func (f fdConn) waitRead(b []byte) (int, error) {
-	if err := syscall.SetNonblock(f.fd, true); err != nil { // shared with the original
-		return 0, err
-	}
-	defer syscall.SetNonblock(f.fd, false)
-	var n int
-	var rerr error
-	err := f.raw.Read(func(fd uintptr) bool {
-		n, rerr = syscall.Read(int(fd), b)
-		return rerr != syscall.EAGAIN
-	})
+	d, err := syscall.Dup(f.fd)
 	if err != nil {
 		return 0, err
 	}
-	if rerr != nil {
-		return 0, rerr
+	file := os.NewFile(uintptr(d), "idle-wait")
+	nc, err := net.FileConn(file) // registers a further duplicate, non-blocking
+	file.Close()
+	if err != nil {
+		return 0, err
 	}
-	if n == 0 && len(b) > 0 {
+	// O_NONBLOCK belongs to the shared open file description: restore it.
+	defer syscall.SetNonblock(f.fd, false)
+	defer nc.Close()
+	n, err := nc.Read(b)
+	if err == io.EOF {
 		return 0, errEOF
 	}
-	return n, nil
+	return n, err
 }
 
 func (f fdConn) Write(b []byte) (int, error) {
@@ -82,7 +84,7 @@ func (f fdConn) Write(b []byte) (int, error) {
 }
 
 // blockingFD duplicates c's descriptor in blocking mode with a bounded
-// receive timeout, or returns false.
+// receive timeout and closes c, or returns false (c still open).
 func blockingFD(c net.Conn) (fdConn, bool) {
 	sc, ok := c.(syscall.Conn)
 	if !ok {
@@ -108,7 +110,8 @@ func blockingFD(c net.Conn) (fdConn, bool) {
 		syscall.Close(fd)
 		return fdConn{}, false
 	}
-	return fdConn{fd: fd, raw: raw}, true
+	c.Close() // leave the netpoller: it would be woken by every command
+	return fdConn{fd: fd}, true
 }
 
 // lazyConn starts on the netpoller and switches to a blocking duplicate
