@@ -1,0 +1,225 @@
+package statestore
+
+import (
+	"bytes"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/hkdf"
+	"crypto/hmac"
+	"crypto/pbkdf2"
+	"crypto/sha256"
+	"crypto/sha512"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+
+	"github.com/emmansun/gmsm/sm4"
+)
+
+type cipherID uint16
+
+const (
+	cipherNone      cipherID = 0
+	cipherAES256GCM cipherID = 1
+	cipherSM4GCM    cipherID = 2
+)
+
+var cipherNames = map[cipherID]string{
+	cipherNone:      "none",
+	cipherAES256GCM: "aes-256-gcm",
+	cipherSM4GCM:    "sm4-gcm",
+}
+
+// PasswordSalt and PasswordIterations define the password KDF
+// (PBKDF2-HMAC-SHA256). The salt is fixed so that the same password always
+// opens the same directory without storing anything beside it.
+const (
+	PasswordSalt       = "cvtpm statestore password v1"
+	PasswordIterations = 100_000
+)
+
+// Key is the master key that seals a state directory, with its cipher.
+// Per-blob AEAD keys are derived from it with HKDF-SHA256, binding the blob
+// name. A Key never prints its bytes.
+type Key struct {
+	cipher cipherID
+	master []byte
+	id     [8]byte
+	// NoteMappedMode records that a swtpm CBC mode was mapped to GCM, so
+	// the caller can tell the operator.
+	NoteMappedMode string
+}
+
+// String and LogValue keep key material out of logs and error messages.
+func (k *Key) String() string             { return "statestore.Key{" + k.Cipher() + ", redacted}" }
+func (k *Key) LogValue() slog.Value       { return slog.StringValue(k.String()) }
+func (k *Key) GoString() string           { return k.String() }
+func (k *Key) Format(f fmt.State, _ rune) { io.WriteString(f, k.String()) }
+
+// Cipher names the AEAD: "aes-256-gcm" or "sm4-gcm".
+func (k *Key) Cipher() string { return cipherNames[k.cipher] }
+
+// NewKey makes a Key from raw key bytes (16, 32 or 64 bytes) for mode
+// "aes-256-gcm" (default when empty) or "sm4-gcm". swtpm's "aes-cbc",
+// "aes-128-cbc" and "aes-256-cbc" map to AES-256-GCM.
+func NewKey(raw []byte, mode string) (*Key, error) {
+	k := &Key{}
+	switch strings.ToLower(mode) {
+	case "", "aes-256-gcm":
+		k.cipher = cipherAES256GCM
+	case "sm4-gcm":
+		k.cipher = cipherSM4GCM
+	case "aes-cbc", "aes-128-cbc", "aes-256-cbc":
+		k.cipher = cipherAES256GCM
+		k.NoteMappedMode = mode
+	default:
+		return nil, fmt.Errorf("key mode %q: want aes-256-gcm or sm4-gcm", mode)
+	}
+	switch len(raw) {
+	case 16, 32, 64:
+	default:
+		return nil, fmt.Errorf("key is %d bytes: want 16, 32 or 64", len(raw))
+	}
+	k.master = bytes.Clone(raw)
+	mac := hmac.New(sha256.New, k.master)
+	mac.Write([]byte("cvtpm key id"))
+	copy(k.id[:], mac.Sum(nil))
+	return k, nil
+}
+
+// aeadFor derives the AEAD for one blob id.
+func (k *Key) aeadFor(blobID uint16) (cipher.AEAD, error) {
+	size := 32
+	if k.cipher == cipherSM4GCM {
+		size = 16
+	}
+	info := fmt.Sprintf("cvtpm statestore v1 %s blob %d", cipherNames[k.cipher], blobID)
+	sub, err := hkdf.Key(sha256.New, k.master, nil, info, size)
+	if err != nil {
+		return nil, fmt.Errorf("deriving the blob key: %w", err)
+	}
+	var block cipher.Block
+	if k.cipher == cipherSM4GCM {
+		block, err = sm4.NewCipher(sub)
+	} else {
+		block, err = aes.NewCipher(sub)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return cipher.NewGCM(block)
+}
+
+// KeyFromBytes decodes key file contents in swtpm's formats: "hex" (the
+// default; surrounding whitespace ignored) or "binary".
+func KeyFromBytes(b []byte, format, mode string) (*Key, error) {
+	var raw []byte
+	switch format {
+	case "", "hex":
+		s := strings.TrimSpace(string(b))
+		var err error
+		if raw, err = hex.DecodeString(s); err != nil {
+			return nil, fmt.Errorf("key is not hex (format=hex): %v", hexErr(err))
+		}
+	case "binary":
+		raw = b
+	default:
+		return nil, fmt.Errorf("key format %q: want hex or binary", format)
+	}
+	return NewKey(raw, mode)
+}
+
+// hexErr strips the offending byte out of hex decoding errors, which could
+// otherwise echo key material.
+func hexErr(err error) string {
+	if _, ok := err.(hex.InvalidByteError); ok {
+		return "invalid character"
+	}
+	return "odd length"
+}
+
+// KeyFromFile reads a key file (swtpm's --key file=...,format=,mode=,remove=).
+// With remove, the file is deleted after reading.
+func KeyFromFile(path, format, mode string, remove bool) (*Key, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading key file: %w", err)
+	}
+	k, err := KeyFromBytes(b, format, mode)
+	if err != nil {
+		return nil, fmt.Errorf("key file %s: %w", path, err)
+	}
+	if remove {
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("removing key file: %w", err)
+		}
+	}
+	return k, nil
+}
+
+// KeyFromFD reads a key from an inherited file descriptor (--key fd=N) and
+// closes it.
+func KeyFromFD(fd int, format, mode string) (*Key, error) {
+	b, err := readFD(fd)
+	if err != nil {
+		return nil, err
+	}
+	k, err := KeyFromBytes(b, format, mode)
+	if err != nil {
+		return nil, fmt.Errorf("key from fd %d: %w", fd, err)
+	}
+	return k, nil
+}
+
+// KeyFromPassword derives a key from a password (--key pwdfile= / pwdfd=).
+// kdf "pbkdf2" (default) is PBKDF2-HMAC-SHA256 with PasswordSalt and
+// PasswordIterations; "sha512" is swtpm's legacy single SHA-512, accepted
+// for compatibility only.
+func KeyFromPassword(pw []byte, kdf, mode string) (*Key, error) {
+	pw = bytes.TrimRight(pw, "\r\n")
+	if len(pw) == 0 {
+		return nil, fmt.Errorf("password is empty")
+	}
+	var raw []byte
+	switch kdf {
+	case "", "pbkdf2":
+		var err error
+		if raw, err = pbkdf2.Key(sha256.New, string(pw), []byte(PasswordSalt), PasswordIterations, 32); err != nil {
+			return nil, fmt.Errorf("password KDF: %w", err)
+		}
+	case "sha512":
+		sum := sha512.Sum512(pw)
+		raw = sum[:32]
+	default:
+		return nil, fmt.Errorf("kdf %q: want pbkdf2 or sha512", kdf)
+	}
+	return NewKey(raw, mode)
+}
+
+// PasswordFromFile reads a password file; PasswordFromFD reads and closes
+// an inherited descriptor.
+func PasswordFromFile(path string) ([]byte, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading password file: %w", err)
+	}
+	return b, nil
+}
+
+func PasswordFromFD(fd int) ([]byte, error) { return readFD(fd) }
+
+func readFD(fd int) ([]byte, error) {
+	f := os.NewFile(uintptr(fd), fmt.Sprintf("fd%d", fd))
+	if f == nil {
+		return nil, fmt.Errorf("fd %d is not open", fd)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, 4096))
+	if err != nil {
+		return nil, fmt.Errorf("reading fd %d: %w", fd, err)
+	}
+	return b, nil
+}

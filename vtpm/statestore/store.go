@@ -1,0 +1,406 @@
+// Package statestore keeps one TPM's state directory: libtpms' permanent,
+// volatile and savestate blobs, sealed at rest and crash-safe.
+//
+// Every blob is one file, cvtpm.<name>, written atomically (temp file,
+// fsync, rename, directory fsync), so a kill -9 at any instant leaves either
+// the old or the new file. Each file starts with a header (magic, format
+// version, cipher, blob id, generation, payload length, nonce, key id; see
+// format.go) that is authenticated with the payload: AES-256-GCM or SM4-GCM
+// under a per-blob key derived from the master key with HKDF, or, without a
+// key, a SHA-256 checksum that still detects truncation and corruption.
+//
+// Rollback: every Save takes the next store-wide generation and, after the
+// blob is in place, records it in a sealed manifest (cvtpm.manifest). A blob
+// older than the manifest says is refused as rolled back; a blob newer than
+// the manifest is the trace of a crash between the two renames and is
+// accepted. Rolling back the whole directory consistently (manifest and
+// blobs together) cannot be detected from inside it: that needs a monotonic
+// counter outside the directory, which Generation exposes for a key broker
+// to anchor.
+package statestore
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+const manifestName = "manifest"
+
+// Options configures Open.
+type Options struct {
+	// Key seals the state; nil keeps it unencrypted (still framed and
+	// checksummed).
+	Key *Key
+	// Lock takes the directory's exclusive lock at Open.
+	Lock bool
+	// Import, when set, decodes an unencrypted swtpm state file
+	// (tpm2-00.<name>) into libtpms' blob; Open uses it to import a
+	// directory that swtpm or swtpm_setup wrote and that has no cvtpm
+	// state yet. The originals are kept.
+	Import func(swtpmFile []byte) ([]byte, error)
+	Logger *slog.Logger
+}
+
+// Store is one TPM's state directory. It is safe for concurrent use.
+type Store struct {
+	dir    string
+	key    *Key
+	log    *slog.Logger
+	mu     sync.Mutex
+	gen    uint64                   // highest generation written or seen
+	blobs  map[string]manifestEntry // what the manifest records
+	lockFD int
+}
+
+type manifestEntry struct {
+	gen     uint64
+	present bool
+}
+
+// Open opens (creating if needed) the state directory dir. It reads and
+// authenticates the manifest and every blob, so a wrong key, a tampered or
+// truncated file, or a rolled-back blob is refused here, before anything is
+// written.
+func Open(dir string, opts Options) (*Store, error) {
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	s := &Store{dir: dir, key: opts.Key, log: log, blobs: map[string]manifestEntry{}, lockFD: -1}
+	if opts.Lock {
+		if err := s.Lock(); err != nil {
+			return nil, err
+		}
+	}
+	if err := s.load(); err != nil {
+		s.Close()
+		return nil, err
+	}
+	if opts.Import != nil && s.empty() {
+		if err := s.importSwtpm(opts.Import); err != nil {
+			s.Close()
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+func (s *Store) path(name string) string { return filepath.Join(s.dir, "cvtpm."+name) }
+
+func blobID(name string) (uint16, error) {
+	id, ok := blobIDs[name]
+	if !ok || name == manifestName {
+		return 0, fmt.Errorf("unknown state blob %q (want permall, volatilestate or savestate)", name)
+	}
+	return id, nil
+}
+
+// load reads the manifest and checks every blob against it.
+func (s *Store) load() error {
+	b, err := os.ReadFile(s.path(manifestName))
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+	case err != nil:
+		return fmt.Errorf("state directory: %w", err)
+	default:
+		plain, gen, err := open(s.key, blobIDs[manifestName], b)
+		if err != nil {
+			return fmt.Errorf("%s: %w", s.path(manifestName), err)
+		}
+		if s.blobs, err = parseManifest(plain); err != nil {
+			return fmt.Errorf("%s: %w", s.path(manifestName), err)
+		}
+		s.gen = gen
+	}
+	for name := range blobIDs {
+		if name == manifestName {
+			continue
+		}
+		_, gen, err := s.read(name)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		s.gen = max(s.gen, gen)
+	}
+	return nil
+}
+
+func (s *Store) empty() bool {
+	if len(s.blobs) > 0 {
+		return false
+	}
+	for name := range blobIDs {
+		if _, err := os.Stat(s.path(name)); err == nil {
+			return false
+		}
+	}
+	return true
+}
+
+func (s *Store) importSwtpm(decode func([]byte) ([]byte, error)) error {
+	for _, name := range []string{"permall", "volatilestate", "savestate"} {
+		src := filepath.Join(s.dir, "tpm2-00."+name)
+		raw, err := os.ReadFile(src)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("importing swtpm state: %w", err)
+		}
+		plain, err := decode(raw)
+		if err != nil {
+			return fmt.Errorf("importing swtpm state %s: %w", src, err)
+		}
+		if err := s.Save(name, plain); err != nil {
+			return fmt.Errorf("importing swtpm state %s: %w", src, err)
+		}
+		s.log.Info("imported swtpm state; the original file is kept", "file", src, "blob", name)
+	}
+	return nil
+}
+
+// read opens one blob file and checks it against the manifest. A missing
+// file returns an error satisfying errors.Is(err, fs.ErrNotExist).
+func (s *Store) read(name string) ([]byte, uint64, error) {
+	id, err := blobID(name)
+	if err != nil {
+		return nil, 0, err
+	}
+	p := s.path(name)
+	entry, listed := s.blobs[name]
+	b, err := os.ReadFile(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		if listed && entry.present {
+			return nil, 0, fmt.Errorf("%s: %w: missing, but the manifest records generation %d", p, ErrRolledBack, entry.gen)
+		}
+		return nil, 0, fmt.Errorf("state blob %s: %w", name, fs.ErrNotExist)
+	}
+	if err != nil {
+		return nil, 0, fmt.Errorf("state blob %s: %w", name, err)
+	}
+	plain, gen, err := open(s.key, id, b)
+	if err != nil {
+		return nil, 0, fmt.Errorf("%s: %w", p, err)
+	}
+	if listed {
+		switch {
+		case !entry.present && gen <= entry.gen:
+			// Deleted in the manifest; the file outlived a crash before
+			// its removal.
+			return nil, 0, fmt.Errorf("state blob %s: %w", name, fs.ErrNotExist)
+		case entry.present && gen < entry.gen:
+			return nil, 0, fmt.Errorf("%s: %w: generation %d < expected %d", p, ErrRolledBack, gen, entry.gen)
+		}
+	}
+	return plain, gen, nil
+}
+
+// Load returns a blob ("permall", "volatilestate" or "savestate").
+func (s *Store) Load(name string) ([]byte, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	plain, _, err := s.read(name)
+	return plain, err
+}
+
+// Save replaces a blob atomically and durably, then records its generation.
+func (s *Store) Save(name string, data []byte) error {
+	id, err := blobID(name)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	gen := s.gen + 1
+	b, err := seal(s.key, id, gen, data)
+	if err != nil {
+		return fmt.Errorf("sealing %s: %w", name, err)
+	}
+	if err := writeAtomic(s.dir, s.path(name), b); err != nil {
+		return err
+	}
+	s.gen = gen
+	s.blobs[name] = manifestEntry{gen: gen, present: true}
+	return s.writeManifest()
+}
+
+// Delete removes a blob; a missing blob is not an error. The manifest
+// records the deletion first, so a crash before the file is gone leaves a
+// stale file that reads as absent.
+func (s *Store) Delete(name string) error {
+	if _, err := blobID(name); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, statErr := os.Stat(s.path(name))
+	if e, ok := s.blobs[name]; (!ok || !e.present) && errors.Is(statErr, fs.ErrNotExist) {
+		return nil
+	}
+	s.gen++
+	s.blobs[name] = manifestEntry{gen: s.gen, present: false}
+	if err := s.writeManifest(); err != nil {
+		return err
+	}
+	if err := os.Remove(s.path(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("deleting state blob %s: %w", name, err)
+	}
+	return syncDir(s.dir)
+}
+
+// Generation is the store's current generation: it grows with every Save
+// and Delete. An external monotonic counter anchored to it detects a
+// rollback of the whole directory.
+func (s *Store) Generation() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.gen
+}
+
+func (s *Store) writeManifest() error {
+	b, err := seal(s.key, blobIDs[manifestName], s.gen, marshalManifest(s.blobs))
+	if err != nil {
+		return fmt.Errorf("sealing the manifest: %w", err)
+	}
+	return writeAtomic(s.dir, s.path(manifestName), b)
+}
+
+// Manifest payload: entries of u16 blob id, u64 generation, u8 present.
+func marshalManifest(m map[string]manifestEntry) []byte {
+	names := make([]string, 0, len(m))
+	for n := range m {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	var b []byte
+	for _, n := range names {
+		e := m[n]
+		b = binary.BigEndian.AppendUint16(b, blobIDs[n])
+		b = binary.BigEndian.AppendUint64(b, e.gen)
+		p := byte(0)
+		if e.present {
+			p = 1
+		}
+		b = append(b, p)
+	}
+	return b
+}
+
+func parseManifest(b []byte) (map[string]manifestEntry, error) {
+	const entryLen = 11
+	if len(b)%entryLen != 0 {
+		return nil, fmt.Errorf("%w: manifest length %d", ErrCorrupt, len(b))
+	}
+	names := map[uint16]string{}
+	for n, id := range blobIDs {
+		names[id] = n
+	}
+	m := map[string]manifestEntry{}
+	for ; len(b) > 0; b = b[entryLen:] {
+		name, ok := names[binary.BigEndian.Uint16(b)]
+		if !ok || name == manifestName || b[10] > 1 {
+			return nil, fmt.Errorf("%w: bad manifest entry", ErrCorrupt)
+		}
+		m[name] = manifestEntry{gen: binary.BigEndian.Uint64(b[2:]), present: b[10] == 1}
+	}
+	return m, nil
+}
+
+// writeAtomic replaces path with b: temp file in the same directory, fsync,
+// rename, directory fsync.
+func writeAtomic(dir, path string, b []byte) error {
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*.tmp")
+	if err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	done := false
+	defer func() {
+		if !done {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	if err := tmp.Chmod(0o600); err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	if _, err := tmp.Write(b); err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	if err := tmp.Sync(); err != nil {
+		return fmt.Errorf("syncing %s: %w", path, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("replacing %s: %w", path, err)
+	}
+	done = true
+	return syncDir(dir)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("syncing state directory: %w", err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("syncing state directory: %w", err)
+	}
+	return nil
+}
+
+// Lock takes the directory's exclusive lock (swtpm's --tpmstate ...,lock and
+// CMD_LOCK_STORAGE). It fails at once if another process holds it.
+func (s *Store) Lock() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.lockFD >= 0 {
+		return nil
+	}
+	p := filepath.Join(s.dir, ".lock")
+	fd, err := unix.Open(p, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return fmt.Errorf("locking state directory: %w", &fs.PathError{Op: "open", Path: p, Err: err})
+	}
+	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		unix.Close(fd)
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return fmt.Errorf("state directory %s is locked by another process", s.dir)
+		}
+		return fmt.Errorf("locking state directory %s: %w", s.dir, err)
+	}
+	s.lockFD = fd
+	return nil
+}
+
+// Unlock releases the directory lock.
+func (s *Store) Unlock() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.lockFD < 0 {
+		return nil
+	}
+	err := unix.Close(s.lockFD)
+	s.lockFD = -1
+	return err
+}
+
+// Close releases the lock. Every Save is already durable.
+func (s *Store) Close() error { return s.Unlock() }

@@ -1,0 +1,391 @@
+package statestore
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func mustKey(t testing.TB, mode string, fill byte) *Key {
+	t.Helper()
+	k, err := NewKey(bytes.Repeat([]byte{fill}, 32), mode)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func mustOpen(t testing.TB, dir string, k *Key) *Store {
+	t.Helper()
+	s, err := Open(dir, Options{Key: k})
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func TestRoundTrip(t *testing.T) {
+	for _, mode := range []string{"none", "aes-256-gcm", "sm4-gcm"} {
+		t.Run(mode, func(t *testing.T) {
+			var k *Key
+			if mode != "none" {
+				k = mustKey(t, mode, 7)
+			}
+			dir := t.TempDir()
+			s := mustOpen(t, dir, k)
+			if _, err := s.Load("permall"); !errors.Is(err, fs.ErrNotExist) {
+				t.Fatalf("Load of absent blob: %v, want fs.ErrNotExist", err)
+			}
+			secret := []byte("a distinctive plaintext NV value 0123456789")
+			for i := range 3 {
+				if err := s.Save("permall", append(secret, byte(i))); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := s.Save("volatilestate", []byte("vol")); err != nil {
+				t.Fatal(err)
+			}
+			s.Close()
+
+			s2 := mustOpen(t, dir, k)
+			got, err := s2.Load("permall")
+			if err != nil || !bytes.Equal(got, append(secret, 2)) {
+				t.Fatalf("Load after reopen = %q, %v", got, err)
+			}
+			if s2.Generation() != 4 {
+				t.Fatalf("generation %d, want 4", s2.Generation())
+			}
+			if err := s2.Delete("volatilestate"); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s2.Load("volatilestate"); !errors.Is(err, fs.ErrNotExist) {
+				t.Fatalf("Load after Delete: %v", err)
+			}
+			if err := s2.Delete("savestate"); err != nil {
+				t.Fatalf("Delete of absent blob: %v", err)
+			}
+			// Sealed state must not contain the plaintext; unsealed must.
+			found := false
+			entries, _ := os.ReadDir(dir)
+			for _, e := range entries {
+				b, _ := os.ReadFile(filepath.Join(dir, e.Name()))
+				if bytes.Contains(b, secret) {
+					found = true
+				}
+			}
+			if found != (k == nil) {
+				t.Fatalf("plaintext found in state files: %v, want %v", found, k == nil)
+			}
+		})
+	}
+}
+
+// TestRefusals damages a sealed directory in each way an attacker or a
+// crash could, and checks Open or Load refuses with the right error and
+// that a refused Open writes nothing.
+func TestRefusals(t *testing.T) {
+	key := mustKey(t, "aes-256-gcm", 1)
+	setup := func(t *testing.T, k *Key) (string, map[string][]byte) {
+		dir := t.TempDir()
+		s := mustOpen(t, dir, k)
+		old := map[string][]byte{}
+		for _, name := range []string{"permall", "volatilestate"} {
+			if err := s.Save(name, []byte("first "+name)); err != nil {
+				t.Fatal(err)
+			}
+			old[name], _ = os.ReadFile(s.path(name))
+			if err := s.Save(name, []byte("second "+name)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		s.Close()
+		return dir, old
+	}
+	p := func(dir, name string) string { return filepath.Join(dir, "cvtpm."+name) }
+	tests := []struct {
+		name    string
+		key     *Key // key used to reopen; setup uses `key` unless unsealed
+		unseal  bool // set up without a key
+		damage  func(t *testing.T, dir string, old map[string][]byte)
+		wantErr error
+		wantMsg string
+	}{
+		{"truncated blob", key, false, func(t *testing.T, dir string, _ map[string][]byte) {
+			b, _ := os.ReadFile(p(dir, "permall"))
+			os.WriteFile(p(dir, "permall"), b[:len(b)-5], 0o600)
+		}, ErrTruncated, "cvtpm.permall: truncated: header says"},
+		{"truncated to header", key, false, func(t *testing.T, dir string, _ map[string][]byte) {
+			b, _ := os.ReadFile(p(dir, "permall"))
+			os.WriteFile(p(dir, "permall"), b[:20], 0o600)
+		}, ErrTruncated, "a header alone is 48"},
+		{"flipped payload byte", key, false, func(t *testing.T, dir string, _ map[string][]byte) {
+			flip(t, p(dir, "permall"), headerLen+2)
+		}, ErrCorrupt, "authentication failed"},
+		{"flipped tag byte", key, false, func(t *testing.T, dir string, _ map[string][]byte) {
+			b, _ := os.ReadFile(p(dir, "permall"))
+			flip(t, p(dir, "permall"), len(b)-1)
+		}, ErrCorrupt, ""},
+		{"flipped generation", key, false, func(t *testing.T, dir string, _ map[string][]byte) {
+			flip(t, p(dir, "permall"), 23)
+		}, ErrCorrupt, ""},
+		{"flipped magic", key, false, func(t *testing.T, dir string, _ map[string][]byte) {
+			flip(t, p(dir, "permall"), 0)
+		}, ErrFormat, "bad magic"},
+		{"flipped manifest", key, false, func(t *testing.T, dir string, _ map[string][]byte) {
+			flip(t, p(dir, "manifest"), headerLen)
+		}, ErrCorrupt, "cvtpm.manifest"},
+		{"swapped files", key, false, func(t *testing.T, dir string, _ map[string][]byte) {
+			a, _ := os.ReadFile(p(dir, "permall"))
+			b, _ := os.ReadFile(p(dir, "volatilestate"))
+			os.WriteFile(p(dir, "permall"), b, 0o600)
+			os.WriteFile(p(dir, "volatilestate"), a, 0o600)
+		}, ErrSwapped, "holds another blob"},
+		{"rolled back blob", key, false, func(t *testing.T, dir string, old map[string][]byte) {
+			os.WriteFile(p(dir, "permall"), old["permall"], 0o600)
+		}, ErrRolledBack, "generation 1 < expected 2"},
+		{"deleted blob", key, false, func(t *testing.T, dir string, _ map[string][]byte) {
+			os.Remove(p(dir, "permall"))
+		}, ErrRolledBack, "missing"},
+		{"wrong key", mustKey(t, "aes-256-gcm", 2), false, nil, ErrWrongKey, ""},
+		{"wrong cipher", mustKey(t, "sm4-gcm", 1), false, nil, ErrWrongKey, "file uses aes-256-gcm"},
+		{"no key for sealed state", nil, false, nil, ErrNeedKey, ""},
+		{"key for unsealed state", key, true, nil, ErrNotSealed, ""},
+		{"unsealed flipped byte", nil, true, func(t *testing.T, dir string, _ map[string][]byte) {
+			flip(t, p(dir, "permall"), headerLen+1)
+		}, ErrCorrupt, "checksum mismatch"},
+		{"unsealed swapped", nil, true, func(t *testing.T, dir string, _ map[string][]byte) {
+			a, _ := os.ReadFile(p(dir, "permall"))
+			b, _ := os.ReadFile(p(dir, "volatilestate"))
+			os.WriteFile(p(dir, "permall"), b, 0o600)
+			os.WriteFile(p(dir, "volatilestate"), a, 0o600)
+		}, ErrSwapped, ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			setupKey := key
+			if tc.unseal {
+				setupKey = nil
+			}
+			dir, old := setup(t, setupKey)
+			if tc.damage != nil {
+				tc.damage(t, dir, old)
+			}
+			before := snapshot(t, dir)
+			s, err := Open(dir, Options{Key: tc.key})
+			if err == nil {
+				s.Close()
+				t.Fatalf("Open accepted a damaged directory")
+			}
+			if !errors.Is(err, tc.wantErr) {
+				t.Fatalf("error %v, want %v", err, tc.wantErr)
+			}
+			if !strings.Contains(err.Error(), tc.wantMsg) {
+				t.Fatalf("error %q does not say %q", err, tc.wantMsg)
+			}
+			if after := snapshot(t, dir); after != before {
+				t.Fatalf("a refused Open changed the directory:\n%s\n%s", before, after)
+			}
+		})
+	}
+}
+
+// A crash between the blob rename and the manifest update leaves a blob
+// newer than the manifest: that is accepted, not reported as rollback.
+func TestCrashBetweenBlobAndManifest(t *testing.T) {
+	key := mustKey(t, "sm4-gcm", 3)
+	dir := t.TempDir()
+	s := mustOpen(t, dir, key)
+	s.Save("permall", []byte("one"))
+	manifest, _ := os.ReadFile(s.path(manifestName))
+	s.Save("permall", []byte("two"))
+	s.Close()
+	os.WriteFile(filepath.Join(dir, "cvtpm.manifest"), manifest, 0o600)
+	s2 := mustOpen(t, dir, key)
+	got, err := s2.Load("permall")
+	if err != nil || string(got) != "two" {
+		t.Fatalf("Load = %q, %v; want two", got, err)
+	}
+	if err := s2.Save("permall", []byte("three")); err != nil {
+		t.Fatal(err)
+	}
+	if s2.Generation() != 3 {
+		t.Fatalf("generation %d, want 3", s2.Generation())
+	}
+}
+
+func TestLock(t *testing.T) {
+	dir := t.TempDir()
+	s := mustOpen(t, dir, nil)
+	if err := s.Lock(); err != nil {
+		t.Fatal(err)
+	}
+	// flock locks are per open file description: a second Store in this
+	// process stands in for another process.
+	s2 := mustOpen(t, dir, nil)
+	if err := s2.Lock(); err == nil || !strings.Contains(err.Error(), "locked by another process") {
+		t.Fatalf("second Lock: %v", err)
+	}
+	s.Unlock()
+	if err := s2.Lock(); err != nil {
+		t.Fatalf("Lock after Unlock: %v", err)
+	}
+}
+
+func TestImportSwtpm(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "tpm2-00.permall"), []byte("SWTPM:perm"), 0o600)
+	decode := func(b []byte) ([]byte, error) {
+		if !bytes.HasPrefix(b, []byte("SWTPM:")) {
+			return nil, fmt.Errorf("not swtpm")
+		}
+		return b[6:], nil
+	}
+	s, err := Open(dir, Options{Key: mustKey(t, "", 9), Import: decode})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.Load("permall")
+	if err != nil || string(got) != "perm" {
+		t.Fatalf("imported permall = %q, %v", got, err)
+	}
+	s.Save("permall", []byte("changed"))
+	s.Close()
+	// Once cvtpm state exists, the swtpm original is not imported again.
+	s2, err := Open(dir, Options{Key: mustKey(t, "", 9), Import: decode})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if got, _ := s2.Load("permall"); string(got) != "changed" {
+		t.Fatalf("permall after reopen = %q", got)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "tpm2-00.permall")); err != nil {
+		t.Fatalf("original swtpm file was not kept: %v", err)
+	}
+
+	bad := t.TempDir()
+	os.WriteFile(filepath.Join(bad, "tpm2-00.permall"), []byte("garbage"), 0o600)
+	if _, err := Open(bad, Options{Import: decode}); err == nil || !strings.Contains(err.Error(), "tpm2-00.permall") {
+		t.Fatalf("bad swtpm file: %v", err)
+	}
+}
+
+func TestKeySources(t *testing.T) {
+	dir := t.TempDir()
+	hexKey := strings.Repeat("ab", 32)
+	write := func(name, s string) string {
+		p := filepath.Join(dir, name)
+		os.WriteFile(p, []byte(s), 0o600)
+		return p
+	}
+	tests := []struct {
+		name    string
+		get     func() (*Key, error)
+		wantErr string
+		cipher  string
+	}{
+		{"hex file", func() (*Key, error) { return KeyFromFile(write("k1", hexKey+"\n"), "hex", "", false) }, "", "aes-256-gcm"},
+		{"binary file sm4", func() (*Key, error) {
+			return KeyFromFile(write("k2", strings.Repeat("x", 16)), "binary", "sm4-gcm", false)
+		}, "", "sm4-gcm"},
+		{"swtpm cbc mapped", func() (*Key, error) { return KeyFromFile(write("k3", hexKey), "hex", "aes-256-cbc", false) }, "", "aes-256-gcm"},
+		{"bad hex", func() (*Key, error) { return KeyFromFile(write("k4", "zz"+hexKey[2:]), "hex", "", false) }, "not hex", ""},
+		{"short key", func() (*Key, error) { return KeyFromFile(write("k5", "abcd"), "hex", "", false) }, "2 bytes", ""},
+		{"bad mode", func() (*Key, error) { return KeyFromFile(write("k6", hexKey), "hex", "rot13", false) }, "rot13", ""},
+		{"missing file", func() (*Key, error) { return KeyFromFile(filepath.Join(dir, "nope"), "hex", "", false) }, "reading key file", ""},
+		{"password pbkdf2", func() (*Key, error) { return KeyFromPassword([]byte("hunter2\n"), "pbkdf2", "") }, "", "aes-256-gcm"},
+		{"password sha512", func() (*Key, error) { return KeyFromPassword([]byte("hunter2"), "sha512", "sm4-gcm") }, "", "sm4-gcm"},
+		{"empty password", func() (*Key, error) { return KeyFromPassword([]byte("\n"), "", "") }, "empty", ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			k, err := tc.get()
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("error %v, want %q", err, tc.wantErr)
+				}
+				if err != nil && strings.Contains(err.Error(), hexKey[4:20]) {
+					t.Fatalf("error leaks key material: %v", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if k.Cipher() != tc.cipher {
+				t.Fatalf("cipher %s, want %s", k.Cipher(), tc.cipher)
+			}
+			for _, s := range []string{fmt.Sprint(k), fmt.Sprintf("%v %+v %#v %s", k, k, k, k)} {
+				if strings.Contains(s, "abab") || !strings.Contains(s, "redacted") {
+					t.Fatalf("key prints as %q", s)
+				}
+			}
+		})
+	}
+	p := write("gone", hexKey)
+	if _, err := KeyFromFile(p, "hex", "", true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(p); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("remove=true kept the key file")
+	}
+	a, _ := KeyFromPassword([]byte("pw"), "", "")
+	b, _ := KeyFromPassword([]byte("pw"), "", "")
+	if a.id != b.id {
+		t.Fatalf("the same password derived different keys")
+	}
+}
+
+func flip(t *testing.T, path string, off int) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[off] ^= 0x40
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// snapshot describes every file in dir with its contents' hash.
+func snapshot(t *testing.T, dir string) string {
+	t.Helper()
+	var sb strings.Builder
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		b, _ := os.ReadFile(filepath.Join(dir, e.Name()))
+		fmt.Fprintf(&sb, "%s:%x ", e.Name(), b)
+	}
+	return sb.String()
+}
+
+func BenchmarkSave(b *testing.B) {
+	s := mustOpen(b, b.TempDir(), mustKey(b, "aes-256-gcm", 5))
+	blob := bytes.Repeat([]byte{1}, 8192)
+	for b.Loop() {
+		if err := s.Save("permall", blob); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkLoad(b *testing.B) {
+	for _, mode := range []string{"aes-256-gcm", "sm4-gcm"} {
+		b.Run(mode, func(b *testing.B) {
+			s := mustOpen(b, b.TempDir(), mustKey(b, mode, 5))
+			s.Save("permall", bytes.Repeat([]byte{1}, 8192))
+			for b.Loop() {
+				if _, err := s.Load("permall"); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
