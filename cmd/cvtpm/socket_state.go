@@ -1,21 +1,21 @@
 package main
 
-// Opening the TPM's state directory for "cvtpm socket".
+// Opening the TPM's sealed state directory for "cvtpm socket".
 
 import (
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 
 	"cvtpm/vtpm/engine"
+	"cvtpm/vtpm/statestore"
 	"cvtpm/vtpm/swtpmproto"
 )
 
-// sealedStateSupported reports whether --key and --migration-key work, so
-// that --print-capabilities only claims what this build has.
-const sealedStateSupported = false
+// sealedStateSupported reports whether --key works, so that
+// --print-capabilities only claims what this build has.
+const sealedStateSupported = true
 
 // stateStore is what the socket command needs of the state directory.
 type stateStore interface {
@@ -24,78 +24,59 @@ type stateStore interface {
 	Close() error
 }
 
-// openState opens the state directory named by --tpmstate with the keys of
-// --key and --migration-key.
-//
-// TODO(E): switch to vtpm/statestore (sealed, generation-checked) as soon as
-// it lands; until then state is kept unencrypted and --key is refused.
+// openState opens the state directory named by --tpmstate, sealed with the
+// --key key. An unencrypted swtpm state directory (swtpm_setup's
+// tpm2-00.permall and friends) is imported on first use.
 func openState(cfg *socketConfig, log *slog.Logger) (stateStore, swtpmproto.BlobSealer, error) {
+	var key *statestore.Key
 	if cfg.key != nil {
-		return nil, nil, errors.New("--key: sealed state needs vtpm/statestore, which this build lacks")
+		var err error
+		if key, err = loadKey("--key", cfg.key); err != nil {
+			return nil, nil, err
+		}
 	}
 	if cfg.migrationKey != nil {
-		return nil, nil, errors.New("--migration-key: needs vtpm/statestore, which this build lacks")
+		// statestore exposes no sealing primitive for transfers yet.
+		return nil, nil, errors.New("--migration-key is not supported yet: state blobs are transferred unencrypted; protect the migration channel instead")
 	}
-	return &plainDir{dir: cfg.stateDir}, nil, nil
-}
-
-// plainDir is an interim unencrypted, atomically written state directory.
-type plainDir struct{ dir string }
-
-func (d *plainDir) path(name string) string { return filepath.Join(d.dir, "cvtpm-plain."+name) }
-
-// Load reads a blob; without one of ours it falls back to an unencrypted
-// swtpm blob (tpm2-00.<name>, as swtpm_setup writes it), so a state
-// directory made for swtpm keeps its EK, certificates and NV contents.
-func (d *plainDir) Load(name string) ([]byte, error) {
-	b, err := os.ReadFile(d.path(name))
-	if !errors.Is(err, os.ErrNotExist) {
-		return b, err
-	}
-	sw, swErr := os.ReadFile(filepath.Join(d.dir, "tpm2-00."+name))
-	if swErr != nil {
-		return nil, err
-	}
-	plain, decErr := swtpmproto.DecodeStateBlob(sw, nil)
-	if decErr != nil {
-		return nil, fmt.Errorf("importing swtpm state %s: %w", "tpm2-00."+name, decErr)
-	}
-	return plain, nil
-}
-
-func (d *plainDir) Save(name string, data []byte) error {
-	tmp := d.path(name) + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
+	store, err := statestore.Open(cfg.stateDir, statestore.Options{
+		Key:    key,
+		Lock:   cfg.stateLock,
+		Import: func(b []byte) ([]byte, error) { return swtpmproto.DecodeStateBlob(b, nil) },
+		Logger: log,
+	})
 	if err != nil {
-		return err
+		return nil, nil, fmt.Errorf("--tpmstate: %w", err)
 	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, d.path(name)); err != nil {
-		return fmt.Errorf("renaming %s: %w", tmp, err)
-	}
-	if dir, err := os.Open(d.dir); err == nil {
-		dir.Sync()
-		dir.Close()
-	}
-	return nil
+	return store, nil, nil
 }
 
-func (d *plainDir) Delete(name string) error {
-	if err := os.Remove(d.path(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
+// loadKey reads the key of --key (file=, fd=, pwdfile=, pwdfd=).
+func loadKey(opt string, k *keySpec) (*statestore.Key, error) {
+	var key *statestore.Key
+	var err error
+	switch {
+	case k.file != "":
+		key, err = statestore.KeyFromFile(k.file, k.format, k.mode, k.remove)
+	case k.fd >= 0:
+		key, err = statestore.KeyFromFD(k.fd, k.format, k.mode)
+	default:
+		var pw []byte
+		if k.pwdfile != "" {
+			pw, err = statestore.PasswordFromFile(k.pwdfile)
+			if err == nil && k.remove {
+				err = os.Remove(k.pwdfile)
+			}
+		} else {
+			pw, err = statestore.PasswordFromFD(k.pwdfd)
+		}
+		if err == nil {
+			key, err = statestore.KeyFromPassword(pw, k.kdf, k.mode)
+		}
+		clear(pw)
 	}
-	return nil
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", opt, err)
+	}
+	return key, nil
 }
-
-func (d *plainDir) Lock() error  { return nil }
-func (d *plainDir) Close() error { return nil }
