@@ -1,9 +1,8 @@
 package main
 
-// Opening the TPM's sealed state directory for "cvtpm socket".
+// Opening the TPM's state directory for "cvtpm socket".
 
 import (
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -13,8 +12,8 @@ import (
 	"cvtpm/vtpm/swtpmproto"
 )
 
-// sealedStateSupported reports whether --key works, so that
-// --print-capabilities only claims what this build has.
+// sealedStateSupported reports whether --key and --migration-key work, so
+// that --print-capabilities only claims what this build has.
 const sealedStateSupported = true
 
 // stateStore is what the socket command needs of the state directory.
@@ -25,58 +24,67 @@ type stateStore interface {
 }
 
 // openState opens the state directory named by --tpmstate, sealed with the
-// --key key. An unencrypted swtpm state directory (swtpm_setup's
-// tpm2-00.permall and friends) is imported on first use.
+// --key, and returns the --migration-key's sealer for state blobs. A
+// directory that only holds unencrypted swtpm state is imported.
 func openState(cfg *socketConfig, log *slog.Logger) (stateStore, swtpmproto.BlobSealer, error) {
-	var key *statestore.Key
-	if cfg.key != nil {
-		var err error
-		if key, err = loadKey("--key", cfg.key); err != nil {
-			return nil, nil, err
-		}
+	key, err := loadKey("--key", cfg.key, log)
+	if err != nil {
+		return nil, nil, err
 	}
-	if cfg.migrationKey != nil {
-		// statestore exposes no sealing primitive for transfers yet.
-		return nil, nil, errors.New("--migration-key is not supported yet: state blobs are transferred unencrypted; protect the migration channel instead")
+	migrationKey, err := loadKey("--migration-key", cfg.migrationKey, log)
+	if err != nil {
+		return nil, nil, err
 	}
 	store, err := statestore.Open(cfg.stateDir, statestore.Options{
 		Key:    key,
 		Lock:   cfg.stateLock,
-		Import: func(b []byte) ([]byte, error) { return swtpmproto.DecodeStateBlob(b, nil) },
 		Logger: log,
+		Import: func(b []byte) ([]byte, error) { return swtpmproto.DecodeStateBlob(b, nil) },
 	})
 	if err != nil {
 		return nil, nil, fmt.Errorf("--tpmstate: %w", err)
 	}
-	return store, nil, nil
+	if migrationKey == nil {
+		return store, nil, nil
+	}
+	return store, migrationKey, nil
 }
 
-// loadKey reads the key of --key (file=, fd=, pwdfile=, pwdfd=).
-func loadKey(opt string, k *keySpec) (*statestore.Key, error) {
-	var key *statestore.Key
-	var err error
+// loadKey reads a --key or --migration-key from its file, descriptor or
+// password.
+func loadKey(opt string, spec *keySpec, log *slog.Logger) (*statestore.Key, error) {
+	if spec == nil {
+		return nil, nil
+	}
+	var (
+		k   *statestore.Key
+		err error
+	)
 	switch {
-	case k.file != "":
-		key, err = statestore.KeyFromFile(k.file, k.format, k.mode, k.remove)
-	case k.fd >= 0:
-		key, err = statestore.KeyFromFD(k.fd, k.format, k.mode)
+	case spec.file != "":
+		k, err = statestore.KeyFromFile(spec.file, spec.format, spec.mode, spec.remove)
+	case spec.fd >= 0:
+		k, err = statestore.KeyFromFD(spec.fd, spec.format, spec.mode)
 	default:
 		var pw []byte
-		if k.pwdfile != "" {
-			pw, err = statestore.PasswordFromFile(k.pwdfile)
-			if err == nil && k.remove {
-				err = os.Remove(k.pwdfile)
+		if spec.pwdfile != "" {
+			pw, err = statestore.PasswordFromFile(spec.pwdfile)
+			if err == nil && spec.remove {
+				err = os.Remove(spec.pwdfile)
 			}
 		} else {
-			pw, err = statestore.PasswordFromFD(k.pwdfd)
+			pw, err = statestore.PasswordFromFD(spec.pwdfd)
 		}
 		if err == nil {
-			key, err = statestore.KeyFromPassword(pw, k.kdf, k.mode)
+			k, err = statestore.KeyFromPassword(pw, spec.kdf, spec.mode)
 		}
 		clear(pw)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", opt, err)
 	}
-	return key, nil
+	if k.NoteMappedMode != "" {
+		log.Warn("swtpm's CBC mode is not supported; sealing with AES-256-GCM instead", "option", opt, "mode", k.NoteMappedMode)
+	}
+	return k, nil
 }
