@@ -453,7 +453,7 @@ A TPM 2.0 (libtpms) served over swtpm's control and data channels.
 --key file=F|fd=N[,format=hex|binary][,mode=aes-256-gcm|sm4-gcm][,remove=true|false]
 --key pwdfile=F|pwdfd=N[,mode=...][,kdf=sha512|pbkdf2]
                        key sealing the state at rest
---migration-key ...    refused for now (blobs are transferred unencrypted)
+--migration-key ...    same forms; seals state blobs sent by GET_STATEBLOB
 --pid file=F|fd=N      write the process ID
 --log file=F|fd=N[,level=n][,prefix=S][,truncate]
 --locality reject-locality-4

@@ -27,6 +27,9 @@ type stateStore interface {
 // --key, and returns the --migration-key's sealer for state blobs. A
 // directory that only holds unencrypted swtpm state is imported.
 func openState(cfg *socketConfig, log *slog.Logger) (stateStore, swtpmproto.BlobSealer, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	key, err := loadKey("--key", cfg.key, log)
 	if err != nil {
 		return nil, nil, err

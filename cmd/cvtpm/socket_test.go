@@ -4,12 +4,15 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"cvtpm/vtpm/swtpmproto"
 )
 
 func TestParseSocketArgs(t *testing.T) {
@@ -165,5 +168,43 @@ func TestServeSocket(t *testing.T) {
 		if _, err := os.Stat(p); err == nil {
 			t.Errorf("%s still exists after shutdown", p)
 		}
+	}
+}
+
+// TestMigrationKeySealsStateBlobs checks that --migration-key seals the
+// blobs of GET_STATEBLOB: the plaintext is absent, the same key opens them,
+// and a TPM without the key refuses them.
+func TestMigrationKeySealsStateBlobs(t *testing.T) {
+	dir := t.TempDir()
+	keyFile := filepath.Join(dir, "mk")
+	if err := os.WriteFile(keyFile, []byte(strings.Repeat("ab", 32)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := parseSocketArgs([]string{"--tpm2", "--tpmstate", "dir=" + filepath.Join(dir, "st"),
+		"--migration-key", "file=" + keyFile + ",format=hex"}, os.Getenv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, sealer, err := openState(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	if sealer == nil {
+		t.Fatal("no sealer for --migration-key")
+	}
+	plain := []byte("permanent state with a known secret")
+	blob, err := swtpmproto.EncodeStateBlob(plain, sealer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(blob, []byte("known secret")) {
+		t.Error("sealed blob contains the plaintext")
+	}
+	if got, err := swtpmproto.DecodeStateBlob(blob, sealer); err != nil || !bytes.Equal(got, plain) {
+		t.Errorf("open with the same key: %q, %v", got, err)
+	}
+	if _, err := swtpmproto.DecodeStateBlob(blob, nil); !errors.Is(err, swtpmproto.ErrBlobNeedsKey) {
+		t.Errorf("open without a key: err %v, want ErrBlobNeedsKey", err)
 	}
 }
