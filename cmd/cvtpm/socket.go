@@ -687,6 +687,73 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 	}
 	srv := swtpmproto.New(tpm, opts)
 
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	// Listen first and serve after the TPM is initialized, as swtpm does:
+	// the sockets exist early and early clients wait in the backlog.
+	errc := make(chan error, 8)
+	var running int
+	var servers []func() error
+	start := func(f func() error) { servers = append(servers, f) }
+	var opened []io.Closer // closed here if serving never starts
+	defer func() {
+		if running == 0 {
+			for _, c := range opened {
+				c.Close()
+			}
+		}
+	}()
+	if cfg.ctrl != nil {
+		ln, conn, err := listen("--ctrl", cfg.ctrl)
+		if err != nil {
+			return err
+		}
+		opened = append(opened, closerOf(ln, conn))
+		if ln != nil {
+			start(func() error { return srv.ServeControl(ctx, ln) })
+		} else {
+			start(func() error {
+				defer context.AfterFunc(ctx, func() { conn.Close() })()
+				defer conn.Close()
+				srv.HandleControl(ctx, conn)
+				return nil
+			})
+		}
+	}
+	if cfg.server != nil {
+		ln, conn, err := listen("--server", cfg.server)
+		if err != nil {
+			return err
+		}
+		opened = append(opened, closerOf(ln, conn))
+		if ln != nil {
+			start(func() error { return srv.ServeData(ctx, ln, cfg.server.disconnect) })
+		} else {
+			start(func() error {
+				defer context.AfterFunc(ctx, func() { conn.Close() })()
+				defer conn.Close()
+				srv.HandleData(ctx, conn, false)
+				return nil
+			})
+		}
+	}
+	if cfg.mssimPort >= 0 {
+		cmdLn, err := net.Listen("tcp", net.JoinHostPort(cfg.mssimBind, strconv.Itoa(cfg.mssimPort)))
+		if err != nil {
+			return fmt.Errorf("--mssim: %w", err)
+		}
+		opened = append(opened, cmdLn)
+		platLn, err := net.Listen("tcp", net.JoinHostPort(cfg.mssimBind, strconv.Itoa(cfg.mssimPort+1)))
+		if err != nil {
+			return fmt.Errorf("--mssim: platform port: %w", err)
+		}
+		opened = append(opened, platLn)
+		start(func() error { return srv.ServeMssimCommand(ctx, cmdLn) })
+		start(func() error { return srv.ServeMssimPlatform(ctx, platLn) })
+	}
+	if len(servers) == 0 {
+		return errors.New("nothing to serve: give --ctrl, --server or --mssim")
+	}
 	if cfg.notNeedInit {
 		if rc := tpm.Init(0); rc != 0 {
 			return fmt.Errorf("--flags not-need-init: initializing the TPM failed: TPM result 0x%x", rc)
@@ -708,61 +775,9 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 		}
 	}
 
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	errc := make(chan error, 8)
-	var running int
-	start := func(f func() error) {
+	for _, f := range servers {
 		running++
 		go func() { errc <- f() }()
-	}
-	if cfg.ctrl != nil {
-		ln, conn, err := listen("--ctrl", cfg.ctrl)
-		if err != nil {
-			return err
-		}
-		if ln != nil {
-			start(func() error { return srv.ServeControl(ctx, ln) })
-		} else {
-			start(func() error {
-				defer context.AfterFunc(ctx, func() { conn.Close() })()
-				defer conn.Close()
-				srv.HandleControl(ctx, conn)
-				return nil
-			})
-		}
-	}
-	if cfg.server != nil {
-		ln, conn, err := listen("--server", cfg.server)
-		if err != nil {
-			return err
-		}
-		if ln != nil {
-			start(func() error { return srv.ServeData(ctx, ln, cfg.server.disconnect) })
-		} else {
-			start(func() error {
-				defer context.AfterFunc(ctx, func() { conn.Close() })()
-				defer conn.Close()
-				srv.HandleData(ctx, conn, false)
-				return nil
-			})
-		}
-	}
-	if cfg.mssimPort >= 0 {
-		cmdLn, err := net.Listen("tcp", net.JoinHostPort(cfg.mssimBind, strconv.Itoa(cfg.mssimPort)))
-		if err != nil {
-			return fmt.Errorf("--mssim: %w", err)
-		}
-		platLn, err := net.Listen("tcp", net.JoinHostPort(cfg.mssimBind, strconv.Itoa(cfg.mssimPort+1)))
-		if err != nil {
-			cmdLn.Close()
-			return fmt.Errorf("--mssim: platform port: %w", err)
-		}
-		start(func() error { return srv.ServeMssimCommand(ctx, cmdLn) })
-		start(func() error { return srv.ServeMssimPlatform(ctx, platLn) })
-	}
-	if running == 0 {
-		return errors.New("nothing to serve: give --ctrl, --server or --mssim")
 	}
 
 	if cfg.pidFile != "" {
@@ -813,6 +828,14 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 	srv.Wait()
 	tpm.Stop()
 	return runErr
+}
+
+// closerOf returns whichever of ln and c listen returned.
+func closerOf(ln net.Listener, c net.Conn) io.Closer {
+	if ln != nil {
+		return ln
+	}
+	return c
 }
 
 // storageLocker serves CMD_LOCK_STORAGE as swtpm 0.8 does: locking an
