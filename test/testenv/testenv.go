@@ -1,0 +1,301 @@
+// Package testenv starts swtpm or cvtpm with the same command line for
+// cross-component tests, waits until they serve, and cleans up after them.
+// Tests written on it run unchanged against both implementations, which is
+// how they prove cvtpm is a drop-in for swtpm.
+package testenv
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Impl names a TPM server implementation.
+type Impl string
+
+const (
+	Swtpm Impl = "swtpm"
+	Cvtpm Impl = "cvtpm"
+)
+
+// Both is the list tests iterate over.
+var Both = []Impl{Swtpm, Cvtpm}
+
+var (
+	buildOnce sync.Once
+	built     string
+	buildErr  error
+)
+
+// RepoRoot is the module's root directory.
+func RepoRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
+}
+
+// Binary returns the path of impl's executable: swtpm from PATH, cvtpm from
+// $CVTPM_BIN or built once per test process from ./cmd/cvtpm.
+func Binary(tb testing.TB, impl Impl) string {
+	tb.Helper()
+	if impl == Swtpm {
+		return Tool(tb, "swtpm")
+	}
+	if p := os.Getenv("CVTPM_BIN"); p != "" {
+		return p
+	}
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "cvtpm-testbin")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		built = filepath.Join(dir, "cvtpm")
+		cmd := exec.Command("go", "build", "-o", built, "./cmd/cvtpm")
+		cmd.Dir = RepoRoot()
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build ./cmd/cvtpm: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		tb.Fatal(buildErr)
+	}
+	return built
+}
+
+// Tool returns the path of a peer program, failing the test with the fix
+// when it is missing: tests never skip silently.
+func Tool(tb testing.TB, name string) string {
+	tb.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		tb.Fatalf("%s is not installed: run 'make deps' (scripts/install-deps.sh)", name)
+	}
+	return p
+}
+
+// Options shape the command line; the same options give the same command
+// line for both implementations.
+type Options struct {
+	StateDir  string   // default: a new temporary directory
+	TCP       bool     // data and control channel on loopback TCP instead of unix sockets
+	NoServer  bool     // control channel only (as QEMU uses it)
+	Flags     string   // --flags; default "not-need-init,startup-clear"
+	MSSIM     bool     // also serve --mssim (cvtpm only)
+	ExtraArgs []string // appended verbatim, e.g. --key ...
+}
+
+// Server is a running TPM server.
+type Server struct {
+	Impl      Impl
+	StateDir  string
+	CtrlPath  string // unix control socket
+	DataPath  string // unix data socket
+	DataPort  int    // TCP data port (control is DataPort+1)
+	MSSIMPort int
+	Cmd       *exec.Cmd
+	Log       *bytes.Buffer
+	done      chan struct{}
+}
+
+// StartSocket starts `<impl> socket --tpm2 ...` and waits until it accepts
+// connections. The server is stopped when the test ends.
+func StartSocket(tb testing.TB, impl Impl, opts Options) *Server {
+	tb.Helper()
+	s := &Server{Impl: impl, StateDir: opts.StateDir, Log: &bytes.Buffer{}, done: make(chan struct{})}
+	sockDir := SockDir(tb)
+	if s.StateDir == "" {
+		s.StateDir = tb.TempDir()
+	}
+	flags := opts.Flags
+	if flags == "" {
+		flags = "not-need-init,startup-clear"
+	}
+	args := []string{"socket", "--tpm2", "--tpmstate", "dir=" + s.StateDir, "--flags", flags}
+	switch {
+	case opts.TCP:
+		s.DataPort = FreePort(tb)
+		args = append(args,
+			"--server", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", s.DataPort),
+			"--ctrl", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", s.DataPort+1))
+	default:
+		s.DataPath = filepath.Join(sockDir, "tpm.sock")
+		s.CtrlPath = s.DataPath + ".ctrl"
+		if !opts.NoServer {
+			args = append(args, "--server", "type=unixio,path="+s.DataPath)
+		}
+		args = append(args, "--ctrl", "type=unixio,path="+s.CtrlPath)
+	}
+	if opts.MSSIM {
+		s.MSSIMPort = FreePort(tb)
+		args = append(args, "--mssim", fmt.Sprintf("port=%d,bindaddr=127.0.0.1", s.MSSIMPort))
+	}
+	args = append(args, opts.ExtraArgs...)
+	s.Cmd = exec.Command(Binary(tb, impl), args...)
+	s.Cmd.Stdout, s.Cmd.Stderr = s.Log, s.Log
+	if err := s.Cmd.Start(); err != nil {
+		tb.Fatalf("starting %s: %v", impl, err)
+	}
+	go func() { s.Cmd.Wait(); close(s.done) }()
+	tb.Cleanup(func() { s.Stop(tb) })
+
+	addrs := [][2]string{}
+	switch {
+	case opts.TCP:
+		addrs = append(addrs, [2]string{"tcp", fmt.Sprintf("127.0.0.1:%d", s.DataPort)})
+	case opts.NoServer:
+		addrs = append(addrs, [2]string{"unix", s.CtrlPath})
+	default:
+		addrs = append(addrs, [2]string{"unix", s.DataPath}, [2]string{"unix", s.CtrlPath})
+	}
+	if opts.MSSIM {
+		addrs = append(addrs, [2]string{"tcp", fmt.Sprintf("127.0.0.1:%d", s.MSSIMPort)})
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for _, a := range addrs {
+		for {
+			select {
+			case <-s.done:
+				tb.Fatalf("%s exited during start-up: %v\n%s", impl, s.Cmd.ProcessState, s.Log)
+			default:
+			}
+			// A stat for unix sockets: connecting would count as a
+			// client (swtpm serves one control client at a time).
+			if a[0] == "unix" {
+				if fi, err := os.Stat(a[1]); err == nil && fi.Mode()&os.ModeSocket != 0 {
+					break
+				}
+			} else if c, err := net.DialTimeout(a[0], a[1], time.Second); err == nil {
+				c.Close()
+				break
+			}
+			if time.Now().After(deadline) {
+				tb.Fatalf("%s does not listen on %s after 10s\n%s", impl, a[1], s.Log)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	return s
+}
+
+// TCTI is the tpm2-tss TCTI string for the swtpm protocol.
+func (s *Server) TCTI() string {
+	if s.DataPort != 0 {
+		return fmt.Sprintf("swtpm:host=127.0.0.1,port=%d", s.DataPort)
+	}
+	return "swtpm:path=" + s.DataPath
+}
+
+// MSSIMTCTI is the tpm2-tss TCTI string for the mssim protocol.
+func (s *Server) MSSIMTCTI() string {
+	return fmt.Sprintf("mssim:host=127.0.0.1,port=%d", s.MSSIMPort)
+}
+
+// Exited reports whether the process has ended.
+func (s *Server) Exited() bool {
+	select {
+	case <-s.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// Wait waits up to d for the process to end by itself.
+func (s *Server) Wait(d time.Duration) bool {
+	select {
+	case <-s.done:
+		return true
+	case <-time.After(d):
+		return false
+	}
+}
+
+// Stop ends the server gracefully (SIGTERM), killing it after 5 s.
+func (s *Server) Stop(tb testing.TB) {
+	if s.Exited() {
+		return
+	}
+	s.Cmd.Process.Signal(syscall.SIGTERM)
+	if !s.Wait(5 * time.Second) {
+		tb.Logf("%s ignored SIGTERM for 5s; killing it", s.Impl)
+		s.Kill(tb)
+	}
+}
+
+// Kill ends the server with SIGKILL.
+func (s *Server) Kill(tb testing.TB) {
+	if s.Exited() {
+		return
+	}
+	s.Cmd.Process.Kill()
+	<-s.done
+}
+
+// FreePort returns a loopback TCP port P such that P and P+1 are free.
+func FreePort(tb testing.TB) int {
+	tb.Helper()
+	for range 50 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			tb.Fatal(err)
+		}
+		p := l.Addr().(*net.TCPAddr).Port
+		l2, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p+1))
+		l.Close()
+		if err == nil {
+			l2.Close()
+			return p
+		}
+	}
+	tb.Fatal("no free pair of loopback ports")
+	return 0
+}
+
+// SockDir is a short temporary directory for unix sockets (their paths are
+// limited to 108 bytes, which t.TempDir can exceed).
+func SockDir(tb testing.TB) string {
+	tb.Helper()
+	d, err := os.MkdirTemp("", "cvt")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+// Run runs a program with a 2-minute limit and returns its standard output;
+// a failure fails the test with the program's output.
+func Run(tb testing.TB, env []string, name string, args ...string) string {
+	tb.Helper()
+	out, err := RunErr(env, Tool(tb, name), args...)
+	if err != nil {
+		tb.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+// RunErr runs a program and returns its combined output and error.
+func RunErr(env []string, path string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, path, args...)
+	cmd.Env = append(os.Environ(), env...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	if err != nil {
+		return stdout.String() + stderr.String(), err
+	}
+	return stdout.String(), nil
+}
