@@ -91,6 +91,7 @@ type Options struct {
 	TCP       bool     // data and control channel on loopback TCP instead of unix sockets
 	NoServer  bool     // control channel only (as QEMU uses it)
 	Flags     string   // --flags; default "not-need-init,startup-clear"
+	NoFlags   bool     // no --flags at all (QEMU initialises the TPM itself)
 	MSSIM     bool     // also serve --mssim (cvtpm only)
 	ExtraArgs []string // appended verbatim, e.g. --key ...
 }
@@ -121,7 +122,10 @@ func StartSocket(tb testing.TB, impl Impl, opts Options) *Server {
 	if flags == "" {
 		flags = "not-need-init,startup-clear"
 	}
-	args := []string{"socket", "--tpm2", "--tpmstate", "dir=" + s.StateDir, "--flags", flags}
+	args := []string{"socket", "--tpm2", "--tpmstate", "dir=" + s.StateDir}
+	if !opts.NoFlags {
+		args = append(args, "--flags", flags)
+	}
 	switch {
 	case opts.TCP:
 		s.DataPort = FreePort(tb)
