@@ -140,12 +140,7 @@ func TestRefusals(t *testing.T) {
 		{"flipped manifest", key, false, func(t *testing.T, dir string, _ map[string][]byte) {
 			flip(t, p(dir, "manifest"), headerLen)
 		}, ErrCorrupt, "cvtpm.manifest"},
-		{"swapped files", key, false, func(t *testing.T, dir string, _ map[string][]byte) {
-			a, _ := os.ReadFile(p(dir, "permall"))
-			b, _ := os.ReadFile(p(dir, "volatilestate"))
-			os.WriteFile(p(dir, "permall"), b, 0o600)
-			os.WriteFile(p(dir, "volatilestate"), a, 0o600)
-		}, ErrSwapped, "holds another blob"},
+		{"swapped files", key, false, swapBlobs, ErrSwapped, "holds another blob"},
 		{"rolled back blob", key, false, func(t *testing.T, dir string, old map[string][]byte) {
 			os.WriteFile(p(dir, "permall"), old["permall"], 0o600)
 		}, ErrRolledBack, "generation 1 < expected 2"},
@@ -159,12 +154,7 @@ func TestRefusals(t *testing.T) {
 		{"unsealed flipped byte", nil, true, func(t *testing.T, dir string, _ map[string][]byte) {
 			flip(t, p(dir, "permall"), headerLen+1)
 		}, ErrCorrupt, "checksum mismatch"},
-		{"unsealed swapped", nil, true, func(t *testing.T, dir string, _ map[string][]byte) {
-			a, _ := os.ReadFile(p(dir, "permall"))
-			b, _ := os.ReadFile(p(dir, "volatilestate"))
-			os.WriteFile(p(dir, "permall"), b, 0o600)
-			os.WriteFile(p(dir, "volatilestate"), a, 0o600)
-		}, ErrSwapped, ""},
+		{"unsealed swapped", nil, true, swapBlobs, ErrSwapped, ""},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -340,6 +330,17 @@ func TestKeySources(t *testing.T) {
 	if a.id != b.id {
 		t.Fatalf("the same password derived different keys")
 	}
+}
+
+// swapBlobs exchanges the permall and volatilestate files.
+func swapBlobs(t *testing.T, dir string, _ map[string][]byte) {
+	a := filepath.Join(dir, "cvtpm.permall")
+	b := filepath.Join(dir, "cvtpm.volatilestate")
+	if err := os.Rename(a, a+".x"); err != nil {
+		t.Fatal(err)
+	}
+	os.Rename(b, a)
+	os.Rename(a+".x", b)
 }
 
 func flip(t *testing.T, path string, off int) {
