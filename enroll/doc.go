@@ -1,5 +1,7 @@
-// Package enroll creates a vTPM instance's EKs, binds them to CSV evidence,
-// obtains their certificates from the CA and writes them into TPM NV.
+// Package enroll is the enrollment protocol between a vTPM backend and the
+// EK CA: what the CSV report's report_data commits to (ReportData), so the
+// CA can tell that this EK of this instance lives in the attested CVM.
 //
-// Not implemented yet: see issue 5.
+// Landed so far: the binding. The client (EK creation, CA call, NV writes)
+// is tracked in issue 5.
 package enroll

@@ -1,0 +1,257 @@
+package ca
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/emmansun/gmsm/sm3"
+	"github.com/google/go-tpm/tpm2"
+
+	"cvtpm/attest/csv"
+	"cvtpm/enroll"
+)
+
+// Authority is the CA's decision core: it hands out single-use challenge
+// nonces, appraises enrollments (CSV evidence, binding, policy) and issues
+// EK certificates. Every decision goes to the audit log with its reason.
+type Authority struct {
+	Policy   *Policy
+	Verifier *csv.Verifier
+	Issuer   *x509.Certificate
+	Signer   crypto.Signer
+	TPM      TPMInfo
+	Audit    Auditor
+	NonceTTL time.Duration // default 5 minutes
+	Now      func() time.Time
+
+	mu       sync.Mutex
+	nonces   map[string]time.Time // hex nonce -> expiry
+	enrolled map[string][]byte    // instance id -> SHA-256 of its EK public area
+}
+
+// Auditor records decisions; AuditFile is the durable one.
+type Auditor interface {
+	Record(ctx context.Context, e AuditEntry) error
+}
+
+// AuditEntry is one decision.
+type AuditEntry struct {
+	Time       time.Time `json:"time"`
+	InstanceID string    `json:"instance_id"`
+	Decision   string    `json:"decision"` // "issued" or "refused"
+	Reason     string    `json:"reason,omitempty"`
+	Detail     string    `json:"detail,omitempty"`
+	Serial     string    `json:"serial,omitempty"`
+	ChipSerial string    `json:"chip_serial,omitempty"`
+	Measure    string    `json:"measure,omitempty"`
+}
+
+func (a *Authority) now() time.Time {
+	if a.Now != nil {
+		return a.Now()
+	}
+	return time.Now()
+}
+
+// Challenge returns a fresh nonce the next enrollment must commit to.
+func (a *Authority) Challenge(ctx context.Context) ([]byte, time.Time, error) {
+	nonce := make([]byte, 32)
+	if _, err := rand.Read(nonce); err != nil {
+		return nil, time.Time{}, fmt.Errorf("drawing a nonce: %w", err)
+	}
+	ttl := a.NonceTTL
+	if ttl <= 0 {
+		ttl = 5 * time.Minute
+	}
+	exp := a.now().Add(ttl)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.nonces == nil {
+		a.nonces = map[string]time.Time{}
+	}
+	for n, e := range a.nonces { // drop expired nonces so the map stays small
+		if a.now().After(e) {
+			delete(a.nonces, n)
+		}
+	}
+	a.nonces[hex.EncodeToString(nonce)] = exp
+	return nonce, exp, nil
+}
+
+// takeNonce consumes a nonce: it is valid once, until it expires.
+func (a *Authority) takeNonce(nonce []byte) *Refusal {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	key := hex.EncodeToString(nonce)
+	exp, ok := a.nonces[key]
+	if !ok {
+		return refuse(ReasonNonce, "the nonce was not issued by this CA or was already used")
+	}
+	delete(a.nonces, key)
+	if a.now().After(exp) {
+		return refuse(ReasonNonceExpired, "the nonce expired at "+exp.UTC().Format(time.RFC3339))
+	}
+	return nil
+}
+
+// EnrollRequest is one enrollment.
+type EnrollRequest struct {
+	InstanceID   string
+	EKPublicArea []byte // TPMT_PUBLIC of the EK
+	Nonce        []byte // from Challenge
+	Report       []byte // CSV report, report_data = enroll.ReportData(Nonce, EKPublicArea, InstanceID)
+}
+
+// Enroll appraises req and issues the EK certificate, or returns a
+// *Refusal naming the reason. Both outcomes are audited.
+func (a *Authority) Enroll(ctx context.Context, req EnrollRequest) (*x509.Certificate, error) {
+	entry := AuditEntry{Time: a.now().UTC(), InstanceID: req.InstanceID}
+	cert, claims, err := a.enroll(ctx, req)
+	if claims != nil {
+		entry.ChipSerial, entry.Measure = claims.ChipSerial, hex.EncodeToString(claims.Measure)
+	}
+	var r *Refusal
+	switch {
+	case err == nil:
+		entry.Decision, entry.Serial = "issued", cert.SerialNumber.Text(16)
+	case errors.As(err, &r):
+		entry.Decision, entry.Reason, entry.Detail = "refused", r.Reason, r.Detail
+	default:
+		entry.Decision, entry.Reason, entry.Detail = "refused", ReasonInternalFailed, err.Error()
+	}
+	if aerr := a.Audit.Record(ctx, entry); aerr != nil {
+		// An unaudited issuance must not leave the CA.
+		return nil, fmt.Errorf("recording the decision: %w", aerr)
+	}
+	return cert, err
+}
+
+func (a *Authority) enroll(ctx context.Context, req EnrollRequest) (*x509.Certificate, *csv.Claims, error) {
+	if req.InstanceID == "" || len(req.Nonce) == 0 || len(req.Report) == 0 {
+		return nil, nil, refuse(ReasonBadRequest, "instance id, nonce and report are required")
+	}
+	ekPub, err := tpm2.Unmarshal[tpm2.TPMTPublic](req.EKPublicArea)
+	if err != nil {
+		return nil, nil, refuse(ReasonBadRequest, "EK public area: "+err.Error())
+	}
+	ek, err := tpm2.Pub(*ekPub)
+	if err != nil {
+		return nil, nil, refuse(ReasonBadRequest, "EK public key: "+err.Error())
+	}
+	if r := a.takeNonce(req.Nonce); r != nil {
+		return nil, nil, r
+	}
+	want := enroll.ReportData(req.Nonce, req.EKPublicArea, req.InstanceID)
+	claims, err := a.Verifier.Verify(ctx, req.Report, want[:])
+	if err != nil {
+		var ce *csv.CheckError
+		switch {
+		case errors.As(err, &ce) && ce.Check == csv.CheckReportData:
+			return nil, nil, refuse(ReasonReportData, "report_data does not commit to this nonce, EK and instance")
+		case errors.As(err, &ce) && (ce.Check == csv.CheckHSK || ce.Check == csv.CheckRoot):
+			return nil, nil, refuse(ReasonUntrustedRoot, err.Error())
+		default:
+			return nil, nil, refuse(ReasonEvidence, err.Error())
+		}
+	}
+	if r := a.Policy.appraise(claims); r != nil {
+		return nil, claims, r
+	}
+	ekDigest := sha256.Sum256(req.EKPublicArea)
+	a.mu.Lock()
+	prev, seen := a.enrolled[req.InstanceID]
+	a.mu.Unlock()
+	if seen {
+		switch {
+		case a.Policy.Reenroll == "never":
+			return nil, claims, refuse(ReasonReenroll, "instance "+req.InstanceID+" is already enrolled")
+		case a.Policy.Reenroll == "same-ek" && subtle.ConstantTimeCompare(prev, ekDigest[:]) != 1:
+			return nil, claims, refuse(ReasonReenroll, "instance "+req.InstanceID+" is enrolled with another EK")
+		}
+	}
+	chipDigest := sm3.Sum([]byte(claims.ChipSerial))
+	reportDigest := sha256.Sum256(req.Report)
+	cert, err := IssueEKCertificate(EKCertificateRequest{
+		EK:  ek,
+		TPM: a.TPM,
+		Claims: &CSVClaims{
+			Measurement: claims.Measure, Policy: claims.Policy.Raw, ChipIDDigest: chipDigest[:],
+			RootFingerprint: claims.Root.Fingerprint, ReportDigest: reportDigest[:], Simulated: claims.Simulated,
+		},
+	}, a.Issuer, a.Signer)
+	if err != nil {
+		return nil, claims, err
+	}
+	a.mu.Lock()
+	if a.enrolled == nil {
+		a.enrolled = map[string][]byte{}
+	}
+	a.enrolled[req.InstanceID] = ekDigest[:]
+	a.mu.Unlock()
+	return cert, claims, nil
+}
+
+// AuditFile appends decisions as JSON lines to a file, synced before
+// Record returns, so the log survives crashes and restarts.
+type AuditFile struct {
+	mu sync.Mutex
+	f  *os.File
+}
+
+// OpenAuditFile opens (creating) an append-only audit log.
+func OpenAuditFile(path string) (*AuditFile, error) {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("audit log: %w", err)
+	}
+	return &AuditFile{f: f}, nil
+}
+
+// Record appends one entry durably.
+func (l *AuditFile) Record(_ context.Context, e AuditEntry) error {
+	b, err := json.Marshal(e)
+	if err != nil {
+		return err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if _, err := l.f.Write(append(b, '\n')); err != nil {
+		return fmt.Errorf("audit log: %w", err)
+	}
+	return l.f.Sync()
+}
+
+// Close closes the log.
+func (l *AuditFile) Close() error { return l.f.Close() }
+
+// ReadAudit returns every entry of an audit log file.
+func ReadAudit(path string) ([]AuditEntry, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("audit log: %w", err)
+	}
+	var out []AuditEntry
+	for _, line := range bytes.Split(bytes.TrimSpace(b), []byte("\n")) {
+		if len(line) == 0 {
+			continue
+		}
+		var e AuditEntry
+		if err := json.Unmarshal(line, &e); err != nil {
+			return nil, fmt.Errorf("audit log: malformed line: %w", err)
+		}
+		out = append(out, e)
+	}
+	return out, nil
+}
