@@ -23,6 +23,9 @@ import (
 	"cvtpm/enroll"
 )
 
+// Authority satisfies the enrollment protocol's view of a CA.
+var _ enroll.CA = (*Authority)(nil)
+
 // Authority is the CA's decision core: it hands out single-use challenge
 // nonces, appraises enrollments (CSV evidence, binding, policy) and issues
 // EK certificates. Every decision goes to the audit log with its reason.
@@ -38,7 +41,7 @@ type Authority struct {
 
 	mu       sync.Mutex
 	nonces   map[string]time.Time // hex nonce -> expiry
-	enrolled map[string][]byte    // instance id -> SHA-256 of its EK public area
+	enrolled map[string][]byte    // instance id + EK algorithm -> SHA-256 of the EK public area
 }
 
 // Auditor records decisions; AuditFile is the durable one.
@@ -65,11 +68,12 @@ func (a *Authority) now() time.Time {
 	return time.Now()
 }
 
-// Challenge returns a fresh nonce the next enrollment must commit to.
-func (a *Authority) Challenge(ctx context.Context) ([]byte, time.Time, error) {
+// Challenge returns a fresh nonce the next enrollment must commit to; it
+// is valid once, for NonceTTL.
+func (a *Authority) Challenge(ctx context.Context) ([]byte, error) {
 	nonce := make([]byte, 32)
 	if _, err := rand.Read(nonce); err != nil {
-		return nil, time.Time{}, fmt.Errorf("drawing a nonce: %w", err)
+		return nil, fmt.Errorf("drawing a nonce: %w", err)
 	}
 	ttl := a.NonceTTL
 	if ttl <= 0 {
@@ -87,7 +91,7 @@ func (a *Authority) Challenge(ctx context.Context) ([]byte, time.Time, error) {
 		}
 	}
 	a.nonces[hex.EncodeToString(nonce)] = exp
-	return nonce, exp, nil
+	return nonce, nil
 }
 
 // takeNonce consumes a nonce: it is valid once, until it expires.
@@ -106,17 +110,9 @@ func (a *Authority) takeNonce(nonce []byte) *Refusal {
 	return nil
 }
 
-// EnrollRequest is one enrollment.
-type EnrollRequest struct {
-	InstanceID   string
-	EKPublicArea []byte // TPMT_PUBLIC of the EK
-	Nonce        []byte // from Challenge
-	Report       []byte // CSV report, report_data = enroll.ReportData(Nonce, EKPublicArea, InstanceID)
-}
-
 // Enroll appraises req and issues the EK certificate, or returns a
 // *Refusal naming the reason. Both outcomes are audited.
-func (a *Authority) Enroll(ctx context.Context, req EnrollRequest) (*x509.Certificate, error) {
+func (a *Authority) Enroll(ctx context.Context, req enroll.Request) (*x509.Certificate, error) {
 	entry := AuditEntry{Time: a.now().UTC(), InstanceID: req.InstanceID}
 	cert, claims, err := a.enroll(ctx, req)
 	if claims != nil {
@@ -138,7 +134,7 @@ func (a *Authority) Enroll(ctx context.Context, req EnrollRequest) (*x509.Certif
 	return cert, err
 }
 
-func (a *Authority) enroll(ctx context.Context, req EnrollRequest) (*x509.Certificate, *csv.Claims, error) {
+func (a *Authority) enroll(ctx context.Context, req enroll.Request) (*x509.Certificate, *csv.Claims, error) {
 	if req.InstanceID == "" || len(req.Nonce) == 0 || len(req.Report) == 0 {
 		return nil, nil, refuse(ReasonBadRequest, "instance id, nonce and report are required")
 	}
@@ -170,8 +166,11 @@ func (a *Authority) enroll(ctx context.Context, req EnrollRequest) (*x509.Certif
 		return nil, claims, r
 	}
 	ekDigest := sha256.Sum256(req.EKPublicArea)
+	// An instance has one EK per algorithm (RSA and ECC); the rule
+	// applies to each.
+	slot := fmt.Sprintf("%s/%d", req.InstanceID, ekPub.Type)
 	a.mu.Lock()
-	prev, seen := a.enrolled[req.InstanceID]
+	prev, seen := a.enrolled[slot]
 	a.mu.Unlock()
 	if seen {
 		switch {
@@ -198,7 +197,7 @@ func (a *Authority) enroll(ctx context.Context, req EnrollRequest) (*x509.Certif
 	if a.enrolled == nil {
 		a.enrolled = map[string][]byte{}
 	}
-	a.enrolled[req.InstanceID] = ekDigest[:]
+	a.enrolled[slot] = ekDigest[:]
 	a.mu.Unlock()
 	return cert, claims, nil
 }

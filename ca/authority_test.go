@@ -81,18 +81,18 @@ func newFixture(t *testing.T, trustSim bool) *caFixture {
 }
 
 // request makes an enrollment whose report commits to (nonce, ek, bindTo).
-func (f *caFixture) request(t *testing.T, instance string, ek, nonce []byte, bindTo string) EnrollRequest {
+func (f *caFixture) request(t *testing.T, instance string, ek, nonce []byte, bindTo string) enroll.Request {
 	t.Helper()
 	rd := enroll.ReportData(nonce, ek, bindTo)
 	report, err := f.sim.Report(context.Background(), rd[:])
 	if err != nil {
 		t.Fatal(err)
 	}
-	return EnrollRequest{InstanceID: instance, EKPublicArea: ek, Nonce: nonce, Report: report}
+	return enroll.Request{InstanceID: instance, EKPublicArea: ek, Nonce: nonce, Report: report}
 }
 
 func (f *caFixture) challenge(t *testing.T) []byte {
-	n, _, err := f.auth.Challenge(context.Background())
+	n, err := f.auth.Challenge(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,35 +106,35 @@ func TestEnrollRefusals(t *testing.T) {
 	cases := []struct {
 		name     string
 		trustSim bool
-		run      func(t *testing.T, f *caFixture) (EnrollRequest, error)
+		run      func(t *testing.T, f *caFixture) (enroll.Request, error)
 		reason   string
 	}{
-		{"wrong root", false, func(t *testing.T, f *caFixture) (EnrollRequest, error) {
+		{"wrong root", false, func(t *testing.T, f *caFixture) (enroll.Request, error) {
 			ek := ekArea(t)
 			r := f.request(t, "vm-1", ek, f.challenge(t), "vm-1")
 			return r, nil
 		}, ReasonUntrustedRoot},
-		{"debug policy", true, func(t *testing.T, f *caFixture) (EnrollRequest, error) {
+		{"debug policy", true, func(t *testing.T, f *caFixture) (enroll.Request, error) {
 			f.sim.SetVM(csv.VMConfig{Version: 1, Measure: goodMeasure, Policy: 0x2})
 			ek := ekArea(t)
 			return f.request(t, "vm-1", ek, f.challenge(t), "vm-1"), nil
 		}, ReasonDebug},
-		{"unapproved measurement", true, func(t *testing.T, f *caFixture) (EnrollRequest, error) {
+		{"unapproved measurement", true, func(t *testing.T, f *caFixture) (enroll.Request, error) {
 			f.sim.SetVM(csv.VMConfig{Version: 1, Measure: [32]byte{9}, Policy: 0x3})
 			ek := ekArea(t)
 			return f.request(t, "vm-1", ek, f.challenge(t), "vm-1"), nil
 		}, ReasonMeasurement},
-		{"unknown nonce", true, func(t *testing.T, f *caFixture) (EnrollRequest, error) {
+		{"unknown nonce", true, func(t *testing.T, f *caFixture) (enroll.Request, error) {
 			ek := ekArea(t)
 			return f.request(t, "vm-1", ek, bytes.Repeat([]byte{7}, 32), "vm-1"), nil
 		}, ReasonNonce},
-		{"expired nonce", true, func(t *testing.T, f *caFixture) (EnrollRequest, error) {
+		{"expired nonce", true, func(t *testing.T, f *caFixture) (enroll.Request, error) {
 			ek := ekArea(t)
 			r := f.request(t, "vm-1", ek, f.challenge(t), "vm-1")
 			f.clock = f.clock.Add(10 * time.Minute)
 			return r, nil
 		}, ReasonNonceExpired},
-		{"replayed request", true, func(t *testing.T, f *caFixture) (EnrollRequest, error) {
+		{"replayed request", true, func(t *testing.T, f *caFixture) (enroll.Request, error) {
 			ek := ekArea(t)
 			r := f.request(t, "vm-1", ek, f.challenge(t), "vm-1")
 			if _, err := f.auth.Enroll(ctx, r); err != nil {
@@ -142,28 +142,28 @@ func TestEnrollRefusals(t *testing.T) {
 			}
 			return r, nil
 		}, ReasonNonce},
-		{"report for another EK", true, func(t *testing.T, f *caFixture) (EnrollRequest, error) {
+		{"report for another EK", true, func(t *testing.T, f *caFixture) (enroll.Request, error) {
 			n := f.challenge(t)
 			r := f.request(t, "vm-1", ekArea(t), n, "vm-1")
 			r.EKPublicArea = ekArea(t)
 			return r, nil
 		}, ReasonReportData},
-		{"evidence from another instance", true, func(t *testing.T, f *caFixture) (EnrollRequest, error) {
+		{"evidence from another instance", true, func(t *testing.T, f *caFixture) (enroll.Request, error) {
 			ek := ekArea(t)
 			return f.request(t, "vm-1", ek, f.challenge(t), "vm-2"), nil
 		}, ReasonReportData},
-		{"re-enrollment with another EK", true, func(t *testing.T, f *caFixture) (EnrollRequest, error) {
+		{"re-enrollment with another EK", true, func(t *testing.T, f *caFixture) (enroll.Request, error) {
 			if _, err := f.auth.Enroll(ctx, f.request(t, "vm-1", ekArea(t), f.challenge(t), "vm-1")); err != nil {
 				t.Fatalf("first enrollment: %v", err)
 			}
 			return f.request(t, "vm-1", ekArea(t), f.challenge(t), "vm-1"), nil
 		}, ReasonReenroll},
-		{"tampered report", true, func(t *testing.T, f *caFixture) (EnrollRequest, error) {
+		{"tampered report", true, func(t *testing.T, f *caFixture) (enroll.Request, error) {
 			r := f.request(t, "vm-1", ekArea(t), f.challenge(t), "vm-1")
 			r.Report[150] ^= 1 // inside the signed measure
 			return r, nil
 		}, ReasonEvidence},
-		{"garbage EK", true, func(t *testing.T, f *caFixture) (EnrollRequest, error) {
+		{"garbage EK", true, func(t *testing.T, f *caFixture) (enroll.Request, error) {
 			r := f.request(t, "vm-1", ekArea(t), f.challenge(t), "vm-1")
 			r.EKPublicArea = []byte{1, 2, 3}
 			return r, nil

@@ -1,0 +1,135 @@
+package test
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"encoding/pem"
+	"math/big"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"cvtpm/attest/csv"
+	"cvtpm/ca"
+	"cvtpm/enroll"
+	"cvtpm/internal/tpmsock"
+	"cvtpm/test/testenv"
+)
+
+// TestEnrollIntoCvtpm enrolls a running cvtpm's EKs with the CA (in
+// process, simulated CSV evidence) and checks the result the way the issue
+// asks: tpm2_nvread gives certificates openssl verifies against the CA
+// root, their keys are what tpm2_createek derives, openssl shows the TCG
+// profile and the claims extension, and a second run changes nothing.
+func TestEnrollIntoCvtpm(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	srv := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{})
+	conn, err := tpmsock.Dial(ctx, "unix", srv.DataPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+
+	sim, err := csv.NewSimulator("SIMCHIP0007")
+	if err != nil {
+		t.Fatal(err)
+	}
+	measure := [32]byte{0xc5, 0x7a}
+	sim.SetVM(csv.VMConfig{Version: 1, Measure: measure, Policy: 0x3})
+	os.WriteFile(filepath.Join(dir, "sim-hrk.cert"), sim.HRK.Marshal(), 0o600)
+	policyFile := filepath.Join(dir, "policy.json")
+	os.WriteFile(policyFile, []byte(`{"simulator_roots":["`+filepath.Join(dir, "sim-hrk.cert")+`"],
+		"approved_measurements":["`+hex.EncodeToString(measure[:])+`"]}`), 0o600)
+	policy, err := ca.LoadPolicy(policyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, signer := caRoot(t, filepath.Join(dir, "root.pem"))
+	audit, err := ca.OpenAuditFile(filepath.Join(dir, "audit.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer audit.Close()
+	authority := &ca.Authority{
+		Policy:   policy,
+		Verifier: csv.NewVerifier(csv.VerifierOptions{TrustedRoots: policy.TrustedRoots(), Certs: csv.StaticSource{HSK: sim.HSK, CEK: sim.CEK}}),
+		Issuer:   root, Signer: signer,
+		TPM:   ca.TPMInfo{Manufacturer: "id:49424D00", Model: "cvtpm", Version: "id:1", SpecRevision: 164},
+		Audit: audit,
+	}
+	client := &enroll.Client{TPM: conn, CA: authority, Evidence: sim, InstanceID: "vm-test-1"}
+	results, err := client.Enroll(ctx, enroll.DefaultSlots)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	tt := tools{tb: t, tcti: srv.TCTI(), dir: dir}
+	for _, c := range []struct {
+		index, alg, usage string
+	}{{"0x01c00002", "rsa", "Key Encipherment"}, {"0x01c0000a", "ecc", "Key Agreement"}} {
+		der := tt.path(c.alg + ".der")
+		tt.run("tpm2_nvread", c.index, "-C", "o", "-o", der)
+		pemFile := tt.path(c.alg + ".pem")
+		testenv.Run(t, nil, "openssl", "x509", "-inform", "DER", "-in", der, "-out", pemFile)
+		if out := testenv.Run(t, nil, "openssl", "verify", "-CAfile", filepath.Join(dir, "root.pem"), pemFile); !strings.Contains(out, ": OK") {
+			t.Fatalf("openssl verify: %s", out)
+		}
+		text := testenv.Run(t, nil, "openssl", "x509", "-in", pemFile, "-noout", "-text")
+		for _, want := range []string{"2.23.133.8.1", "X509v3 Subject Alternative Name: critical", "2.23.133.2.1=id:49424D00", c.usage, "2.999.7.1:"} {
+			if !strings.Contains(text, want) {
+				t.Errorf("%s certificate: openssl shows no %q", c.alg, want)
+			}
+		}
+		// The certified key is the EK tpm2_createek derives.
+		tt.run("tpm2_createek", "-G", c.alg, "-c", tt.path(c.alg+".ctx"), "-u", tt.path(c.alg+"-ek.pem"), "-f", "pem")
+		tt.run("tpm2_flushcontext", "-t")
+		ekPEM, _ := os.ReadFile(tt.path(c.alg + "-ek.pem"))
+		certKey := testenv.Run(t, nil, "openssl", "x509", "-in", pemFile, "-noout", "-pubkey")
+		if strings.TrimSpace(string(ekPEM)) != strings.TrimSpace(certKey) {
+			t.Errorf("%s: certified key differs from tpm2_createek's\n%s\n%s", c.alg, certKey, ekPEM)
+		}
+	}
+	if h := strings.ToLower(tt.run("tpm2_getcap", "handles-persistent")); !strings.Contains(h, "0x81010001") || !strings.Contains(h, "0x8101000a") {
+		t.Fatalf("EKs not persistent: %s", h)
+	}
+
+	// Idempotent: a second run finds the same EKs and keeps the TPM's
+	// state; the CA issues new certificates, which replace the old ones.
+	again, err := client.Enroll(ctx, enroll.DefaultSlots)
+	if err != nil {
+		t.Fatalf("second enrollment: %v", err)
+	}
+	for i := range again {
+		if !again[i].Certificate.PublicKey.(interface{ Equal(crypto.PublicKey) bool }).Equal(results[i].Certificate.PublicKey) {
+			t.Errorf("%s: the second run certified another key", again[i].Slot.Name)
+		}
+	}
+}
+
+// caRoot makes a P-256 CA root and writes its PEM to path.
+func caRoot(t *testing.T, path string) (*x509.Certificate, *ecdsa.PrivateKey) {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "cvtpm e2e EK CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		SubjectKeyId: []byte{9, 8, 7, 6},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	root, _ := x509.ParseCertificate(der)
+	return root, key
+}
