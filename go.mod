@@ -5,6 +5,7 @@ go 1.26.8
 require (
 	github.com/emmansun/gmsm v0.44.1
 	github.com/google/go-tpm v0.9.8
+	go.etcd.io/bbolt v1.4.3
 	go.step.sm/crypto v0.91.1
 	golang.org/x/sys v0.49.0
 )

@@ -36,6 +36,7 @@ type Authority struct {
 	Signer   crypto.Signer
 	TPM      TPMInfo
 	Audit    Auditor
+	Store    Store         // issued and revoked certificates; nil keeps no records
 	NonceTTL time.Duration // default 5 minutes
 	Now      func() time.Time
 
@@ -193,6 +194,12 @@ func (a *Authority) enroll(ctx context.Context, req enroll.Request) (*x509.Certi
 	if err != nil {
 		return nil, claims, err
 	}
+	if a.Store != nil {
+		rec := IssuedCert{Serial: cert.SerialNumber.Text(16), InstanceID: req.InstanceID, DER: cert.Raw, Issued: a.now().UTC()}
+		if err := a.Store.PutIssued(ctx, rec); err != nil {
+			return nil, claims, fmt.Errorf("recording the certificate: %w", err)
+		}
+	}
 	a.mu.Lock()
 	if a.enrolled == nil {
 		a.enrolled = map[string][]byte{}
@@ -200,6 +207,23 @@ func (a *Authority) enroll(ctx context.Context, req enroll.Request) (*x509.Certi
 	a.enrolled[slot] = ekDigest[:]
 	a.mu.Unlock()
 	return cert, claims, nil
+}
+
+// Revoke revokes an issued certificate (serial in hex) with an RFC 5280
+// reason code; the next CRL lists it. The decision is audited.
+func (a *Authority) Revoke(ctx context.Context, serial string, reason int) error {
+	if a.Store == nil {
+		return errors.New("this CA keeps no certificate store")
+	}
+	rec, err := a.Store.Issued(ctx, serial)
+	if err != nil {
+		return err
+	}
+	if err := a.Store.Revoke(ctx, serial, a.now(), reason); err != nil {
+		return fmt.Errorf("revoking %s: %w", serial, err)
+	}
+	return a.Audit.Record(ctx, AuditEntry{Time: a.now().UTC(), InstanceID: rec.InstanceID, Decision: "revoked",
+		Serial: serial, Reason: fmt.Sprintf("crl-reason-%d", reason)})
 }
 
 // AuditFile appends decisions as JSON lines to a file, synced before

@@ -6,10 +6,14 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/x509"
 	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -242,5 +246,63 @@ func TestLoadPolicy(t *testing.T) {
 		if (err == nil) != (tc.wantErr == "") || (err != nil && !bytes.Contains([]byte(err.Error()), []byte(tc.wantErr))) {
 			t.Errorf("LoadPolicy(%s) = %v, want %q", tc.json, err, tc.wantErr)
 		}
+	}
+}
+
+// TestRevocationSurvivesRestart: a revoked EK certificate is on the CRL,
+// openssl verifies the CRL against the CA root, and reopening the database
+// and the audit log (a CA restart) keeps issued, revoked and audit records.
+func TestRevocationSurvivesRestart(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t, true)
+	dbPath := filepath.Join(t.TempDir(), "ca.db")
+	st, err := OpenBoltStore(dbPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.auth.Store = st
+	cert, err := f.auth.Enroll(ctx, f.request(t, "vm-1", ekArea(t), f.challenge(t), "vm-1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial := cert.SerialNumber.Text(16)
+	if err := f.auth.Revoke(ctx, serial, 1); err != nil { // keyCompromise
+		t.Fatal(err)
+	}
+	if err := f.auth.Revoke(ctx, "abcdef", 1); !errors.Is(err, ErrUnknownSerial) {
+		t.Fatalf("revoking an unknown serial: %v", err)
+	}
+	st.Close()
+
+	st, err = OpenBoltStore(dbPath) // restart
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	rec, err := st.Issued(ctx, serial)
+	if err != nil || rec.InstanceID != "vm-1" || rec.Revoked.IsZero() {
+		t.Fatalf("after restart: %+v, %v", rec, err)
+	}
+	der, err := CRL(ctx, st, f.auth.Issuer, f.auth.Signer, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	crl, err := x509.ParseRevocationList(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(crl.RevokedCertificateEntries) != 1 || crl.RevokedCertificateEntries[0].SerialNumber.Cmp(cert.SerialNumber) != 0 {
+		t.Fatalf("CRL entries %+v", crl.RevokedCertificateEntries)
+	}
+	dir := t.TempDir()
+	writePEM(t, filepath.Join(dir, "root.pem"), f.auth.Issuer.Raw)
+	os.WriteFile(filepath.Join(dir, "crl.pem"), pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der}), 0o600)
+	out, err := exec.Command("openssl", "crl", "-CAfile", filepath.Join(dir, "root.pem"), "-in", filepath.Join(dir, "crl.pem"), "-noout").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "verify OK") {
+		t.Fatalf("openssl crl: %v\n%s", err, out)
+	}
+	log, _ := ReadAudit(f.auditPath)
+	if last := log[len(log)-1]; last.Decision != "revoked" || last.Serial != serial {
+		t.Fatalf("audit after restart: %+v", last)
 	}
 }
