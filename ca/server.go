@@ -1,0 +1,129 @@
+package ca
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	capb "cvtpm/api/ca"
+	"cvtpm/enroll"
+)
+
+// Server exposes an Authority over gRPC (api/ca) and its roots and CRL
+// over HTTP.
+type Server struct {
+	capb.UnimplementedCAServer
+	Authority *Authority
+	Log       *slog.Logger
+	// Admin allows Revoke. Serve the admin server only on a protected
+	// listener (cvtpm ca puts it on a 0600 unix socket): revocation must
+	// not be open to whoever can reach the enrollment port.
+	Admin bool
+}
+
+// Register adds the CA service to a gRPC server.
+func (s *Server) Register(g *grpc.Server) { capb.RegisterCAServer(g, s) }
+
+func (s *Server) Challenge(ctx context.Context, _ *capb.ChallengeRequest) (*capb.ChallengeResponse, error) {
+	n, err := s.Authority.Challenge(ctx)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	return &capb.ChallengeResponse{Nonce: n}, nil
+}
+
+func (s *Server) Enroll(ctx context.Context, req *capb.EnrollRequest) (*capb.EnrollResponse, error) {
+	cert, err := s.Authority.Enroll(ctx, enroll.Request{
+		InstanceID: req.GetInstanceId(), EKPublicArea: req.GetEkPublicArea(),
+		Nonce: req.GetNonce(), Report: req.GetCsvReport(),
+	})
+	var r *Refusal
+	switch {
+	case errors.As(err, &r):
+		s.Log.Info("enrollment refused", "instance", req.GetInstanceId(), "reason", r.Reason, "detail", r.Detail)
+		return nil, status.Error(codes.PermissionDenied, r.Error())
+	case err != nil:
+		s.Log.Error("enrollment failed", "instance", req.GetInstanceId(), "err", err)
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	s.Log.Info("EK certificate issued", "instance", req.GetInstanceId(), "serial", cert.SerialNumber.Text(16))
+	return &capb.EnrollResponse{Certificate: cert.Raw}, nil
+}
+
+func (s *Server) Roots(context.Context, *capb.RootsRequest) (*capb.RootsResponse, error) {
+	return &capb.RootsResponse{Certificates: [][]byte{s.Authority.Issuer.Raw}}, nil
+}
+
+func (s *Server) Revoke(ctx context.Context, req *capb.RevokeRequest) (*capb.RevokeResponse, error) {
+	if !s.Admin {
+		return nil, status.Error(codes.PermissionDenied, "revocation is only served on the CA's admin socket")
+	}
+	if err := s.Authority.Revoke(ctx, req.GetSerial(), int(req.GetReason())); err != nil {
+		if errors.Is(err, ErrUnknownSerial) {
+			return nil, status.Error(codes.NotFound, err.Error())
+		}
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	s.Log.Info("certificate revoked", "serial", req.GetSerial(), "reason", req.GetReason())
+	return &capb.RevokeResponse{}, nil
+}
+
+// HTTPHandler serves /roots.pem and /crl (DER; PEM with ?format=pem).
+func (s *Server) HTTPHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /roots.pem", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/x-pem-file")
+		pem.Encode(w, &pem.Block{Type: "CERTIFICATE", Bytes: s.Authority.Issuer.Raw})
+	})
+	mux.HandleFunc("GET /crl", func(w http.ResponseWriter, r *http.Request) {
+		a := s.Authority
+		if a.Store == nil {
+			http.Error(w, "this CA keeps no certificate store", http.StatusNotFound)
+			return
+		}
+		der, err := CRL(r.Context(), a.Store, a.Issuer, a.Signer, 24*time.Hour)
+		if err != nil {
+			s.Log.Error("making the CRL failed", "err", err)
+			http.Error(w, "CRL unavailable", http.StatusInternalServerError)
+			return
+		}
+		if r.URL.Query().Get("format") == "pem" {
+			pem.Encode(w, &pem.Block{Type: "X509 CRL", Bytes: der})
+			return
+		}
+		w.Header().Set("Content-Type", "application/pkix-crl")
+		w.Write(der)
+	})
+	return mux
+}
+
+// Client is the enrollment protocol's CA over gRPC.
+type Client struct{ C capb.CAClient }
+
+var _ enroll.CA = Client{}
+
+func (c Client) Challenge(ctx context.Context) ([]byte, error) {
+	r, err := c.C.Challenge(ctx, &capb.ChallengeRequest{})
+	if err != nil {
+		return nil, err
+	}
+	return r.GetNonce(), nil
+}
+
+func (c Client) Enroll(ctx context.Context, req enroll.Request) (*x509.Certificate, error) {
+	r, err := c.C.Enroll(ctx, &capb.EnrollRequest{
+		InstanceId: req.InstanceID, EkPublicArea: req.EKPublicArea, Nonce: req.Nonce, CsvReport: req.Report,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return x509.ParseCertificate(r.GetCertificate())
+}

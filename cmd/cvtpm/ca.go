@@ -1,0 +1,238 @@
+package main
+
+// "cvtpm ca": the EK CA service, and "cvtpm ca revoke" on its admin socket.
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"flag"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"math/big"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	capb "cvtpm/api/ca"
+	"cvtpm/attest/csv"
+	"cvtpm/ca"
+)
+
+func init() {
+	register(command{name: "ca", summary: "the EK certificate authority (gRPC enrollment API, HTTP roots and CRL)", run: runCA})
+}
+
+func runCA(ctx context.Context, args []string) error {
+	if len(args) > 0 && args[0] == "revoke" {
+		return runCARevoke(ctx, args[1:])
+	}
+	fs := flag.NewFlagSet("cvtpm ca", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `Usage: cvtpm ca --dir DIR [options]
+       cvtpm ca revoke --dir DIR SERIAL [--reason N]
+
+Runs the EK CA. DIR holds the CA key and certificate (created on first start,
+ECDSA P-256), the certificate database (ca.db), the audit log (audit.jsonl)
+and the admin socket (admin.sock, for revocation). Enrollment needs a policy
+(--policy, JSON; see ca/policy.go) that approves the vTPM CVM's measurement.
+
+Options:
+`)
+		fs.PrintDefaults()
+	}
+	dir := fs.String("dir", "", "CA directory (required)")
+	listen := fs.String("listen", "127.0.0.1:7443", "gRPC enrollment API address")
+	httpAddr := fs.String("http", "127.0.0.1:7080", "HTTP address for /roots.pem and /crl ('' = off)")
+	policyFile := fs.String("policy", "", "evidence policy file (JSON, required)")
+	hskCEK := fs.String("hsk-cek", "", "HSK+CEK bundle for every chip (simulators, tests)")
+	certDir := fs.String("cert-dir", "", "offline HSK+CEK directory per chip serial")
+	kds := fs.String("kds", "", "HYGON KDS base URL to fetch HSK+CEK from (default when neither --hsk-cek nor --cert-dir)")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return exitError{2}
+	}
+	if *dir == "" || *policyFile == "" {
+		return errors.New("--dir and --policy are required (see --help)")
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	policy, err := ca.LoadPolicy(*policyFile)
+	if err != nil {
+		return err
+	}
+	var certs csv.CertSource
+	switch {
+	case *hskCEK != "":
+		b, err := os.ReadFile(*hskCEK)
+		if err != nil {
+			return fmt.Errorf("--hsk-cek: %w", err)
+		}
+		hsk, cek, err := csv.ParseHSKCEK(b)
+		if err != nil {
+			return fmt.Errorf("--hsk-cek: %w", err)
+		}
+		certs = csv.StaticSource{HSK: hsk, CEK: cek}
+	case *certDir != "":
+		certs = csv.DirSource{Dir: *certDir}
+	default:
+		certs = &csv.CachedSource{Source: csv.HTTPSource{BaseURL: *kds}, TTL: 24 * time.Hour}
+	}
+	issuer, signer, err := loadOrCreateCAKey(*dir, log)
+	if err != nil {
+		return err
+	}
+	store, err := ca.OpenBoltStore(filepath.Join(*dir, "ca.db"))
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	audit, err := ca.OpenAuditFile(filepath.Join(*dir, "audit.jsonl"))
+	if err != nil {
+		return err
+	}
+	defer audit.Close()
+	authority := &ca.Authority{
+		Policy:   policy,
+		Verifier: csv.NewVerifier(csv.VerifierOptions{TrustedRoots: policy.TrustedRoots(), Certs: certs}),
+		Issuer:   issuer, Signer: signer,
+		TPM:   ca.TPMInfo{Manufacturer: "id:49424D00", Model: "cvtpm", Version: "id:00000001", SpecRevision: 164},
+		Audit: audit, Store: store,
+	}
+
+	public := grpc.NewServer()
+	(&ca.Server{Authority: authority, Log: log}).Register(public)
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return fmt.Errorf("--listen: %w", err)
+	}
+	admin := grpc.NewServer()
+	(&ca.Server{Authority: authority, Log: log, Admin: true}).Register(admin)
+	sock := filepath.Join(*dir, "admin.sock")
+	os.Remove(sock)
+	aln, err := net.Listen("unix", sock)
+	if err != nil {
+		return fmt.Errorf("admin socket: %w", err)
+	}
+	os.Chmod(sock, 0o600)
+	errc := make(chan error, 3)
+	go func() { errc <- public.Serve(ln) }()
+	go func() { errc <- admin.Serve(aln) }()
+	var hs *http.Server
+	if *httpAddr != "" {
+		hs = &http.Server{Addr: *httpAddr, Handler: (&ca.Server{Authority: authority, Log: log}).HTTPHandler(), ReadHeaderTimeout: 10 * time.Second}
+		go func() { errc <- hs.ListenAndServe() }()
+	}
+	log.Info("EK CA serving", "grpc", ln.Addr().String(), "http", *httpAddr, "admin", sock, "root", issuer.Subject.CommonName)
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	public.GracefulStop()
+	admin.GracefulStop()
+	if hs != nil {
+		hs.Close()
+	}
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}
+
+// loadOrCreateCAKey reads DIR/ca.key and DIR/ca.pem, creating a P-256
+// root on first start.
+func loadOrCreateCAKey(dir string, log *slog.Logger) (*x509.Certificate, *ecdsa.PrivateKey, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, nil, err
+	}
+	keyPath, certPath := filepath.Join(dir, "ca.key"), filepath.Join(dir, "ca.pem")
+	kb, err := os.ReadFile(keyPath)
+	if errors.Is(err, fs.ErrNotExist) {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			return nil, nil, err
+		}
+		tmpl := &x509.Certificate{
+			SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: "cvtpm EK CA", Organization: []string{"cvtpm"}},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().AddDate(20, 0, 0),
+			IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+		if err != nil {
+			return nil, nil, err
+		}
+		kder, _ := x509.MarshalECPrivateKey(key)
+		if err := os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
+			return nil, nil, err
+		}
+		if err := os.WriteFile(certPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+			return nil, nil, err
+		}
+		log.Info("created a new CA key and root certificate", "cert", certPath)
+		kb, _ = os.ReadFile(keyPath)
+	} else if err != nil {
+		return nil, nil, fmt.Errorf("CA key: %w", err)
+	}
+	kblk, _ := pem.Decode(kb)
+	if kblk == nil {
+		return nil, nil, fmt.Errorf("CA key %s: not PEM", keyPath)
+	}
+	key, err := x509.ParseECPrivateKey(kblk.Bytes)
+	if err != nil {
+		return nil, nil, fmt.Errorf("CA key %s: %w", keyPath, err)
+	}
+	cb, err := os.ReadFile(certPath)
+	if err != nil {
+		return nil, nil, fmt.Errorf("CA certificate: %w", err)
+	}
+	cblk, _ := pem.Decode(cb)
+	if cblk == nil {
+		return nil, nil, fmt.Errorf("CA certificate %s: not PEM", certPath)
+	}
+	cert, err := x509.ParseCertificate(cblk.Bytes)
+	if err != nil {
+		return nil, nil, fmt.Errorf("CA certificate %s: %w", certPath, err)
+	}
+	return cert, key, nil
+}
+
+func runCARevoke(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("cvtpm ca revoke", flag.ContinueOnError)
+	dir := fs.String("dir", "", "CA directory (its admin.sock is used)")
+	reason := fs.Int("reason", 0, "RFC 5280 CRLReason code (1 = keyCompromise)")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return exitError{2}
+	}
+	if *dir == "" || fs.NArg() != 1 {
+		return errors.New("usage: cvtpm ca revoke --dir DIR [--reason N] SERIAL")
+	}
+	sock, err := filepath.Abs(filepath.Join(*dir, "admin.sock"))
+	if err != nil {
+		return err
+	}
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if _, err := capb.NewCAClient(conn).Revoke(ctx, &capb.RevokeRequest{Serial: fs.Arg(0), Reason: int32(*reason)}); err != nil {
+		return fmt.Errorf("revoking %s: %w", fs.Arg(0), err)
+	}
+	fmt.Printf("revoked %s; the next CRL lists it\n", fs.Arg(0))
+	return nil
+}
