@@ -69,6 +69,11 @@ func (a *Authority) now() time.Time {
 	return time.Now()
 }
 
+// Roots are the certificates EK certificates chain to.
+func (a *Authority) Roots(context.Context) ([]*x509.Certificate, error) {
+	return []*x509.Certificate{a.Issuer}, nil
+}
+
 // Challenge returns a fresh nonce the next enrollment must commit to; it
 // is valid once, for NonceTTL.
 func (a *Authority) Challenge(ctx context.Context) ([]byte, error) {

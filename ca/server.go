@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"time"
@@ -109,6 +110,22 @@ func (s *Server) HTTPHandler() http.Handler {
 type Client struct{ C capb.CAClient }
 
 var _ enroll.CA = Client{}
+
+func (c Client) Roots(ctx context.Context) ([]*x509.Certificate, error) {
+	r, err := c.C.Roots(ctx, &capb.RootsRequest{})
+	if err != nil {
+		return nil, err
+	}
+	var out []*x509.Certificate
+	for _, der := range r.GetCertificates() {
+		cert, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, fmt.Errorf("CA root: %w", err)
+		}
+		out = append(out, cert)
+	}
+	return out, nil
+}
 
 func (c Client) Challenge(ctx context.Context) ([]byte, error) {
 	r, err := c.C.Challenge(ctx, &capb.ChallengeRequest{})

@@ -3,9 +3,11 @@ package enroll
 import (
 	"bytes"
 	"context"
+	"crypto"
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
@@ -24,6 +26,7 @@ type Request struct {
 // CA is what enrollment needs of the EK CA (in process, or a client of its
 // API).
 type CA interface {
+	Roots(ctx context.Context) ([]*x509.Certificate, error)
 	Challenge(ctx context.Context) ([]byte, error)
 	Enroll(ctx context.Context, req Request) (*x509.Certificate, error)
 }
@@ -80,6 +83,9 @@ func (c *Client) enrollSlot(ctx context.Context, slot EKSlot) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
+	if cert := c.currentCert(ctx, slot, area); cert != nil {
+		return Result{Slot: slot, Certificate: cert, Unchanged: true}, nil
+	}
 	nonce, err := c.CA.Challenge(ctx)
 	if err != nil {
 		return Result{}, fmt.Errorf("CA challenge: %w", err)
@@ -98,6 +104,56 @@ func (c *Client) enrollSlot(ctx context.Context, slot EKSlot) (Result, error) {
 		return Result{}, fmt.Errorf("writing the certificate to NV 0x%08x: %w", uint32(slot.CertIndex), err)
 	}
 	return Result{Slot: slot, Certificate: cert, Unchanged: unchanged}, nil
+}
+
+// currentCert returns the certificate already in the slot's NV index if it
+// certifies this EK, chains to the CA's roots and is valid now; re-running
+// enrollment then leaves the TPM and the CA untouched.
+func (c *Client) currentCert(ctx context.Context, slot EKSlot, area []byte) *x509.Certificate {
+	pub, err := (tpm2.NVReadPublic{NVIndex: slot.CertIndex}).Execute(c.TPM)
+	if err != nil {
+		return nil
+	}
+	nv, err := pub.NVPublic.Contents()
+	if err != nil || !nv.Attributes.Written {
+		return nil
+	}
+	der, err := c.readNV(slot.CertIndex, pub.NVName, int(nv.DataSize))
+	if err != nil {
+		return nil
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil
+	}
+	ekPub, err := tpm2.Unmarshal[tpm2.TPMTPublic](area)
+	if err != nil {
+		return nil
+	}
+	ek, err := tpm2.Pub(*ekPub)
+	if err != nil {
+		return nil
+	}
+	if k, ok := cert.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(ek) {
+		return nil
+	}
+	roots, err := c.CA.Roots(ctx)
+	if err != nil {
+		return nil
+	}
+	// Not cert.Verify: Go refuses the TCG profile's critical SAN (it holds
+	// only a directoryName, which Go leaves unhandled). Check the issuer's
+	// signature and the validity window directly.
+	now := time.Now()
+	if now.Before(cert.NotBefore) || now.After(cert.NotAfter) {
+		return nil
+	}
+	for _, r := range roots {
+		if cert.CheckSignatureFrom(r) == nil {
+			return cert
+		}
+	}
+	return nil
 }
 
 // ensureEK derives the EK from the template and makes it persistent at the
