@@ -160,6 +160,7 @@ func IssueEKCertificate(req EKCertificateRequest, issuer *x509.Certificate, sign
 	c.NotBefore = now.Add(-time.Minute)
 	c.NotAfter = now.Add(validity)
 	c.KeyUsage = keyUsage
+	c.ExtKeyUsage = nil // x509util's default (TLS server/client) has no place on an EK
 	c.UnknownExtKeyUsage = []asn1.ObjectIdentifier{OIDEKCertificateEKU}
 	c.BasicConstraintsValid = true
 	c.IsCA = false

@@ -107,6 +107,9 @@ func TestIssueEKCertificate(t *testing.T) {
 					t.Errorf("openssl shows no %q in\n%s", want, text)
 				}
 			}
+			if strings.Contains(string(text), "TLS Web") {
+				t.Errorf("the EK certificate allows TLS use:\n%s", text)
+			}
 			if cert.Subject.String() != "" {
 				t.Errorf("subject %q, want empty (the TPM is named in the SAN)", cert.Subject)
 			}
