@@ -1,0 +1,106 @@
+package test
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"cvtpm/ca"
+	"cvtpm/test/testenv"
+)
+
+// startCA runs `cvtpm ca` and returns its gRPC and HTTP addresses.
+func startCA(t *testing.T, dir, policy, certDir string) (string, string, func()) {
+	t.Helper()
+	grpcPort, httpPort := testenv.FreePort(t), testenv.FreePort(t)
+	grpcAddr, httpAddr := fmt.Sprintf("127.0.0.1:%d", grpcPort), fmt.Sprintf("127.0.0.1:%d", httpPort)
+	cmd := exec.Command(testenv.Binary(t, testenv.Cvtpm), "ca", "--dir", dir, "--policy", policy,
+		"--cert-dir", certDir, "--listen", grpcAddr, "--http", httpAddr)
+	log := &strings.Builder{}
+	cmd.Stderr = log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	stop := func() { cmd.Process.Signal(os.Interrupt); cmd.Wait() }
+	t.Cleanup(stop)
+	for i := 0; ; i++ {
+		if r, err := http.Get("http://" + httpAddr + "/roots.pem"); err == nil {
+			r.Body.Close()
+			break
+		}
+		if i > 200 {
+			t.Fatalf("cvtpm ca did not start:\n%s", log)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return grpcAddr, httpAddr, stop
+}
+
+// TestCACommand drives `cvtpm ca`, `cvtpm enroll` and `cvtpm ca revoke` as
+// an operator would: enrollment of a running cvtpm, a refusal with its
+// reason in the API error and the audit log, revocation on the CRL that
+// openssl verifies, and all of it kept across a CA restart.
+func TestCACommand(t *testing.T) {
+	dir := t.TempDir()
+	bin := testenv.Binary(t, testenv.Cvtpm)
+	measure := strings.Repeat("5e", 32)
+	for _, chip := range []string{"SIMCHIP0001", "SIMCHIP0002"} {
+		testenv.Run(t, nil, bin, "csv", "simulate", "--out", filepath.Join(dir, chip), "--chip", chip, "--measure", measure, "--policy", "0x3")
+		os.MkdirAll(filepath.Join(dir, "kds", "hsk_cek", chip), 0o700)
+		b, _ := os.ReadFile(filepath.Join(dir, chip, "hsk_cek.cert"))
+		os.WriteFile(filepath.Join(dir, "kds", "hsk_cek", chip, "hsk_cek.cert"), b, 0o600)
+	}
+	policy := filepath.Join(dir, "policy.json")
+	os.WriteFile(policy, []byte(`{"simulator_roots":["`+filepath.Join(dir, "SIMCHIP0001", "hrk.cert")+`"],"approved_measurements":["`+measure+`"]}`), 0o600)
+	caDir := filepath.Join(dir, "ca")
+	grpcAddr, httpAddr, stop := startCA(t, caDir, policy, filepath.Join(dir, "kds"))
+
+	srv := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{})
+	out := testenv.Run(t, nil, bin, "enroll", "--tpm-socket", srv.DataPath, "--ca", grpcAddr, "--instance", "vm-a", "--csv-sim", filepath.Join(dir, "SIMCHIP0001"))
+	serial := regexp.MustCompile(`RSA-2048 +EK at 0x81010001: certificate serial ([0-9a-f]+)`).FindStringSubmatch(out)
+	if serial == nil {
+		t.Fatalf("cvtpm enroll printed no RSA certificate:\n%s", out)
+	}
+
+	// A chip whose root the policy does not list: refused, reason named.
+	srv2 := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{})
+	refused, err := testenv.RunErr(nil, bin, "enroll", "--tpm-socket", srv2.DataPath, "--ca", grpcAddr, "--instance", "vm-b", "--csv-sim", filepath.Join(dir, "SIMCHIP0002"))
+	if err == nil || !strings.Contains(refused, ca.ReasonUntrustedRoot) {
+		t.Fatalf("enrollment on an untrusted chip: %v\n%s", err, refused)
+	}
+
+	testenv.Run(t, nil, bin, "ca", "revoke", "--dir", caDir, "--reason", "1", serial[1])
+	stop() // restart the CA: records must survive
+	_, httpAddr, _ = startCA(t, caDir, policy, filepath.Join(dir, "kds"))
+
+	r, err := http.Get("http://" + httpAddr + "/crl?format=pem")
+	if err != nil {
+		t.Fatal(err)
+	}
+	crl, _ := io.ReadAll(r.Body)
+	r.Body.Close()
+	os.WriteFile(filepath.Join(dir, "crl.pem"), crl, 0o600)
+	text := testenv.Run(t, nil, "openssl", "crl", "-CAfile", filepath.Join(caDir, "ca.pem"), "-in", filepath.Join(dir, "crl.pem"), "-noout", "-text")
+	if !strings.Contains(strings.ToLower(strings.ReplaceAll(text, ":", "")), strings.TrimLeft(serial[1], "0")) {
+		t.Fatalf("the CRL after a restart does not list %s:\n%s", serial[1], text)
+	}
+	log, err := ca.ReadAudit(filepath.Join(caDir, "audit.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var decisions []string
+	for _, e := range log {
+		decisions = append(decisions, e.Decision+":"+e.Reason)
+	}
+	want := []string{"issued:", "issued:", "refused:" + ca.ReasonUntrustedRoot, "revoked:crl-reason-1"}
+	if strings.Join(decisions, " ") != strings.Join(want, " ") {
+		t.Fatalf("audit log %v, want %v", decisions, want)
+	}
+}
