@@ -59,11 +59,8 @@ Options:
 	hskCEK := fs.String("hsk-cek", "", "HSK+CEK bundle for every chip (simulators, tests)")
 	certDir := fs.String("cert-dir", "", "offline HSK+CEK directory per chip serial")
 	kds := fs.String("kds", "", "HYGON KDS base URL to fetch HSK+CEK from (default when neither --hsk-cek nor --cert-dir)")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil
-		}
-		return exitError{2}
+	if done, err := parseFlags(fs, args); done {
+		return err
 	}
 	if *dir == "" || *policyFile == "" {
 		return errors.New("--dir and --policy are required (see --help)")

@@ -54,21 +54,6 @@ func csvMain(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	return exitError{2}
 }
 
-// parseFlags parses args and turns --help into a clean exit.
-func parseFlags(fs *flag.FlagSet, args []string) (done bool, err error) {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return true, nil
-		}
-		return true, exitError{2}
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(fs.Output(), "unexpected arguments: %s\n", strings.Join(fs.Args(), " "))
-		return true, exitError{2}
-	}
-	return false, nil
-}
-
 func csvVerify(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("cvtpm csv verify", flag.ContinueOnError)
 	fs.SetOutput(stderr)

@@ -43,11 +43,8 @@ Options:
 	instance := fs.String("instance", "", "this vTPM instance's id (required)")
 	simDir := fs.String("csv-sim", "", "use the CSV simulator saved in DIR when /dev/csv-guest is absent")
 	timeout := fs.Duration("timeout", time.Minute, "give up after this long")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil
-		}
-		return exitError{2}
+	if done, err := parseFlags(fs, args); done {
+		return err
 	}
 	if *instance == "" || (*sock == "") == (*tcp == "") {
 		return errors.New("--instance and exactly one of --tpm-socket, --tpm-tcp are required (see --help)")

@@ -10,11 +10,13 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"sort"
+	"strings"
 	"syscall"
 )
 
@@ -85,4 +87,19 @@ func main() {
 		fmt.Fprintf(os.Stderr, "cvtpm %s: %v\n", cmd.name, err)
 		os.Exit(1)
 	}
+}
+
+// parseFlags parses args and turns --help into a clean exit.
+func parseFlags(fs *flag.FlagSet, args []string) (done bool, err error) {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return true, nil
+		}
+		return true, exitError{2}
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(fs.Output(), "unexpected arguments: %s\n", strings.Join(fs.Args(), " "))
+		return true, exitError{2}
+	}
+	return false, nil
 }
