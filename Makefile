@@ -27,8 +27,12 @@ fuzz: deps
 demo: deps build
 	@scripts/demo.sh
 
+# cvtpm vs swtpm (same run, alternating), CSV report verification next to a
+# bare SM2 verify, and CA enrollments with 64 concurrent clients.
 bench: deps build
 	CVTPM_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench . -benchtime 2000x -count 1 ./test/bench/ | tee bench.txt
+	$(GO) test -run '^$$' -bench 'VerifyReport|SM2Verify' -count 1 ./attest/csv/ | tee -a bench.txt
+	$(GO) test -run '^$$' -bench Enroll -benchtime 2000x -count 1 ./ca/ | tee -a bench.txt
 
 clean:
 	rm -rf bin bench.txt

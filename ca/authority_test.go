@@ -25,7 +25,7 @@ import (
 
 // ekArea returns the TPMT_PUBLIC of a fresh ECC P-256 EK (the TCG template
 // with a real point).
-func ekArea(t *testing.T) []byte {
+func ekArea(t testing.TB) []byte {
 	t.Helper()
 	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -47,7 +47,7 @@ type caFixture struct {
 
 var goodMeasure = [32]byte{0x11, 0x78, 0xda}
 
-func newFixture(t *testing.T, trustSim bool) *caFixture {
+func newFixture(t testing.TB, trustSim bool) *caFixture {
 	t.Helper()
 	sim, err := csv.NewSimulator("SIMCHIP0042")
 	if err != nil {
@@ -85,7 +85,7 @@ func newFixture(t *testing.T, trustSim bool) *caFixture {
 }
 
 // request makes an enrollment whose report commits to (nonce, ek, bindTo).
-func (f *caFixture) request(t *testing.T, instance string, ek, nonce []byte, bindTo string) enroll.Request {
+func (f *caFixture) request(t testing.TB, instance string, ek, nonce []byte, bindTo string) enroll.Request {
 	t.Helper()
 	rd := enroll.ReportData(nonce, ek, bindTo)
 	report, err := f.sim.Report(context.Background(), rd[:])
@@ -95,7 +95,7 @@ func (f *caFixture) request(t *testing.T, instance string, ek, nonce []byte, bin
 	return enroll.Request{InstanceID: instance, EKPublicArea: ek, Nonce: nonce, Report: report}
 }
 
-func (f *caFixture) challenge(t *testing.T) []byte {
+func (f *caFixture) challenge(t testing.TB) []byte {
 	n, err := f.auth.Challenge(context.Background())
 	if err != nil {
 		t.Fatal(err)

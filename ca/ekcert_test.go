@@ -19,7 +19,7 @@ import (
 	"time"
 )
 
-func testRoot(t *testing.T) (*x509.Certificate, crypto.Signer) {
+func testRoot(t testing.TB) (*x509.Certificate, crypto.Signer) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {

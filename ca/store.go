@@ -75,7 +75,8 @@ func (s *BoltStore) PutIssued(_ context.Context, c IssuedCert) error {
 	if err != nil {
 		return err
 	}
-	return s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketIssued).Put([]byte(c.Serial), b) })
+	// Batch coalesces concurrent issuances into one commit (one fsync).
+	return s.db.Batch(func(tx *bolt.Tx) error { return tx.Bucket(bucketIssued).Put([]byte(c.Serial), b) })
 }
 
 func (s *BoltStore) Issued(_ context.Context, serial string) (IssuedCert, error) {
