@@ -9,6 +9,7 @@ pkgs=(
   tpm2-tools libtss2-tcti-swtpm0 libtss2-tcti-mssim0
   qemu-system-x86 seabios busybox-static linux-image-amd64 cpio
   openssl
+  postgresql                          # the EK CA's replicated store, tested against a real server
 )
 
 missing=()

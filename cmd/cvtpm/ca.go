@@ -58,6 +58,7 @@ Options:
 	policyFile := fs.String("policy", "", "evidence policy file (JSON, required)")
 	hskCEK := fs.String("hsk-cek", "", "HSK+CEK bundle for every chip (simulators, tests)")
 	certDir := fs.String("cert-dir", "", "offline HSK+CEK directory per chip serial")
+	pgConn := fs.String("postgres", "", "keep certificates in PostgreSQL (libpq connection string) instead of DIR/ca.db, for several CA replicas")
 	kds := fs.String("kds", "", "HYGON KDS base URL to fetch HSK+CEK from (default when neither --hsk-cek nor --cert-dir)")
 	if done, err := parseFlags(fs, args); done {
 		return err
@@ -91,7 +92,15 @@ Options:
 	if err != nil {
 		return err
 	}
-	store, err := ca.OpenBoltStore(filepath.Join(*dir, "ca.db"))
+	var store interface {
+		ca.Store
+		Close() error
+	}
+	if *pgConn != "" {
+		store, err = ca.OpenPGStore(ctx, *pgConn)
+	} else {
+		store, err = ca.OpenBoltStore(filepath.Join(*dir, "ca.db"))
+	}
 	if err != nil {
 		return err
 	}
