@@ -4,6 +4,7 @@ go 1.26.8
 
 require (
 	github.com/emmansun/gmsm v0.44.1
+	github.com/google/go-attestation v0.6.4
 	github.com/google/go-tpm v0.9.8
 	github.com/jackc/pgx/v5 v5.7.6
 	go.etcd.io/bbolt v1.4.3
