@@ -40,9 +40,10 @@ type Authority struct {
 	NonceTTL time.Duration // default 5 minutes
 	Now      func() time.Time
 
-	mu       sync.Mutex
-	nonces   map[string]time.Time // hex nonce -> expiry
-	enrolled map[string][]byte    // instance id + EK algorithm -> SHA-256 of the EK public area
+	mu         sync.Mutex
+	nonces     map[string]time.Time // hex nonce -> expiry
+	enrolled   map[string][]byte    // instance id + EK algorithm -> SHA-256 of the EK public area
+	pendingAKs map[string]pendingAK // AK challenge id -> expected secret
 }
 
 // Auditor records decisions; AuditFile is the durable one.
@@ -81,11 +82,7 @@ func (a *Authority) Challenge(ctx context.Context) ([]byte, error) {
 	if _, err := rand.Read(nonce); err != nil {
 		return nil, fmt.Errorf("drawing a nonce: %w", err)
 	}
-	ttl := a.NonceTTL
-	if ttl <= 0 {
-		ttl = 5 * time.Minute
-	}
-	exp := a.now().Add(ttl)
+	exp := a.now().Add(a.nonceTTL())
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.nonces == nil {
@@ -98,6 +95,13 @@ func (a *Authority) Challenge(ctx context.Context) ([]byte, error) {
 	}
 	a.nonces[hex.EncodeToString(nonce)] = exp
 	return nonce, nil
+}
+
+func (a *Authority) nonceTTL() time.Duration {
+	if a.NonceTTL <= 0 {
+		return 5 * time.Minute
+	}
+	return a.NonceTTL
 }
 
 // takeNonce consumes a nonce: it is valid once, until it expires.

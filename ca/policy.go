@@ -108,6 +108,8 @@ const (
 	ReasonNonceExpired   = "nonce-expired"
 	ReasonReenroll       = "reenrollment-refused"
 	ReasonBadRequest     = "bad-request"
+	ReasonRevoked        = "certificate-revoked"
+	ReasonActivation     = "credential-activation-failed"
 	ReasonInternalFailed = "internal-error"
 )
 

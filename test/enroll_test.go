@@ -10,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/pem"
+	"errors"
 	"math/big"
 	"net"
 	"os"
@@ -109,6 +110,11 @@ func TestEnrollIntoCvtpm(t *testing.T) {
 	// looks.
 	checkGoAttestationEKs(t, srv.DataPath, results)
 
+	// AK certification: an AK made by go-attestation on this TPM activates
+	// the CA's credential for the certified RSA EK and gets a certificate
+	// that chains to the CA root; a wrong answer is refused.
+	certifyAK(t, srv.DataPath, authority, results[0].Certificate.Raw)
+
 	// Idempotent: a second run finds the same EKs and their valid
 	// certificates and asks the CA for nothing.
 	issued, _ := ca.ReadAudit(filepath.Join(dir, "audit.jsonl"))
@@ -176,4 +182,54 @@ func checkGoAttestationEKs(t *testing.T, path string, results []enroll.Result) {
 		}
 	}
 	t.Errorf("go-attestation's EKs() does not report the RSA EK with certificate %s (got %d EKs)", rsa.Certificate.SerialNumber.Text(16), len(eks))
+}
+
+func certifyAK(t *testing.T, path string, authority *ca.Authority, ekCert []byte) {
+	t.Helper()
+	ctx := context.Background()
+	conn, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tpm, err := attest.OpenTPM(&attest.OpenConfig{CommandChannel: socketChannel{conn}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tpm.Close()
+	ak, err := tpm.NewAK(nil)
+	if err != nil {
+		t.Fatalf("go-attestation NewAK: %v", err)
+	}
+	defer ak.Close(tpm)
+	params := ak.AttestationParameters()
+	id, ec, err := authority.AKChallenge(ctx, ekCert, params)
+	if err != nil {
+		t.Fatalf("AKChallenge: %v", err)
+	}
+	secret, err := ak.ActivateCredential(tpm, *ec)
+	if err != nil {
+		t.Fatalf("ActivateCredential: %v", err)
+	}
+	wrongID, _, _ := authority.AKChallenge(ctx, ekCert, params)
+	var r *ca.Refusal
+	if _, err := authority.AKCertify(ctx, wrongID, append([]byte{1}, secret[1:]...)); !errors.As(err, &r) || r.Reason != ca.ReasonActivation {
+		t.Fatalf("a wrong activation answer: %v", err)
+	}
+	cert, err := authority.AKCertify(ctx, id, secret)
+	if err != nil {
+		t.Fatalf("AKCertify: %v", err)
+	}
+	if err := cert.CheckSignatureFrom(authority.Issuer); err != nil {
+		t.Fatalf("AK certificate does not chain to the CA: %v", err)
+	}
+	pub, err := attest.ParseAKPublic(params.Public)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !cert.PublicKey.(interface{ Equal(crypto.PublicKey) bool }).Equal(pub.Public) {
+		t.Fatalf("the AK certificate certifies another key")
+	}
+	if _, err := authority.AKCertify(ctx, id, secret); !errors.As(err, &r) || r.Reason != ca.ReasonNonce {
+		t.Fatalf("answering a challenge twice: %v", err)
+	}
 }

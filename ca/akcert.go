@@ -1,0 +1,130 @@
+package ca
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"math/big"
+	"time"
+
+	"github.com/google/go-attestation/attest"
+)
+
+// AK certification: a TPM proves that an attestation key (AK) lives beside
+// an EK this CA certified, by decrypting a credential only that EK can
+// unwrap (TPM2_ActivateCredential). The CA then issues an AK certificate, so
+// verifiers can trust AKs by chain (go-tpm-tools VerifyOpts.TrustedRootCerts).
+
+// pendingAK is an activation challenge awaiting its answer.
+type pendingAK struct {
+	secret   []byte
+	ak       *attest.AKPublic
+	instance string
+	expires  time.Time
+}
+
+// AKChallenge checks the AK's parameters and that ekCertDER is an
+// unrevoked EK certificate of this CA, then returns a challenge id and the
+// credential the TPM must activate.
+func (a *Authority) AKChallenge(ctx context.Context, ekCertDER []byte, ak attest.AttestationParameters) (string, *attest.EncryptedCredential, error) {
+	ekCert, err := x509.ParseCertificate(ekCertDER)
+	if err != nil {
+		return "", nil, refuse(ReasonBadRequest, "EK certificate: "+err.Error())
+	}
+	if err := ekCert.CheckSignatureFrom(a.Issuer); err != nil {
+		return "", nil, refuse(ReasonUntrustedRoot, "the EK certificate was not issued by this CA")
+	}
+	serial := ekCert.SerialNumber.Text(16)
+	instance := ""
+	if a.Store != nil {
+		rec, err := a.Store.Issued(ctx, serial)
+		if err != nil {
+			return "", nil, refuse(ReasonBadRequest, err.Error())
+		}
+		if !rec.Revoked.IsZero() {
+			return "", nil, refuse(ReasonRevoked, "EK certificate "+serial+" is revoked")
+		}
+		instance = rec.InstanceID
+	}
+	pub, err := attest.ParseAKPublic(ak.Public)
+	if err != nil {
+		return "", nil, refuse(ReasonBadRequest, "AK public area: "+err.Error())
+	}
+	secret, ec, err := (&attest.ActivationParameters{EK: ekCert.PublicKey, AK: ak}).Generate()
+	if err != nil {
+		return "", nil, refuse(ReasonBadRequest, "AK parameters: "+err.Error())
+	}
+	idb := make([]byte, 16)
+	if _, err := rand.Read(idb); err != nil {
+		return "", nil, err
+	}
+	id := hex.EncodeToString(idb)
+	a.mu.Lock()
+	if a.pendingAKs == nil {
+		a.pendingAKs = map[string]pendingAK{}
+	}
+	a.pendingAKs[id] = pendingAK{secret: secret, ak: pub, instance: instance, expires: a.now().Add(a.nonceTTL())}
+	a.mu.Unlock()
+	return id, ec, nil
+}
+
+// AKCertify checks the activated secret for challenge id and issues the AK
+// certificate. A challenge is answered once.
+func (a *Authority) AKCertify(ctx context.Context, id string, secret []byte) (*x509.Certificate, error) {
+	a.mu.Lock()
+	p, ok := a.pendingAKs[id]
+	delete(a.pendingAKs, id)
+	a.mu.Unlock()
+	entry := AuditEntry{Time: a.now().UTC(), InstanceID: p.instance, Decision: "refused"}
+	var cert *x509.Certificate
+	var err error
+	switch {
+	case !ok:
+		err = refuse(ReasonNonce, "unknown or already answered AK challenge")
+	case a.now().After(p.expires):
+		err = refuse(ReasonNonceExpired, "the AK challenge expired")
+	case subtle.ConstantTimeCompare(p.secret, secret) != 1:
+		err = refuse(ReasonActivation, "the activated secret is wrong: the AK is not on the TPM of this EK")
+	default:
+		cert, err = a.issueAK(p)
+	}
+	var r *Refusal
+	switch {
+	case err == nil:
+		entry.Decision, entry.Serial, entry.Reason = "issued", cert.SerialNumber.Text(16), "ak-certificate"
+	case errors.As(err, &r):
+		entry.Reason, entry.Detail = r.Reason, r.Detail
+	default:
+		entry.Reason, entry.Detail = ReasonInternalFailed, err.Error()
+	}
+	if aerr := a.Audit.Record(ctx, entry); aerr != nil {
+		return nil, fmt.Errorf("recording the decision: %w", aerr)
+	}
+	return cert, err
+}
+
+func (a *Authority) issueAK(p pendingAK) (*x509.Certificate, error) {
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 159))
+	if err != nil {
+		return nil, err
+	}
+	now := a.now()
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: "cvtpm AK " + p.instance},
+		NotBefore:             now.Add(-time.Minute),
+		NotAfter:              now.Add(365 * 24 * time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		BasicConstraintsValid: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.Issuer, p.ak.Public, a.Signer)
+	if err != nil {
+		return nil, fmt.Errorf("signing the AK certificate: %w", err)
+	}
+	return x509.ParseCertificate(der)
+}
