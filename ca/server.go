@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/google/go-attestation/attest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -75,6 +76,36 @@ func (s *Server) Revoke(ctx context.Context, req *capb.RevokeRequest) (*capb.Rev
 	}
 	s.Log.Info("certificate revoked", "serial", req.GetSerial(), "reason", req.GetReason())
 	return &capb.RevokeResponse{}, nil
+}
+
+func (s *Server) AKChallenge(ctx context.Context, req *capb.AKChallengeRequest) (*capb.AKChallengeResponse, error) {
+	p := req.GetAk()
+	id, ec, err := s.Authority.AKChallenge(ctx, req.GetEkCertificate(), attest.AttestationParameters{
+		Public: p.GetPublic(), CreateData: p.GetCreateData(), CreateAttestation: p.GetCreateAttestation(), CreateSignature: p.GetCreateSignature(),
+	})
+	if err != nil {
+		return nil, s.refusal(err)
+	}
+	return &capb.AKChallengeResponse{ChallengeId: id, Credential: ec.Credential, Secret: ec.Secret}, nil
+}
+
+func (s *Server) AKCertify(ctx context.Context, req *capb.AKCertifyRequest) (*capb.AKCertifyResponse, error) {
+	cert, err := s.Authority.AKCertify(ctx, req.GetChallengeId(), req.GetActivatedSecret())
+	if err != nil {
+		return nil, s.refusal(err)
+	}
+	s.Log.Info("AK certificate issued", "serial", cert.SerialNumber.Text(16))
+	return &capb.AKCertifyResponse{Certificate: cert.Raw}, nil
+}
+
+// refusal maps an Authority error to a gRPC status that names the reason.
+func (s *Server) refusal(err error) error {
+	var r *Refusal
+	if errors.As(err, &r) {
+		return status.Error(codes.PermissionDenied, r.Error())
+	}
+	s.Log.Error("CA request failed", "err", err)
+	return status.Error(codes.Internal, err.Error())
 }
 
 // HTTPHandler serves /roots.pem and /crl (DER; PEM with ?format=pem).

@@ -385,6 +385,283 @@ func (*RevokeResponse) Descriptor() ([]byte, []int) {
 	return file_ca_proto_rawDescGZIP(), []int{7}
 }
 
+// AKParameters are go-attestation's AttestationParameters of an AK.
+type AKParameters struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	Public            []byte                 `protobuf:"bytes,1,opt,name=public,proto3" json:"public,omitempty"` // TPMT_PUBLIC
+	CreateData        []byte                 `protobuf:"bytes,2,opt,name=create_data,json=createData,proto3" json:"create_data,omitempty"`
+	CreateAttestation []byte                 `protobuf:"bytes,3,opt,name=create_attestation,json=createAttestation,proto3" json:"create_attestation,omitempty"`
+	CreateSignature   []byte                 `protobuf:"bytes,4,opt,name=create_signature,json=createSignature,proto3" json:"create_signature,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *AKParameters) Reset() {
+	*x = AKParameters{}
+	mi := &file_ca_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AKParameters) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AKParameters) ProtoMessage() {}
+
+func (x *AKParameters) ProtoReflect() protoreflect.Message {
+	mi := &file_ca_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AKParameters.ProtoReflect.Descriptor instead.
+func (*AKParameters) Descriptor() ([]byte, []int) {
+	return file_ca_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *AKParameters) GetPublic() []byte {
+	if x != nil {
+		return x.Public
+	}
+	return nil
+}
+
+func (x *AKParameters) GetCreateData() []byte {
+	if x != nil {
+		return x.CreateData
+	}
+	return nil
+}
+
+func (x *AKParameters) GetCreateAttestation() []byte {
+	if x != nil {
+		return x.CreateAttestation
+	}
+	return nil
+}
+
+func (x *AKParameters) GetCreateSignature() []byte {
+	if x != nil {
+		return x.CreateSignature
+	}
+	return nil
+}
+
+type AKChallengeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	EkCertificate []byte                 `protobuf:"bytes,1,opt,name=ek_certificate,json=ekCertificate,proto3" json:"ek_certificate,omitempty"` // DER, issued by this CA
+	Ak            *AKParameters          `protobuf:"bytes,2,opt,name=ak,proto3" json:"ak,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AKChallengeRequest) Reset() {
+	*x = AKChallengeRequest{}
+	mi := &file_ca_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AKChallengeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AKChallengeRequest) ProtoMessage() {}
+
+func (x *AKChallengeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ca_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AKChallengeRequest.ProtoReflect.Descriptor instead.
+func (*AKChallengeRequest) Descriptor() ([]byte, []int) {
+	return file_ca_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *AKChallengeRequest) GetEkCertificate() []byte {
+	if x != nil {
+		return x.EkCertificate
+	}
+	return nil
+}
+
+func (x *AKChallengeRequest) GetAk() *AKParameters {
+	if x != nil {
+		return x.Ak
+	}
+	return nil
+}
+
+type AKChallengeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ChallengeId   string                 `protobuf:"bytes,1,opt,name=challenge_id,json=challengeId,proto3" json:"challenge_id,omitempty"`
+	Credential    []byte                 `protobuf:"bytes,2,opt,name=credential,proto3" json:"credential,omitempty"` // TPM2_ActivateCredential inputs
+	Secret        []byte                 `protobuf:"bytes,3,opt,name=secret,proto3" json:"secret,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AKChallengeResponse) Reset() {
+	*x = AKChallengeResponse{}
+	mi := &file_ca_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AKChallengeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AKChallengeResponse) ProtoMessage() {}
+
+func (x *AKChallengeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ca_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AKChallengeResponse.ProtoReflect.Descriptor instead.
+func (*AKChallengeResponse) Descriptor() ([]byte, []int) {
+	return file_ca_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *AKChallengeResponse) GetChallengeId() string {
+	if x != nil {
+		return x.ChallengeId
+	}
+	return ""
+}
+
+func (x *AKChallengeResponse) GetCredential() []byte {
+	if x != nil {
+		return x.Credential
+	}
+	return nil
+}
+
+func (x *AKChallengeResponse) GetSecret() []byte {
+	if x != nil {
+		return x.Secret
+	}
+	return nil
+}
+
+type AKCertifyRequest struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	ChallengeId     string                 `protobuf:"bytes,1,opt,name=challenge_id,json=challengeId,proto3" json:"challenge_id,omitempty"`
+	ActivatedSecret []byte                 `protobuf:"bytes,2,opt,name=activated_secret,json=activatedSecret,proto3" json:"activated_secret,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *AKCertifyRequest) Reset() {
+	*x = AKCertifyRequest{}
+	mi := &file_ca_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AKCertifyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AKCertifyRequest) ProtoMessage() {}
+
+func (x *AKCertifyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ca_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AKCertifyRequest.ProtoReflect.Descriptor instead.
+func (*AKCertifyRequest) Descriptor() ([]byte, []int) {
+	return file_ca_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *AKCertifyRequest) GetChallengeId() string {
+	if x != nil {
+		return x.ChallengeId
+	}
+	return ""
+}
+
+func (x *AKCertifyRequest) GetActivatedSecret() []byte {
+	if x != nil {
+		return x.ActivatedSecret
+	}
+	return nil
+}
+
+type AKCertifyResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Certificate   []byte                 `protobuf:"bytes,1,opt,name=certificate,proto3" json:"certificate,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AKCertifyResponse) Reset() {
+	*x = AKCertifyResponse{}
+	mi := &file_ca_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AKCertifyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AKCertifyResponse) ProtoMessage() {}
+
+func (x *AKCertifyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ca_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AKCertifyResponse.ProtoReflect.Descriptor instead.
+func (*AKCertifyResponse) Descriptor() ([]byte, []int) {
+	return file_ca_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *AKCertifyResponse) GetCertificate() []byte {
+	if x != nil {
+		return x.Certificate
+	}
+	return nil
+}
+
 var File_ca_proto protoreflect.FileDescriptor
 
 const file_ca_proto_rawDesc = "" +
@@ -408,12 +685,34 @@ const file_ca_proto_rawDesc = "" +
 	"\rRevokeRequest\x12\x16\n" +
 	"\x06serial\x18\x01 \x01(\tR\x06serial\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\x05R\x06reason\"\x10\n" +
-	"\x0eRevokeResponse2\x96\x02\n" +
+	"\x0eRevokeResponse\"\xa1\x01\n" +
+	"\fAKParameters\x12\x16\n" +
+	"\x06public\x18\x01 \x01(\fR\x06public\x12\x1f\n" +
+	"\vcreate_data\x18\x02 \x01(\fR\n" +
+	"createData\x12-\n" +
+	"\x12create_attestation\x18\x03 \x01(\fR\x11createAttestation\x12)\n" +
+	"\x10create_signature\x18\x04 \x01(\fR\x0fcreateSignature\"f\n" +
+	"\x12AKChallengeRequest\x12%\n" +
+	"\x0eek_certificate\x18\x01 \x01(\fR\rekCertificate\x12)\n" +
+	"\x02ak\x18\x02 \x01(\v2\x19.cvtpm.ca.v1.AKParametersR\x02ak\"p\n" +
+	"\x13AKChallengeResponse\x12!\n" +
+	"\fchallenge_id\x18\x01 \x01(\tR\vchallengeId\x12\x1e\n" +
+	"\n" +
+	"credential\x18\x02 \x01(\fR\n" +
+	"credential\x12\x16\n" +
+	"\x06secret\x18\x03 \x01(\fR\x06secret\"`\n" +
+	"\x10AKCertifyRequest\x12!\n" +
+	"\fchallenge_id\x18\x01 \x01(\tR\vchallengeId\x12)\n" +
+	"\x10activated_secret\x18\x02 \x01(\fR\x0factivatedSecret\"5\n" +
+	"\x11AKCertifyResponse\x12 \n" +
+	"\vcertificate\x18\x01 \x01(\fR\vcertificate2\xb4\x03\n" +
 	"\x02CA\x12J\n" +
 	"\tChallenge\x12\x1d.cvtpm.ca.v1.ChallengeRequest\x1a\x1e.cvtpm.ca.v1.ChallengeResponse\x12A\n" +
 	"\x06Enroll\x12\x1a.cvtpm.ca.v1.EnrollRequest\x1a\x1b.cvtpm.ca.v1.EnrollResponse\x12>\n" +
 	"\x05Roots\x12\x19.cvtpm.ca.v1.RootsRequest\x1a\x1a.cvtpm.ca.v1.RootsResponse\x12A\n" +
-	"\x06Revoke\x12\x1a.cvtpm.ca.v1.RevokeRequest\x1a\x1b.cvtpm.ca.v1.RevokeResponseB\x13Z\x11cvtpm/api/ca;capbb\x06proto3"
+	"\x06Revoke\x12\x1a.cvtpm.ca.v1.RevokeRequest\x1a\x1b.cvtpm.ca.v1.RevokeResponse\x12P\n" +
+	"\vAKChallenge\x12\x1f.cvtpm.ca.v1.AKChallengeRequest\x1a .cvtpm.ca.v1.AKChallengeResponse\x12J\n" +
+	"\tAKCertify\x12\x1d.cvtpm.ca.v1.AKCertifyRequest\x1a\x1e.cvtpm.ca.v1.AKCertifyResponseB\x13Z\x11cvtpm/api/ca;capbb\x06proto3"
 
 var (
 	file_ca_proto_rawDescOnce sync.Once
@@ -427,31 +726,41 @@ func file_ca_proto_rawDescGZIP() []byte {
 	return file_ca_proto_rawDescData
 }
 
-var file_ca_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_ca_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_ca_proto_goTypes = []any{
-	(*ChallengeRequest)(nil),  // 0: cvtpm.ca.v1.ChallengeRequest
-	(*ChallengeResponse)(nil), // 1: cvtpm.ca.v1.ChallengeResponse
-	(*EnrollRequest)(nil),     // 2: cvtpm.ca.v1.EnrollRequest
-	(*EnrollResponse)(nil),    // 3: cvtpm.ca.v1.EnrollResponse
-	(*RootsRequest)(nil),      // 4: cvtpm.ca.v1.RootsRequest
-	(*RootsResponse)(nil),     // 5: cvtpm.ca.v1.RootsResponse
-	(*RevokeRequest)(nil),     // 6: cvtpm.ca.v1.RevokeRequest
-	(*RevokeResponse)(nil),    // 7: cvtpm.ca.v1.RevokeResponse
+	(*ChallengeRequest)(nil),    // 0: cvtpm.ca.v1.ChallengeRequest
+	(*ChallengeResponse)(nil),   // 1: cvtpm.ca.v1.ChallengeResponse
+	(*EnrollRequest)(nil),       // 2: cvtpm.ca.v1.EnrollRequest
+	(*EnrollResponse)(nil),      // 3: cvtpm.ca.v1.EnrollResponse
+	(*RootsRequest)(nil),        // 4: cvtpm.ca.v1.RootsRequest
+	(*RootsResponse)(nil),       // 5: cvtpm.ca.v1.RootsResponse
+	(*RevokeRequest)(nil),       // 6: cvtpm.ca.v1.RevokeRequest
+	(*RevokeResponse)(nil),      // 7: cvtpm.ca.v1.RevokeResponse
+	(*AKParameters)(nil),        // 8: cvtpm.ca.v1.AKParameters
+	(*AKChallengeRequest)(nil),  // 9: cvtpm.ca.v1.AKChallengeRequest
+	(*AKChallengeResponse)(nil), // 10: cvtpm.ca.v1.AKChallengeResponse
+	(*AKCertifyRequest)(nil),    // 11: cvtpm.ca.v1.AKCertifyRequest
+	(*AKCertifyResponse)(nil),   // 12: cvtpm.ca.v1.AKCertifyResponse
 }
 var file_ca_proto_depIdxs = []int32{
-	0, // 0: cvtpm.ca.v1.CA.Challenge:input_type -> cvtpm.ca.v1.ChallengeRequest
-	2, // 1: cvtpm.ca.v1.CA.Enroll:input_type -> cvtpm.ca.v1.EnrollRequest
-	4, // 2: cvtpm.ca.v1.CA.Roots:input_type -> cvtpm.ca.v1.RootsRequest
-	6, // 3: cvtpm.ca.v1.CA.Revoke:input_type -> cvtpm.ca.v1.RevokeRequest
-	1, // 4: cvtpm.ca.v1.CA.Challenge:output_type -> cvtpm.ca.v1.ChallengeResponse
-	3, // 5: cvtpm.ca.v1.CA.Enroll:output_type -> cvtpm.ca.v1.EnrollResponse
-	5, // 6: cvtpm.ca.v1.CA.Roots:output_type -> cvtpm.ca.v1.RootsResponse
-	7, // 7: cvtpm.ca.v1.CA.Revoke:output_type -> cvtpm.ca.v1.RevokeResponse
-	4, // [4:8] is the sub-list for method output_type
-	0, // [0:4] is the sub-list for method input_type
-	0, // [0:0] is the sub-list for extension type_name
-	0, // [0:0] is the sub-list for extension extendee
-	0, // [0:0] is the sub-list for field type_name
+	8,  // 0: cvtpm.ca.v1.AKChallengeRequest.ak:type_name -> cvtpm.ca.v1.AKParameters
+	0,  // 1: cvtpm.ca.v1.CA.Challenge:input_type -> cvtpm.ca.v1.ChallengeRequest
+	2,  // 2: cvtpm.ca.v1.CA.Enroll:input_type -> cvtpm.ca.v1.EnrollRequest
+	4,  // 3: cvtpm.ca.v1.CA.Roots:input_type -> cvtpm.ca.v1.RootsRequest
+	6,  // 4: cvtpm.ca.v1.CA.Revoke:input_type -> cvtpm.ca.v1.RevokeRequest
+	9,  // 5: cvtpm.ca.v1.CA.AKChallenge:input_type -> cvtpm.ca.v1.AKChallengeRequest
+	11, // 6: cvtpm.ca.v1.CA.AKCertify:input_type -> cvtpm.ca.v1.AKCertifyRequest
+	1,  // 7: cvtpm.ca.v1.CA.Challenge:output_type -> cvtpm.ca.v1.ChallengeResponse
+	3,  // 8: cvtpm.ca.v1.CA.Enroll:output_type -> cvtpm.ca.v1.EnrollResponse
+	5,  // 9: cvtpm.ca.v1.CA.Roots:output_type -> cvtpm.ca.v1.RootsResponse
+	7,  // 10: cvtpm.ca.v1.CA.Revoke:output_type -> cvtpm.ca.v1.RevokeResponse
+	10, // 11: cvtpm.ca.v1.CA.AKChallenge:output_type -> cvtpm.ca.v1.AKChallengeResponse
+	12, // 12: cvtpm.ca.v1.CA.AKCertify:output_type -> cvtpm.ca.v1.AKCertifyResponse
+	7,  // [7:13] is the sub-list for method output_type
+	1,  // [1:7] is the sub-list for method input_type
+	1,  // [1:1] is the sub-list for extension type_name
+	1,  // [1:1] is the sub-list for extension extendee
+	0,  // [0:1] is the sub-list for field type_name
 }
 
 func init() { file_ca_proto_init() }
@@ -465,7 +774,7 @@ func file_ca_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ca_proto_rawDesc), len(file_ca_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   8,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

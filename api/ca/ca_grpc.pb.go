@@ -23,10 +23,12 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	CA_Challenge_FullMethodName = "/cvtpm.ca.v1.CA/Challenge"
-	CA_Enroll_FullMethodName    = "/cvtpm.ca.v1.CA/Enroll"
-	CA_Roots_FullMethodName     = "/cvtpm.ca.v1.CA/Roots"
-	CA_Revoke_FullMethodName    = "/cvtpm.ca.v1.CA/Revoke"
+	CA_Challenge_FullMethodName   = "/cvtpm.ca.v1.CA/Challenge"
+	CA_Enroll_FullMethodName      = "/cvtpm.ca.v1.CA/Enroll"
+	CA_Roots_FullMethodName       = "/cvtpm.ca.v1.CA/Roots"
+	CA_Revoke_FullMethodName      = "/cvtpm.ca.v1.CA/Revoke"
+	CA_AKChallenge_FullMethodName = "/cvtpm.ca.v1.CA/AKChallenge"
+	CA_AKCertify_FullMethodName   = "/cvtpm.ca.v1.CA/AKCertify"
 )
 
 // CAClient is the client API for CA service.
@@ -39,8 +41,15 @@ type CAClient interface {
 	Enroll(ctx context.Context, in *EnrollRequest, opts ...grpc.CallOption) (*EnrollResponse, error)
 	// Roots returns the CA certificates (DER) that EK certificates chain to.
 	Roots(ctx context.Context, in *RootsRequest, opts ...grpc.CallOption) (*RootsResponse, error)
-	// Revoke revokes an issued certificate; the next CRL lists it.
+	// Revoke revokes an issued certificate; the next CRL lists it
+	// (served only on the CA's admin socket).
 	Revoke(ctx context.Context, in *RevokeRequest, opts ...grpc.CallOption) (*RevokeResponse, error)
+	// AKChallenge starts AK certification: the TPM must activate the returned
+	// credential with the EK of the given EK certificate.
+	AKChallenge(ctx context.Context, in *AKChallengeRequest, opts ...grpc.CallOption) (*AKChallengeResponse, error)
+	// AKCertify answers the challenge with the activated secret and returns
+	// the AK certificate.
+	AKCertify(ctx context.Context, in *AKCertifyRequest, opts ...grpc.CallOption) (*AKCertifyResponse, error)
 }
 
 type cAClient struct {
@@ -91,6 +100,26 @@ func (c *cAClient) Revoke(ctx context.Context, in *RevokeRequest, opts ...grpc.C
 	return out, nil
 }
 
+func (c *cAClient) AKChallenge(ctx context.Context, in *AKChallengeRequest, opts ...grpc.CallOption) (*AKChallengeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AKChallengeResponse)
+	err := c.cc.Invoke(ctx, CA_AKChallenge_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *cAClient) AKCertify(ctx context.Context, in *AKCertifyRequest, opts ...grpc.CallOption) (*AKCertifyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AKCertifyResponse)
+	err := c.cc.Invoke(ctx, CA_AKCertify_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CAServer is the server API for CA service.
 // All implementations must embed UnimplementedCAServer
 // for forward compatibility.
@@ -101,8 +130,15 @@ type CAServer interface {
 	Enroll(context.Context, *EnrollRequest) (*EnrollResponse, error)
 	// Roots returns the CA certificates (DER) that EK certificates chain to.
 	Roots(context.Context, *RootsRequest) (*RootsResponse, error)
-	// Revoke revokes an issued certificate; the next CRL lists it.
+	// Revoke revokes an issued certificate; the next CRL lists it
+	// (served only on the CA's admin socket).
 	Revoke(context.Context, *RevokeRequest) (*RevokeResponse, error)
+	// AKChallenge starts AK certification: the TPM must activate the returned
+	// credential with the EK of the given EK certificate.
+	AKChallenge(context.Context, *AKChallengeRequest) (*AKChallengeResponse, error)
+	// AKCertify answers the challenge with the activated secret and returns
+	// the AK certificate.
+	AKCertify(context.Context, *AKCertifyRequest) (*AKCertifyResponse, error)
 	mustEmbedUnimplementedCAServer()
 }
 
@@ -124,6 +160,12 @@ func (UnimplementedCAServer) Roots(context.Context, *RootsRequest) (*RootsRespon
 }
 func (UnimplementedCAServer) Revoke(context.Context, *RevokeRequest) (*RevokeResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Revoke not implemented")
+}
+func (UnimplementedCAServer) AKChallenge(context.Context, *AKChallengeRequest) (*AKChallengeResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method AKChallenge not implemented")
+}
+func (UnimplementedCAServer) AKCertify(context.Context, *AKCertifyRequest) (*AKCertifyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method AKCertify not implemented")
 }
 func (UnimplementedCAServer) mustEmbedUnimplementedCAServer() {}
 func (UnimplementedCAServer) testEmbeddedByValue()            {}
@@ -218,6 +260,42 @@ func _CA_Revoke_Handler(srv interface{}, ctx context.Context, dec func(interface
 	return interceptor(ctx, in, info, handler)
 }
 
+func _CA_AKChallenge_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AKChallengeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CAServer).AKChallenge(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: CA_AKChallenge_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CAServer).AKChallenge(ctx, req.(*AKChallengeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _CA_AKCertify_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AKCertifyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CAServer).AKCertify(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: CA_AKCertify_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CAServer).AKCertify(ctx, req.(*AKCertifyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // CA_ServiceDesc is the grpc.ServiceDesc for CA service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -240,6 +318,14 @@ var CA_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Revoke",
 			Handler:    _CA_Revoke_Handler,
+		},
+		{
+			MethodName: "AKChallenge",
+			Handler:    _CA_AKChallenge_Handler,
+		},
+		{
+			MethodName: "AKCertify",
+			Handler:    _CA_AKCertify_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
