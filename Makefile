@@ -1,5 +1,6 @@
 # cvtpm — see README.md. Every target installs what it needs on Debian.
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
 BIN := bin/cvtpm
