@@ -4,9 +4,11 @@ package main
 
 import (
 	"context"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
@@ -58,6 +60,7 @@ Options:
 	policyFile := fs.String("policy", "", "evidence policy file (JSON, required)")
 	hskCEK := fs.String("hsk-cek", "", "HSK+CEK bundle for every chip (simulators, tests)")
 	certDir := fs.String("cert-dir", "", "offline HSK+CEK directory per chip serial")
+	keyType := fs.String("key-type", "p256", "key of a newly created CA: p256, p384 or rsa3072")
 	pgConn := fs.String("postgres", "", "keep certificates in PostgreSQL (libpq connection string) instead of DIR/ca.db, for several CA replicas")
 	kds := fs.String("kds", "", "HYGON KDS base URL to fetch HSK+CEK from (default when neither --hsk-cek nor --cert-dir)")
 	if done, err := parseFlags(fs, args); done {
@@ -88,7 +91,7 @@ Options:
 	default:
 		certs = &csv.CachedSource{Source: csv.HTTPSource{BaseURL: *kds}, TTL: 24 * time.Hour}
 	}
-	issuer, signer, err := loadOrCreateCAKey(*dir, log)
+	issuer, signer, err := loadOrCreateCAKey(*dir, *keyType, log)
 	if err != nil {
 		return err
 	}
@@ -157,16 +160,26 @@ Options:
 	return err
 }
 
-// loadOrCreateCAKey reads DIR/ca.key and DIR/ca.pem, creating a P-256
-// root on first start.
-func loadOrCreateCAKey(dir string, log *slog.Logger) (*x509.Certificate, *ecdsa.PrivateKey, error) {
+// loadOrCreateCAKey reads DIR/ca.key (PKCS #8) and DIR/ca.pem, creating a
+// root of keyType on first start.
+func loadOrCreateCAKey(dir, keyType string, log *slog.Logger) (*x509.Certificate, crypto.Signer, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, nil, err
 	}
 	keyPath, certPath := filepath.Join(dir, "ca.key"), filepath.Join(dir, "ca.pem")
 	kb, err := os.ReadFile(keyPath)
 	if errors.Is(err, fs.ErrNotExist) {
-		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		var key crypto.Signer
+		switch keyType {
+		case "p256":
+			key, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		case "p384":
+			key, err = ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+		case "rsa3072":
+			key, err = rsa.GenerateKey(rand.Reader, 3072)
+		default:
+			return nil, nil, fmt.Errorf("--key-type %q: want p256, p384 or rsa3072", keyType)
+		}
 		if err != nil {
 			return nil, nil, err
 		}
@@ -179,14 +192,17 @@ func loadOrCreateCAKey(dir string, log *slog.Logger) (*x509.Certificate, *ecdsa.
 		if err != nil {
 			return nil, nil, err
 		}
-		kder, _ := x509.MarshalECPrivateKey(key)
-		if err := os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
+		kder, err := x509.MarshalPKCS8PrivateKey(key)
+		if err != nil {
+			return nil, nil, err
+		}
+		if err := os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
 			return nil, nil, err
 		}
 		if err := os.WriteFile(certPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
 			return nil, nil, err
 		}
-		log.Info("created a new CA key and root certificate", "cert", certPath)
+		log.Info("created a new CA key and root certificate", "type", keyType, "cert", certPath)
 		kb, _ = os.ReadFile(keyPath)
 	} else if err != nil {
 		return nil, nil, fmt.Errorf("CA key: %w", err)
@@ -195,9 +211,13 @@ func loadOrCreateCAKey(dir string, log *slog.Logger) (*x509.Certificate, *ecdsa.
 	if kblk == nil {
 		return nil, nil, fmt.Errorf("CA key %s: not PEM", keyPath)
 	}
-	key, err := x509.ParseECPrivateKey(kblk.Bytes)
+	parsed, err := x509.ParsePKCS8PrivateKey(kblk.Bytes)
 	if err != nil {
 		return nil, nil, fmt.Errorf("CA key %s: %w", keyPath, err)
+	}
+	signer, ok := parsed.(crypto.Signer)
+	if !ok {
+		return nil, nil, fmt.Errorf("CA key %s: not a signing key", keyPath)
 	}
 	cb, err := os.ReadFile(certPath)
 	if err != nil {
@@ -211,7 +231,7 @@ func loadOrCreateCAKey(dir string, log *slog.Logger) (*x509.Certificate, *ecdsa.
 	if err != nil {
 		return nil, nil, fmt.Errorf("CA certificate %s: %w", certPath, err)
 	}
-	return cert, key, nil
+	return cert, signer, nil
 }
 
 func runCARevoke(ctx context.Context, args []string) error {
