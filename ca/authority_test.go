@@ -57,7 +57,7 @@ func newFixture(t testing.TB, trustSim bool) *caFixture {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	p := &Policy{ApprovedMeasurements: []string{hex.EncodeToString(goodMeasure[:])}}
+	p := &Policy{AppraisalPolicy: csv.AppraisalPolicy{ApprovedMeasurements: []string{hex.EncodeToString(goodMeasure[:])}}}
 	if trustSim {
 		rootFile := filepath.Join(dir, "sim-hrk.cert")
 		os.WriteFile(rootFile, sim.HRK.Marshal(), 0o600)
