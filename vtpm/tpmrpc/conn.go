@@ -1,0 +1,112 @@
+package tpmrpc
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"cvtpm/vtpm/swtpmproto"
+)
+
+// Messages on a plain stream (ServeConn, ConnCaller) are framed as a u32
+// big-endian length followed by the message. This framing has no
+// integrity protection: use it only on sockets both ends trust, such as a
+// socketpair between the backend supervisor and its worker.
+
+// ReadMessage reads one length-prefixed message into buf (grown as
+// needed) and returns it.
+func ReadMessage(r io.Reader, buf []byte) ([]byte, error) {
+	var hdr [4]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return nil, err
+	}
+	n := binary.BigEndian.Uint32(hdr[:])
+	if n > MaxMessage {
+		return nil, fmt.Errorf("%w: message length %d exceeds %d", ErrMalformed, n, MaxMessage)
+	}
+	if cap(buf) < int(n) {
+		buf = make([]byte, n)
+	}
+	buf = buf[:n]
+	if _, err := io.ReadFull(r, buf); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, fmt.Errorf("message truncated: %w", err)
+	}
+	return buf, nil
+}
+
+// appendFramed appends the length-prefixed msg to dst.
+func appendFramed(dst, msg []byte) []byte {
+	dst = binary.BigEndian.AppendUint32(dst, uint32(len(msg)))
+	return append(dst, msg...)
+}
+
+// ServeConn answers requests on conn with tpm until conn fails or ctx ends.
+func ServeConn(ctx context.Context, conn net.Conn, tpm swtpmproto.TPM) error {
+	stop := context.AfterFunc(ctx, func() { conn.SetReadDeadline(time.Now()) })
+	defer stop()
+	var in, out []byte
+	for {
+		msg, err := ReadMessage(conn, in)
+		if err != nil {
+			if errors.Is(err, io.EOF) || ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		in = msg[:0]
+		// Reserve the length prefix, then patch it.
+		out = append(out[:0], 0, 0, 0, 0)
+		out = Handle(tpm, msg, out)
+		binary.BigEndian.PutUint32(out, uint32(len(out)-4))
+		if _, err := conn.Write(out); err != nil {
+			return err
+		}
+	}
+}
+
+// ConnCaller is a Caller over a stream; calls are serialised.
+type ConnCaller struct {
+	mu   sync.Mutex
+	conn net.Conn
+	out  []byte
+	in   []byte
+}
+
+// NewConnCaller returns a Caller that sends requests on conn.
+func NewConnCaller(conn net.Conn) *ConnCaller { return &ConnCaller{conn: conn} }
+
+// Call implements Caller. A deadline from ctx bounds the round trip; on a
+// timeout the connection is no longer usable (a late answer would be
+// taken for the next call's), so it is closed.
+func (c *ConnCaller) Call(ctx context.Context, req []byte) ([]byte, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if dl, ok := ctx.Deadline(); ok {
+		c.conn.SetDeadline(dl)
+	}
+	stop := context.AfterFunc(ctx, func() { c.conn.SetDeadline(time.Now()) })
+	defer stop()
+	c.out = appendFramed(c.out[:0], req)
+	if _, err := c.conn.Write(c.out); err != nil {
+		c.conn.Close()
+		return nil, err
+	}
+	msg, err := ReadMessage(c.conn, c.in)
+	if err != nil {
+		c.conn.Close()
+		return nil, err
+	}
+	c.in = msg[:0]
+	return msg, nil
+}
+
+// Close closes the connection.
+func (c *ConnCaller) Close() error { return c.conn.Close() }
