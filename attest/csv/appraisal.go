@@ -1,8 +1,10 @@
 package csv
 
 import (
+	"context"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"slices"
@@ -145,4 +147,27 @@ func (p *AppraisalPolicy) Appraise(c *Claims) *AppraisalError {
 		return refuse(ReasonChip, "chip "+c.ChipSerial+" is not allowed")
 	}
 	return nil
+}
+
+// VerifyAndAppraise verifies a report against v (chain to a trusted root,
+// signatures, report_data == wantReportData) and then applies p. Any
+// failure comes back as an *AppraisalError whose Reason names the failed
+// check, so every relying party reports refusals with the same codes.
+func (p *AppraisalPolicy) VerifyAndAppraise(ctx context.Context, v *Verifier, report, wantReportData []byte) (*Claims, error) {
+	claims, err := v.Verify(ctx, report, wantReportData)
+	if err != nil {
+		var ce *CheckError
+		switch {
+		case errors.As(err, &ce) && ce.Check == CheckReportData:
+			return nil, &AppraisalError{Reason: ReasonReportData, Detail: err.Error()}
+		case errors.As(err, &ce) && (ce.Check == CheckHSK || ce.Check == CheckRoot):
+			return nil, &AppraisalError{Reason: ReasonUntrustedRoot, Detail: err.Error()}
+		default:
+			return nil, &AppraisalError{Reason: ReasonEvidence, Detail: err.Error()}
+		}
+	}
+	if e := p.Appraise(claims); e != nil {
+		return claims, e
+	}
+	return claims, nil
 }

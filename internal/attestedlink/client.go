@@ -1,0 +1,244 @@
+package attestedlink
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+
+	"cvtpm/attest/csv"
+)
+
+// ClientConfig says who the client is and which backends it trusts.
+type ClientConfig struct {
+	// Certificate authenticates the client to the backend.
+	Certificate tls.Certificate
+	// Policy decides which evidence is acceptable: trusted HYGON roots,
+	// measurements, policy bits. Required.
+	Policy *csv.AppraisalPolicy
+	// Certs supplies HSK/CEK by chip serial; nil uses the pair the backend
+	// sends (which must still chain to a trusted root).
+	Certs csv.CertSource
+	// HandshakeTimeout bounds TLS handshake plus attestation; zero means
+	// 30 seconds.
+	HandshakeTimeout time.Duration
+}
+
+// EvidenceError is a refusal of the backend's evidence. No TPM command
+// has been sent when it is returned.
+type EvidenceError struct {
+	Reason string // a csv.Reason* code
+	Err    error
+}
+
+func (e *EvidenceError) Error() string {
+	return "backend evidence refused (" + e.Reason + "): " + e.Err.Error()
+}
+func (e *EvidenceError) Unwrap() error { return e.Err }
+
+// Session is an attested session with a backend. Calls are serialised.
+// After any error the session is closed and every later call fails.
+type Session struct {
+	conn   *tls.Conn
+	claims *csv.Claims
+
+	mu  sync.Mutex
+	f   *framer
+	err error
+}
+
+// Dial runs the TLS handshake and the attestation over conn, which it
+// owns from now on (closed on failure).
+func Dial(ctx context.Context, conn net.Conn, cfg ClientConfig) (*Session, error) {
+	s, err := dial(ctx, conn, cfg)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+func dial(ctx context.Context, raw net.Conn, cfg ClientConfig) (*Session, error) {
+	if cfg.Policy == nil {
+		return nil, errors.New("attested link: no appraisal policy configured")
+	}
+	timeout := cfg.HandshakeTimeout
+	if timeout == 0 {
+		timeout = 30 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	raw.SetDeadline(time.Now().Add(timeout))
+	stop := context.AfterFunc(ctx, func() { raw.SetDeadline(time.Now()) })
+	defer stop()
+	conn := tls.Client(raw, &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{cfg.Certificate},
+		// The server proves itself by CSV evidence bound to this session's
+		// exporter, not by a certificate chain; see the package doc.
+		InsecureSkipVerify: true,
+		ServerName:         "cvtpm-backend",
+	})
+	if err := conn.HandshakeContext(ctx); err != nil {
+		return nil, fmt.Errorf("attested link: TLS handshake: %w", err)
+	}
+	f := newFramer(conn)
+	nonce := make([]byte, NonceSize)
+	rand.Read(nonce)
+	if err := f.write(frameHello, "", nonce); err != nil {
+		return nil, fmt.Errorf("attested link: sending nonce: %w", err)
+	}
+	ev, err := f.read(frameEvidence)
+	if err != nil {
+		return nil, fmt.Errorf("attested link: reading evidence: %w", err)
+	}
+	report, hskcek, err := splitEvidence(ev.payload)
+	if err != nil {
+		return nil, fmt.Errorf("attested link: %w", err)
+	}
+	certs := cfg.Certs
+	if certs == nil {
+		hsk, cek, err := csv.ParseHSKCEK(hskcek)
+		if err != nil {
+			return nil, &EvidenceError{Reason: csv.ReasonEvidence, Err: fmt.Errorf("HSK/CEK sent by the backend: %w", err)}
+		}
+		certs = csv.StaticSource{HSK: hsk, CEK: cek}
+	}
+	state := conn.ConnectionState()
+	exporter, err := state.ExportKeyingMaterial(ExporterLabel, nil, exporterSize)
+	if err != nil {
+		return nil, fmt.Errorf("attested link: TLS exporter: %w", err)
+	}
+	want := ReportData(exporter, nonce)
+	v := csv.NewVerifier(csv.VerifierOptions{TrustedRoots: cfg.Policy.TrustedRoots(), Certs: certs})
+	claims, err := cfg.Policy.VerifyAndAppraise(ctx, v, report, want[:])
+	if err != nil {
+		var ae *csv.AppraisalError
+		if errors.As(err, &ae) {
+			return nil, &EvidenceError{Reason: ae.Reason, Err: err}
+		}
+		return nil, &EvidenceError{Reason: csv.ReasonEvidence, Err: err}
+	}
+	raw.SetDeadline(time.Time{})
+	return &Session{conn: conn, claims: claims, f: f}, nil
+}
+
+func splitEvidence(b []byte) (report, hskcek []byte, err error) {
+	if len(b) < 4 {
+		return nil, nil, fmt.Errorf("%w: evidence frame too short", ErrProtocol)
+	}
+	n := binary.BigEndian.Uint32(b)
+	if uint64(n)+8 > uint64(len(b)) {
+		return nil, nil, fmt.Errorf("%w: evidence report length %d exceeds frame", ErrProtocol, n)
+	}
+	report, b = b[4:4+n], b[4+n:]
+	m := binary.BigEndian.Uint32(b)
+	if uint64(m)+4 != uint64(len(b)) {
+		return nil, nil, fmt.Errorf("%w: evidence HSK/CEK length %d does not match frame", ErrProtocol, m)
+	}
+	return report, b[4:], nil
+}
+
+// Claims are the appraised CSV claims of the backend.
+func (s *Session) Claims() *csv.Claims { return s.claims }
+
+// Call sends one tpmrpc request for instance and returns the response,
+// which is valid until the next call.
+func (s *Session) Call(ctx context.Context, instance string, req []byte) ([]byte, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err != nil {
+		return nil, s.err
+	}
+	resp, err := s.call(ctx, instance, req)
+	if err != nil {
+		s.err = fmt.Errorf("attested link session ended: %w", err)
+		s.conn.Close()
+		return nil, s.err
+	}
+	return resp, nil
+}
+
+func (s *Session) call(ctx context.Context, instance string, req []byte) ([]byte, error) {
+	if dl, ok := ctx.Deadline(); ok {
+		s.conn.SetDeadline(dl)
+		defer s.conn.SetDeadline(time.Time{})
+	}
+	stop := context.AfterFunc(ctx, func() { s.conn.SetDeadline(time.Now()) })
+	defer stop()
+	if err := s.f.write(frameRequest, instance, req); err != nil {
+		return nil, err
+	}
+	fr, err := s.f.read(frameResponse)
+	if err != nil {
+		return nil, err
+	}
+	if fr.instance != instance {
+		return nil, fmt.Errorf("%w: response for instance %q, asked %q", ErrProtocol, fr.instance, instance)
+	}
+	return fr.payload, nil
+}
+
+// Close ends the session.
+func (s *Session) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err == nil {
+		s.err = errors.New("attested link session closed")
+	}
+	return s.conn.Close()
+}
+
+// InstanceCaller is a tpmrpc.Caller for one instance that (re)dials a
+// session when it has none: after a session ends with an error, the call
+// that saw the error fails (it may or may not have run) and the next call
+// attests a new session.
+type InstanceCaller struct {
+	Instance string
+	Dial     func(ctx context.Context) (*Session, error)
+
+	mu      sync.Mutex
+	session *Session
+}
+
+// Call implements tpmrpc.Caller.
+func (c *InstanceCaller) Call(ctx context.Context, req []byte) ([]byte, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.session == nil {
+		s, err := c.Dial(ctx)
+		if err != nil {
+			return nil, err
+		}
+		c.session = s
+	}
+	resp, err := c.session.Call(ctx, c.Instance, req)
+	if err != nil {
+		c.session = nil
+	}
+	return resp, err
+}
+
+// Session returns the current session (nil if none).
+func (c *InstanceCaller) Session() *Session {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.session
+}
+
+// Close closes the current session.
+func (c *InstanceCaller) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.session != nil {
+		err := c.session.Close()
+		c.session = nil
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,187 @@
+package attestedlink
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"cvtpm/attest/csv"
+)
+
+// Handler performs one call (a vtpm/tpmrpc request) on an instance and
+// appends the encoded response to dst. Failures of the call itself belong
+// in the response; an error return ends the session.
+type Handler interface {
+	Call(ctx context.Context, instance string, req, dst []byte) ([]byte, error)
+}
+
+// Authorizer decides whether the client with this certificate may use the
+// instance. It is asked before the first call to each instance.
+type Authorizer interface {
+	Authorize(ctx context.Context, client *x509.Certificate, instance string) error
+}
+
+// Server is the backend end of the link.
+type Server struct {
+	// TLS must hold the server's certificate and ClientCAs, the roots that
+	// client certificates must chain to. Server forces TLS 1.3 and
+	// RequireAndVerifyClientCert.
+	TLS *tls.Config
+	// Evidence produces the CSV report for a session (device or simulator).
+	Evidence csv.ReportProvider
+	// HSKCEK, if set, is sent with every report (csv.MarshalHSKCEK), so
+	// clients need no key distribution server of their own.
+	HSKCEK     []byte
+	Authorizer Authorizer
+	Handler    Handler
+	Logger     *slog.Logger
+	// HandshakeTimeout bounds TLS handshake plus attestation; zero means
+	// 30 seconds.
+	HandshakeTimeout time.Duration
+}
+
+func (s *Server) log() *slog.Logger {
+	if s.Logger == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return s.Logger
+}
+
+func (s *Server) tlsConfig() (*tls.Config, error) {
+	if s.TLS == nil || len(s.TLS.Certificates) == 0 && s.TLS.GetCertificate == nil {
+		return nil, errors.New("attested link server: no TLS certificate")
+	}
+	if s.TLS.ClientCAs == nil {
+		return nil, errors.New("attested link server: no client CA: clients must be authenticated")
+	}
+	cfg := s.TLS.Clone()
+	cfg.MinVersion = tls.VersionTLS13
+	cfg.ClientAuth = tls.RequireAndVerifyClientCert
+	return cfg, nil
+}
+
+// Serve accepts sessions on ln until ctx ends or ln fails.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	if _, err := s.tlsConfig(); err != nil {
+		return err
+	}
+	if s.Evidence == nil || s.Authorizer == nil || s.Handler == nil {
+		return errors.New("attested link server: Evidence, Authorizer and Handler are required")
+	}
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return fmt.Errorf("attested link: accept: %w", err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := s.ServeConn(ctx, conn); err != nil {
+				s.log().Warn("attested link session ended with an error", "remote", conn.RemoteAddr().String(), "err", err)
+			}
+		}()
+	}
+}
+
+// ServeConn runs one session on raw and closes it.
+func (s *Server) ServeConn(ctx context.Context, raw net.Conn) error {
+	defer raw.Close()
+	cfg, err := s.tlsConfig()
+	if err != nil {
+		return err
+	}
+	timeout := s.HandshakeTimeout
+	if timeout == 0 {
+		timeout = 30 * time.Second
+	}
+	raw.SetDeadline(time.Now().Add(timeout))
+	conn := tls.Server(raw, cfg)
+	stop := context.AfterFunc(ctx, func() { raw.SetDeadline(time.Now()) })
+	defer stop()
+	hctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if err := conn.HandshakeContext(hctx); err != nil {
+		return fmt.Errorf("TLS handshake: %w", err)
+	}
+	state := conn.ConnectionState()
+	client := state.PeerCertificates[0]
+	log := s.log().With("client", client.Subject.CommonName, "remote", raw.RemoteAddr().String())
+	f := newFramer(conn)
+
+	// Attestation: the client's nonce, then our report bound to this
+	// session's exporter.
+	hello, err := f.read(frameHello)
+	if err != nil {
+		return fmt.Errorf("reading hello: %w", err)
+	}
+	if len(hello.payload) != NonceSize {
+		f.write(frameError, "", []byte("hello must carry a 32-byte nonce"))
+		return fmt.Errorf("%w: hello nonce is %d bytes", ErrProtocol, len(hello.payload))
+	}
+	exporter, err := state.ExportKeyingMaterial(ExporterLabel, nil, exporterSize)
+	if err != nil {
+		return fmt.Errorf("TLS exporter: %w", err)
+	}
+	rd := ReportData(exporter, hello.payload)
+	report, err := s.Evidence.Report(hctx, rd[:])
+	if err != nil {
+		f.write(frameError, "", []byte("backend could not produce evidence"))
+		return fmt.Errorf("CSV report: %w", err)
+	}
+	var lens [8]byte
+	binary.BigEndian.PutUint32(lens[:4], uint32(len(report)))
+	binary.BigEndian.PutUint32(lens[4:], uint32(len(s.HSKCEK)))
+	if err := f.write(frameEvidence, "", lens[:4], report, lens[4:], s.HSKCEK); err != nil {
+		return fmt.Errorf("sending evidence: %w", err)
+	}
+	raw.SetDeadline(time.Time{})
+	log.Info("attested link session open")
+
+	authorized := map[string]bool{}
+	var out []byte
+	for {
+		req, err := f.read(frameRequest)
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				log.Info("attested link session closed")
+				return nil
+			}
+			f.write(frameError, "", []byte(err.Error()))
+			return err
+		}
+		if !authorized[req.instance] {
+			if err := s.Authorizer.Authorize(ctx, client, req.instance); err != nil {
+				f.write(frameError, req.instance, []byte(fmt.Sprintf("client %q may not use instance %q: %v", client.Subject.CommonName, req.instance, err)))
+				return fmt.Errorf("instance %q refused: %w", req.instance, err)
+			}
+			authorized[req.instance] = true
+		}
+		out, err = s.Handler.Call(ctx, req.instance, req.payload, out[:0])
+		if err != nil {
+			f.write(frameError, req.instance, []byte(err.Error()))
+			return fmt.Errorf("instance %q: %w", req.instance, err)
+		}
+		if err := f.write(frameResponse, req.instance, out); err != nil {
+			return fmt.Errorf("sending response: %w", err)
+		}
+	}
+}
