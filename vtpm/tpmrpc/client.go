@@ -234,3 +234,17 @@ func (c *Client) MaxCommandSize() int {
 	c.mu.Unlock()
 	return n
 }
+
+// Send executes one TPM command and returns its response, so a Client is a
+// go-tpm transport.TPM. Unlike Execute it reports a failed call as an error.
+func (c *Client) Send(cmd []byte) ([]byte, error) {
+	var resp []byte
+	err := c.do(Request{Op: OpExecute, Payload: cmd}, func(r Response) { resp = append([]byte(nil), r.Payload...) })
+	if err != nil {
+		return nil, err
+	}
+	if len(resp) < 10 {
+		return nil, fmt.Errorf("remote TPM returned %d bytes, shorter than a response header", len(resp))
+	}
+	return resp, nil
+}

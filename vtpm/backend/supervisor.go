@@ -1,0 +1,483 @@
+package backend
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"cvtpm/vtpm/tpmrpc"
+)
+
+// Config configures a Supervisor.
+type Config struct {
+	// Dir holds one state directory per instance, Dir/<instance id>.
+	Dir string
+	// Keys seals instance state. Required.
+	Keys KeySource
+	// Cipher is the state AEAD: "aes-256-gcm" (default) or "sm4-gcm".
+	Cipher string
+	// Worker is the command line that starts a worker; the supervisor
+	// appends --state DIR --conn-fd 3 --key-fd 4 --cipher C. Typically
+	// {os.Executable(), "worker"}.
+	Worker []string
+	Logger *slog.Logger
+	// CallTimeout bounds one call to a worker; a worker that does not
+	// answer in time is killed and restarted. Zero means 2 minutes.
+	CallTimeout time.Duration
+}
+
+// State of an instance's worker.
+const (
+	StateRunning    = "running"
+	StateRestarting = "restarting"
+)
+
+// InstanceInfo describes an instance.
+type InstanceInfo struct {
+	ID       string
+	State    string
+	PID      int
+	Restarts int
+	Created  time.Time
+}
+
+// Supervisor owns the instances and their workers.
+type Supervisor struct {
+	cfg Config
+	log *slog.Logger
+
+	mu        sync.Mutex
+	instances map[string]*instance
+	closed    bool
+}
+
+type instance struct {
+	id, dir string
+	created time.Time
+
+	mu         sync.Mutex // serialises calls, starts and deletion
+	w          *worker
+	restarts   int
+	lastStart  time.Time
+	deleted    bool
+	tpmRunning bool // the TPM was initialised and not stopped
+	startedUp  bool // TPM2_Startup succeeded since the last init
+}
+
+type worker struct {
+	cmd    *exec.Cmd
+	conn   net.Conn
+	caller *tpmrpc.ConnCaller
+	done   chan struct{}
+}
+
+var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+// ValidInstanceID reports whether id may name an instance: 1-64 letters,
+// digits, '.', '_' or '-', starting with a letter or digit.
+func ValidInstanceID(id string) error {
+	if !validID.MatchString(id) {
+		return fmt.Errorf("instance id %q: want 1-64 of [A-Za-z0-9._-], starting with a letter or digit", id)
+	}
+	return nil
+}
+
+// New opens the instance directory and starts a worker for every instance
+// found there.
+func New(ctx context.Context, cfg Config) (*Supervisor, error) {
+	if cfg.Keys == nil {
+		return nil, errors.New("backend: no key source")
+	}
+	if len(cfg.Worker) == 0 {
+		return nil, errors.New("backend: no worker command")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.CallTimeout == 0 {
+		cfg.CallTimeout = 2 * time.Minute
+	}
+	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("backend: %w", err)
+	}
+	s := &Supervisor{cfg: cfg, log: cfg.Logger, instances: map[string]*instance{}}
+	entries, err := os.ReadDir(cfg.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("backend: %w", err)
+	}
+	for _, e := range entries {
+		if !e.IsDir() || ValidInstanceID(e.Name()) != nil {
+			continue
+		}
+		inst := s.newInstance(e.Name())
+		if fi, err := e.Info(); err == nil {
+			inst.created = fi.ModTime()
+		}
+		inst.mu.Lock()
+		err := s.start(ctx, inst)
+		inst.mu.Unlock()
+		if err != nil {
+			s.Close()
+			return nil, fmt.Errorf("backend: starting instance %q: %w", inst.id, err)
+		}
+		s.instances[inst.id] = inst
+	}
+	s.log.Info("backend ready", "instances", len(s.instances), "dir", cfg.Dir)
+	return s, nil
+}
+
+func (s *Supervisor) newInstance(id string) *instance {
+	return &instance{id: id, dir: filepath.Join(s.cfg.Dir, id), created: time.Now(), tpmRunning: true}
+}
+
+// Create makes a new instance with an empty TPM and starts its worker.
+// Its TPM is initialised (as swtpm --flags not-need-init); TPM2_Startup is
+// the client's business.
+func (s *Supervisor) Create(ctx context.Context, id string) (InstanceInfo, error) {
+	if err := ValidInstanceID(id); err != nil {
+		return InstanceInfo{}, err
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return InstanceInfo{}, errors.New("backend is shutting down")
+	}
+	if _, ok := s.instances[id]; ok {
+		s.mu.Unlock()
+		return InstanceInfo{}, fmt.Errorf("instance %q: %w", id, fs.ErrExist)
+	}
+	inst := s.newInstance(id)
+	inst.mu.Lock()
+	defer inst.mu.Unlock()
+	s.instances[id] = inst
+	s.mu.Unlock()
+	fail := func(err error) (InstanceInfo, error) {
+		inst.deleted = true
+		s.mu.Lock()
+		delete(s.instances, id)
+		s.mu.Unlock()
+		return InstanceInfo{}, fmt.Errorf("creating instance %q: %w", id, err)
+	}
+	if err := os.Mkdir(inst.dir, 0o700); err != nil {
+		return fail(err)
+	}
+	if err := s.start(ctx, inst); err != nil {
+		os.RemoveAll(inst.dir)
+		return fail(err)
+	}
+	s.log.Info("instance created", "instance", id, "pid", inst.w.cmd.Process.Pid)
+	return inst.info(), nil
+}
+
+// Delete stops an instance's worker and removes its state.
+func (s *Supervisor) Delete(ctx context.Context, id string) error {
+	s.mu.Lock()
+	inst, ok := s.instances[id]
+	if ok {
+		delete(s.instances, id)
+	}
+	s.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("instance %q: %w", id, fs.ErrNotExist)
+	}
+	inst.mu.Lock()
+	defer inst.mu.Unlock()
+	inst.deleted = true
+	s.stop(inst, 0)
+	if err := os.RemoveAll(inst.dir); err != nil {
+		return fmt.Errorf("deleting instance %q: %w", id, err)
+	}
+	s.log.Info("instance deleted", "instance", id)
+	return nil
+}
+
+// List describes the instances, sorted by id.
+func (s *Supervisor) List() []InstanceInfo {
+	s.mu.Lock()
+	insts := make([]*instance, 0, len(s.instances))
+	for _, i := range s.instances {
+		insts = append(insts, i)
+	}
+	s.mu.Unlock()
+	out := make([]InstanceInfo, 0, len(insts))
+	for _, i := range insts {
+		i.mu.Lock()
+		out = append(out, i.info())
+		i.mu.Unlock()
+	}
+	slices.SortFunc(out, func(a, b InstanceInfo) int {
+		if a.ID < b.ID {
+			return -1
+		}
+		if a.ID > b.ID {
+			return 1
+		}
+		return 0
+	})
+	return out
+}
+
+// Info describes one instance.
+func (s *Supervisor) Info(id string) (InstanceInfo, error) {
+	inst := s.lookup(id)
+	if inst == nil {
+		return InstanceInfo{}, fmt.Errorf("instance %q: %w", id, fs.ErrNotExist)
+	}
+	inst.mu.Lock()
+	defer inst.mu.Unlock()
+	return inst.info(), nil
+}
+
+func (i *instance) info() InstanceInfo {
+	info := InstanceInfo{ID: i.id, State: StateRestarting, Restarts: i.restarts, Created: i.created}
+	if i.w != nil {
+		info.State, info.PID = StateRunning, i.w.cmd.Process.Pid
+	}
+	return info
+}
+
+func (s *Supervisor) lookup(id string) *instance {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.instances[id]
+}
+
+// Close stops every worker. Their state is already on disk.
+func (s *Supervisor) Close() {
+	s.mu.Lock()
+	s.closed = true
+	insts := make([]*instance, 0, len(s.instances))
+	for _, i := range s.instances {
+		insts = append(insts, i)
+	}
+	s.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, inst := range insts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			inst.mu.Lock()
+			defer inst.mu.Unlock()
+			inst.deleted = true
+			s.stop(inst, 2*time.Second)
+		}()
+	}
+	wg.Wait()
+}
+
+// stop ends inst's worker: closing its socket makes it exit; after grace
+// it is killed. Called with inst.mu held.
+func (s *Supervisor) stop(inst *instance, grace time.Duration) {
+	w := inst.w
+	if w == nil {
+		return
+	}
+	inst.w = nil
+	w.conn.Close()
+	select {
+	case <-w.done:
+	case <-time.After(grace):
+		w.cmd.Process.Kill()
+		<-w.done
+	}
+}
+
+// start launches a worker for inst and brings its TPM back to where the
+// clients left it. Called with inst.mu held.
+func (s *Supervisor) start(ctx context.Context, inst *instance) error {
+	key, err := s.cfg.Keys.InstanceKey(ctx, inst.id)
+	if err != nil {
+		return fmt.Errorf("state key: %w", err)
+	}
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("socketpair: %w", err)
+	}
+	parent, child := os.NewFile(uintptr(fds[0]), "worker-conn"), os.NewFile(uintptr(fds[1]), "worker-conn")
+	conn, err := net.FileConn(parent)
+	parent.Close()
+	if err != nil {
+		child.Close()
+		return fmt.Errorf("worker socket: %w", err)
+	}
+	keyR, keyW, err := os.Pipe()
+	if err != nil {
+		child.Close()
+		conn.Close()
+		return fmt.Errorf("key pipe: %w", err)
+	}
+	cipher := s.cfg.Cipher
+	if cipher == "" {
+		cipher = "aes-256-gcm"
+	}
+	argv := append(slices.Clone(s.cfg.Worker), "--state", inst.dir, "--conn-fd", "3", "--key-fd", "4", "--cipher", cipher)
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.ExtraFiles = []*os.File{child, keyR}
+	cmd.Stderr = os.Stderr
+	cmd.Env = append(os.Environ(), "CVTPM_INSTANCE="+inst.id)
+	// Workers die with the supervisor, never outlive it holding state.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	err = cmd.Start()
+	// Only the worker may hold its ends: otherwise its death would not
+	// show as EOF on conn.
+	child.Close()
+	keyR.Close()
+	if err != nil {
+		keyW.Close()
+		conn.Close()
+		return fmt.Errorf("starting worker: %w", err)
+	}
+	// The pipe holds far more than a key: write and close without waiting.
+	_, werr := keyW.Write([]byte(hex.EncodeToString(key)))
+	keyW.Close()
+	clear(key)
+	w := &worker{cmd: cmd, conn: conn, caller: tpmrpc.NewConnCaller(conn), done: make(chan struct{})}
+	go func() {
+		err := cmd.Wait()
+		close(w.done)
+		s.exited(inst, w, err)
+	}()
+	if werr != nil {
+		cmd.Process.Kill()
+		<-w.done
+		return fmt.Errorf("passing the state key: %w", werr)
+	}
+	inst.w = w
+	inst.lastStart = time.Now()
+	if err := s.restore(ctx, inst); err != nil {
+		// A worker that cannot be brought up is not left running (nor
+		// restarted by exited): the next call or a restart retries.
+		inst.w = nil
+		cmd.Process.Kill()
+		<-w.done
+		return err
+	}
+	return nil
+}
+
+// startupClear is TPM2_Startup(TPM_SU_CLEAR).
+var startupClear = []byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44, 0, 0}
+
+// restore initialises a fresh worker's TPM as the clients last saw it:
+// running, and started up if they had started it. Volatile state (PCRs,
+// loaded objects, sessions) does not survive a crash; to the guest it looks
+// like a TPM reset. Called with inst.mu held.
+func (s *Supervisor) restore(ctx context.Context, inst *instance) error {
+	if !inst.tpmRunning {
+		return nil
+	}
+	c := tpmrpc.NewClient(callerFunc(func(ctx context.Context, req []byte) ([]byte, error) {
+		return inst.w.caller.Call(ctx, req)
+	}), tpmrpc.ClientOptions{Timeout: s.cfg.CallTimeout})
+	if rc := c.Init(0); rc != 0 {
+		return fmt.Errorf("initialising the TPM: result %#x: %v", rc, c.Err())
+	}
+	if inst.startedUp {
+		if resp := c.Execute(nil, startupClear); responseCode(resp) != 0 {
+			return fmt.Errorf("TPM2_Startup after restart: rc %#x", responseCode(resp))
+		}
+	}
+	return nil
+}
+
+type callerFunc func(ctx context.Context, req []byte) ([]byte, error)
+
+func (f callerFunc) Call(ctx context.Context, req []byte) ([]byte, error) { return f(ctx, req) }
+
+func responseCode(resp []byte) uint32 {
+	if len(resp) < 10 {
+		return 0x101
+	}
+	return binary.BigEndian.Uint32(resp[6:10])
+}
+
+// exited restarts a worker that died unless the instance is going away.
+func (s *Supervisor) exited(inst *instance, w *worker, waitErr error) {
+	inst.mu.Lock()
+	defer inst.mu.Unlock()
+	if inst.w != w || inst.deleted {
+		return
+	}
+	inst.w = nil
+	inst.restarts++
+	s.log.Warn("instance worker died; restarting it from its sealed state", "instance", inst.id, "pid", w.cmd.Process.Pid, "exit", fmt.Sprint(waitErr), "restarts", inst.restarts)
+	// Back off when a worker dies right after starting, so a broken state
+	// directory does not turn into a fork loop.
+	if since := time.Since(inst.lastStart); since < time.Second {
+		time.Sleep(min(time.Duration(inst.restarts)*100*time.Millisecond, 5*time.Second))
+	}
+	if err := s.start(context.Background(), inst); err != nil {
+		s.log.Error("instance worker restart failed; the next call retries", "instance", inst.id, "err", err)
+		if inst.w != nil {
+			inst.w.cmd.Process.Kill()
+		}
+	}
+}
+
+// Call implements attestedlink.Handler: it performs one tpmrpc request on
+// the instance. Failures become tpmrpc error responses so that the link
+// stays up; the worker is restarted if it failed.
+func (s *Supervisor) Call(ctx context.Context, id string, req, dst []byte) ([]byte, error) {
+	inst := s.lookup(id)
+	if inst == nil {
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("no instance %q on this backend", id)}), nil
+	}
+	r, err := tpmrpc.ParseRequest(req)
+	if err != nil {
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: err.Error()}), nil
+	}
+	inst.mu.Lock()
+	defer inst.mu.Unlock()
+	if inst.deleted {
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q was deleted", id)}), nil
+	}
+	if inst.w == nil {
+		if err := s.start(ctx, inst); err != nil {
+			return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q is not running: %v", id, err)}), nil
+		}
+	}
+	cctx, cancel := context.WithTimeout(ctx, s.cfg.CallTimeout)
+	defer cancel()
+	resp, err := inst.w.caller.Call(cctx, req)
+	if err != nil {
+		// The worker died or hung: make sure it is gone; exited restarts it.
+		inst.w.cmd.Process.Kill()
+		s.log.Warn("instance worker failed during a call", "instance", id, "op", r.Op.String(), "err", err)
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q worker failed during %v (restarted from sealed state; the call may not have completed): %v", id, r.Op, err)}), nil
+	}
+	s.track(inst, r, resp)
+	return append(dst, resp...), nil
+}
+
+// track follows the TPM's life cycle so that restore can replay it.
+func (s *Supervisor) track(inst *instance, r tpmrpc.Request, resp []byte) {
+	switch r.Op {
+	case tpmrpc.OpInit:
+		if p, err := tpmrpc.ParseResponse(resp); err == nil && p.Err == "" && p.RC == 0 {
+			inst.tpmRunning, inst.startedUp = true, false
+		}
+	case tpmrpc.OpStop:
+		inst.tpmRunning, inst.startedUp = false, false
+	case tpmrpc.OpExecute:
+		if len(r.Payload) >= 10 && binary.BigEndian.Uint32(r.Payload[6:10]) == 0x144 {
+			if p, err := tpmrpc.ParseResponse(resp); err == nil && p.Err == "" && responseCode(p.Payload) == 0 {
+				inst.startedUp = true
+			}
+		}
+	}
+}
