@@ -1,6 +1,4 @@
 // Package frontend is the host-side face of cvtpm: per VM it serves QEMU's
 // tpm-emulator (swtpm) protocol and forwards commands to a backend instance
 // over the attested link, and it relays guestkit connections as opaque bytes.
-//
-// Not implemented yet: see issue 4.
 package frontend

@@ -10,6 +10,8 @@ import (
 	"fmt"
 	"math/big"
 	"time"
+
+	"cvtpm/attest/csv"
 )
 
 // EphemeralCertificate makes a fresh self-signed P-256 certificate for a
@@ -34,4 +36,19 @@ func EphemeralCertificate() (tls.Certificate, error) {
 		return tls.Certificate{}, fmt.Errorf("ephemeral certificate: %w", err)
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
+}
+
+// LoadClientConfig reads a client's identity (certificate and key PEM, as
+// "cvtpm ca identity" writes them) and its evidence policy (a JSON
+// csv.AppraisalPolicy).
+func LoadClientConfig(certFile, keyFile, policyFile string) (ClientConfig, error) {
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return ClientConfig{}, fmt.Errorf("link identity: %w", err)
+	}
+	policy, err := csv.LoadAppraisalPolicy(policyFile)
+	if err != nil {
+		return ClientConfig{}, fmt.Errorf("backend evidence policy: %w", err)
+	}
+	return ClientConfig{Certificate: cert, Policy: policy}, nil
 }

@@ -7,11 +7,13 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"sync"
 	"time"
 
 	"cvtpm/attest/csv"
+	"cvtpm/vtpm/tpmrpc"
 )
 
 // ClientConfig says who the client is and which backends it trusts.
@@ -241,4 +243,27 @@ func (c *InstanceCaller) Close() error {
 		return err
 	}
 	return nil
+}
+
+// RemoteTPM is a swtpmproto.TPM (and go-tpm transport) for one instance on
+// the backend that dial reaches; sessions are attested on first use and
+// after a failure.
+func RemoteTPM(instance string, dial func(ctx context.Context) (*Session, error), log *slog.Logger) (*tpmrpc.Client, *InstanceCaller) {
+	caller := &InstanceCaller{Instance: instance, Dial: dial}
+	return tpmrpc.NewClient(caller, tpmrpc.ClientOptions{Logger: log}), caller
+}
+
+// Connect attests a session now rather than at the first call, so a
+// misconfigured or untrusted backend is reported at start-up.
+func (c *InstanceCaller) Connect(ctx context.Context) (*Session, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.session == nil {
+		s, err := c.Dial(ctx)
+		if err != nil {
+			return nil, err
+		}
+		c.session = s
+	}
+	return c.session, nil
 }

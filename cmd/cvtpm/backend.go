@@ -1,0 +1,263 @@
+package main
+
+// "cvtpm backend": the vTPM CVM's daemon, and its management client.
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	backendpb "cvtpm/api/backend"
+	capb "cvtpm/api/ca"
+	"cvtpm/attest/csv"
+	"cvtpm/ca"
+	"cvtpm/enroll"
+	"cvtpm/internal/attestedlink"
+	"cvtpm/internal/netaddr"
+	"cvtpm/vtpm/backend"
+)
+
+func init() {
+	register(command{name: "backend", summary: "the vTPM CVM daemon: instances, attested link, management API", run: runBackend})
+}
+
+func runBackend(ctx context.Context, args []string) error {
+	if len(args) > 0 {
+		switch args[0] {
+		case "create", "list", "delete":
+			return runBackendAdmin(ctx, args[0], args[1:])
+		}
+	}
+	fs := flag.NewFlagSet("cvtpm backend", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `Usage: cvtpm backend --dir DIR --key-file FILE --client-ca FILE --acl FILE [options]
+       cvtpm backend create|list|delete --admin SOCKET [--enroll] [ID]
+
+Runs the vTPM backend inside the CSV confidential VM. Each instance is a
+libtpms worker process with its own sealed state in DIR/<id>; a worker that
+dies is restarted from that state. Clients (the host frontend, guest
+proxies) reach instances over the attested link on --listen: TLS 1.3 with
+client certificates from --client-ca, after which the backend proves with a
+CSV report (the real /dev/csv-guest, or the simulator in --csv-sim) that the
+session ends inside this CVM. --acl names which client may use which
+instance:
+
+  {"clients": {"frontend-host1": ["*"], "guest-vm1": ["vm1"]}}
+
+Instances are created, listed and deleted through the management API on the
+unix socket --admin (default DIR/admin.sock), e.g.
+
+  cvtpm backend create --admin DIR/admin.sock vm1
+  cvtpm backend list   --admin DIR/admin.sock
+
+With --ca, "create --enroll" also creates the instance's EKs and has the EK
+CA certify them (see 'cvtpm enroll --help').
+
+Options:
+`)
+		fs.PrintDefaults()
+	}
+	dir := fs.String("dir", "", "directory of the instances' sealed state (required)")
+	listen := fs.String("listen", "tcp:127.0.0.1:7700", "attested link address: tcp:HOST:PORT, unix:PATH or vsock:PORT")
+	admin := fs.String("admin", "", "management API unix socket (default DIR/admin.sock)")
+	keyFile := fs.String("key-file", "", "hex master key (32+ bytes) from which each instance's state key is derived (required)")
+	cipher := fs.String("cipher", "aes-256-gcm", "state AEAD: aes-256-gcm or sm4-gcm")
+	clientCA := fs.String("client-ca", "", "PEM file of the CA(s) that issue link client certificates (required)")
+	aclFile := fs.String("acl", "", "JSON access list: client certificate CN -> instances (required)")
+	simDir := fs.String("csv-sim", "", "use the CSV simulator saved in DIR when /dev/csv-guest is absent (tests, demos)")
+	hskCEK := fs.String("hsk-cek", "", "this chip's HSK+CEK bundle, sent to clients with each report")
+	caAddr := fs.String("ca", "", "EK CA gRPC address, for 'create --enroll'")
+	if done, err := parseFlags(fs, args); done {
+		return err
+	}
+	if *dir == "" || *keyFile == "" || *clientCA == "" || *aclFile == "" {
+		return errors.New("--dir, --key-file, --client-ca and --acl are required (see --help)")
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	keys, err := backend.MasterKeyFromFile(*keyFile)
+	if err != nil {
+		return fmt.Errorf("--key-file: %w", err)
+	}
+	acl, err := backend.LoadACL(*aclFile)
+	if err != nil {
+		return fmt.Errorf("--acl: %w", err)
+	}
+	pem, err := os.ReadFile(*clientCA)
+	if err != nil {
+		return fmt.Errorf("--client-ca: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return fmt.Errorf("--client-ca %s: no PEM certificate in it", *clientCA)
+	}
+	evidence, err := csv.OpenProvider(csv.ProviderOptions{SimulatorDir: *simDir})
+	if err != nil {
+		return fmt.Errorf("CSV evidence: %w", err)
+	}
+	var bundle []byte
+	switch {
+	case *hskCEK != "":
+		if bundle, err = os.ReadFile(*hskCEK); err != nil {
+			return fmt.Errorf("--hsk-cek: %w", err)
+		}
+		if _, _, err := csv.ParseHSKCEK(bundle); err != nil {
+			return fmt.Errorf("--hsk-cek: %w", err)
+		}
+	default:
+		if sim, ok := evidence.(*csv.Simulator); ok {
+			bundle = csv.MarshalHSKCEK(sim.HSK, sim.CEK)
+			log.Warn("using the CSV SIMULATOR: clients that trust only HYGON's real root will refuse this backend", "dir", *simDir)
+		}
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	sup, err := backend.New(ctx, backend.Config{Dir: *dir, Keys: keys, Cipher: *cipher, Worker: []string{exe, "worker"}, Logger: log})
+	if err != nil {
+		return err
+	}
+	defer sup.Close()
+
+	var enroller backend.Enroller
+	if *caAddr != "" {
+		conn, err := grpc.NewClient(*caAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			return fmt.Errorf("--ca: %w", err)
+		}
+		defer conn.Close()
+		enroller = instanceEnroller{ca: ca.Client{C: capb.NewCAClient(conn)}, evidence: evidence}
+	}
+	adminPath := *admin
+	if adminPath == "" {
+		adminPath = filepath.Join(*dir, "admin.sock")
+	}
+	aln, err := netaddr.Listen("unix:" + adminPath)
+	if err != nil {
+		return fmt.Errorf("--admin: %w", err)
+	}
+	gs := grpc.NewServer()
+	backendpb.RegisterInstanceManagerServer(gs, &backend.AdminServer{Supervisor: sup, Enroller: enroller})
+
+	cert, err := attestedlink.EphemeralCertificate()
+	if err != nil {
+		return err
+	}
+	ln, err := netaddr.Listen(*listen)
+	if err != nil {
+		return fmt.Errorf("--listen: %w", err)
+	}
+	link := &attestedlink.Server{
+		TLS:      &tls.Config{Certificates: []tls.Certificate{cert}, ClientCAs: pool},
+		Evidence: evidence, HSKCEK: bundle,
+		Authorizer: acl, Handler: sup, Logger: log,
+	}
+	errc := make(chan error, 2)
+	go func() { errc <- gs.Serve(aln) }()
+	go func() { errc <- link.Serve(ctx, ln) }()
+	log.Info("backend serving", "link", ln.Addr().String(), "admin", adminPath, "instances", len(sup.List()))
+	select {
+	case <-ctx.Done():
+		err = nil
+	case err = <-errc:
+	}
+	gs.Stop()
+	ln.Close()
+	return err
+}
+
+// instanceEnroller certifies a new instance's EKs with the EK CA.
+type instanceEnroller struct {
+	ca       enroll.CA
+	evidence csv.ReportProvider
+}
+
+func (e instanceEnroller) EnrollInstance(ctx context.Context, id string, tpm transport.TPM) ([]*backendpb.EnrolledEK, error) {
+	// A new instance is initialised but not started up.
+	if _, err := (tpm2.Startup{StartupType: tpm2.TPMSUClear}).Execute(tpm); err != nil && !errors.Is(err, tpm2.TPMRCInitialize) {
+		return nil, fmt.Errorf("TPM2_Startup: %w", err)
+	}
+	c := &enroll.Client{TPM: tpm, CA: e.ca, Evidence: e.evidence, InstanceID: id}
+	results, err := c.Enroll(ctx, enroll.DefaultSlots)
+	if err != nil {
+		return nil, err
+	}
+	var out []*backendpb.EnrolledEK
+	for _, r := range results {
+		out = append(out, &backendpb.EnrolledEK{Algorithm: r.Slot.Name, Persistent: uint32(r.Slot.Persistent),
+			NvIndex: uint32(r.Slot.CertIndex), Serial: r.Certificate.SerialNumber.Text(16)})
+	}
+	return out, nil
+}
+
+func runBackendAdmin(ctx context.Context, verb string, args []string) error {
+	fs := flag.NewFlagSet("cvtpm backend "+verb, flag.ContinueOnError)
+	sock := fs.String("admin", "", "the backend's management socket (DIR/admin.sock)")
+	enrollEKs := fs.Bool("enroll", false, "create: also create the EKs and have the EK CA certify them")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: cvtpm backend %s --admin SOCKET %s\n\nOptions:\n", verb, map[string]string{
+			"create": "[--enroll] ID", "list": "", "delete": "ID"}[verb])
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return exitError{2}
+	}
+	wantArgs := map[string]int{"create": 1, "list": 0, "delete": 1}[verb]
+	if *sock == "" || fs.NArg() != wantArgs {
+		fs.Usage()
+		return exitError{2}
+	}
+	abs, err := filepath.Abs(*sock)
+	if err != nil {
+		return err
+	}
+	conn, err := grpc.NewClient("unix://"+abs, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	c := backendpb.NewInstanceManagerClient(conn)
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	switch verb {
+	case "create":
+		inst, err := c.CreateInstance(ctx, &backendpb.CreateInstanceRequest{Id: fs.Arg(0), Enroll: *enrollEKs})
+		if err != nil {
+			return fmt.Errorf("creating instance %q: %w", fs.Arg(0), err)
+		}
+		fmt.Printf("instance %s created (worker pid %d)\n", inst.Id, inst.Pid)
+		for _, ek := range inst.Enrolled {
+			fmt.Printf("  %-9s EK at 0x%08x certified (serial %s), certificate in NV 0x%08x\n", ek.Algorithm, ek.Persistent, ek.Serial, ek.NvIndex)
+		}
+	case "list":
+		resp, err := c.ListInstances(ctx, &backendpb.ListInstancesRequest{})
+		if err != nil {
+			return fmt.Errorf("listing instances: %w", err)
+		}
+		fmt.Printf("%-20s %-10s %8s %8s  %s\n", "ID", "STATE", "PID", "RESTARTS", "CREATED")
+		for _, i := range resp.Instances {
+			fmt.Printf("%-20s %-10s %8d %8d  %s\n", i.Id, i.State, i.Pid, i.Restarts, time.Unix(i.CreatedUnix, 0).UTC().Format(time.RFC3339))
+		}
+	case "delete":
+		if _, err := c.DeleteInstance(ctx, &backendpb.DeleteInstanceRequest{Id: fs.Arg(0)}); err != nil {
+			return fmt.Errorf("deleting instance %q: %w", fs.Arg(0), err)
+		}
+		fmt.Printf("instance %s deleted with its state\n", fs.Arg(0))
+	}
+	return nil
+}

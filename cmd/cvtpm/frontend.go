@@ -1,0 +1,110 @@
+package main
+
+// "cvtpm frontend": the host side; QEMU's swtpm sockets per VM, and the
+// guestkit relay.
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+
+	"cvtpm/frontend"
+	"cvtpm/internal/netaddr"
+)
+
+func init() {
+	register(command{name: "frontend", summary: "host side: swtpm sockets for QEMU per VM, forwarded to the backend; guest relay", run: runFrontend})
+}
+
+type vmFlag []string
+
+func (v *vmFlag) String() string     { return strings.Join(*v, ",") }
+func (v *vmFlag) Set(s string) error { *v = append(*v, s); return nil }
+
+func runFrontend(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("cvtpm frontend", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `Usage: cvtpm frontend --backend ADDR --cert FILE --key FILE --policy FILE
+                      [--vm INSTANCE=CTRL-SOCKET ...] [--relay ADDR]
+
+Runs on the host. For each --vm it serves swtpm's control protocol on the
+unix socket CTRL-SOCKET, which is what QEMU's tpm-emulator uses:
+
+  qemu-system-x86_64 -chardev socket,id=chrtpm,path=CTRL-SOCKET \
+      -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis,tpmdev=tpm0
+
+and forwards every command to INSTANCE on the backend over an attested
+session. Before serving, it checks the backend's CSV evidence against
+--policy; an untrusted backend is refused before any TPM command is sent.
+
+With --relay it also accepts guestkit connections (vsock:PORT in
+production) and passes them to the backend as opaque bytes: the guest runs
+its own attested session through the relay and the host cannot read it.
+
+Options:
+`)
+		fs.PrintDefaults()
+	}
+	backendAddr := fs.String("backend", "tcp:127.0.0.1:7700", "the backend's attested link address")
+	var vms vmFlag
+	fs.Var(&vms, "vm", "INSTANCE=CTRL-SOCKET: serve INSTANCE to QEMU on this unix socket (repeatable)")
+	relay := fs.String("relay", "", "accept guestkit connections here (vsock:PORT, tcp:HOST:PORT or unix:PATH) and relay them")
+	capture := fs.String("relay-capture", "", "append every relayed byte to FILE (debugging: shows the host sees only ciphertext)")
+	link := addLinkFlags(fs)
+	if done, err := parseFlags(fs, args); done {
+		return err
+	}
+	if len(vms) == 0 && *relay == "" {
+		return errors.New("nothing to do: give --vm and/or --relay (see --help)")
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	f := &frontend.Frontend{Backend: *backendAddr, Logger: log}
+	errc := make(chan error, len(vms)+1)
+	if len(vms) > 0 {
+		cfg, err := link.load()
+		if err != nil {
+			return err
+		}
+		f.Link = cfg
+		for _, vm := range vms {
+			instance, sock, ok := strings.Cut(vm, "=")
+			if !ok || instance == "" || sock == "" {
+				return fmt.Errorf("--vm %q: want INSTANCE=CTRL-SOCKET", vm)
+			}
+			ln, err := netaddr.Listen("unix:" + sock)
+			if err != nil {
+				return fmt.Errorf("--vm %s: %w", vm, err)
+			}
+			// Attest before QEMU may connect: fail at start, not at boot.
+			go func() { errc <- f.ServeVM(ctx, instance, ln) }()
+			log.Info("serving a VM's TPM", "instance", instance, "ctrl", sock)
+		}
+	}
+	if *relay != "" {
+		ln, err := netaddr.Listen(*relay)
+		if err != nil {
+			return fmt.Errorf("--relay: %w", err)
+		}
+		r := &frontend.Relay{Backend: *backendAddr, Logger: log}
+		if *capture != "" {
+			fcap, err := os.OpenFile(*capture, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+			if err != nil {
+				return fmt.Errorf("--relay-capture: %w", err)
+			}
+			defer fcap.Close()
+			r.Tap = fcap
+		}
+		go func() { errc <- r.Serve(ctx, ln) }()
+		log.Info("relaying guest connections", "listen", ln.Addr().String(), "backend", *backendAddr)
+	}
+	select {
+	case <-ctx.Done():
+		return nil
+	case err := <-errc:
+		return err
+	}
+}

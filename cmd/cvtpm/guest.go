@@ -1,0 +1,147 @@
+package main
+
+// "cvtpm guest ...": the tools that run inside a workload VM.
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strconv"
+
+	"cvtpm/guestkit"
+	"cvtpm/internal/netaddr"
+)
+
+func init() {
+	register(command{name: "guest", summary: "in-guest tools: 'guest proxy' exposes a backend instance as a local TPM", run: runGuest})
+}
+
+func runGuest(ctx context.Context, args []string) error {
+	if len(args) > 0 && args[0] == "proxy" {
+		return runGuestProxy(ctx, args[1:])
+	}
+	fmt.Fprint(os.Stderr, `Usage: cvtpm guest proxy [options]   (run 'cvtpm guest proxy --help')
+`)
+	return exitError{2}
+}
+
+func runGuestProxy(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("cvtpm guest proxy", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `Usage: cvtpm guest proxy --link ADDR --instance ID --cert FILE --key FILE --policy FILE
+                        [--tcp HOST:PORT] [--unix PATH] [--mssim HOST:PORT]
+
+Runs inside a workload VM. Opens an attested session to the backend through
+the host's relay (--link, vsock:2:PORT in a VM), checks the backend's CSV
+evidence against --policy before sending anything, and exposes the instance
+locally as a TPM:
+
+  --tcp 127.0.0.1:2321   swtpm protocol: data on PORT, control on PORT+1
+                         (TCTI "swtpm:host=127.0.0.1,port=2321")
+  --unix PATH            swtpm data socket at PATH, control at PATH.ctrl
+  --mssim 127.0.0.1:2421 Microsoft simulator protocol, platform on PORT+1
+                         (TCTI "mssim:host=127.0.0.1,port=2421")
+
+Every command and response travels encrypted end to end; the host sees only
+TLS records.
+
+Options:
+`)
+		fs.PrintDefaults()
+	}
+	linkAddr := fs.String("link", "", "relay (or backend) address: vsock:CID:PORT, tcp:HOST:PORT or unix:PATH (required)")
+	instance := fs.String("instance", "", "the backend instance to expose (required)")
+	tcp := fs.String("tcp", "", "serve the swtpm protocol on HOST:PORT (control on PORT+1)")
+	unixPath := fs.String("unix", "", "serve the swtpm data channel on this unix socket (control on PATH.ctrl)")
+	mssim := fs.String("mssim", "", "serve the mssim protocol on HOST:PORT (platform on PORT+1)")
+	link := addLinkFlags(fs)
+	if done, err := parseFlags(fs, args); done {
+		return err
+	}
+	if *linkAddr == "" || *instance == "" {
+		return errors.New("--link and --instance are required (see --help)")
+	}
+	if *tcp == "" && *unixPath == "" && *mssim == "" {
+		return errors.New("nothing to serve: give --tcp, --unix and/or --mssim (see --help)")
+	}
+	cfg, err := link.load()
+	if err != nil {
+		return err
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	p := &guestkit.Proxy{Link: *linkAddr, Instance: *instance, Config: cfg, Logger: log}
+	claims, err := p.Connect(ctx)
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	log.Info("backend attested", "measurement", fmt.Sprintf("%x", []byte(claims.Measure)), "chip", claims.ChipSerial, "simulated", claims.Simulated, "root", claims.Root.Name)
+
+	errc := make(chan error, 6)
+	serve := func(addr string, f func(context.Context, net.Listener) error) error {
+		ln, err := netaddr.Listen(addr)
+		if err != nil {
+			return err
+		}
+		go func() { errc <- f(ctx, ln) }()
+		return nil
+	}
+	pair := func(hostport string) (string, string, error) {
+		host, port, err := net.SplitHostPort(hostport)
+		if err != nil {
+			return "", "", err
+		}
+		n, err := strconv.Atoi(port)
+		if err != nil {
+			return "", "", err
+		}
+		return "tcp:" + net.JoinHostPort(host, port), "tcp:" + net.JoinHostPort(host, strconv.Itoa(n+1)), nil
+	}
+	if *tcp != "" {
+		data, ctrl, err := pair(*tcp)
+		if err == nil {
+			err = serve(data, p.ServeData)
+		}
+		if err == nil {
+			err = serve(ctrl, p.ServeControl)
+		}
+		if err != nil {
+			return fmt.Errorf("--tcp: %w", err)
+		}
+	}
+	if *unixPath != "" {
+		err := serve("unix:"+*unixPath, p.ServeData)
+		if err == nil {
+			err = serve("unix:"+*unixPath+".ctrl", p.ServeControl)
+		}
+		if err != nil {
+			return fmt.Errorf("--unix: %w", err)
+		}
+	}
+	if *mssim != "" {
+		cmdAddr, platAddr, err := pair(*mssim)
+		if err != nil {
+			return fmt.Errorf("--mssim: %w", err)
+		}
+		cl, err := netaddr.Listen(cmdAddr)
+		if err != nil {
+			return fmt.Errorf("--mssim: %w", err)
+		}
+		pl, err := netaddr.Listen(platAddr)
+		if err != nil {
+			return fmt.Errorf("--mssim: %w", err)
+		}
+		go func() { errc <- p.ServeMssim(ctx, cl, pl) }()
+	}
+	log.Info("guest proxy serving", "instance", *instance, "tcp", *tcp, "unix", *unixPath, "mssim", *mssim)
+	select {
+	case <-ctx.Done():
+		return nil
+	case err := <-errc:
+		return err
+	}
+}

@@ -1,0 +1,144 @@
+package frontend
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+
+	"cvtpm/internal/attestedlink"
+	"cvtpm/internal/netaddr"
+	"cvtpm/vtpm/swtpmproto"
+)
+
+// Frontend serves VMs' TPMs from instances on one backend.
+type Frontend struct {
+	// Backend is the backend's link address (netaddr syntax).
+	Backend string
+	// Link is this frontend's identity and its evidence policy.
+	Link   attestedlink.ClientConfig
+	Logger *slog.Logger
+}
+
+func (f *Frontend) log() *slog.Logger {
+	if f.Logger == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return f.Logger
+}
+
+// Dial opens an attested session with the backend.
+func (f *Frontend) Dial(ctx context.Context) (*attestedlink.Session, error) {
+	conn, err := netaddr.Dial(ctx, f.Backend)
+	if err != nil {
+		return nil, fmt.Errorf("backend %s: %w", f.Backend, err)
+	}
+	s, err := attestedlink.Dial(ctx, conn, f.Link)
+	if err != nil {
+		return nil, fmt.Errorf("backend %s: %w", f.Backend, err)
+	}
+	return s, nil
+}
+
+// ServeVM serves one VM's TPM on ctrl, the unix socket QEMU's
+// tpm-emulator chardev connects to (swtpm's control protocol, with the data
+// channel passed by CMD_SET_DATAFD). Commands go to instance over an
+// attested session, which is opened (and the backend's evidence checked)
+// before ServeVM accepts anything.
+func (f *Frontend) ServeVM(ctx context.Context, instance string, ctrl net.Listener) error {
+	log := f.log().With("instance", instance)
+	tpm, caller := attestedlink.RemoteTPM(instance, f.Dial, log)
+	defer caller.Close()
+	s, err := caller.Connect(ctx)
+	if err != nil {
+		return err
+	}
+	c := s.Claims()
+	log.Info("backend attested", "measurement", fmt.Sprintf("%x", []byte(c.Measure)), "chip", c.ChipSerial, "simulated", c.Simulated, "root", c.Root.Name)
+	srv := swtpmproto.New(tpm, swtpmproto.Options{Logger: log})
+	return srv.ServeControl(ctx, ctrl)
+}
+
+// Relay passes guestkit connections to the backend as opaque bytes: the
+// guest runs its own attested TLS session through it, so the host sees
+// only ciphertext.
+type Relay struct {
+	Backend string
+	Logger  *slog.Logger
+	// Tap, if set, receives a copy of every byte relayed in either
+	// direction (tests use it to show that nothing readable passes).
+	Tap io.Writer
+	tapMu sync.Mutex
+}
+
+// Serve relays every connection accepted on ln until ctx ends.
+func (r *Relay) Serve(ctx context.Context, ln net.Listener) error {
+	log := r.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		in, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("relay: accept: %w", err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer in.Close()
+			out, err := netaddr.Dial(ctx, r.Backend)
+			if err != nil {
+				log.Warn("relay: backend unreachable", "err", err)
+				return
+			}
+			defer out.Close()
+			log.Info("relaying a guest connection", "from", in.RemoteAddr().String())
+			done := make(chan struct{}, 2)
+			go func() { r.copy(out, in); done <- struct{}{} }()
+			go func() { r.copy(in, out); done <- struct{}{} }()
+			select {
+			case <-done:
+			case <-ctx.Done():
+			}
+		}()
+	}
+}
+
+func (r *Relay) copy(dst, src net.Conn) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if r.Tap != nil {
+				r.tapMu.Lock()
+				r.Tap.Write(buf[:n])
+				r.tapMu.Unlock()
+			}
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
+				return
+			}
+			// Half-close so the other side sees EOF too.
+			if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+				cw.CloseWrite()
+			} else {
+				dst.Close()
+			}
+			return
+		}
+	}
+}

@@ -1,0 +1,84 @@
+package guestkit
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+
+	"cvtpm/attest/csv"
+	"cvtpm/internal/attestedlink"
+	"cvtpm/internal/netaddr"
+	"cvtpm/vtpm/swtpmproto"
+	"cvtpm/vtpm/tpmrpc"
+)
+
+// Proxy exposes a backend instance inside the guest as a local TPM. Its
+// attested session runs end to end from the guest to the backend; the
+// host's frontend only relays the TLS bytes.
+type Proxy struct {
+	// Link is the relay's (or the backend's) address in netaddr syntax,
+	// e.g. "vsock:2:7701" in a VM or "tcp:127.0.0.1:7701" in tests.
+	Link     string
+	Instance string
+	Config   attestedlink.ClientConfig
+	Logger   *slog.Logger
+
+	tpm    *tpmrpc.Client
+	caller *attestedlink.InstanceCaller
+	srv    *swtpmproto.Server
+}
+
+func (p *Proxy) dial(ctx context.Context) (*attestedlink.Session, error) {
+	conn, err := netaddr.Dial(ctx, p.Link)
+	if err != nil {
+		return nil, fmt.Errorf("link %s: %w", p.Link, err)
+	}
+	return attestedlink.Dial(ctx, conn, p.Config)
+}
+
+// Connect attests the backend and returns its appraised claims. Nothing
+// is served, and no TPM command is sent, before it succeeds.
+func (p *Proxy) Connect(ctx context.Context) (*csv.Claims, error) {
+	log := p.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	p.tpm, p.caller = attestedlink.RemoteTPM(p.Instance, p.dial, log)
+	s, err := p.caller.Connect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	p.srv = swtpmproto.New(p.tpm, swtpmproto.Options{Logger: log})
+	return s.Claims(), nil
+}
+
+// TPM is the instance as a go-tpm transport (after Connect).
+func (p *Proxy) TPM() *tpmrpc.Client { return p.tpm }
+
+// ServeData serves the swtpm data channel (raw TPM commands) on ln.
+func (p *Proxy) ServeData(ctx context.Context, ln net.Listener) error {
+	return p.srv.ServeData(ctx, ln, false)
+}
+
+// ServeControl serves the swtpm control channel on ln.
+func (p *Proxy) ServeControl(ctx context.Context, ln net.Listener) error {
+	return p.srv.ServeControl(ctx, ln)
+}
+
+// ServeMssim serves the Microsoft simulator protocol (command port; the
+// platform port is ServeMssimPlatform).
+func (p *Proxy) ServeMssim(ctx context.Context, command, platform net.Listener) error {
+	errc := make(chan error, 2)
+	go func() { errc <- p.srv.ServeMssimCommand(ctx, command) }()
+	go func() { errc <- p.srv.ServeMssimPlatform(ctx, platform) }()
+	return <-errc
+}
+
+// Close ends the attested session.
+func (p *Proxy) Close() error {
+	if p.caller == nil {
+		return nil
+	}
+	return p.caller.Close()
+}
