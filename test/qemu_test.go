@@ -113,6 +113,12 @@ var (
 // boot starts QEMU under TCG with the TPM device on srv's control socket
 // and returns what the guest printed between the markers.
 func boot(t *testing.T, srv *testenv.Server, device string) map[string]string {
+	return bootWith(t, srv.CtrlPath, string(srv.Impl), srv.Log, device)
+}
+
+// bootWith boots QEMU against any swtpm control socket; logs explains a
+// failure.
+func bootWith(t *testing.T, ctrlPath, impl string, logs fmt.Stringer, device string) map[string]string {
 	qemu := testenv.Tool(t, "qemu-system-x86_64")
 	serial := filepath.Join(t.TempDir(), "serial.log")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
@@ -123,13 +129,13 @@ func boot(t *testing.T, srv *testenv.Server, device string) map[string]string {
 		"-serial", "file:"+serial,
 		"-kernel", kernel(t), "-initrd", buildInitrd(t),
 		"-append", "console=ttyS0 panic=-1 quiet",
-		"-chardev", "socket,id=chrtpm,path="+srv.CtrlPath,
+		"-chardev", "socket,id=chrtpm,path="+ctrlPath,
 		"-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
 		"-device", device+",tpmdev=tpm0")
 	out, err := cmd.CombinedOutput()
 	console, _ := os.ReadFile(serial)
 	if err != nil || !doneRE.Match(console) {
-		t.Fatalf("QEMU with %s on %s: %v\n%s\nserial console:\n%s\n%s log:\n%s", device, srv.Impl, err, out, tail(console), srv.Impl, srv.Log)
+		t.Fatalf("QEMU with %s on %s: %v\n%s\nserial console:\n%s\n%s log:\n%s", device, impl, err, out, tail(console), impl, logs)
 	}
 	got := map[string]string{}
 	for _, m := range markerRE.FindAllSubmatch(console, -1) {

@@ -1,0 +1,161 @@
+package test
+
+// Issue 4 end to end: backend, frontend relay and guest proxy as separate
+// processes, tpm2-tools in the "guest".
+
+import (
+	"bytes"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	"cvtpm/attest/csv"
+	"cvtpm/test/testenv"
+)
+
+// The NV secret the guest writes; the relay must never see it.
+const nvSecret = "cvtpm-e2e-secret-7f3a9c"
+
+func TestGuestProxyThroughRelay(t *testing.T) {
+	f := testenv.NewTopologyFiles(t, 0x3)
+	topo := testenv.StartBackend(t, f)
+	topo.Admin(t, "create", "vm1")
+	if out := topo.Admin(t, "list"); !strings.Contains(out, "vm1") || !strings.Contains(out, "running") {
+		t.Fatalf("list:\n%s", out)
+	}
+	relay, capture := topo.StartRelay(t)
+	_, tcti := topo.StartGuestProxy(t, relay, "guest-vm1", "vm1", f.Policy)
+	env := []string{"TPM2TOOLS_TCTI=" + tcti}
+	dir := t.TempDir()
+	run := func(args ...string) string { return testenv.Run(t, env, args[0], args[1:]...) }
+
+	run("tpm2_startup", "-c")
+	if out := run("tpm2_getrandom", "--hex", "16"); len(strings.TrimSpace(out)) != 32 {
+		t.Fatalf("getrandom: %q", out)
+	}
+	run("tpm2_pcrextend", "16:sha256="+strings.Repeat("ab", 32))
+	out := run("tpm2_pcrread", "sha256:16")
+	// PCR16 = SHA256(0^32 || ab^32)
+	if !strings.Contains(strings.ToLower(out), "0x") {
+		t.Fatalf("pcrread: %s", out)
+	}
+	run("tpm2_createek", "-c", filepath.Join(dir, "ek.ctx"), "-G", "ecc", "-u", filepath.Join(dir, "ek.pub"))
+	run("tpm2_createak", "-C", filepath.Join(dir, "ek.ctx"), "-c", filepath.Join(dir, "ak.ctx"), "-G", "ecc", "-g", "sha256", "-s", "ecdsa", "-u", filepath.Join(dir, "ak.pub"), "-f", "pem", "-n", filepath.Join(dir, "ak.name"))
+	run("tpm2_flushcontext", "-t")
+	run("tpm2_quote", "-c", filepath.Join(dir, "ak.ctx"), "-l", "sha256:0,16", "-q", "abcdef01", "-m", filepath.Join(dir, "q.msg"), "-s", filepath.Join(dir, "q.sig"), "-o", filepath.Join(dir, "q.pcrs"), "-g", "sha256")
+	run("tpm2_checkquote", "-u", filepath.Join(dir, "ak.pub"), "-m", filepath.Join(dir, "q.msg"), "-s", filepath.Join(dir, "q.sig"), "-f", filepath.Join(dir, "q.pcrs"), "-g", "sha256", "-q", "abcdef01")
+	if _, err := testenv.RunErr(env, testenv.Tool(t, "tpm2_checkquote"), "-u", filepath.Join(dir, "ak.pub"), "-m", filepath.Join(dir, "q.msg"), "-s", filepath.Join(dir, "q.sig"), "-f", filepath.Join(dir, "q.pcrs"), "-g", "sha256", "-q", "abcdef02"); err == nil {
+		t.Fatal("checkquote accepted a wrong nonce")
+	}
+	secret := filepath.Join(dir, "secret")
+	os.WriteFile(secret, []byte(nvSecret), 0o600)
+	run("tpm2_nvdefine", "0x1500016", "-C", "o", "-s", "32", "-a", "ownerread|ownerwrite")
+	run("tpm2_nvwrite", "0x1500016", "-C", "o", "-i", secret)
+	if got := run("tpm2_nvread", "0x1500016", "-C", "o", "-s", itoa(len(nvSecret))); got != nvSecret {
+		t.Fatalf("nvread = %q", got)
+	}
+
+	// What the host relayed: plenty of bytes, none of them readable.
+	seen, err := os.ReadFile(capture)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(seen) < 10000 {
+		t.Fatalf("relay captured only %d bytes: did the session pass through it?", len(seen))
+	}
+	for name, needle := range map[string][]byte{
+		"NV secret":                 []byte(nvSecret),
+		"TPM2_NV_Write command code": {0x00, 0x00, 0x01, 0x37},
+		"TPM2_Quote command code":    {0x00, 0x00, 0x01, 0x58},
+		"quote nonce":               {0xab, 0xcd, 0xef, 0x01},
+		"GetRandom command":         {0x80, 0x01, 0x00, 0x00, 0x00, 0x0c, 0x00, 0x00, 0x01, 0x7b},
+		"extended digest":           bytes.Repeat([]byte{0xab}, 16),
+	} {
+		if bytes.Contains(seen, needle) {
+			t.Errorf("the relay saw the %s in clear", name)
+		}
+	}
+
+	// The host's frontend relay cannot read, and a guest identity reaches
+	// only its own instance.
+	_, tcti2 := topo.StartGuestProxy(t, relay, "guest-vm2", "vm1", f.Policy)
+	if out, err := testenv.RunErr([]string{"TPM2TOOLS_TCTI=" + tcti2}, testenv.Tool(t, "tpm2_getrandom"), "8"); err == nil {
+		t.Fatalf("guest-vm2 used vm1: %s", out)
+	}
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }
+
+// A backend whose evidence fails the client's policy is refused by the
+// guest proxy and the frontend before any TPM command is sent.
+func TestUntrustedBackendRefused(t *testing.T) {
+	f := testenv.NewTopologyFiles(t, 0x3)
+	topo := testenv.StartBackend(t, f)
+	topo.Admin(t, "create", "vm1")
+	onlyRealRoot := f.WritePolicy(t, "real-only.json", csv.AppraisalPolicy{ApprovedMeasurements: []string{hex.EncodeToString(f.Measure[:])}})
+	otherMeasure := f.WritePolicy(t, "other.json", csv.AppraisalPolicy{
+		SimulatorRoots:       []string{filepath.Join(f.SimDir, csv.SimRootFile)},
+		ApprovedMeasurements: []string{strings.Repeat("00", 32)},
+	})
+	minAPI := f.WritePolicy(t, "api.json", csv.AppraisalPolicy{
+		SimulatorRoots:       []string{filepath.Join(f.SimDir, csv.SimRootFile)},
+		ApprovedMeasurements: []string{hex.EncodeToString(f.Measure[:])},
+		MinAPI:               "99.0",
+	})
+	c := f.Certs["guest-vm1"]
+	fc := f.Certs["frontend"]
+	for _, tc := range []struct{ name, policy, reason string }{
+		{"simulated root, only the real HRK trusted", onlyRealRoot, csv.ReasonUntrustedRoot},
+		{"unexpected measurement", otherMeasure, csv.ReasonMeasurement},
+		{"firmware too old", minAPI, csv.ReasonAPIVersion},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, err := testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), "guest", "proxy", "--link", topo.LinkAddr, "--instance", "vm1",
+				"--cert", c[0], "--key", c[1], "--policy", tc.policy, "--tcp", "127.0.0.1:1")
+			if err == nil || !strings.Contains(out, tc.reason) {
+				t.Fatalf("guest proxy: err=%v, output:\n%s\nwant %q", err, out, tc.reason)
+			}
+			sock := filepath.Join(testenv.SockDir(t), "ctrl")
+			out, err = testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), "frontend", "--backend", topo.LinkAddr,
+				"--cert", fc[0], "--key", fc[1], "--policy", tc.policy, "--vm", "vm1="+sock)
+			if err == nil || !strings.Contains(out, tc.reason) {
+				t.Fatalf("frontend: err=%v, output:\n%s\nwant %q", err, out, tc.reason)
+			}
+		})
+	}
+}
+
+// QEMU boots with -tpmdev emulator on the frontend's socket; the TPM is an
+// instance in the separate backend process.
+func TestQEMUThroughFrontend(t *testing.T) {
+	f := testenv.NewTopologyFiles(t, 0x3)
+	topo := testenv.StartBackend(t, f)
+	topo.Admin(t, "create", "vm1")
+	ctrl := filepath.Join(f.Dir, "vm1.ctrl")
+	fc := f.Certs["frontend"]
+	front := testenv.StartDaemon(t, "frontend", []string{"unix:" + ctrl}, "frontend", "--backend", topo.LinkAddr,
+		"--cert", fc[0], "--key", fc[1], "--policy", f.Policy, "--vm", "vm1="+ctrl)
+	got := bootWith(t, ctrl, "frontend", logs{front.Log, topo.Backend.Log}, "tpm-crb")
+	if got["TPM0"] != "present" || got["MAJOR"] != "2" {
+		t.Fatalf("guest sees tpm0=%q major=%q", got["TPM0"], got["MAJOR"])
+	}
+	if pcr0 := got["PCR0"]; len(pcr0) != 64 || pcr0 == strings.Repeat("0", 64) {
+		t.Fatalf("PCR0 = %q: the firmware's measurements did not reach the backend's TPM", pcr0)
+	}
+	t.Logf("guest via frontend -> backend: PCR0=%s", got["PCR0"])
+}
+
+type logs []fmt.Stringer
+
+func (l logs) String() string {
+	var b strings.Builder
+	for _, s := range l {
+		b.WriteString(s.String())
+		b.WriteString("\n---\n")
+	}
+	return b.String()
+}
