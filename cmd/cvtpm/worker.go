@@ -8,7 +8,6 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"runtime"
 	"runtime/debug"
@@ -65,13 +64,13 @@ Options:
 		return err
 	}
 	defer tpm.Close()
-	f := os.NewFile(uintptr(*connFD), "tpmrpc")
-	conn, err := net.FileConn(f)
-	f.Close()
-	if err != nil {
-		return fmt.Errorf("--conn-fd: %w", err)
+	// A blocking descriptor read directly: the supervisor is the only
+	// peer, and a plain read wakes faster than the netpoller. The
+	// supervisor closing its end (EOF) is the normal way to stop.
+	conn := os.NewFile(uintptr(*connFD), "tpmrpc")
+	if conn == nil {
+		return fmt.Errorf("--conn-fd %d: not a descriptor", *connFD)
 	}
 	defer conn.Close()
-	// The supervisor closing its end is the normal way to stop.
 	return tpmrpc.ServeConn(ctx, conn, tpm)
 }

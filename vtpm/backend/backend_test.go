@@ -42,11 +42,7 @@ func bytesOf(b byte, n int) []byte {
 }
 
 // tpmOf is a go-tpm transport to one instance through the supervisor.
-func tpmOf(s *Supervisor, id string) *tpmrpc.Client {
-	return tpmrpc.NewClient(callerFunc(func(ctx context.Context, req []byte) ([]byte, error) {
-		return s.Call(ctx, id, req, nil)
-	}), tpmrpc.ClientOptions{})
-}
+func tpmOf(s *Supervisor, id string) *tpmrpc.Client { return s.TPM(id) }
 
 const nvIndex = tpm2.TPMHandle(0x01500017)
 
@@ -202,7 +198,7 @@ func TestKillWorkerDuringWrites(t *testing.T) {
 	}()
 	kills := 0
 	for range 8 {
-		time.Sleep(time.Duration(20+rand.IntN(60)) * time.Millisecond)
+		time.Sleep(time.Duration(50+rand.IntN(150)) * time.Millisecond)
 		info, err := s.Info("vm1")
 		if err != nil || info.PID == 0 {
 			continue

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -70,18 +69,19 @@ type instance struct {
 	id, dir string
 	created time.Time
 
-	mu         sync.Mutex // serialises calls, starts and deletion
-	w          *worker
-	restarts   int
-	lastStart  time.Time
-	deleted    bool
-	tpmRunning bool // the TPM was initialised and not stopped
-	startedUp  bool // TPM2_Startup succeeded since the last init
+	mu          sync.Mutex // serialises calls, starts and deletion
+	w           *worker
+	restarts    int
+	lastStart   time.Time
+	quickDeaths int // consecutive deaths within quickDeath of starting
+	deleted     bool
+	tpmRunning  bool // the TPM was initialised and not stopped
+	startedUp   bool // TPM2_Startup succeeded since the last init
 }
 
 type worker struct {
 	cmd    *exec.Cmd
-	conn   net.Conn
+	conn   *os.File
 	caller *tpmrpc.ConnCaller
 	done   chan struct{}
 }
@@ -308,13 +308,10 @@ func (s *Supervisor) start(ctx context.Context, inst *instance) error {
 	if err != nil {
 		return fmt.Errorf("socketpair: %w", err)
 	}
-	parent, child := os.NewFile(uintptr(fds[0]), "worker-conn"), os.NewFile(uintptr(fds[1]), "worker-conn")
-	conn, err := net.FileConn(parent)
-	parent.Close()
-	if err != nil {
-		child.Close()
-		return fmt.Errorf("worker socket: %w", err)
-	}
+	// Both ends stay blocking: a call wakes its reader directly instead of
+	// through the netpoller, which is most of a small command's cost. An
+	// idle instance holds no thread: nobody reads its socket between calls.
+	conn, child := os.NewFile(uintptr(fds[0]), "worker-conn"), os.NewFile(uintptr(fds[1]), "worker-conn")
 	keyR, keyW, err := os.Pipe()
 	if err != nil {
 		child.Close()
@@ -370,6 +367,10 @@ func (s *Supervisor) start(ctx context.Context, inst *instance) error {
 	return nil
 }
 
+// quickDeath: a worker that dies sooner than this after starting did not
+// get going (bad state, bad key); starting it again at once is pointless.
+const quickDeath = 200 * time.Millisecond
+
 // startupClear is TPM2_Startup(TPM_SU_CLEAR).
 var startupClear = []byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44, 0, 0}
 
@@ -416,10 +417,16 @@ func (s *Supervisor) exited(inst *instance, w *worker, waitErr error) {
 	inst.w = nil
 	inst.restarts++
 	s.log.Warn("instance worker died; restarting it from its sealed state", "instance", inst.id, "pid", w.cmd.Process.Pid, "exit", fmt.Sprint(waitErr), "restarts", inst.restarts)
-	// Back off when a worker dies right after starting, so a broken state
-	// directory does not turn into a fork loop.
-	if since := time.Since(inst.lastStart); since < time.Second {
-		time.Sleep(min(time.Duration(inst.restarts)*100*time.Millisecond, 5*time.Second))
+	// Back off when workers keep dying right after starting, so a broken
+	// state directory does not turn into a fork loop. A worker that lived
+	// is restarted at once.
+	if time.Since(inst.lastStart) < quickDeath {
+		inst.quickDeaths++
+	} else {
+		inst.quickDeaths = 0
+	}
+	if inst.quickDeaths > 2 {
+		time.Sleep(min(50*time.Millisecond<<min(inst.quickDeaths-2, 7), 5*time.Second))
 	}
 	if err := s.start(context.Background(), inst); err != nil {
 		s.log.Error("instance worker restart failed; the next call retries", "instance", inst.id, "err", err)
@@ -451,9 +458,12 @@ func (s *Supervisor) Call(ctx context.Context, id string, req, dst []byte) ([]by
 			return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q is not running: %v", id, err)}), nil
 		}
 	}
-	cctx, cancel := context.WithTimeout(ctx, s.cfg.CallTimeout)
-	defer cancel()
-	resp, err := inst.w.caller.Call(cctx, req)
+	// The worker socket has no deadlines: a worker that hangs is killed,
+	// which ends the call with EOF.
+	w := inst.w
+	hung := time.AfterFunc(s.cfg.CallTimeout, func() { w.cmd.Process.Kill() })
+	resp, err := w.caller.Call(ctx, req)
+	hung.Stop()
 	if err != nil {
 		// The worker died or hung: make sure it is gone; exited restarts it.
 		inst.w.cmd.Process.Kill()

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"sync"
 	"time"
 
@@ -48,10 +47,22 @@ func appendFramed(dst, msg []byte) []byte {
 	return append(dst, msg...)
 }
 
-// ServeConn answers requests on conn with tpm until conn fails or ctx ends.
-func ServeConn(ctx context.Context, conn net.Conn, tpm swtpmproto.TPM) error {
-	stop := context.AfterFunc(ctx, func() { conn.SetReadDeadline(time.Now()) })
-	defer stop()
+// deadliner is the part of net.Conn that a blocking *os.File lacks.
+type deadliner interface {
+	SetDeadline(time.Time) error
+	SetReadDeadline(time.Time) error
+}
+
+// ServeConn answers requests on conn with tpm until conn fails or ctx
+// ends. conn may be a net.Conn or a blocking *os.File: a worker serving
+// one connection reads it with plain blocking reads, which wake faster
+// than the netpoller; then only closing conn (or the process ending)
+// stops it.
+func ServeConn(ctx context.Context, conn io.ReadWriter, tpm swtpmproto.TPM) error {
+	if d, ok := conn.(deadliner); ok {
+		stop := context.AfterFunc(ctx, func() { d.SetReadDeadline(time.Now()) })
+		defer stop()
+	}
 	var in, out []byte
 	for {
 		msg, err := ReadMessage(conn, in)
@@ -75,25 +86,29 @@ func ServeConn(ctx context.Context, conn net.Conn, tpm swtpmproto.TPM) error {
 // ConnCaller is a Caller over a stream; calls are serialised.
 type ConnCaller struct {
 	mu   sync.Mutex
-	conn net.Conn
+	conn io.ReadWriteCloser
 	out  []byte
 	in   []byte
 }
 
-// NewConnCaller returns a Caller that sends requests on conn.
-func NewConnCaller(conn net.Conn) *ConnCaller { return &ConnCaller{conn: conn} }
+// NewConnCaller returns a Caller that sends requests on conn, a net.Conn
+// or a blocking *os.File. Only a net.Conn honours the context's deadline;
+// with a file, the owner bounds calls by other means (the backend kills a
+// worker that does not answer in time).
+func NewConnCaller(conn io.ReadWriteCloser) *ConnCaller { return &ConnCaller{conn: conn} }
 
-// Call implements Caller. A deadline from ctx bounds the round trip; on a
-// timeout the connection is no longer usable (a late answer would be
-// taken for the next call's), so it is closed.
+// Call implements Caller. On a timeout the connection is no longer usable
+// (a late answer would be taken for the next call's), so it is closed.
 func (c *ConnCaller) Call(ctx context.Context, req []byte) ([]byte, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if dl, ok := ctx.Deadline(); ok {
-		c.conn.SetDeadline(dl)
+	if d, ok := c.conn.(deadliner); ok {
+		if dl, ok := ctx.Deadline(); ok {
+			d.SetDeadline(dl)
+		}
+		stop := context.AfterFunc(ctx, func() { d.SetDeadline(time.Now()) })
+		defer stop()
 	}
-	stop := context.AfterFunc(ctx, func() { c.conn.SetDeadline(time.Now()) })
-	defer stop()
 	c.out = appendFramed(c.out[:0], req)
 	if _, err := c.conn.Write(c.out); err != nil {
 		c.conn.Close()

@@ -1,0 +1,235 @@
+package linkbench
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	backendpb "cvtpm/api/backend"
+	"cvtpm/internal/tpmsock"
+	"cvtpm/test/testenv"
+)
+
+// path is one way to reach a TPM.
+type path struct {
+	name string
+	tpm  transport.TPMCloser
+}
+
+func dialTCP(b *testing.B, tcti string) transport.TPMCloser {
+	// tcti is "swtpm:host=127.0.0.1,port=P"
+	port := tcti[strings.LastIndex(tcti, "=")+1:]
+	c, err := tpmsock.Dial(context.Background(), "tcp", "127.0.0.1:"+port)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { c.Close() })
+	return c
+}
+
+// paths starts swtpm, cvtpm and the attested topology, each over TCP.
+func paths(b *testing.B) []path {
+	b.Helper()
+	var out []path
+	for _, impl := range testenv.Both {
+		srv := testenv.StartSocket(b, impl, testenv.Options{TCP: true})
+		out = append(out, path{string(impl) + " socket", dialTCP(b, srv.TCTI())})
+	}
+	f := testenv.NewTopologyFiles(b, 0x3)
+	topo := testenv.StartBackend(b, f)
+	topo.Admin(b, "create", "vm1")
+	relay, _ := topo.StartRelay(b)
+	_, tcti := topo.StartGuestProxy(b, relay, "guest-vm1", "vm1", f.Policy)
+	t := dialTCP(b, tcti)
+	if _, err := (tpm2.Startup{StartupType: tpm2.TPMSUClear}).Execute(t); err != nil {
+		b.Fatal(err)
+	}
+	out = append(out, path{"attested (proxy->relay->backend)", t})
+	return out
+}
+
+// alternate runs op on every path in turn, in blocks, so drift of the
+// machine's speed hits all alike; it reports the median per-op time.
+func alternate(b *testing.B, ps []path, op func(transport.TPM) error) []time.Duration {
+	const blocks = 10
+	per := max(b.N/blocks, 1)
+	samples := make([][]time.Duration, len(ps))
+	for range blocks {
+		for i, p := range ps {
+			start := time.Now()
+			for range per {
+				if err := op(p.tpm); err != nil {
+					b.Fatalf("%s: %v", p.name, err)
+				}
+			}
+			samples[i] = append(samples[i], time.Since(start)/time.Duration(per))
+		}
+	}
+	med := make([]time.Duration, len(ps))
+	for i, s := range samples {
+		sort.Slice(s, func(a, c int) bool { return s[a] < s[c] })
+		med[i] = s[len(s)/2]
+	}
+	return med
+}
+
+func report(b *testing.B, label string, ps []path, med []time.Duration) {
+	sw, cv, at := med[0], med[1], med[2]
+	b.ReportMetric(float64(sw.Nanoseconds())/1e3, "swtpm-us")
+	b.ReportMetric(float64(cv.Nanoseconds())/1e3, "cvtpm-us")
+	b.ReportMetric(float64(at.Nanoseconds())/1e3, "attested-us")
+	b.ReportMetric(float64((at-cv).Nanoseconds())/1e3, "added-us")
+	fmt.Printf("%-28s swtpm %8.1f us | cvtpm socket %8.1f us | attested path %8.1f us | added by the attested path %+8.1f us (%.2fx swtpm)\n",
+		label, us(sw), us(cv), us(at), us(at-cv), float64(at)/float64(sw))
+}
+
+func us(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e3 }
+
+func BenchmarkAttestedGetRandom(b *testing.B) {
+	ps := paths(b)
+	b.ResetTimer()
+	med := alternate(b, ps, func(t transport.TPM) error {
+		_, err := (tpm2.GetRandom{BytesRequested: 8}).Execute(t)
+		return err
+	})
+	report(b, "GetRandom(8)", ps, med)
+}
+
+func BenchmarkAttestedQuoteECC(b *testing.B) {
+	ps := paths(b)
+	keys := make([]*tpm2.AuthHandle, len(ps))
+	for i, p := range ps {
+		k, err := signingKey(p.tpm)
+		if err != nil {
+			b.Fatalf("%s: %v", p.name, err)
+		}
+		keys[i] = k
+	}
+	idx := map[transport.TPM]int{}
+	for i, p := range ps {
+		idx[p.tpm] = i
+	}
+	b.ResetTimer()
+	med := alternate(b, ps, func(t transport.TPM) error {
+		_, err := (tpm2.Quote{SignHandle: *keys[idx[t]], QualifyingData: tpm2.TPM2BData{Buffer: []byte("nonce")},
+			InScheme: tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull},
+			PCRSelect: tpm2.TPMLPCRSelection{PCRSelections: []tpm2.TPMSPCRSelection{
+				{Hash: tpm2.TPMAlgSHA256, PCRSelect: tpm2.PCClientCompatible.PCRs(0, 1, 2, 3, 4, 5, 6, 7)}}}}).Execute(t)
+		if err != nil && strings.Contains(err.Error(), "RETRY") {
+			return nil // a fresh TPM may ask once for a retry (DESIGN.md)
+		}
+		return err
+	})
+	report(b, "Quote ECC P-256 (PCR 0-7)", ps, med)
+}
+
+// signingKey creates a primary ECC P-256 restricted signing key (an AK).
+func signingKey(t transport.TPM) (*tpm2.AuthHandle, error) {
+	tmpl := tpm2.TPMTPublic{
+		Type: tpm2.TPMAlgECC, NameAlg: tpm2.TPMAlgSHA256,
+		ObjectAttributes: tpm2.TPMAObject{FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true,
+			UserWithAuth: true, Restricted: true, SignEncrypt: true},
+		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
+			Scheme: tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgECDSA, Details: tpm2.NewTPMUAsymScheme(tpm2.TPMAlgECDSA,
+				&tpm2.TPMSSigSchemeECDSA{HashAlg: tpm2.TPMAlgSHA256})},
+			CurveID: tpm2.TPMECCNistP256}),
+	}
+	rsp, err := (tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHEndorsement, InPublic: tpm2.New2B(tmpl)}).Execute(t)
+	if err != nil {
+		return nil, err
+	}
+	return &tpm2.AuthHandle{Handle: rsp.ObjectHandle, Name: rsp.Name, Auth: tpm2.PasswordAuth(nil)}, nil
+}
+
+// BenchmarkIdleInstances creates many instances in one backend and
+// reports the resident memory per idle instance (worker processes plus the
+// backend's share). CVTPM_BENCH_INSTANCES overrides the count (500).
+func BenchmarkIdleInstances(b *testing.B) {
+	n := 500
+	if s := os.Getenv("CVTPM_BENCH_INSTANCES"); s != "" {
+		n, _ = strconv.Atoi(s)
+	}
+	f := testenv.NewTopologyFiles(b, 0x3)
+	topo := testenv.StartBackend(b, f)
+	abs, _ := filepath.Abs(topo.AdminSock)
+	conn, err := grpc.NewClient("unix://"+abs, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close()
+	c := backendpb.NewInstanceManagerClient(conn)
+	start := time.Now()
+	for i := range n {
+		if _, err := c.CreateInstance(context.Background(), &backendpb.CreateInstanceRequest{Id: fmt.Sprintf("vm%04d", i)}); err != nil {
+			b.Fatalf("instance %d: %v", i, err)
+		}
+		if (i+1)%100 == 0 {
+			fmt.Fprintf(os.Stderr, "  created %d/%d instances (%.1fs)\n", i+1, n, time.Since(start).Seconds())
+		}
+	}
+	created := time.Since(start)
+	time.Sleep(2 * time.Second) // let the workers settle
+	resp, err := c.ListInstances(context.Background(), &backendpb.ListInstancesRequest{})
+	if err != nil || len(resp.Instances) != n {
+		b.Fatalf("list: %d instances, %v", len(resp.Instances), err)
+	}
+	var workers, anon int64
+	for _, i := range resp.Instances {
+		rss, a, err := rssOf(int(i.Pid))
+		if err != nil {
+			b.Fatal(err)
+		}
+		workers += rss
+		anon += a
+	}
+	backendRSS, _, err := rssOf(topo.Backend.Cmd.Process.Pid)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for range b.N {
+	}
+	per := float64(workers+backendRSS) / float64(n) / (1 << 20)
+	b.ReportMetric(per, "MiB/instance")
+	b.ReportMetric(float64(anon)/float64(n)/(1<<20), "anon-MiB/instance")
+	b.ReportMetric(created.Seconds()/float64(n)*1e3, "ms-to-create")
+	fmt.Printf("%d idle instances in one backend: %.1f MiB RSS per instance (%.1f MiB anonymous, the rest shared binary pages counted per process), backend %.1f MiB; created in %.1f s (%.1f ms each); %d CPUs\n",
+		n, per, float64(anon)/float64(n)/(1<<20), float64(backendRSS)/(1<<20), created.Seconds(), created.Seconds()/float64(n)*1e3, runtime.NumCPU())
+}
+
+// rssOf reads VmRSS and RssAnon (bytes) of a process.
+func rssOf(pid int) (rss, anon int64, err error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		k, v, _ := strings.Cut(sc.Text(), ":")
+		fields := strings.Fields(v)
+		if len(fields) == 0 {
+			continue
+		}
+		kb, _ := strconv.ParseInt(fields[0], 10, 64)
+		switch k {
+		case "VmRSS":
+			rss = kb << 10
+		case "RssAnon":
+			anon = kb << 10
+		}
+	}
+	return rss, anon, sc.Err()
+}

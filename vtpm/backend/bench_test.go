@@ -1,0 +1,34 @@
+package backend
+
+import (
+	"context"
+	"testing"
+
+	"github.com/google/go-tpm/tpm2"
+
+	"cvtpm/test/testenv"
+)
+
+// BenchmarkSupervisorGetRandom is one small command from the supervisor
+// to a worker process and back: the backend's share of the attested path.
+func BenchmarkSupervisorGetRandom(b *testing.B) {
+	keys, _ := NewMasterKey(bytesOf(1, 32))
+	s, err := New(context.Background(), Config{Dir: b.TempDir(), Keys: keys, Worker: []string{testenv.Binary(b, testenv.Cvtpm), "worker"}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.Create(context.Background(), "vm1"); err != nil {
+		b.Fatal(err)
+	}
+	tpm := s.TPM("vm1")
+	if _, err := (tpm2.Startup{StartupType: tpm2.TPMSUClear}).Execute(tpm); err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	for range b.N {
+		if _, err := (tpm2.GetRandom{BytesRequested: 8}).Execute(tpm); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
