@@ -186,50 +186,46 @@ func BenchmarkIdleInstances(b *testing.B) {
 	if err != nil || len(resp.Instances) != n {
 		b.Fatalf("list: %d instances, %v", len(resp.Instances), err)
 	}
-	var workers, anon int64
+	var rss, pss, anon int64
+	pids := []int{topo.Backend.Cmd.Process.Pid}
 	for _, i := range resp.Instances {
-		rss, a, err := rssOf(int(i.Pid))
+		pids = append(pids, int(i.Pid))
+	}
+	for _, pid := range pids {
+		m, err := memOf(pid)
 		if err != nil {
 			b.Fatal(err)
 		}
-		workers += rss
-		anon += a
-	}
-	backendRSS, _, err := rssOf(topo.Backend.Cmd.Process.Pid)
-	if err != nil {
-		b.Fatal(err)
+		rss, pss, anon = rss+m["Rss"], pss+m["Pss"], anon+m["Anonymous"]
 	}
 	for range b.N {
 	}
-	per := float64(workers+backendRSS) / float64(n) / (1 << 20)
-	b.ReportMetric(per, "MiB/instance")
-	b.ReportMetric(float64(anon)/float64(n)/(1<<20), "anon-MiB/instance")
+	mib := func(v int64) float64 { return float64(v) / float64(n) / (1 << 20) }
+	b.ReportMetric(mib(pss), "PSS-MiB/instance")
+	b.ReportMetric(mib(anon), "anon-MiB/instance")
+	b.ReportMetric(mib(rss), "RSS-MiB/instance")
 	b.ReportMetric(created.Seconds()/float64(n)*1e3, "ms-to-create")
-	fmt.Printf("%d idle instances in one backend: %.1f MiB RSS per instance (%.1f MiB anonymous, the rest shared binary pages counted per process), backend %.1f MiB; created in %.1f s (%.1f ms each); %d CPUs\n",
-		n, per, float64(anon)/float64(n)/(1<<20), float64(backendRSS)/(1<<20), created.Seconds(), created.Seconds()/float64(n)*1e3, runtime.NumCPU())
+	fmt.Printf("%d idle instances in one backend: %.1f MiB per instance proportional (PSS; %.1f MiB anonymous; RSS %.1f MiB counts the shared binary once per worker); created in %.1f s (%.1f ms each); %d CPUs\n",
+		n, mib(pss), mib(anon), mib(rss), created.Seconds(), created.Seconds()/float64(n)*1e3, runtime.NumCPU())
 }
 
-// rssOf reads VmRSS and RssAnon (bytes) of a process.
-func rssOf(pid int) (rss, anon int64, err error) {
-	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+// memOf reads a process's /proc/PID/smaps_rollup (values in bytes).
+func memOf(pid int) (map[string]int64, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
 	if err != nil {
-		return 0, 0, err
+		return nil, err
 	}
 	defer f.Close()
+	out := map[string]int64{}
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
-		k, v, _ := strings.Cut(sc.Text(), ":")
+		k, v, ok := strings.Cut(sc.Text(), ":")
 		fields := strings.Fields(v)
-		if len(fields) == 0 {
+		if !ok || len(fields) == 0 {
 			continue
 		}
 		kb, _ := strconv.ParseInt(fields[0], 10, 64)
-		switch k {
-		case "VmRSS":
-			rss = kb << 10
-		case "RssAnon":
-			anon = kb << 10
-		}
+		out[k] = kb << 10
 	}
-	return rss, anon, sc.Err()
+	return out, sc.Err()
 }
