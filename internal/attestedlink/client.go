@@ -39,6 +39,10 @@ type EvidenceError struct {
 }
 
 func (e *EvidenceError) Error() string {
+	var ae *csv.AppraisalError
+	if errors.As(e.Err, &ae) {
+		return "backend evidence refused: " + e.Err.Error() // names the reason itself
+	}
 	return "backend evidence refused (" + e.Reason + "): " + e.Err.Error()
 }
 func (e *EvidenceError) Unwrap() error { return e.Err }
