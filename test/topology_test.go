@@ -5,6 +5,7 @@ package test
 
 import (
 	"bytes"
+	"context"
 	"encoding/hex"
 	"fmt"
 	"os"
@@ -13,7 +14,11 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/google/go-tpm/tpm2"
+
 	"cvtpm/attest/csv"
+	"cvtpm/attest/freshreport"
+	"cvtpm/internal/tpmsock"
 	"cvtpm/test/testenv"
 )
 
@@ -213,5 +218,58 @@ func TestFrontendStateBlobs(t *testing.T) {
 	tt.run("tpm2_nvread", "0x1500020", "-C", "o", "-s", size, "-o", tt.path("out2"))
 	if got, _ := os.ReadFile(tt.path("out2")); string(got) != string(value) {
 		t.Fatalf("swtpm NV after loading the instance's blobs = %q, want %q", got, value)
+	}
+}
+
+// The fresh-report vendor command through the guest proxy: a CSV report
+// bound to the caller's nonce, the instance's EK and its id.
+func TestFreshReportCommand(t *testing.T) {
+	f := testenv.NewTopologyFiles(t, 0x3)
+	topo := testenv.StartBackend(t, f)
+	topo.Admin(t, "create", "vm1")
+	_, tcti := topo.StartGuestProxy(t, topo.LinkAddr, "guest-vm1", "vm1", f.Policy)
+	env := []string{"TPM2TOOLS_TCTI=" + tcti}
+	testenv.Run(t, env, "tpm2_startup", "-c")
+	testenv.Run(t, env, "tpm2_createek", "-c", "0x81010001", "-G", "rsa")
+
+	port := tcti[strings.LastIndex(tcti, "=")+1:]
+	tpm, err := tpmsock.Dial(context.Background(), "tcp", "127.0.0.1:"+port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tpm.Close()
+	nonce := []byte("verifier nonce 0123456789abcdef")
+	report, hskCEK, res, err := freshreport.Get(tpm, nonce, 0x81010001)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, err := (tpm2.ReadPublic{ObjectHandle: tpm2.TPMHandle(0x81010001)}).Execute(tpm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Instance != "vm1" || !bytes.Equal(res.EKPublic, pub.OutPublic.Bytes()) {
+		t.Fatalf("instance %q, EK public matches: %v", res.Instance, bytes.Equal(res.EKPublic, pub.OutPublic.Bytes()))
+	}
+	hsk, cek, err := csv.ParseHSKCEK(hskCEK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := csv.NewVerifier(csv.VerifierOptions{TrustedRoots: []*csv.CACert{f.Sim.HRK}, Certs: csv.StaticSource{HSK: hsk, CEK: cek}})
+	want := freshreport.ReportData(nonce, res.EKPublic, "vm1")
+	claims, err := v.Verify(context.Background(), report, want[:])
+	if err != nil {
+		t.Fatalf("fresh report: %v", err)
+	}
+	if !bytes.Equal(claims.Measure, f.Measure[:]) {
+		t.Fatalf("measure %x", claims.Measure)
+	}
+	// Bound to the nonce: another nonce's report_data does not verify.
+	other := freshreport.ReportData([]byte("other"), res.EKPublic, "vm1")
+	if _, err := v.Verify(context.Background(), report, other[:]); err == nil {
+		t.Fatal("report verified for another nonce")
+	}
+	// A missing EK is a TPM error, not a report.
+	if _, _, _, err := freshreport.Get(tpm, nonce, 0x81010099); err == nil {
+		t.Fatal("report for an absent EK handle")
 	}
 }

@@ -125,7 +125,8 @@ Options:
 	if err != nil {
 		return err
 	}
-	sup, err := backend.New(ctx, backend.Config{Dir: *dir, Keys: keys, Cipher: *cipher, Worker: []string{exe, "worker"}, Logger: log})
+	sup, err := backend.New(ctx, backend.Config{Dir: *dir, Keys: keys, Cipher: *cipher, Worker: []string{exe, "worker"}, Logger: log,
+		Evidence: evidence, ChipCerts: bundle})
 	if err != nil {
 		return err
 	}

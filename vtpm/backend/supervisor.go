@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"encoding/hex"
@@ -19,6 +20,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"cvtpm/attest/csv"
+	"cvtpm/attest/freshreport"
 	"cvtpm/vtpm/tpmrpc"
 )
 
@@ -35,6 +38,11 @@ type Config struct {
 	// {os.Executable(), "worker"}.
 	Worker []string
 	Logger *slog.Logger
+	// Evidence answers the fresh-report vendor command (attest/freshreport)
+	// with a CSV report; ChipCerts is the chip's HSK||CEK for it. Without
+	// Evidence the command fails with TPM_RC_FAILURE.
+	Evidence  csv.ReportProvider
+	ChipCerts []byte
 	// CallTimeout bounds one call to a worker; a worker that does not
 	// answer in time is killed and restarted. Zero means 2 minutes.
 	CallTimeout time.Duration
@@ -458,6 +466,9 @@ func (s *Supervisor) Call(ctx context.Context, id string, req, dst []byte) ([]by
 			return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q is not running: %v", id, err)}), nil
 		}
 	}
+	if r.Op == tpmrpc.OpExecute && freshreport.IsCommand(r.Payload) {
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Payload: s.freshReport(ctx, inst, r.Payload)}), nil
+	}
 	// The worker socket has no deadlines: a worker that hangs is killed,
 	// which ends the call with EOF.
 	w := inst.w
@@ -472,6 +483,64 @@ func (s *Supervisor) Call(ctx context.Context, id string, req, dst []byte) ([]by
 	}
 	s.track(inst, r, resp)
 	return append(dst, resp...), nil
+}
+
+// TPM response codes the backend itself answers with.
+const (
+	rcValue   = 0x84
+	rcFailure = 0x101
+)
+
+func tpmError(rc uint32) []byte {
+	return binary.BigEndian.AppendUint32([]byte{0x80, 0x01, 0, 0, 0, 10}, rc)
+}
+
+// freshReport answers the vendor command of attest/freshreport: a CSV
+// report bound to the caller's nonce, the instance's EK and its id. Called
+// with inst.mu held and a worker running.
+func (s *Supervisor) freshReport(ctx context.Context, inst *instance, cmd []byte) []byte {
+	req, err := freshreport.ParseCommand(cmd)
+	if err != nil {
+		s.log.Warn("fresh report command refused", "instance", inst.id, "err", err)
+		return tpmError(rcValue)
+	}
+	// TPM2_ReadPublic(ekHandle) on the instance itself: the report binds
+	// the EK that this TPM really holds.
+	readPublic := binary.BigEndian.AppendUint32([]byte{0x80, 0x01, 0, 0, 0, 14, 0, 0, 0x01, 0x73}, req.EKHandle)
+	out, err := inst.w.caller.Call(ctx, tpmrpc.AppendRequest(nil, tpmrpc.Request{Op: tpmrpc.OpExecute, Payload: readPublic}))
+	if err != nil {
+		return tpmError(rcFailure)
+	}
+	resp, err := tpmrpc.ParseResponse(out)
+	if err != nil || resp.Err != "" || len(resp.Payload) < 10 {
+		return tpmError(rcFailure)
+	}
+	if rc := responseCode(resp.Payload); rc != 0 {
+		return tpmError(rc)
+	}
+	p := resp.Payload[10:]
+	if len(p) < 2 || len(p) < 2+int(binary.BigEndian.Uint16(p)) {
+		return tpmError(rcFailure)
+	}
+	ekPublic := bytes.Clone(p[2 : 2+int(binary.BigEndian.Uint16(p))])
+	res := freshreport.Result{Instance: inst.id, EKPublic: ekPublic}
+	switch req.Part {
+	case freshreport.PartChipCerts:
+		res.Payload = s.cfg.ChipCerts
+	default:
+		if s.cfg.Evidence == nil {
+			s.log.Warn("fresh report asked for, but this backend has no CSV evidence provider", "instance", inst.id)
+			return tpmError(rcFailure)
+		}
+		rd := freshreport.ReportData(req.Nonce, ekPublic, inst.id)
+		report, err := s.cfg.Evidence.Report(ctx, rd[:])
+		if err != nil {
+			s.log.Error("CSV report for a fresh attestation failed", "instance", inst.id, "err", err)
+			return tpmError(rcFailure)
+		}
+		res.Payload = report
+	}
+	return freshreport.AppendResponse(nil, res)
 }
 
 // track follows the TPM's life cycle so that restore can replay it.
