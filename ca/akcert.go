@@ -3,9 +3,11 @@ package ca
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/asn1"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -25,6 +27,7 @@ type pendingAK struct {
 	secret   []byte
 	ak       *attest.AKPublic
 	instance string
+	ekDigest [32]byte // SHA-256 of the EK certificate the AK was activated with
 	expires  time.Time
 }
 
@@ -68,7 +71,7 @@ func (a *Authority) AKChallenge(ctx context.Context, ekCertDER []byte, ak attest
 	if a.pendingAKs == nil {
 		a.pendingAKs = map[string]pendingAK{}
 	}
-	a.pendingAKs[id] = pendingAK{secret: secret, ak: pub, instance: instance, expires: a.now().Add(a.nonceTTL())}
+	a.pendingAKs[id] = pendingAK{secret: secret, ak: pub, instance: instance, ekDigest: sha256.Sum256(ekCert.Raw), expires: a.now().Add(a.nonceTTL())}
 	a.mu.Unlock()
 	return id, ec, nil
 }
@@ -114,9 +117,16 @@ func (a *Authority) issueAK(p pendingAK) (*x509.Certificate, error) {
 		return nil, err
 	}
 	now := a.now()
+	ekExt, err := asn1.Marshal(p.ekDigest[:])
+	if err != nil {
+		return nil, err
+	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
 		Subject:               pkix.Name{CommonName: "cvtpm AK " + p.instance},
+		// Which EK vouched for this AK: a verifier must see that the AK
+		// and the EK it is shown with belong to the same TPM.
+		ExtraExtensions: []pkix.Extension{{Id: OIDCVTPMCertifiedEK, Value: ekExt}},
 		NotBefore:             now.Add(-time.Minute),
 		NotAfter:              now.Add(365 * 24 * time.Hour),
 		KeyUsage:              x509.KeyUsageDigitalSignature,

@@ -32,6 +32,10 @@ var (
 	OIDSubjectAltName    = asn1.ObjectIdentifier{2, 5, 29, 17}
 	OIDSubjectDirAttrs   = asn1.ObjectIdentifier{2, 5, 29, 9}
 	OIDCVTPMCSVClaims    = asn1.ObjectIdentifier{2, 999, 7, 1}
+	// OIDCVTPMCertifiedEK (PROVISIONAL, like OIDCVTPMCSVClaims) is the AK
+	// certificate extension holding SHA-256 of the EK certificate whose
+	// credential activation certified the AK (an OCTET STRING).
+	OIDCVTPMCertifiedEK = asn1.ObjectIdentifier{2, 999, 7, 2}
 	errUnsupportedEKType = errors.New("EK public key must be RSA or ECDSA")
 )
 
