@@ -175,3 +175,23 @@ func (c Client) Enroll(ctx context.Context, req enroll.Request) (*x509.Certifica
 	}
 	return x509.ParseCertificate(r.GetCertificate())
 }
+
+// AKChallenge asks the CA for a credential that only the TPM holding both
+// the certified EK and the AK can activate.
+func (c Client) AKChallenge(ctx context.Context, ekCertDER []byte, ak attest.AttestationParameters) (string, *attest.EncryptedCredential, error) {
+	r, err := c.C.AKChallenge(ctx, &capb.AKChallengeRequest{EkCertificate: ekCertDER, Ak: &capb.AKParameters{
+		Public: ak.Public, CreateData: ak.CreateData, CreateAttestation: ak.CreateAttestation, CreateSignature: ak.CreateSignature}})
+	if err != nil {
+		return "", nil, err
+	}
+	return r.GetChallengeId(), &attest.EncryptedCredential{Credential: r.GetCredential(), Secret: r.GetSecret()}, nil
+}
+
+// AKCertify returns the AK certificate for the activated secret.
+func (c Client) AKCertify(ctx context.Context, id string, secret []byte) (*x509.Certificate, error) {
+	r, err := c.C.AKCertify(ctx, &capb.AKCertifyRequest{ChallengeId: id, ActivatedSecret: secret})
+	if err != nil {
+		return nil, err
+	}
+	return x509.ParseCertificate(r.GetCertificate())
+}

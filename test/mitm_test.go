@@ -147,7 +147,10 @@ func TestManInTheMiddleBetweenRelayAndBackend(t *testing.T) {
 		{"flip a byte", func(r []byte) [][]byte { r[len(r)-5] ^= 0x01; return [][]byte{r} }, false},
 		{"truncate and drop the connection", func(r []byte) [][]byte { return nil }, false},
 		{"replay the command", func(r []byte) [][]byte { return [][]byte{r, r} }, true},
-		{"altered length field", func(r []byte) [][]byte { binary.BigEndian.PutUint16(r[3:], uint16(len(r)-6)); return [][]byte{r[:len(r)-1]} }, false},
+		{"altered length field", func(r []byte) [][]byte {
+			binary.BigEndian.PutUint16(r[3:], uint16(len(r)-6))
+			return [][]byte{r[:len(r)-1]}
+		}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := read(t)

@@ -73,12 +73,12 @@ func TestGuestProxyThroughRelay(t *testing.T) {
 		t.Fatalf("relay captured only %d bytes: did the session pass through it?", len(seen))
 	}
 	for name, needle := range map[string][]byte{
-		"NV secret":                 []byte(nvSecret),
+		"NV secret":                  []byte(nvSecret),
 		"TPM2_NV_Write command code": {0x00, 0x00, 0x01, 0x37},
 		"TPM2_Quote command code":    {0x00, 0x00, 0x01, 0x58},
-		"quote nonce":               {0xab, 0xcd, 0xef, 0x01},
-		"GetRandom command":         {0x80, 0x01, 0x00, 0x00, 0x00, 0x0c, 0x00, 0x00, 0x01, 0x7b},
-		"extended digest":           bytes.Repeat([]byte{0xab}, 16),
+		"quote nonce":                {0xab, 0xcd, 0xef, 0x01},
+		"GetRandom command":          {0x80, 0x01, 0x00, 0x00, 0x00, 0x0c, 0x00, 0x00, 0x01, 0x7b},
+		"extended digest":            bytes.Repeat([]byte{0xab}, 16),
 	} {
 		if bytes.Contains(seen, needle) {
 			t.Errorf("the relay saw the %s in clear", name)

@@ -135,7 +135,7 @@ type TopologyFiles struct {
 	MasterKey string
 	ACL       string
 	// Identities: "frontend" (all instances) and "guest-vm1" (vm1 only).
-	Certs map[string][2]string // name -> cert, key PEM files
+	Certs  map[string][2]string // name -> cert, key PEM files
 	caKey  *ecdsa.PrivateKey
 	caCert *x509.Certificate
 }

@@ -7,7 +7,7 @@
 // versions:
 // 	protoc-gen-go v1.36.12
 // 	protoc        v3.21.12
-// source: attest.proto
+// source: evidence.proto
 
 package attestpb
 
@@ -49,7 +49,7 @@ type Evidence struct {
 
 func (x *Evidence) Reset() {
 	*x = Evidence{}
-	mi := &file_attest_proto_msgTypes[0]
+	mi := &file_evidence_proto_msgTypes[0]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -61,7 +61,7 @@ func (x *Evidence) String() string {
 func (*Evidence) ProtoMessage() {}
 
 func (x *Evidence) ProtoReflect() protoreflect.Message {
-	mi := &file_attest_proto_msgTypes[0]
+	mi := &file_evidence_proto_msgTypes[0]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -74,7 +74,7 @@ func (x *Evidence) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Evidence.ProtoReflect.Descriptor instead.
 func (*Evidence) Descriptor() ([]byte, []int) {
-	return file_attest_proto_rawDescGZIP(), []int{0}
+	return file_evidence_proto_rawDescGZIP(), []int{0}
 }
 
 func (x *Evidence) GetTpmAttestation() []byte {
@@ -127,7 +127,7 @@ type ChallengeRequest struct {
 
 func (x *ChallengeRequest) Reset() {
 	*x = ChallengeRequest{}
-	mi := &file_attest_proto_msgTypes[1]
+	mi := &file_evidence_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -139,7 +139,7 @@ func (x *ChallengeRequest) String() string {
 func (*ChallengeRequest) ProtoMessage() {}
 
 func (x *ChallengeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_attest_proto_msgTypes[1]
+	mi := &file_evidence_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -152,7 +152,7 @@ func (x *ChallengeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChallengeRequest.ProtoReflect.Descriptor instead.
 func (*ChallengeRequest) Descriptor() ([]byte, []int) {
-	return file_attest_proto_rawDescGZIP(), []int{1}
+	return file_evidence_proto_rawDescGZIP(), []int{1}
 }
 
 type ChallengeResponse struct {
@@ -165,7 +165,7 @@ type ChallengeResponse struct {
 
 func (x *ChallengeResponse) Reset() {
 	*x = ChallengeResponse{}
-	mi := &file_attest_proto_msgTypes[2]
+	mi := &file_evidence_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -177,7 +177,7 @@ func (x *ChallengeResponse) String() string {
 func (*ChallengeResponse) ProtoMessage() {}
 
 func (x *ChallengeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_attest_proto_msgTypes[2]
+	mi := &file_evidence_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -190,7 +190,7 @@ func (x *ChallengeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChallengeResponse.ProtoReflect.Descriptor instead.
 func (*ChallengeResponse) Descriptor() ([]byte, []int) {
-	return file_attest_proto_rawDescGZIP(), []int{2}
+	return file_evidence_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *ChallengeResponse) GetNonce() []byte {
@@ -217,7 +217,7 @@ type AttestRequest struct {
 
 func (x *AttestRequest) Reset() {
 	*x = AttestRequest{}
-	mi := &file_attest_proto_msgTypes[3]
+	mi := &file_evidence_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -229,7 +229,7 @@ func (x *AttestRequest) String() string {
 func (*AttestRequest) ProtoMessage() {}
 
 func (x *AttestRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_attest_proto_msgTypes[3]
+	mi := &file_evidence_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -242,7 +242,7 @@ func (x *AttestRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttestRequest.ProtoReflect.Descriptor instead.
 func (*AttestRequest) Descriptor() ([]byte, []int) {
-	return file_attest_proto_rawDescGZIP(), []int{3}
+	return file_evidence_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *AttestRequest) GetNonce() []byte {
@@ -269,7 +269,7 @@ type AttestResponse struct {
 
 func (x *AttestResponse) Reset() {
 	*x = AttestResponse{}
-	mi := &file_attest_proto_msgTypes[4]
+	mi := &file_evidence_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -281,7 +281,7 @@ func (x *AttestResponse) String() string {
 func (*AttestResponse) ProtoMessage() {}
 
 func (x *AttestResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_attest_proto_msgTypes[4]
+	mi := &file_evidence_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -294,7 +294,7 @@ func (x *AttestResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttestResponse.ProtoReflect.Descriptor instead.
 func (*AttestResponse) Descriptor() ([]byte, []int) {
-	return file_attest_proto_rawDescGZIP(), []int{4}
+	return file_evidence_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *AttestResponse) GetEar() string {
@@ -304,11 +304,11 @@ func (x *AttestResponse) GetEar() string {
 	return ""
 }
 
-var File_attest_proto protoreflect.FileDescriptor
+var File_evidence_proto protoreflect.FileDescriptor
 
-const file_attest_proto_rawDesc = "" +
+const file_evidence_proto_rawDesc = "" +
 	"\n" +
-	"\fattest.proto\x12\x0fcvtpm.attest.v1\"\xcb\x01\n" +
+	"\x0eevidence.proto\x12\x0fcvtpm.attest.v1\"\xcb\x01\n" +
 	"\bEvidence\x12'\n" +
 	"\x0ftpm_attestation\x18\x01 \x01(\fR\x0etpmAttestation\x12\x19\n" +
 	"\bek_chain\x18\x02 \x03(\fR\aekChain\x12\x1f\n" +
@@ -332,26 +332,26 @@ const file_attest_proto_rawDesc = "" +
 	"\x06Attest\x12\x1e.cvtpm.attest.v1.AttestRequest\x1a\x1f.cvtpm.attest.v1.AttestResponseB\x1bZ\x19cvtpm/api/attest;attestpbb\x06proto3"
 
 var (
-	file_attest_proto_rawDescOnce sync.Once
-	file_attest_proto_rawDescData []byte
+	file_evidence_proto_rawDescOnce sync.Once
+	file_evidence_proto_rawDescData []byte
 )
 
-func file_attest_proto_rawDescGZIP() []byte {
-	file_attest_proto_rawDescOnce.Do(func() {
-		file_attest_proto_rawDescData = protoimpl.X.CompressGZIP(unsafe.Slice(unsafe.StringData(file_attest_proto_rawDesc), len(file_attest_proto_rawDesc)))
+func file_evidence_proto_rawDescGZIP() []byte {
+	file_evidence_proto_rawDescOnce.Do(func() {
+		file_evidence_proto_rawDescData = protoimpl.X.CompressGZIP(unsafe.Slice(unsafe.StringData(file_evidence_proto_rawDesc), len(file_evidence_proto_rawDesc)))
 	})
-	return file_attest_proto_rawDescData
+	return file_evidence_proto_rawDescData
 }
 
-var file_attest_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
-var file_attest_proto_goTypes = []any{
+var file_evidence_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_evidence_proto_goTypes = []any{
 	(*Evidence)(nil),          // 0: cvtpm.attest.v1.Evidence
 	(*ChallengeRequest)(nil),  // 1: cvtpm.attest.v1.ChallengeRequest
 	(*ChallengeResponse)(nil), // 2: cvtpm.attest.v1.ChallengeResponse
 	(*AttestRequest)(nil),     // 3: cvtpm.attest.v1.AttestRequest
 	(*AttestResponse)(nil),    // 4: cvtpm.attest.v1.AttestResponse
 }
-var file_attest_proto_depIdxs = []int32{
+var file_evidence_proto_depIdxs = []int32{
 	0, // 0: cvtpm.attest.v1.AttestRequest.evidence:type_name -> cvtpm.attest.v1.Evidence
 	1, // 1: cvtpm.attest.v1.Verifier.Challenge:input_type -> cvtpm.attest.v1.ChallengeRequest
 	3, // 2: cvtpm.attest.v1.Verifier.Attest:input_type -> cvtpm.attest.v1.AttestRequest
@@ -364,26 +364,26 @@ var file_attest_proto_depIdxs = []int32{
 	0, // [0:1] is the sub-list for field type_name
 }
 
-func init() { file_attest_proto_init() }
-func file_attest_proto_init() {
-	if File_attest_proto != nil {
+func init() { file_evidence_proto_init() }
+func file_evidence_proto_init() {
+	if File_evidence_proto != nil {
 		return
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
-			RawDescriptor: unsafe.Slice(unsafe.StringData(file_attest_proto_rawDesc), len(file_attest_proto_rawDesc)),
+			RawDescriptor: unsafe.Slice(unsafe.StringData(file_evidence_proto_rawDesc), len(file_evidence_proto_rawDesc)),
 			NumEnums:      0,
 			NumMessages:   5,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
-		GoTypes:           file_attest_proto_goTypes,
-		DependencyIndexes: file_attest_proto_depIdxs,
-		MessageInfos:      file_attest_proto_msgTypes,
+		GoTypes:           file_evidence_proto_goTypes,
+		DependencyIndexes: file_evidence_proto_depIdxs,
+		MessageInfos:      file_evidence_proto_msgTypes,
 	}.Build()
-	File_attest_proto = out.File
-	file_attest_proto_goTypes = nil
-	file_attest_proto_depIdxs = nil
+	File_evidence_proto = out.File
+	file_evidence_proto_goTypes = nil
+	file_evidence_proto_depIdxs = nil
 }

@@ -7,7 +7,7 @@
 // versions:
 // - protoc-gen-go-grpc v1.5.1
 // - protoc             v3.21.12
-// source: attest.proto
+// source: evidence.proto
 
 package attestpb
 
@@ -164,5 +164,5 @@ var Verifier_ServiceDesc = grpc.ServiceDesc{
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
-	Metadata: "attest.proto",
+	Metadata: "evidence.proto",
 }

@@ -1,0 +1,66 @@
+# cvtpm's default appraisal policy. Input: the verified facts (see
+# verifier.Facts); data.reference: reference values from a JSON file, e.g.
+#   {"pcrs": {"sha256": {"16": "ab12..."}}}
+# The result is one entry per EAR submodule, with a status and reasons.
+package cvtpm
+
+nonce_reasons contains r if {
+	not input.nonce.ok
+	r := input.nonce.reason
+}
+
+vtpm_reasons contains r if some r in nonce_reasons
+
+vtpm_reasons contains r if {
+	not input.tpm.ek_trusted
+	r := input.tpm.ek_reason
+}
+
+vtpm_reasons contains "ek-certificate-revoked" if input.tpm.ek_revoked
+
+vtpm_reasons contains r if {
+	not input.tpm.ak_bound
+	r := input.tpm.ak_reason
+}
+
+vtpm_reasons contains r if {
+	not input.tpm.quote_ok
+	r := input.tpm.quote_reason
+}
+
+vtpm_reasons contains sprintf("pcr-%s-not-reference", [i]) if {
+	input.tpm.quote_ok
+	some i, want in data.reference.pcrs.sha256
+	lower(input.tpm.pcrs[i]) != lower(want)
+}
+
+csv_reasons contains r if some r in nonce_reasons
+
+csv_reasons contains r if {
+	not input.csv.report_ok
+	r := input.csv.reason
+}
+
+csv_reasons contains "csv-report-from-another-backend" if {
+	input.csv.report_ok
+	not input.csv.matches_ek_claims
+}
+
+csv_warnings contains "simulated-csv-evidence" if input.csv.simulated
+
+status(reasons, warnings) := "contraindicated" if count(reasons) > 0
+
+status(reasons, warnings) := "warning" if {
+	count(reasons) == 0
+	count(warnings) > 0
+}
+
+status(reasons, warnings) := "affirming" if {
+	count(reasons) == 0
+	count(warnings) == 0
+}
+
+result := {
+	"cvtpm-vtpm": {"status": status(vtpm_reasons, set()), "reasons": vtpm_reasons},
+	"csv-platform": {"status": status(csv_reasons, csv_warnings), "reasons": csv_reasons | csv_warnings},
+}

@@ -1,0 +1,446 @@
+package verifier
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/asn1"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/emmansun/gmsm/sm3"
+	tpmtoolspb "github.com/google/go-tpm-tools/proto/attest"
+	"github.com/google/go-tpm-tools/server"
+	legacy "github.com/google/go-tpm/legacy/tpm2"
+	"github.com/google/go-tpm/tpm2"
+	"google.golang.org/protobuf/proto"
+
+	attestpb "cvtpm/api/attest"
+	"cvtpm/attest/csv"
+	"cvtpm/attest/freshreport"
+	"cvtpm/ca"
+)
+
+// CRLSource supplies the EK CA's current CRL.
+type CRLSource interface {
+	CRL(ctx context.Context) (*x509.RevocationList, error)
+}
+
+// Options configure a Verifier.
+type Options struct {
+	// CARoots are the EK CA roots that EK and AK certificates must chain
+	// to. Required.
+	CARoots []*x509.Certificate
+	// CRL, if set, is consulted for every EK certificate; an unavailable
+	// CRL fails the appraisal.
+	CRL CRLSource
+	// CSV is the platform policy: trusted HYGON roots, approved
+	// measurements, policy bits. Required.
+	CSV *csv.AppraisalPolicy
+	// CSVCerts supplies HSK/CEK by chip serial; nil uses the pair sent
+	// with the evidence (it must still chain to a trusted root).
+	CSVCerts csv.CertSource
+	// Policy is a Rego module in package cvtpm defining "result"; empty
+	// uses the built-in default (default.rego).
+	Policy string
+	// Reference is the policy's data.reference (e.g. expected PCRs).
+	Reference map[string]any
+	// Signer signs EAR tokens (ECDSA P-256: ES256). Required.
+	Signer crypto.Signer
+	// NonceTTL bounds how long a challenge is valid; zero means 5 minutes.
+	NonceTTL time.Duration
+	Now      func() time.Time
+}
+
+// Verifier checks evidence and issues EAR tokens. It is safe for
+// concurrent use.
+type Verifier struct {
+	opts   Options
+	policy *regoPolicy
+
+	mu     sync.Mutex
+	nonces map[string]time.Time
+}
+
+// New returns a Verifier.
+func New(ctx context.Context, opts Options) (*Verifier, error) {
+	if len(opts.CARoots) == 0 || opts.CSV == nil || opts.Signer == nil {
+		return nil, errors.New("verifier: CARoots, CSV policy and Signer are required")
+	}
+	if opts.NonceTTL == 0 {
+		opts.NonceTTL = 5 * time.Minute
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	p, err := compilePolicy(ctx, opts.Policy, opts.Reference)
+	if err != nil {
+		return nil, err
+	}
+	return &Verifier{opts: opts, policy: p, nonces: map[string]time.Time{}}, nil
+}
+
+// Challenge returns a fresh 32-byte nonce, valid once until the returned
+// time.
+func (v *Verifier) Challenge(context.Context) ([]byte, time.Time, error) {
+	n := make([]byte, 32)
+	if _, err := rand.Read(n); err != nil {
+		return nil, time.Time{}, err
+	}
+	now := v.opts.Now()
+	exp := now.Add(v.opts.NonceTTL)
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for k, e := range v.nonces {
+		if now.After(e) {
+			delete(v.nonces, k)
+		}
+	}
+	v.nonces[string(n)] = exp
+	return n, exp, nil
+}
+
+// consume checks and retires a nonce.
+func (v *Verifier) consume(nonce []byte) (bool, string) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	exp, ok := v.nonces[string(nonce)]
+	if !ok {
+		return false, "nonce-unknown-or-used"
+	}
+	delete(v.nonces, string(nonce))
+	if v.opts.Now().After(exp) {
+		return false, "nonce-expired"
+	}
+	return true, ""
+}
+
+// Facts are what the verifier established, the Rego policy's input.
+type Facts struct {
+	Nonce struct {
+		OK     bool   `json:"ok"`
+		Reason string `json:"reason,omitempty"`
+	} `json:"nonce"`
+	TPM struct {
+		EKTrusted   bool              `json:"ek_trusted"`
+		EKReason    string            `json:"ek_reason,omitempty"`
+		EKRevoked   bool              `json:"ek_revoked"`
+		EKSerial    string            `json:"ek_serial,omitempty"`
+		AKBound     bool              `json:"ak_bound"`
+		AKReason    string            `json:"ak_reason,omitempty"`
+		QuoteOK     bool              `json:"quote_ok"`
+		QuoteReason string            `json:"quote_reason,omitempty"`
+		PCRs        map[string]string `json:"pcrs,omitempty"` // sha256 index -> hex, when the quote verified
+		Detail      string            `json:"detail,omitempty"`
+	} `json:"tpm"`
+	CSV struct {
+		ReportOK        bool   `json:"report_ok"`
+		Reason          string `json:"reason,omitempty"`
+		Detail          string `json:"detail,omitempty"`
+		Simulated       bool   `json:"simulated"`
+		MatchesEKClaims bool   `json:"matches_ek_claims"`
+		Measurement     string `json:"measurement,omitempty"`
+		ChipSerial      string `json:"chip_serial,omitempty"`
+		Instance        string `json:"instance,omitempty"`
+	} `json:"csv"`
+}
+
+// Result is an appraisal: the signed token and what it says.
+type Result struct {
+	Token   string
+	Submods map[string]Submod
+	Facts   *Facts
+}
+
+// Submod is one EAR submodule's verdict.
+type Submod struct {
+	Status  string   `json:"ear.status"`
+	Reasons []string `json:"cvtpm.reasons,omitempty"`
+}
+
+// Affirming reports whether every submodule is affirming, or at worst
+// warning (e.g. simulated CSV evidence that the policy trusts).
+func (r *Result) Affirming() bool {
+	for _, s := range r.Submods {
+		if s.Status != StatusAffirming && s.Status != StatusWarning {
+			return false
+		}
+	}
+	return len(r.Submods) > 0
+}
+
+// EAR status values (trust tiers).
+const (
+	StatusAffirming       = "affirming"
+	StatusWarning         = "warning"
+	StatusContraindicated = "contraindicated"
+)
+
+// Verify appraises evidence for nonce and returns the signed result. A
+// refusal is a Result too (contraindicated, with reasons); an error means
+// no result could be produced at all.
+func (v *Verifier) Verify(ctx context.Context, nonce []byte, ev *attestpb.Evidence) (*Result, error) {
+	f := &Facts{}
+	f.Nonce.OK, f.Nonce.Reason = v.consume(nonce)
+	ekCert := v.checkTPM(ctx, nonce, ev, f)
+	v.checkCSV(ctx, nonce, ev, ekCert, f)
+	submods, err := v.policy.eval(ctx, f)
+	if err != nil {
+		return nil, err
+	}
+	token, err := v.sign(nonce, submods, f)
+	if err != nil {
+		return nil, err
+	}
+	return &Result{Token: token, Submods: submods, Facts: f}, nil
+}
+
+func (v *Verifier) trusted(c *x509.Certificate) bool {
+	for _, root := range v.opts.CARoots {
+		if c.CheckSignatureFrom(root) == nil {
+			return true
+		}
+	}
+	return false
+}
+
+// checkTPM establishes the vTPM facts and returns the EK certificate if it
+// could be parsed.
+func (v *Verifier) checkTPM(ctx context.Context, nonce []byte, ev *attestpb.Evidence, f *Facts) *x509.Certificate {
+	t := &f.TPM
+	now := v.opts.Now()
+	var ekCert *x509.Certificate
+	if len(ev.GetEkChain()) == 0 {
+		t.EKReason = "ek-certificate-missing"
+	} else if c, err := x509.ParseCertificate(ev.GetEkChain()[0]); err != nil {
+		t.EKReason, t.Detail = "ek-certificate-malformed", err.Error()
+	} else {
+		ekCert = c
+		t.EKSerial = c.SerialNumber.Text(16)
+		// Go's x509.Verify refuses TCG EK certificates (their critical SAN
+		// holds only a directoryName), so the signature is checked directly.
+		switch {
+		case !v.trusted(c):
+			t.EKReason = "ek-certificate-untrusted"
+		case now.Before(c.NotBefore) || now.After(c.NotAfter):
+			t.EKReason = "ek-certificate-expired"
+		default:
+			t.EKTrusted = true
+		}
+		if t.EKTrusted && v.opts.CRL != nil {
+			revoked, err := v.revoked(ctx, c)
+			if err != nil {
+				t.EKTrusted, t.EKReason, t.Detail = false, "crl-unavailable", err.Error()
+			}
+			t.EKRevoked = revoked
+		}
+	}
+
+	att := &tpmtoolspb.Attestation{}
+	if err := proto.Unmarshal(ev.GetTpmAttestation(), att); err != nil {
+		t.AKReason, t.QuoteReason, t.Detail = "tpm-attestation-malformed", "tpm-attestation-malformed", err.Error()
+		return ekCert
+	}
+	akCert, err := x509.ParseCertificate(att.GetAkCert())
+	switch {
+	case err != nil:
+		t.AKReason = "ak-certificate-missing-or-malformed"
+	case !v.trusted(akCert):
+		t.AKReason = "ak-certificate-untrusted"
+	case ekCert == nil || !certifiesEK(akCert, ekCert):
+		t.AKReason = "ak-not-bound-to-ek"
+	default:
+		t.AKBound = true
+	}
+	if akCert == nil {
+		t.QuoteReason = "ak-certificate-missing-or-malformed"
+		return ekCert
+	}
+	// Quotes, nonce, PCR digests and event log replay: go-tpm-tools, with
+	// the AK from the CA-issued certificate as the only trusted AK.
+	if _, err := server.VerifyAttestation(att, server.VerifyOpts{
+		Nonce: nonce, TrustedAKs: []crypto.PublicKey{akCert.PublicKey}, HashAlgo: legacy.AlgSHA256,
+		Loader: server.UnsupportedLoader,
+	}); err != nil {
+		t.QuoteReason, t.Detail = quoteReason(err), err.Error()
+		return ekCert
+	}
+	t.QuoteOK = true
+	t.PCRs = map[string]string{}
+	for _, q := range att.GetQuotes() {
+		if q.GetPcrs().GetHash() == 0 {
+			continue
+		}
+		for i, d := range q.GetPcrs().GetPcrs() {
+			t.PCRs[fmt.Sprint(i)] = hex.EncodeToString(d)
+		}
+	}
+	return ekCert
+}
+
+func quoteReason(err error) string {
+	s := strings.ToLower(err.Error())
+	switch {
+	case strings.Contains(s, "nonce"):
+		return "quote-nonce-mismatch"
+	case strings.Contains(s, "event log") || strings.Contains(s, "eventlog") || strings.Contains(s, "replay"):
+		return "eventlog-does-not-match-pcrs"
+	case strings.Contains(s, "digest") || strings.Contains(s, "pcr"):
+		return "pcrs-do-not-match-quote"
+	case strings.Contains(s, "trusted") || strings.Contains(s, "ak"):
+		return "quote-not-signed-by-certified-ak"
+	}
+	return "quote-invalid"
+}
+
+// certifiesEK reports whether the AK certificate names this EK certificate
+// (ca.OIDCVTPMCertifiedEK).
+func certifiesEK(ak, ek *x509.Certificate) bool {
+	want := sha256.Sum256(ek.Raw)
+	for _, e := range ak.Extensions {
+		if e.Id.Equal(ca.OIDCVTPMCertifiedEK) {
+			var got []byte
+			if rest, err := asn1.Unmarshal(e.Value, &got); err == nil && len(rest) == 0 {
+				return bytes.Equal(got, want[:])
+			}
+		}
+	}
+	return false
+}
+
+func (v *Verifier) revoked(ctx context.Context, c *x509.Certificate) (bool, error) {
+	crl, err := v.opts.CRL.CRL(ctx)
+	if err != nil {
+		return false, err
+	}
+	ok := false
+	for _, root := range v.opts.CARoots {
+		if crl.CheckSignatureFrom(root) == nil {
+			ok = true
+		}
+	}
+	if !ok {
+		return false, errors.New("the CRL is not signed by a trusted CA root")
+	}
+	for _, r := range crl.RevokedCertificateEntries {
+		if r.SerialNumber.Cmp(c.SerialNumber) == 0 {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// checkCSV establishes the platform facts: a report for this nonce, EK and
+// instance, chaining to a trusted root, meeting the CSV policy, from the
+// chip and image that the EK certificate's claims record.
+func (v *Verifier) checkCSV(ctx context.Context, nonce []byte, ev *attestpb.Evidence, ekCert *x509.Certificate, f *Facts) {
+	c := &f.CSV
+	c.Instance = ev.GetInstanceId()
+	if ekCert != nil {
+		if !ekPublicMatches(ev.GetEkPublic(), ekCert) {
+			c.Reason = "csv-report-for-another-ek"
+			return
+		}
+	}
+	certs := v.opts.CSVCerts
+	if certs == nil {
+		hsk, cek, err := csv.ParseHSKCEK(ev.GetCsvHskCek())
+		if err != nil {
+			c.Reason, c.Detail = csv.ReasonEvidence, "HSK/CEK: "+err.Error()
+			return
+		}
+		certs = csv.StaticSource{HSK: hsk, CEK: cek}
+	}
+	cv := csv.NewVerifier(csv.VerifierOptions{TrustedRoots: v.opts.CSV.TrustedRoots(), Certs: certs})
+	want := freshreport.ReportData(nonce, ev.GetEkPublic(), ev.GetInstanceId())
+	claims, err := v.opts.CSV.VerifyAndAppraise(ctx, cv, ev.GetCsvReport(), want[:])
+	if claims != nil {
+		c.Simulated, c.Measurement, c.ChipSerial = claims.Simulated, hex.EncodeToString(claims.Measure), claims.ChipSerial
+	}
+	if err != nil {
+		var ae *csv.AppraisalError
+		if errors.As(err, &ae) {
+			c.Reason, c.Detail = ae.Reason, ae.Detail
+			if ae.Reason == csv.ReasonReportData {
+				// Another nonce, EK or instance than this evidence names.
+				c.Reason = "csv-report-not-bound-to-this-nonce-ek-and-instance"
+			}
+		} else {
+			c.Reason, c.Detail = csv.ReasonEvidence, err.Error()
+		}
+		return
+	}
+	c.ReportOK = true
+	c.MatchesEKClaims = ekCert != nil && matchesEKClaims(ekCert, claims)
+}
+
+func ekPublicMatches(area []byte, ekCert *x509.Certificate) bool {
+	pub, err := tpm2.Unmarshal[tpm2.TPMTPublic](area)
+	if err != nil {
+		return false
+	}
+	key, err := tpm2.Pub(*pub)
+	if err != nil {
+		return false
+	}
+	k, ok := key.(interface{ Equal(crypto.PublicKey) bool })
+	return ok && k.Equal(ekCert.PublicKey)
+}
+
+// matchesEKClaims: the fresh report comes from the chip and CVM image on
+// which the CA certified the EK.
+func matchesEKClaims(ekCert *x509.Certificate, claims *csv.Claims) bool {
+	for _, e := range ekCert.Extensions {
+		if !e.Id.Equal(ca.OIDCVTPMCSVClaims) {
+			continue
+		}
+		ek, err := ca.ParseCSVClaims(e.Value)
+		if err != nil {
+			return false
+		}
+		chip := sm3.Sum([]byte(claims.ChipSerial))
+		return bytes.Equal(ek.Measurement, claims.Measure) && bytes.Equal(ek.ChipIDDigest, chip[:]) && ek.Simulated == claims.Simulated
+	}
+	return false
+}
+
+// HTTPCRL fetches the EK CA's CRL from its HTTP endpoint (`cvtpm ca
+// --http`, path /crl, DER) on every use.
+type HTTPCRL struct {
+	URL    string
+	Client *http.Client
+}
+
+// CRL implements CRLSource.
+func (h HTTPCRL) CRL(ctx context.Context) (*x509.RevocationList, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, h.URL, nil)
+	if err != nil {
+		return nil, err
+	}
+	c := h.Client
+	if c == nil {
+		c = &http.Client{Timeout: 10 * time.Second}
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("fetching the CRL: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("fetching the CRL: %s", resp.Status)
+	}
+	der, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return nil, fmt.Errorf("fetching the CRL: %w", err)
+	}
+	return x509.ParseRevocationList(der)
+}

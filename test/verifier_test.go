@@ -1,0 +1,451 @@
+package test
+
+// Issue 6 end to end: an enrolled backend instance, evidence gathered
+// through the guest proxy (guestkit.Attester), appraised by the combined
+// verifier; one refusal per way the evidence can be wrong.
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"math/big"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-attestation/attest"
+	tpmtoolspb "github.com/google/go-tpm-tools/proto/attest"
+	"github.com/google/go-tpm-tools/server"
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/proto"
+
+	attestpb "cvtpm/api/attest"
+	capb "cvtpm/api/ca"
+	"cvtpm/attest/csv"
+	"cvtpm/attest/freshreport"
+	"cvtpm/attest/verifier"
+	"cvtpm/ca"
+	"cvtpm/guestkit"
+	"cvtpm/internal/tpmsock"
+	"cvtpm/test/testenv"
+)
+
+// attestEnv is an EK CA, a backend with enrolled instances and a way to
+// gather evidence from each.
+type attestEnv struct {
+	files  *testenv.TopologyFiles
+	topo   *testenv.Topology
+	caDir  string
+	caAddr string
+	crlURL string
+	caRoot *x509.Certificate
+	caConn *grpc.ClientConn
+	tpms   map[string]transport.TPMCloser
+	logs   map[string]*eventLog
+}
+
+func startAttestEnv(t *testing.T, instances ...string) *attestEnv {
+	t.Helper()
+	f := testenv.NewTopologyFiles(t, 0x3)
+	e := &attestEnv{files: f, caDir: filepath.Join(f.Dir, "ca"), tpms: map[string]transport.TPMCloser{}, logs: map[string]*eventLog{}}
+	e.caAddr = fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+	httpAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+	e.crlURL = "http://" + httpAddr + "/crl"
+	testenv.StartDaemon(t, "ca", []string{"tcp:" + e.caAddr, "tcp:" + httpAddr}, "ca", "--dir", e.caDir, "--policy", f.Policy,
+		"--hsk-cek", filepath.Join(f.SimDir, csv.SimHSKCEKFile), "--listen", e.caAddr, "--http", httpAddr)
+	pemBytes, err := os.ReadFile(filepath.Join(e.caDir, "ca.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	blk, _ := pem.Decode(pemBytes)
+	if e.caRoot, err = x509.ParseCertificate(blk.Bytes); err != nil {
+		t.Fatal(err)
+	}
+	e.topo = testenv.StartBackend(t, f, "--ca", e.caAddr)
+	for _, id := range instances {
+		e.topo.Admin(t, "create", "--enroll", id)
+		_, tcti := e.topo.StartGuestProxy(t, e.topo.LinkAddr, "frontend", id, f.Policy)
+		port := tcti[strings.LastIndex(tcti, "=")+1:]
+		tpm, err := tpmsock.Dial(context.Background(), "tcp", "127.0.0.1:"+port)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { tpm.Close() })
+		e.tpms[id] = tpm
+		// "Boot": measure two components into PCR 16 and log them.
+		log := newEventLog()
+		for _, c := range []string{"cvtpm test loader " + id, "cvtpm test kernel"} {
+			log.measure(t, tpm, 16, []byte(c))
+		}
+		e.logs[id] = log
+	}
+	if e.caConn, err = grpc.NewClient(e.caAddr, grpc.WithTransportCredentials(insecure.NewCredentials())); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.caConn.Close() })
+	return e
+}
+
+func (e *attestEnv) gather(t *testing.T, id string, nonce []byte) *attestpb.Evidence {
+	t.Helper()
+	a := &guestkit.Attester{TPM: e.tpms[id], CA: ca.Client{C: capb.NewCAClient(e.caConn)}, EventLog: e.logs[id].bytes()}
+	ev, err := a.Gather(context.Background(), nonce)
+	if err != nil {
+		t.Fatalf("gathering evidence on %s: %v", id, err)
+	}
+	return ev
+}
+
+func (e *attestEnv) verifier(t *testing.T, csvPolicy *csv.AppraisalPolicy) (*verifier.Verifier, *ecdsa.PrivateKey) {
+	t.Helper()
+	if csvPolicy == nil {
+		csvPolicy = &csv.AppraisalPolicy{SimulatorRoots: []string{filepath.Join(e.files.SimDir, csv.SimRootFile)},
+			ApprovedMeasurements: []string{hex.EncodeToString(e.files.Measure[:])}}
+	}
+	if err := csvPolicy.Compile(); err != nil {
+		t.Fatal(err)
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	v, err := verifier.New(context.Background(), verifier.Options{CARoots: []*x509.Certificate{e.caRoot},
+		CRL: verifier.HTTPCRL{URL: e.crlURL}, CSV: csvPolicy, Signer: key})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v, key
+}
+
+// eventLog is a TCG PC Client crypto-agile event log (SHA-256 only) built
+// while extending PCRs, as firmware does.
+type eventLog struct{ buf bytes.Buffer }
+
+func newEventLog() *eventLog {
+	l := &eventLog{}
+	// Spec ID event (TCG_EfiSpecIDEvent) in the SHA-1 event format.
+	var spec bytes.Buffer
+	spec.WriteString("Spec ID Event03\x00")
+	binary.Write(&spec, binary.LittleEndian, uint32(0)) // platform class
+	spec.Write([]byte{0, 2, 0, 2})                      // version 2.0, errata 0, uintn size 2 (64-bit)
+	binary.Write(&spec, binary.LittleEndian, uint32(1)) // one algorithm
+	binary.Write(&spec, binary.LittleEndian, uint16(0x000b))
+	binary.Write(&spec, binary.LittleEndian, uint16(32))
+	spec.WriteByte(0) // no vendor info
+	binary.Write(&l.buf, binary.LittleEndian, uint32(0))
+	binary.Write(&l.buf, binary.LittleEndian, uint32(3)) // EV_NO_ACTION
+	l.buf.Write(make([]byte, 20))
+	binary.Write(&l.buf, binary.LittleEndian, uint32(spec.Len()))
+	l.buf.Write(spec.Bytes())
+	return l
+}
+
+// measure extends pcr with SHA-256(data) and records the event (EV_IPL).
+func (l *eventLog) measure(t *testing.T, tpm transport.TPM, pcr uint32, data []byte) {
+	t.Helper()
+	d := sha256.Sum256(data)
+	if _, err := (tpm2.PCRExtend{PCRHandle: tpm2.AuthHandle{Handle: tpm2.TPMHandle(pcr), Auth: tpm2.PasswordAuth(nil)},
+		Digests: tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{{HashAlg: tpm2.TPMAlgSHA256, Digest: d[:]}}}}).Execute(tpm); err != nil {
+		t.Fatalf("PCR_Extend: %v", err)
+	}
+	binary.Write(&l.buf, binary.LittleEndian, pcr)
+	binary.Write(&l.buf, binary.LittleEndian, uint32(0x0d)) // EV_IPL
+	binary.Write(&l.buf, binary.LittleEndian, uint32(1))
+	binary.Write(&l.buf, binary.LittleEndian, uint16(0x000b))
+	l.buf.Write(d[:])
+	binary.Write(&l.buf, binary.LittleEndian, uint32(len(data)))
+	l.buf.Write(data)
+}
+
+func (l *eventLog) bytes() []byte { return bytes.Clone(l.buf.Bytes()) }
+
+// editAttestation rewrites the go-tpm-tools part of evidence.
+func editAttestation(t *testing.T, ev *attestpb.Evidence, edit func(*tpmtoolspb.Attestation)) *attestpb.Evidence {
+	t.Helper()
+	att := &tpmtoolspb.Attestation{}
+	if err := proto.Unmarshal(ev.TpmAttestation, att); err != nil {
+		t.Fatal(err)
+	}
+	edit(att)
+	out := proto.Clone(ev).(*attestpb.Evidence)
+	raw, err := proto.Marshal(att)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out.TpmAttestation = raw
+	return out
+}
+
+func TestCombinedVerifier(t *testing.T) {
+	e := startAttestEnv(t, "vm1", "vm2")
+	v, key := e.verifier(t, nil)
+	ctx := context.Background()
+	challenge := func() []byte {
+		n, _, err := v.Challenge(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+
+	// The positive case, and the token a relying party reads.
+	nonce := challenge()
+	good := e.gather(t, "vm1", nonce)
+	res, err := v.Verify(ctx, nonce, good)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Submods["cvtpm-vtpm"].Status != verifier.StatusAffirming || res.Submods["csv-platform"].Status != verifier.StatusWarning ||
+		!slices.Equal(res.Submods["csv-platform"].Reasons, []string{"simulated-csv-evidence"}) {
+		t.Fatalf("good evidence: %+v\nfacts: %+v", res.Submods, res.Facts)
+	}
+	t.Logf("good evidence: %+v; PCR16=%s", res.Submods, res.Facts.TPM.PCRs["16"])
+	ear, err := verifier.ParseToken(res.Token, &key.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ear.Submods["csv-platform"].Evidence["measurement"] != hex.EncodeToString(e.files.Measure[:]) {
+		t.Fatalf("token claims: %+v", ear.Submods)
+	}
+
+	// Material for the refusals.
+	staleNonce := challenge()
+	stale := e.gather(t, "vm1", staleNonce)
+	otherCA := selfIssued(t, good.EkChain[0])
+	sim2, _ := csv.NewSimulator("SIMOTHER9")
+	sim2.SetVM(csv.VMConfig{Version: 1, Measure: e.files.Measure, Policy: 0x3})
+	sim2Root := filepath.Join(t.TempDir(), "sim2-hrk.cert")
+	os.WriteFile(sim2Root, sim2.HRK.Marshal(), 0o600)
+
+	type refusal struct {
+		name     string
+		submod   string
+		reason   string
+		evidence func(nonce []byte) *attestpb.Evidence
+		verifier *verifier.Verifier
+		nonce    []byte // default: a fresh challenge
+	}
+	realOnly, _ := e.verifier(t, &csv.AppraisalPolicy{ApprovedMeasurements: []string{hex.EncodeToString(e.files.Measure[:])}})
+	bothRoots, _ := e.verifier(t, &csv.AppraisalPolicy{SimulatorRoots: []string{filepath.Join(e.files.SimDir, csv.SimRootFile), sim2Root},
+		ApprovedMeasurements: []string{hex.EncodeToString(e.files.Measure[:])}})
+	cases := []refusal{
+		{"PCR changed after the quote", "cvtpm-vtpm", "pcrs-do-not-match-quote", func(n []byte) *attestpb.Evidence {
+			ev := e.gather(t, "vm1", n)
+			return editAttestation(t, ev, func(a *tpmtoolspb.Attestation) { a.Quotes[0].Pcrs.Pcrs[16][0] ^= 1 })
+		}, nil, nil},
+		{"edited event log", "cvtpm-vtpm", "eventlog-does-not-match-pcrs", func(n []byte) *attestpb.Evidence {
+			ev := e.gather(t, "vm1", n)
+			return editAttestation(t, ev, func(a *tpmtoolspb.Attestation) {
+				// Replace the last event's digest: the log now claims
+				// another kernel than the one measured.
+				a.EventLog[len(a.EventLog)-len("cvtpm test kernel")-4-32+5] ^= 1
+			})
+		}, nil, nil},
+		{"AK not bound to the EK", "cvtpm-vtpm", "ak-not-bound-to-ek", func(n []byte) *attestpb.Evidence {
+			ev := e.gather(t, "vm2", n)
+			ev.EkChain = good.EkChain // vm1's EK with vm2's AK and quote
+			return ev
+		}, nil, nil},
+		{"EK certificate from another CA", "cvtpm-vtpm", "ek-certificate-untrusted", func(n []byte) *attestpb.Evidence {
+			ev := e.gather(t, "vm1", n)
+			ev.EkChain = [][]byte{otherCA}
+			return ev
+		}, nil, nil},
+		{"CSV report from another instance", "csv-platform", "csv-report-for-another-ek", func(n []byte) *attestpb.Evidence {
+			ev := e.gather(t, "vm1", n)
+			other := e.gather(t, "vm2", n)
+			ev.CsvReport, ev.EkPublic, ev.InstanceId = other.CsvReport, other.EkPublic, other.InstanceId
+			return ev
+		}, nil, nil},
+		{"CSV report from another backend", "csv-platform", "csv-report-from-another-backend", func(n []byte) *attestpb.Evidence {
+			ev := e.gather(t, "vm1", n)
+			rd := freshreport.ReportData(n, ev.EkPublic, ev.InstanceId)
+			rep, err := sim2.Report(ctx, rd[:])
+			if err != nil {
+				t.Fatal(err)
+			}
+			ev.CsvReport, ev.CsvHskCek = rep, csv.MarshalHSKCEK(sim2.HSK, sim2.CEK)
+			return ev
+		}, bothRoots, nil},
+		{"CSV report for a stale nonce", "csv-platform", "csv-report-not-bound-to-this-nonce-ek-and-instance", func(n []byte) *attestpb.Evidence {
+			ev := e.gather(t, "vm1", n)
+			ev.CsvReport = stale.CsvReport
+			return ev
+		}, nil, nil},
+		{"simulated root, only the real HRK trusted", "csv-platform", csv.ReasonUntrustedRoot, func(n []byte) *attestpb.Evidence {
+			return e.gather(t, "vm1", n)
+		}, realOnly, nil},
+		{"reused nonce", "cvtpm-vtpm", "nonce-unknown-or-used", func([]byte) *attestpb.Evidence { return good }, nil, nonce},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			vv := v
+			if tc.verifier != nil {
+				vv = tc.verifier
+			}
+			n := tc.nonce
+			if n == nil {
+				var err error
+				if n, _, err = vv.Challenge(ctx); err != nil {
+					t.Fatal(err)
+				}
+			}
+			res, err := vv.Verify(ctx, n, tc.evidence(n))
+			if err != nil {
+				t.Fatal(err)
+			}
+			s := res.Submods[tc.submod]
+			if s.Status != verifier.StatusContraindicated || !slices.Contains(s.Reasons, tc.reason) {
+				t.Fatalf("%s = %+v, want contraindicated for %q\nfacts: %+v", tc.submod, s, tc.reason, res.Facts)
+			}
+			if res.Affirming() {
+				t.Fatal("result affirming")
+			}
+		})
+	}
+
+	// Revocation: revoke vm2's EK certificate; its evidence is refused.
+	n := challenge()
+	ev2 := e.gather(t, "vm2", n)
+	cert2, _ := x509.ParseCertificate(ev2.EkChain[0])
+	testenv.Run(t, nil, testenv.Binary(t, testenv.Cvtpm), "ca", "revoke", "--dir", e.caDir, cert2.SerialNumber.Text(16))
+	res, err = v.Verify(ctx, n, ev2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := res.Submods["cvtpm-vtpm"]; s.Status != verifier.StatusContraindicated || !slices.Contains(s.Reasons, "ek-certificate-revoked") {
+		t.Fatalf("revoked EK: %+v", s)
+	}
+}
+
+// selfIssued makes a certificate for the same key as certDER, signed by a
+// throwaway CA: "an EK certificate from another CA".
+func selfIssued(t *testing.T, certDER []byte) []byte {
+	t.Helper()
+	orig, err := x509.ParseCertificate(certDER)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(7), Subject: pkix.Name{CommonName: "another EK CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign}
+	caDER, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	caCert, _ := x509.ParseCertificate(caDER)
+	leaf := &x509.Certificate{SerialNumber: big.NewInt(8), NotBefore: orig.NotBefore, NotAfter: orig.NotAfter,
+		ExtraExtensions: orig.Extensions}
+	der, err := x509.CreateCertificate(rand.Reader, leaf, caCert, orig.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return der
+}
+
+// tpmChannel is go-attestation's command channel over a go-tpm transport
+// (one Read returns the whole response).
+type tpmChannel struct {
+	t    transport.TPM
+	resp []byte
+}
+
+func (c *tpmChannel) Write(cmd []byte) (int, error) {
+	r, err := c.t.Send(cmd)
+	c.resp = r
+	return len(cmd), err
+}
+
+func (c *tpmChannel) Read(p []byte) (int, error) {
+	if len(c.resp) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, c.resp)
+	c.resp = c.resp[n:]
+	return n, nil
+}
+func (c *tpmChannel) Close() error                    { return nil }
+func (c *tpmChannel) MeasurementLog() ([]byte, error) { return nil, nil }
+
+// Interop: verifiers that know nothing of cvtpm accept a cvtpm instance.
+func TestInteropVerifiers(t *testing.T) {
+	e := startAttestEnv(t, "vm1")
+	ctx := context.Background()
+	nonce := []byte("interop verifier nonce 0123456789")
+	ev := e.gather(t, "vm1", nonce)
+
+	// go-tpm-tools: the TPM part, trusting AKs by chain to the CA root.
+	att := &tpmtoolspb.Attestation{}
+	if err := proto.Unmarshal(ev.TpmAttestation, att); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := server.VerifyAttestation(att, server.VerifyOpts{Nonce: nonce, TrustedRootCerts: []*x509.Certificate{e.caRoot}}); err != nil {
+		t.Fatalf("go-tpm-tools VerifyAttestation with the CA root: %v", err)
+	}
+
+	// go-attestation's public API only, as a remote verifier would use it.
+	ekCert, err := attest.ParseEKCertificate(ev.EkChain[0])
+	if err != nil {
+		t.Fatalf("ParseEKCertificate: %v", err)
+	}
+	if err := ekCert.CheckSignatureFrom(e.caRoot); err != nil {
+		t.Fatalf("EK certificate does not chain to the CA: %v", err)
+	}
+	tpm, err := attest.OpenTPM(&attest.OpenConfig{CommandChannel: &tpmChannel{t: e.tpms["vm1"]}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tpm.Close()
+	ak, err := tpm.NewAK(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ak.Close(tpm)
+	params := ak.AttestationParameters()
+	secret, ec, err := (&attest.ActivationParameters{EK: ekCert.PublicKey, AK: params}).Generate()
+	if err != nil {
+		t.Fatalf("ActivationParameters.Generate: %v", err)
+	}
+	got, err := ak.ActivateCredential(tpm, *ec)
+	if err != nil || !bytes.Equal(got, secret) {
+		t.Fatalf("credential activation: %v (secret matches: %v)", err, bytes.Equal(got, secret))
+	}
+	akPub, err := attest.ParseAKPublic(params.Public)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q, err := ak.Quote(tpm, nonce, attest.HashSHA256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pcrs, err := tpm.PCRs(attest.HashSHA256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := akPub.Verify(*q, pcrs, nonce); err != nil {
+		t.Fatalf("AKPublic.Verify: %v", err)
+	}
+	el, err := attest.ParseEventLog(e.logs["vm1"].bytes())
+	if err != nil {
+		t.Fatalf("ParseEventLog: %v", err)
+	}
+	events, err := el.Verify(pcrs)
+	if err != nil {
+		t.Fatalf("EventLog.Verify: %v", err)
+	}
+	if len(events) != 2 {
+		t.Fatalf("verified %d events, want 2", len(events))
+	}
+	_ = ctx
+}
