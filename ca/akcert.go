@@ -122,11 +122,11 @@ func (a *Authority) issueAK(p pendingAK) (*x509.Certificate, error) {
 		return nil, err
 	}
 	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: "cvtpm AK " + p.instance},
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: "cvtpm AK " + p.instance},
 		// Which EK vouched for this AK: a verifier must see that the AK
 		// and the EK it is shown with belong to the same TPM.
-		ExtraExtensions: []pkix.Extension{{Id: OIDCVTPMCertifiedEK, Value: ekExt}},
+		ExtraExtensions:       []pkix.Extension{{Id: OIDCVTPMCertifiedEK, Value: ekExt}},
 		NotBefore:             now.Add(-time.Minute),
 		NotAfter:              now.Add(365 * 24 * time.Hour),
 		KeyUsage:              x509.KeyUsageDigitalSignature,

@@ -24,18 +24,18 @@ import (
 // enterprise number (a 2.25 UUID arc would need 128-bit arcs, which Go's
 // encoding/asn1 cannot carry in certificate extensions).
 var (
-	OIDTPMManufacturer   = asn1.ObjectIdentifier{2, 23, 133, 2, 1}
-	OIDTPMModel          = asn1.ObjectIdentifier{2, 23, 133, 2, 2}
-	OIDTPMVersion        = asn1.ObjectIdentifier{2, 23, 133, 2, 3}
-	OIDTPMSpecification  = asn1.ObjectIdentifier{2, 23, 133, 2, 16}
-	OIDEKCertificateEKU  = asn1.ObjectIdentifier{2, 23, 133, 8, 1}
-	OIDSubjectAltName    = asn1.ObjectIdentifier{2, 5, 29, 17}
-	OIDSubjectDirAttrs   = asn1.ObjectIdentifier{2, 5, 29, 9}
-	OIDCVTPMCSVClaims    = asn1.ObjectIdentifier{2, 999, 7, 1}
+	OIDTPMManufacturer  = asn1.ObjectIdentifier{2, 23, 133, 2, 1}
+	OIDTPMModel         = asn1.ObjectIdentifier{2, 23, 133, 2, 2}
+	OIDTPMVersion       = asn1.ObjectIdentifier{2, 23, 133, 2, 3}
+	OIDTPMSpecification = asn1.ObjectIdentifier{2, 23, 133, 2, 16}
+	OIDEKCertificateEKU = asn1.ObjectIdentifier{2, 23, 133, 8, 1}
+	OIDSubjectAltName   = asn1.ObjectIdentifier{2, 5, 29, 17}
+	OIDSubjectDirAttrs  = asn1.ObjectIdentifier{2, 5, 29, 9}
+	OIDCVTPMCSVClaims   = asn1.ObjectIdentifier{2, 999, 7, 1}
 	// OIDCVTPMCertifiedEK (PROVISIONAL, like OIDCVTPMCSVClaims) is the AK
 	// certificate extension holding SHA-256 of the EK certificate whose
 	// credential activation certified the AK (an OCTET STRING).
-	OIDCVTPMCertifiedEK = asn1.ObjectIdentifier{2, 999, 7, 2}
+	OIDCVTPMCertifiedEK  = asn1.ObjectIdentifier{2, 999, 7, 2}
 	errUnsupportedEKType = errors.New("EK public key must be RSA or ECDSA")
 )
 

@@ -70,7 +70,7 @@ type Relay struct {
 	Logger  *slog.Logger
 	// Tap, if set, receives a copy of every byte relayed in either
 	// direction (tests use it to show that nothing readable passes).
-	Tap io.Writer
+	Tap   io.Writer
 	tapMu sync.Mutex
 }
 

@@ -142,5 +142,7 @@ func (c channel) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-func (c channel) MeasurementLog() ([]byte, error) { return nil, errors.New("no event log on this channel") }
-func (c channel) Close() error                    { return nil }
+func (c channel) MeasurementLog() ([]byte, error) {
+	return nil, errors.New("no event log on this channel")
+}
+func (c channel) Close() error { return nil }
