@@ -35,10 +35,11 @@ JSON
 step "2. The EK CA: it trusts this simulated root and approves only this measurement"
 mkdir -p "$work/kds/hsk_cek/SIMCHIP0001" && cp "$work/csv/hsk_cek.cert" "$work/kds/hsk_cek/SIMCHIP0001/"
 "$BIN" ca --dir "$work/ca" --policy "$work/policy.json" --cert-dir "$work/kds" \
-  --listen 127.0.0.1:0 --http "" 2> "$work/ca.log" &
+  --listen 127.0.0.1:0 --http 127.0.0.1:0 2> "$work/ca.log" &
 pids+=($!)
 wait_log "$work/ca.log" 'EK CA serving'
 ca_addr=$(sed -n 's/.*grpc=\([^ ]*\).*/\1/p' "$work/ca.log" | head -1)
+ca_http=$(sed -n 's/.*EK CA serving.* http=\([^ ]*\).*/\1/p' "$work/ca.log" | head -1)
 say "CA at $ca_addr; its root certificate is $work/ca/ca.pem."
 
 step "3. Link identities: who may talk to the backend"
@@ -78,13 +79,11 @@ say "guest proxy: $(sed -n 's/.*msg="backend attested" \(.*\)/\1/p' "$work/proxy
 say "(the backend proved with a CSV report bound to this TLS session that it runs in the approved CVM)"
 export TPM2TOOLS_TCTI="swtpm:path=$work/vm1-tpm.sock"
 
-step "6. Use the TPM from the guest: the EK certificate, a measurement, a quote, an NV secret"
+step "6. Use the TPM from the guest: the EK certificate, random bytes, a quote, an NV secret"
 tpm2_nvread 0x01c00002 -C o -o "$work/ek-rsa.der" 2>/dev/null
 openssl x509 -inform DER -in "$work/ek-rsa.der" -out "$work/ek-rsa.pem"
 say "tpm2_nvread 0x01c00002 -> EK certificate; openssl verify against the CA root: $(openssl verify -CAfile "$work/ca/ca.pem" "$work/ek-rsa.pem" | sed 's/.*: //')"
 say "tpm2_getrandom 16 -> $(tpm2_getrandom --hex 16)"
-tpm2_pcrextend 16:sha256=$(printf 'hello from cvtpm' | sha256sum | cut -d' ' -f1)
-say "PCR 16 (sha256) is now $(tpm2_pcrread sha256:16 | awk '/16 *:/ {print $2}')"
 tpm2_createak -C 0x81010001 -c "$work/ak.ctx" -G ecc -g sha256 -s ecdsa -u "$work/ak.pub" -f pem >/dev/null
 tpm2_flushcontext -t  # no resource manager here (as with swtpm): free transient slots
 nonce=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
@@ -101,14 +100,33 @@ say "the host relayed $(stat -c %s "$work/relay.bytes") bytes and the secret is 
 if grep -rqa "$secret" "$work/backend"; then say "!! the secret is visible in the state files"; exit 1; fi
 say "nor is it in any of the instance's state files (sealed)."
 
-step "7. Crash: the instance's worker is killed with SIGKILL"
+step "7. Attest: the guest proves what it runs, and that its vTPM lives in the approved CVM"
+"$BIN" verifier --ca-root "$work/ca/ca.pem" --crl "http://$ca_http/crl" --policy "$work/policy.json" \
+  --key "$work/verifier.key" --listen 127.0.0.1:0 --http "" 2> "$work/verifier.log" &
+pids+=($!)
+wait_log "$work/verifier.log" 'verifier serving'
+verifier=$(sed -n 's/.*grpc=\([^ ]*\).*/\1/p' "$work/verifier.log" | head -1)
+say "verifier at $verifier (trusts the EK CA's root and its CRL, and the CSV policy of step 1)"
+"$BIN" guest measure --tpm "unix:$work/vm1-tpm.sock" --event-log "$work/guest-events.log" "demo bootloader" "demo app v1" | sed 's/^/   /'
+guest_attest() {
+  "$BIN" guest attest --tpm "unix:$work/vm1-tpm.sock" --ca "$ca_addr" --verifier "$verifier" \
+    --event-log "$work/guest-events.log" --verifier-key "$work/verifier.key.pub.pem" 2>&1 | sed 's/^/   /'
+}
+guest_attest
+say "(one nonce for everything: the quote by a CA-certified AK, and a fresh CSV report the backend"
+say " made for this nonce and this EK; 'warning' only because the CSV evidence is simulated)"
+say "now PCR 16 is extended behind the event log's back, and the guest attests again:"
+tpm2_pcrextend 16:sha256=$(printf 'unlogged code' | sha256sum | cut -d' ' -f1)
+guest_attest || true
+
+step "8. Crash: the instance's worker is killed with SIGKILL"
 pid=$("$BIN" backend list --admin "$work/backend/admin.sock" | awk '$1=="vm1" {print $3}')
 kill -9 "$pid"
 sleep 0.3
 say "worker $pid killed; the backend restarted it: $("$BIN" backend list --admin "$work/backend/admin.sock" | awk '$1=="vm1" {print "pid " $3 ", " $4 " restart(s)"}')"
 say "NV 0x1500016 still reads: $(tpm2_nvread 0x1500016 -C o 2>/dev/null | tr -d '\0')"
 
-step "8. Tamper: what the system refuses, and why"
+step "9. Tamper: what else the system refuses, and why"
 echo "{\"approved_measurements\": [\"$measure\"]}" > "$work/real-only.json"
 say "a guest that trusts only HYGON's real root refuses this (simulated) backend before sending a command:"
 "$BIN" guest proxy --link "tcp:$relay" --instance vm1 --cert "$work/guest-vm1.pem" --key "$work/guest-vm1.key" \

@@ -10,10 +10,8 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/binary"
 	"encoding/hex"
 	"encoding/pem"
 	"fmt"
@@ -29,7 +27,6 @@ import (
 	"github.com/google/go-attestation/attest"
 	tpmtoolspb "github.com/google/go-tpm-tools/proto/attest"
 	"github.com/google/go-tpm-tools/server"
-	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -130,47 +127,19 @@ func (e *attestEnv) verifier(t *testing.T, csvPolicy *csv.AppraisalPolicy) (*ver
 	return v, key
 }
 
-// eventLog is a TCG PC Client crypto-agile event log (SHA-256 only) built
-// while extending PCRs, as firmware does.
-type eventLog struct{ buf bytes.Buffer }
+// eventLog records measurements as firmware would (guestkit.EventLog).
+type eventLog struct{ l *guestkit.EventLog }
 
-func newEventLog() *eventLog {
-	l := &eventLog{}
-	// Spec ID event (TCG_EfiSpecIDEvent) in the SHA-1 event format.
-	var spec bytes.Buffer
-	spec.WriteString("Spec ID Event03\x00")
-	binary.Write(&spec, binary.LittleEndian, uint32(0)) // platform class
-	spec.Write([]byte{0, 2, 0, 2})                      // version 2.0, errata 0, uintn size 2 (64-bit)
-	binary.Write(&spec, binary.LittleEndian, uint32(1)) // one algorithm
-	binary.Write(&spec, binary.LittleEndian, uint16(0x000b))
-	binary.Write(&spec, binary.LittleEndian, uint16(32))
-	spec.WriteByte(0) // no vendor info
-	binary.Write(&l.buf, binary.LittleEndian, uint32(0))
-	binary.Write(&l.buf, binary.LittleEndian, uint32(3)) // EV_NO_ACTION
-	l.buf.Write(make([]byte, 20))
-	binary.Write(&l.buf, binary.LittleEndian, uint32(spec.Len()))
-	l.buf.Write(spec.Bytes())
-	return l
-}
+func newEventLog() *eventLog { return &eventLog{guestkit.NewEventLog()} }
 
-// measure extends pcr with SHA-256(data) and records the event (EV_IPL).
 func (l *eventLog) measure(t *testing.T, tpm transport.TPM, pcr uint32, data []byte) {
 	t.Helper()
-	d := sha256.Sum256(data)
-	if _, err := (tpm2.PCRExtend{PCRHandle: tpm2.AuthHandle{Handle: tpm2.TPMHandle(pcr), Auth: tpm2.PasswordAuth(nil)},
-		Digests: tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{{HashAlg: tpm2.TPMAlgSHA256, Digest: d[:]}}}}).Execute(tpm); err != nil {
-		t.Fatalf("PCR_Extend: %v", err)
+	if err := l.l.Measure(tpm, pcr, guestkit.EventIPL, data); err != nil {
+		t.Fatal(err)
 	}
-	binary.Write(&l.buf, binary.LittleEndian, pcr)
-	binary.Write(&l.buf, binary.LittleEndian, uint32(0x0d)) // EV_IPL
-	binary.Write(&l.buf, binary.LittleEndian, uint32(1))
-	binary.Write(&l.buf, binary.LittleEndian, uint16(0x000b))
-	l.buf.Write(d[:])
-	binary.Write(&l.buf, binary.LittleEndian, uint32(len(data)))
-	l.buf.Write(data)
 }
 
-func (l *eventLog) bytes() []byte { return bytes.Clone(l.buf.Bytes()) }
+func (l *eventLog) bytes() []byte { return l.l.Bytes() }
 
 // editAttestation rewrites the go-tpm-tools part of evidence.
 func editAttestation(t *testing.T, ev *attestpb.Evidence, edit func(*tpmtoolspb.Attestation)) *attestpb.Evidence {

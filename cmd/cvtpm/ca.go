@@ -140,11 +140,17 @@ Options:
 	go func() { errc <- public.Serve(ln) }()
 	go func() { errc <- admin.Serve(aln) }()
 	var hs *http.Server
+	httpBound := ""
 	if *httpAddr != "" {
-		hs = &http.Server{Addr: *httpAddr, Handler: (&ca.Server{Authority: authority, Log: log}).HTTPHandler(), ReadHeaderTimeout: 10 * time.Second}
-		go func() { errc <- hs.ListenAndServe() }()
+		hl, err := net.Listen("tcp", *httpAddr)
+		if err != nil {
+			return fmt.Errorf("--http: %w", err)
+		}
+		httpBound = hl.Addr().String()
+		hs = &http.Server{Handler: (&ca.Server{Authority: authority, Log: log}).HTTPHandler(), ReadHeaderTimeout: 10 * time.Second}
+		go func() { errc <- hs.Serve(hl) }()
 	}
-	log.Info("EK CA serving", "grpc", ln.Addr().String(), "http", *httpAddr, "admin", sock, "root", issuer.Subject.CommonName)
+	log.Info("EK CA serving", "grpc", ln.Addr().String(), "http", httpBound, "admin", sock, "root", issuer.Subject.CommonName)
 	select {
 	case <-ctx.Done():
 	case err = <-errc:

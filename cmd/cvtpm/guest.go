@@ -17,14 +17,24 @@ import (
 )
 
 func init() {
-	register(command{name: "guest", summary: "in-guest tools: 'guest proxy' exposes a backend instance as a local TPM", run: runGuest})
+	register(command{name: "guest", summary: "in-guest tools: 'guest proxy' (a backend instance as a local TPM), 'guest attest'", run: runGuest})
 }
 
 func runGuest(ctx context.Context, args []string) error {
-	if len(args) > 0 && args[0] == "proxy" {
-		return runGuestProxy(ctx, args[1:])
+	if len(args) > 0 {
+		switch args[0] {
+		case "proxy":
+			return runGuestProxy(ctx, args[1:])
+		case "attest":
+			return runGuestAttest(ctx, args[1:])
+		case "measure":
+			return runGuestMeasure(ctx, args[1:])
+		}
 	}
-	fmt.Fprint(os.Stderr, `Usage: cvtpm guest proxy [options]   (run 'cvtpm guest proxy --help')
+	fmt.Fprint(os.Stderr, `Usage: cvtpm guest proxy [options]    expose a backend instance as a local TPM
+       cvtpm guest attest [options]   gather evidence and have it appraised
+       cvtpm guest measure [options] TEXT...   extend a PCR and log the event
+(run 'cvtpm guest proxy --help' or 'cvtpm guest attest --help')
 `)
 	return exitError{2}
 }

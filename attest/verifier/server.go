@@ -1,0 +1,106 @@
+package verifier
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+
+	attestpb "cvtpm/api/attest"
+)
+
+// Server exposes a Verifier over gRPC (attestpb.VerifierServer) and
+// HTTP/JSON (Handler).
+type Server struct {
+	attestpb.UnimplementedVerifierServer
+	Verifier *Verifier
+	Log      *slog.Logger
+}
+
+// Challenge implements the gRPC API.
+func (s *Server) Challenge(ctx context.Context, _ *attestpb.ChallengeRequest) (*attestpb.ChallengeResponse, error) {
+	n, exp, err := s.Verifier.Challenge(ctx)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	return &attestpb.ChallengeResponse{Nonce: n, ExpiresUnix: exp.Unix()}, nil
+}
+
+// Attest implements the gRPC API.
+func (s *Server) Attest(ctx context.Context, req *attestpb.AttestRequest) (*attestpb.AttestResponse, error) {
+	if req.GetEvidence() == nil {
+		return nil, status.Error(codes.InvalidArgument, "no evidence")
+	}
+	res, err := s.Verifier.Verify(ctx, req.GetNonce(), req.GetEvidence())
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	s.log(res)
+	return &attestpb.AttestResponse{Ear: res.Token}, nil
+}
+
+func (s *Server) log(res *Result) {
+	if s.Log == nil {
+		return
+	}
+	args := []any{}
+	for name, sm := range res.Submods {
+		args = append(args, name, fmt.Sprintf("%s %v", sm.Status, sm.Reasons))
+	}
+	s.Log.Info("attestation appraised", args...)
+}
+
+// Handler serves the HTTP/JSON API:
+//
+//	POST /challenge  -> {"nonce": base64, "expiresUnix": ...}
+//	POST /attest     <- {"nonce": base64, "evidence": {...}} (protojson of AttestRequest)
+//	                 -> {"ear": "<JWS>"}
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /challenge", func(w http.ResponseWriter, r *http.Request) {
+		resp, err := s.Challenge(r.Context(), &attestpb.ChallengeRequest{})
+		writeProto(w, resp, err)
+	})
+	mux.HandleFunc("POST /attest", func(w http.ResponseWriter, r *http.Request) {
+		body, err := io.ReadAll(io.LimitReader(r.Body, 4<<20))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		var req attestpb.AttestRequest
+		if err := protojson.Unmarshal(body, &req); err != nil {
+			http.Error(w, "malformed attestation request: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		resp, err := s.Attest(r.Context(), &req)
+		writeProto(w, resp, err)
+	})
+	return mux
+}
+
+func writeProto(w http.ResponseWriter, m proto.Message, err error) {
+	if err != nil {
+		code := http.StatusInternalServerError
+		if status.Code(err) == codes.InvalidArgument {
+			code = http.StatusBadRequest
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(code)
+		json.NewEncoder(w).Encode(map[string]string{"error": status.Convert(err).Message()})
+		return
+	}
+	b, err := protojson.Marshal(m)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Write(b)
+}

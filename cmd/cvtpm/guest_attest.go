@@ -1,0 +1,231 @@
+package main
+
+// "cvtpm guest attest": evidence from inside the guest to the verifier.
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/google/go-tpm/tpm2/transport"
+	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	attestpb "cvtpm/api/attest"
+	capb "cvtpm/api/ca"
+	"cvtpm/attest/verifier"
+	"cvtpm/ca"
+	"cvtpm/guestkit"
+	"cvtpm/internal/tpmsock"
+)
+
+const defaultEventLog = "/sys/kernel/security/tpm0/binary_bios_measurements"
+
+func runGuestAttest(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("cvtpm guest attest", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `Usage: cvtpm guest attest --tpm TPM --ca HOST:PORT --verifier HOST:PORT [options]
+
+Runs inside the workload VM. Gets a nonce from the verifier, creates an ECC
+AK and has the EK CA certify it (credential activation with the enrolled
+RSA EK), quotes the SHA-256 PCRs, asks the vTPM's backend for a fresh CSV
+report bound to the same nonce and the EK (a vendor TPM command), sends it
+all to the verifier and prints the verdict. Exit status 0: every part
+affirming (or warning); 3: refused.
+
+  --tpm /dev/tpmrm0          the kernel's TPM (through QEMU and the frontend)
+  --tpm unix:PATH | tcp:HOST:PORT   a guest proxy's (or any swtpm) data socket
+
+Options:
+`)
+		fs.PrintDefaults()
+	}
+	tpmAddr := fs.String("tpm", "/dev/tpmrm0", "the TPM: a device path, unix:PATH or tcp:HOST:PORT")
+	caAddr := fs.String("ca", "127.0.0.1:7443", "EK CA gRPC address (AK certification)")
+	verifierAddr := fs.String("verifier", "127.0.0.1:7800", "verifier gRPC address")
+	eventLog := fs.String("event-log", defaultEventLog, "TCG event log of this boot")
+	verifierKey := fs.String("verifier-key", "", "the verifier's public key (PEM) to check the token's signature")
+	asJSON := fs.Bool("json", false, "print the token's claims as JSON")
+	timeout := fs.Duration("timeout", time.Minute, "give up after this long")
+	if done, err := parseFlags(fs, args); done {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	tpm, err := openGuestTPM(ctx, *tpmAddr)
+	if err != nil {
+		return err
+	}
+	defer tpm.Close()
+	logBytes, err := os.ReadFile(*eventLog)
+	if err != nil {
+		return fmt.Errorf("--event-log: %w", err)
+	}
+	caConn, err := grpc.NewClient(*caAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return fmt.Errorf("--ca: %w", err)
+	}
+	defer caConn.Close()
+	vConn, err := grpc.NewClient(*verifierAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return fmt.Errorf("--verifier: %w", err)
+	}
+	defer vConn.Close()
+	vc := attestpb.NewVerifierClient(vConn)
+	ch, err := vc.Challenge(ctx, &attestpb.ChallengeRequest{})
+	if err != nil {
+		return fmt.Errorf("verifier challenge: %w", err)
+	}
+	a := &guestkit.Attester{TPM: tpm, CA: ca.Client{C: capb.NewCAClient(caConn)}, EventLog: logBytes}
+	ev, err := a.Gather(ctx, ch.GetNonce())
+	if err != nil {
+		return err
+	}
+	resp, err := vc.Attest(ctx, &attestpb.AttestRequest{Nonce: ch.GetNonce(), Evidence: ev})
+	if err != nil {
+		return fmt.Errorf("verifier: %w", err)
+	}
+	var ear *verifier.EAR
+	if *verifierKey != "" {
+		pub, err := readPublicKey(*verifierKey)
+		if err != nil {
+			return fmt.Errorf("--verifier-key: %w", err)
+		}
+		if ear, err = verifier.ParseToken(resp.GetEar(), pub); err != nil {
+			return err
+		}
+	} else if ear, err = verifier.ReadTokenUnverified(resp.GetEar()); err != nil {
+		return err
+	}
+	if *asJSON {
+		b, _ := json.MarshalIndent(ear, "", "  ")
+		fmt.Println(string(b))
+	} else {
+		printVerdict(ear, *verifierKey != "")
+	}
+	for _, s := range ear.Submods {
+		if s.Status != verifier.StatusAffirming && s.Status != verifier.StatusWarning {
+			return exitError{3}
+		}
+	}
+	return nil
+}
+
+func printVerdict(ear *verifier.EAR, signed bool) {
+	names := make([]string, 0, len(ear.Submods))
+	for n := range ear.Submods {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	check := "signature not checked (no --verifier-key)"
+	if signed {
+		check = "signature verified"
+	}
+	fmt.Printf("verifier result (EAR token, %s):\n", check)
+	for _, n := range names {
+		s := ear.Submods[n]
+		line := fmt.Sprintf("  %-13s %s", n, strings.ToUpper(s.Status))
+		if len(s.Reasons) > 0 {
+			line += " — " + strings.Join(s.Reasons, ", ")
+		}
+		fmt.Println(line)
+	}
+	if c := ear.Submods["csv-platform"].Evidence; c != nil {
+		fmt.Printf("  backend: chip %v, measurement %v, instance %v, simulated %v\n", c["chip_serial"], c["measurement"], c["instance"], c["simulated"])
+	}
+	if v := ear.Submods["cvtpm-vtpm"].Evidence; v != nil {
+		fmt.Printf("  vTPM: EK certificate serial %v\n", v["ek_serial"])
+	}
+}
+
+func openGuestTPM(ctx context.Context, addr string) (transport.TPMCloser, error) {
+	switch {
+	case strings.HasPrefix(addr, "unix:"):
+		return tpmsock.Dial(ctx, "unix", strings.TrimPrefix(addr, "unix:"))
+	case strings.HasPrefix(addr, "tcp:"):
+		return tpmsock.Dial(ctx, "tcp", strings.TrimPrefix(addr, "tcp:"))
+	default:
+		t, err := linuxtpm.Open(addr)
+		if err != nil {
+			return nil, fmt.Errorf("--tpm %s: %w", addr, err)
+		}
+		return t, nil
+	}
+}
+
+func readPublicKey(path string) (any, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		return nil, errors.New(path + ": not PEM")
+	}
+	return x509.ParsePKIXPublicKey(blk.Bytes)
+}
+
+func runGuestMeasure(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("cvtpm guest measure", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `Usage: cvtpm guest measure --tpm TPM --event-log FILE [--pcr N] TEXT...
+
+Measures each TEXT the way a bootloader measures what it loads: extends PCR
+N (default 16) with its SHA-256 and appends an EV_IPL event to the TCG event
+log FILE (created with its header if missing), so that 'cvtpm guest attest
+--event-log FILE' can prove it.
+
+Options:
+`)
+		fs.PrintDefaults()
+	}
+	tpmAddr := fs.String("tpm", "/dev/tpmrm0", "the TPM: a device path, unix:PATH or tcp:HOST:PORT")
+	logFile := fs.String("event-log", "", "the event log file to append to (required)")
+	pcr := fs.Uint("pcr", 16, "PCR to extend")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return exitError{2}
+	}
+	if *logFile == "" || fs.NArg() == 0 || *pcr > 23 {
+		fs.Usage()
+		return exitError{2}
+	}
+	var el *guestkit.EventLog
+	switch b, err := os.ReadFile(*logFile); {
+	case err == nil:
+		if el, err = guestkit.ContinueEventLog(b); err != nil {
+			return fmt.Errorf("--event-log %s: %w", *logFile, err)
+		}
+	case errors.Is(err, os.ErrNotExist):
+		el = guestkit.NewEventLog()
+	default:
+		return fmt.Errorf("--event-log: %w", err)
+	}
+	tpm, err := openGuestTPM(ctx, *tpmAddr)
+	if err != nil {
+		return err
+	}
+	defer tpm.Close()
+	for _, text := range fs.Args() {
+		if err := el.Measure(tpm, uint32(*pcr), guestkit.EventIPL, []byte(text)); err != nil {
+			return err
+		}
+		// Written after every event: the log never lags behind the PCR.
+		if err := os.WriteFile(*logFile, el.Bytes(), 0o644); err != nil {
+			return fmt.Errorf("--event-log: %w", err)
+		}
+		fmt.Printf("measured %q into PCR %d\n", text, *pcr)
+	}
+	return nil
+}
