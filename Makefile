@@ -36,6 +36,7 @@ bench: deps build
 	$(GO) test -run '^$$' -bench Enroll -benchtime 2000x -count 1 ./ca/ | tee -a bench.txt
 	$(GO) test -run '^$$' -bench Attested -benchtime 2000x -count 1 ./test/linkbench/ | tee -a bench.txt
 	$(GO) test -run '^$$' -bench IdleInstances -benchtime 1x -count 1 -timeout 20m ./test/linkbench/ | tee -a bench.txt
+	$(GO) test -run '^$$' -bench AttestationVerify -benchtime 1x -count 1 ./test/ | tee -a bench.txt
 
 clean:
 	rm -rf bin bench.txt

@@ -57,7 +57,7 @@ type attestEnv struct {
 	logs   map[string]*eventLog
 }
 
-func startAttestEnv(t *testing.T, instances ...string) *attestEnv {
+func startAttestEnv(t testing.TB, instances ...string) *attestEnv {
 	t.Helper()
 	f := testenv.NewTopologyFiles(t, 0x3)
 	e := &attestEnv{files: f, caDir: filepath.Join(f.Dir, "ca"), tpms: map[string]transport.TPMCloser{}, logs: map[string]*eventLog{}}
@@ -99,7 +99,7 @@ func startAttestEnv(t *testing.T, instances ...string) *attestEnv {
 	return e
 }
 
-func (e *attestEnv) gather(t *testing.T, id string, nonce []byte) *attestpb.Evidence {
+func (e *attestEnv) gather(t testing.TB, id string, nonce []byte) *attestpb.Evidence {
 	t.Helper()
 	a := &guestkit.Attester{TPM: e.tpms[id], CA: ca.Client{C: capb.NewCAClient(e.caConn)}, EventLog: e.logs[id].bytes()}
 	ev, err := a.Gather(context.Background(), nonce)
@@ -132,7 +132,7 @@ type eventLog struct{ l *guestkit.EventLog }
 
 func newEventLog() *eventLog { return &eventLog{guestkit.NewEventLog()} }
 
-func (l *eventLog) measure(t *testing.T, tpm transport.TPM, pcr uint32, data []byte) {
+func (l *eventLog) measure(t testing.TB, tpm transport.TPM, pcr uint32, data []byte) {
 	t.Helper()
 	if err := l.l.Measure(tpm, pcr, guestkit.EventIPL, data); err != nil {
 		t.Fatal(err)

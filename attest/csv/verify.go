@@ -118,6 +118,7 @@ type Verifier struct {
 
 	mu       sync.Mutex
 	verified map[[32]byte]RootInfo // SM3(hsk||cek) -> root the pair chained to
+	pekOK    map[[32]byte]bool     // SM3(cek||pek) of PEKs found signed by their CEK
 	rootErr  map[int]error
 }
 
@@ -127,7 +128,7 @@ func NewVerifier(opts VerifierOptions) *Verifier {
 	if len(roots) == 0 {
 		roots = []*CACert{BuiltinHRK()}
 	}
-	return &Verifier{roots: roots, certs: opts.Certs, verified: map[[32]byte]RootInfo{}, rootErr: map[int]error{}}
+	return &Verifier{roots: roots, certs: opts.Certs, verified: map[[32]byte]RootInfo{}, pekOK: map[[32]byte]bool{}, rootErr: map[int]error{}}
 }
 
 const maxVerifiedChains = 4096
@@ -161,7 +162,7 @@ func (v *Verifier) Verify(ctx context.Context, reportBytes, expectedReportData [
 	if err != nil {
 		return nil, err
 	}
-	if err := verifyCSVBy(cek.KeyUsage, &cek.PubKey, cek.UIDSize, cek.UserID[:], r.PEK, UsagePEK); err != nil {
+	if err := v.verifyPEK(cek, r.PEK); err != nil {
 		return nil, fail(CheckPEK, err)
 	}
 	if err := checkUID(r.PEK.UIDSize, r.PEK.UserID[:]); err != nil {
@@ -197,6 +198,29 @@ func (v *Verifier) Verify(ctx context.Context, reportBytes, expectedReportData [
 		}
 	}
 	return c, nil
+}
+
+// verifyPEK checks that cek signed pek, remembering pairs already checked:
+// a chip's PEK changes only when its owner regenerates it, so a verifier
+// serving many reports from one backend pays the SM2 verification once.
+func (v *Verifier) verifyPEK(cek, pek *CSVCert) error {
+	key := sm3.Sum(append(cek.Marshal(), pek.Marshal()...))
+	v.mu.Lock()
+	ok := v.pekOK[key]
+	v.mu.Unlock()
+	if ok {
+		return nil
+	}
+	if err := verifyCSVBy(cek.KeyUsage, &cek.PubKey, cek.UIDSize, cek.UserID[:], pek, UsagePEK); err != nil {
+		return err
+	}
+	v.mu.Lock()
+	if len(v.pekOK) >= maxVerifiedChains {
+		clear(v.pekOK)
+	}
+	v.pekOK[key] = true
+	v.mu.Unlock()
+	return nil
 }
 
 func checkUID(n uint16, field []byte) error {

@@ -58,7 +58,51 @@ type Options struct {
 	Signer crypto.Signer
 	// NonceTTL bounds how long a challenge is valid; zero means 5 minutes.
 	NonceTTL time.Duration
-	Now      func() time.Time
+	// Nonces issues and retires nonces; nil keeps them in memory (one
+	// verifier process). Replicas behind a load balancer share a store.
+	Nonces NonceStore
+	Now    func() time.Time
+}
+
+// NonceStore issues single-use nonces and retires them when used.
+type NonceStore interface {
+	Issue(ctx context.Context, nonce []byte, expires time.Time) error
+	// Consume retires nonce; ok is false with a reason
+	// ("nonce-unknown-or-used", "nonce-expired") if it may not be used.
+	Consume(ctx context.Context, nonce []byte, now time.Time) (ok bool, reason string)
+}
+
+// memoryNonces is the in-process NonceStore.
+type memoryNonces struct {
+	mu     sync.Mutex
+	nonces map[string]time.Time
+}
+
+func (m *memoryNonces) Issue(_ context.Context, nonce []byte, exp time.Time) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := time.Now()
+	for k, e := range m.nonces {
+		if now.After(e) {
+			delete(m.nonces, k)
+		}
+	}
+	m.nonces[string(nonce)] = exp
+	return nil
+}
+
+func (m *memoryNonces) Consume(_ context.Context, nonce []byte, now time.Time) (bool, string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	exp, ok := m.nonces[string(nonce)]
+	if !ok {
+		return false, "nonce-unknown-or-used"
+	}
+	delete(m.nonces, string(nonce))
+	if now.After(exp) {
+		return false, "nonce-expired"
+	}
+	return true, ""
 }
 
 // Verifier checks evidence and issues EAR tokens. It is safe for
@@ -66,9 +110,10 @@ type Options struct {
 type Verifier struct {
 	opts   Options
 	policy *regoPolicy
+	csv    *csv.Verifier // one, so its chain caches serve every request
 
-	mu     sync.Mutex
-	nonces map[string]time.Time
+	mu      sync.Mutex
+	trustOK map[[32]byte]bool // SHA-256 of certificates found signed by a CA root
 }
 
 // New returns a Verifier.
@@ -86,42 +131,26 @@ func New(ctx context.Context, opts Options) (*Verifier, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Verifier{opts: opts, policy: p, nonces: map[string]time.Time{}}, nil
+	if opts.Nonces == nil {
+		opts.Nonces = &memoryNonces{nonces: map[string]time.Time{}}
+	}
+	v := &Verifier{opts: opts, policy: p, trustOK: map[[32]byte]bool{}}
+	v.csv = csv.NewVerifier(csv.VerifierOptions{TrustedRoots: opts.CSV.TrustedRoots(), Certs: evidenceCerts{fallback: opts.CSVCerts}})
+	return v, nil
 }
 
 // Challenge returns a fresh 32-byte nonce, valid once until the returned
 // time.
-func (v *Verifier) Challenge(context.Context) ([]byte, time.Time, error) {
+func (v *Verifier) Challenge(ctx context.Context) ([]byte, time.Time, error) {
 	n := make([]byte, 32)
 	if _, err := rand.Read(n); err != nil {
 		return nil, time.Time{}, err
 	}
-	now := v.opts.Now()
-	exp := now.Add(v.opts.NonceTTL)
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	for k, e := range v.nonces {
-		if now.After(e) {
-			delete(v.nonces, k)
-		}
+	exp := v.opts.Now().Add(v.opts.NonceTTL)
+	if err := v.opts.Nonces.Issue(ctx, n, exp); err != nil {
+		return nil, time.Time{}, err
 	}
-	v.nonces[string(n)] = exp
 	return n, exp, nil
-}
-
-// consume checks and retires a nonce.
-func (v *Verifier) consume(nonce []byte) (bool, string) {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	exp, ok := v.nonces[string(nonce)]
-	if !ok {
-		return false, "nonce-unknown-or-used"
-	}
-	delete(v.nonces, string(nonce))
-	if v.opts.Now().After(exp) {
-		return false, "nonce-expired"
-	}
-	return true, ""
 }
 
 // Facts are what the verifier established, the Rego policy's input.
@@ -190,7 +219,7 @@ const (
 // no result could be produced at all.
 func (v *Verifier) Verify(ctx context.Context, nonce []byte, ev *attestpb.Evidence) (*Result, error) {
 	f := &Facts{}
-	f.Nonce.OK, f.Nonce.Reason = v.consume(nonce)
+	f.Nonce.OK, f.Nonce.Reason = v.opts.Nonces.Consume(ctx, nonce, v.opts.Now())
 	ekCert := v.checkTPM(ctx, nonce, ev, f)
 	v.checkCSV(ctx, nonce, ev, ekCert, f)
 	submods, err := v.policy.eval(ctx, f)
@@ -204,13 +233,51 @@ func (v *Verifier) Verify(ctx context.Context, nonce []byte, ev *attestpb.Eviden
 	return &Result{Token: token, Submods: submods, Facts: f}, nil
 }
 
+// trusted reports whether a CA root signed c. Positive answers are cached
+// by the certificate's digest: an instance's EK and AK certificates come
+// back with every attestation.
 func (v *Verifier) trusted(c *x509.Certificate) bool {
+	key := sha256.Sum256(c.Raw)
+	v.mu.Lock()
+	ok := v.trustOK[key]
+	v.mu.Unlock()
+	if ok {
+		return true
+	}
 	for _, root := range v.opts.CARoots {
 		if c.CheckSignatureFrom(root) == nil {
+			v.mu.Lock()
+			if len(v.trustOK) > 1<<16 {
+				clear(v.trustOK)
+			}
+			v.trustOK[key] = true
+			v.mu.Unlock()
 			return true
 		}
 	}
 	return false
+}
+
+// evidenceCerts is the CSV verifier's certificate source: the HSK/CEK sent
+// with the evidence being verified (carried in the context), else the
+// configured source. The pair must chain to a trusted root either way.
+type evidenceCerts struct{ fallback csv.CertSource }
+
+type hskCEKKey struct{}
+
+type hskCEK struct {
+	hsk *csv.CACert
+	cek *csv.CSVCert
+}
+
+func (e evidenceCerts) HSKCEK(ctx context.Context, chip string) (*csv.CACert, *csv.CSVCert, error) {
+	if p, ok := ctx.Value(hskCEKKey{}).(hskCEK); ok {
+		return p.hsk, p.cek, nil
+	}
+	if e.fallback == nil {
+		return nil, nil, errors.New("the evidence carries no HSK/CEK and no certificate source is configured")
+	}
+	return e.fallback.HSKCEK(ctx, chip)
 }
 
 // checkTPM establishes the vTPM facts and returns the EK certificate if it
@@ -351,18 +418,16 @@ func (v *Verifier) checkCSV(ctx context.Context, nonce []byte, ev *attestpb.Evid
 			return
 		}
 	}
-	certs := v.opts.CSVCerts
-	if certs == nil {
+	if v.opts.CSVCerts == nil {
 		hsk, cek, err := csv.ParseHSKCEK(ev.GetCsvHskCek())
 		if err != nil {
 			c.Reason, c.Detail = csv.ReasonEvidence, "HSK/CEK: "+err.Error()
 			return
 		}
-		certs = csv.StaticSource{HSK: hsk, CEK: cek}
+		ctx = context.WithValue(ctx, hskCEKKey{}, hskCEK{hsk, cek})
 	}
-	cv := csv.NewVerifier(csv.VerifierOptions{TrustedRoots: v.opts.CSV.TrustedRoots(), Certs: certs})
 	want := freshreport.ReportData(nonce, ev.GetEkPublic(), ev.GetInstanceId())
-	claims, err := v.opts.CSV.VerifyAndAppraise(ctx, cv, ev.GetCsvReport(), want[:])
+	claims, err := v.opts.CSV.VerifyAndAppraise(ctx, v.csv, ev.GetCsvReport(), want[:])
 	if claims != nil {
 		c.Simulated, c.Measurement, c.ChipSerial = claims.Simulated, hex.EncodeToString(claims.Measure), claims.ChipSerial
 	}
