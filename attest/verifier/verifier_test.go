@@ -1,0 +1,143 @@
+package verifier
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	attestpb "cvtpm/api/attest"
+	"cvtpm/attest/csv"
+)
+
+func newTestVerifier(t testing.TB, reference map[string]any) (*Verifier, *ecdsa.PrivateKey) {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test EK CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true}
+	der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	root, _ := x509.ParseCertificate(der)
+	v, err := New(context.Background(), Options{CARoots: []*x509.Certificate{root}, CSV: &csv.AppraisalPolicy{}, Signer: key, Reference: reference})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v, key
+}
+
+// The default policy: each missing fact shows as its reason, in the right
+// submodule; simulated CSV evidence is a warning, not a pass.
+func TestDefaultPolicy(t *testing.T) {
+	v, _ := newTestVerifier(t, map[string]any{"pcrs": map[string]any{"sha256": map[string]any{"16": "AB"}}})
+	good := func() *Facts {
+		f := &Facts{}
+		f.Nonce.OK = true
+		f.TPM.EKTrusted, f.TPM.AKBound, f.TPM.QuoteOK = true, true, true
+		f.TPM.PCRs = map[string]string{"16": "ab"}
+		f.CSV.ReportOK, f.CSV.MatchesEKClaims = true, true
+		return f
+	}
+	for _, tc := range []struct {
+		name      string
+		edit      func(*Facts)
+		vtpm, plt string
+		reason    string
+	}{
+		{"all good", func(*Facts) {}, StatusAffirming, StatusAffirming, ""},
+		{"simulated", func(f *Facts) { f.CSV.Simulated = true }, StatusAffirming, StatusWarning, "simulated-csv-evidence"},
+		{"nonce", func(f *Facts) { f.Nonce.OK, f.Nonce.Reason = false, "nonce-expired" }, StatusContraindicated, StatusContraindicated, "nonce-expired"},
+		{"revoked", func(f *Facts) { f.TPM.EKRevoked = true }, StatusContraindicated, StatusAffirming, "ek-certificate-revoked"},
+		{"ak", func(f *Facts) { f.TPM.AKBound, f.TPM.AKReason = false, "ak-not-bound-to-ek" }, StatusContraindicated, StatusAffirming, "ak-not-bound-to-ek"},
+		{"pcr reference", func(f *Facts) { f.TPM.PCRs["16"] = "cd" }, StatusContraindicated, StatusAffirming, "pcr-16-not-reference"},
+		{"other backend", func(f *Facts) { f.CSV.MatchesEKClaims = false }, StatusAffirming, StatusContraindicated, "csv-report-from-another-backend"},
+		{"csv", func(f *Facts) { f.CSV.ReportOK, f.CSV.Reason = false, csv.ReasonDebug }, StatusAffirming, StatusContraindicated, csv.ReasonDebug},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := good()
+			tc.edit(f)
+			got, err := v.policy.eval(context.Background(), f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got["cvtpm-vtpm"].Status != tc.vtpm || got["csv-platform"].Status != tc.plt {
+				t.Fatalf("got %+v, want vtpm %s platform %s", got, tc.vtpm, tc.plt)
+			}
+			if tc.reason != "" && !slices.Contains(append(got["cvtpm-vtpm"].Reasons, got["csv-platform"].Reasons...), tc.reason) {
+				t.Fatalf("reasons %+v lack %q", got, tc.reason)
+			}
+		})
+	}
+}
+
+func TestPolicyErrors(t *testing.T) {
+	if _, err := compilePolicy(context.Background(), "package cvtpm\nresult := {", nil); err == nil {
+		t.Fatal("a broken policy compiled")
+	}
+	p, err := compilePolicy(context.Background(), `package cvtpm
+result := {"x": {"status": "great", "reasons": []}}`, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.eval(context.Background(), &Facts{}); err == nil || !strings.Contains(err.Error(), `status "great"`) {
+		t.Fatalf("unknown status accepted: %v", err)
+	}
+}
+
+func TestToken(t *testing.T) {
+	v, key := newTestVerifier(t, nil)
+	n, _, _ := v.Challenge(context.Background())
+	res, err := v.Verify(context.Background(), n, &attestpb.Evidence{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Affirming() || res.Submods["cvtpm-vtpm"].Status != StatusContraindicated {
+		t.Fatalf("empty evidence: %+v", res.Submods)
+	}
+	ear, err := ParseToken(res.Token, &key.PublicKey)
+	if err != nil || ear.Submods["cvtpm-vtpm"].Status != StatusContraindicated || !slices.Contains(ear.Submods["cvtpm-vtpm"].Reasons, "ek-certificate-missing") {
+		t.Fatalf("token: %+v %v", ear, err)
+	}
+	other, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if _, err := ParseToken(res.Token, &other.PublicKey); err == nil {
+		t.Fatal("token verified with another key")
+	}
+	parts := strings.Split(res.Token, ".")
+	parts[1] = parts[1][:len(parts[1])-2] + "AA"
+	if _, err := ParseToken(strings.Join(parts, "."), &key.PublicKey); err == nil {
+		t.Fatal("altered token verified")
+	}
+	// The nonce was used: the same evidence again is refused for it.
+	res, _ = v.Verify(context.Background(), n, &attestpb.Evidence{})
+	if !slices.Contains(res.Submods["csv-platform"].Reasons, "nonce-unknown-or-used") {
+		t.Fatalf("reused nonce: %+v", res.Submods)
+	}
+}
+
+// Arbitrary evidence bytes never crash the verifier nor earn a pass.
+func FuzzVerify(f *testing.F) {
+	v, _ := newTestVerifier(f, nil)
+	seed, _ := proto.Marshal(&attestpb.Evidence{InstanceId: "vm1", EkChain: [][]byte{{0x30, 0x03, 0x02, 0x01, 0x01}}, TpmAttestation: []byte{0x0a, 0x01, 0x00}})
+	f.Add(seed)
+	f.Fuzz(func(t *testing.T, b []byte) {
+		ev := &attestpb.Evidence{}
+		if proto.Unmarshal(b, ev) != nil {
+			return
+		}
+		n, _, _ := v.Challenge(context.Background())
+		res, err := v.Verify(context.Background(), n, ev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Affirming() {
+			t.Fatal("garbage evidence affirmed")
+		}
+	})
+}
