@@ -1,18 +1,23 @@
 package verifier
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"io"
 	"math/big"
+	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
 	attestpb "cvtpm/api/attest"
@@ -140,4 +145,43 @@ func FuzzVerify(f *testing.F) {
 			t.Fatal("garbage evidence affirmed")
 		}
 	})
+}
+
+// The HTTP/JSON API: a challenge, then evidence as protojson, answered with
+// an EAR token; malformed bodies are refused with a reason.
+func TestHTTPAPI(t *testing.T) {
+	v, key := newTestVerifier(t, nil)
+	srv := httptest.NewServer((&Server{Verifier: v}).Handler())
+	defer srv.Close()
+	resp, err := http.Post(srv.URL+"/challenge", "application/json", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ch attestpb.ChallengeResponse
+	body, _ := io.ReadAll(resp.Body)
+	if err := protojson.Unmarshal(body, &ch); err != nil || len(ch.Nonce) != 32 {
+		t.Fatalf("challenge %s: %v", body, err)
+	}
+	req, _ := protojson.Marshal(&attestpb.AttestRequest{Nonce: ch.Nonce, Evidence: &attestpb.Evidence{InstanceId: "vm1"}})
+	resp, err = http.Post(srv.URL+"/attest", "application/json", bytes.NewReader(req))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ar attestpb.AttestResponse
+	body, _ = io.ReadAll(resp.Body)
+	if err := protojson.Unmarshal(body, &ar); err != nil {
+		t.Fatalf("attest %s: %v", body, err)
+	}
+	if ear, err := ParseToken(ar.Ear, &key.PublicKey); err != nil || ear.Submods["csv-platform"].Status != StatusContraindicated {
+		t.Fatalf("token %+v %v", ear, err)
+	}
+	resp, _ = http.Post(srv.URL+"/attest", "application/json", strings.NewReader("{not json"))
+	body, _ = io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(body), "malformed attestation request") {
+		t.Fatalf("malformed body: %d %s", resp.StatusCode, body)
+	}
+	resp, _ = http.Post(srv.URL+"/attest", "application/json", strings.NewReader(`{"nonce": "AAAA"}`))
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Fatalf("no evidence: %d", resp.StatusCode)
+	}
 }
