@@ -15,6 +15,7 @@ deps:
 build:
 	@mkdir -p bin
 	$(GO) build -trimpath -o $(BIN) ./cmd/cvtpm
+	$(GO) build -trimpath -o bin/cvtpm-verifier ./cmd/cvtpm-verifier
 
 # The full suite: unit tests, cross-component tests against the real peers
 # (tpm2-tools, swtpm-tools, QEMU), then a short run of every fuzz target.

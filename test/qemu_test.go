@@ -29,6 +29,7 @@ while [ ! -e /dev/tpm0 ] && [ $i -lt 100 ]; do $B sleep 0.1; i=$((i+1)); done
 if [ -e /dev/tpm0 ]; then echo "CVTPM-TPM0: present"; else echo "CVTPM-TPM0: absent"; fi
 echo "CVTPM-MAJOR: $($B cat /sys/class/tpm/tpm0/tpm_version_major)"
 for n in 0 1 2 3 4 5 6 7; do echo "CVTPM-PCR$n: $($B cat /sys/class/tpm/tpm0/pcr-sha256/$n)"; done
+/bin/guestprobe
 echo "CVTPM-DONE"
 $B poweroff -f
 `
@@ -52,6 +53,12 @@ func buildInitrd(t *testing.T) string {
 			w.add(d, 0o040755, nil)
 		}
 		w.add("bin/busybox", 0o100755, bb)
+		probe, err := buildGuestProbe()
+		if err != nil {
+			initrdErr = err
+			return
+		}
+		w.add("bin/guestprobe", 0o100755, probe)
 		w.add("init", 0o100755, []byte(guestInit))
 		dir, err := os.MkdirTemp("", "cvtpm-initrd")
 		if err != nil {
@@ -65,6 +72,23 @@ func buildInitrd(t *testing.T) string {
 		t.Fatal(initrdErr)
 	}
 	return initrdPath
+}
+
+// buildGuestProbe compiles test/guestprobe statically for the guest.
+func buildGuestProbe() ([]byte, error) {
+	dir, err := os.MkdirTemp("", "cvtpm-probe")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	out := filepath.Join(dir, "guestprobe")
+	cmd := exec.Command("go", "build", "-o", out, "./test/guestprobe")
+	cmd.Dir = testenv.RepoRoot()
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("building the guest probe: %v\n%s", err, b)
+	}
+	return os.ReadFile(out)
 }
 
 // cpioWriter writes the "newc" format the kernel unpacks as initramfs.

@@ -144,9 +144,36 @@ func TestQEMUThroughFrontend(t *testing.T) {
 	fc := f.Certs["frontend"]
 	front := testenv.StartDaemon(t, "frontend", []string{"unix:" + ctrl}, "frontend", "--backend", topo.LinkAddr,
 		"--cert", fc[0], "--key", fc[1], "--policy", f.Policy, "--vm", "vm1="+ctrl)
+	// An EK at 0x81010001 for the fresh-report command (enrollment would
+	// put it there too).
+	_, tcti := topo.StartGuestProxy(t, topo.LinkAddr, "guest-vm1", "vm1", f.Policy)
+	env := []string{"TPM2TOOLS_TCTI=" + tcti}
+	testenv.Run(t, env, "tpm2_startup", "-c")
+	testenv.Run(t, env, "tpm2_createek", "-c", "0x81010001", "-G", "rsa")
 	got := bootWith(t, ctrl, "frontend", logs{front.Log, topo.Backend.Log}, "tpm-crb")
 	if got["TPM0"] != "present" || got["MAJOR"] != "2" {
 		t.Fatalf("guest sees tpm0=%q major=%q", got["TPM0"], got["MAJOR"])
+	}
+	// The guest's own TPM path (kernel -> QEMU -> frontend -> backend)
+	// answered the fresh-report vendor command.
+	respReport, _ := hex.DecodeString(got["FRESH0"])
+	respCerts, _ := hex.DecodeString(got["FRESH1"])
+	rep, err := freshreport.ParseResponse(respReport)
+	if err != nil {
+		t.Fatalf("fresh report through QEMU (%q): %v", got["FRESH0"], err)
+	}
+	certs, err := freshreport.ParseResponse(respCerts)
+	if err != nil {
+		t.Fatalf("chip certificates through QEMU: %v", err)
+	}
+	hsk, cek, err := csv.ParseHSKCEK(certs.Payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := csv.NewVerifier(csv.VerifierOptions{TrustedRoots: []*csv.CACert{f.Sim.HRK}, Certs: csv.StaticSource{HSK: hsk, CEK: cek}})
+	want := freshreport.ReportData([]byte("qemu-guest-probe-nonce"), rep.EKPublic, "vm1")
+	if _, err := v.Verify(context.Background(), rep.Payload, want[:]); err != nil || rep.Instance != "vm1" {
+		t.Fatalf("report fetched by the guest through QEMU (instance %q): %v", rep.Instance, err)
 	}
 	if pcr0 := got["PCR0"]; len(pcr0) != 64 || pcr0 == strings.Repeat("0", 64) {
 		t.Fatalf("PCR0 = %q: the firmware's measurements did not reach the backend's TPM", pcr0)

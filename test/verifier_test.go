@@ -35,6 +35,7 @@ import (
 	attestpb "cvtpm/api/attest"
 	capb "cvtpm/api/ca"
 	"cvtpm/attest/csv"
+	"cvtpm/attest/ear"
 	"cvtpm/attest/freshreport"
 	"cvtpm/attest/verifier"
 	"cvtpm/ca"
@@ -182,12 +183,12 @@ func TestCombinedVerifier(t *testing.T) {
 		t.Fatalf("good evidence: %+v\nfacts: %+v", res.Submods, res.Facts)
 	}
 	t.Logf("good evidence: %+v; PCR16=%s", res.Submods, res.Facts.TPM.PCRs["16"])
-	ear, err := verifier.ParseToken(res.Token, &key.PublicKey)
+	tok, err := ear.Parse(res.Token, &key.PublicKey)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ear.Submods["csv-platform"].Evidence["measurement"] != hex.EncodeToString(e.files.Measure[:]) {
-		t.Fatalf("token claims: %+v", ear.Submods)
+	if tok.Submods["csv-platform"].Evidence["measurement"] != hex.EncodeToString(e.files.Measure[:]) {
+		t.Fatalf("token claims: %+v", tok.Submods)
 	}
 
 	// Material for the refusals.

@@ -207,13 +207,6 @@ func (r *Result) Affirming() bool {
 	return len(r.Submods) > 0
 }
 
-// EAR status values (trust tiers).
-const (
-	StatusAffirming       = "affirming"
-	StatusWarning         = "warning"
-	StatusContraindicated = "contraindicated"
-)
-
 // Verify appraises evidence for nonce and returns the signed result. A
 // refusal is a Result too (contraindicated, with reasons); an error means
 // no result could be produced at all.

@@ -22,6 +22,7 @@ import (
 
 	attestpb "cvtpm/api/attest"
 	"cvtpm/attest/csv"
+	"cvtpm/attest/ear"
 )
 
 func newTestVerifier(t testing.TB, reference map[string]any) (*Verifier, *ecdsa.PrivateKey) {
@@ -106,17 +107,17 @@ func TestToken(t *testing.T) {
 	if res.Affirming() || res.Submods["cvtpm-vtpm"].Status != StatusContraindicated {
 		t.Fatalf("empty evidence: %+v", res.Submods)
 	}
-	ear, err := ParseToken(res.Token, &key.PublicKey)
-	if err != nil || ear.Submods["cvtpm-vtpm"].Status != StatusContraindicated || !slices.Contains(ear.Submods["cvtpm-vtpm"].Reasons, "ek-certificate-missing") {
-		t.Fatalf("token: %+v %v", ear, err)
+	tok, err := ear.Parse(res.Token, &key.PublicKey)
+	if err != nil || tok.Submods["cvtpm-vtpm"].Status != StatusContraindicated || !slices.Contains(tok.Submods["cvtpm-vtpm"].Reasons, "ek-certificate-missing") {
+		t.Fatalf("token: %+v %v", tok, err)
 	}
 	other, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if _, err := ParseToken(res.Token, &other.PublicKey); err == nil {
+	if _, err := ear.Parse(res.Token, &other.PublicKey); err == nil {
 		t.Fatal("token verified with another key")
 	}
 	parts := strings.Split(res.Token, ".")
 	parts[1] = parts[1][:len(parts[1])-2] + "AA"
-	if _, err := ParseToken(strings.Join(parts, "."), &key.PublicKey); err == nil {
+	if _, err := ear.Parse(strings.Join(parts, "."), &key.PublicKey); err == nil {
 		t.Fatal("altered token verified")
 	}
 	// The nonce was used: the same evidence again is refused for it.
@@ -172,8 +173,8 @@ func TestHTTPAPI(t *testing.T) {
 	if err := protojson.Unmarshal(body, &ar); err != nil {
 		t.Fatalf("attest %s: %v", body, err)
 	}
-	if ear, err := ParseToken(ar.Ear, &key.PublicKey); err != nil || ear.Submods["csv-platform"].Status != StatusContraindicated {
-		t.Fatalf("token %+v %v", ear, err)
+	if tok, err := ear.Parse(ar.Ear, &key.PublicKey); err != nil || tok.Submods["csv-platform"].Status != StatusContraindicated {
+		t.Fatalf("token %+v %v", tok, err)
 	}
 	resp, _ = http.Post(srv.URL+"/attest", "application/json", strings.NewReader("{not json"))
 	body, _ = io.ReadAll(resp.Body)

@@ -22,7 +22,7 @@ import (
 
 	attestpb "cvtpm/api/attest"
 	capb "cvtpm/api/ca"
-	"cvtpm/attest/verifier"
+	"cvtpm/attest/ear"
 	"cvtpm/ca"
 	"cvtpm/guestkit"
 	"cvtpm/internal/tpmsock"
@@ -94,35 +94,33 @@ Options:
 	if err != nil {
 		return fmt.Errorf("verifier: %w", err)
 	}
-	var ear *verifier.EAR
+	var result *ear.EAR
 	if *verifierKey != "" {
 		pub, err := readPublicKey(*verifierKey)
 		if err != nil {
 			return fmt.Errorf("--verifier-key: %w", err)
 		}
-		if ear, err = verifier.ParseToken(resp.GetEar(), pub); err != nil {
+		if result, err = ear.Parse(resp.GetEar(), pub); err != nil {
 			return err
 		}
-	} else if ear, err = verifier.ReadTokenUnverified(resp.GetEar()); err != nil {
+	} else if result, err = ear.ReadUnverified(resp.GetEar()); err != nil {
 		return err
 	}
 	if *asJSON {
-		b, _ := json.MarshalIndent(ear, "", "  ")
+		b, _ := json.MarshalIndent(result, "", "  ")
 		fmt.Println(string(b))
 	} else {
-		printVerdict(ear, *verifierKey != "")
+		printVerdict(result, *verifierKey != "")
 	}
-	for _, s := range ear.Submods {
-		if s.Status != verifier.StatusAffirming && s.Status != verifier.StatusWarning {
-			return exitError{3}
-		}
+	if !result.Passes() {
+		return exitError{3}
 	}
 	return nil
 }
 
-func printVerdict(ear *verifier.EAR, signed bool) {
-	names := make([]string, 0, len(ear.Submods))
-	for n := range ear.Submods {
+func printVerdict(result *ear.EAR, signed bool) {
+	names := make([]string, 0, len(result.Submods))
+	for n := range result.Submods {
 		names = append(names, n)
 	}
 	sort.Strings(names)
@@ -132,17 +130,17 @@ func printVerdict(ear *verifier.EAR, signed bool) {
 	}
 	fmt.Printf("verifier result (EAR token, %s):\n", check)
 	for _, n := range names {
-		s := ear.Submods[n]
+		s := result.Submods[n]
 		line := fmt.Sprintf("  %-13s %s", n, strings.ToUpper(s.Status))
 		if len(s.Reasons) > 0 {
 			line += " — " + strings.Join(s.Reasons, ", ")
 		}
 		fmt.Println(line)
 	}
-	if c := ear.Submods["csv-platform"].Evidence; c != nil {
+	if c := result.Submods["csv-platform"].Evidence; c != nil {
 		fmt.Printf("  backend: chip %v, measurement %v, instance %v, simulated %v\n", c["chip_serial"], c["measurement"], c["instance"], c["simulated"])
 	}
-	if v := ear.Submods["cvtpm-vtpm"].Evidence; v != nil {
+	if v := result.Submods["cvtpm-vtpm"].Evidence; v != nil {
 		fmt.Printf("  vTPM: EK certificate serial %v\n", v["ek_serial"])
 	}
 }

@@ -1,0 +1,216 @@
+// Command cvtpm-verifier is the combined TPM + CSV verifier service, run as
+// "cvtpm verifier". It is a binary of its own so that the policy engine
+// (OPA) and go-tpm-tools' verifier, which cost start-up time and memory,
+// stay out of the vTPM processes (cvtpm socket, the backend's workers).
+package main
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"flag"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"google.golang.org/grpc"
+
+	attestpb "cvtpm/api/attest"
+	"cvtpm/attest/csv"
+	"cvtpm/attest/verifier"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:])
+	stop()
+	if err != nil {
+		if errors.Is(err, errUsage) {
+			os.Exit(2)
+		}
+		fmt.Fprintf(os.Stderr, "cvtpm verifier: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+var errUsage = errors.New("usage")
+
+func run(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("cvtpm verifier", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `Usage: cvtpm verifier --ca-root FILE --policy FILE --key FILE [options]
+
+Appraises evidence from 'cvtpm guest attest': the vTPM's EK and AK
+certificates (from the cvtpm EK CA, checked against --ca-root and the CRL),
+its quote and event log, and a fresh CSV report of the backend hosting it,
+all bound to one single-use nonce. The CSV half is judged by --policy (the
+same JSON as the EK CA's evidence policy: trusted roots, approved
+measurements, ...), the whole by a Rego policy (built in, or --rego) with
+reference values (--reference, e.g. {"pcrs": {"sha256": {"16": "ab.."}}}).
+The answer is an EAR token signed with --key (ECDSA P-256, created if
+missing; its public key is written beside it as KEY.pub.pem).
+
+APIs: gRPC cvtpm.attest.v1.Verifier on --listen; HTTP/JSON on --http
+(POST /challenge, POST /attest).
+
+Options:
+`)
+		fs.PrintDefaults()
+	}
+	caRoot := fs.String("ca-root", "", "PEM file with the EK CA root(s) (required)")
+	crlURL := fs.String("crl", "", "the EK CA's CRL URL (e.g. http://127.0.0.1:7080/crl); empty skips revocation checks")
+	policyFile := fs.String("policy", "", "CSV evidence policy, JSON (required)")
+	regoFile := fs.String("rego", "", "Rego appraisal policy replacing the built-in one (package cvtpm, rule result)")
+	refFile := fs.String("reference", "", "reference values for the policy (JSON)")
+	keyFile := fs.String("key", "", "EAR signing key, PKCS #8 PEM (created if missing) (required)")
+	listen := fs.String("listen", "127.0.0.1:7800", "gRPC address")
+	httpAddr := fs.String("http", "127.0.0.1:7801", "HTTP/JSON address ('' = off)")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return errUsage
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(fs.Output(), "unexpected arguments: %v\n", fs.Args())
+		return errUsage
+	}
+	if *caRoot == "" || *policyFile == "" || *keyFile == "" {
+		return errors.New("--ca-root, --policy and --key are required (see --help)")
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	roots, err := readCertsPEM(*caRoot)
+	if err != nil {
+		return fmt.Errorf("--ca-root: %w", err)
+	}
+	policy, err := csv.LoadAppraisalPolicy(*policyFile)
+	if err != nil {
+		return err
+	}
+	opts := verifier.Options{CARoots: roots, CSV: policy}
+	if *crlURL != "" {
+		opts.CRL = verifier.HTTPCRL{URL: *crlURL}
+	} else {
+		log.Warn("no --crl: revoked EK certificates will not be detected")
+	}
+	if *regoFile != "" {
+		b, err := os.ReadFile(*regoFile)
+		if err != nil {
+			return fmt.Errorf("--rego: %w", err)
+		}
+		opts.Policy = string(b)
+	}
+	if *refFile != "" {
+		b, err := os.ReadFile(*refFile)
+		if err != nil {
+			return fmt.Errorf("--reference: %w", err)
+		}
+		if err := json.Unmarshal(b, &opts.Reference); err != nil {
+			return fmt.Errorf("--reference %s: %w", *refFile, err)
+		}
+	}
+	if opts.Signer, err = loadOrCreateP256(*keyFile); err != nil {
+		return fmt.Errorf("--key: %w", err)
+	}
+	v, err := verifier.New(ctx, opts)
+	if err != nil {
+		return err
+	}
+	srv := &verifier.Server{Verifier: v, Log: log}
+	gs := grpc.NewServer()
+	attestpb.RegisterVerifierServer(gs, srv)
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return fmt.Errorf("--listen: %w", err)
+	}
+	errc := make(chan error, 2)
+	go func() { errc <- gs.Serve(ln) }()
+	var hs *http.Server
+	if *httpAddr != "" {
+		hl, err := net.Listen("tcp", *httpAddr)
+		if err != nil {
+			return fmt.Errorf("--http: %w", err)
+		}
+		hs = &http.Server{Handler: srv.Handler()}
+		go func() { errc <- hs.Serve(hl) }()
+	}
+	log.Info("verifier serving", "grpc", ln.Addr().String(), "http", *httpAddr, "key", *keyFile+".pub.pem")
+	select {
+	case <-ctx.Done():
+		err = nil
+	case err = <-errc:
+	}
+	gs.Stop()
+	if hs != nil {
+		hs.Close()
+	}
+	return err
+}
+
+func readCertsPEM(path string) ([]*x509.Certificate, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var out []*x509.Certificate
+	for {
+		var blk *pem.Block
+		blk, b = pem.Decode(b)
+		if blk == nil {
+			break
+		}
+		c, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+		out = append(out, c)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("%s: no PEM certificate", path)
+	}
+	return out, nil
+}
+
+// loadOrCreateP256 reads a PKCS #8 P-256 key, or creates one (0600) and
+// writes its public key to path+".pub.pem".
+func loadOrCreateP256(path string) (*ecdsa.PrivateKey, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			return nil, err
+		}
+		der, _ := x509.MarshalPKCS8PrivateKey(key)
+		if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+			return nil, err
+		}
+		pub, _ := x509.MarshalPKIXPublicKey(&key.PublicKey)
+		return key, os.WriteFile(path+".pub.pem", pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pub}), 0o644)
+	}
+	if err != nil {
+		return nil, err
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		return nil, fmt.Errorf("%s: not PEM", path)
+	}
+	k, err := x509.ParsePKCS8PrivateKey(blk.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	ek, ok := k.(*ecdsa.PrivateKey)
+	if !ok || ek.Curve != elliptic.P256() {
+		return nil, fmt.Errorf("%s: want an ECDSA P-256 key", path)
+	}
+	return ek, nil
+}
