@@ -195,3 +195,20 @@ func (c Client) AKCertify(ctx context.Context, id string, secret []byte) (*x509.
 	}
 	return x509.ParseCertificate(r.GetCertificate())
 }
+
+// IssueIdentity certifies a CSR (admin socket only).
+func (s *Server) IssueIdentity(ctx context.Context, req *capb.IssueIdentityRequest) (*capb.IssueIdentityResponse, error) {
+	if !s.Admin {
+		return nil, status.Error(codes.PermissionDenied, "identities are only issued on the CA's admin socket")
+	}
+	csr, err := x509.ParseCertificateRequest(req.GetCsr())
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, "CSR: "+err.Error())
+	}
+	cert, err := s.Authority.IssueIdentity(ctx, csr, time.Duration(req.GetValiditySeconds())*time.Second)
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	s.Log.Info("identity certificate issued", "name", cert.Subject.CommonName, "serial", cert.SerialNumber.Text(16))
+	return &capb.IssueIdentityResponse{Certificate: cert.Raw}, nil
+}

@@ -42,23 +42,18 @@ ca_addr=$(sed -n 's/.*grpc=\([^ ]*\).*/\1/p' "$work/ca.log" | head -1)
 ca_http=$(sed -n 's/.*EK CA serving.* http=\([^ ]*\).*/\1/p' "$work/ca.log" | head -1)
 say "CA at $ca_addr; its root certificate is $work/ca/ca.pem."
 
-step "3. Link identities: who may talk to the backend"
-# A small client CA for the attested link (openssl; any PKI works).
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj "/CN=cvtpm demo link CA" \
-  -keyout "$work/link-ca.key" -out "$work/link-ca.pem" 2>/dev/null
+step "3. Link identities from the CA: who may talk to the backend"
 for who in frontend guest-vm1; do
-  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$who" \
-    -keyout "$work/$who.key" -out "$work/$who.csr" 2>/dev/null
-  openssl x509 -req -in "$work/$who.csr" -CA "$work/link-ca.pem" -CAkey "$work/link-ca.key" -CAcreateserial \
-    -days 1 -extfile <(printf 'extendedKeyUsage=clientAuth') -out "$work/$who.pem" 2>/dev/null
+  "$BIN" ca identity --dir "$work/ca" --name "$who" --out-cert "$work/$who.pem" --out-key "$work/$who.key" | sed 's/^/   /'
 done
 echo '{"clients": {"frontend": ["*"], "guest-vm1": ["vm1"]}}' > "$work/acl.json"
-say "client certificates for 'frontend' (every instance) and 'guest-vm1' (instance vm1 only)."
+say "the backend will trust identities from the CA's root ($work/ca/ca.pem): 'frontend' may use"
+say "every instance, 'guest-vm1' only instance vm1."
 
 step "4. Start the backend inside the CVM: one libtpms worker per instance, state sealed with SM4-GCM"
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/master.key"
 "$BIN" backend --dir "$work/backend" --listen "tcp:127.0.0.1:0" --key-file "$work/master.key" --cipher sm4-gcm \
-  --client-ca "$work/link-ca.pem" --acl "$work/acl.json" --csv-sim "$work/csv" --ca "$ca_addr" 2> "$work/backend.log" &
+  --client-ca "$work/ca/ca.pem" --acl "$work/acl.json" --csv-sim "$work/csv" --ca "$ca_addr" 2> "$work/backend.log" &
 pids+=($!)
 wait_log "$work/backend.log" 'backend serving'
 link=$(sed -n 's/.*backend serving" link=\([^ ]*\).*/\1/p' "$work/backend.log")

@@ -104,3 +104,37 @@ func TestCACommand(t *testing.T) {
 		t.Fatalf("audit log %v, want %v", decisions, want)
 	}
 }
+
+// `cvtpm ca identity`: a link identity issued over the admin socket that
+// openssl verifies against the CA root, for client and server auth.
+func TestCAIdentity(t *testing.T) {
+	dir := t.TempDir()
+	bin := testenv.Binary(t, testenv.Cvtpm)
+	policy := filepath.Join(dir, "policy.json")
+	os.WriteFile(policy, []byte(`{}`), 0o600)
+	caDir := filepath.Join(dir, "ca")
+	startCA(t, caDir, policy, dir)
+	cert, key := filepath.Join(dir, "guest.pem"), filepath.Join(dir, "guest.key")
+	testenv.Run(t, nil, bin, "ca", "identity", "--dir", caDir, "--name", "guest-vm7", "--out-cert", cert, "--out-key", key, "--validity", "24h")
+	if out := testenv.Run(t, nil, "openssl", "verify", "-CAfile", filepath.Join(caDir, "ca.pem"), cert); !strings.Contains(out, ": OK") {
+		t.Fatalf("openssl verify: %s", out)
+	}
+	text := testenv.Run(t, nil, "openssl", "x509", "-in", cert, "-noout", "-text")
+	for _, want := range []string{"CN = guest-vm7", "TLS Web Client Authentication", "TLS Web Server Authentication"} {
+		if !strings.Contains(text, want) {
+			t.Fatalf("certificate lacks %q:\n%s", want, text)
+		}
+	}
+	if fi, err := os.Stat(key); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("key file mode: %v %v", fi.Mode(), err)
+	}
+	// The audit log records the decision.
+	audit, _ := os.ReadFile(filepath.Join(caDir, "audit.jsonl"))
+	if !strings.Contains(string(audit), `"identity:guest-vm7"`) {
+		t.Fatalf("audit log lacks the identity:\n%s", audit)
+	}
+	// Without a name: a clear error, nothing issued.
+	if out, err := testenv.RunErr(nil, bin, "ca", "identity", "--dir", caDir, "--name", "", "--out-cert", cert, "--out-key", key); err == nil || !strings.Contains(out, "--name") {
+		t.Fatalf("no name: %v %s", err, out)
+	}
+}

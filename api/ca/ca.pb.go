@@ -662,6 +662,102 @@ func (x *AKCertifyResponse) GetCertificate() []byte {
 	return nil
 }
 
+type IssueIdentityRequest struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Csr             []byte                 `protobuf:"bytes,1,opt,name=csr,proto3" json:"csr,omitempty"`                                                 // PKCS #10, DER
+	ValiditySeconds int64                  `protobuf:"varint,2,opt,name=validity_seconds,json=validitySeconds,proto3" json:"validity_seconds,omitempty"` // 0: 90 days
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *IssueIdentityRequest) Reset() {
+	*x = IssueIdentityRequest{}
+	mi := &file_ca_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IssueIdentityRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IssueIdentityRequest) ProtoMessage() {}
+
+func (x *IssueIdentityRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ca_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IssueIdentityRequest.ProtoReflect.Descriptor instead.
+func (*IssueIdentityRequest) Descriptor() ([]byte, []int) {
+	return file_ca_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *IssueIdentityRequest) GetCsr() []byte {
+	if x != nil {
+		return x.Csr
+	}
+	return nil
+}
+
+func (x *IssueIdentityRequest) GetValiditySeconds() int64 {
+	if x != nil {
+		return x.ValiditySeconds
+	}
+	return 0
+}
+
+type IssueIdentityResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Certificate   []byte                 `protobuf:"bytes,1,opt,name=certificate,proto3" json:"certificate,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IssueIdentityResponse) Reset() {
+	*x = IssueIdentityResponse{}
+	mi := &file_ca_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IssueIdentityResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IssueIdentityResponse) ProtoMessage() {}
+
+func (x *IssueIdentityResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ca_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IssueIdentityResponse.ProtoReflect.Descriptor instead.
+func (*IssueIdentityResponse) Descriptor() ([]byte, []int) {
+	return file_ca_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *IssueIdentityResponse) GetCertificate() []byte {
+	if x != nil {
+		return x.Certificate
+	}
+	return nil
+}
+
 var File_ca_proto protoreflect.FileDescriptor
 
 const file_ca_proto_rawDesc = "" +
@@ -705,14 +801,20 @@ const file_ca_proto_rawDesc = "" +
 	"\fchallenge_id\x18\x01 \x01(\tR\vchallengeId\x12)\n" +
 	"\x10activated_secret\x18\x02 \x01(\fR\x0factivatedSecret\"5\n" +
 	"\x11AKCertifyResponse\x12 \n" +
-	"\vcertificate\x18\x01 \x01(\fR\vcertificate2\xb4\x03\n" +
+	"\vcertificate\x18\x01 \x01(\fR\vcertificate\"S\n" +
+	"\x14IssueIdentityRequest\x12\x10\n" +
+	"\x03csr\x18\x01 \x01(\fR\x03csr\x12)\n" +
+	"\x10validity_seconds\x18\x02 \x01(\x03R\x0fvaliditySeconds\"9\n" +
+	"\x15IssueIdentityResponse\x12 \n" +
+	"\vcertificate\x18\x01 \x01(\fR\vcertificate2\x8c\x04\n" +
 	"\x02CA\x12J\n" +
 	"\tChallenge\x12\x1d.cvtpm.ca.v1.ChallengeRequest\x1a\x1e.cvtpm.ca.v1.ChallengeResponse\x12A\n" +
 	"\x06Enroll\x12\x1a.cvtpm.ca.v1.EnrollRequest\x1a\x1b.cvtpm.ca.v1.EnrollResponse\x12>\n" +
 	"\x05Roots\x12\x19.cvtpm.ca.v1.RootsRequest\x1a\x1a.cvtpm.ca.v1.RootsResponse\x12A\n" +
 	"\x06Revoke\x12\x1a.cvtpm.ca.v1.RevokeRequest\x1a\x1b.cvtpm.ca.v1.RevokeResponse\x12P\n" +
 	"\vAKChallenge\x12\x1f.cvtpm.ca.v1.AKChallengeRequest\x1a .cvtpm.ca.v1.AKChallengeResponse\x12J\n" +
-	"\tAKCertify\x12\x1d.cvtpm.ca.v1.AKCertifyRequest\x1a\x1e.cvtpm.ca.v1.AKCertifyResponseB\x13Z\x11cvtpm/api/ca;capbb\x06proto3"
+	"\tAKCertify\x12\x1d.cvtpm.ca.v1.AKCertifyRequest\x1a\x1e.cvtpm.ca.v1.AKCertifyResponse\x12V\n" +
+	"\rIssueIdentity\x12!.cvtpm.ca.v1.IssueIdentityRequest\x1a\".cvtpm.ca.v1.IssueIdentityResponseB\x13Z\x11cvtpm/api/ca;capbb\x06proto3"
 
 var (
 	file_ca_proto_rawDescOnce sync.Once
@@ -726,21 +828,23 @@ func file_ca_proto_rawDescGZIP() []byte {
 	return file_ca_proto_rawDescData
 }
 
-var file_ca_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_ca_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_ca_proto_goTypes = []any{
-	(*ChallengeRequest)(nil),    // 0: cvtpm.ca.v1.ChallengeRequest
-	(*ChallengeResponse)(nil),   // 1: cvtpm.ca.v1.ChallengeResponse
-	(*EnrollRequest)(nil),       // 2: cvtpm.ca.v1.EnrollRequest
-	(*EnrollResponse)(nil),      // 3: cvtpm.ca.v1.EnrollResponse
-	(*RootsRequest)(nil),        // 4: cvtpm.ca.v1.RootsRequest
-	(*RootsResponse)(nil),       // 5: cvtpm.ca.v1.RootsResponse
-	(*RevokeRequest)(nil),       // 6: cvtpm.ca.v1.RevokeRequest
-	(*RevokeResponse)(nil),      // 7: cvtpm.ca.v1.RevokeResponse
-	(*AKParameters)(nil),        // 8: cvtpm.ca.v1.AKParameters
-	(*AKChallengeRequest)(nil),  // 9: cvtpm.ca.v1.AKChallengeRequest
-	(*AKChallengeResponse)(nil), // 10: cvtpm.ca.v1.AKChallengeResponse
-	(*AKCertifyRequest)(nil),    // 11: cvtpm.ca.v1.AKCertifyRequest
-	(*AKCertifyResponse)(nil),   // 12: cvtpm.ca.v1.AKCertifyResponse
+	(*ChallengeRequest)(nil),      // 0: cvtpm.ca.v1.ChallengeRequest
+	(*ChallengeResponse)(nil),     // 1: cvtpm.ca.v1.ChallengeResponse
+	(*EnrollRequest)(nil),         // 2: cvtpm.ca.v1.EnrollRequest
+	(*EnrollResponse)(nil),        // 3: cvtpm.ca.v1.EnrollResponse
+	(*RootsRequest)(nil),          // 4: cvtpm.ca.v1.RootsRequest
+	(*RootsResponse)(nil),         // 5: cvtpm.ca.v1.RootsResponse
+	(*RevokeRequest)(nil),         // 6: cvtpm.ca.v1.RevokeRequest
+	(*RevokeResponse)(nil),        // 7: cvtpm.ca.v1.RevokeResponse
+	(*AKParameters)(nil),          // 8: cvtpm.ca.v1.AKParameters
+	(*AKChallengeRequest)(nil),    // 9: cvtpm.ca.v1.AKChallengeRequest
+	(*AKChallengeResponse)(nil),   // 10: cvtpm.ca.v1.AKChallengeResponse
+	(*AKCertifyRequest)(nil),      // 11: cvtpm.ca.v1.AKCertifyRequest
+	(*AKCertifyResponse)(nil),     // 12: cvtpm.ca.v1.AKCertifyResponse
+	(*IssueIdentityRequest)(nil),  // 13: cvtpm.ca.v1.IssueIdentityRequest
+	(*IssueIdentityResponse)(nil), // 14: cvtpm.ca.v1.IssueIdentityResponse
 }
 var file_ca_proto_depIdxs = []int32{
 	8,  // 0: cvtpm.ca.v1.AKChallengeRequest.ak:type_name -> cvtpm.ca.v1.AKParameters
@@ -750,14 +854,16 @@ var file_ca_proto_depIdxs = []int32{
 	6,  // 4: cvtpm.ca.v1.CA.Revoke:input_type -> cvtpm.ca.v1.RevokeRequest
 	9,  // 5: cvtpm.ca.v1.CA.AKChallenge:input_type -> cvtpm.ca.v1.AKChallengeRequest
 	11, // 6: cvtpm.ca.v1.CA.AKCertify:input_type -> cvtpm.ca.v1.AKCertifyRequest
-	1,  // 7: cvtpm.ca.v1.CA.Challenge:output_type -> cvtpm.ca.v1.ChallengeResponse
-	3,  // 8: cvtpm.ca.v1.CA.Enroll:output_type -> cvtpm.ca.v1.EnrollResponse
-	5,  // 9: cvtpm.ca.v1.CA.Roots:output_type -> cvtpm.ca.v1.RootsResponse
-	7,  // 10: cvtpm.ca.v1.CA.Revoke:output_type -> cvtpm.ca.v1.RevokeResponse
-	10, // 11: cvtpm.ca.v1.CA.AKChallenge:output_type -> cvtpm.ca.v1.AKChallengeResponse
-	12, // 12: cvtpm.ca.v1.CA.AKCertify:output_type -> cvtpm.ca.v1.AKCertifyResponse
-	7,  // [7:13] is the sub-list for method output_type
-	1,  // [1:7] is the sub-list for method input_type
+	13, // 7: cvtpm.ca.v1.CA.IssueIdentity:input_type -> cvtpm.ca.v1.IssueIdentityRequest
+	1,  // 8: cvtpm.ca.v1.CA.Challenge:output_type -> cvtpm.ca.v1.ChallengeResponse
+	3,  // 9: cvtpm.ca.v1.CA.Enroll:output_type -> cvtpm.ca.v1.EnrollResponse
+	5,  // 10: cvtpm.ca.v1.CA.Roots:output_type -> cvtpm.ca.v1.RootsResponse
+	7,  // 11: cvtpm.ca.v1.CA.Revoke:output_type -> cvtpm.ca.v1.RevokeResponse
+	10, // 12: cvtpm.ca.v1.CA.AKChallenge:output_type -> cvtpm.ca.v1.AKChallengeResponse
+	12, // 13: cvtpm.ca.v1.CA.AKCertify:output_type -> cvtpm.ca.v1.AKCertifyResponse
+	14, // 14: cvtpm.ca.v1.CA.IssueIdentity:output_type -> cvtpm.ca.v1.IssueIdentityResponse
+	8,  // [8:15] is the sub-list for method output_type
+	1,  // [1:8] is the sub-list for method input_type
 	1,  // [1:1] is the sub-list for extension type_name
 	1,  // [1:1] is the sub-list for extension extendee
 	0,  // [0:1] is the sub-list for field type_name
@@ -774,7 +880,7 @@ func file_ca_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ca_proto_rawDesc), len(file_ca_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   13,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

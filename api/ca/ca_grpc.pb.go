@@ -23,12 +23,13 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	CA_Challenge_FullMethodName   = "/cvtpm.ca.v1.CA/Challenge"
-	CA_Enroll_FullMethodName      = "/cvtpm.ca.v1.CA/Enroll"
-	CA_Roots_FullMethodName       = "/cvtpm.ca.v1.CA/Roots"
-	CA_Revoke_FullMethodName      = "/cvtpm.ca.v1.CA/Revoke"
-	CA_AKChallenge_FullMethodName = "/cvtpm.ca.v1.CA/AKChallenge"
-	CA_AKCertify_FullMethodName   = "/cvtpm.ca.v1.CA/AKCertify"
+	CA_Challenge_FullMethodName     = "/cvtpm.ca.v1.CA/Challenge"
+	CA_Enroll_FullMethodName        = "/cvtpm.ca.v1.CA/Enroll"
+	CA_Roots_FullMethodName         = "/cvtpm.ca.v1.CA/Roots"
+	CA_Revoke_FullMethodName        = "/cvtpm.ca.v1.CA/Revoke"
+	CA_AKChallenge_FullMethodName   = "/cvtpm.ca.v1.CA/AKChallenge"
+	CA_AKCertify_FullMethodName     = "/cvtpm.ca.v1.CA/AKCertify"
+	CA_IssueIdentity_FullMethodName = "/cvtpm.ca.v1.CA/IssueIdentity"
 )
 
 // CAClient is the client API for CA service.
@@ -50,6 +51,10 @@ type CAClient interface {
 	// AKCertify answers the challenge with the activated secret and returns
 	// the AK certificate.
 	AKCertify(ctx context.Context, in *AKCertifyRequest, opts ...grpc.CallOption) (*AKCertifyResponse, error)
+	// IssueIdentity certifies a CSR's key for its common name (client and
+	// server auth), e.g. an attested-link client (served only on the CA's
+	// admin socket).
+	IssueIdentity(ctx context.Context, in *IssueIdentityRequest, opts ...grpc.CallOption) (*IssueIdentityResponse, error)
 }
 
 type cAClient struct {
@@ -120,6 +125,16 @@ func (c *cAClient) AKCertify(ctx context.Context, in *AKCertifyRequest, opts ...
 	return out, nil
 }
 
+func (c *cAClient) IssueIdentity(ctx context.Context, in *IssueIdentityRequest, opts ...grpc.CallOption) (*IssueIdentityResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(IssueIdentityResponse)
+	err := c.cc.Invoke(ctx, CA_IssueIdentity_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CAServer is the server API for CA service.
 // All implementations must embed UnimplementedCAServer
 // for forward compatibility.
@@ -139,6 +154,10 @@ type CAServer interface {
 	// AKCertify answers the challenge with the activated secret and returns
 	// the AK certificate.
 	AKCertify(context.Context, *AKCertifyRequest) (*AKCertifyResponse, error)
+	// IssueIdentity certifies a CSR's key for its common name (client and
+	// server auth), e.g. an attested-link client (served only on the CA's
+	// admin socket).
+	IssueIdentity(context.Context, *IssueIdentityRequest) (*IssueIdentityResponse, error)
 	mustEmbedUnimplementedCAServer()
 }
 
@@ -166,6 +185,9 @@ func (UnimplementedCAServer) AKChallenge(context.Context, *AKChallengeRequest) (
 }
 func (UnimplementedCAServer) AKCertify(context.Context, *AKCertifyRequest) (*AKCertifyResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method AKCertify not implemented")
+}
+func (UnimplementedCAServer) IssueIdentity(context.Context, *IssueIdentityRequest) (*IssueIdentityResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method IssueIdentity not implemented")
 }
 func (UnimplementedCAServer) mustEmbedUnimplementedCAServer() {}
 func (UnimplementedCAServer) testEmbeddedByValue()            {}
@@ -296,6 +318,24 @@ func _CA_AKCertify_Handler(srv interface{}, ctx context.Context, dec func(interf
 	return interceptor(ctx, in, info, handler)
 }
 
+func _CA_IssueIdentity_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(IssueIdentityRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CAServer).IssueIdentity(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: CA_IssueIdentity_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CAServer).IssueIdentity(ctx, req.(*IssueIdentityRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // CA_ServiceDesc is the grpc.ServiceDesc for CA service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -326,6 +366,10 @@ var CA_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "AKCertify",
 			Handler:    _CA_AKCertify_Handler,
+		},
+		{
+			MethodName: "IssueIdentity",
+			Handler:    _CA_IssueIdentity_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

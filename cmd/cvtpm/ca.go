@@ -40,14 +40,20 @@ func runCA(ctx context.Context, args []string) error {
 	if len(args) > 0 && args[0] == "revoke" {
 		return runCARevoke(ctx, args[1:])
 	}
+	if len(args) > 0 && args[0] == "identity" {
+		return runCAIdentity(ctx, args[1:])
+	}
 	fs := flag.NewFlagSet("cvtpm ca", flag.ContinueOnError)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), `Usage: cvtpm ca --dir DIR [options]
        cvtpm ca revoke --dir DIR SERIAL [--reason N]
+       cvtpm ca identity --dir DIR --name NAME --out-cert FILE --out-key FILE [--validity 2160h]
 
 Runs the EK CA. DIR holds the CA key and certificate (created on first start,
 ECDSA P-256), the certificate database (ca.db), the audit log (audit.jsonl)
-and the admin socket (admin.sock, for revocation). Enrollment needs a policy
+and the admin socket (admin.sock, for revocation and identities). The root
+certificate, DIR/ca.pem, is also what the backend's --client-ca trusts for
+link identities issued with "cvtpm ca identity". Enrollment needs a policy
 (--policy, JSON; see ca/policy.go) that approves the vTPM CVM's measurement.
 
 Options:
@@ -266,5 +272,68 @@ func runCARevoke(ctx context.Context, args []string) error {
 		return fmt.Errorf("revoking %s: %w", fs.Arg(0), err)
 	}
 	fmt.Printf("revoked %s; the next CRL lists it\n", fs.Arg(0))
+	return nil
+}
+
+// runCAIdentity makes a key and CSR here and has the CA certify it over
+// its admin socket: an identity for the attested link (the backend's ACL
+// names the common name).
+func runCAIdentity(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("cvtpm ca identity", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `Usage: cvtpm ca identity --dir DIR --name NAME --out-cert FILE --out-key FILE [--validity 2160h]
+
+Creates an ECDSA P-256 key (PKCS #8 PEM, mode 0600) and a CSR for NAME, and
+has the CA in DIR certify it through its admin socket. The certificate
+(PEM) is for client and server authentication: e.g. a frontend's or guest
+proxy's --cert, with the backend trusting DIR/ca.pem as --client-ca and its
+--acl naming NAME.
+
+Options:
+`)
+		fs.PrintDefaults()
+	}
+	dir := fs.String("dir", "", "CA directory (its admin.sock is used)")
+	name := fs.String("name", "", "the identity: the certificate's common name")
+	outCert := fs.String("out-cert", "", "where to write the certificate (PEM)")
+	outKey := fs.String("out-key", "", "where to write the private key (PEM, 0600)")
+	validity := fs.Duration("validity", ca.DefaultIdentityValidity, "certificate lifetime")
+	if done, err := parseFlags(fs, args); done {
+		return err
+	}
+	if *dir == "" || *name == "" || *outCert == "" || *outKey == "" {
+		return errors.New("--dir, --name, --out-cert and --out-key are required (see --help)")
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: *name}}, key)
+	if err != nil {
+		return err
+	}
+	sock, err := filepath.Abs(filepath.Join(*dir, "admin.sock"))
+	if err != nil {
+		return err
+	}
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	resp, err := capb.NewCAClient(conn).IssueIdentity(ctx, &capb.IssueIdentityRequest{Csr: csr, ValiditySeconds: int64(validity.Seconds())})
+	if err != nil {
+		return fmt.Errorf("issuing the identity %q: %w", *name, err)
+	}
+	der, _ := x509.MarshalPKCS8PrivateKey(key)
+	if err := os.WriteFile(*outKey, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+		return err
+	}
+	if err := os.WriteFile(*outCert, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: resp.GetCertificate()}), 0o644); err != nil {
+		return err
+	}
+	cert, _ := x509.ParseCertificate(resp.GetCertificate())
+	fmt.Printf("identity %q: certificate %s (serial %s, until %s), key %s\n", *name, *outCert, cert.SerialNumber.Text(16),
+		cert.NotAfter.UTC().Format(time.RFC3339), *outKey)
 	return nil
 }
