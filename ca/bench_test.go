@@ -3,21 +3,33 @@ package ca
 import (
 	"context"
 	"fmt"
+	"log/slog"
+	"net"
 	"path/filepath"
 	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	capb "cvtpm/api/ca"
 	"cvtpm/enroll"
 )
 
-// BenchmarkEnroll measures enrollments at the CA core with 64 concurrent
+// BenchmarkEnroll measures enrollments at the CA (in process, and BenchmarkEnrollGRPC through its gRPC API on loopback) with 64 concurrent
 // clients and a warm chain cache: CSV verification, policy, EK certificate
 // signing, the bbolt record and the synced audit line. Requests (nonce,
 // simulated report) are made before the timer starts. Reports
 // enrollments/s and the p99 latency.
-func BenchmarkEnroll(b *testing.B) {
+func BenchmarkEnroll(b *testing.B) { benchEnroll(b, false) }
+
+// BenchmarkEnrollGRPC is BenchmarkEnroll through the gRPC API over
+// loopback TCP, one connection per client.
+func BenchmarkEnrollGRPC(b *testing.B) { benchEnroll(b, true) }
+
+func benchEnroll(b *testing.B, viaGRPC bool) {
 	f := newFixture(b, true)
 	st, err := OpenBoltStore(filepath.Join(b.TempDir(), "ca.db"))
 	if err != nil {
@@ -42,6 +54,34 @@ func BenchmarkEnroll(b *testing.B) {
 	}
 	// Warm the chain cache.
 	f.auth.Verifier.Verify(context.Background(), reqs[0].report, nil)
+	do := func(ctx context.Context, r enroll.Request) error {
+		_, err := f.auth.Enroll(ctx, r)
+		return err
+	}
+	if viaGRPC {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			b.Fatal(err)
+		}
+		gs := grpc.NewServer()
+		(&Server{Authority: f.auth, Log: slog.New(slog.DiscardHandler)}).Register(gs)
+		go gs.Serve(ln)
+		defer gs.Stop()
+		var conns []Client
+		for range 64 {
+			conn, err := grpc.NewClient(ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer conn.Close()
+			conns = append(conns, Client{C: capb.NewCAClient(conn)})
+		}
+		var rr atomic.Int64
+		do = func(ctx context.Context, r enroll.Request) error {
+			_, err := conns[rr.Add(1)%int64(len(conns))].Enroll(ctx, r)
+			return err
+		}
+	}
 	lat := make([]time.Duration, b.N)
 	var next atomic.Int64
 	b.SetParallelism(32) // 32 x GOMAXPROCS(2) = 64 clients
@@ -52,7 +92,7 @@ func BenchmarkEnroll(b *testing.B) {
 			i := next.Add(1) - 1
 			q := reqs[i]
 			t0 := time.Now()
-			if _, err := f.auth.Enroll(context.Background(), enrollReq(q.instance, q.ek, q.nonce, q.report)); err != nil {
+			if err := do(context.Background(), enrollReq(q.instance, q.ek, q.nonce, q.report)); err != nil {
 				b.Error(err)
 				return
 			}
