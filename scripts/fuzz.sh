@@ -9,7 +9,16 @@ for pkg in $(go list ./...); do
   dir=$(go list -f '{{.Dir}}' "$pkg")
   for fz in $(grep -ho '^func Fuzz[A-Za-z0-9_]*' "$dir"/*_test.go 2>/dev/null | sed 's/^func //' | sort -u); do
     echo "fuzz: $pkg $fz ($dur)"
-    go test -run '^$' -fuzz "^${fz}\$" -fuzztime "$dur" "$pkg" >/tmp/fuzz.$$.log 2>&1 || { cat /tmp/fuzz.$$.log; exit 1; }
+    if ! go test -run '^$' -fuzz "^${fz}\$" -fuzztime "$dur" "$pkg" >/tmp/fuzz.$$.log 2>&1; then
+      # Go's fuzzer can end a clean run with "context deadline exceeded"
+      # when -fuzztime expires mid-execution; no input failed then (a real
+      # failure names a failing input). Anything else fails the run.
+      if grep -q 'context deadline exceeded' /tmp/fuzz.$$.log && ! grep -q 'Failing input' /tmp/fuzz.$$.log; then
+        echo "fuzz: $fz hit the fuzzer's deadline flake (no failing input); counted as passed"
+      else
+        cat /tmp/fuzz.$$.log; exit 1
+      fi
+    fi
     n=$((n+1))
   done
 done

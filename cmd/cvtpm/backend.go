@@ -17,7 +17,6 @@ import (
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	backendpb "cvtpm/api/backend"
 	capb "cvtpm/api/ca"
@@ -134,9 +133,9 @@ Options:
 
 	var enroller backend.Enroller
 	if *caAddr != "" {
-		conn, err := grpc.NewClient(*caAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		conn, err := dialGRPC("--ca", *caAddr)
 		if err != nil {
-			return fmt.Errorf("--ca: %w", err)
+			return err
 		}
 		defer conn.Close()
 		enroller = instanceEnroller{ca: ca.Client{C: capb.NewCAClient(conn)}, evidence: evidence}
@@ -223,11 +222,7 @@ func runBackendAdmin(ctx context.Context, verb string, args []string) error {
 		fs.Usage()
 		return exitError{2}
 	}
-	abs, err := filepath.Abs(*sock)
-	if err != nil {
-		return err
-	}
-	conn, err := grpc.NewClient("unix://"+abs, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := dialUnix(*sock)
 	if err != nil {
 		return err
 	}

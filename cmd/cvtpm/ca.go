@@ -25,7 +25,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	capb "cvtpm/api/ca"
 	"cvtpm/attest/csv"
@@ -259,11 +258,7 @@ func runCARevoke(ctx context.Context, args []string) error {
 	if *dir == "" || fs.NArg() != 1 {
 		return errors.New("usage: cvtpm ca revoke --dir DIR [--reason N] SERIAL")
 	}
-	sock, err := filepath.Abs(filepath.Join(*dir, "admin.sock"))
-	if err != nil {
-		return err
-	}
-	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := dialUnix(filepath.Join(*dir, "admin.sock"))
 	if err != nil {
 		return err
 	}
@@ -312,11 +307,7 @@ Options:
 	if err != nil {
 		return err
 	}
-	sock, err := filepath.Abs(filepath.Join(*dir, "admin.sock"))
-	if err != nil {
-		return err
-	}
-	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := dialUnix(filepath.Join(*dir, "admin.sock"))
 	if err != nil {
 		return err
 	}

@@ -9,8 +9,6 @@ import (
 	"fmt"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	capb "cvtpm/api/ca"
 	"cvtpm/attest/csv"
@@ -64,9 +62,9 @@ Options:
 	if err != nil {
 		return fmt.Errorf("CSV evidence: %w", err)
 	}
-	conn, err := grpc.NewClient(*caAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := dialGRPC("--ca", *caAddr)
 	if err != nil {
-		return fmt.Errorf("--ca: %w", err)
+		return err
 	}
 	defer conn.Close()
 	client := &enroll.Client{TPM: tpm, CA: ca.Client{C: capb.NewCAClient(conn)}, Evidence: evidence, InstanceID: *instance}

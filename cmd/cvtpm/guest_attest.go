@@ -17,8 +17,6 @@ import (
 
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	attestpb "cvtpm/api/attest"
 	capb "cvtpm/api/ca"
@@ -70,14 +68,14 @@ Options:
 	if err != nil {
 		return fmt.Errorf("--event-log: %w", err)
 	}
-	caConn, err := grpc.NewClient(*caAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	caConn, err := dialGRPC("--ca", *caAddr)
 	if err != nil {
-		return fmt.Errorf("--ca: %w", err)
+		return err
 	}
 	defer caConn.Close()
-	vConn, err := grpc.NewClient(*verifierAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	vConn, err := dialGRPC("--verifier", *verifierAddr)
 	if err != nil {
-		return fmt.Errorf("--verifier: %w", err)
+		return err
 	}
 	defer vConn.Close()
 	vc := attestpb.NewVerifierClient(vConn)

@@ -216,12 +216,8 @@ type InstanceCaller struct {
 func (c *InstanceCaller) Call(ctx context.Context, req []byte) ([]byte, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.session == nil {
-		s, err := c.Dial(ctx)
-		if err != nil {
-			return nil, err
-		}
-		c.session = s
+	if _, err := c.connectLocked(ctx); err != nil {
+		return nil, err
 	}
 	resp, err := c.session.Call(ctx, c.Instance, req)
 	if err != nil {
@@ -262,6 +258,11 @@ func RemoteTPM(instance string, dial func(ctx context.Context) (*Session, error)
 func (c *InstanceCaller) Connect(ctx context.Context) (*Session, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	return c.connectLocked(ctx)
+}
+
+// connectLocked attests a session if there is none; c.mu is held.
+func (c *InstanceCaller) connectLocked(ctx context.Context) (*Session, error) {
 	if c.session == nil {
 		s, err := c.Dial(ctx)
 		if err != nil {
