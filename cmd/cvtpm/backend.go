@@ -41,7 +41,7 @@ func runBackend(ctx context.Context, args []string) error {
 	}
 	fs := flag.NewFlagSet("cvtpm backend", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: cvtpm backend --dir DIR --key-file FILE --client-ca FILE --acl FILE [options]
+		fmt.Fprint(fs.Output(), `Usage: cvtpm backend --dir DIR --key-file FILE|--key-fd N --client-ca FILE --acl FILE [options]
        cvtpm backend create|list|delete --admin SOCKET [--enroll] [ID]
 
 Runs the vTPM backend inside the CSV confidential VM. Each instance is a
@@ -71,7 +71,8 @@ Options:
 	dir := fs.String("dir", "", "directory of the instances' sealed state (required)")
 	listen := fs.String("listen", "tcp:127.0.0.1:7700", "attested link address: tcp:HOST:PORT, unix:PATH or vsock:PORT")
 	admin := fs.String("admin", "", "management API unix socket (default DIR/admin.sock)")
-	keyFile := fs.String("key-file", "", "hex master key (32+ bytes) from which each instance's state key is derived (required)")
+	keyFile := fs.String("key-file", "", "hex master key (32+ bytes) from which each instance's state key is derived")
+	keyFD := fs.Int("key-fd", -1, "read the hex master key from this inherited descriptor instead of --key-file")
 	cipher := fs.String("cipher", "aes-256-gcm", "state AEAD: aes-256-gcm or sm4-gcm")
 	clientCA := fs.String("client-ca", "", "PEM file of the CA(s) that issue link client certificates (required)")
 	aclFile := fs.String("acl", "", "JSON access list: client certificate CN -> instances (required)")
@@ -81,13 +82,23 @@ Options:
 	if done, err := parseFlags(fs, args); done {
 		return err
 	}
-	if *dir == "" || *keyFile == "" || *clientCA == "" || *aclFile == "" {
-		return errors.New("--dir, --key-file, --client-ca and --acl are required (see --help)")
+	if *dir == "" || (*keyFile == "") == (*keyFD < 0) || *clientCA == "" || *aclFile == "" {
+		return errors.New("--dir, one of --key-file and --key-fd, --client-ca and --acl are required (see --help)")
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	keys, err := backend.MasterKeyFromFile(*keyFile)
-	if err != nil {
-		return fmt.Errorf("--key-file: %w", err)
+	var keys backend.KeySource
+	if *keyFD >= 0 {
+		k, err := backend.MasterKeyFromFD(*keyFD)
+		if err != nil {
+			return fmt.Errorf("--key-fd: %w", err)
+		}
+		keys = k
+	} else {
+		k, err := backend.MasterKeyFromFile(*keyFile)
+		if err != nil {
+			return fmt.Errorf("--key-file: %w", err)
+		}
+		keys = k
 	}
 	acl, err := backend.LoadACL(*aclFile)
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io/fs"
 	"math/rand/v2"
 	"os"
@@ -226,4 +227,36 @@ func TestKillWorkerDuringWrites(t *testing.T) {
 		t.Fatalf("restarts %d after %d kills, %d writes acknowledged", info.Restarts, kills, last)
 	}
 	t.Logf("%d kills, %d restarts, %d writes acknowledged, NV=%d", kills, info.Restarts, last, got)
+}
+
+func TestMasterKeySources(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "k")
+	os.WriteFile(path, []byte(strings.Repeat("ab", 32)+"\n"), 0o600)
+	fromFile, err := MasterKeyFromFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, w, _ := os.Pipe()
+	w.Write([]byte(strings.Repeat("ab", 32)))
+	w.Close()
+	fromFD, err := MasterKeyFromFD(int(r.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, _ := fromFile.InstanceKey(context.Background(), "vm1")
+	b, _ := fromFD.InstanceKey(context.Background(), "vm1")
+	c, _ := fromFD.InstanceKey(context.Background(), "vm2")
+	if string(a) != string(b) || string(a) == string(c) || len(a) != 32 {
+		t.Fatal("instance keys: same master must give the same key per instance and differ between instances")
+	}
+	for _, bad := range []string{"zz", strings.Repeat("ab", 8)} {
+		os.WriteFile(path, []byte(bad), 0o600)
+		if _, err := MasterKeyFromFile(path); err == nil || strings.Contains(err.Error(), bad) {
+			t.Fatalf("bad key %q: %v (the error must not echo the key)", bad, err)
+		}
+	}
+	if s := fmt.Sprint(fromFile); strings.Contains(s, "abab") {
+		t.Fatalf("the key prints: %s", s)
+	}
 }

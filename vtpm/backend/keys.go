@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"os"
 	"strings"
 )
@@ -41,6 +42,26 @@ func MasterKeyFromFile(path string) (*MasterKey, error) {
 	if err != nil {
 		// Never echo the file's bytes: they are the secret.
 		return nil, fmt.Errorf("master key %s: not hex", path)
+	}
+	return NewMasterKey(key)
+}
+
+// MasterKeyFromFD reads a hex-encoded master key from an inherited file
+// descriptor (e.g. a pipe from a secret manager) and closes it, so the key
+// never touches the file system.
+func MasterKeyFromFD(fd int) (*MasterKey, error) {
+	f := os.NewFile(uintptr(fd), "master-key")
+	if f == nil {
+		return nil, fmt.Errorf("master key: fd %d is not open", fd)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, 4096))
+	if err != nil {
+		return nil, fmt.Errorf("master key from fd %d: %w", fd, err)
+	}
+	key, err := hex.DecodeString(strings.TrimSpace(string(b)))
+	if err != nil {
+		return nil, fmt.Errorf("master key from fd %d: not hex", fd)
 	}
 	return NewMasterKey(key)
 }
