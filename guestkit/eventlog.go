@@ -33,8 +33,8 @@ func NewEventLog() *EventLog {
 	var spec bytes.Buffer
 	spec.WriteString("Spec ID Event03\x00")
 	binary.Write(&spec, binary.LittleEndian, uint32(0)) // platform class
-	spec.Write([]byte{0, 2, 0, 2})                        // spec 2.0, errata 0, UINTN of 64 bits
-	binary.Write(&spec, binary.LittleEndian, uint32(1))   // one algorithm:
+	spec.Write([]byte{0, 2, 0, 2})                      // spec 2.0, errata 0, UINTN of 64 bits
+	binary.Write(&spec, binary.LittleEndian, uint32(1)) // one algorithm:
 	binary.Write(&spec, binary.LittleEndian, uint16(algSHA256))
 	binary.Write(&spec, binary.LittleEndian, uint16(sha256Size))
 	spec.WriteByte(0) // no vendor data

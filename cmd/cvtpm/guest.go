@@ -55,6 +55,8 @@ locally as a TPM:
   --unix PATH            swtpm data socket at PATH, control at PATH.ctrl
   --mssim 127.0.0.1:2421 Microsoft simulator protocol, platform on PORT+1
                          (TCTI "mssim:host=127.0.0.1,port=2421")
+  --vtpm-proxy           a /dev/tpmN through Linux's vtpm_proxy driver, so the
+                         kernel and every TPM program use the instance
 
 Every command and response travels encrypted end to end; the host sees only
 TLS records.
@@ -68,6 +70,7 @@ Options:
 	tcp := fs.String("tcp", "", "serve the swtpm protocol on HOST:PORT (control on PORT+1)")
 	unixPath := fs.String("unix", "", "serve the swtpm data channel on this unix socket (control on PATH.ctrl)")
 	mssim := fs.String("mssim", "", "serve the mssim protocol on HOST:PORT (platform on PORT+1)")
+	vtpmProxy := fs.Bool("vtpm-proxy", false, "also create a /dev/tpmN for the instance through Linux's vtpm_proxy driver (/dev/vtpmx)")
 	link := addLinkFlags(fs)
 	if done, err := parseFlags(fs, args); done {
 		return err
@@ -75,8 +78,8 @@ Options:
 	if *linkAddr == "" || *instance == "" {
 		return errors.New("--link and --instance are required (see --help)")
 	}
-	if *tcp == "" && *unixPath == "" && *mssim == "" {
-		return errors.New("nothing to serve: give --tcp, --unix and/or --mssim (see --help)")
+	if *tcp == "" && *unixPath == "" && *mssim == "" && !*vtpmProxy {
+		return errors.New("nothing to serve: give --tcp, --unix, --mssim and/or --vtpm-proxy (see --help)")
 	}
 	cfg, err := link.load()
 	if err != nil {
@@ -147,7 +150,12 @@ Options:
 		}
 		go func() { errc <- p.ServeMssim(ctx, cl, pl) }()
 	}
-	log.Info("guest proxy serving", "instance", *instance, "tcp", *tcp, "unix", *unixPath, "mssim", *mssim)
+	if *vtpmProxy {
+		go func() {
+			errc <- p.ServeVTPMProxy(ctx, func(dev string) { log.Info("the instance is the kernel's TPM", "device", dev) })
+		}()
+	}
+	log.Info("guest proxy serving", "instance", *instance, "tcp", *tcp, "unix", *unixPath, "mssim", *mssim, "vtpm-proxy", *vtpmProxy)
 	select {
 	case <-ctx.Done():
 		return nil
