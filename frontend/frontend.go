@@ -115,6 +115,16 @@ func (r *Relay) Serve(ctx context.Context, ln net.Listener) error {
 }
 
 func (r *Relay) copy(dst, src net.Conn) {
+	if r.Tap == nil {
+		// Between two TCP sockets io.Copy splices in the kernel.
+		io.Copy(dst, src)
+		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+			cw.CloseWrite()
+		} else {
+			dst.Close()
+		}
+		return
+	}
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := src.Read(buf)

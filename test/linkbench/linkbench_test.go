@@ -51,7 +51,7 @@ func paths(b *testing.B) []path {
 	f := testenv.NewTopologyFiles(b, 0x3)
 	topo := testenv.StartBackend(b, f)
 	topo.Admin(b, "create", "vm1")
-	relay, _ := topo.StartRelay(b)
+	relay := topo.StartPlainRelay(b)
 	_, tcti := topo.StartGuestProxy(b, relay, "guest-vm1", "vm1", f.Policy)
 	t := dialTCP(b, tcti)
 	if _, err := (tpm2.Startup{StartupType: tpm2.TPMSUClear}).Execute(t); err != nil {

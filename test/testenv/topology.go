@@ -256,10 +256,20 @@ func (t *Topology) Admin(tb testing.TB, verb string, args ...string) string {
 // capturing every relayed byte to the returned file.
 func (t *Topology) StartRelay(tb testing.TB) (addr, capture string) {
 	tb.Helper()
-	addr = fmt.Sprintf("tcp:127.0.0.1:%d", FreePort(tb))
 	capture = filepath.Join(t.Files.Dir, "relay.capture")
-	StartDaemon(tb, "frontend relay", []string{addr}, "frontend", "--backend", t.LinkAddr, "--relay", addr, "--relay-capture", capture)
-	return addr, capture
+	return t.startRelay(tb, "--relay-capture", capture), capture
+}
+
+// StartPlainRelay runs the relay as in production, without a capture.
+func (t *Topology) StartPlainRelay(tb testing.TB) string {
+	tb.Helper()
+	return t.startRelay(tb)
+}
+
+func (t *Topology) startRelay(tb testing.TB, extra ...string) string {
+	addr := fmt.Sprintf("tcp:127.0.0.1:%d", FreePort(tb))
+	StartDaemon(tb, "frontend relay", []string{addr}, append([]string{"frontend", "--backend", t.LinkAddr, "--relay", addr}, extra...)...)
+	return addr
 }
 
 // StartGuestProxy runs `cvtpm guest proxy` for instance as identity, over
