@@ -300,3 +300,29 @@ func TestFreshReportCommand(t *testing.T) {
 		t.Fatal("report for an absent EK handle")
 	}
 }
+
+// A backend restart (a CVM reboot) drops every session: the guest proxy
+// attests a new one on the next command, and the instance's NV is intact.
+func TestBackendRestartUnderGuestProxy(t *testing.T) {
+	f := testenv.NewTopologyFiles(t, 0x3)
+	topo := testenv.StartBackend(t, f)
+	topo.Admin(t, "create", "vm1")
+	_, tcti := topo.StartGuestProxy(t, topo.LinkAddr, "guest-vm1", "vm1", f.Policy)
+	env := []string{"TPM2TOOLS_TCTI=" + tcti}
+	dir := t.TempDir()
+	value := filepath.Join(dir, "v")
+	os.WriteFile(value, []byte("survives a backend restart"), 0o600)
+	testenv.Run(t, env, "tpm2_startup", "-c")
+	testenv.Run(t, env, "tpm2_nvdefine", "0x1500018", "-C", "o", "-s", "26", "-a", "ownerread|ownerwrite")
+	testenv.Run(t, env, "tpm2_nvwrite", "0x1500018", "-C", "o", "-i", value)
+
+	topo.RestartBackend(t)
+	// The first command after the restart finds the old session gone and
+	// fails; the proxy then attests a new session. The backend's new
+	// worker is initialised but not started up, as after a reboot.
+	testenv.RunErr(env, testenv.Tool(t, "tpm2_getrandom"), "4")
+	testenv.Run(t, env, "tpm2_startup", "-c")
+	if got := testenv.Run(t, env, "tpm2_nvread", "0x1500018", "-C", "o", "-s", "26"); got != "survives a backend restart" {
+		t.Fatalf("NV after the backend restart: %q", got)
+	}
+}

@@ -228,6 +228,8 @@ type Topology struct {
 	LinkAddr  string // backend link, tcp:...
 	AdminSock string
 	StateDir  string
+
+	backendArgs []string
 }
 
 // StartBackend runs `cvtpm backend` with the simulated CSV device.
@@ -236,10 +238,18 @@ func StartBackend(tb testing.TB, f *TopologyFiles, extra ...string) *Topology {
 	port := FreePort(tb)
 	t := &Topology{Files: f, LinkAddr: fmt.Sprintf("tcp:127.0.0.1:%d", port), StateDir: filepath.Join(f.Dir, "state")}
 	t.AdminSock = filepath.Join(t.StateDir, "admin.sock")
-	args := append([]string{"backend", "--dir", t.StateDir, "--listen", t.LinkAddr, "--key-file", f.MasterKey,
+	t.backendArgs = append([]string{"backend", "--dir", t.StateDir, "--listen", t.LinkAddr, "--key-file", f.MasterKey,
 		"--client-ca", f.ClientCA, "--acl", f.ACL, "--csv-sim", f.SimDir}, extra...)
-	t.Backend = StartDaemon(tb, "backend", []string{t.LinkAddr, "unix:" + t.AdminSock}, args...)
+	t.Backend = StartDaemon(tb, "backend", []string{t.LinkAddr, "unix:" + t.AdminSock}, t.backendArgs...)
 	return t
+}
+
+// RestartBackend stops the backend (SIGTERM) and starts it again on the
+// same address and state, as after a CVM reboot.
+func (t *Topology) RestartBackend(tb testing.TB) {
+	tb.Helper()
+	t.Backend.Stop()
+	t.Backend = StartDaemon(tb, "backend", []string{t.LinkAddr, "unix:" + t.AdminSock}, t.backendArgs...)
 }
 
 // Admin runs `cvtpm backend VERB --admin SOCK args...` and returns its output.
