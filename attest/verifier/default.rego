@@ -28,11 +28,14 @@ vtpm_reasons contains r if {
 	r := input.tpm.quote_reason
 }
 
+# A reference PCR that differs, or is missing from the quote, is a reason.
 vtpm_reasons contains sprintf("pcr-%s-not-reference", [i]) if {
 	input.tpm.quote_ok
 	some i, want in data.reference.pcrs.sha256
-	lower(input.tpm.pcrs[i]) != lower(want)
+	not pcr_matches(i, want)
 }
+
+pcr_matches(i, want) if lower(input.tpm.pcrs[i]) == lower(want)
 
 csv_reasons contains r if some r in nonce_reasons
 

@@ -3,7 +3,6 @@ package verifier
 import (
 	"context"
 	_ "embed"
-	"encoding/json"
 	"fmt"
 	"sort"
 
@@ -38,18 +37,32 @@ func compilePolicy(ctx context.Context, module string, reference map[string]any)
 	return &regoPolicy{query: q}, nil
 }
 
+// input is the facts as the policy sees them: the same field names as
+// Facts' JSON form, built directly (a JSON round trip per appraisal costs
+// more than the policy itself).
+func (f *Facts) input() map[string]any {
+	pcrs := make(map[string]any, len(f.TPM.PCRs))
+	for k, v := range f.TPM.PCRs {
+		pcrs[k] = v
+	}
+	return map[string]any{
+		"nonce": map[string]any{"ok": f.Nonce.OK, "reason": f.Nonce.Reason},
+		"tpm": map[string]any{
+			"ek_trusted": f.TPM.EKTrusted, "ek_reason": f.TPM.EKReason, "ek_revoked": f.TPM.EKRevoked,
+			"ek_serial": f.TPM.EKSerial, "ak_bound": f.TPM.AKBound, "ak_reason": f.TPM.AKReason,
+			"quote_ok": f.TPM.QuoteOK, "quote_reason": f.TPM.QuoteReason, "pcrs": pcrs, "detail": f.TPM.Detail,
+		},
+		"csv": map[string]any{
+			"report_ok": f.CSV.ReportOK, "reason": f.CSV.Reason, "detail": f.CSV.Detail,
+			"simulated": f.CSV.Simulated, "matches_ek_claims": f.CSV.MatchesEKClaims,
+			"measurement": f.CSV.Measurement, "chip_serial": f.CSV.ChipSerial, "instance": f.CSV.Instance,
+		},
+	}
+}
+
 // eval runs the policy on the facts and returns one verdict per submodule.
 func (p *regoPolicy) eval(ctx context.Context, f *Facts) (map[string]Submod, error) {
-	// The policy sees the facts as JSON, the same shape the token carries.
-	b, err := json.Marshal(f)
-	if err != nil {
-		return nil, err
-	}
-	var input map[string]any
-	if err := json.Unmarshal(b, &input); err != nil {
-		return nil, err
-	}
-	rs, err := p.query.Eval(ctx, rego.EvalInput(input))
+	rs, err := p.query.Eval(ctx, rego.EvalInput(f.input()))
 	if err != nil {
 		return nil, fmt.Errorf("appraisal policy: %w", err)
 	}

@@ -114,6 +114,8 @@ type Verifier struct {
 
 	mu      sync.Mutex
 	trustOK map[[32]byte]bool // SHA-256 of certificates found signed by a CA root
+	parsed  map[[32]byte]any  // SHA-256 of DER -> *x509.Certificate
+	ekMatch map[[32]byte]any  // SHA-256(EK public area || EK certificate) -> true
 }
 
 // New returns a Verifier.
@@ -134,7 +136,7 @@ func New(ctx context.Context, opts Options) (*Verifier, error) {
 	if opts.Nonces == nil {
 		opts.Nonces = &memoryNonces{nonces: map[string]time.Time{}}
 	}
-	v := &Verifier{opts: opts, policy: p, trustOK: map[[32]byte]bool{}}
+	v := &Verifier{opts: opts, policy: p, trustOK: map[[32]byte]bool{}, parsed: map[[32]byte]any{}, ekMatch: map[[32]byte]any{}}
 	v.csv = csv.NewVerifier(csv.VerifierOptions{TrustedRoots: opts.CSV.TrustedRoots(), Certs: evidenceCerts{fallback: opts.CSVCerts}})
 	return v, nil
 }
@@ -281,7 +283,7 @@ func (v *Verifier) checkTPM(ctx context.Context, nonce []byte, ev *attestpb.Evid
 	var ekCert *x509.Certificate
 	if len(ev.GetEkChain()) == 0 {
 		t.EKReason = "ek-certificate-missing"
-	} else if c, err := x509.ParseCertificate(ev.GetEkChain()[0]); err != nil {
+	} else if c, err := v.parseCert(ev.GetEkChain()[0]); err != nil {
 		t.EKReason, t.Detail = "ek-certificate-malformed", err.Error()
 	} else {
 		ekCert = c
@@ -310,7 +312,7 @@ func (v *Verifier) checkTPM(ctx context.Context, nonce []byte, ev *attestpb.Evid
 		t.AKReason, t.QuoteReason, t.Detail = "tpm-attestation-malformed", "tpm-attestation-malformed", err.Error()
 		return ekCert
 	}
-	akCert, err := x509.ParseCertificate(att.GetAkCert())
+	akCert, err := v.parseCert(att.GetAkCert())
 	switch {
 	case err != nil:
 		t.AKReason = "ak-certificate-missing-or-malformed"
@@ -406,7 +408,7 @@ func (v *Verifier) checkCSV(ctx context.Context, nonce []byte, ev *attestpb.Evid
 	c := &f.CSV
 	c.Instance = ev.GetInstanceId()
 	if ekCert != nil {
-		if !ekPublicMatches(ev.GetEkPublic(), ekCert) {
+		if !v.ekPublicMatches(ev.GetEkPublic(), ekCert) {
 			c.Reason = "csv-report-for-another-ek"
 			return
 		}
@@ -441,17 +443,64 @@ func (v *Verifier) checkCSV(ctx context.Context, nonce []byte, ev *attestpb.Evid
 	c.MatchesEKClaims = ekCert != nil && matchesEKClaims(ekCert, claims)
 }
 
-func ekPublicMatches(area []byte, ekCert *x509.Certificate) bool {
+// ekPublicMatches reports whether the TPMT_PUBLIC area holds the EK
+// certificate's key. Matches are remembered: an instance sends the same
+// pair every time.
+func (v *Verifier) ekPublicMatches(area []byte, ekCert *x509.Certificate) bool {
+	h := sha256.New()
+	h.Write(area)
+	h.Write(ekCert.Raw)
+	var key [32]byte
+	h.Sum(key[:0])
+	if v.cached(v.ekMatch, key) != nil {
+		return true
+	}
 	pub, err := tpm2.Unmarshal[tpm2.TPMTPublic](area)
 	if err != nil {
 		return false
 	}
-	key, err := tpm2.Pub(*pub)
+	k, err := tpm2.Pub(*pub)
 	if err != nil {
 		return false
 	}
-	k, ok := key.(interface{ Equal(crypto.PublicKey) bool })
-	return ok && k.Equal(ekCert.PublicKey)
+	eq, ok := k.(interface{ Equal(crypto.PublicKey) bool })
+	if !ok || !eq.Equal(ekCert.PublicKey) {
+		return false
+	}
+	v.remember(v.ekMatch, key, true)
+	return true
+}
+
+// parseCert parses a certificate, reusing the result for DER already seen.
+func (v *Verifier) parseCert(der []byte) (*x509.Certificate, error) {
+	key := sha256.Sum256(der)
+	if c, ok := v.cached(v.parsed, key).(*x509.Certificate); ok {
+		return c, nil
+	}
+	c, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, err
+	}
+	v.remember(v.parsed, key, c)
+	return c, nil
+}
+
+// cacheLimit bounds each cache; a full cache starts over.
+const cacheLimit = 1 << 14
+
+func (v *Verifier) cached(m map[[32]byte]any, key [32]byte) any {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return m[key]
+}
+
+func (v *Verifier) remember(m map[[32]byte]any, key [32]byte, val any) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if len(m) >= cacheLimit {
+		clear(m)
+	}
+	m[key] = val
 }
 
 // matchesEKClaims: the fresh report comes from the chip and CVM image on

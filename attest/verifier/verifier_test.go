@@ -63,6 +63,7 @@ func TestDefaultPolicy(t *testing.T) {
 		{"revoked", func(f *Facts) { f.TPM.EKRevoked = true }, StatusContraindicated, StatusAffirming, "ek-certificate-revoked"},
 		{"ak", func(f *Facts) { f.TPM.AKBound, f.TPM.AKReason = false, "ak-not-bound-to-ek" }, StatusContraindicated, StatusAffirming, "ak-not-bound-to-ek"},
 		{"pcr reference", func(f *Facts) { f.TPM.PCRs["16"] = "cd" }, StatusContraindicated, StatusAffirming, "pcr-16-not-reference"},
+		{"pcr missing", func(f *Facts) { delete(f.TPM.PCRs, "16") }, StatusContraindicated, StatusAffirming, "pcr-16-not-reference"},
 		{"other backend", func(f *Facts) { f.CSV.MatchesEKClaims = false }, StatusAffirming, StatusContraindicated, "csv-report-from-another-backend"},
 		{"csv", func(f *Facts) { f.CSV.ReportOK, f.CSV.Reason = false, csv.ReasonDebug }, StatusAffirming, StatusContraindicated, csv.ReasonDebug},
 	} {
