@@ -39,7 +39,7 @@ func (a *Authority) AKChallenge(ctx context.Context, ekCertDER []byte, ak attest
 	if err != nil {
 		return "", nil, refuse(ReasonBadRequest, "EK certificate: "+err.Error())
 	}
-	if err := ekCert.CheckSignatureFrom(a.Issuer); err != nil {
+	if err := a.issuedByUs(ekCert.Raw); err != nil {
 		return "", nil, refuse(ReasonUntrustedRoot, "the EK certificate was not issued by this CA")
 	}
 	serial := ekCert.SerialNumber.Text(16)
@@ -132,9 +132,9 @@ func (a *Authority) issueAK(p pendingAK) (*x509.Certificate, error) {
 		KeyUsage:              x509.KeyUsageDigitalSignature,
 		BasicConstraintsValid: true,
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.Issuer, p.ak.Public, a.Signer)
+	cert, err := a.signCert(tmpl, p.ak.Public)
 	if err != nil {
 		return nil, fmt.Errorf("signing the AK certificate: %w", err)
 	}
-	return x509.ParseCertificate(der)
+	return cert, nil
 }

@@ -34,6 +34,8 @@ type Authority struct {
 	Verifier *csv.Verifier
 	Issuer   *x509.Certificate
 	Signer   crypto.Signer
+	// SM2, if set, replaces Issuer and Signer: the CA signs with SM2/SM3.
+	SM2 *SM2Issuer
 	TPM      TPMInfo
 	Audit    Auditor
 	Store    Store         // issued and revoked certificates; nil keeps no records
@@ -71,8 +73,8 @@ func (a *Authority) now() time.Time {
 }
 
 // Roots are the certificates EK certificates chain to.
-func (a *Authority) Roots(context.Context) ([]*x509.Certificate, error) {
-	return []*x509.Certificate{a.Issuer}, nil
+func (a *Authority) Roots(context.Context) ([][]byte, error) {
+	return [][]byte{a.rootDER()}, nil
 }
 
 // Challenge returns a fresh nonce the next enrollment must commit to; it
@@ -192,16 +194,20 @@ func (a *Authority) enroll(ctx context.Context, req enroll.Request) (*x509.Certi
 	}
 	chipDigest := sm3.Sum([]byte(claims.ChipSerial))
 	reportDigest := sha256.Sum256(req.Report)
-	cert, err := IssueEKCertificate(EKCertificateRequest{
+	tmpl, err := ekTemplate(EKCertificateRequest{
 		EK:  ek,
 		TPM: a.TPM,
 		Claims: &CSVClaims{
 			Measurement: claims.Measure, Policy: claims.Policy.Raw, ChipIDDigest: chipDigest[:],
 			RootFingerprint: claims.Root.Fingerprint, ReportDigest: reportDigest[:], Simulated: claims.Simulated,
 		},
-	}, a.Issuer, a.Signer)
+	}, a.subjectKeyID())
 	if err != nil {
 		return nil, claims, err
+	}
+	cert, err := a.signCert(tmpl, ek)
+	if err != nil {
+		return nil, claims, fmt.Errorf("signing the EK certificate: %w", err)
 	}
 	if a.Store != nil {
 		rec := IssuedCert{Serial: cert.SerialNumber.Text(16), InstanceID: req.InstanceID, DER: cert.Raw, Issued: a.now().UTC()}

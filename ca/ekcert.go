@@ -118,6 +118,20 @@ type EKCertificateRequest struct {
 // (ECC EK), and the EK extended key usage. An EK cannot sign, so there is no
 // CSR: the template is built from the public key with x509util.
 func IssueEKCertificate(req EKCertificateRequest, issuer *x509.Certificate, signer crypto.Signer) (*x509.Certificate, error) {
+	c, err := ekTemplate(req, issuer.SubjectKeyId)
+	if err != nil {
+		return nil, err
+	}
+	cert, err := x509util.CreateCertificate(c, issuer, req.EK, signer)
+	if err != nil {
+		return nil, fmt.Errorf("signing the EK certificate: %w", err)
+	}
+	return cert, nil
+}
+
+// ekTemplate is the EK certificate of req, unsigned; aki is the issuer's
+// subject key identifier.
+func ekTemplate(req EKCertificateRequest, aki []byte) (*x509.Certificate, error) {
 	var keyUsage x509.KeyUsage
 	switch req.EK.(type) {
 	case *rsa.PublicKey:
@@ -168,12 +182,8 @@ func IssueEKCertificate(req EKCertificateRequest, issuer *x509.Certificate, sign
 	c.UnknownExtKeyUsage = []asn1.ObjectIdentifier{OIDEKCertificateEKU}
 	c.BasicConstraintsValid = true
 	c.IsCA = false
-	c.AuthorityKeyId = issuer.SubjectKeyId
-	cert, err := x509util.CreateCertificate(c, issuer, req.EK, signer)
-	if err != nil {
-		return nil, fmt.Errorf("signing the EK certificate: %w", err)
-	}
-	return cert, nil
+	c.AuthorityKeyId = aki
+	return c, nil
 }
 
 // tpmSAN encodes GeneralNames holding one directoryName with the TPM's

@@ -73,9 +73,9 @@ func (a *Authority) issueIdentity(csr *x509.CertificateRequest, validity time.Du
 	tmpl.NotBefore, tmpl.NotAfter = now.Add(-time.Minute), now.Add(validity)
 	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth}
 	tmpl.URIs, tmpl.IPAddresses, tmpl.EmailAddresses = csr.URIs, csr.IPAddresses, csr.EmailAddresses
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.Issuer, csr.PublicKey, a.Signer)
+	cert, err := a.signCert(tmpl, csr.PublicKey)
 	if err != nil {
 		return nil, fmt.Errorf("signing the identity certificate: %w", err)
 	}
-	return x509.ParseCertificate(der)
+	return cert, nil
 }

@@ -5,7 +5,6 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net/http"
 	"time"
@@ -61,7 +60,7 @@ func (s *Server) Enroll(ctx context.Context, req *capb.EnrollRequest) (*capb.Enr
 }
 
 func (s *Server) Roots(context.Context, *capb.RootsRequest) (*capb.RootsResponse, error) {
-	return &capb.RootsResponse{Certificates: [][]byte{s.Authority.Issuer.Raw}}, nil
+	return &capb.RootsResponse{Certificates: [][]byte{s.Authority.rootDER()}}, nil
 }
 
 func (s *Server) Revoke(ctx context.Context, req *capb.RevokeRequest) (*capb.RevokeResponse, error) {
@@ -113,7 +112,7 @@ func (s *Server) HTTPHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /roots.pem", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/x-pem-file")
-		pem.Encode(w, &pem.Block{Type: "CERTIFICATE", Bytes: s.Authority.Issuer.Raw})
+		pem.Encode(w, &pem.Block{Type: "CERTIFICATE", Bytes: s.Authority.rootDER()})
 	})
 	mux.HandleFunc("GET /crl", func(w http.ResponseWriter, r *http.Request) {
 		a := s.Authority
@@ -121,7 +120,7 @@ func (s *Server) HTTPHandler() http.Handler {
 			http.Error(w, "this CA keeps no certificate store", http.StatusNotFound)
 			return
 		}
-		der, err := CRL(r.Context(), a.Store, a.Issuer, a.Signer, 24*time.Hour)
+		der, err := a.CRL(r.Context(), 24*time.Hour)
 		if err != nil {
 			s.Log.Error("making the CRL failed", "err", err)
 			http.Error(w, "CRL unavailable", http.StatusInternalServerError)
@@ -142,20 +141,12 @@ type Client struct{ C capb.CAClient }
 
 var _ enroll.CA = Client{}
 
-func (c Client) Roots(ctx context.Context) ([]*x509.Certificate, error) {
+func (c Client) Roots(ctx context.Context) ([][]byte, error) {
 	r, err := c.C.Roots(ctx, &capb.RootsRequest{})
 	if err != nil {
 		return nil, err
 	}
-	var out []*x509.Certificate
-	for _, der := range r.GetCertificates() {
-		cert, err := x509.ParseCertificate(der)
-		if err != nil {
-			return nil, fmt.Errorf("CA root: %w", err)
-		}
-		out = append(out, cert)
-	}
-	return out, nil
+	return r.GetCertificates(), nil
 }
 
 func (c Client) Challenge(ctx context.Context) ([]byte, error) {

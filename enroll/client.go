@@ -13,6 +13,7 @@ import (
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"cvtpm/attest/csv"
+	"cvtpm/internal/pkisig"
 )
 
 // Request is one enrollment as the CA receives it.
@@ -26,7 +27,9 @@ type Request struct {
 // CA is what enrollment needs of the EK CA (in process, or a client of its
 // API).
 type CA interface {
-	Roots(ctx context.Context) ([]*x509.Certificate, error)
+	// Roots are the CA certificates (DER) EK certificates chain to; an SM2
+	// CA's cannot be parsed by crypto/x509, hence DER.
+	Roots(ctx context.Context) ([][]byte, error)
 	Challenge(ctx context.Context) ([]byte, error)
 	Enroll(ctx context.Context, req Request) (*x509.Certificate, error)
 }
@@ -149,7 +152,7 @@ func (c *Client) currentCert(ctx context.Context, slot EKSlot, area []byte) *x50
 		return nil
 	}
 	for _, r := range roots {
-		if cert.CheckSignatureFrom(r) == nil {
+		if pkisig.SignedBy(cert.Raw, r) == nil {
 			return cert
 		}
 	}

@@ -1,6 +1,7 @@
 package test
 
 import (
+	"encoding/pem"
 	"fmt"
 	"io"
 	"net/http"
@@ -12,17 +13,20 @@ import (
 	"testing"
 	"time"
 
+	"github.com/emmansun/gmsm/smx509"
+
 	"cvtpm/ca"
+	"cvtpm/internal/pkisig"
 	"cvtpm/test/testenv"
 )
 
 // startCA runs `cvtpm ca` and returns its gRPC and HTTP addresses.
-func startCA(t *testing.T, dir, policy, certDir string) (string, string, func()) {
+func startCA(t *testing.T, dir, policy, certDir string, extra ...string) (string, string, func()) {
 	t.Helper()
 	grpcPort, httpPort := testenv.FreePort(t), testenv.FreePort(t)
 	grpcAddr, httpAddr := fmt.Sprintf("127.0.0.1:%d", grpcPort), fmt.Sprintf("127.0.0.1:%d", httpPort)
-	cmd := exec.Command(testenv.Binary(t, testenv.Cvtpm), "ca", "--dir", dir, "--policy", policy,
-		"--cert-dir", certDir, "--listen", grpcAddr, "--http", httpAddr)
+	cmd := exec.Command(testenv.Binary(t, testenv.Cvtpm), append([]string{"ca", "--dir", dir, "--policy", policy,
+		"--cert-dir", certDir, "--listen", grpcAddr, "--http", httpAddr}, extra...)...)
 	log := &strings.Builder{}
 	cmd.Stderr = log
 	if err := cmd.Start(); err != nil {
@@ -136,5 +140,77 @@ func TestCAIdentity(t *testing.T) {
 	// Without a name: a clear error, nothing issued.
 	if out, err := testenv.RunErr(nil, bin, "ca", "identity", "--dir", caDir, "--name", "", "--out-cert", cert, "--out-key", key); err == nil || !strings.Contains(out, "--name") {
 		t.Fatalf("no name: %v %s", err, out)
+	}
+}
+
+// An SM2 CA (`--key-type sm2`): the EK certificates it issues verify
+// under its SM2 root with OpenSSL and gmsm, enrollment stays idempotent,
+// and its CRL verifies too.
+func TestCASM2(t *testing.T) {
+	dir := t.TempDir()
+	bin := testenv.Binary(t, testenv.Cvtpm)
+	measure := strings.Repeat("5e", 32)
+	testenv.Run(t, nil, bin, "csv", "simulate", "--out", filepath.Join(dir, "chip"), "--chip", "SIMCHIP0001", "--measure", measure, "--policy", "0x3")
+	os.MkdirAll(filepath.Join(dir, "kds", "hsk_cek", "SIMCHIP0001"), 0o700)
+	b, _ := os.ReadFile(filepath.Join(dir, "chip", "hsk_cek.cert"))
+	os.WriteFile(filepath.Join(dir, "kds", "hsk_cek", "SIMCHIP0001", "hsk_cek.cert"), b, 0o600)
+	policy := filepath.Join(dir, "policy.json")
+	os.WriteFile(policy, []byte(`{"simulator_roots":["`+filepath.Join(dir, "chip", "hrk.cert")+`"],"approved_measurements":["`+measure+`"]}`), 0o600)
+	caDir := filepath.Join(dir, "ca")
+	grpcAddr, httpAddr, _ := startCA(t, caDir, policy, filepath.Join(dir, "kds"), "--key-type", "sm2")
+
+	srv := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{})
+	enroll := func() string {
+		return testenv.Run(t, nil, bin, "enroll", "--tpm-socket", srv.DataPath, "--ca", grpcAddr, "--instance", "vm-sm2", "--csv-sim", filepath.Join(dir, "chip"))
+	}
+	enroll()
+	if again := enroll(); strings.Count(again, "already there") != 2 {
+		t.Fatalf("second enrollment under an SM2 CA was not idempotent:\n%s", again)
+	}
+	tt := tools{tb: t, tcti: srv.TCTI(), dir: dir}
+	tt.run("tpm2_nvread", "0x01c00002", "-C", "o", "-o", tt.path("ek.der"))
+	der, _ := os.ReadFile(tt.path("ek.der"))
+	rootPEM, _ := os.ReadFile(filepath.Join(caDir, "ca.pem"))
+	blk, _ := pem.Decode(rootPEM)
+	if err := pkisig.SignedBy(der, blk.Bytes); err != nil {
+		t.Fatalf("gmsm: the EK certificate does not verify under the SM2 root: %v", err)
+	}
+	os.WriteFile(tt.path("ek.pem"), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	text := testenv.Run(t, nil, "openssl", "x509", "-in", tt.path("ek.pem"), "-noout", "-text")
+	if !strings.Contains(text, "SM2-with-SM3") && !strings.Contains(text, "sm2sign-with-sm3") {
+		t.Fatalf("the EK certificate is not signed with SM2/SM3:\n%s", text)
+	}
+	// OpenSSL 3 does not assume SM2's default distinguishing ID
+	// (GB/T 32918: "1234567812345678", which gmsm signs with): pass it.
+	for _, c := range []string{tt.path("ek.pem"), func() string {
+		cert, key := tt.path("id.pem"), tt.path("id.key")
+		testenv.Run(t, nil, bin, "ca", "identity", "--dir", caDir, "--name", "guest-sm2", "--out-cert", cert, "--out-key", key)
+		return cert
+	}()} {
+		out, err := testenv.RunErr(nil, testenv.Tool(t, "openssl"), "verify", "-vfyopt", "distid:1234567812345678", "-CAfile", filepath.Join(caDir, "ca.pem"), c)
+		if err != nil || !strings.Contains(out, ": OK") {
+			t.Fatalf("openssl verify of an SM2-signed certificate: %v\n%s", err, out)
+		}
+	}
+	r, err := http.Get("http://" + httpAddr + "/crl?format=pem")
+	if err != nil {
+		t.Fatal(err)
+	}
+	crl, _ := io.ReadAll(r.Body)
+	r.Body.Close()
+	cblk, _ := pem.Decode(crl)
+	if cblk == nil {
+		t.Fatalf("CRL is not PEM: %q", crl)
+	}
+	list, err := smx509.ParseRevocationList(cblk.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, err := smx509.ParseCertificate(blk.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := list.CheckSignatureFrom(root); err != nil {
+		t.Fatalf("the SM2 CRL does not verify under the root: %v", err)
 	}
 }

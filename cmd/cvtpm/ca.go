@@ -27,6 +27,9 @@ import (
 	"google.golang.org/grpc"
 
 	capb "cvtpm/api/ca"
+	"github.com/emmansun/gmsm/sm2"
+	"github.com/emmansun/gmsm/smx509"
+
 	"cvtpm/attest/csv"
 	"cvtpm/ca"
 )
@@ -65,7 +68,7 @@ Options:
 	policyFile := fs.String("policy", "", "evidence policy file (JSON, required)")
 	hskCEK := fs.String("hsk-cek", "", "HSK+CEK bundle for every chip (simulators, tests)")
 	certDir := fs.String("cert-dir", "", "offline HSK+CEK directory per chip serial")
-	keyType := fs.String("key-type", "p256", "key of a newly created CA: p256, p384 or rsa3072")
+	keyType := fs.String("key-type", "p256", "key of a newly created CA: p256, p384, rsa3072 or sm2 (SM2 with SM3, for domestic PKIs)")
 	pgConn := fs.String("postgres", "", "keep certificates in PostgreSQL (libpq connection string) instead of DIR/ca.db, for several CA replicas")
 	kds := fs.String("kds", "", "HYGON KDS base URL to fetch HSK+CEK from (default when neither --hsk-cek nor --cert-dir)")
 	if done, err := parseFlags(fs, args); done {
@@ -96,7 +99,7 @@ Options:
 	default:
 		certs = &csv.CachedSource{Source: csv.HTTPSource{BaseURL: *kds}, TTL: 24 * time.Hour}
 	}
-	issuer, signer, err := loadOrCreateCAKey(*dir, *keyType, log)
+	keys, err := loadOrCreateCAKey(*dir, *keyType, log)
 	if err != nil {
 		return err
 	}
@@ -121,7 +124,7 @@ Options:
 	authority := &ca.Authority{
 		Policy:   policy,
 		Verifier: csv.NewVerifier(csv.VerifierOptions{TrustedRoots: policy.TrustedRoots(), Certs: certs}),
-		Issuer:   issuer, Signer: signer,
+		Issuer:   keys.issuer, Signer: keys.signer, SM2: keys.sm2,
 		TPM:   ca.TPMInfo{Manufacturer: "id:49424D00", Model: "cvtpm", Version: "id:00000001", SpecRevision: 164},
 		Audit: audit, Store: store,
 	}
@@ -155,7 +158,7 @@ Options:
 		hs = &http.Server{Handler: (&ca.Server{Authority: authority, Log: log}).HTTPHandler(), ReadHeaderTimeout: 10 * time.Second}
 		go func() { errc <- hs.Serve(hl) }()
 	}
-	log.Info("EK CA serving", "grpc", ln.Addr().String(), "http", httpBound, "admin", sock, "root", issuer.Subject.CommonName)
+	log.Info("EK CA serving", "grpc", ln.Addr().String(), "http", httpBound, "admin", sock, "root", keys.name)
 	select {
 	case <-ctx.Done():
 	case err = <-errc:
@@ -171,16 +174,89 @@ Options:
 	return err
 }
 
+// caKeys is the CA's certificate and key: crypto/x509's, or SM2's.
+type caKeys struct {
+	issuer *x509.Certificate
+	signer crypto.Signer
+	sm2    *ca.SM2Issuer
+	name   string
+}
+
 // loadOrCreateCAKey reads DIR/ca.key (PKCS #8) and DIR/ca.pem, creating a
 // root of keyType on first start.
-func loadOrCreateCAKey(dir, keyType string, log *slog.Logger) (*x509.Certificate, crypto.Signer, error) {
+func loadOrCreateCAKey(dir, keyType string, log *slog.Logger) (caKeys, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, nil, err
+		return caKeys{}, err
 	}
 	keyPath, certPath := filepath.Join(dir, "ca.key"), filepath.Join(dir, "ca.pem")
 	kb, err := os.ReadFile(keyPath)
 	if errors.Is(err, fs.ErrNotExist) {
+		if err := createCAKey(keyPath, certPath, keyType); err != nil {
+			return caKeys{}, err
+		}
+		log.Info("created a new CA key and root certificate", "type", keyType, "cert", certPath)
+		kb, _ = os.ReadFile(keyPath)
+	} else if err != nil {
+		return caKeys{}, fmt.Errorf("CA key: %w", err)
+	}
+	kblk, _ := pem.Decode(kb)
+	if kblk == nil {
+		return caKeys{}, fmt.Errorf("CA key %s: not PEM", keyPath)
+	}
+	cb, err := os.ReadFile(certPath)
+	if err != nil {
+		return caKeys{}, fmt.Errorf("CA certificate: %w", err)
+	}
+	cblk, _ := pem.Decode(cb)
+	if cblk == nil {
+		return caKeys{}, fmt.Errorf("CA certificate %s: not PEM", certPath)
+	}
+	// gmsm's PKCS #8 parser reads SM2 keys as well as crypto/x509's kinds.
+	parsed, err := smx509.ParsePKCS8PrivateKey(kblk.Bytes)
+	if err != nil {
+		return caKeys{}, fmt.Errorf("CA key %s: %w", keyPath, err)
+	}
+	if key, ok := parsed.(*sm2.PrivateKey); ok {
+		cert, err := smx509.ParseCertificate(cblk.Bytes)
+		if err != nil {
+			return caKeys{}, fmt.Errorf("CA certificate %s: %w", certPath, err)
+		}
+		return caKeys{sm2: &ca.SM2Issuer{Cert: cert, Key: key}, name: cert.Subject.CommonName}, nil
+	}
+	signer, ok := parsed.(crypto.Signer)
+	if !ok {
+		return caKeys{}, fmt.Errorf("CA key %s: not a signing key", keyPath)
+	}
+	cert, err := x509.ParseCertificate(cblk.Bytes)
+	if err != nil {
+		return caKeys{}, fmt.Errorf("CA certificate %s: %w", certPath, err)
+	}
+	return caKeys{issuer: cert, signer: signer, name: cert.Subject.CommonName}, nil
+}
+
+// createCAKey writes a new key and self-signed root certificate.
+func createCAKey(keyPath, certPath, keyType string) error {
+	subject := pkix.Name{CommonName: "cvtpm EK CA", Organization: []string{"cvtpm"}}
+	serial := big.NewInt(time.Now().UnixNano())
+	notBefore, notAfter := time.Now().Add(-time.Hour), time.Now().AddDate(20, 0, 0)
+	var der, kder []byte
+	if keyType == "sm2" {
+		key, err := sm2.GenerateKey(rand.Reader)
+		if err != nil {
+			return err
+		}
+		tmpl := &smx509.Certificate{SerialNumber: serial, Subject: pkix.Name{CommonName: "cvtpm EK CA (SM2)", Organization: subject.Organization},
+			NotBefore: notBefore, NotAfter: notAfter, IsCA: true, BasicConstraintsValid: true,
+			KeyUsage: smx509.KeyUsageCertSign | smx509.KeyUsageCRLSign}
+		if der, err = smx509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key); err != nil {
+			return err
+		}
+		if kder, err = smx509.MarshalPKCS8PrivateKey(key); err != nil {
+			return err
+		}
+	} else {
 		var key crypto.Signer
+		var err error
 		switch keyType {
 		case "p256":
 			key, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -189,60 +265,24 @@ func loadOrCreateCAKey(dir, keyType string, log *slog.Logger) (*x509.Certificate
 		case "rsa3072":
 			key, err = rsa.GenerateKey(rand.Reader, 3072)
 		default:
-			return nil, nil, fmt.Errorf("--key-type %q: want p256, p384 or rsa3072", keyType)
+			return fmt.Errorf("--key-type %q: want p256, p384, rsa3072 or sm2", keyType)
 		}
 		if err != nil {
-			return nil, nil, err
+			return err
 		}
-		tmpl := &x509.Certificate{
-			SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: "cvtpm EK CA", Organization: []string{"cvtpm"}},
-			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().AddDate(20, 0, 0),
-			IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		tmpl := &x509.Certificate{SerialNumber: serial, Subject: subject, NotBefore: notBefore, NotAfter: notAfter,
+			IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign}
+		if der, err = x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key); err != nil {
+			return err
 		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-		if err != nil {
-			return nil, nil, err
+		if kder, err = x509.MarshalPKCS8PrivateKey(key); err != nil {
+			return err
 		}
-		kder, err := x509.MarshalPKCS8PrivateKey(key)
-		if err != nil {
-			return nil, nil, err
-		}
-		if err := os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
-			return nil, nil, err
-		}
-		if err := os.WriteFile(certPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
-			return nil, nil, err
-		}
-		log.Info("created a new CA key and root certificate", "type", keyType, "cert", certPath)
-		kb, _ = os.ReadFile(keyPath)
-	} else if err != nil {
-		return nil, nil, fmt.Errorf("CA key: %w", err)
 	}
-	kblk, _ := pem.Decode(kb)
-	if kblk == nil {
-		return nil, nil, fmt.Errorf("CA key %s: not PEM", keyPath)
+	if err := os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
+		return err
 	}
-	parsed, err := x509.ParsePKCS8PrivateKey(kblk.Bytes)
-	if err != nil {
-		return nil, nil, fmt.Errorf("CA key %s: %w", keyPath, err)
-	}
-	signer, ok := parsed.(crypto.Signer)
-	if !ok {
-		return nil, nil, fmt.Errorf("CA key %s: not a signing key", keyPath)
-	}
-	cb, err := os.ReadFile(certPath)
-	if err != nil {
-		return nil, nil, fmt.Errorf("CA certificate: %w", err)
-	}
-	cblk, _ := pem.Decode(cb)
-	if cblk == nil {
-		return nil, nil, fmt.Errorf("CA certificate %s: not PEM", certPath)
-	}
-	cert, err := x509.ParseCertificate(cblk.Bytes)
-	if err != nil {
-		return nil, nil, fmt.Errorf("CA certificate %s: %w", certPath, err)
-	}
-	return cert, signer, nil
+	return os.WriteFile(certPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644)
 }
 
 func runCARevoke(ctx context.Context, args []string) error {

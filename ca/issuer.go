@@ -1,0 +1,108 @@
+package ca
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/x509"
+	"fmt"
+	"time"
+
+	"github.com/emmansun/gmsm/sm2"
+	"github.com/emmansun/gmsm/smx509"
+
+	"cvtpm/internal/pkisig"
+)
+
+// SM2Issuer is a CA key and certificate of SM2 with SM3 (gmsm smx509), for
+// domestic PKIs. Go's crypto/x509 can neither parse nor use such a key, so
+// an Authority with SM2 set signs and checks through gmsm; relying parties
+// check its certificates with an SM2-capable library (gmsm, OpenSSL 3).
+type SM2Issuer struct {
+	Cert *smx509.Certificate
+	Key  *sm2.PrivateKey
+}
+
+// rootDER is the CA certificate.
+func (a *Authority) rootDER() []byte {
+	if a.SM2 != nil {
+		return a.SM2.Cert.Raw
+	}
+	return a.Issuer.Raw
+}
+
+func (a *Authority) subjectKeyID() []byte {
+	if a.SM2 != nil {
+		return a.SM2.Cert.SubjectKeyId
+	}
+	return a.Issuer.SubjectKeyId
+}
+
+// signCert signs tmpl for pub with the CA key.
+func (a *Authority) signCert(tmpl *x509.Certificate, pub any) (*x509.Certificate, error) {
+	var der []byte
+	var err error
+	if a.SM2 != nil {
+		der, err = smx509.CreateCertificate(rand.Reader, toSM2Template(tmpl), a.SM2.Cert, pub, a.SM2.Key)
+	} else {
+		der, err = x509.CreateCertificate(rand.Reader, tmpl, a.Issuer, pub, a.Signer)
+	}
+	if err != nil {
+		return nil, err
+	}
+	// crypto/x509 parses an SM2-signed certificate of an RSA or ECDSA key;
+	// only the signature algorithm is unknown to it.
+	return x509.ParseCertificate(der)
+}
+
+// issuedByUs checks that certDER carries this CA's signature.
+func (a *Authority) issuedByUs(certDER []byte) error {
+	return pkisig.SignedBy(certDER, a.rootDER())
+}
+
+// CRL signs a revocation list of everything revoked so far, valid for
+// validity (default 24 h).
+func (a *Authority) CRL(ctx context.Context, validity time.Duration) ([]byte, error) {
+	if a.SM2 == nil {
+		return CRL(ctx, a.Store, a.Issuer, a.Signer, validity)
+	}
+	entries, err := a.Store.Revoked(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("listing revocations: %w", err)
+	}
+	num, err := a.Store.NextCRLNumber(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("CRL number: %w", err)
+	}
+	if validity <= 0 {
+		validity = 24 * time.Hour
+	}
+	var sm []smx509.RevocationListEntry
+	for _, e := range entries {
+		sm = append(sm, smx509.RevocationListEntry{SerialNumber: e.SerialNumber, RevocationTime: e.RevocationTime, ReasonCode: e.ReasonCode})
+	}
+	now := time.Now()
+	return smx509.CreateRevocationList(rand.Reader, &smx509.RevocationList{
+		RevokedCertificateEntries: sm, Number: num,
+		ThisUpdate: now.Add(-time.Minute), NextUpdate: now.Add(validity),
+	}, a.SM2.Cert, a.SM2.Key)
+}
+
+// toSM2Template carries the fields cvtpm's templates use over to gmsm's
+// certificate type.
+func toSM2Template(t *x509.Certificate) *smx509.Certificate {
+	c := &smx509.Certificate{
+		SerialNumber: t.SerialNumber, Subject: t.Subject,
+		NotBefore: t.NotBefore, NotAfter: t.NotAfter,
+		KeyUsage:              smx509.KeyUsage(t.KeyUsage),
+		UnknownExtKeyUsage:    t.UnknownExtKeyUsage,
+		BasicConstraintsValid: t.BasicConstraintsValid, IsCA: t.IsCA,
+		MaxPathLen: t.MaxPathLen, MaxPathLenZero: t.MaxPathLenZero,
+		SubjectKeyId: t.SubjectKeyId, AuthorityKeyId: t.AuthorityKeyId,
+		DNSNames: t.DNSNames, EmailAddresses: t.EmailAddresses, IPAddresses: t.IPAddresses, URIs: t.URIs,
+		ExtraExtensions: t.ExtraExtensions,
+	}
+	for _, u := range t.ExtKeyUsage {
+		c.ExtKeyUsage = append(c.ExtKeyUsage, smx509.ExtKeyUsage(u))
+	}
+	return c
+}
