@@ -35,7 +35,7 @@ type Authority struct {
 	Issuer   *x509.Certificate
 	Signer   crypto.Signer
 	// SM2, if set, replaces Issuer and Signer: the CA signs with SM2/SM3.
-	SM2 *SM2Issuer
+	SM2      *SM2Issuer
 	TPM      TPMInfo
 	Audit    Auditor
 	Store    Store         // issued and revoked certificates; nil keeps no records

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"time"
 
-
 	capb "cvtpm/api/ca"
 	"cvtpm/attest/csv"
 	"cvtpm/ca"
