@@ -44,7 +44,7 @@ func BenchmarkAttestationVerify(b *testing.B) {
 		b.Fatal(err)
 	}
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	v, err := verifier.New(context.Background(), verifier.Options{CARoots: []*x509.Certificate{e.caRoot}, CSV: policy, Signer: key, Nonces: anyNonce{}})
+	v, err := verifier.New(context.Background(), verifier.Options{CARoots: [][]byte{e.caRoot.Raw}, CSV: policy, Signer: key, Nonces: anyNonce{}})
 	if err != nil {
 		b.Fatal(err)
 	}

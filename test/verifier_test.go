@@ -120,7 +120,7 @@ func (e *attestEnv) verifier(t *testing.T, csvPolicy *csv.AppraisalPolicy) (*ver
 		t.Fatal(err)
 	}
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	v, err := verifier.New(context.Background(), verifier.Options{CARoots: []*x509.Certificate{e.caRoot},
+	v, err := verifier.New(context.Background(), verifier.Options{CARoots: [][]byte{e.caRoot.Raw},
 		CRL: verifier.HTTPCRL{URL: e.crlURL}, CSV: csvPolicy, Signer: key})
 	if err != nil {
 		t.Fatal(err)

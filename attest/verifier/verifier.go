@@ -28,6 +28,7 @@ import (
 	"cvtpm/attest/csv"
 	"cvtpm/attest/freshreport"
 	"cvtpm/ca"
+	"cvtpm/internal/pkisig"
 )
 
 // CRLSource supplies the EK CA's current CRL.
@@ -39,7 +40,9 @@ type CRLSource interface {
 type Options struct {
 	// CARoots are the EK CA roots that EK and AK certificates must chain
 	// to. Required.
-	CARoots []*x509.Certificate
+	// DER, because an SM2 CA's root (ca --key-type sm2) is beyond
+	// crypto/x509; such roots work for everything but the CRL check.
+	CARoots [][]byte
 	// CRL, if set, is consulted for every EK certificate; an unavailable
 	// CRL fails the appraisal.
 	CRL CRLSource
@@ -240,7 +243,7 @@ func (v *Verifier) trusted(c *x509.Certificate) bool {
 		return true
 	}
 	for _, root := range v.opts.CARoots {
-		if c.CheckSignatureFrom(root) == nil {
+		if pkisig.SignedBy(c.Raw, root) == nil {
 			v.mu.Lock()
 			if len(v.trustOK) > 1<<16 {
 				clear(v.trustOK)
@@ -385,8 +388,8 @@ func (v *Verifier) revoked(ctx context.Context, c *x509.Certificate) (bool, erro
 		return false, err
 	}
 	ok := false
-	for _, root := range v.opts.CARoots {
-		if crl.CheckSignatureFrom(root) == nil {
+	for _, der := range v.opts.CARoots {
+		if root, err := x509.ParseCertificate(der); err == nil && crl.CheckSignatureFrom(root) == nil {
 			ok = true
 		}
 	}

@@ -32,7 +32,7 @@ func newTestVerifier(t testing.TB, reference map[string]any) (*Verifier, *ecdsa.
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true}
 	der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	root, _ := x509.ParseCertificate(der)
-	v, err := New(context.Background(), Options{CARoots: []*x509.Certificate{root}, CSV: &csv.AppraisalPolicy{}, Signer: key, Reference: reference})
+	v, err := New(context.Background(), Options{CARoots: [][]byte{root.Raw}, CSV: &csv.AppraisalPolicy{}, Signer: key, Reference: reference})
 	if err != nil {
 		t.Fatal(err)
 	}

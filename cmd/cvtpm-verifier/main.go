@@ -157,23 +157,22 @@ Options:
 	return err
 }
 
-func readCertsPEM(path string) ([]*x509.Certificate, error) {
+// readCertsPEM returns the DER of every certificate in a PEM file.
+func readCertsPEM(path string) ([][]byte, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
-	var out []*x509.Certificate
+	var out [][]byte
 	for {
 		var blk *pem.Block
 		blk, b = pem.Decode(b)
 		if blk == nil {
 			break
 		}
-		c, err := x509.ParseCertificate(blk.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
+		if blk.Type == "CERTIFICATE" {
+			out = append(out, blk.Bytes)
 		}
-		out = append(out, c)
 	}
 	if len(out) == 0 {
 		return nil, fmt.Errorf("%s: no PEM certificate", path)
