@@ -19,7 +19,6 @@ type EventLog struct{ buf bytes.Buffer }
 // Event types used by Measure.
 const (
 	EventIPL       = 0x0d // EV_IPL
-	EventEventTag  = 0x06 // EV_EVENT_TAG
 	eventNoAction  = 0x03
 	algSHA256      = 0x000b
 	sha256Size     = 32

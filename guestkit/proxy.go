@@ -53,9 +53,6 @@ func (p *Proxy) Connect(ctx context.Context) (*csv.Claims, error) {
 	return s.Claims(), nil
 }
 
-// TPM is the instance as a go-tpm transport (after Connect).
-func (p *Proxy) TPM() *tpmrpc.Client { return p.tpm }
-
 // ServeData serves the swtpm data channel (raw TPM commands) on ln.
 func (p *Proxy) ServeData(ctx context.Context, ln net.Listener) error {
 	return p.srv.ServeData(ctx, ln, false)

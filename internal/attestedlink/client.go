@@ -226,13 +226,6 @@ func (c *InstanceCaller) Call(ctx context.Context, req []byte) ([]byte, error) {
 	return resp, err
 }
 
-// Session returns the current session (nil if none).
-func (c *InstanceCaller) Session() *Session {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.session
-}
-
 // Close closes the current session.
 func (c *InstanceCaller) Close() error {
 	c.mu.Lock()
