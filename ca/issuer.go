@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"fmt"
+	"math/big"
 	"time"
 
 	"github.com/emmansun/gmsm/sm2"
@@ -62,14 +63,18 @@ func (a *Authority) issuedByUs(certDER []byte) error {
 // CRL signs a revocation list of everything revoked so far, valid for
 // validity (default 24 h).
 func (a *Authority) CRL(ctx context.Context, validity time.Duration) ([]byte, error) {
-	if a.SM2 == nil {
-		return CRL(ctx, a.Store, a.Issuer, a.Signer, validity)
+	st := a.Store
+	if st == nil {
+		st = noStore{} // nothing can have been revoked
 	}
-	entries, err := a.Store.Revoked(ctx)
+	if a.SM2 == nil {
+		return CRL(ctx, st, a.Issuer, a.Signer, validity)
+	}
+	entries, err := st.Revoked(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("listing revocations: %w", err)
 	}
-	num, err := a.Store.NextCRLNumber(ctx)
+	num, err := st.NextCRLNumber(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("CRL number: %w", err)
 	}
@@ -106,3 +111,14 @@ func toSM2Template(t *x509.Certificate) *smx509.Certificate {
 	}
 	return c
 }
+
+// noStore is the Store of a CA that keeps none: it has revoked nothing.
+type noStore struct{}
+
+func (noStore) PutIssued(context.Context, IssuedCert) error                 { return nil }
+func (noStore) Revoke(context.Context, string, time.Time, int) error        { return ErrUnknownSerial }
+func (noStore) Revoked(context.Context) ([]x509.RevocationListEntry, error) { return nil, nil }
+func (noStore) Issued(context.Context, string) (IssuedCert, error) {
+	return IssuedCert{}, ErrUnknownSerial
+}
+func (noStore) NextCRLNumber(context.Context) (*big.Int, error) { return big.NewInt(1), nil }

@@ -203,3 +203,21 @@ func (s *Server) IssueIdentity(ctx context.Context, req *capb.IssueIdentityReque
 	s.Log.Info("identity certificate issued", "name", cert.Subject.CommonName, "serial", cert.SerialNumber.Text(16))
 	return &capb.IssueIdentityResponse{Certificate: cert.Raw}, nil
 }
+
+// CRL serves the current revocation list.
+func (s *Server) CRL(ctx context.Context, _ *capb.CRLRequest) (*capb.CRLResponse, error) {
+	der, err := s.Authority.CRL(ctx, 24*time.Hour)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	return &capb.CRLResponse{Crl: der}, nil
+}
+
+// CRL fetches the CA's current revocation list (DER).
+func (c Client) CRL(ctx context.Context) ([]byte, error) {
+	r, err := c.C.CRL(ctx, &capb.CRLRequest{})
+	if err != nil {
+		return nil, err
+	}
+	return r.GetCrl(), nil
+}

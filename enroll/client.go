@@ -153,10 +153,36 @@ func (c *Client) currentCert(ctx context.Context, slot EKSlot, area []byte) *x50
 	}
 	for _, r := range roots {
 		if pkisig.SignedBy(cert.Raw, r) == nil {
+			if c.revoked(ctx, cert, r) {
+				return nil
+			}
 			return cert
 		}
 	}
 	return nil
+}
+
+// CRLSource is implemented by CAs that publish a revocation list (ca.Client
+// does); the client then does not keep a revoked certificate in NV but
+// enrolls again.
+type CRLSource interface {
+	CRL(ctx context.Context) ([]byte, error)
+}
+
+// revoked reports whether the CA's CRL lists cert. A CRL that cannot be
+// fetched or checked counts as revoked: enrolling again asks the CA, which
+// knows.
+func (c *Client) revoked(ctx context.Context, cert *x509.Certificate, root []byte) bool {
+	src, ok := c.CA.(CRLSource)
+	if !ok {
+		return false
+	}
+	der, err := src.CRL(ctx)
+	if err != nil {
+		return true
+	}
+	revoked, err := pkisig.Revoked(der, root, cert.SerialNumber)
+	return err != nil || revoked
 }
 
 // ensureEK derives the EK from the template and makes it persistent at the

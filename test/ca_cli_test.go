@@ -82,7 +82,7 @@ func TestCACommand(t *testing.T) {
 
 	testenv.Run(t, nil, bin, "ca", "revoke", "--dir", caDir, "--reason", "1", serial[1])
 	stop() // restart the CA: records must survive
-	_, httpAddr, _ = startCA(t, caDir, policy, filepath.Join(dir, "kds"))
+	grpcAddr, httpAddr, _ = startCA(t, caDir, policy, filepath.Join(dir, "kds"))
 
 	r, err := http.Get("http://" + httpAddr + "/crl?format=pem")
 	if err != nil {
@@ -106,6 +106,14 @@ func TestCACommand(t *testing.T) {
 	want := []string{"issued:", "issued:", "refused:" + ca.ReasonUntrustedRoot, "revoked:crl-reason-1"}
 	if strings.Join(decisions, " ") != strings.Join(want, " ") {
 		t.Fatalf("audit log %v, want %v", decisions, want)
+	}
+
+	// The enroll client consults the CRL: the revoked RSA certificate is
+	// replaced by a new one, the valid ECC certificate is kept.
+	again := testenv.Run(t, nil, bin, "enroll", "--tpm-socket", srv.DataPath, "--ca", grpcAddr, "--instance", "vm-a", "--csv-sim", filepath.Join(dir, "SIMCHIP0001"))
+	newSerial := regexp.MustCompile(`RSA-2048 +EK at 0x81010001: certificate serial ([0-9a-f]+).* written`).FindStringSubmatch(again)
+	if newSerial == nil || newSerial[1] == serial[1] || !strings.Contains(again, "0x01c0000a already there") {
+		t.Fatalf("enrollment after revocation:\n%s", again)
 	}
 }
 

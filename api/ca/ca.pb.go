@@ -758,6 +758,86 @@ func (x *IssueIdentityResponse) GetCertificate() []byte {
 	return nil
 }
 
+type CRLRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CRLRequest) Reset() {
+	*x = CRLRequest{}
+	mi := &file_ca_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CRLRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CRLRequest) ProtoMessage() {}
+
+func (x *CRLRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ca_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CRLRequest.ProtoReflect.Descriptor instead.
+func (*CRLRequest) Descriptor() ([]byte, []int) {
+	return file_ca_proto_rawDescGZIP(), []int{15}
+}
+
+type CRLResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Crl           []byte                 `protobuf:"bytes,1,opt,name=crl,proto3" json:"crl,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CRLResponse) Reset() {
+	*x = CRLResponse{}
+	mi := &file_ca_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CRLResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CRLResponse) ProtoMessage() {}
+
+func (x *CRLResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ca_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CRLResponse.ProtoReflect.Descriptor instead.
+func (*CRLResponse) Descriptor() ([]byte, []int) {
+	return file_ca_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *CRLResponse) GetCrl() []byte {
+	if x != nil {
+		return x.Crl
+	}
+	return nil
+}
+
 var File_ca_proto protoreflect.FileDescriptor
 
 const file_ca_proto_rawDesc = "" +
@@ -806,11 +886,16 @@ const file_ca_proto_rawDesc = "" +
 	"\x03csr\x18\x01 \x01(\fR\x03csr\x12)\n" +
 	"\x10validity_seconds\x18\x02 \x01(\x03R\x0fvaliditySeconds\"9\n" +
 	"\x15IssueIdentityResponse\x12 \n" +
-	"\vcertificate\x18\x01 \x01(\fR\vcertificate2\x8c\x04\n" +
+	"\vcertificate\x18\x01 \x01(\fR\vcertificate\"\f\n" +
+	"\n" +
+	"CRLRequest\"\x1f\n" +
+	"\vCRLResponse\x12\x10\n" +
+	"\x03crl\x18\x01 \x01(\fR\x03crl2\xc6\x04\n" +
 	"\x02CA\x12J\n" +
 	"\tChallenge\x12\x1d.cvtpm.ca.v1.ChallengeRequest\x1a\x1e.cvtpm.ca.v1.ChallengeResponse\x12A\n" +
 	"\x06Enroll\x12\x1a.cvtpm.ca.v1.EnrollRequest\x1a\x1b.cvtpm.ca.v1.EnrollResponse\x12>\n" +
-	"\x05Roots\x12\x19.cvtpm.ca.v1.RootsRequest\x1a\x1a.cvtpm.ca.v1.RootsResponse\x12A\n" +
+	"\x05Roots\x12\x19.cvtpm.ca.v1.RootsRequest\x1a\x1a.cvtpm.ca.v1.RootsResponse\x128\n" +
+	"\x03CRL\x12\x17.cvtpm.ca.v1.CRLRequest\x1a\x18.cvtpm.ca.v1.CRLResponse\x12A\n" +
 	"\x06Revoke\x12\x1a.cvtpm.ca.v1.RevokeRequest\x1a\x1b.cvtpm.ca.v1.RevokeResponse\x12P\n" +
 	"\vAKChallenge\x12\x1f.cvtpm.ca.v1.AKChallengeRequest\x1a .cvtpm.ca.v1.AKChallengeResponse\x12J\n" +
 	"\tAKCertify\x12\x1d.cvtpm.ca.v1.AKCertifyRequest\x1a\x1e.cvtpm.ca.v1.AKCertifyResponse\x12V\n" +
@@ -828,7 +913,7 @@ func file_ca_proto_rawDescGZIP() []byte {
 	return file_ca_proto_rawDescData
 }
 
-var file_ca_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_ca_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_ca_proto_goTypes = []any{
 	(*ChallengeRequest)(nil),      // 0: cvtpm.ca.v1.ChallengeRequest
 	(*ChallengeResponse)(nil),     // 1: cvtpm.ca.v1.ChallengeResponse
@@ -845,25 +930,29 @@ var file_ca_proto_goTypes = []any{
 	(*AKCertifyResponse)(nil),     // 12: cvtpm.ca.v1.AKCertifyResponse
 	(*IssueIdentityRequest)(nil),  // 13: cvtpm.ca.v1.IssueIdentityRequest
 	(*IssueIdentityResponse)(nil), // 14: cvtpm.ca.v1.IssueIdentityResponse
+	(*CRLRequest)(nil),            // 15: cvtpm.ca.v1.CRLRequest
+	(*CRLResponse)(nil),           // 16: cvtpm.ca.v1.CRLResponse
 }
 var file_ca_proto_depIdxs = []int32{
 	8,  // 0: cvtpm.ca.v1.AKChallengeRequest.ak:type_name -> cvtpm.ca.v1.AKParameters
 	0,  // 1: cvtpm.ca.v1.CA.Challenge:input_type -> cvtpm.ca.v1.ChallengeRequest
 	2,  // 2: cvtpm.ca.v1.CA.Enroll:input_type -> cvtpm.ca.v1.EnrollRequest
 	4,  // 3: cvtpm.ca.v1.CA.Roots:input_type -> cvtpm.ca.v1.RootsRequest
-	6,  // 4: cvtpm.ca.v1.CA.Revoke:input_type -> cvtpm.ca.v1.RevokeRequest
-	9,  // 5: cvtpm.ca.v1.CA.AKChallenge:input_type -> cvtpm.ca.v1.AKChallengeRequest
-	11, // 6: cvtpm.ca.v1.CA.AKCertify:input_type -> cvtpm.ca.v1.AKCertifyRequest
-	13, // 7: cvtpm.ca.v1.CA.IssueIdentity:input_type -> cvtpm.ca.v1.IssueIdentityRequest
-	1,  // 8: cvtpm.ca.v1.CA.Challenge:output_type -> cvtpm.ca.v1.ChallengeResponse
-	3,  // 9: cvtpm.ca.v1.CA.Enroll:output_type -> cvtpm.ca.v1.EnrollResponse
-	5,  // 10: cvtpm.ca.v1.CA.Roots:output_type -> cvtpm.ca.v1.RootsResponse
-	7,  // 11: cvtpm.ca.v1.CA.Revoke:output_type -> cvtpm.ca.v1.RevokeResponse
-	10, // 12: cvtpm.ca.v1.CA.AKChallenge:output_type -> cvtpm.ca.v1.AKChallengeResponse
-	12, // 13: cvtpm.ca.v1.CA.AKCertify:output_type -> cvtpm.ca.v1.AKCertifyResponse
-	14, // 14: cvtpm.ca.v1.CA.IssueIdentity:output_type -> cvtpm.ca.v1.IssueIdentityResponse
-	8,  // [8:15] is the sub-list for method output_type
-	1,  // [1:8] is the sub-list for method input_type
+	15, // 4: cvtpm.ca.v1.CA.CRL:input_type -> cvtpm.ca.v1.CRLRequest
+	6,  // 5: cvtpm.ca.v1.CA.Revoke:input_type -> cvtpm.ca.v1.RevokeRequest
+	9,  // 6: cvtpm.ca.v1.CA.AKChallenge:input_type -> cvtpm.ca.v1.AKChallengeRequest
+	11, // 7: cvtpm.ca.v1.CA.AKCertify:input_type -> cvtpm.ca.v1.AKCertifyRequest
+	13, // 8: cvtpm.ca.v1.CA.IssueIdentity:input_type -> cvtpm.ca.v1.IssueIdentityRequest
+	1,  // 9: cvtpm.ca.v1.CA.Challenge:output_type -> cvtpm.ca.v1.ChallengeResponse
+	3,  // 10: cvtpm.ca.v1.CA.Enroll:output_type -> cvtpm.ca.v1.EnrollResponse
+	5,  // 11: cvtpm.ca.v1.CA.Roots:output_type -> cvtpm.ca.v1.RootsResponse
+	16, // 12: cvtpm.ca.v1.CA.CRL:output_type -> cvtpm.ca.v1.CRLResponse
+	7,  // 13: cvtpm.ca.v1.CA.Revoke:output_type -> cvtpm.ca.v1.RevokeResponse
+	10, // 14: cvtpm.ca.v1.CA.AKChallenge:output_type -> cvtpm.ca.v1.AKChallengeResponse
+	12, // 15: cvtpm.ca.v1.CA.AKCertify:output_type -> cvtpm.ca.v1.AKCertifyResponse
+	14, // 16: cvtpm.ca.v1.CA.IssueIdentity:output_type -> cvtpm.ca.v1.IssueIdentityResponse
+	9,  // [9:17] is the sub-list for method output_type
+	1,  // [1:9] is the sub-list for method input_type
 	1,  // [1:1] is the sub-list for extension type_name
 	1,  // [1:1] is the sub-list for extension extendee
 	0,  // [0:1] is the sub-list for field type_name
@@ -880,7 +969,7 @@ func file_ca_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ca_proto_rawDesc), len(file_ca_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   15,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -26,6 +26,7 @@ const (
 	CA_Challenge_FullMethodName     = "/cvtpm.ca.v1.CA/Challenge"
 	CA_Enroll_FullMethodName        = "/cvtpm.ca.v1.CA/Enroll"
 	CA_Roots_FullMethodName         = "/cvtpm.ca.v1.CA/Roots"
+	CA_CRL_FullMethodName           = "/cvtpm.ca.v1.CA/CRL"
 	CA_Revoke_FullMethodName        = "/cvtpm.ca.v1.CA/Revoke"
 	CA_AKChallenge_FullMethodName   = "/cvtpm.ca.v1.CA/AKChallenge"
 	CA_AKCertify_FullMethodName     = "/cvtpm.ca.v1.CA/AKCertify"
@@ -42,6 +43,9 @@ type CAClient interface {
 	Enroll(ctx context.Context, in *EnrollRequest, opts ...grpc.CallOption) (*EnrollResponse, error)
 	// Roots returns the CA certificates (DER) that EK certificates chain to.
 	Roots(ctx context.Context, in *RootsRequest, opts ...grpc.CallOption) (*RootsResponse, error)
+	// CRL returns the current certificate revocation list (DER), signed by
+	// the root; the same as HTTP /crl.
+	CRL(ctx context.Context, in *CRLRequest, opts ...grpc.CallOption) (*CRLResponse, error)
 	// Revoke revokes an issued certificate; the next CRL lists it
 	// (served only on the CA's admin socket).
 	Revoke(ctx context.Context, in *RevokeRequest, opts ...grpc.CallOption) (*RevokeResponse, error)
@@ -89,6 +93,16 @@ func (c *cAClient) Roots(ctx context.Context, in *RootsRequest, opts ...grpc.Cal
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(RootsResponse)
 	err := c.cc.Invoke(ctx, CA_Roots_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *cAClient) CRL(ctx context.Context, in *CRLRequest, opts ...grpc.CallOption) (*CRLResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CRLResponse)
+	err := c.cc.Invoke(ctx, CA_CRL_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -145,6 +159,9 @@ type CAServer interface {
 	Enroll(context.Context, *EnrollRequest) (*EnrollResponse, error)
 	// Roots returns the CA certificates (DER) that EK certificates chain to.
 	Roots(context.Context, *RootsRequest) (*RootsResponse, error)
+	// CRL returns the current certificate revocation list (DER), signed by
+	// the root; the same as HTTP /crl.
+	CRL(context.Context, *CRLRequest) (*CRLResponse, error)
 	// Revoke revokes an issued certificate; the next CRL lists it
 	// (served only on the CA's admin socket).
 	Revoke(context.Context, *RevokeRequest) (*RevokeResponse, error)
@@ -176,6 +193,9 @@ func (UnimplementedCAServer) Enroll(context.Context, *EnrollRequest) (*EnrollRes
 }
 func (UnimplementedCAServer) Roots(context.Context, *RootsRequest) (*RootsResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Roots not implemented")
+}
+func (UnimplementedCAServer) CRL(context.Context, *CRLRequest) (*CRLResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CRL not implemented")
 }
 func (UnimplementedCAServer) Revoke(context.Context, *RevokeRequest) (*RevokeResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Revoke not implemented")
@@ -260,6 +280,24 @@ func _CA_Roots_Handler(srv interface{}, ctx context.Context, dec func(interface{
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(CAServer).Roots(ctx, req.(*RootsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _CA_CRL_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CRLRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CAServer).CRL(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: CA_CRL_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CAServer).CRL(ctx, req.(*CRLRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -354,6 +392,10 @@ var CA_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Roots",
 			Handler:    _CA_Roots_Handler,
+		},
+		{
+			MethodName: "CRL",
+			Handler:    _CA_CRL_Handler,
 		},
 		{
 			MethodName: "Revoke",

@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"math/big"
 
 	"github.com/emmansun/gmsm/smx509"
 )
@@ -41,4 +42,41 @@ func SignedBy(certDER, issuerDER []byte) error {
 		return errors.Join(errors.New("not signed by this issuer"), err)
 	}
 	return nil
+}
+
+// Revoked reports whether crlDER, which must carry issuerDER's signature,
+// lists serial.
+func Revoked(crlDER, issuerDER []byte, serial *big.Int) (bool, error) {
+	if issuer, err := x509.ParseCertificate(issuerDER); err == nil {
+		crl, err := x509.ParseRevocationList(crlDER)
+		if err != nil {
+			return false, fmt.Errorf("CRL: %w", err)
+		}
+		if err := crl.CheckSignatureFrom(issuer); err != nil {
+			return false, fmt.Errorf("CRL signature: %w", err)
+		}
+		for _, e := range crl.RevokedCertificateEntries {
+			if e.SerialNumber.Cmp(serial) == 0 {
+				return true, nil
+			}
+		}
+		return false, nil
+	}
+	issuer, err := smx509.ParseCertificate(issuerDER)
+	if err != nil {
+		return false, fmt.Errorf("issuer certificate: %w", err)
+	}
+	crl, err := smx509.ParseRevocationList(crlDER)
+	if err != nil {
+		return false, fmt.Errorf("CRL: %w", err)
+	}
+	if err := crl.CheckSignatureFrom(issuer); err != nil {
+		return false, fmt.Errorf("CRL signature: %w", err)
+	}
+	for _, e := range crl.RevokedCertificateEntries {
+		if e.SerialNumber.Cmp(serial) == 0 {
+			return true, nil
+		}
+	}
+	return false, nil
 }
