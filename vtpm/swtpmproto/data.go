@@ -132,15 +132,23 @@ func appendTPM2Error(dst []byte, rc uint32) []byte {
 // readFrame reads into *buf (which may already hold bytes) until it holds
 // one whole frame, growing *buf as needed.
 func readFrame(r io.Reader, buf *[]byte, maxCmd int) (Frame, error) {
+	return readUntil(r, buf, func(b []byte) (Frame, int, error) { return ParseFrame(b, maxCmd) })
+}
+
+// readUntil reads into *buf (which may already hold bytes) until parse
+// finds a whole message in it, growing *buf to what parse says it needs.
+// parse returns need > len(b) while the message is incomplete. It serves
+// both the swtpm data channel and the mssim command port.
+func readUntil[M any](r io.Reader, buf *[]byte, parse func(b []byte) (M, int, error)) (M, error) {
 	b := *buf
 	for {
-		f, need, err := ParseFrame(b, maxCmd)
+		m, need, err := parse(b)
 		if err != nil {
-			return f, err
+			return m, err
 		}
 		if len(b) >= need {
 			*buf = b
-			return f, nil
+			return m, nil
 		}
 		if cap(b) < need {
 			nb := make([]byte, len(b), need)
@@ -149,11 +157,12 @@ func readFrame(r io.Reader, buf *[]byte, maxCmd int) (Frame, error) {
 		}
 		n, err := r.Read(b[len(b):cap(b)])
 		b = b[:len(b)+n]
+		*buf = b
 		if err != nil && (n == 0 || len(b) < need) {
 			if errors.Is(err, io.EOF) && len(b) > 0 {
-				return f, io.ErrUnexpectedEOF
+				return m, io.ErrUnexpectedEOF
 			}
-			return f, err
+			return m, err
 		}
 	}
 }

@@ -106,28 +106,12 @@ func (s *Server) HandleMssimCommand(ctx context.Context, conn net.Conn) {
 	buf := make([]byte, 0, 4096+prefixLen)
 	out := make([]byte, 0, 4096+prefixLen+4)
 	for ctx.Err() == nil {
-		var m MssimMessage
-		for {
-			var need int
-			var err error
-			m, need, err = ParseMssimCommand(buf, maxCmd)
-			if err != nil {
+		m, err := readUntil(c, &buf, func(b []byte) (MssimMessage, int, error) { return ParseMssimCommand(b, maxCmd) })
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
 				s.log.Warn("mssim command port: closing connection", "err", err)
-				return
 			}
-			if len(buf) >= need {
-				break
-			}
-			if cap(buf) < need {
-				nb := make([]byte, len(buf), need)
-				copy(nb, buf)
-				buf = nb
-			}
-			n, err := c.Read(buf[len(buf):cap(buf)])
-			buf = buf[:len(buf)+n]
-			if err != nil && len(buf) < need {
-				return
-			}
+			return
 		}
 		out = out[:0]
 		switch m.Code {
