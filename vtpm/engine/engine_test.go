@@ -4,53 +4,15 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
-	"fmt"
-	"io/fs"
-	"sync"
 	"testing"
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
+
+	"cvtpm/vtpm/engine/memstore"
 )
 
-// memStorage is an in-memory Storage for tests.
-type memStorage struct {
-	mu    sync.Mutex
-	blobs map[string][]byte
-}
-
-func newMem() *memStorage { return &memStorage{blobs: map[string][]byte{}} }
-
-func (m *memStorage) Load(name string) ([]byte, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	b, ok := m.blobs[name]
-	if !ok {
-		return nil, fmt.Errorf("blob %s: %w", name, fs.ErrNotExist)
-	}
-	return bytes.Clone(b), nil
-}
-
-func (m *memStorage) Save(name string, data []byte) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.blobs[name] = bytes.Clone(data)
-	return nil
-}
-
-func (m *memStorage) Delete(name string) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	delete(m.blobs, name)
-	return nil
-}
-
-func (m *memStorage) has(name string) bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	_, ok := m.blobs[name]
-	return ok
-}
+func newMem() *memstore.Store { return memstore.New() }
 
 // tpmTransport lets go-tpm drive the engine directly.
 type tpmTransport struct{ t *TPM }
@@ -263,7 +225,7 @@ func TestStateRoundTripAndDeleteVolatile(t *testing.T) {
 	if rc != 0 || len(vol) == 0 {
 		t.Fatalf("GetState(volatile): rc 0x%x, %d bytes", rc, len(vol))
 	}
-	if src.has(BlobVolatile) {
+	if src.Has(BlobVolatile) {
 		t.Errorf("volatile state left in storage after GetState")
 	}
 	if _, rc := tpm.GetState(StateSaveState); rc != uint32(0x800) {
@@ -272,11 +234,11 @@ func TestStateRoundTripAndDeleteVolatile(t *testing.T) {
 	if rc := tpm.SetState(StatePermanent, perm); rc != RCBadOrdinal {
 		t.Errorf("SetState while running: rc %d, want %d", rc, RCBadOrdinal)
 	}
-	if rc := tpm.StoreVolatile(); rc != 0 || !src.has(BlobVolatile) {
+	if rc := tpm.StoreVolatile(); rc != 0 || !src.Has(BlobVolatile) {
 		t.Fatalf("StoreVolatile: rc 0x%x", rc)
 	}
-	if rc := tpm.Init(InitDeleteVolatile); rc != 0 || src.has(BlobVolatile) {
-		t.Errorf("Init(delete-volatile): rc 0x%x, volatile still stored=%v", rc, src.has(BlobVolatile))
+	if rc := tpm.Init(InitDeleteVolatile); rc != 0 || src.Has(BlobVolatile) {
+		t.Errorf("Init(delete-volatile): rc 0x%x, volatile still stored=%v", rc, src.Has(BlobVolatile))
 	}
 	tpm.Close()
 

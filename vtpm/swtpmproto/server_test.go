@@ -4,49 +4,21 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
-	"fmt"
 	"io"
-	"io/fs"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"cvtpm/vtpm/engine"
+
+	"cvtpm/vtpm/engine/memstore"
 )
 
-type memStorage struct {
-	mu    sync.Mutex
-	blobs map[string][]byte
-}
-
-func newMem() *memStorage { return &memStorage{blobs: map[string][]byte{}} }
-
-func (m *memStorage) Load(name string) ([]byte, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	b, ok := m.blobs[name]
-	if !ok {
-		return nil, fmt.Errorf("%s: %w", name, fs.ErrNotExist)
-	}
-	return bytes.Clone(b), nil
-}
-func (m *memStorage) Save(name string, b []byte) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.blobs[name] = bytes.Clone(b)
-	return nil
-}
-func (m *memStorage) Delete(name string) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	delete(m.blobs, name)
-	return nil
-}
+func newMem() *memstore.Store { return memstore.New() }
 
 // cvtpmServer runs a Server on a real engine with unix control and data
 // sockets in a temporary directory; it returns the control and data paths.
