@@ -113,19 +113,30 @@ func TestUntrustedBackendRefused(t *testing.T) {
 	})
 	c := f.Certs["guest-vm1"]
 	fc := f.Certs["frontend"]
-	for _, tc := range []struct{ name, policy, reason string }{
-		{"simulated root, only the real HRK trusted", onlyRealRoot, csv.ReasonUntrustedRoot},
-		{"unexpected measurement", otherMeasure, csv.ReasonMeasurement},
-		{"firmware too old", minAPI, csv.ReasonAPIVersion},
+	// A backend in a CVM whose guest policy allows debugging (no NODBG),
+	// with the same clients and the same simulated chip root.
+	dbg := testenv.NewTopologyFiles(t, 0x2)
+	dbgTopo := testenv.StartBackend(t, dbg)
+	dbgTopo.Admin(t, "create", "vm1")
+	for _, tc := range []struct{ name, policy, reason, link string }{
+		{"simulated root, only the real HRK trusted", onlyRealRoot, csv.ReasonUntrustedRoot, topo.LinkAddr},
+		{"unexpected measurement", otherMeasure, csv.ReasonMeasurement, topo.LinkAddr},
+		{"firmware too old", minAPI, csv.ReasonAPIVersion, topo.LinkAddr},
+		{"debug policy", "", csv.ReasonDebug, dbgTopo.LinkAddr},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			out, err := testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), "guest", "proxy", "--link", topo.LinkAddr, "--instance", "vm1",
+			c, fc, policy := c, fc, tc.policy
+			if tc.policy == "" { // the debug backend's own files
+				c, fc, policy = dbg.Certs["guest-vm1"], dbg.Certs["frontend"], dbg.Policy
+			}
+			tc.policy = policy
+			out, err := testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), "guest", "proxy", "--link", tc.link, "--instance", "vm1",
 				"--cert", c[0], "--key", c[1], "--policy", tc.policy, "--tcp", "127.0.0.1:1")
 			if err == nil || !strings.Contains(out, tc.reason) {
 				t.Fatalf("guest proxy: err=%v, output:\n%s\nwant %q", err, out, tc.reason)
 			}
 			sock := filepath.Join(testenv.SockDir(t), "ctrl")
-			out, err = testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), "frontend", "--backend", topo.LinkAddr,
+			out, err = testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), "frontend", "--backend", tc.link,
 				"--cert", fc[0], "--key", fc[1], "--policy", tc.policy, "--vm", "vm1="+sock)
 			if err == nil || !strings.Contains(out, tc.reason) {
 				t.Fatalf("frontend: err=%v, output:\n%s\nwant %q", err, out, tc.reason)

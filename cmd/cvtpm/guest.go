@@ -17,7 +17,7 @@ import (
 )
 
 func init() {
-	register(command{name: "guest", summary: "in-guest tools: 'guest proxy' (a backend instance as a local TPM), 'guest attest'", run: runGuest})
+	register(command{name: "guest", summary: "in-guest tools: 'guest proxy' (a backend instance as a local TPM), 'guest attest', 'guest measure'", run: runGuest})
 }
 
 func runGuest(ctx context.Context, args []string) error {
