@@ -128,9 +128,13 @@ func New(ctx context.Context, cfg Config) (*Supervisor, error) {
 	if err != nil {
 		return nil, fmt.Errorf("backend: %w", err)
 	}
+	started := 0
 	for _, e := range entries {
 		if !e.IsDir() || ValidInstanceID(e.Name()) != nil {
 			continue
+		}
+		if started++; started%100 == 0 {
+			s.log.Info("starting instances", "started", started)
 		}
 		inst := s.newInstance(e.Name())
 		if fi, err := e.Info(); err == nil {
