@@ -39,8 +39,8 @@ type Attester struct {
 	EventLog []byte
 }
 
-// Gather creates an ECC AK, has the CA certify it, quotes the SHA-256 PCRs
-// with nonce, and fetches a fresh CSV report of the backend bound to the
+// Gather creates an ECC AK, has the CA certify it, quotes every active
+// PCR bank (SHA-256, and SHA-1 if present) with nonce, and fetches a fresh CSV report of the backend bound to the
 // same nonce and the EK (attest/freshreport).
 func (a *Attester) Gather(ctx context.Context, nonce []byte) (*attestpb.Evidence, error) {
 	tpm, err := attest.OpenTPM(&attest.OpenConfig{CommandChannel: newChannel(a.TPM)})
@@ -82,23 +82,29 @@ func (a *Attester) Gather(ctx context.Context, nonce []byte) (*attestpb.Evidence
 	if err != nil {
 		return nil, fmt.Errorf("AK certification: %w", err)
 	}
-	q, err := ak.Quote(tpm, nonce, attest.HashSHA256)
-	if err != nil {
-		return nil, fmt.Errorf("quote: %w", err)
-	}
-	pcrs, err := tpm.PCRs(attest.HashSHA256)
-	if err != nil {
-		return nil, fmt.Errorf("reading PCRs: %w", err)
-	}
-	values := map[uint32][]byte{}
-	for _, p := range pcrs {
-		values[uint32(p.Index)] = p.Digest
-	}
-	att := &tpmtoolspb.Attestation{
-		AkPub:    params.Public,
-		Quotes:   []*tpmpb.Quote{{Quote: q.Quote, RawSig: q.Signature, Pcrs: &tpmpb.PCRs{Hash: tpmpb.HashAlgo_SHA256, Pcrs: values}}},
-		EventLog: a.EventLog,
-		AkCert:   akCert.Raw,
+	// One quote per active PCR bank (go-tpm-tools' format); SHA-256 is
+	// required, SHA-1 is added when the TPM has that bank.
+	att := &tpmtoolspb.Attestation{AkPub: params.Public, EventLog: a.EventLog, AkCert: akCert.Raw}
+	for _, bank := range []struct {
+		alg  attest.HashAlg
+		hash tpmpb.HashAlgo
+	}{{attest.HashSHA256, tpmpb.HashAlgo_SHA256}, {attest.HashSHA1, tpmpb.HashAlgo_SHA1}} {
+		pcrs, err := tpm.PCRs(bank.alg)
+		if err != nil || len(pcrs) == 0 {
+			if bank.alg == attest.HashSHA256 {
+				return nil, fmt.Errorf("reading the SHA-256 PCRs: %v", err)
+			}
+			continue
+		}
+		q, err := ak.Quote(tpm, nonce, bank.alg)
+		if err != nil {
+			return nil, fmt.Errorf("quote of the %v bank: %w", bank.hash, err)
+		}
+		values := map[uint32][]byte{}
+		for _, p := range pcrs {
+			values[uint32(p.Index)] = p.Digest
+		}
+		att.Quotes = append(att.Quotes, &tpmpb.Quote{Quote: q.Quote, RawSig: q.Signature, Pcrs: &tpmpb.PCRs{Hash: bank.hash, Pcrs: values}})
 	}
 	raw, err := proto.Marshal(att)
 	if err != nil {
