@@ -5,7 +5,6 @@ package main
 import (
 	"errors"
 	"flag"
-
 	"time"
 
 	"cvtpm/attest/csv"
