@@ -42,7 +42,6 @@ func openState(cfg *socketConfig, log *slog.Logger) (stateStore, swtpmproto.Blob
 		Key:    key,
 		Lock:   cfg.stateLock,
 		Logger: log,
-		Import: func(b []byte) ([]byte, error) { return swtpmproto.DecodeStateBlob(b, nil) },
 	})
 	if err != nil {
 		return nil, nil, fmt.Errorf("--tpmstate: %w", err)

@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"cvtpm/vtpm/swtpmproto"
+	"cvtpm/vtpm/swtpmblob"
 )
 
 func TestParseSocketArgs(t *testing.T) {
@@ -194,17 +194,17 @@ func TestMigrationKeySealsStateBlobs(t *testing.T) {
 		t.Fatal("no sealer for --migration-key")
 	}
 	plain := []byte("permanent state with a known secret")
-	blob, err := swtpmproto.EncodeStateBlob(plain, sealer)
+	blob, err := swtpmblob.Encode(plain, sealer)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if bytes.Contains(blob, []byte("known secret")) {
 		t.Error("sealed blob contains the plaintext")
 	}
-	if got, err := swtpmproto.DecodeStateBlob(blob, sealer); err != nil || !bytes.Equal(got, plain) {
+	if got, err := swtpmblob.Decode(blob, sealer); err != nil || !bytes.Equal(got, plain) {
 		t.Errorf("open with the same key: %q, %v", got, err)
 	}
-	if _, err := swtpmproto.DecodeStateBlob(blob, nil); !errors.Is(err, swtpmproto.ErrBlobNeedsKey) {
+	if _, err := swtpmblob.Decode(blob, nil); !errors.Is(err, swtpmblob.ErrBlobNeedsKey) {
 		t.Errorf("open without a key: err %v, want ErrBlobNeedsKey", err)
 	}
 }

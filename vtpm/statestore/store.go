@@ -30,6 +30,7 @@ import (
 	"sort"
 	"sync"
 
+	"cvtpm/vtpm/swtpmblob"
 	"golang.org/x/sys/unix"
 )
 
@@ -42,10 +43,10 @@ type Options struct {
 	Key *Key
 	// Lock takes the directory's exclusive lock at Open.
 	Lock bool
-	// Import, when set, decodes an unencrypted swtpm state file
-	// (tpm2-00.<name>) into libtpms' blob; Open uses it to import a
-	// directory that swtpm or swtpm_setup wrote and that has no cvtpm
-	// state yet. The originals are kept.
+	// Import decodes an unencrypted swtpm state file (tpm2-00.<name>)
+	// into libtpms' blob; Open uses it to import a directory that swtpm or
+	// swtpm_setup wrote and that has no cvtpm state yet. The originals are
+	// kept. nil means swtpm's format (swtpmblob.Decode).
 	Import func(swtpmFile []byte) ([]byte, error)
 	Logger *slog.Logger
 }
@@ -88,7 +89,11 @@ func Open(dir string, opts Options) (*Store, error) {
 		s.Close()
 		return nil, err
 	}
-	if opts.Import != nil && s.empty() {
+	if opts.Import == nil {
+		// swtpm's tpm2-00.* files are unencrypted state blobs.
+		opts.Import = func(b []byte) ([]byte, error) { return swtpmblob.Decode(b, nil) }
+	}
+	if s.empty() {
 		if err := s.importSwtpm(opts.Import); err != nil {
 			s.Close()
 			return nil, err

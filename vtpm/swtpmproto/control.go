@@ -2,6 +2,7 @@ package swtpmproto
 
 import (
 	"context"
+	"cvtpm/vtpm/swtpmblob"
 	"encoding/binary"
 	"errors"
 	"net"
@@ -367,7 +368,7 @@ func (s *Server) getStateBlob(out []byte, blobType, offset uint32) []byte {
 	var blob []byte
 	if rc == rcSuccess {
 		var err error
-		if blob, err = EncodeStateBlob(plain, s.opts.Migration); err != nil {
+		if blob, err = swtpmblob.Encode(plain, s.opts.Migration); err != nil {
 			s.log.Error("encoding a state blob failed", "err", err)
 			rc = rcFail
 		}
@@ -394,10 +395,10 @@ func (s *Server) setStateBlob(blobType, length uint32, data []byte) uint32 {
 	if length == 0 {
 		return s.tpm.SetState(blobType, nil)
 	}
-	plain, err := DecodeStateBlob(data, s.opts.Migration)
+	plain, err := swtpmblob.Decode(data, s.opts.Migration)
 	if err != nil {
 		s.log.Error("refusing a state blob", "type", blobType, "err", err)
-		if errors.Is(err, ErrBlobNeedsKey) || errors.Is(err, ErrBlobStateKeyed) {
+		if errors.Is(err, swtpmblob.ErrBlobNeedsKey) || errors.Is(err, swtpmblob.ErrBlobStateKeyed) {
 			return rcKeyNotFound
 		}
 		return rcBadParameter

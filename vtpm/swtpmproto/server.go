@@ -10,6 +10,7 @@ package swtpmproto
 
 import (
 	"context"
+	"cvtpm/vtpm/swtpmblob"
 	"errors"
 	"log/slog"
 	"net"
@@ -58,10 +59,7 @@ type Options struct {
 }
 
 // BlobSealer encrypts state blobs in transit (the --migration-key).
-type BlobSealer interface {
-	Seal(plain []byte) ([]byte, error)
-	Open(sealed []byte) ([]byte, error)
-}
+type BlobSealer = swtpmblob.Sealer
 
 // Server serves one TPM on any number of listeners.
 type Server struct {

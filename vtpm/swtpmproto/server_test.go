@@ -16,6 +16,7 @@ import (
 	"cvtpm/vtpm/engine"
 
 	"cvtpm/vtpm/engine/memstore"
+	"cvtpm/vtpm/swtpmblob"
 )
 
 func newMem() *memstore.Store { return memstore.New() }
@@ -308,7 +309,7 @@ func TestStateBlobOverTheWire(t *testing.T) {
 	if _, err := io.ReadFull(c, blob); err != nil {
 		t.Fatal(err)
 	}
-	plain, err := DecodeStateBlob(blob, nil)
+	plain, err := swtpmblob.Decode(blob, nil)
 	if err != nil || len(plain) == 0 {
 		t.Fatalf("decoding the blob: %v", err)
 	}

@@ -1,4 +1,4 @@
-package swtpmproto
+package swtpmblob
 
 import (
 	"bytes"
@@ -15,9 +15,9 @@ func rawBlob(version byte, flags uint16, body []byte) []byte {
 	return append(b, body...)
 }
 
-func TestDecodeStateBlob(t *testing.T) {
+func TestDecode(t *testing.T) {
 	plain := []byte("libtpms permanent state")
-	ours, err := EncodeStateBlob(plain, nil)
+	ours, err := Encode(plain, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -39,7 +39,7 @@ func TestDecodeStateBlob(t *testing.T) {
 		{"TLV length past the end", rawBlob(2, 0, []byte{0, 1, 0, 0, 1, 0, 'x'}), nil, ErrBlobHeader},
 	}
 	for _, tc := range tests {
-		got, err := DecodeStateBlob(tc.blob, nil)
+		got, err := Decode(tc.blob, nil)
 		if tc.wantErr != nil {
 			if !errors.Is(err, tc.wantErr) {
 				t.Errorf("%s: err %v, want %v", tc.name, err, tc.wantErr)
@@ -50,4 +50,24 @@ func TestDecodeStateBlob(t *testing.T) {
 			t.Errorf("%s: got %q, %v; want %q", tc.name, got, err, tc.want)
 		}
 	}
+}
+
+func FuzzDecode(f *testing.F) {
+	good, _ := Encode([]byte("libtpms state"), nil)
+	f.Add(good)
+	f.Add([]byte{1, 1, 0, 10, 0, 0, 0, 0, 0, 12, 'x', 'y'})
+	f.Add([]byte{2, 1, 0, 10, 0, 2, 0, 0, 0, 10})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		plain, err := Decode(b, nil)
+		if err != nil {
+			return
+		}
+		again, err := Encode(plain, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p2, err := Decode(again, nil); err != nil || !bytes.Equal(p2, plain) {
+			t.Fatalf("re-encoded blob does not decode to the same data: %v", err)
+		}
+	})
 }

@@ -1,4 +1,9 @@
-package swtpmproto
+// Package swtpmblob is swtpm's state-blob format: what CMD_GET_STATEBLOB
+// hands out and CMD_SET_STATEBLOB takes (also the tpm2-00.* files swtpm and
+// swtpm_setup write), so that state moves between swtpm and cvtpm in both
+// directions. The protocol server (vtpm/swtpmproto) and the state store
+// (vtpm/statestore, importing a swtpm directory) both use it.
+package swtpmblob
 
 import (
 	"encoding/binary"
@@ -23,10 +28,10 @@ const (
 	tagEncryptedMigrationData = 5
 )
 
-// EncodeStateBlob frames a plain libtpms blob as swtpm sends it in
+// Encode frames a plain libtpms blob as swtpm sends it in
 // CMD_GET_STATEBLOB; with a sealer the inner data is sealed (our AEAD framing,
 // flagged as migration-encrypted).
-func EncodeStateBlob(plain []byte, sealer BlobSealer) ([]byte, error) {
+func Encode(plain []byte, sealer Sealer) ([]byte, error) {
 	inner := appendTLV(nil, tagData, plain)
 	flags := uint16(blobFlagMigrationData)
 	var body []byte
@@ -49,17 +54,23 @@ func EncodeStateBlob(plain []byte, sealer BlobSealer) ([]byte, error) {
 	return append(out, body...), nil
 }
 
-// Errors of DecodeStateBlob.
+// Sealer seals and opens blobs with a migration key (statestore.Key does).
+type Sealer interface {
+	Seal(plain []byte) ([]byte, error)
+	Open(sealed []byte) ([]byte, error)
+}
+
+// Errors of Decode.
 var (
 	ErrBlobHeader     = errors.New("bad state blob header")
 	ErrBlobNeedsKey   = errors.New("state blob is encrypted with a key this TPM does not have")
 	ErrBlobStateKeyed = errors.New("state blob is encrypted with swtpm's state key (--key); transfer it decrypted")
 )
 
-// DecodeStateBlob undoes EncodeStateBlob, and also reads swtpm's
+// Decode undoes Encode, and also reads swtpm's
 // unencrypted transfer blobs and state files (tpm2-00.*, which lack the
 // migration wrapper): it returns the plain libtpms blob.
-func DecodeStateBlob(b []byte, sealer BlobSealer) ([]byte, error) {
+func Decode(b []byte, sealer Sealer) ([]byte, error) {
 	if len(b) < blobHeaderLen {
 		return nil, fmt.Errorf("%w: %d bytes, need at least %d", ErrBlobHeader, len(b), blobHeaderLen)
 	}
