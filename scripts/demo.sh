@@ -125,11 +125,11 @@ step "9. Tamper: what else the system refuses, and why"
 echo "{\"approved_measurements\": [\"$measure\"]}" > "$work/real-only.json"
 say "a guest that trusts only HYGON's real root refuses this (simulated) backend before sending a command:"
 "$BIN" guest proxy --link "tcp:$relay" --instance vm1 --cert "$work/guest-vm1.pem" --key "$work/guest-vm1.key" \
-  --policy "$work/real-only.json" --tcp 127.0.0.1:1 2>&1 | sed 's/^/     /' | cut -c1-160 || true
+  --policy "$work/real-only.json" --tcp 127.0.0.1:1 2>&1 | sed 's/^/     /' | cut -c1-220 || true
 echo "{\"simulator_roots\": [\"$work/csv/hrk.cert\"], \"approved_measurements\": [\"$(printf 'other image' | sha256sum | cut -d' ' -f1)\"]}" > "$work/other.json"
 say "a guest that expects another backend image refuses it too:"
 "$BIN" guest proxy --link "tcp:$relay" --instance vm1 --cert "$work/guest-vm1.pem" --key "$work/guest-vm1.key" \
-  --policy "$work/other.json" --tcp 127.0.0.1:1 2>&1 | sed 's/^/     /' | cut -c1-160 || true
+  --policy "$work/other.json" --tcp 127.0.0.1:1 2>&1 | sed 's/^/     /' | cut -c1-220 || true
 "$BIN" csv simulate --out "$work/csv-other" --chip SIMCHIP0666 --measure "$measure" --policy 0x3 >/dev/null
 mkdir -p "$work/kds/hsk_cek/SIMCHIP0666" && cp "$work/csv-other/hsk_cek.cert" "$work/kds/hsk_cek/SIMCHIP0666/"
 "$BIN" socket --tpm2 --tpmstate dir="$work/state2" --server type=unixio,path="$work/tpm2.sock" \
