@@ -58,7 +58,13 @@ func (f *Frontend) ServeVM(ctx context.Context, instance string, ctrl net.Listen
 	}
 	c := s.Claims()
 	log.Info("backend attested", "measurement", fmt.Sprintf("%x", []byte(c.Measure)), "chip", c.ChipSerial, "simulated", c.Simulated, "root", c.Root.Name)
-	srv := swtpmproto.New(tpm, swtpmproto.Options{Logger: log})
+	srv := swtpmproto.New(tpm, swtpmproto.Options{
+		Logger: log,
+		// QEMU locks the state storage on a migration's destination. The
+		// state lives in the backend, whose worker holds the instance's
+		// directory lock for as long as it runs: nothing to do here.
+		LockStorage: func(uint32) error { return nil },
+	})
 	return srv.ServeControl(ctx, ctrl)
 }
 
