@@ -28,6 +28,18 @@ func ReadMessage(r io.Reader, buf []byte) ([]byte, error) {
 	if n > MaxMessage {
 		return nil, fmt.Errorf("%w: message length %d exceeds %d", ErrMalformed, n, MaxMessage)
 	}
+	if cap(buf) < int(n) && n > 64<<10 {
+		// A large length prefix is not trusted with an allocation of its
+		// size up front: the bytes must arrive first.
+		b, err := io.ReadAll(io.LimitReader(r, int64(n)))
+		if err != nil {
+			return nil, fmt.Errorf("message truncated: %w", err)
+		}
+		if len(b) < int(n) {
+			return nil, fmt.Errorf("message truncated: %w", io.ErrUnexpectedEOF)
+		}
+		return b, nil
+	}
 	if cap(buf) < int(n) {
 		buf = make([]byte, n)
 	}
