@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/x509"
-	"fmt"
 	"math/big"
 	"time"
 
@@ -70,25 +69,16 @@ func (a *Authority) CRL(ctx context.Context, validity time.Duration) ([]byte, er
 	if a.SM2 == nil {
 		return CRL(ctx, st, a.Issuer, a.Signer, validity)
 	}
-	entries, err := st.Revoked(ctx)
+	tmpl, err := crlTemplate(ctx, st, validity)
 	if err != nil {
-		return nil, fmt.Errorf("listing revocations: %w", err)
-	}
-	num, err := st.NextCRLNumber(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("CRL number: %w", err)
-	}
-	if validity <= 0 {
-		validity = 24 * time.Hour
+		return nil, err
 	}
 	var sm []smx509.RevocationListEntry
-	for _, e := range entries {
+	for _, e := range tmpl.RevokedCertificateEntries {
 		sm = append(sm, smx509.RevocationListEntry{SerialNumber: e.SerialNumber, RevocationTime: e.RevocationTime, ReasonCode: e.ReasonCode})
 	}
-	now := time.Now()
 	return smx509.CreateRevocationList(rand.Reader, &smx509.RevocationList{
-		RevokedCertificateEntries: sm, Number: num,
-		ThisUpdate: now.Add(-time.Minute), NextUpdate: now.Add(validity),
+		RevokedCertificateEntries: sm, Number: tmpl.Number, ThisUpdate: tmpl.ThisUpdate, NextUpdate: tmpl.NextUpdate,
 	}, a.SM2.Cert, a.SM2.Key)
 }
 

@@ -152,6 +152,16 @@ func (s *BoltStore) NextCRLNumber(context.Context) (*big.Int, error) {
 // CRL signs a certificate revocation list of everything revoked so far,
 // valid for validity (default 24 h).
 func CRL(ctx context.Context, st Store, issuer *x509.Certificate, signer crypto.Signer, validity time.Duration) ([]byte, error) {
+	tmpl, err := crlTemplate(ctx, st, validity)
+	if err != nil {
+		return nil, err
+	}
+	return x509.CreateRevocationList(rand.Reader, tmpl, issuer, signer)
+}
+
+// crlTemplate is the next CRL's content: every revocation, a fresh number,
+// valid from now (less a minute of clock skew) for validity (default 24 h).
+func crlTemplate(ctx context.Context, st Store, validity time.Duration) (*x509.RevocationList, error) {
 	entries, err := st.Revoked(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("listing revocations: %w", err)
@@ -164,10 +174,6 @@ func CRL(ctx context.Context, st Store, issuer *x509.Certificate, signer crypto.
 		validity = 24 * time.Hour
 	}
 	now := time.Now()
-	return x509.CreateRevocationList(rand.Reader, &x509.RevocationList{
-		RevokedCertificateEntries: entries,
-		Number:                    num,
-		ThisUpdate:                now.Add(-time.Minute),
-		NextUpdate:                now.Add(validity),
-	}, issuer, signer)
+	return &x509.RevocationList{RevokedCertificateEntries: entries, Number: num,
+		ThisUpdate: now.Add(-time.Minute), NextUpdate: now.Add(validity)}, nil
 }

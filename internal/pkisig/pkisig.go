@@ -47,6 +47,7 @@ func SignedBy(certDER, issuerDER []byte) error {
 // Revoked reports whether crlDER, which must carry issuerDER's signature,
 // lists serial.
 func Revoked(crlDER, issuerDER []byte, serial *big.Int) (bool, error) {
+	var revoked []*big.Int
 	if issuer, err := x509.ParseCertificate(issuerDER); err == nil {
 		crl, err := x509.ParseRevocationList(crlDER)
 		if err != nil {
@@ -56,25 +57,26 @@ func Revoked(crlDER, issuerDER []byte, serial *big.Int) (bool, error) {
 			return false, fmt.Errorf("CRL signature: %w", err)
 		}
 		for _, e := range crl.RevokedCertificateEntries {
-			if e.SerialNumber.Cmp(serial) == 0 {
-				return true, nil
-			}
+			revoked = append(revoked, e.SerialNumber)
 		}
-		return false, nil
+	} else {
+		issuer, err := smx509.ParseCertificate(issuerDER)
+		if err != nil {
+			return false, fmt.Errorf("issuer certificate: %w", err)
+		}
+		crl, err := smx509.ParseRevocationList(crlDER)
+		if err != nil {
+			return false, fmt.Errorf("CRL: %w", err)
+		}
+		if err := crl.CheckSignatureFrom(issuer); err != nil {
+			return false, fmt.Errorf("CRL signature: %w", err)
+		}
+		for _, e := range crl.RevokedCertificateEntries {
+			revoked = append(revoked, e.SerialNumber)
+		}
 	}
-	issuer, err := smx509.ParseCertificate(issuerDER)
-	if err != nil {
-		return false, fmt.Errorf("issuer certificate: %w", err)
-	}
-	crl, err := smx509.ParseRevocationList(crlDER)
-	if err != nil {
-		return false, fmt.Errorf("CRL: %w", err)
-	}
-	if err := crl.CheckSignatureFrom(issuer); err != nil {
-		return false, fmt.Errorf("CRL signature: %w", err)
-	}
-	for _, e := range crl.RevokedCertificateEntries {
-		if e.SerialNumber.Cmp(serial) == 0 {
+	for _, r := range revoked {
+		if r.Cmp(serial) == 0 {
 			return true, nil
 		}
 	}
