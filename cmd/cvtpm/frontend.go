@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strconv"
 	"strings"
 
 	"cvtpm/frontend"
@@ -54,12 +55,17 @@ Options:
 	fs.Var(&vms, "vm", "INSTANCE=CTRL-SOCKET: serve INSTANCE to QEMU on this unix socket (repeatable)")
 	relay := fs.String("relay", "", "accept guestkit connections here (vsock:PORT, tcp:HOST:PORT or unix:PATH) and relay them")
 	capture := fs.String("relay-capture", "", "append every relayed byte to FILE (debugging: shows the host sees only ciphertext)")
+	sockMode := fs.String("socket-mode", "0600", "permissions of the --vm sockets (octal; e.g. 0660 with a group QEMU runs in)")
 	link := addLinkFlags(fs)
 	if done, err := parseFlags(fs, args); done {
 		return err
 	}
 	if len(vms) == 0 && *relay == "" {
 		return errors.New("nothing to do: give --vm and/or --relay (see --help)")
+	}
+	mode, err := strconv.ParseUint(*sockMode, 8, 32)
+	if err != nil || mode > 0o777 {
+		return fmt.Errorf("--socket-mode %q: want octal permissions such as 0660", *sockMode)
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	f := &frontend.Frontend{Backend: *backendAddr, Logger: log}
@@ -78,6 +84,9 @@ Options:
 			ln, err := netaddr.Listen("unix:" + sock)
 			if err != nil {
 				return fmt.Errorf("--vm %s: %w", vm, err)
+			}
+			if err := os.Chmod(sock, os.FileMode(mode)); err != nil {
+				return fmt.Errorf("--socket-mode: %w", err)
 			}
 			// Attest before QEMU may connect: fail at start, not at boot.
 			go func() { errc <- f.ServeVM(ctx, instance, ln) }()
