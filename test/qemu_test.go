@@ -60,6 +60,7 @@ func buildInitrd(t *testing.T) string {
 		}
 		w.add("bin/guestprobe", 0o100755, probe)
 		w.add("init", 0o100755, []byte(guestInit))
+		testenv.RemoveStaleTemp("cvtpm-initrd*")
 		dir, err := os.MkdirTemp("", "cvtpm-initrd")
 		if err != nil {
 			initrdErr = err

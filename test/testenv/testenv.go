@@ -55,6 +55,7 @@ func Binary(tb testing.TB, impl Impl) string {
 		return p
 	}
 	buildOnce.Do(func() {
+		RemoveStaleTemp("cvtpm-testbin*")
 		dir, err := os.MkdirTemp("", "cvtpm-testbin")
 		if err != nil {
 			buildErr = err
@@ -71,6 +72,19 @@ func Binary(tb testing.TB, impl Impl) string {
 		tb.Fatal(buildErr)
 	}
 	return built
+}
+
+// RemoveStaleTemp deletes temporary directories matching pattern that
+// earlier test processes left (each process builds its own binaries and
+// images, and nothing runs after the last test to remove them); an
+// hour-old one belongs to no running test.
+func RemoveStaleTemp(pattern string) {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), pattern))
+	for _, d := range dirs {
+		if fi, err := os.Stat(d); err == nil && time.Since(fi.ModTime()) > time.Hour {
+			os.RemoveAll(d)
+		}
+	}
 }
 
 // Tool returns the path of a peer program, failing the test with the fix
