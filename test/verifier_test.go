@@ -26,6 +26,7 @@ import (
 
 	"github.com/google/go-attestation/attest"
 	tpmtoolspb "github.com/google/go-tpm-tools/proto/attest"
+	tpmpb "github.com/google/go-tpm-tools/proto/tpm"
 	"github.com/google/go-tpm-tools/server"
 	"github.com/google/go-tpm/tpm2/transport"
 	"google.golang.org/grpc"
@@ -112,6 +113,12 @@ func (e *attestEnv) gather(t testing.TB, id string, nonce []byte) *attestpb.Evid
 
 func (e *attestEnv) verifier(t *testing.T, csvPolicy *csv.AppraisalPolicy) (*verifier.Verifier, *ecdsa.PrivateKey) {
 	t.Helper()
+	return e.verifierWith(t, csvPolicy, nil)
+}
+
+// verifierWith is verifier with reference values for the policy.
+func (e *attestEnv) verifierWith(t *testing.T, csvPolicy *csv.AppraisalPolicy, reference map[string]any) (*verifier.Verifier, *ecdsa.PrivateKey) {
+	t.Helper()
 	if csvPolicy == nil {
 		csvPolicy = &csv.AppraisalPolicy{SimulatorRoots: []string{filepath.Join(e.files.SimDir, csv.SimRootFile)},
 			ApprovedMeasurements: []string{hex.EncodeToString(e.files.Measure[:])}}
@@ -121,7 +128,7 @@ func (e *attestEnv) verifier(t *testing.T, csvPolicy *csv.AppraisalPolicy) (*ver
 	}
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	v, err := verifier.New(context.Background(), verifier.Options{CARoots: [][]byte{e.caRoot.Raw},
-		CRL: verifier.HTTPCRL{URL: e.crlURL}, CSV: csvPolicy, Signer: key})
+		CRL: verifier.HTTPCRL{URL: e.crlURL}, CSV: csvPolicy, Signer: key, Reference: reference})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -283,6 +290,59 @@ func TestCombinedVerifier(t *testing.T) {
 			}
 			if res.Affirming() {
 				t.Fatal("result affirming")
+			}
+		})
+	}
+
+	// Reference values (data.reference.pcrs.sha256): the measured PCR 16
+	// affirms; another value refuses, also when the evidence adds an
+	// unsigned quote (SHA-256 or SHA-1 bank) that carries it.
+	measured := res.Facts.TPM.PCRs["16"]
+	if len(measured) != 64 {
+		t.Fatalf("PCR 16 in the facts = %q, want the SHA-256 bank's value", measured)
+	}
+	reference := func(v string) map[string]any {
+		return map[string]any{"pcrs": map[string]any{"sha256": map[string]any{"16": v}}}
+	}
+	forged := strings.Repeat("ab", 32)
+	forgedBytes, _ := hex.DecodeString(forged)
+	for _, tc := range []struct {
+		name, reference string
+		edit            func(*tpmtoolspb.Attestation)
+		wantReason      string
+	}{
+		{"measured PCR 16", measured, nil, ""},
+		{"another PCR 16", forged, nil, "pcr-16-not-reference"},
+		{"another PCR 16 in an added SHA-256 quote", forged, func(a *tpmtoolspb.Attestation) {
+			q := proto.Clone(a.Quotes[0]).(*tpmpb.Quote)
+			q.Pcrs.Pcrs[16] = forgedBytes
+			a.Quotes = append(a.Quotes, q)
+		}, "pcr-16-not-reference"},
+		{"another PCR 16 in an added SHA-1 quote", forged, func(a *tpmtoolspb.Attestation) {
+			q := proto.Clone(a.Quotes[0]).(*tpmpb.Quote)
+			q.Pcrs.Hash = tpmpb.HashAlgo_SHA1
+			q.Pcrs.Pcrs[16] = forgedBytes
+			a.Quotes = append(a.Quotes, q)
+		}, "pcr-16-not-reference"},
+	} {
+		t.Run("reference/"+tc.name, func(t *testing.T) {
+			rv, _ := e.verifierWith(t, nil, reference(tc.reference))
+			n, _, err := rv.Challenge(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ev := e.gather(t, "vm1", n)
+			if tc.edit != nil {
+				ev = editAttestation(t, ev, tc.edit)
+			}
+			res, err := rv.Verify(ctx, n, ev)
+			if err != nil {
+				t.Fatal(err)
+			}
+			s := res.Submods["cvtpm-vtpm"]
+			if tc.wantReason == "" && s.Status != verifier.StatusAffirming ||
+				tc.wantReason != "" && (s.Status != verifier.StatusContraindicated || !slices.Contains(s.Reasons, tc.wantReason)) {
+				t.Fatalf("cvtpm-vtpm = %+v, want reason %q\nfacts: %+v", s, tc.wantReason, res.Facts.TPM)
 			}
 		})
 	}

@@ -19,6 +19,7 @@ import (
 
 	"github.com/emmansun/gmsm/sm3"
 	tpmtoolspb "github.com/google/go-tpm-tools/proto/attest"
+	tpmpb "github.com/google/go-tpm-tools/proto/tpm"
 	"github.com/google/go-tpm-tools/server"
 	legacy "github.com/google/go-tpm/legacy/tpm2"
 	"github.com/google/go-tpm/tpm2"
@@ -173,7 +174,7 @@ type Facts struct {
 		AKReason    string            `json:"ak_reason,omitempty"`
 		QuoteOK     bool              `json:"quote_ok"`
 		QuoteReason string            `json:"quote_reason,omitempty"`
-		PCRs        map[string]string `json:"pcrs,omitempty"` // sha256 index -> hex, when the quote verified
+		PCRs        map[string]string `json:"pcrs,omitempty"` // SHA-256 bank: index -> hex, from the verified quote
 		Detail      string            `json:"detail,omitempty"`
 	} `json:"tpm"`
 	CSV struct {
@@ -341,15 +342,23 @@ func (v *Verifier) checkTPM(ctx context.Context, nonce []byte, ev *attestpb.Evid
 	}
 	t.QuoteOK = true
 	t.PCRs = map[string]string{}
-	for _, q := range att.GetQuotes() {
-		if q.GetPcrs().GetHash() == 0 {
-			continue
-		}
-		for i, d := range q.GetPcrs().GetPcrs() {
-			t.PCRs[fmt.Sprint(i)] = hex.EncodeToString(d)
-		}
+	for i, d := range verifiedQuote(att).GetPcrs().GetPcrs() {
+		t.PCRs[fmt.Sprint(i)] = hex.EncodeToString(d)
 	}
 	return ekCert
+}
+
+// verifiedQuote is the quote whose signature, nonce and PCR digest
+// server.VerifyAttestation checked and against which it replayed the event
+// log: the first SHA-256 quote. Other quotes (the SHA-1 bank, or further
+// SHA-256 quotes) were not checked, so no PCR value may come from them.
+func verifiedQuote(att *tpmtoolspb.Attestation) *tpmpb.Quote {
+	for _, q := range att.GetQuotes() {
+		if q.GetPcrs().GetHash() == tpmpb.HashAlgo_SHA256 {
+			return q
+		}
+	}
+	return nil
 }
 
 func quoteReason(err error) string {
