@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -17,6 +16,8 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
+
+	"cvtpm/test/testenv"
 )
 
 // Indices into a pair: cvtpm first, swtpm second, everywhere.
@@ -39,10 +40,6 @@ const startTimeout = 30 * time.Second
 
 var (
 	workDir string // removed after the run
-
-	serversOnce sync.Once
-	servers     [2]server
-	serversErr  error
 
 	pairsMu sync.Mutex
 	pairs   = map[string]*pair{}
@@ -70,39 +67,13 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// resolveServers finds both executables: CVTPM_BIN (or a fresh build of
-// ./cmd/cvtpm when unset) and SWTPM_BIN (or swtpm on PATH).
+// resolveServers finds both executables through test/testenv: CVTPM_BIN (or
+// a fresh build of ./cmd/cvtpm when unset) and SWTPM_BIN (or swtpm on PATH).
 func resolveServers(tb testing.TB) [2]server {
-	serversOnce.Do(func() {
-		cvBin := os.Getenv("CVTPM_BIN")
-		if cvBin == "" {
-			cvBin = filepath.Join(workDir, "cvtpm")
-			out, err := exec.Command("go", "build", "-o", cvBin, "cvtpm/cmd/cvtpm").CombinedOutput()
-			if err != nil {
-				serversErr = fmt.Errorf("CVTPM_BIN unset and building cvtpm/cmd/cvtpm failed: %w\n%s", err, out)
-				return
-			}
-		}
-		swBin := os.Getenv("SWTPM_BIN")
-		if swBin == "" {
-			var err error
-			if swBin, err = exec.LookPath("swtpm"); err != nil {
-				serversErr = fmt.Errorf("swtpm not found (install Debian package swtpm or set SWTPM_BIN): %w", err)
-				return
-			}
-		}
-		for _, bin := range []string{cvBin, swBin} {
-			if _, err := os.Stat(bin); err != nil {
-				serversErr = fmt.Errorf("server executable: %w", err)
-				return
-			}
-		}
-		servers = [2]server{{name: "cvtpm", bin: cvBin}, {name: "swtpm", bin: swBin}}
-	})
-	if serversErr != nil {
-		tb.Fatal(serversErr)
+	return [2]server{
+		{name: "cvtpm", impl: testenv.Cvtpm, bin: testenv.Binary(tb, testenv.Cvtpm)},
+		{name: "swtpm", impl: testenv.Swtpm, bin: testenv.Binary(tb, testenv.Swtpm)},
 	}
-	return servers
 }
 
 // target is one running server with a kept-open client connection and the
@@ -500,7 +471,7 @@ func median(ds []time.Duration) time.Duration {
 // BenchmarkStartToListening: process start until the unix data socket accepts.
 func BenchmarkStartToListening(b *testing.B) {
 	benchStart(b, "start to listening (median)", func(p *process) (time.Duration, error) {
-		return p.startDur, nil
+		return p.StartDur, nil
 	})
 }
 
@@ -518,7 +489,7 @@ func BenchmarkStartToFirstResponse(b *testing.B) {
 		if _, err := getRandom(c); err != nil {
 			return 0, err
 		}
-		return p.startDur + time.Since(t0), nil
+		return p.StartDur + time.Since(t0), nil
 	})
 }
 

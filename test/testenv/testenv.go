@@ -7,6 +7,7 @@ package testenv
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -44,11 +45,15 @@ func RepoRoot() string {
 	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
 }
 
-// Binary returns the path of impl's executable: swtpm from PATH, cvtpm from
-// $CVTPM_BIN or built once per test process from ./cmd/cvtpm.
+// Binary returns the path of impl's executable: swtpm from $SWTPM_BIN or
+// PATH, cvtpm from $CVTPM_BIN or built once per test process from
+// ./cmd/cvtpm.
 func Binary(tb testing.TB, impl Impl) string {
 	tb.Helper()
 	if impl == Swtpm {
+		if p := os.Getenv("SWTPM_BIN"); p != "" {
+			return p
+		}
 		return Tool(tb, "swtpm")
 	}
 	if p := os.Getenv("CVTPM_BIN"); p != "" {
@@ -101,13 +106,17 @@ func Tool(tb testing.TB, name string) string {
 // Options shape the command line; the same options give the same command
 // line for both implementations.
 type Options struct {
-	StateDir  string   // default: a new temporary directory
+	StateDir  string   // default: a new temporary directory (StartSocket); Launch needs it
 	TCP       bool     // data and control channel on loopback TCP instead of unix sockets
 	NoServer  bool     // control channel only (as QEMU uses it)
 	Flags     string   // --flags; default "not-need-init,startup-clear"
 	NoFlags   bool     // no --flags at all (QEMU initialises the TPM itself)
 	MSSIM     bool     // also serve --mssim (cvtpm only)
 	ExtraArgs []string // appended verbatim, e.g. --key ...
+
+	// Start starts the prepared command; default (*exec.Cmd).Start. The
+	// benchmarks use it to start the server pinned to a CPU.
+	Start func(*exec.Cmd) error
 }
 
 // Server is a running TPM server.
@@ -120,18 +129,51 @@ type Server struct {
 	MSSIMPort int
 	Cmd       *exec.Cmd
 	Log       *bytes.Buffer
-	done      chan struct{}
+	// StartDur is the time from starting the process until it served: its
+	// data socket accepted a connection and its other sockets existed.
+	StartDur time.Duration
+	sockDir  string // removed by Close (and by StartSocket's cleanup)
+	done     chan struct{}
 }
+
+// startTimeout bounds StartSocket's wait for a server to serve.
+const startTimeout = 10 * time.Second
 
 // StartSocket starts `<impl> socket --tpm2 ...` and waits until it accepts
 // connections. The server is stopped when the test ends.
 func StartSocket(tb testing.TB, impl Impl, opts Options) *Server {
 	tb.Helper()
-	s := &Server{Impl: impl, StateDir: opts.StateDir, Log: &bytes.Buffer{}, done: make(chan struct{})}
-	sockDir := SockDir(tb)
-	if s.StateDir == "" {
-		s.StateDir = tb.TempDir()
+	if opts.StateDir == "" {
+		opts.StateDir = tb.TempDir()
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
+	defer cancel()
+	s, err := Launch(ctx, impl, Binary(tb, impl), opts)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		s.Stop(tb)
+		os.RemoveAll(s.sockDir)
+	})
+	return s
+}
+
+// Launch starts `bin socket --tpm2 ...` for impl with opts.StateDir and
+// returns once the server serves, or an error when it exits first or ctx
+// ends (the process is then ended). Unlike StartSocket it is not tied to a
+// test: the caller ends it with Close. The benchmarks use it for servers that
+// several benchmarks share.
+func Launch(ctx context.Context, impl Impl, bin string, opts Options) (*Server, error) {
+	if opts.StateDir == "" {
+		return nil, fmt.Errorf("launching %s: no state directory in the options", impl)
+	}
+	s := &Server{Impl: impl, StateDir: opts.StateDir, Log: &bytes.Buffer{}, done: make(chan struct{})}
+	sockDir, err := os.MkdirTemp("", "cvt")
+	if err != nil {
+		return nil, fmt.Errorf("socket directory for %s: %w", impl, err)
+	}
+	s.sockDir = sockDir
 	flags := opts.Flags
 	if flags == "" {
 		flags = "not-need-init,startup-clear"
@@ -142,7 +184,10 @@ func StartSocket(tb testing.TB, impl Impl, opts Options) *Server {
 	}
 	switch {
 	case opts.TCP:
-		s.DataPort = FreePort(tb)
+		if s.DataPort, err = freePort(); err != nil {
+			os.RemoveAll(sockDir)
+			return nil, err
+		}
 		args = append(args,
 			"--server", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", s.DataPort),
 			"--ctrl", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", s.DataPort+1))
@@ -155,55 +200,77 @@ func StartSocket(tb testing.TB, impl Impl, opts Options) *Server {
 		args = append(args, "--ctrl", "type=unixio,path="+s.CtrlPath)
 	}
 	if opts.MSSIM {
-		s.MSSIMPort = FreePort(tb)
+		if s.MSSIMPort, err = freePort(); err != nil {
+			os.RemoveAll(sockDir)
+			return nil, err
+		}
 		args = append(args, "--mssim", fmt.Sprintf("port=%d,bindaddr=127.0.0.1", s.MSSIMPort))
 	}
 	args = append(args, opts.ExtraArgs...)
-	s.Cmd = exec.Command(Binary(tb, impl), args...)
+	s.Cmd = exec.Command(bin, args...)
 	s.Cmd.Stdout, s.Cmd.Stderr = s.Log, s.Log
-	if err := s.Cmd.Start(); err != nil {
-		tb.Fatalf("starting %s: %v", impl, err)
+	start := opts.Start
+	if start == nil {
+		start = (*exec.Cmd).Start
+	}
+	t0 := time.Now()
+	if err := start(s.Cmd); err != nil {
+		os.RemoveAll(sockDir)
+		return nil, fmt.Errorf("starting %s (%s): %w", impl, bin, err)
 	}
 	go func() { s.Cmd.Wait(); close(s.done) }()
-	tb.Cleanup(func() { s.Stop(tb) })
+	if err := s.waitServing(ctx, opts); err != nil {
+		s.Close()
+		return nil, err
+	}
+	s.StartDur = time.Since(t0)
+	return s, nil
+}
 
-	addrs := [][2]string{}
+// waitServing polls until the data socket accepts a connection and the
+// other sockets exist or accept.
+func (s *Server) waitServing(ctx context.Context, opts Options) error {
+	type probe struct {
+		network, addr string
+		dial          bool
+	}
+	var probes []probe
 	switch {
 	case opts.TCP:
-		addrs = append(addrs, [2]string{"tcp", fmt.Sprintf("127.0.0.1:%d", s.DataPort)})
+		probes = append(probes, probe{"tcp", fmt.Sprintf("127.0.0.1:%d", s.DataPort), true})
 	case opts.NoServer:
-		addrs = append(addrs, [2]string{"unix", s.CtrlPath})
+		probes = append(probes, probe{"unix", s.CtrlPath, false})
 	default:
-		addrs = append(addrs, [2]string{"unix", s.DataPath}, [2]string{"unix", s.CtrlPath})
+		// A stat for the control socket: connecting would count as a
+		// client (swtpm serves one control client at a time).
+		probes = append(probes, probe{"unix", s.DataPath, true}, probe{"unix", s.CtrlPath, false})
 	}
 	if opts.MSSIM {
-		addrs = append(addrs, [2]string{"tcp", fmt.Sprintf("127.0.0.1:%d", s.MSSIMPort)})
+		probes = append(probes, probe{"tcp", fmt.Sprintf("127.0.0.1:%d", s.MSSIMPort), true})
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for _, a := range addrs {
+	// A fine poll: the start benchmarks time servers that start in a few
+	// milliseconds.
+	const poll = 100 * time.Microsecond
+	for _, p := range probes {
 		for {
-			select {
-			case <-s.done:
-				tb.Fatalf("%s exited during start-up: %v\n%s", impl, s.Cmd.ProcessState, s.Log)
-			default:
-			}
-			// A stat for unix sockets: connecting would count as a
-			// client (swtpm serves one control client at a time).
-			if a[0] == "unix" {
-				if fi, err := os.Stat(a[1]); err == nil && fi.Mode()&os.ModeSocket != 0 {
+			if p.dial {
+				if c, err := net.DialTimeout(p.network, p.addr, time.Second); err == nil {
+					c.Close()
 					break
 				}
-			} else if c, err := net.DialTimeout(a[0], a[1], time.Second); err == nil {
-				c.Close()
+			} else if fi, err := os.Stat(p.addr); err == nil && fi.Mode()&os.ModeSocket != 0 {
 				break
 			}
-			if time.Now().After(deadline) {
-				tb.Fatalf("%s does not listen on %s after 10s\n%s", impl, a[1], s.Log)
+			select {
+			case <-s.done:
+				return fmt.Errorf("%s exited during start-up: %v\n%s", s.Impl, s.Cmd.ProcessState, s.Log)
+			case <-ctx.Done():
+				return fmt.Errorf("%s does not listen on %s: %w\n%s", s.Impl, p.addr, ctx.Err(), s.Log)
+			case <-time.After(poll):
 			}
-			time.Sleep(5 * time.Millisecond)
 		}
 	}
-	return s
+	return nil
 }
 
 // TCTI is the tpm2-tss TCTI string for the swtpm protocol.
@@ -241,14 +308,30 @@ func (s *Server) Wait(d time.Duration) bool {
 
 // Stop ends the server gracefully (SIGTERM), killing it after 5 s.
 func (s *Server) Stop(tb testing.TB) {
+	if err := s.stop(); err != nil {
+		tb.Log(err)
+	}
+}
+
+// Close ends a server started by Launch like Stop and removes its socket
+// directory; the error tells when it had to be killed.
+func (s *Server) Close() error {
+	err := s.stop()
+	os.RemoveAll(s.sockDir)
+	return err
+}
+
+func (s *Server) stop() error {
 	if s.Exited() {
-		return
+		return nil
 	}
 	s.Cmd.Process.Signal(syscall.SIGTERM)
 	if !s.Wait(5 * time.Second) {
-		tb.Logf("%s ignored SIGTERM for 5s; killing it", s.Impl)
-		s.Kill(tb)
+		s.Cmd.Process.Kill()
+		<-s.done
+		return fmt.Errorf("%s ignored SIGTERM for 5s; killed it", s.Impl)
 	}
+	return nil
 }
 
 // Kill ends the server with SIGKILL.
@@ -263,21 +346,28 @@ func (s *Server) Kill(tb testing.TB) {
 // FreePort returns a loopback TCP port P such that P and P+1 are free.
 func FreePort(tb testing.TB) int {
 	tb.Helper()
+	p, err := freePort()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return p
+}
+
+func freePort() (int, error) {
 	for range 50 {
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
-			tb.Fatal(err)
+			return 0, fmt.Errorf("reserve a loopback port: %w", err)
 		}
 		p := l.Addr().(*net.TCPAddr).Port
 		l2, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p+1))
 		l.Close()
 		if err == nil {
 			l2.Close()
-			return p
+			return p, nil
 		}
 	}
-	tb.Fatal("no free pair of loopback ports")
-	return 0
+	return 0, errors.New("no free pair of loopback ports")
 }
 
 // SockDir is a short temporary directory for unix sockets (their paths are
