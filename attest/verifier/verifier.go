@@ -114,12 +114,16 @@ func (m *memoryNonces) Consume(_ context.Context, nonce []byte, now time.Time) (
 type Verifier struct {
 	opts   Options
 	policy *regoPolicy
-	csv    *csv.Verifier // one, so its chain caches serve every request
+	// crlIssuers are the CA roots crypto/x509 can parse, for checking CRL
+	// signatures (SM2 roots are beyond it).
+	crlIssuers []*x509.Certificate
+	csv        *csv.Verifier // one, so its chain caches serve every request
 
 	mu      sync.Mutex
 	trustOK map[[32]byte]bool // SHA-256 of certificates found signed by a CA root
 	parsed  map[[32]byte]any  // SHA-256 of DER -> *x509.Certificate
 	ekMatch map[[32]byte]any  // SHA-256(EK public area || EK certificate) -> true
+	crlOK   map[[32]byte]any  // SHA-256 of CRLs found signed by a CA root -> true
 }
 
 // New returns a Verifier.
@@ -140,7 +144,13 @@ func New(ctx context.Context, opts Options) (*Verifier, error) {
 	if opts.Nonces == nil {
 		opts.Nonces = &memoryNonces{nonces: map[string]time.Time{}}
 	}
-	v := &Verifier{opts: opts, policy: p, trustOK: map[[32]byte]bool{}, parsed: map[[32]byte]any{}, ekMatch: map[[32]byte]any{}}
+	v := &Verifier{opts: opts, policy: p, trustOK: map[[32]byte]bool{}, parsed: map[[32]byte]any{}, ekMatch: map[[32]byte]any{},
+		crlOK: map[[32]byte]any{}}
+	for _, der := range opts.CARoots {
+		if root, err := x509.ParseCertificate(der); err == nil {
+			v.crlIssuers = append(v.crlIssuers, root)
+		}
+	}
 	v.csv = csv.NewVerifier(csv.VerifierOptions{TrustedRoots: opts.CSV.TrustedRoots(), Certs: evidenceCerts{fallback: opts.CSVCerts}})
 	return v, nil
 }
@@ -322,6 +332,8 @@ func (v *Verifier) checkTPM(ctx context.Context, nonce []byte, ev *attestpb.Evid
 		t.AKReason = "ak-certificate-missing-or-malformed"
 	case !v.trusted(akCert):
 		t.AKReason = "ak-certificate-untrusted"
+	case now.Before(akCert.NotBefore) || now.After(akCert.NotAfter):
+		t.AKReason = "ak-certificate-expired"
 	case ekCert == nil || !certifiesEK(akCert, ekCert):
 		t.AKReason = "ak-not-bound-to-ek"
 	default:
@@ -396,14 +408,27 @@ func (v *Verifier) revoked(ctx context.Context, c *x509.Certificate) (bool, erro
 	if err != nil {
 		return false, err
 	}
-	ok := false
-	for _, der := range v.opts.CARoots {
-		if root, err := x509.ParseCertificate(der); err == nil && crl.CheckSignatureFrom(root) == nil {
-			ok = true
-		}
+	if crl == nil {
+		return false, errors.New("no CRL")
 	}
-	if !ok {
-		return false, errors.New("the CRL is not signed by a trusted CA root")
+	// A CRL past its NextUpdate may be an old copy replayed to hide a
+	// revocation.
+	if now := v.opts.Now(); !crl.NextUpdate.IsZero() && now.After(crl.NextUpdate) {
+		return false, fmt.Errorf("the CRL expired at %s", crl.NextUpdate.UTC().Format(time.RFC3339))
+	}
+	key := sha256.Sum256(crl.Raw)
+	if v.cached(v.crlOK, key) == nil {
+		ok := false
+		for _, root := range v.crlIssuers {
+			if crl.CheckSignatureFrom(root) == nil {
+				ok = true
+				break
+			}
+		}
+		if !ok {
+			return false, errors.New("the CRL is not signed by a trusted CA root")
+		}
+		v.remember(v.crlOK, key, true)
 	}
 	for _, r := range crl.RevokedCertificateEntries {
 		if r.SerialNumber.Cmp(c.SerialNumber) == 0 {
@@ -532,8 +557,44 @@ func matchesEKClaims(ekCert *x509.Certificate, claims *csv.Claims) bool {
 	return false
 }
 
+// CachedCRL keeps the CRL from Source for at most MaxAge (default one
+// minute) and never past the CRL's NextUpdate, so that a busy verifier does
+// not fetch the CRL for every attestation. A revocation therefore takes
+// effect within MaxAge. When a refresh fails, the error is returned (the
+// appraisal fails as "crl-unavailable") and the next use tries again. Use
+// it by pointer; it is safe for concurrent use.
+type CachedCRL struct {
+	Source CRLSource
+	MaxAge time.Duration
+
+	mu      sync.Mutex
+	crl     *x509.RevocationList
+	fetched time.Time
+}
+
+// CRL implements CRLSource.
+func (c *CachedCRL) CRL(ctx context.Context) (*x509.RevocationList, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	maxAge := c.MaxAge
+	if maxAge <= 0 {
+		maxAge = time.Minute
+	}
+	now := time.Now()
+	if c.crl != nil && now.Sub(c.fetched) < maxAge && (c.crl.NextUpdate.IsZero() || now.Before(c.crl.NextUpdate)) {
+		return c.crl, nil
+	}
+	crl, err := c.Source.CRL(ctx)
+	if err != nil {
+		return nil, err
+	}
+	c.crl, c.fetched = crl, now
+	return crl, nil
+}
+
 // HTTPCRL fetches the EK CA's CRL from its HTTP endpoint (`cvtpm ca
-// --http`, path /crl, DER) on every use.
+// --http`, path /crl, DER) on every use; wrap it in CachedCRL to fetch it
+// less often.
 type HTTPCRL struct {
 	URL    string
 	Client *http.Client

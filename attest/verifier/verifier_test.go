@@ -29,7 +29,8 @@ func newTestVerifier(t testing.TB, reference map[string]any) (*Verifier, *ecdsa.
 	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test EK CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true}
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign}
 	der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	root, _ := x509.ParseCertificate(der)
 	v, err := New(context.Background(), Options{CARoots: [][]byte{root.Raw}, CSV: &csv.AppraisalPolicy{}, Signer: key, Reference: reference})
@@ -186,4 +187,83 @@ func TestHTTPAPI(t *testing.T) {
 	if resp.StatusCode != http.StatusBadRequest {
 		t.Fatalf("no evidence: %d", resp.StatusCode)
 	}
+}
+
+// crlFunc is a CRLSource from a function.
+type crlFunc func() (*x509.RevocationList, error)
+
+func (f crlFunc) CRL(context.Context) (*x509.RevocationList, error) { return f() }
+
+func makeCRL(t *testing.T, issuer *x509.Certificate, key *ecdsa.PrivateKey, next time.Time, serials ...int64) *x509.RevocationList {
+	t.Helper()
+	tmpl := &x509.RevocationList{Number: big.NewInt(1), ThisUpdate: time.Now().Add(-time.Hour), NextUpdate: next}
+	for _, s := range serials {
+		tmpl.RevokedCertificateEntries = append(tmpl.RevokedCertificateEntries,
+			x509.RevocationListEntry{SerialNumber: big.NewInt(s), RevocationTime: time.Now()})
+	}
+	der, err := x509.CreateRevocationList(rand.Reader, tmpl, issuer, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	crl, err := x509.ParseRevocationList(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return crl
+}
+
+// The CRL check: a listed serial is revoked; a CRL past its NextUpdate or
+// from another issuer makes the check fail rather than pass.
+func TestRevoked(t *testing.T) {
+	v, key := newTestVerifier(t, nil)
+	root, _ := x509.ParseCertificate(v.opts.CARoots[0])
+	otherKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	later, earlier := time.Now().Add(time.Hour), time.Now().Add(-time.Minute)
+	ek := &x509.Certificate{SerialNumber: big.NewInt(7)}
+	for _, tc := range []struct {
+		name    string
+		crl     *x509.RevocationList
+		revoked bool
+		err     string
+	}{
+		{"not listed", makeCRL(t, root, key, later, 1, 2), false, ""},
+		{"listed", makeCRL(t, root, key, later, 1, 7), true, ""},
+		{"expired", makeCRL(t, root, key, earlier, 7), false, "expired"},
+		{"another issuer", makeCRL(t, root, otherKey, later), false, "not signed by a trusted CA root"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v.opts.CRL = crlFunc(func() (*x509.RevocationList, error) { return tc.crl, nil })
+			revoked, err := v.revoked(context.Background(), ek)
+			if revoked != tc.revoked || (err == nil) != (tc.err == "") || err != nil && !strings.Contains(err.Error(), tc.err) {
+				t.Fatalf("revoked, err = %v, %v; want %v, %q", revoked, err, tc.revoked, tc.err)
+			}
+		})
+	}
+}
+
+// CachedCRL fetches again after MaxAge or once the CRL's NextUpdate has
+// passed, and not in between.
+func TestCachedCRL(t *testing.T) {
+	v, key := newTestVerifier(t, nil)
+	root, _ := x509.ParseCertificate(v.opts.CARoots[0])
+	fetches := 0
+	next := time.Now().Add(time.Hour)
+	c := &CachedCRL{MaxAge: 50 * time.Millisecond, Source: crlFunc(func() (*x509.RevocationList, error) {
+		fetches++
+		return makeCRL(t, root, key, next), nil
+	})}
+	get := func(want int) {
+		t.Helper()
+		if _, err := c.CRL(context.Background()); err != nil || fetches != want {
+			t.Fatalf("err %v, %d fetches, want %d", err, fetches, want)
+		}
+	}
+	get(1)
+	get(1)
+	time.Sleep(60 * time.Millisecond)
+	get(2)
+	next = time.Now().Add(-time.Second) // the next CRL is already stale
+	time.Sleep(60 * time.Millisecond)
+	get(3)
+	get(4)
 }
