@@ -43,11 +43,6 @@ type Options struct {
 	Key *Key
 	// Lock takes the directory's exclusive lock at Open.
 	Lock bool
-	// Import decodes an unencrypted swtpm state file (tpm2-00.<name>)
-	// into libtpms' blob; Open uses it to import a directory that swtpm or
-	// swtpm_setup wrote and that has no cvtpm state yet. The originals are
-	// kept. nil means swtpm's format (swtpmblob.Decode).
-	Import func(swtpmFile []byte) ([]byte, error)
 	Logger *slog.Logger
 }
 
@@ -70,7 +65,8 @@ type manifestEntry struct {
 // Open opens (creating if needed) the state directory dir. It reads and
 // authenticates the manifest and every blob, so a wrong key, a tampered or
 // truncated file, or a rolled-back blob is refused here, before anything is
-// written.
+// written. A directory with swtpm's unencrypted state files and no cvtpm state
+// yet is imported (swtpmblob format).
 func Open(dir string, opts Options) (*Store, error) {
 	log := opts.Logger
 	if log == nil {
@@ -89,12 +85,8 @@ func Open(dir string, opts Options) (*Store, error) {
 		s.Close()
 		return nil, err
 	}
-	if opts.Import == nil {
-		// swtpm's tpm2-00.* files are unencrypted state blobs.
-		opts.Import = func(b []byte) ([]byte, error) { return swtpmblob.Decode(b, nil) }
-	}
 	if s.empty() {
-		if err := s.importSwtpm(opts.Import); err != nil {
+		if err := s.importSwtpm(); err != nil {
 			s.Close()
 			return nil, err
 		}
@@ -157,7 +149,9 @@ func (s *Store) empty() bool {
 	return true
 }
 
-func (s *Store) importSwtpm(decode func([]byte) ([]byte, error)) error {
+// importSwtpm imports the unencrypted state files (tpm2-00.<name>) that swtpm
+// or swtpm_setup wrote into an empty store; the originals are kept.
+func (s *Store) importSwtpm() error {
 	for _, name := range []string{"permall", "volatilestate", "savestate"} {
 		src := filepath.Join(s.dir, "tpm2-00."+name)
 		raw, err := os.ReadFile(src)
@@ -167,7 +161,8 @@ func (s *Store) importSwtpm(decode func([]byte) ([]byte, error)) error {
 		if err != nil {
 			return fmt.Errorf("importing swtpm state: %w", err)
 		}
-		plain, err := decode(raw)
+		// swtpm's tpm2-00.* files are unencrypted state blobs.
+		plain, err := swtpmblob.Decode(raw, nil)
 		if err != nil {
 			return fmt.Errorf("importing swtpm state %s: %w", src, err)
 		}

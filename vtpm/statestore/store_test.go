@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"cvtpm/vtpm/swtpmblob"
 )
 
 func mustKey(t testing.TB, mode string, fill byte) *Key {
@@ -229,14 +231,12 @@ func TestLock(t *testing.T) {
 
 func TestImportSwtpm(t *testing.T) {
 	dir := t.TempDir()
-	os.WriteFile(filepath.Join(dir, "tpm2-00.permall"), []byte("SWTPM:perm"), 0o600)
-	decode := func(b []byte) ([]byte, error) {
-		if !bytes.HasPrefix(b, []byte("SWTPM:")) {
-			return nil, fmt.Errorf("not swtpm")
-		}
-		return b[6:], nil
+	swtpmFile, err := swtpmblob.Encode([]byte("perm"), nil)
+	if err != nil {
+		t.Fatal(err)
 	}
-	s, err := Open(dir, Options{Key: mustKey(t, "", 9), Import: decode})
+	os.WriteFile(filepath.Join(dir, "tpm2-00.permall"), swtpmFile, 0o600)
+	s, err := Open(dir, Options{Key: mustKey(t, "", 9)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -247,7 +247,7 @@ func TestImportSwtpm(t *testing.T) {
 	s.Save("permall", []byte("changed"))
 	s.Close()
 	// Once cvtpm state exists, the swtpm original is not imported again.
-	s2, err := Open(dir, Options{Key: mustKey(t, "", 9), Import: decode})
+	s2, err := Open(dir, Options{Key: mustKey(t, "", 9)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -261,7 +261,7 @@ func TestImportSwtpm(t *testing.T) {
 
 	bad := t.TempDir()
 	os.WriteFile(filepath.Join(bad, "tpm2-00.permall"), []byte("garbage"), 0o600)
-	if _, err := Open(bad, Options{Import: decode}); err == nil || !strings.Contains(err.Error(), "tpm2-00.permall") {
+	if _, err := Open(bad, Options{}); err == nil || !strings.Contains(err.Error(), "tpm2-00.permall") {
 		t.Fatalf("bad swtpm file: %v", err)
 	}
 }
