@@ -106,10 +106,17 @@ func (s *Server) HandleMssimCommand(ctx context.Context, conn net.Conn) {
 	buf := make([]byte, 0, 4096+prefixLen)
 	out := make([]byte, 0, 4096+prefixLen+4)
 	for ctx.Err() == nil {
-		m, err := readUntil(c, &buf, func(b []byte) (MssimMessage, int, error) { return ParseMssimCommand(b, maxCmd) })
+		var parseErr error
+		m, err := readUntil(c, &buf, func(b []byte) (MssimMessage, int, error) {
+			m, need, err := ParseMssimCommand(b, maxCmd)
+			parseErr = err
+			return m, need, err
+		})
 		if err != nil {
-			if !errors.Is(err, io.EOF) {
-				s.log.Warn("mssim command port: closing connection", "err", err)
+			// A malformed command is worth a warning; a connection that
+			// ends or fails (client gone, server stopping) is not.
+			if parseErr != nil {
+				s.log.Warn("mssim command port: closing connection", "err", parseErr)
 			}
 			return
 		}
