@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sort"
 
+	"github.com/open-policy-agent/opa/v1/ast"
 	"github.com/open-policy-agent/opa/v1/rego"
 	"github.com/open-policy-agent/opa/v1/storage/inmem"
 )
@@ -38,31 +39,34 @@ func compilePolicy(ctx context.Context, module string, reference map[string]any)
 }
 
 // input is the facts as the policy sees them: the same field names as
-// Facts' JSON form, built directly (a JSON round trip per appraisal costs
-// more than the policy itself).
-func (f *Facts) input() map[string]any {
-	pcrs := make(map[string]any, len(f.TPM.PCRs))
+// Facts' JSON form, built directly as a Rego value (a JSON round trip, or
+// OPA's conversion of a Go map, costs more than the policy itself).
+func (f *Facts) input() ast.Value {
+	str, boolean := ast.StringTerm, ast.BooleanTerm
+	item := func(k string, v *ast.Term) [2]*ast.Term { return ast.Item(str(k), v) }
+	pcrs := make([][2]*ast.Term, 0, len(f.TPM.PCRs))
 	for k, v := range f.TPM.PCRs {
-		pcrs[k] = v
+		pcrs = append(pcrs, item(k, str(v)))
 	}
-	return map[string]any{
-		"nonce": map[string]any{"ok": f.Nonce.OK, "reason": f.Nonce.Reason},
-		"tpm": map[string]any{
-			"ek_trusted": f.TPM.EKTrusted, "ek_reason": f.TPM.EKReason, "ek_revoked": f.TPM.EKRevoked,
-			"ek_serial": f.TPM.EKSerial, "ak_bound": f.TPM.AKBound, "ak_reason": f.TPM.AKReason,
-			"quote_ok": f.TPM.QuoteOK, "quote_reason": f.TPM.QuoteReason, "pcrs": pcrs, "detail": f.TPM.Detail,
-		},
-		"csv": map[string]any{
-			"report_ok": f.CSV.ReportOK, "reason": f.CSV.Reason, "detail": f.CSV.Detail,
-			"simulated": f.CSV.Simulated, "matches_ek_claims": f.CSV.MatchesEKClaims,
-			"measurement": f.CSV.Measurement, "chip_serial": f.CSV.ChipSerial, "instance": f.CSV.Instance,
-		},
-	}
+	return ast.NewObject(
+		item("nonce", ast.ObjectTerm(item("ok", boolean(f.Nonce.OK)), item("reason", str(f.Nonce.Reason)))),
+		item("tpm", ast.ObjectTerm(
+			item("ek_trusted", boolean(f.TPM.EKTrusted)), item("ek_reason", str(f.TPM.EKReason)),
+			item("ek_revoked", boolean(f.TPM.EKRevoked)), item("ek_serial", str(f.TPM.EKSerial)),
+			item("ak_bound", boolean(f.TPM.AKBound)), item("ak_reason", str(f.TPM.AKReason)),
+			item("quote_ok", boolean(f.TPM.QuoteOK)), item("quote_reason", str(f.TPM.QuoteReason)),
+			item("pcrs", ast.ObjectTerm(pcrs...)), item("detail", str(f.TPM.Detail)))),
+		item("csv", ast.ObjectTerm(
+			item("report_ok", boolean(f.CSV.ReportOK)), item("reason", str(f.CSV.Reason)), item("detail", str(f.CSV.Detail)),
+			item("simulated", boolean(f.CSV.Simulated)), item("matches_ek_claims", boolean(f.CSV.MatchesEKClaims)),
+			item("measurement", str(f.CSV.Measurement)), item("chip_serial", str(f.CSV.ChipSerial)),
+			item("instance", str(f.CSV.Instance)))),
+	)
 }
 
 // eval runs the policy on the facts and returns one verdict per submodule.
 func (p *regoPolicy) eval(ctx context.Context, f *Facts) (map[string]Submod, error) {
-	rs, err := p.query.Eval(ctx, rego.EvalInput(f.input()))
+	rs, err := p.query.Eval(ctx, rego.EvalParsedInput(f.input()))
 	if err != nil {
 		return nil, fmt.Errorf("appraisal policy: %w", err)
 	}
