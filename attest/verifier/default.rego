@@ -44,10 +44,16 @@ csv_reasons contains r if {
 	r := input.csv.reason
 }
 
-csv_reasons contains "csv-report-from-another-backend" if {
+# The fresh report must come from the chip and CVM image that the EK
+# certificate's CSV claims record.
+csv_reasons contains ek_claims_reason if {
 	input.csv.report_ok
 	not input.csv.matches_ek_claims
 }
+
+default ek_claims_reason := "csv-report-from-another-backend"
+
+ek_claims_reason := input.csv.ek_claims_reason if input.csv.ek_claims_reason != ""
 
 csv_warnings contains "simulated-csv-evidence" if input.csv.simulated
 

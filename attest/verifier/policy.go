@@ -59,6 +59,7 @@ func (f *Facts) input() ast.Value {
 		item("csv", ast.ObjectTerm(
 			item("report_ok", boolean(f.CSV.ReportOK)), item("reason", str(f.CSV.Reason)), item("detail", str(f.CSV.Detail)),
 			item("simulated", boolean(f.CSV.Simulated)), item("matches_ek_claims", boolean(f.CSV.MatchesEKClaims)),
+			item("ek_claims_reason", str(f.CSV.EKClaimsReason)),
 			item("measurement", str(f.CSV.Measurement)), item("chip_serial", str(f.CSV.ChipSerial)),
 			item("instance", str(f.CSV.Instance)))),
 	)

@@ -193,9 +193,12 @@ type Facts struct {
 		Detail          string `json:"detail,omitempty"`
 		Simulated       bool   `json:"simulated"`
 		MatchesEKClaims bool   `json:"matches_ek_claims"`
-		Measurement     string `json:"measurement,omitempty"`
-		ChipSerial      string `json:"chip_serial,omitempty"`
-		Instance        string `json:"instance,omitempty"`
+		// EKClaimsReason says why a verified report does not match the EK
+		// certificate's CSV claims.
+		EKClaimsReason string `json:"ek_claims_reason,omitempty"`
+		Measurement    string `json:"measurement,omitempty"`
+		ChipSerial     string `json:"chip_serial,omitempty"`
+		Instance       string `json:"instance,omitempty"`
 	} `json:"csv"`
 }
 
@@ -477,7 +480,12 @@ func (v *Verifier) checkCSV(ctx context.Context, nonce []byte, ev *attestpb.Evid
 		return
 	}
 	c.ReportOK = true
-	c.MatchesEKClaims = ekCert != nil && matchesEKClaims(ekCert, claims)
+	if ekCert == nil {
+		c.EKClaimsReason = "ek-certificate-missing-or-malformed"
+		return
+	}
+	c.EKClaimsReason = ekClaimsMismatch(ekCert, claims)
+	c.MatchesEKClaims = c.EKClaimsReason == ""
 }
 
 // ekPublicMatches reports whether the TPMT_PUBLIC area holds the EK
@@ -540,21 +548,25 @@ func (v *Verifier) remember(m map[[32]byte]any, key [32]byte, val any) {
 	m[key] = val
 }
 
-// matchesEKClaims: the fresh report comes from the chip and CVM image on
-// which the CA certified the EK.
-func matchesEKClaims(ekCert *x509.Certificate, claims *csv.Claims) bool {
+// ekClaimsMismatch says why the fresh report does not come from the chip
+// and CVM image on which the CA certified the EK (the EK certificate's CSV
+// claims extension, ca.OIDCVTPMCSVClaims), or "" if it does.
+func ekClaimsMismatch(ekCert *x509.Certificate, claims *csv.Claims) string {
 	for _, e := range ekCert.Extensions {
 		if !e.Id.Equal(ca.OIDCVTPMCSVClaims) {
 			continue
 		}
 		ek, err := ca.ParseCSVClaims(e.Value)
 		if err != nil {
-			return false
+			return "ek-certificate-csv-claims-malformed"
 		}
 		chip := sm3.Sum([]byte(claims.ChipSerial))
-		return bytes.Equal(ek.Measurement, claims.Measure) && bytes.Equal(ek.ChipIDDigest, chip[:]) && ek.Simulated == claims.Simulated
+		if !bytes.Equal(ek.Measurement, claims.Measure) || !bytes.Equal(ek.ChipIDDigest, chip[:]) || ek.Simulated != claims.Simulated {
+			return "csv-report-from-another-backend"
+		}
+		return ""
 	}
-	return false
+	return "ek-certificate-without-csv-claims"
 }
 
 // CachedCRL keeps the CRL from Source for at most MaxAge (default one

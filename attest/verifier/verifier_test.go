@@ -66,6 +66,10 @@ func TestDefaultPolicy(t *testing.T) {
 		{"pcr reference", func(f *Facts) { f.TPM.PCRs["16"] = "cd" }, StatusContraindicated, StatusAffirming, "pcr-16-not-reference"},
 		{"pcr missing", func(f *Facts) { delete(f.TPM.PCRs, "16") }, StatusContraindicated, StatusAffirming, "pcr-16-not-reference"},
 		{"other backend", func(f *Facts) { f.CSV.MatchesEKClaims = false }, StatusAffirming, StatusContraindicated, "csv-report-from-another-backend"},
+		{"no EK claims", func(f *Facts) {
+			f.CSV.MatchesEKClaims, f.CSV.EKClaimsReason = false, "ek-certificate-without-csv-claims"
+		},
+			StatusAffirming, StatusContraindicated, "ek-certificate-without-csv-claims"},
 		{"csv", func(f *Facts) { f.CSV.ReportOK, f.CSV.Reason = false, csv.ReasonDebug }, StatusAffirming, StatusContraindicated, csv.ReasonDebug},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
