@@ -39,8 +39,9 @@ type CRLSource interface {
 
 // Options configure a Verifier.
 type Options struct {
-	// CARoots are the EK CA roots that EK and AK certificates must chain
-	// to. Required.
+	// CARoots are the EK CA roots that must have signed the EK and AK
+	// certificates (the cvtpm EK CA issues both from its root; further
+	// certificates in Evidence.ek_chain are not used). Required.
 	// DER, because an SM2 CA's root (ca --key-type sm2) is beyond
 	// crypto/x509; such roots work for everything but the CRL check.
 	CARoots [][]byte
