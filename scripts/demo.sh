@@ -46,7 +46,7 @@ step "3. Link identities from the CA: who may talk to the backend"
 for who in frontend guest-vm1; do
   "$BIN" ca identity --dir "$work/ca" --name "$who" --out-cert "$work/$who.pem" --out-key "$work/$who.key" | sed 's/^/   /'
 done
-echo '{"clients": {"frontend": ["*"], "guest-vm1": ["vm1"]}}' > "$work/acl.json"
+echo '{"clients": {"frontend": {"instances": ["*"], "capabilities": ["host"]}, "guest-vm1": {"instances": ["vm1"], "capabilities": ["guest"]}}}' > "$work/acl.json"
 say "the backend will trust identities from the CA's root ($work/ca/ca.pem): 'frontend' may use"
 say "every instance, 'guest-vm1' only instance vm1."
 

@@ -27,9 +27,16 @@ const (
 )
 
 type CreateInstanceRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"` // 1-64 of [A-Za-z0-9._-], starting with a letter or digit
-	Enroll        bool                   `protobuf:"varint,2,opt,name=enroll,proto3" json:"enroll,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Id     string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"` // 1-64 of [A-Za-z0-9._-], starting with a letter or digit
+	Enroll bool                   `protobuf:"varint,2,opt,name=enroll,proto3" json:"enroll,omitempty"`
+	// incoming: no TPM state yet; the instance waits for migrated state
+	// (sealed by a backend with the same migration key).
+	Incoming bool `protobuf:"varint,3,opt,name=incoming,proto3" json:"incoming,omitempty"`
+	// import_dir: a directory (inside the backend CVM) with swtpm's
+	// unencrypted tpm2-00.* files to start the instance from. An audited
+	// administrator action; the host path never loads plaintext state.
+	ImportDir     string `protobuf:"bytes,4,opt,name=import_dir,json=importDir,proto3" json:"import_dir,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -78,14 +85,29 @@ func (x *CreateInstanceRequest) GetEnroll() bool {
 	return false
 }
 
+func (x *CreateInstanceRequest) GetIncoming() bool {
+	if x != nil {
+		return x.Incoming
+	}
+	return false
+}
+
+func (x *CreateInstanceRequest) GetImportDir() string {
+	if x != nil {
+		return x.ImportDir
+	}
+	return ""
+}
+
 type Instance struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	State         string                 `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`        // "running" or "restarting"
+	State         string                 `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`        // "running", "restarting" or "failed"
 	Pid           int32                  `protobuf:"varint,3,opt,name=pid,proto3" json:"pid,omitempty"`           // the worker process
 	Restarts      int32                  `protobuf:"varint,4,opt,name=restarts,proto3" json:"restarts,omitempty"` // worker restarts since the backend started
 	CreatedUnix   int64                  `protobuf:"varint,5,opt,name=created_unix,json=createdUnix,proto3" json:"created_unix,omitempty"`
 	Enrolled      []*EnrolledEK          `protobuf:"bytes,6,rep,name=enrolled,proto3" json:"enrolled,omitempty"` // filled by CreateInstance with enroll
+	Error         string                 `protobuf:"bytes,7,opt,name=error,proto3" json:"error,omitempty"`       // state "failed": why the worker does not run
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -160,6 +182,13 @@ func (x *Instance) GetEnrolled() []*EnrolledEK {
 		return x.Enrolled
 	}
 	return nil
+}
+
+func (x *Instance) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
 }
 
 type EnrolledEK struct {
@@ -394,17 +423,21 @@ var File_backend_proto protoreflect.FileDescriptor
 
 const file_backend_proto_rawDesc = "" +
 	"\n" +
-	"\rbackend.proto\x12\x10cvtpm.backend.v1\"?\n" +
+	"\rbackend.proto\x12\x10cvtpm.backend.v1\"z\n" +
 	"\x15CreateInstanceRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
-	"\x06enroll\x18\x02 \x01(\bR\x06enroll\"\xbb\x01\n" +
+	"\x06enroll\x18\x02 \x01(\bR\x06enroll\x12\x1a\n" +
+	"\bincoming\x18\x03 \x01(\bR\bincoming\x12\x1d\n" +
+	"\n" +
+	"import_dir\x18\x04 \x01(\tR\timportDir\"\xd1\x01\n" +
 	"\bInstance\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x12\x10\n" +
 	"\x03pid\x18\x03 \x01(\x05R\x03pid\x12\x1a\n" +
 	"\brestarts\x18\x04 \x01(\x05R\brestarts\x12!\n" +
 	"\fcreated_unix\x18\x05 \x01(\x03R\vcreatedUnix\x128\n" +
-	"\benrolled\x18\x06 \x03(\v2\x1c.cvtpm.backend.v1.EnrolledEKR\benrolled\"}\n" +
+	"\benrolled\x18\x06 \x03(\v2\x1c.cvtpm.backend.v1.EnrolledEKR\benrolled\x12\x14\n" +
+	"\x05error\x18\a \x01(\tR\x05error\"}\n" +
 	"\n" +
 	"EnrolledEK\x12\x1c\n" +
 	"\talgorithm\x18\x01 \x01(\tR\talgorithm\x12\x1e\n" +

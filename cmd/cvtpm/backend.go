@@ -42,7 +42,8 @@ func runBackend(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("cvtpm backend", flag.ContinueOnError)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), `Usage: cvtpm backend --dir DIR --key-file FILE|--key-fd N --client-ca FILE --acl FILE [options]
-       cvtpm backend create|list|delete --admin SOCKET [--enroll] [ID]
+       cvtpm backend create --admin SOCKET [--enroll | --incoming | --import DIR] ID
+       cvtpm backend list|delete --admin SOCKET [ID]
 
 Runs the vTPM backend inside the CSV confidential VM. Each instance is a
 libtpms worker process with its own sealed state in DIR/<id>; a worker that
@@ -51,9 +52,18 @@ proxies) reach instances over the attested link on --listen: TLS 1.3 with
 client certificates from --client-ca, after which the backend proves with a
 CSV report (the real /dev/csv-guest, or the simulator in --csv-sim) that the
 session ends inside this CVM. --acl names which client may use which
-instance:
+instance, and what it may do with it:
 
-  {"clients": {"frontend-host1": ["*"], "guest-vm1": ["vm1"]}}
+  {"clients": {
+    "frontend-host1": {"instances": ["*"],   "capabilities": ["host"]},
+    "guest-vm1":      {"instances": ["vm1"], "capabilities": ["guest"]}}}
+
+"host" (QEMU through the frontend) may send TPM commands at localities 0-3,
+reset the TPM and migrate it with sealed state; "guest" may send commands
+only. "hcrtm" and "locality4" must be granted by name. No caller ever gets
+or loads plaintext state over the link: with --migration-key-file, state
+leaves an instance sealed for that instance under the migration key, and
+only such state (not older than the instance's own) is loaded.
 
 Instances are created, listed and deleted through the management API on the
 unix socket --admin (default DIR/admin.sock), e.g.
@@ -79,6 +89,7 @@ Options:
 	simDir := fs.String("csv-sim", "", "use the CSV simulator saved in DIR when /dev/csv-guest is absent (tests, demos)")
 	hskCEK := fs.String("hsk-cek", "", "this chip's HSK+CEK bundle, sent to clients with each report")
 	caAddr := fs.String("ca", "", "EK CA gRPC address, for 'create --enroll'")
+	migrationKeyFile := fs.String("migration-key-file", "", "hex migration key (32 bytes) shared by the backends an instance may migrate between; without it state never leaves this backend")
 	if done, err := parseFlags(fs, args); done {
 		return err
 	}
@@ -99,6 +110,18 @@ Options:
 			return fmt.Errorf("--key-file: %w", err)
 		}
 		keys = k
+	}
+	var migrationKey []byte
+	if *migrationKeyFile != "" {
+		mk, err := backend.MasterKeyFromFile(*migrationKeyFile)
+		if err != nil {
+			return fmt.Errorf("--migration-key-file: %w", err)
+		}
+		migrationKey = mk.Bytes()
+		if n := len(migrationKey); n != 32 && n != 64 {
+			return fmt.Errorf("--migration-key-file: the key is %d bytes: want 32 (or 64)", n)
+		}
+		log.Warn("migration key read from a file on the CVM's disk (development setup): whoever placed the file can open migrated state", "file", *migrationKeyFile)
 	}
 	acl, err := backend.LoadACL(*aclFile)
 	if err != nil {
@@ -136,7 +159,7 @@ Options:
 		return err
 	}
 	sup, err := backend.New(ctx, backend.Config{Dir: *dir, Keys: keys, Cipher: *cipher, Worker: []string{exe, "worker"}, Logger: log,
-		Evidence: evidence, ChipCerts: bundle})
+		Evidence: evidence, ChipCerts: bundle, MigrationKey: migrationKey})
 	if err != nil {
 		return err
 	}
@@ -217,9 +240,11 @@ func runBackendAdmin(ctx context.Context, verb string, args []string) error {
 	fs := flag.NewFlagSet("cvtpm backend "+verb, flag.ContinueOnError)
 	sock := fs.String("admin", "", "the backend's management socket (DIR/admin.sock)")
 	enrollEKs := fs.Bool("enroll", false, "create: also create the EKs and have the EK CA certify them")
+	incoming := fs.Bool("incoming", false, "create: no TPM state yet; wait for an instance migrated from another backend")
+	importDir := fs.String("import", "", "create: start from swtpm's unencrypted state files in DIR (inside the CVM; logged)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: cvtpm backend %s --admin SOCKET %s\n\nOptions:\n", verb, map[string]string{
-			"create": "[--enroll] ID", "list": "", "delete": "ID"}[verb])
+			"create": "[--enroll | --incoming | --import DIR] ID", "list": "", "delete": "ID"}[verb])
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -243,11 +268,24 @@ func runBackendAdmin(ctx context.Context, verb string, args []string) error {
 	defer cancel()
 	switch verb {
 	case "create":
-		inst, err := c.CreateInstance(ctx, &backendpb.CreateInstanceRequest{Id: fs.Arg(0), Enroll: *enrollEKs})
+		dir := *importDir
+		if dir != "" {
+			if dir, err = filepath.Abs(dir); err != nil {
+				return err
+			}
+		}
+		inst, err := c.CreateInstance(ctx, &backendpb.CreateInstanceRequest{Id: fs.Arg(0), Enroll: *enrollEKs, Incoming: *incoming, ImportDir: dir})
 		if err != nil {
 			return fmt.Errorf("creating instance %q: %w", fs.Arg(0), err)
 		}
-		fmt.Printf("instance %s created (worker pid %d)\n", inst.Id, inst.Pid)
+		switch {
+		case *incoming:
+			fmt.Printf("instance %s created, waiting for migrated state (worker pid %d)\n", inst.Id, inst.Pid)
+		case dir != "":
+			fmt.Printf("instance %s created from the swtpm state in %s (worker pid %d)\n", inst.Id, dir, inst.Pid)
+		default:
+			fmt.Printf("instance %s created (worker pid %d)\n", inst.Id, inst.Pid)
+		}
 		for _, ek := range inst.Enrolled {
 			fmt.Printf("  %-9s EK at 0x%08x certified (serial %s), certificate in NV 0x%08x\n", ek.Algorithm, ek.Persistent, ek.Serial, ek.NvIndex)
 		}
@@ -259,6 +297,9 @@ func runBackendAdmin(ctx context.Context, verb string, args []string) error {
 		fmt.Printf("%-20s %-10s %8s %8s  %s\n", "ID", "STATE", "PID", "RESTARTS", "CREATED")
 		for _, i := range resp.Instances {
 			fmt.Printf("%-20s %-10s %8d %8d  %s\n", i.Id, i.State, i.Pid, i.Restarts, time.Unix(i.CreatedUnix, 0).UTC().Format(time.RFC3339))
+			if i.Error != "" {
+				fmt.Printf("  %s\n", i.Error)
+			}
 		}
 	case "delete":
 		if _, err := c.DeleteInstance(ctx, &backendpb.DeleteInstanceRequest{Id: fs.Arg(0)}); err != nil {

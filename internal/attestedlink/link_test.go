@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"cvtpm/attest/csv"
+	"cvtpm/vtpm/tpmrpc"
 )
 
 var goodMeasure = [32]byte{0xc0, 0xff, 0xee}
@@ -66,7 +67,7 @@ type counter struct {
 	bytes [][]byte
 }
 
-func (c *counter) Call(_ context.Context, instance string, req, dst []byte) ([]byte, error) {
+func (c *counter) Call(_ context.Context, instance string, _ tpmrpc.Capabilities, req, dst []byte) ([]byte, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.n[instance]++
@@ -82,13 +83,13 @@ func (c *counter) count(instance string) int {
 
 type acl map[string][]string
 
-func (a acl) Authorize(_ context.Context, cert *x509.Certificate, instance string) error {
+func (a acl) Authorize(_ context.Context, cert *x509.Certificate, instance string) (tpmrpc.Capabilities, error) {
 	for _, i := range a[cert.Subject.CommonName] {
 		if i == instance {
-			return nil
+			return tpmrpc.Roles["guest"], nil
 		}
 	}
-	return errors.New("not in the access list")
+	return 0, errors.New("not in the access list")
 }
 
 // fixture is a running server with a simulated CSV device.

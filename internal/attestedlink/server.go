@@ -14,19 +14,22 @@ import (
 	"time"
 
 	"cvtpm/attest/csv"
+	"cvtpm/vtpm/tpmrpc"
 )
 
-// Handler performs one call (a vtpm/tpmrpc request) on an instance and
-// appends the encoded response to dst. Failures of the call itself belong
-// in the response; an error return ends the session.
+// Handler performs one call (a vtpm/tpmrpc request) on an instance, if
+// caps (what the Authorizer granted this client) permit it, and appends
+// the encoded response to dst. Failures and refusals of the call itself
+// belong in the response; an error return ends the session.
 type Handler interface {
-	Call(ctx context.Context, instance string, req, dst []byte) ([]byte, error)
+	Call(ctx context.Context, instance string, caps tpmrpc.Capabilities, req, dst []byte) ([]byte, error)
 }
 
 // Authorizer decides whether the client with this certificate may use the
-// instance. It is asked before the first call to each instance.
+// instance, and with which capabilities. It is asked before the first call
+// to each instance.
 type Authorizer interface {
-	Authorize(ctx context.Context, client *x509.Certificate, instance string) error
+	Authorize(ctx context.Context, client *x509.Certificate, instance string) (tpmrpc.Capabilities, error)
 }
 
 // Server is the backend end of the link.
@@ -156,7 +159,7 @@ func (s *Server) ServeConn(ctx context.Context, raw net.Conn) error {
 	raw.SetDeadline(time.Time{})
 	log.Info("attested link session open")
 
-	authorized := map[string]bool{}
+	authorized := map[string]tpmrpc.Capabilities{}
 	var out []byte
 	for {
 		req, err := f.read(frameRequest)
@@ -168,14 +171,17 @@ func (s *Server) ServeConn(ctx context.Context, raw net.Conn) error {
 			f.write(frameError, "", []byte(err.Error()))
 			return err
 		}
-		if !authorized[req.instance] {
-			if err := s.Authorizer.Authorize(ctx, client, req.instance); err != nil {
+		caps, ok := authorized[req.instance]
+		if !ok {
+			caps, err = s.Authorizer.Authorize(ctx, client, req.instance)
+			if err != nil {
 				f.write(frameError, req.instance, []byte(fmt.Sprintf("client %q may not use instance %q: %v", client.Subject.CommonName, req.instance, err)))
 				return fmt.Errorf("instance %q refused: %w", req.instance, err)
 			}
-			authorized[req.instance] = true
+			authorized[req.instance] = caps
+			log.Info("instance authorised", "instance", req.instance, "capabilities", caps.String())
 		}
-		out, err = s.Handler.Call(ctx, req.instance, req.payload, out[:0])
+		out, err = s.Handler.Call(ctx, req.instance, caps, req.payload, out[:0])
 		if err != nil {
 			f.write(frameError, req.instance, []byte(err.Error()))
 			return fmt.Errorf("instance %q: %w", req.instance, err)

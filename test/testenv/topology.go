@@ -168,7 +168,7 @@ func NewTopologyFiles(tb testing.TB, vmPolicy uint32) *TopologyFiles {
 	rand.Read(key)
 	writeFile(tb, f.MasterKey, []byte(hex.EncodeToString(key)+"\n"))
 	f.ACL = filepath.Join(dir, "acl.json")
-	writeFile(tb, f.ACL, []byte(`{"clients": {"frontend": ["*"], "guest-vm1": ["vm1"]}}`))
+	writeFile(tb, f.ACL, []byte(`{"clients": {"frontend": {"instances": ["*"], "capabilities": ["host"]}, "guest-vm1": {"instances": ["vm1"], "capabilities": ["guest"]}}}`))
 
 	f.caKey, _ = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "cvtpm test link CA"},

@@ -27,10 +27,11 @@ type AdminServer struct {
 }
 
 // TPM is a go-tpm transport (and swtpmproto.TPM) to one instance, through
-// the supervisor like any link client.
-func (s *Supervisor) TPM(id string) *tpmrpc.Client {
+// the supervisor like any link client, with caps (the administrator's
+// enrollment needs only tpmrpc.CapCommand).
+func (s *Supervisor) TPM(id string, caps tpmrpc.Capabilities) *tpmrpc.Client {
 	return tpmrpc.NewClient(callerFunc(func(ctx context.Context, req []byte) ([]byte, error) {
-		return s.Call(ctx, id, req, nil)
+		return s.Call(ctx, id, caps, req, nil)
 	}), tpmrpc.ClientOptions{Timeout: s.cfg.CallTimeout, Logger: s.log})
 }
 
@@ -45,7 +46,7 @@ func grpcErr(err error) error {
 }
 
 func toProto(i InstanceInfo) *backendpb.Instance {
-	return &backendpb.Instance{Id: i.ID, State: i.State, Pid: int32(i.PID), Restarts: int32(i.Restarts), CreatedUnix: i.Created.Unix()}
+	return &backendpb.Instance{Id: i.ID, State: i.State, Pid: int32(i.PID), Restarts: int32(i.Restarts), CreatedUnix: i.Created.Unix(), Error: i.Error}
 }
 
 // CreateInstance implements the API.
@@ -56,13 +57,16 @@ func (a *AdminServer) CreateInstance(ctx context.Context, req *backendpb.CreateI
 	if err := ValidInstanceID(req.Id); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	info, err := a.Supervisor.Create(ctx, req.Id)
+	if req.Enroll && req.Incoming {
+		return nil, status.Error(codes.InvalidArgument, "an incoming instance has no TPM state to enroll yet; its certificates arrive with its migrated state")
+	}
+	info, err := a.Supervisor.Create(ctx, req.Id, CreateOptions{Incoming: req.Incoming, ImportDir: req.ImportDir})
 	if err != nil {
 		return nil, grpcErr(err)
 	}
 	out := toProto(info)
 	if req.Enroll {
-		eks, err := a.Enroller.EnrollInstance(ctx, req.Id, a.Supervisor.TPM(req.Id))
+		eks, err := a.Enroller.EnrollInstance(ctx, req.Id, a.Supervisor.TPM(req.Id, tpmrpc.CapCommand))
 		if err != nil {
 			// The instance stays: enrollment can be retried with
 			// "cvtpm enroll"-like tooling, and its state is the owner's.

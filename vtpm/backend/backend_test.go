@@ -43,7 +43,7 @@ func bytesOf(b byte, n int) []byte {
 }
 
 // tpmOf is a go-tpm transport to one instance through the supervisor.
-func tpmOf(s *Supervisor, id string) *tpmrpc.Client { return s.TPM(id) }
+func tpmOf(s *Supervisor, id string) *tpmrpc.Client { return s.TPM(id, tpmrpc.Roles["host"]) }
 
 const nvIndex = tpm2.TPMHandle(0x01500017)
 
@@ -87,15 +87,15 @@ func TestInstanceLifecycle(t *testing.T) {
 	dir := t.TempDir()
 	s := newSupervisor(t, dir, 1)
 	for _, id := range []string{"vm1", "vm2"} {
-		if _, err := s.Create(context.Background(), id); err != nil {
+		if _, err := s.Create(context.Background(), id, CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if _, err := s.Create(context.Background(), "vm1"); !errors.Is(err, fs.ErrExist) {
+	if _, err := s.Create(context.Background(), "vm1", CreateOptions{}); !errors.Is(err, fs.ErrExist) {
 		t.Fatalf("duplicate create: %v", err)
 	}
 	for _, bad := range []string{"", "../x", ".hidden", strings.Repeat("a", 65), "a/b"} {
-		if _, err := s.Create(context.Background(), bad); err == nil || !strings.Contains(err.Error(), "instance id") {
+		if _, err := s.Create(context.Background(), bad, CreateOptions{}); err == nil || !strings.Contains(err.Error(), "instance id") {
 			t.Fatalf("Create(%q) = %v", bad, err)
 		}
 	}
@@ -125,9 +125,16 @@ func TestInstanceLifecycle(t *testing.T) {
 	// A backend restart keeps NV; a backend with another master key cannot
 	// open the state and says so.
 	s.Close()
-	if _, err := New(context.Background(), Config{Dir: dir, Keys: mustKey(t, 2), Worker: []string{testenv.Binary(t, testenv.Cvtpm), "worker"}}); err == nil {
-		t.Fatal("state opened with another master key")
+	wrong, err := New(context.Background(), Config{Dir: dir, Keys: mustKey(t, 2), Worker: []string{testenv.Binary(t, testenv.Cvtpm), "worker"}})
+	if err != nil {
+		t.Fatal(err)
 	}
+	for _, i := range wrong.List() {
+		if i.State != StateFailed || !strings.Contains(i.Error, "sealed with a different key") {
+			t.Errorf("instance under another master key: %+v", i)
+		}
+	}
+	wrong.Close()
 	s = newSupervisor(t, dir, 1)
 	defer s.Close()
 	vm1 = tpmOf(s, "vm1")
@@ -141,7 +148,7 @@ func TestInstanceLifecycle(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "vm2")); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("vm2 state still there: %v", err)
 	}
-	resp, _ := s.Call(context.Background(), "vm2", tpmrpc.AppendRequest(nil, tpmrpc.Request{Op: tpmrpc.OpRunning}), nil)
+	resp, _ := s.Call(context.Background(), "vm2", tpmrpc.Roles["host"], tpmrpc.AppendRequest(nil, tpmrpc.Request{Op: tpmrpc.OpRunning}), nil)
 	if r, _ := tpmrpc.ParseResponse(resp); !strings.Contains(r.Err, `no instance "vm2"`) {
 		t.Fatalf("call to a deleted instance: %+v", r)
 	}
@@ -160,7 +167,7 @@ func mustKey(t *testing.T, b byte) KeySource {
 func TestKillWorkerDuringWrites(t *testing.T) {
 	s := newSupervisor(t, t.TempDir(), 3)
 	defer s.Close()
-	if _, err := s.Create(context.Background(), "vm1"); err != nil {
+	if _, err := s.Create(context.Background(), "vm1", CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	tpm := tpmOf(s, "vm1")

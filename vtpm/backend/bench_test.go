@@ -7,6 +7,7 @@ import (
 	"github.com/google/go-tpm/tpm2"
 
 	"cvtpm/test/testenv"
+	"cvtpm/vtpm/tpmrpc"
 )
 
 // BenchmarkSupervisorGetRandom is one small command from the supervisor
@@ -18,10 +19,10 @@ func BenchmarkSupervisorGetRandom(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer s.Close()
-	if _, err := s.Create(context.Background(), "vm1"); err != nil {
+	if _, err := s.Create(context.Background(), "vm1", CreateOptions{}); err != nil {
 		b.Fatal(err)
 	}
-	tpm := s.TPM("vm1")
+	tpm := s.TPM("vm1", tpmrpc.Roles["host"])
 	if _, err := (tpm2.Startup{StartupType: tpm2.TPMSUClear}).Execute(tpm); err != nil {
 		b.Fatal(err)
 	}

@@ -71,5 +71,8 @@ func (m *MasterKey) InstanceKey(_ context.Context, instance string) ([]byte, err
 	return hkdf.Key(sha256.New, m.key, nil, "cvtpm instance key v1\x00"+instance, 32)
 }
 
+// Bytes returns a copy of the key (to hand to workers through a pipe).
+func (m *MasterKey) Bytes() []byte { return append([]byte(nil), m.key...) }
+
 // String keeps the key out of logs.
 func (m *MasterKey) String() string { return "backend.MasterKey{redacted}" }

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -14,6 +15,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -46,12 +48,19 @@ type Config struct {
 	// CallTimeout bounds one call to a worker; a worker that does not
 	// answer in time is killed and restarted. Zero means 2 minutes.
 	CallTimeout time.Duration
+	// MigrationKey (32+ bytes) seals state that leaves an instance for
+	// another backend holding the same key (vtpm/migration). Nil: state
+	// never leaves this backend, and none is loaded.
+	MigrationKey []byte
 }
 
 // State of an instance's worker.
 const (
 	StateRunning    = "running"
 	StateRestarting = "restarting"
+	// StateFailed: the worker could not start (e.g. its state was refused
+	// as tampered); Error says why. The other instances are unaffected.
+	StateFailed = "failed"
 )
 
 // InstanceInfo describes an instance.
@@ -61,7 +70,29 @@ type InstanceInfo struct {
 	PID      int
 	Restarts int
 	Created  time.Time
+	Error    string // why the worker is not running, if it failed
 }
+
+// CreateOptions are the ways to make an instance.
+type CreateOptions struct {
+	// Incoming leaves the new TPM uninitialised and without state, to
+	// receive a migrated instance's sealed state (QEMU -incoming).
+	Incoming bool
+	// ImportDir is a directory with swtpm's unencrypted state files
+	// (tpm2-00.permall, ...), as swtpm_setup writes them: the instance
+	// starts from that state. This is an administrator's explicit act
+	// inside the backend (logged); the host path never loads plaintext.
+	ImportDir string
+}
+
+// startMode says what a worker may expect of its state directory.
+type startMode int
+
+const (
+	startExisting startMode = iota // the instance's sealed state must be there
+	startNew                       // an empty directory: a new TPM
+	startImport                    // import swtpm files placed in the directory
+)
 
 // Supervisor owns the instances and their workers.
 type Supervisor struct {
@@ -85,6 +116,7 @@ type instance struct {
 	deleted     bool
 	tpmRunning  bool // the TPM was initialised and not stopped
 	startedUp   bool // TPM2_Startup succeeded since the last init
+	lastErr     error
 }
 
 type worker struct {
@@ -141,11 +173,13 @@ func New(ctx context.Context, cfg Config) (*Supervisor, error) {
 			inst.created = fi.ModTime()
 		}
 		inst.mu.Lock()
-		err := s.start(ctx, inst)
+		err := s.start(ctx, inst, startExisting)
 		inst.mu.Unlock()
 		if err != nil {
-			s.Close()
-			return nil, fmt.Errorf("backend: starting instance %q: %w", inst.id, err)
+			// One instance's refused or broken state must not take the
+			// others down: it is listed as failed, and every call to it
+			// says why.
+			s.log.Error("instance not started", "instance", inst.id, "err", err)
 		}
 		s.instances[inst.id] = inst
 	}
@@ -159,8 +193,9 @@ func (s *Supervisor) newInstance(id string) *instance {
 
 // Create makes a new instance with an empty TPM and starts its worker.
 // Its TPM is initialised (as swtpm --flags not-need-init); TPM2_Startup is
-// the client's business.
-func (s *Supervisor) Create(ctx context.Context, id string) (InstanceInfo, error) {
+// the client's business. opts may ask for an instance that waits for
+// migrated state, or one imported from swtpm state files.
+func (s *Supervisor) Create(ctx context.Context, id string, opts CreateOptions) (InstanceInfo, error) {
 	if err := ValidInstanceID(id); err != nil {
 		return InstanceInfo{}, err
 	}
@@ -185,15 +220,71 @@ func (s *Supervisor) Create(ctx context.Context, id string) (InstanceInfo, error
 		s.mu.Unlock()
 		return InstanceInfo{}, fmt.Errorf("creating instance %q: %w", id, err)
 	}
+	if opts.Incoming && opts.ImportDir != "" {
+		return fail(errors.New("an instance is either incoming or imported, not both"))
+	}
 	if err := os.Mkdir(inst.dir, 0o700); err != nil {
 		return fail(err)
 	}
-	if err := s.start(ctx, inst); err != nil {
+	mode := startNew
+	if opts.ImportDir != "" {
+		mode = startImport
+		if err := copySwtpmState(opts.ImportDir, inst.dir); err != nil {
+			os.RemoveAll(inst.dir)
+			return fail(err)
+		}
+	}
+	if opts.Incoming {
+		inst.tpmRunning = false
+	}
+	err := s.start(ctx, inst, mode)
+	if mode == startImport {
+		// The worker sealed what it imported; plaintext copies go.
+		removeSwtpmState(inst.dir)
+	}
+	if err != nil {
 		os.RemoveAll(inst.dir)
 		return fail(err)
 	}
-	s.log.Info("instance created", "instance", id, "pid", inst.w.cmd.Process.Pid)
+	switch {
+	case opts.ImportDir != "":
+		s.log.Warn("instance created from IMPORTED plaintext swtpm state (administrator action)", "instance", id, "from", opts.ImportDir, "pid", inst.w.cmd.Process.Pid)
+	case opts.Incoming:
+		s.log.Info("instance created, waiting for migrated state", "instance", id, "pid", inst.w.cmd.Process.Pid)
+	default:
+		s.log.Info("instance created", "instance", id, "pid", inst.w.cmd.Process.Pid)
+	}
 	return inst.info(), nil
+}
+
+// swtpmStateFiles are the files swtpm_setup and swtpm write.
+var swtpmStateFiles = []string{"tpm2-00.permall", "tpm2-00.volatilestate", "tpm2-00.savestate"}
+
+func copySwtpmState(from, to string) error {
+	n := 0
+	for _, name := range swtpmStateFiles {
+		b, err := os.ReadFile(filepath.Join(from, name))
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("importing swtpm state: %w", err)
+		}
+		if err := os.WriteFile(filepath.Join(to, name), b, 0o600); err != nil {
+			return fmt.Errorf("importing swtpm state: %w", err)
+		}
+		n++
+	}
+	if n == 0 {
+		return fmt.Errorf("importing swtpm state: %s has no tpm2-00.permall", from)
+	}
+	return nil
+}
+
+func removeSwtpmState(dir string) {
+	for _, name := range swtpmStateFiles {
+		os.Remove(filepath.Join(dir, name))
+	}
 }
 
 // Delete stops an instance's worker and removes its state.
@@ -257,8 +348,11 @@ func (s *Supervisor) Info(id string) (InstanceInfo, error) {
 
 func (i *instance) info() InstanceInfo {
 	info := InstanceInfo{ID: i.id, State: StateRestarting, Restarts: i.restarts, Created: i.created}
-	if i.w != nil {
+	switch {
+	case i.w != nil:
 		info.State, info.PID = StateRunning, i.w.cmd.Process.Pid
+	case i.lastErr != nil:
+		info.State, info.Error = StateFailed, i.lastErr.Error()
 	}
 	return info
 }
@@ -311,7 +405,13 @@ func (s *Supervisor) stop(inst *instance, grace time.Duration) {
 
 // start launches a worker for inst and brings its TPM back to where the
 // clients left it. Called with inst.mu held.
-func (s *Supervisor) start(ctx context.Context, inst *instance) error {
+func (s *Supervisor) start(ctx context.Context, inst *instance, mode startMode) error {
+	err := s.startWorker(ctx, inst, mode)
+	inst.lastErr = err
+	return err
+}
+
+func (s *Supervisor) startWorker(ctx context.Context, inst *instance, mode startMode) error {
 	key, err := s.cfg.Keys.InstanceKey(ctx, inst.id)
 	if err != nil {
 		return fmt.Errorf("state key: %w", err)
@@ -334,10 +434,30 @@ func (s *Supervisor) start(ctx context.Context, inst *instance) error {
 	if cipher == "" {
 		cipher = "aes-256-gcm"
 	}
-	argv := append(slices.Clone(s.cfg.Worker), "--state", inst.dir, "--conn-fd", "3", "--key-fd", "4", "--cipher", cipher)
+	argv := append(slices.Clone(s.cfg.Worker), "--state", inst.dir, "--instance", inst.id, "--conn-fd", "3", "--key-fd", "4", "--cipher", cipher)
+	switch mode {
+	case startNew:
+		argv = append(argv, "--new")
+	case startImport:
+		argv = append(argv, "--import-swtpm")
+	}
+	extra := []*os.File{child, keyR}
+	var migR, migW *os.File
+	if s.cfg.MigrationKey != nil {
+		if migR, migW, err = os.Pipe(); err != nil {
+			child.Close()
+			conn.Close()
+			keyR.Close()
+			keyW.Close()
+			return fmt.Errorf("migration key pipe: %w", err)
+		}
+		extra = append(extra, migR)
+		argv = append(argv, "--migration-key-fd", "5")
+	}
 	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.ExtraFiles = []*os.File{child, keyR}
-	cmd.Stderr = os.Stderr
+	cmd.ExtraFiles = extra
+	stderr := &lastLine{w: os.Stderr}
+	cmd.Stderr = stderr
 	cmd.Env = append(os.Environ(), "CVTPM_INSTANCE="+inst.id)
 	// Workers die with the supervisor, never outlive it holding state.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -346,8 +466,14 @@ func (s *Supervisor) start(ctx context.Context, inst *instance) error {
 	// show as EOF on conn.
 	child.Close()
 	keyR.Close()
+	if migR != nil {
+		migR.Close()
+	}
 	if err != nil {
 		keyW.Close()
+		if migW != nil {
+			migW.Close()
+		}
 		conn.Close()
 		return fmt.Errorf("starting worker: %w", err)
 	}
@@ -355,6 +481,12 @@ func (s *Supervisor) start(ctx context.Context, inst *instance) error {
 	_, werr := keyW.Write([]byte(hex.EncodeToString(key)))
 	keyW.Close()
 	clear(key)
+	if migW != nil {
+		if _, err := migW.Write([]byte(hex.EncodeToString(s.cfg.MigrationKey))); err != nil && werr == nil {
+			werr = err
+		}
+		migW.Close()
+	}
 	w := &worker{cmd: cmd, conn: conn, caller: tpmrpc.NewConnCaller(conn), done: make(chan struct{})}
 	go func() {
 		err := cmd.Wait()
@@ -374,9 +506,39 @@ func (s *Supervisor) start(ctx context.Context, inst *instance) error {
 		inst.w = nil
 		cmd.Process.Kill()
 		<-w.done
+		if why := stderr.String(); why != "" {
+			// The worker's own last word (e.g. its state was refused)
+			// says more than the broken socket.
+			return errors.New(why)
+		}
 		return err
 	}
 	return nil
+}
+
+// lastLine passes a worker's stderr on and keeps its last line.
+type lastLine struct {
+	w    io.Writer
+	mu   sync.Mutex
+	line []byte
+}
+
+func (l *lastLine) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	if t := bytes.TrimRight(b, "\n"); len(t) > 0 {
+		if i := bytes.LastIndexByte(t, '\n'); i >= 0 {
+			t = t[i+1:]
+		}
+		l.line = append(l.line[:0], t[:min(len(t), 1024)]...)
+	}
+	l.mu.Unlock()
+	return l.w.Write(b)
+}
+
+func (l *lastLine) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.TrimPrefix(string(l.line), "cvtpm worker: ")
 }
 
 // quickDeath: a worker that dies sooner than this after starting did not
@@ -440,7 +602,7 @@ func (s *Supervisor) exited(inst *instance, w *worker, waitErr error) {
 	if inst.quickDeaths > 2 {
 		time.Sleep(min(50*time.Millisecond<<min(inst.quickDeaths-2, 7), 5*time.Second))
 	}
-	if err := s.start(context.Background(), inst); err != nil {
+	if err := s.start(context.Background(), inst, startExisting); err != nil {
 		s.log.Error("instance worker restart failed; the next call retries", "instance", inst.id, "err", err)
 		if inst.w != nil {
 			inst.w.cmd.Process.Kill()
@@ -449,9 +611,10 @@ func (s *Supervisor) exited(inst *instance, w *worker, waitErr error) {
 }
 
 // Call implements attestedlink.Handler: it performs one tpmrpc request on
-// the instance. Failures become tpmrpc error responses so that the link
-// stays up; the worker is restarted if it failed.
-func (s *Supervisor) Call(ctx context.Context, id string, req, dst []byte) ([]byte, error) {
+// the instance if caps permit it. Failures and refusals become tpmrpc
+// error responses so that the link stays up; the worker is restarted if it
+// failed.
+func (s *Supervisor) Call(ctx context.Context, id string, caps tpmrpc.Capabilities, req, dst []byte) ([]byte, error) {
 	inst := s.lookup(id)
 	if inst == nil {
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("no instance %q on this backend", id)}), nil
@@ -460,13 +623,17 @@ func (s *Supervisor) Call(ctx context.Context, id string, req, dst []byte) ([]by
 	if err != nil {
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: err.Error()}), nil
 	}
+	if err := caps.Allow(r); err != nil {
+		s.log.Warn("call refused", "instance", id, "op", r.Op.String(), "reason", err)
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q: refused: %v", id, err)}), nil
+	}
 	inst.mu.Lock()
 	defer inst.mu.Unlock()
 	if inst.deleted {
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q was deleted", id)}), nil
 	}
 	if inst.w == nil {
-		if err := s.start(ctx, inst); err != nil {
+		if err := s.start(ctx, inst, startExisting); err != nil {
 			return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q is not running: %v", id, err)}), nil
 		}
 	}

@@ -445,10 +445,17 @@ func (t *TPM) SetState(st uint32, blob []byte) uint32 {
 		}
 		return uint32(C.TPMLIB_SetState(lt, nil, 0))
 	}
-	// Stored too, so the state survives a restart before the next Init.
+	// libtpms checks the blob first; only a blob it accepted is stored
+	// (so it survives a restart before the next Init). A refused blob
+	// leaves the stored state as it was.
+	if rc := uint32(C.TPMLIB_SetState(lt, (*C.uchar)(unsafe.Pointer(&blob[0])), C.uint32_t(len(blob)))); rc != 0 {
+		t.log.Warn("libtpms refused a state blob; the stored state is unchanged", "blob", name, "rc", rc)
+		return rc
+	}
 	if err := t.store.Save(name, blob); err != nil {
 		t.log.Error("saving a state blob failed", "blob", name, "err", err)
+		C.TPMLIB_SetState(lt, nil, 0)
 		return RCFail
 	}
-	return uint32(C.TPMLIB_SetState(lt, (*C.uchar)(unsafe.Pointer(&blob[0])), C.uint32_t(len(blob))))
+	return RCSuccess
 }

@@ -249,6 +249,14 @@ func TestStateRoundTripAndDeleteVolatile(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer tpm2nd.Close()
+	// Garbage is refused and not stored: the state stays as it was.
+	garbage := bytes.Repeat([]byte{0xa5}, 1000)
+	if rc := tpm2nd.SetState(StatePermanent, garbage); rc == 0 {
+		t.Errorf("SetState(permanent, garbage) accepted")
+	}
+	if dst.Has(BlobPermanent) {
+		t.Errorf("a refused permanent blob was stored")
+	}
 	if rc := tpm2nd.SetState(StatePermanent, perm); rc != 0 {
 		t.Fatalf("SetState(permanent): rc 0x%x", rc)
 	}

@@ -10,6 +10,7 @@ import (
 	"crypto/sha256"
 	"crypto/sha512"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -239,4 +240,70 @@ func (k *Key) Open(sealed []byte) ([]byte, error) {
 		return nil, fmt.Errorf("state blob sealed with the migration key: %w", err)
 	}
 	return plain, nil
+}
+
+// transferBlobBase offsets the blob ids of state sealed for transfer, so a
+// transfer envelope is never taken for a state file or the reverse.
+const transferBlobBase = 0x0100
+
+// transferKey derives the key that seals one instance's state in transit:
+// an envelope sealed for another instance fails as "another key".
+func (k *Key) transferKey(instance string) (*Key, error) {
+	raw, err := hkdf.Key(sha256.New, k.master, nil, "cvtpm transfer v1\x00"+instance, 32)
+	if err != nil {
+		return nil, fmt.Errorf("deriving the transfer key: %w", err)
+	}
+	return NewKey(raw, k.Cipher())
+}
+
+// SealTransfer seals a libtpms state blob (name "permall",
+// "volatilestate" or "savestate") of instance for transfer to a backend
+// that holds the same migration key k. The envelope binds the instance (its
+// key is derived from the instance id), the blob name and gen, the
+// instance's state generation when it was taken.
+func (k *Key) SealTransfer(instance, name string, gen uint64, plain []byte) ([]byte, error) {
+	id, err := blobID(name)
+	if err != nil {
+		return nil, err
+	}
+	tk, err := k.transferKey(instance)
+	if err != nil {
+		return nil, err
+	}
+	return seal(tk, transferBlobBase+id, gen, plain)
+}
+
+// ErrNotTransfer: the bytes are not a transfer envelope at all (plaintext
+// swtpm state, garbage, a state file).
+var ErrNotTransfer = errors.New("not a state blob sealed by a cvtpm backend")
+
+// OpenTransfer checks and opens an envelope made by SealTransfer for the
+// same instance and blob name, returning the blob and its generation.
+// Errors: ErrNotTransfer, ErrWrongKey (sealed for another instance or under
+// another migration key), ErrCorrupt, ErrTruncated, ErrSwapped (another
+// blob type).
+func (k *Key) OpenTransfer(instance, name string, b []byte) ([]byte, uint64, error) {
+	id, err := blobID(name)
+	if err != nil {
+		return nil, 0, err
+	}
+	if len(b) < len(magic) || !bytes.Equal(b[:len(magic)], magic[:]) {
+		return nil, 0, ErrNotTransfer
+	}
+	tk, err := k.transferKey(instance)
+	if err != nil {
+		return nil, 0, err
+	}
+	h, err := parseHeader(b)
+	if err == nil && h.cipher == cipherNone {
+		return nil, 0, fmt.Errorf("%w: it is unencrypted", ErrNotTransfer)
+	}
+	if err == nil && (h.blobID < transferBlobBase || h.blobID > transferBlobBase+0xff) {
+		return nil, 0, fmt.Errorf("%w: it is a state file (blob id %d), not a transfer envelope", ErrNotTransfer, h.blobID)
+	}
+	plain, gen, err := open(tk, transferBlobBase+id, b)
+	if errors.Is(err, ErrWrongKey) {
+		return nil, 0, fmt.Errorf("%w: sealed for another instance, or by a backend with another migration key", err)
+	}
+	return plain, gen, err
 }

@@ -43,6 +43,15 @@ type Options struct {
 	Key *Key
 	// Lock takes the directory's exclusive lock at Open.
 	Lock bool
+	// ImportSwtpm imports swtpm's unencrypted state files (tpm2-00.*) into
+	// a directory with no cvtpm state. Without it such files are ignored
+	// when there is no Key, and refused with a Key: plaintext state
+	// appearing in a sealed directory is the host's, not the tenant's.
+	ImportSwtpm bool
+	// MustExist refuses a sealed directory without state: for an instance
+	// known to exist, a host that deleted its files would otherwise get a
+	// fresh TPM in its place.
+	MustExist bool
 	Logger *slog.Logger
 }
 
@@ -85,13 +94,51 @@ func Open(dir string, opts Options) (*Store, error) {
 		s.Close()
 		return nil, err
 	}
-	if s.empty() {
-		if err := s.importSwtpm(); err != nil {
-			s.Close()
-			return nil, err
-		}
+	if err := s.checkOrigin(opts); err != nil {
+		s.Close()
+		return nil, err
 	}
 	return s, nil
+}
+
+// ErrNoManifest: sealed blobs without the manifest that records them, or
+// no sealed state where some was expected.
+var ErrNoManifest = errors.New("no sealed manifest")
+
+// checkOrigin refuses sealed state whose manifest is gone and state that
+// appeared from outside, imports swtpm state when asked, and starts a
+// sealed store with its manifest so that every later blob is recorded.
+func (s *Store) checkOrigin(opts Options) error {
+	_, manifestErr := os.Stat(s.path(manifestName))
+	hasManifest := manifestErr == nil
+	var blobs []string
+	for name := range blobIDs {
+		if _, err := os.Stat(s.path(name)); err == nil && name != manifestName {
+			blobs = append(blobs, s.path(name))
+		}
+	}
+	sort.Strings(blobs)
+	swtpmFiles, _ := filepath.Glob(filepath.Join(s.dir, "tpm2-00.*"))
+	switch {
+	case s.key != nil && !hasManifest && len(blobs) > 0:
+		return fmt.Errorf("%s: %w: %s present but %s missing (deleted or tampered); refusing the directory", s.dir, ErrNoManifest, blobs[0], s.path(manifestName))
+	case hasManifest || len(blobs) > 0:
+		return nil
+	case opts.ImportSwtpm && len(swtpmFiles) > 0:
+		if err := s.importSwtpm(); err != nil {
+			return err
+		}
+	case s.key != nil && len(swtpmFiles) > 0:
+		return fmt.Errorf("%s: holds unencrypted swtpm state (%s) and no sealed state: refusing to import it implicitly", s.dir, filepath.Base(swtpmFiles[0]))
+	case s.key != nil && opts.MustExist:
+		return fmt.Errorf("%s: %w: the sealed state is missing (deleted?); refusing to start a new TPM in its place", s.dir, ErrNoManifest)
+	}
+	if s.key != nil && s.gen == 0 && len(s.blobs) == 0 {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.writeManifest()
+	}
+	return nil
 }
 
 func (s *Store) path(name string) string { return filepath.Join(s.dir, "cvtpm."+name) }
@@ -135,18 +182,6 @@ func (s *Store) load() error {
 		s.gen = max(s.gen, gen)
 	}
 	return nil
-}
-
-func (s *Store) empty() bool {
-	if len(s.blobs) > 0 {
-		return false
-	}
-	for name := range blobIDs {
-		if _, err := os.Stat(s.path(name)); err == nil {
-			return false
-		}
-	}
-	return true
 }
 
 // importSwtpm imports the unencrypted state files (tpm2-00.<name>) that swtpm
@@ -261,6 +296,20 @@ func (s *Store) Delete(name string) error {
 		return fmt.Errorf("deleting state blob %s: %w", name, err)
 	}
 	return syncDir(s.dir)
+}
+
+// RaiseGeneration makes the store's generation at least gen (recorded in
+// the manifest), so that state taken from this store before gen can no
+// longer be brought back (vtpm/migration calls it after loading state of
+// generation gen from another backend).
+func (s *Store) RaiseGeneration(gen uint64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if gen <= s.gen {
+		return nil
+	}
+	s.gen = gen
+	return s.writeManifest()
 }
 
 // Generation is the store's current generation: it grows with every Save

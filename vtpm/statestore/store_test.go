@@ -211,6 +211,93 @@ func TestCrashBetweenBlobAndManifest(t *testing.T) {
 	}
 }
 
+// With a key, sealed blobs whose manifest is gone, or a directory whose
+// state is gone altogether (MustExist), are refused: the host must not be
+// able to roll a blob back by deleting the manifest, nor get a new TPM by
+// deleting everything.
+func TestMissingManifest(t *testing.T) {
+	key := mustKey(t, "", 4)
+	dir := t.TempDir()
+	s := mustOpen(t, dir, key)
+	s.Save("permall", []byte("one"))
+	s.Close()
+	os.Remove(filepath.Join(dir, "cvtpm.manifest"))
+	if _, err := Open(dir, Options{Key: key}); !errors.Is(err, ErrNoManifest) || !strings.Contains(err.Error(), "cvtpm.permall") {
+		t.Fatalf("Open without manifest: %v", err)
+	}
+	empty := t.TempDir()
+	if _, err := Open(empty, Options{Key: key, MustExist: true}); !errors.Is(err, ErrNoManifest) {
+		t.Fatalf("Open of an emptied directory with MustExist: %v", err)
+	}
+	// A new sealed store writes its manifest at once, so a crash before
+	// the first manifest update cannot look like tampering.
+	s2 := mustOpen(t, empty, key)
+	s2.Close()
+	if _, err := os.Stat(filepath.Join(empty, "cvtpm.manifest")); err != nil {
+		t.Fatalf("new sealed store has no manifest: %v", err)
+	}
+	if _, err := Open(empty, Options{Key: key, MustExist: true}); err != nil {
+		t.Fatalf("reopening a new store with MustExist: %v", err)
+	}
+}
+
+func TestRaiseGeneration(t *testing.T) {
+	key := mustKey(t, "", 5)
+	dir := t.TempDir()
+	s := mustOpen(t, dir, key)
+	s.Save("permall", []byte("one"))
+	if err := s.RaiseGeneration(100); err != nil {
+		t.Fatal(err)
+	}
+	s.RaiseGeneration(50) // never lowers
+	s.Close()
+	s2 := mustOpen(t, dir, key)
+	defer s2.Close()
+	if g := s2.Generation(); g != 100 {
+		t.Fatalf("generation after reopen %d, want 100", g)
+	}
+}
+
+func TestTransferEnvelope(t *testing.T) {
+	key := mustKey(t, "sm4-gcm", 6)
+	env, err := key.SealTransfer("vm1", "permall", 42, []byte("state"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain, gen, err := key.OpenTransfer("vm1", "permall", env)
+	if err != nil || string(plain) != "state" || gen != 42 {
+		t.Fatalf("OpenTransfer = %q, %d, %v", plain, gen, err)
+	}
+	stateFile, _ := seal(key, 1, 1, []byte("state"))
+	flipped := bytes.Clone(env)
+	flipped[len(flipped)-1] ^= 1
+	for _, tc := range []struct {
+		name, instance, blob string
+		b                    []byte
+		want                 error
+	}{
+		{"another instance", "vm2", "permall", env, ErrWrongKey},
+		{"another migration key", "vm1", "permall", mustTransfer(t, mustKey(t, "sm4-gcm", 7), env), ErrWrongKey},
+		{"another blob type", "vm1", "volatilestate", env, ErrSwapped},
+		{"tampered", "vm1", "permall", flipped, ErrCorrupt},
+		{"plaintext swtpm blob", "vm1", "permall", []byte("\x02\x01\x00\x0aplain libtpms state"), ErrNotTransfer},
+		{"a state file", "vm1", "permall", stateFile, ErrNotTransfer},
+		{"truncated", "vm1", "permall", env[:30], ErrTruncated},
+	} {
+		if _, _, err := key.OpenTransfer(tc.instance, tc.blob, tc.b); !errors.Is(err, tc.want) {
+			t.Errorf("%s: %v, want %v", tc.name, err, tc.want)
+		}
+	}
+}
+
+func mustTransfer(t *testing.T, k *Key, _ []byte) []byte {
+	env, err := k.SealTransfer("vm1", "permall", 42, []byte("state"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return env
+}
+
 func TestLock(t *testing.T) {
 	dir := t.TempDir()
 	s := mustOpen(t, dir, nil)
@@ -236,7 +323,11 @@ func TestImportSwtpm(t *testing.T) {
 		t.Fatal(err)
 	}
 	os.WriteFile(filepath.Join(dir, "tpm2-00.permall"), swtpmFile, 0o600)
-	s, err := Open(dir, Options{Key: mustKey(t, "", 9)})
+	// Without ImportSwtpm, plaintext state in a sealed directory is refused.
+	if _, err := Open(dir, Options{Key: mustKey(t, "", 9)}); err == nil || !strings.Contains(err.Error(), "refusing to import it implicitly") {
+		t.Fatalf("implicit import with a key: %v", err)
+	}
+	s, err := Open(dir, Options{Key: mustKey(t, "", 9), ImportSwtpm: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -261,7 +352,7 @@ func TestImportSwtpm(t *testing.T) {
 
 	bad := t.TempDir()
 	os.WriteFile(filepath.Join(bad, "tpm2-00.permall"), []byte("garbage"), 0o600)
-	if _, err := Open(bad, Options{}); err == nil || !strings.Contains(err.Error(), "tpm2-00.permall") {
+	if _, err := Open(bad, Options{ImportSwtpm: true}); err == nil || !strings.Contains(err.Error(), "tpm2-00.permall") {
 		t.Fatalf("bad swtpm file: %v", err)
 	}
 }

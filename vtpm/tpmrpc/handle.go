@@ -6,6 +6,14 @@ import (
 	"cvtpm/vtpm/swtpmproto"
 )
 
+// StateTransfer is implemented by a TPM whose state calls may be refused
+// with a reason (the backend worker's vtpm/migration.TPM); Handle then
+// uses it for get-state and set-state and reports the reason.
+type StateTransfer interface {
+	ExportState(blobType uint32) ([]byte, error)
+	ImportState(blobType uint32, blob []byte) error
+}
+
 // Handle performs the call encoded in req on tpm and appends the encoded
 // response to dst. A malformed request yields an error response; tpm is
 // not touched.
@@ -71,9 +79,22 @@ func call(tpm swtpmproto.TPM, r Request) Response {
 		}
 		return Response{Payload: []byte(s)}
 	case OpGetState:
+		if st, ok := tpm.(StateTransfer); ok {
+			blob, err := st.ExportState(uint32(r.Arg))
+			if err != nil {
+				return Response{RC: rcFail, Err: err.Error()}
+			}
+			return Response{Payload: blob}
+		}
 		blob, rc := tpm.GetState(uint32(r.Arg))
 		return Response{RC: rc, Payload: blob}
 	case OpSetState:
+		if st, ok := tpm.(StateTransfer); ok {
+			if err := st.ImportState(uint32(r.Arg), r.Payload); err != nil {
+				return Response{RC: rcFail, Err: err.Error()}
+			}
+			return Response{}
+		}
 		return Response{RC: tpm.SetState(uint32(r.Arg), r.Payload)}
 	case OpMaxCommandSize:
 		return Response{V: [3]uint32{uint32(tpm.MaxCommandSize())}}
