@@ -52,7 +52,7 @@ type Options struct {
 	// known to exist, a host that deleted its files would otherwise get a
 	// fresh TPM in its place.
 	MustExist bool
-	Logger *slog.Logger
+	Logger    *slog.Logger
 }
 
 // Store is one TPM's state directory. It is safe for concurrent use.
