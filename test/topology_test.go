@@ -203,62 +203,6 @@ func (l logs) String() string {
 	return b.String()
 }
 
-// Migration through the frontend: state blobs saved from swtpm load into a
-// backend instance over the frontend's control socket (what QEMU does on
-// the destination of a live migration), and blobs saved from the instance
-// load into swtpm. Locality is forwarded too.
-func TestFrontendStateBlobs(t *testing.T) {
-	f := testenv.NewTopologyFiles(t, 0x3)
-	topo := testenv.StartBackend(t, f)
-	topo.Admin(t, "create", "vm1")
-	ctrl := filepath.Join(f.Dir, "vm1.ctrl")
-	fc := f.Certs["frontend"]
-	testenv.StartDaemon(t, "frontend", []string{"unix:" + ctrl}, "frontend", "--backend", topo.LinkAddr,
-		"--cert", fc[0], "--key", fc[1], "--policy", f.Policy, "--vm", "vm1="+ctrl)
-	frontIoctl := func(args ...string) string {
-		return testenv.Run(t, nil, "swtpm_ioctl", append([]string{"--unix", ctrl}, args...)...)
-	}
-	dir := t.TempDir()
-
-	// swtpm -> instance
-	src := testenv.StartSocket(t, testenv.Swtpm, testenv.Options{})
-	tt := tools{tb: t, tcti: src.TCTI(), dir: dir}
-	value := []byte("migrated from swtpm into a backend instance")
-	os.WriteFile(tt.path("v"), value, 0o600)
-	size := strconv.Itoa(len(value))
-	tt.run("tpm2_nvdefine", "0x1500020", "-C", "o", "-s", size, "-a", "ownerread|ownerwrite")
-	tt.run("tpm2_nvwrite", "0x1500020", "-C", "o", "-i", tt.path("v"))
-	ioctl(t, src, "--save", "permanent", filepath.Join(dir, "perm"))
-	ioctl(t, src, "--save", "volatile", filepath.Join(dir, "vol"))
-	frontIoctl("--stop")
-	frontIoctl("--load", "permanent", filepath.Join(dir, "perm"))
-	frontIoctl("--load", "volatile", filepath.Join(dir, "vol"))
-	frontIoctl("-i")
-	if out := frontIoctl("-l", "3"); strings.Contains(out, "rror") {
-		t.Fatalf("set locality: %s", out)
-	}
-	_, tcti := topo.StartGuestProxy(t, topo.LinkAddr, "guest-vm1", "vm1", f.Policy)
-	tt.tcti = tcti
-	tt.run("tpm2_nvread", "0x1500020", "-C", "o", "-s", size, "-o", tt.path("out"))
-	if got, _ := os.ReadFile(tt.path("out")); string(got) != string(value) {
-		t.Fatalf("instance NV after --load through the frontend = %q, want %q", got, value)
-	}
-
-	// instance -> swtpm
-	frontIoctl("--save", "permanent", filepath.Join(dir, "perm2"))
-	frontIoctl("--save", "volatile", filepath.Join(dir, "vol2"))
-	dst := testenv.StartSocket(t, testenv.Swtpm, testenv.Options{})
-	ioctl(t, dst, "--stop")
-	ioctl(t, dst, "--load", "permanent", filepath.Join(dir, "perm2"))
-	ioctl(t, dst, "--load", "volatile", filepath.Join(dir, "vol2"))
-	ioctl(t, dst, "-i")
-	tt.tcti = dst.TCTI()
-	tt.run("tpm2_nvread", "0x1500020", "-C", "o", "-s", size, "-o", tt.path("out2"))
-	if got, _ := os.ReadFile(tt.path("out2")); string(got) != string(value) {
-		t.Fatalf("swtpm NV after loading the instance's blobs = %q, want %q", got, value)
-	}
-}
-
 // The fresh-report vendor command through the guest proxy: a CSV report
 // bound to the caller's nonce, the instance's EK and its id.
 func TestFreshReportCommand(t *testing.T) {

@@ -39,9 +39,13 @@ func openState(cfg *socketConfig, log *slog.Logger) (stateStore, swtpmproto.Blob
 		return nil, nil, err
 	}
 	store, err := statestore.Open(cfg.stateDir, statestore.Options{
-		Key:    key,
-		Lock:   cfg.stateLock,
-		Logger: log,
+		Key:  key,
+		Lock: cfg.stateLock,
+		// As swtpm: a directory swtpm_setup prepared is used as it is.
+		// `cvtpm socket` runs on the operator's own machine; the backend's
+		// workers never import implicitly.
+		ImportSwtpm: true,
+		Logger:      log,
 	})
 	if err != nil {
 		return nil, nil, fmt.Errorf("--tpmstate: %w", err)

@@ -168,7 +168,7 @@ func TestMigrationBetweenBackends(t *testing.T) {
 	}
 	// A replay of the older export (NV = 7) is refused, and the state stays.
 	call(t, dst, "vm1", host, tpmrpc.Request{Op: tpmrpc.OpStop})
-	if r := load(engine.StatePermanent, oldPerm); !strings.Contains(r.Err, "older than the instance's state") {
+	if r := load(engine.StatePermanent, oldPerm); !strings.Contains(r.Err, "not newer than the instance's state") {
 		t.Errorf("replayed older state: %+v", r)
 	}
 	call(t, dst, "vm1", host, tpmrpc.Request{Op: tpmrpc.OpInit})
@@ -180,7 +180,7 @@ func TestMigrationBetweenBackends(t *testing.T) {
 	}
 	// The source refuses its own older export too.
 	call(t, src, "vm1", host, tpmrpc.Request{Op: tpmrpc.OpStop})
-	if r := call(t, src, "vm1", host, tpmrpc.Request{Op: tpmrpc.OpSetState, Arg: uint64(engine.StatePermanent), Payload: oldPerm}); !strings.Contains(r.Err, "older") {
+	if r := call(t, src, "vm1", host, tpmrpc.Request{Op: tpmrpc.OpSetState, Arg: uint64(engine.StatePermanent), Payload: oldPerm}); !strings.Contains(r.Err, "not newer") {
 		t.Errorf("older export loaded back into the source: %+v", r)
 	}
 }

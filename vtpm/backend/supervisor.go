@@ -653,6 +653,15 @@ func (s *Supervisor) Call(ctx context.Context, id string, caps tpmrpc.Capabiliti
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q worker failed during %v (restarted from sealed state; the call may not have completed): %v", id, r.Op, err)}), nil
 	}
 	s.track(inst, r, resp)
+	if r.Op == tpmrpc.OpGetState || r.Op == tpmrpc.OpSetState {
+		// State transfers are what a hostile host tries: every outcome is
+		// on record.
+		if p, err := tpmrpc.ParseResponse(resp); err == nil && p.Err != "" {
+			s.log.Warn("state transfer refused", "instance", id, "op", r.Op.String(), "blob", r.Arg, "reason", p.Err)
+		} else {
+			s.log.Info("state transfer", "instance", id, "op", r.Op.String(), "blob", r.Arg)
+		}
+	}
 	return append(dst, resp...), nil
 }
 

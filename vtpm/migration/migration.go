@@ -61,7 +61,7 @@ type TPM struct {
 var ErrNoMigrationKey = errors.New("this backend has no migration key: state cannot leave or enter it")
 
 // ErrOlder: the envelope is older than the instance's state.
-var ErrOlder = errors.New("state blob is older than the instance's state (replay refused)")
+var ErrOlder = errors.New("state blob is not newer than the instance's state (replay refused)")
 
 // Init ends a loading sequence.
 func (t *TPM) Init(flags uint32) uint32 {
@@ -120,8 +120,8 @@ func (t *TPM) ImportState(blobType uint32, env []byte) error {
 		return fmt.Errorf("%s state refused: %w", name, err)
 	}
 	defer clear(plain)
-	if gen < t.floor {
-		return fmt.Errorf("%s state refused: %w: generation %d < %d", name, ErrOlder, gen, t.floor)
+	if gen <= t.floor {
+		return fmt.Errorf("%s state refused: %w: generation %d, the instance is at %d", name, ErrOlder, gen, t.floor)
 	}
 	if rc := t.TPM.SetState(blobType, plain); rc != 0 {
 		return fmt.Errorf("%s state refused by libtpms (TPM result %#x); the instance's state is unchanged", name, rc)

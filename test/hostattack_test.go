@@ -1,0 +1,293 @@
+package test
+
+// Issue 10: the host is the adversary. These tests play the host with the
+// real tools (swtpm_ioctl on the frontend's QEMU socket, a real swtpm, the
+// file system under the backend) against real processes, and check that
+// every attack fails with a reason while the guest's data stays intact.
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	"cvtpm/attest/csv"
+	"cvtpm/test/testenv"
+)
+
+// hostEnv is an EK CA, backend A (with a migration key) holding vm1
+// (enrolled) and vm2, a frontend serving both to "QEMU", and the guest's
+// own session to vm1.
+type hostEnv struct {
+	files    *testenv.TopologyFiles
+	topo     *testenv.Topology
+	caDir    string
+	migKey   string
+	ctrl     map[string]string // instance -> frontend control socket
+	guest    tools
+	dir      string
+	secret   []byte
+	password string
+}
+
+const secretIndex = "0x1500020"
+
+func startHostEnv(t *testing.T) *hostEnv {
+	t.Helper()
+	f := testenv.NewTopologyFiles(t, 0x3)
+	e := &hostEnv{files: f, caDir: filepath.Join(f.Dir, "ca"), ctrl: map[string]string{}, dir: t.TempDir(),
+		password: "guest-own-pw-" + randHex(4)}
+	e.secret = []byte("tenant secret " + randHex(16))
+	e.migKey = filepath.Join(f.Dir, "migration.key")
+	os.WriteFile(e.migKey, []byte(randHex(32)+"\n"), 0o600)
+	caAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+	testenv.StartDaemon(t, "ca", []string{"tcp:" + caAddr}, "ca", "--dir", e.caDir, "--policy", f.Policy,
+		"--hsk-cek", filepath.Join(f.SimDir, csv.SimHSKCEKFile), "--listen", caAddr)
+	e.topo = testenv.StartBackend(t, f, "--ca", caAddr, "--migration-key-file", e.migKey)
+	e.topo.Admin(t, "create", "--enroll", "vm1")
+	e.topo.Admin(t, "create", "vm2")
+	e.ctrl = startFrontend(t, f, e.topo, "vm1", "vm2")
+	_, tcti := e.topo.StartGuestProxy(t, e.topo.LinkAddr, "guest-vm1", "vm1", f.Policy)
+	e.guest = tools{tb: t, tcti: tcti, dir: e.dir}
+	return e
+}
+
+// startFrontend serves instances to "QEMU" on unix control sockets.
+func startFrontend(t *testing.T, f *testenv.TopologyFiles, topo *testenv.Topology, instances ...string) map[string]string {
+	t.Helper()
+	ctrl := map[string]string{}
+	args := []string{"frontend", "--backend", topo.LinkAddr, "--cert", f.Certs["frontend"][0], "--key", f.Certs["frontend"][1], "--policy", f.Policy}
+	var addrs []string
+	for _, id := range instances {
+		ctrl[id] = filepath.Join(testenv.SockDir(t), id+".ctrl")
+		args = append(args, "--vm", id+"="+ctrl[id])
+		addrs = append(addrs, "unix:"+ctrl[id])
+	}
+	testenv.StartDaemon(t, "frontend", addrs, args...)
+	return ctrl
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// hostIoctl runs swtpm_ioctl on a frontend control socket, as the host can.
+func hostIoctl(sock string, args ...string) (string, error) {
+	return testenv.RunErr(nil, "swtpm_ioctl", append([]string{"--unix", sock}, args...)...)
+}
+
+func mustHostIoctl(t *testing.T, sock string, args ...string) {
+	t.Helper()
+	if out, err := hostIoctl(sock, args...); err != nil {
+		t.Fatalf("swtpm_ioctl %v: %v\n%s", args, err, out)
+	}
+}
+
+// writeSecret has the guest store a secret in NV under its own password.
+func (e *hostEnv) writeSecret(t *testing.T) {
+	size := strconv.Itoa(len(e.secret))
+	os.WriteFile(e.guest.path("secret"), e.secret, 0o600)
+	e.guest.run("tpm2_nvdefine", secretIndex, "-C", "o", "-s", size, "-a", "authread|authwrite", "-p", e.password)
+	e.guest.run("tpm2_nvwrite", secretIndex, "-P", e.password, "-i", e.guest.path("secret"))
+}
+
+// readSecret reads the guest's secret through tcti (TPM2_Startup first if
+// the TPM was reset).
+func (e *hostEnv) readSecret(t *testing.T, tcti string) []byte {
+	t.Helper()
+	tt := tools{tb: t, tcti: tcti, dir: e.dir}
+	testenv.RunErr([]string{"TPM2TOOLS_TCTI=" + tcti}, "tpm2_startup", "-c") // fails harmlessly if started
+	out := tt.path("secret.out")
+	os.Remove(out)
+	tt.run("tpm2_nvread", secretIndex, "-P", e.password, "-s", strconv.Itoa(len(e.secret)), "-o", out)
+	got, _ := os.ReadFile(out)
+	return got
+}
+
+// The host takes state through QEMU's socket: what it gets is sealed (no
+// secret, no password, no key), and neither swtpm nor a plain cvtpm can
+// run it.
+func TestHostCannotReadOrCloneState(t *testing.T) {
+	e := startHostEnv(t)
+	e.writeSecret(t)
+	ctrl := e.ctrl["vm1"]
+	var taken [][]byte
+	for _, blob := range []string{"permanent", "volatile", "savestate"} {
+		file := filepath.Join(e.dir, "stolen."+blob)
+		if out, err := hostIoctl(ctrl, "--save", blob, file); err != nil {
+			if blob == "savestate" { // there is none while the VM runs
+				continue
+			}
+			t.Fatalf("--save %s: %v\n%s", blob, err, out)
+		}
+		b, _ := os.ReadFile(file)
+		taken = append(taken, b)
+		for _, secret := range [][]byte{e.secret, []byte(e.password)} {
+			if bytes.Contains(b, secret) {
+				t.Fatalf("the %s blob the host took holds %q in clear", blob, secret)
+			}
+		}
+	}
+	if len(taken) < 2 || len(taken[0]) < 1000 {
+		t.Fatalf("the host got %d blobs; want sealed permanent and volatile state", len(taken))
+	}
+	// A clone outside the TEE: load the stolen blobs into a real swtpm and
+	// into a plain cvtpm socket.
+	for _, impl := range []testenv.Impl{testenv.Swtpm, testenv.Cvtpm} {
+		srv := testenv.StartSocket(t, impl, testenv.Options{})
+		ioctl(t, srv, "--stop")
+		out, err := testenv.RunErr(nil, "swtpm_ioctl", "--unix", srv.CtrlPath, "--load", "permanent", filepath.Join(e.dir, "stolen.permanent"))
+		if err == nil {
+			t.Fatalf("%s loaded the stolen permanent state:\n%s", impl, out)
+		}
+		t.Logf("%s refuses the stolen state: %s", impl, strings.TrimSpace(out))
+	}
+}
+
+// The host loads state of its own choosing through QEMU's socket: a real
+// swtpm's state (seeds it knows), garbage, another instance's sealed
+// state, an older sealed state of the same instance. Each is refused, and
+// the guest still reads its secret afterwards.
+func TestHostCannotReplaceState(t *testing.T) {
+	e := startHostEnv(t)
+	ctrl := e.ctrl["vm1"]
+	older := filepath.Join(e.dir, "older.permanent")
+	mustHostIoctl(t, ctrl, "--save", "permanent", older)
+	e.writeSecret(t)
+	other := filepath.Join(e.dir, "vm2.permanent")
+	mustHostIoctl(t, e.ctrl["vm2"], "--save", "permanent", other)
+	hostMade := filepath.Join(e.dir, "swtpm.permanent")
+	sw := testenv.StartSocket(t, testenv.Swtpm, testenv.Options{})
+	ioctl(t, sw, "--save", "permanent", hostMade)
+	garbage := filepath.Join(e.dir, "garbage")
+	g := make([]byte, 1000)
+	rand.Read(g)
+	os.WriteFile(garbage, g, 0o600)
+	// garbage in a valid swtpm blob header (version 2, migration data TLV)
+	framed := filepath.Join(e.dir, "framed-garbage")
+	hdr := []byte{2, 1, 0, 10, 0, 4, 0, 0, 0, 0}
+	tlv := append([]byte{0, 4, 0, 0, 0, 0}, append([]byte{0, 1, 0, 0, 0x03, 0xe8}, g...)...)
+	tlv[5] = byte(len(tlv) - 6)
+	tlv[4] = byte((len(tlv) - 6) >> 8)
+	blob := append(hdr, tlv...)
+	blob[9], blob[8] = byte(len(blob)), byte(len(blob)>>8)
+	os.WriteFile(framed, blob, 0o600)
+
+	mustHostIoctl(t, ctrl, "--stop")
+	for _, tc := range []struct{ name, file string }{
+		{"a real swtpm's state", hostMade},
+		{"garbage", garbage},
+		{"garbage in a swtpm blob header", framed},
+		{"another instance's sealed state", other},
+		{"an older sealed state of the same instance", older},
+	} {
+		if out, err := hostIoctl(ctrl, "--load", "permanent", tc.file); err == nil {
+			t.Errorf("the host loaded %s:\n%s", tc.name, out)
+		}
+	}
+	mustHostIoctl(t, ctrl, "-i")
+	if got := e.readSecret(t, e.guest.tcti); !bytes.Equal(got, e.secret) {
+		t.Fatalf("after the refused loads the guest reads %q, want %q", got, e.secret)
+	}
+	// The reasons are in the backend's log.
+	for _, want := range []string{"not a state blob sealed by a cvtpm backend", "sealed for another instance", "not newer than the instance's state"} {
+		if !strings.Contains(e.topo.Backend.Log.String(), want) {
+			t.Errorf("backend log does not say %q", want)
+		}
+	}
+	// H-CRTM and locality 4 are not the host's.
+	if out, err := hostIoctl(ctrl, "-l", "4"); err == nil {
+		t.Errorf("the host set locality 4:\n%s", out)
+	}
+	if out, err := hostIoctl(ctrl, "-h", "host-chosen-crtm"); err == nil {
+		t.Errorf("the host ran an H-CRTM sequence:\n%s", out)
+	}
+	if !strings.Contains(e.topo.Backend.Log.String(), `needs the \"hcrtm\" capability`) {
+		t.Errorf("backend log does not name the hcrtm refusal:\n%s", e.topo.Backend.Log.String())
+	}
+}
+
+// The host edits the disk under the backend: one instance's manifest is
+// deleted, another's sealed state replaced by plaintext swtpm state. After
+// a backend restart those two are refused with the reason, the third
+// serves its secret.
+func TestHostCannotPlantState(t *testing.T) {
+	f := testenv.NewTopologyFiles(t, 0x3)
+	topo := testenv.StartBackend(t, f)
+	for _, id := range []string{"vm1", "vm2", "vm3"} {
+		topo.Admin(t, "create", id)
+	}
+	_, tcti := topo.StartGuestProxy(t, topo.LinkAddr, "frontend", "vm3", f.Policy)
+	e := &hostEnv{dir: t.TempDir(), secret: []byte("vm3 secret"), password: "pw3"}
+	e.guest = tools{tb: t, tcti: tcti, dir: e.dir}
+	testenv.RunErr([]string{"TPM2TOOLS_TCTI=" + tcti}, "tpm2_startup", "-c")
+	e.writeSecret(t)
+	topo.Backend.Stop()
+	os.Remove(filepath.Join(topo.StateDir, "vm1", "cvtpm.manifest"))
+	files, _ := filepath.Glob(filepath.Join(topo.StateDir, "vm2", "cvtpm.*"))
+	for _, file := range files {
+		os.Remove(file)
+	}
+	sw := testenv.StartSocket(t, testenv.Swtpm, testenv.Options{})
+	ioctl(t, sw, "--save", "permanent", filepath.Join(topo.StateDir, "vm2", "tpm2-00.permall"))
+	topo.RestartBackend(t)
+	list := topo.Admin(t, "list")
+	for _, want := range []string{"cvtpm.manifest missing", "refusing to import it implicitly"} {
+		if !strings.Contains(list, want) {
+			t.Errorf("backend list does not say %q:\n%s", want, list)
+		}
+	}
+	_, tcti = topo.StartGuestProxy(t, topo.LinkAddr, "frontend", "vm3", f.Policy)
+	if got := e.readSecret(t, tcti); !bytes.Equal(got, e.secret) {
+		t.Fatalf("vm3 after the restart reads %q", got)
+	}
+}
+
+// QEMU's migration path between two backends (two simulated chips, the
+// same policy and migration key): swtpm_ioctl --save on the source
+// frontend, --load on the destination frontend, as QEMU does it. The
+// state is sealed in transit, and on the destination the guest reads its
+// secret and the EK certificate still verifies.
+func TestMigrationBetweenBackends(t *testing.T) {
+	e := startHostEnv(t)
+	e.writeSecret(t)
+	g := testenv.NewTopologyFiles(t, 0x3) // another chip
+	os.MkdirAll(filepath.Join(g.Dir, "b"), 0o700)
+	dst := testenv.StartBackend(t, g, "--migration-key-file", e.migKey)
+	dst.Admin(t, "create", "--incoming", "vm1")
+	dctrl := startFrontend(t, g, dst, "vm1")
+	mustHostIoctl(t, dctrl["vm1"], "--stop")
+	for _, blob := range []string{"permanent", "volatile"} {
+		file := filepath.Join(e.dir, "mig."+blob)
+		mustHostIoctl(t, e.ctrl["vm1"], "--save", blob, file)
+		if b, _ := os.ReadFile(file); bytes.Contains(b, e.secret) {
+			t.Fatalf("%s state in transit holds the secret", blob)
+		}
+		mustHostIoctl(t, dctrl["vm1"], "--load", blob, file)
+	}
+	mustHostIoctl(t, dctrl["vm1"], "-i")
+	_, tcti := dst.StartGuestProxy(t, dst.LinkAddr, "guest-vm1", "vm1", g.Policy)
+	if got := e.readSecret(t, tcti); !bytes.Equal(got, e.secret) {
+		t.Fatalf("the migrated guest reads %q, want %q", got, e.secret)
+	}
+	tt := tools{tb: t, tcti: tcti, dir: e.dir}
+	tt.run("tpm2_nvread", "0x01c00002", "-o", tt.path("ek.der"))
+	out := testenv.Run(t, nil, "openssl", "verify", "-CAfile", filepath.Join(e.caDir, "ca.pem"), tt.path("ek.der"))
+	if !strings.Contains(out, "OK") {
+		t.Fatalf("EK certificate on the destination: %s", out)
+	}
+	// A second load of the same (now older) export is refused there.
+	mustHostIoctl(t, dctrl["vm1"], "--stop")
+	if out, err := hostIoctl(dctrl["vm1"], "--load", "permanent", filepath.Join(e.dir, "mig.permanent")); err == nil {
+		t.Errorf("the destination took the migrated state twice:\n%s", out)
+	}
+	_ = context.Background
+}
