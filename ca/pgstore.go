@@ -112,3 +112,7 @@ func (s *PGStore) NextCRLNumber(ctx context.Context) (*big.Int, error) {
 	}
 	return big.NewInt(n), nil
 }
+
+// Pool is the connection pool, for other services of the CA process that
+// keep their records beside the certificates (ca/keybroker).
+func (s *PGStore) Pool() *pgxpool.Pool { return s.pool }

@@ -177,3 +177,7 @@ func crlTemplate(ctx context.Context, st Store, validity time.Duration) (*x509.R
 	return &x509.RevocationList{RevokedCertificateEntries: entries, Number: num,
 		ThisUpdate: now.Add(-time.Minute), NextUpdate: now.Add(validity)}, nil
 }
+
+// DB is the underlying database, for other services of the CA process that
+// keep their records beside the certificates (ca/keybroker).
+func (s *BoltStore) DB() *bolt.DB { return s.db }

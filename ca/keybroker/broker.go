@@ -1,0 +1,250 @@
+package keybroker
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/ecdh"
+	"crypto/hmac"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"regexp"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	capb "cvtpm/api/ca"
+	"cvtpm/attest/csv"
+)
+
+// Broker is the key broker service.
+type Broker struct {
+	capb.UnimplementedKeyBrokerServer
+	// Policy decides which evidence earns keys (the CA's evidence policy).
+	Policy   *csv.AppraisalPolicy
+	Verifier *csv.Verifier
+	// Signer is the CA key; backends trust its certificate.
+	Signer crypto.Signer
+	Store  Store
+	// KEK (32 bytes) seals the keys in the store.
+	KEK []byte
+	Log *slog.Logger
+	// NonceTTL bounds a challenge's life; zero means 5 minutes.
+	NonceTTL time.Duration
+
+	mu        sync.Mutex
+	nonces    map[string]time.Time
+	lastSweep time.Time
+}
+
+// Register adds the service to a gRPC server.
+func (b *Broker) Register(g *grpc.Server) { capb.RegisterKeyBrokerServer(g, b) }
+
+var validName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+func (b *Broker) log() *slog.Logger {
+	if b.Log == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return b.Log
+}
+
+// maxNonces bounds the outstanding challenges: beyond it new challenges
+// are refused until old ones expire (an unauthenticated caller cannot
+// grow the table without bound).
+const maxNonces = 10000
+
+func (b *Broker) KeyChallenge(context.Context, *capb.KeyChallengeRequest) (*capb.KeyChallengeResponse, error) {
+	nonce := make([]byte, 32)
+	rand.Read(nonce)
+	ttl := b.NonceTTL
+	if ttl == 0 {
+		ttl = 5 * time.Minute
+	}
+	now := time.Now()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.nonces == nil {
+		b.nonces = map[string]time.Time{}
+	}
+	if len(b.nonces) >= maxNonces/2 && now.Sub(b.lastSweep) > time.Second {
+		b.lastSweep = now
+		for n, exp := range b.nonces {
+			if now.After(exp) {
+				delete(b.nonces, n)
+			}
+		}
+	}
+	if len(b.nonces) >= maxNonces {
+		return nil, status.Error(codes.ResourceExhausted, "too many outstanding key challenges; retry later")
+	}
+	b.nonces[hex.EncodeToString(nonce)] = now.Add(ttl)
+	return &capb.KeyChallengeResponse{Nonce: nonce}, nil
+}
+
+func (b *Broker) takeNonce(nonce []byte) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	k := hex.EncodeToString(nonce)
+	exp, ok := b.nonces[k]
+	if !ok {
+		return errors.New("the nonce was not issued by this broker or was already used")
+	}
+	delete(b.nonces, k)
+	if time.Now().After(exp) {
+		return errors.New("the nonce expired")
+	}
+	return nil
+}
+
+// refuse logs and returns a refusal naming the reason.
+func (b *Broker) refuse(backend, reason, detail string) error {
+	b.log().Warn("key release refused", "backend", backend, "reason", reason, "detail", detail)
+	return status.Errorf(codes.PermissionDenied, "key release refused: %s: %s", reason, detail)
+}
+
+func (b *Broker) ReleaseKeys(ctx context.Context, req *capb.ReleaseKeysRequest) (*capb.ReleaseKeysResponse, error) {
+	id, domain := req.GetBackendId(), req.GetMigrationDomain()
+	if !validName.MatchString(id) || domain != "" && !validName.MatchString(domain) {
+		return nil, status.Error(codes.InvalidArgument, "backend id and migration domain: 1-64 of [A-Za-z0-9._-], starting with a letter or digit")
+	}
+	peer, err := ecdh.P256().NewPublicKey(req.GetEphemeralPublic())
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "ephemeral public key: %v", err)
+	}
+	if c := req.GetCipher(); c != "aes-256-gcm" && c != "sm4-gcm" {
+		return nil, status.Errorf(codes.InvalidArgument, "cipher %q: want aes-256-gcm or sm4-gcm", c)
+	}
+	if err := b.takeNonce(req.GetNonce()); err != nil {
+		return nil, b.refuse(id, "nonce", err.Error())
+	}
+	rd := ReportData(req.GetNonce(), id, domain, req.GetEphemeralPublic(), req.GetCipher())
+	claims, err := b.Verifier.Verify(ctx, req.GetCsvReport(), rd[:])
+	if err != nil {
+		var ce *csv.CheckError
+		if errors.As(err, &ce) && ce.Check == csv.CheckReportData {
+			return nil, b.refuse(id, csv.ReasonReportData, "report_data does not commit to this nonce, backend, domain and ephemeral key")
+		}
+		return nil, b.refuse(id, csv.ReasonEvidence, err.Error())
+	}
+	if e := b.Policy.Appraise(claims); e != nil {
+		return nil, b.refuse(id, e.Reason, e.Detail)
+	}
+	master, err := b.key(ctx, "backend/"+id, true)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	plain := master
+	if domain != "" {
+		mig, err := b.key(ctx, "domain/"+domain, true)
+		if err != nil {
+			return nil, status.Error(codes.Internal, err.Error())
+		}
+		plain = append(bytes.Clone(master), mig...)
+	}
+	defer clear(plain)
+	anchors, err := b.Store.Anchors(ctx, id)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	eph, err := ecdh.P256().GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	shared, err := eph.ECDH(peer)
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "ECDH: %v", err)
+	}
+	aead, err := wrapAEAD(shared, req.GetNonce(), req.GetCipher())
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	wrapped := aead.Seal(nil, zeroNonce, plain, rd[:])
+	pub := eph.PublicKey().Bytes()
+	sig, err := sign(b.Signer, Transcript(rd, pub, wrapped, anchors))
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	b.log().Info("keys released", "backend", id, "migration_domain", domain, "measurement", hex.EncodeToString(claims.Measure[:]),
+		"chip", claims.ChipSerial, "simulated", claims.Simulated, "anchors", len(anchors))
+	return &capb.ReleaseKeysResponse{BrokerPublic: pub, Wrapped: wrapped, Anchors: anchors, Signature: sig}, nil
+}
+
+// ErrUnknownBackend: no keys were ever released to this backend.
+var ErrUnknownBackend = errors.New("no keys were released to this backend")
+
+func (b *Broker) Anchor(ctx context.Context, req *capb.AnchorRequest) (*capb.AnchorResponse, error) {
+	id := req.GetBackendId()
+	if !validName.MatchString(id) {
+		return nil, status.Error(codes.InvalidArgument, "backend id: 1-64 of [A-Za-z0-9._-]")
+	}
+	master, err := b.key(ctx, "backend/"+id, false)
+	if errors.Is(err, ErrUnknownBackend) {
+		return nil, status.Error(codes.PermissionDenied, err.Error())
+	}
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	defer clear(master)
+	want, err := AnchorMAC(master, id, req.GetGenerations())
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	if !hmac.Equal(want, req.GetMac()) {
+		b.log().Warn("anchor update refused: bad MAC", "backend", id)
+		return nil, status.Error(codes.PermissionDenied, "anchor update: MAC does not verify (not from a backend holding this backend's keys)")
+	}
+	if err := b.Store.RaiseAnchors(ctx, id, req.GetGenerations()); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	return &capb.AnchorResponse{}, nil
+}
+
+// key returns the key called name, creating it if create is set.
+func (b *Broker) key(ctx context.Context, name string, create bool) ([]byte, error) {
+	aead, err := b.kek()
+	if err != nil {
+		return nil, err
+	}
+	sealed, err := b.Store.SealedKey(ctx, name, func() ([]byte, error) {
+		if !create {
+			return nil, ErrUnknownBackend
+		}
+		k := make([]byte, KeySize)
+		rand.Read(k)
+		defer clear(k)
+		n := make([]byte, aead.NonceSize())
+		rand.Read(n)
+		return aead.Seal(n, n, k, []byte(name)), nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if len(sealed) < aead.NonceSize() {
+		return nil, fmt.Errorf("key %s: sealed record truncated", name)
+	}
+	k, err := aead.Open(nil, sealed[:aead.NonceSize()], sealed[aead.NonceSize():], []byte(name))
+	if err != nil {
+		return nil, fmt.Errorf("key %s: does not open under the broker's KEK (tampered, or another broker's record)", name)
+	}
+	return k, nil
+}
+
+func (b *Broker) kek() (cipher.AEAD, error) {
+	if len(b.KEK) != 32 {
+		return nil, errors.New("key broker: KEK must be 32 bytes")
+	}
+	block, err := aes.NewCipher(b.KEK)
+	if err != nil {
+		return nil, err
+	}
+	return cipher.NewGCM(block)
+}

@@ -1,0 +1,118 @@
+package keybroker
+
+import (
+	"context"
+	"crypto/ecdh"
+	"crypto/rand"
+	"encoding/pem"
+	"fmt"
+	"os"
+
+	"github.com/emmansun/gmsm/smx509"
+
+	capb "cvtpm/api/ca"
+	"cvtpm/attest/csv"
+)
+
+// Client is the backend's side: it proves itself and receives its keys.
+type Client struct {
+	KB capb.KeyBrokerClient
+	// RootPublic is the public key of the CA certificate the backend
+	// trusts to sign the broker's answers.
+	RootPublic any
+	// Evidence makes the backend's CSV report.
+	Evidence csv.ReportProvider
+}
+
+// RootPublicFromFile reads the CA certificate (PEM; ECDSA, RSA or SM2).
+func RootPublicFromFile(path string) (any, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil || blk.Type != "CERTIFICATE" {
+		return nil, fmt.Errorf("%s: no PEM certificate in it", path)
+	}
+	cert, err := smx509.ParseCertificate(blk.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return cert.PublicKey, nil
+}
+
+// Released is what the broker released.
+type Released struct {
+	MasterKey    []byte
+	MigrationKey []byte // nil without a migration domain
+	Anchors      map[string]uint64
+}
+
+// Release attests to the broker and returns the keys.
+func (c *Client) Release(ctx context.Context, backendID, domain, cipherName string) (*Released, error) {
+	ch, err := c.KB.KeyChallenge(ctx, &capb.KeyChallengeRequest{})
+	if err != nil {
+		return nil, fmt.Errorf("key broker challenge: %w", err)
+	}
+	eph, err := ecdh.P256().GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	pub := eph.PublicKey().Bytes()
+	rd := ReportData(ch.GetNonce(), backendID, domain, pub, cipherName)
+	report, err := c.Evidence.Report(ctx, rd[:])
+	if err != nil {
+		return nil, fmt.Errorf("CSV report for the key broker: %w", err)
+	}
+	resp, err := c.KB.ReleaseKeys(ctx, &capb.ReleaseKeysRequest{Nonce: ch.GetNonce(), BackendId: backendID, MigrationDomain: domain,
+		EphemeralPublic: pub, Cipher: cipherName, CsvReport: report})
+	if err != nil {
+		return nil, fmt.Errorf("key broker: %w", err)
+	}
+	if err := verify(c.RootPublic, Transcript(rd, resp.GetBrokerPublic(), resp.GetWrapped(), resp.GetAnchors()), resp.GetSignature()); err != nil {
+		return nil, err
+	}
+	peer, err := ecdh.P256().NewPublicKey(resp.GetBrokerPublic())
+	if err != nil {
+		return nil, fmt.Errorf("key broker response: broker key: %w", err)
+	}
+	shared, err := eph.ECDH(peer)
+	if err != nil {
+		return nil, err
+	}
+	aead, err := wrapAEAD(shared, ch.GetNonce(), cipherName)
+	if err != nil {
+		return nil, err
+	}
+	plain, err := aead.Open(nil, zeroNonce, resp.GetWrapped(), rd[:])
+	if err != nil {
+		return nil, fmt.Errorf("key broker response: wrapped keys do not open")
+	}
+	want := KeySize
+	if domain != "" {
+		want = 2 * KeySize
+	}
+	if len(plain) != want {
+		return nil, fmt.Errorf("key broker response: %d bytes of keys, want %d", len(plain), want)
+	}
+	r := &Released{MasterKey: plain[:KeySize], Anchors: resp.GetAnchors()}
+	if domain != "" {
+		r.MigrationKey = plain[KeySize:]
+	}
+	if r.Anchors == nil {
+		r.Anchors = map[string]uint64{}
+	}
+	return r, nil
+}
+
+// Anchor records instance generations at the broker.
+func (c *Client) Anchor(ctx context.Context, backendID string, masterKey []byte, gens map[string]uint64) error {
+	mac, err := AnchorMAC(masterKey, backendID, gens)
+	if err != nil {
+		return err
+	}
+	if _, err := c.KB.Anchor(ctx, &capb.AnchorRequest{BackendId: backendID, Generations: gens, Mac: mac}); err != nil {
+		return fmt.Errorf("key broker anchor: %w", err)
+	}
+	return nil
+}
