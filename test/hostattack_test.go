@@ -291,3 +291,84 @@ func TestMigrationBetweenBackends(t *testing.T) {
 	}
 	_ = context.Background
 }
+
+// startBroker runs `cvtpm ca --key-broker` with the topology's policy and
+// returns its address and root certificate.
+func startBroker(t *testing.T, f *testenv.TopologyFiles, extra ...string) (addr, root string) {
+	t.Helper()
+	dir := filepath.Join(f.Dir, "ca")
+	addr = fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+	testenv.StartDaemon(t, "ca+broker", []string{"tcp:" + addr}, append([]string{"ca", "--dir", dir, "--policy", f.Policy,
+		"--hsk-cek", filepath.Join(f.SimDir, csv.SimHSKCEKFile), "--listen", addr, "--http", "", "--key-broker"}, extra...)...)
+	return addr, filepath.Join(dir, "ca.pem")
+}
+
+// The backend's keys come from the key broker on evidence: an approved
+// backend starts and serves; the same chip running an image the policy
+// does not approve gets nothing. An old copy of an instance's directory put
+// back by the host is refused against the anchored generation.
+func TestKeyBroker(t *testing.T) {
+	f := testenv.NewTopologyFiles(t, 0x3)
+	addr, root := startBroker(t, f)
+	brokerArgs := []string{"--key-broker", addr, "--broker-root", root, "--backend-id", "backend-a", "--migration-domain", "prod"}
+	// The same chip, an image the policy does not approve.
+	sim, err := csv.LoadSimulator(f.SimDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var other [32]byte
+	sim.SetVM(csv.VMConfig{Version: 1, Measure: other, Policy: 0x3})
+	otherDir := filepath.Join(f.Dir, "other-image")
+	if err := sim.Save(otherDir); err != nil {
+		t.Fatal(err)
+	}
+	out, err := testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), append([]string{"backend", "--dir", filepath.Join(f.Dir, "other-state"),
+		"--listen", fmt.Sprintf("tcp:127.0.0.1:%d", testenv.FreePort(t)), "--client-ca", f.ClientCA, "--acl", f.ACL, "--csv-sim", otherDir}, brokerArgs...)...)
+	if err == nil || !strings.Contains(out, "key release refused: "+csv.ReasonMeasurement) {
+		t.Fatalf("a backend running an unapproved image: err=%v\n%s", err, out)
+	}
+
+	topo := testenv.StartBackend(t, f, brokerArgs...)
+	if strings.Contains(topo.Backend.Log.String(), "development setup") {
+		t.Errorf("a backend with keys from the broker warns of a development setup")
+	}
+	topo.Admin(t, "create", "vm1")
+	_, tcti := topo.StartGuestProxy(t, topo.LinkAddr, "guest-vm1", "vm1", f.Policy)
+	e := &hostEnv{dir: t.TempDir(), secret: []byte("broker-sealed secret"), password: "pw"}
+	e.guest = tools{tb: t, tcti: tcti, dir: e.dir}
+	testenv.RunErr([]string{"TPM2TOOLS_TCTI=" + tcti}, "tpm2_startup", "-c")
+	e.writeSecret(t)
+	topo.Backend.Stop()
+	old := filepath.Join(f.Dir, "vm1-old")
+	copyTree(t, filepath.Join(topo.StateDir, "vm1"), old)
+	topo.RestartBackend(t) // the same keys again: the secret is there
+	_, tcti = topo.StartGuestProxy(t, topo.LinkAddr, "guest-vm1", "vm1", f.Policy)
+	e.guest.tcti = tcti
+	if got := e.readSecret(t, tcti); !bytes.Equal(got, e.secret) {
+		t.Fatalf("after a restart with keys from the broker: %q", got)
+	}
+	e.guest.run("tpm2_nvwrite", secretIndex, "-P", e.password, "-i", e.guest.path("secret"))
+	topo.Backend.Stop() // anchors the last generation
+	os.RemoveAll(filepath.Join(topo.StateDir, "vm1"))
+	copyTree(t, old, filepath.Join(topo.StateDir, "vm1"))
+	topo.RestartBackend(t)
+	if list := topo.Admin(t, "list"); !strings.Contains(list, "state rolled back") {
+		t.Fatalf("an old copy of vm1's directory was accepted:\n%s", list)
+	}
+}
+
+func copyTree(t *testing.T, from, to string) {
+	t.Helper()
+	os.MkdirAll(to, 0o700)
+	entries, err := os.ReadDir(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if e.Name() == ".lock" {
+			continue
+		}
+		b, _ := os.ReadFile(filepath.Join(from, e.Name()))
+		os.WriteFile(filepath.Join(to, e.Name()), b, 0o600)
+	}
+}

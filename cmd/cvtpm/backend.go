@@ -3,6 +3,7 @@ package main
 // "cvtpm backend": the vTPM CVM's daemon, and its management client.
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -22,6 +23,7 @@ import (
 	capb "cvtpm/api/ca"
 	"cvtpm/attest/csv"
 	"cvtpm/ca"
+	"cvtpm/ca/keybroker"
 	"cvtpm/enroll"
 	"cvtpm/internal/attestedlink"
 	"cvtpm/internal/netaddr"
@@ -41,7 +43,9 @@ func runBackend(ctx context.Context, args []string) error {
 	}
 	fs := flag.NewFlagSet("cvtpm backend", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: cvtpm backend --dir DIR --key-file FILE|--key-fd N --client-ca FILE --acl FILE [options]
+		fmt.Fprint(fs.Output(), `Usage: cvtpm backend --dir DIR --key-broker ADDR --broker-root CA.pem --backend-id ID [--migration-domain D]
+                     --client-ca FILE --acl FILE [options]
+       cvtpm backend --dir DIR --key-file FILE|--key-fd N ...    (development)
        cvtpm backend create --admin SOCKET [--enroll | --incoming | --import DIR] ID
        cvtpm backend list|delete --admin SOCKET [ID]
 
@@ -71,6 +75,15 @@ unix socket --admin (default DIR/admin.sock), e.g.
   cvtpm backend create --admin DIR/admin.sock vm1
   cvtpm backend list   --admin DIR/admin.sock
 
+Keys: with --key-broker the backend proves with a CSV report (bound to a
+fresh nonce and an ephemeral key) that it runs the approved image, and the
+broker releases its master key (every instance's state key derives from it)
+and its migration domain's key, wrapped to that ephemeral key and signed by
+the CA key of --broker-root. The broker also keeps each instance's highest
+state generation: an instance whose directory is older (an old copy put
+back by the host) is refused. --key-file and --key-fd are for development:
+the link attests the image, not where such a key came from.
+
 With --ca, "create --enroll" also creates the instance's EKs and has the EK
 CA certify them (see 'cvtpm enroll --help').
 
@@ -81,48 +94,38 @@ Options:
 	dir := fs.String("dir", "", "directory of the instances' sealed state (required)")
 	listen := fs.String("listen", "tcp:127.0.0.1:7700", "attested link address: tcp:HOST:PORT, unix:PATH or vsock:PORT")
 	admin := fs.String("admin", "", "management API unix socket (default DIR/admin.sock)")
-	keyFile := fs.String("key-file", "", "hex master key (32+ bytes) from which each instance's state key is derived")
-	keyFD := fs.Int("key-fd", -1, "read the hex master key from this inherited descriptor instead of --key-file")
+	keyFile := fs.String("key-file", "", "development: hex master key (32+ bytes) from which each instance's state key is derived")
+	keyFD := fs.Int("key-fd", -1, "development: read the hex master key from this inherited descriptor instead of --key-file")
 	cipher := fs.String("cipher", "aes-256-gcm", "state AEAD: aes-256-gcm or sm4-gcm")
 	clientCA := fs.String("client-ca", "", "PEM file of the CA(s) that issue link client certificates (required)")
 	aclFile := fs.String("acl", "", "JSON access list: client certificate CN -> instances (required)")
 	simDir := fs.String("csv-sim", "", "use the CSV simulator saved in DIR when /dev/csv-guest is absent (tests, demos)")
 	hskCEK := fs.String("hsk-cek", "", "this chip's HSK+CEK bundle, sent to clients with each report")
 	caAddr := fs.String("ca", "", "EK CA gRPC address, for 'create --enroll'")
+	broker := fs.String("key-broker", "", "key broker gRPC address (cvtpm ca --key-broker): the master and migration keys are released there on this CVM's CSV evidence")
+	brokerRoot := fs.String("broker-root", "", "CA certificate (PEM) whose key signs the key broker's answers")
+	backendID := fs.String("backend-id", "", "this backend's name at the key broker (whose master key, whose anchors)")
+	migrationDomain := fs.String("migration-domain", "", "the key broker's migration domain: backends of one domain can migrate instances between them")
 	migrationKeyFile := fs.String("migration-key-file", "", "hex migration key (32 bytes) shared by the backends an instance may migrate between; without it state never leaves this backend")
 	if done, err := parseFlags(fs, args); done {
 		return err
 	}
-	if *dir == "" || (*keyFile == "") == (*keyFD < 0) || *clientCA == "" || *aclFile == "" {
-		return errors.New("--dir, one of --key-file and --key-fd, --client-ca and --acl are required (see --help)")
+	keySources := 0
+	for _, set := range []bool{*keyFile != "", *keyFD >= 0, *broker != ""} {
+		if set {
+			keySources++
+		}
+	}
+	if *dir == "" || keySources != 1 || *clientCA == "" || *aclFile == "" {
+		return errors.New("--dir, one of --key-broker, --key-file and --key-fd, --client-ca and --acl are required (see --help)")
+	}
+	if *broker != "" && (*brokerRoot == "" || *backendID == "") {
+		return errors.New("--key-broker needs --broker-root (the CA certificate that signs its answers) and --backend-id")
+	}
+	if *broker != "" && *migrationKeyFile != "" {
+		return errors.New("--migration-key-file and --key-broker exclude each other: the broker releases the migration key of --migration-domain")
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	var keys backend.KeySource
-	if *keyFD >= 0 {
-		k, err := backend.MasterKeyFromFD(*keyFD)
-		if err != nil {
-			return fmt.Errorf("--key-fd: %w", err)
-		}
-		keys = k
-	} else {
-		k, err := backend.MasterKeyFromFile(*keyFile)
-		if err != nil {
-			return fmt.Errorf("--key-file: %w", err)
-		}
-		keys = k
-	}
-	var migrationKey []byte
-	if *migrationKeyFile != "" {
-		mk, err := backend.MasterKeyFromFile(*migrationKeyFile)
-		if err != nil {
-			return fmt.Errorf("--migration-key-file: %w", err)
-		}
-		migrationKey = mk.Bytes()
-		if n := len(migrationKey); n != 32 && n != 64 {
-			return fmt.Errorf("--migration-key-file: the key is %d bytes: want 32 (or 64)", n)
-		}
-		log.Warn("migration key read from a file on the CVM's disk (development setup): whoever placed the file can open migrated state", "file", *migrationKeyFile)
-	}
 	acl, err := backend.LoadACL(*aclFile)
 	if err != nil {
 		return fmt.Errorf("--acl: %w", err)
@@ -154,12 +157,51 @@ Options:
 			log.Warn("using the CSV SIMULATOR: clients that trust only HYGON's real root will refuse this backend", "dir", *simDir)
 		}
 	}
+	cfg := backend.Config{Dir: *dir, Cipher: *cipher, Logger: log, Evidence: evidence, ChipCerts: bundle}
+	switch {
+	case *broker != "":
+		released, anchorer, closeConn, err := releaseKeys(ctx, *broker, *brokerRoot, *backendID, *migrationDomain, *cipher, evidence, log)
+		if err != nil {
+			return err
+		}
+		defer closeConn()
+		keys, err := backend.NewMasterKey(released.MasterKey)
+		if err != nil {
+			return err
+		}
+		cfg.Keys, cfg.MigrationKey, cfg.Anchors, cfg.Anchorer = keys, released.MigrationKey, released.Anchors, anchorer
+	case *keyFD >= 0:
+		k, err := backend.MasterKeyFromFD(*keyFD)
+		if err != nil {
+			return fmt.Errorf("--key-fd: %w", err)
+		}
+		cfg.Keys = k
+		log.Warn("master key from a descriptor (development setup): the link attests this image, not where its key came from; use --key-broker")
+	default:
+		k, err := backend.MasterKeyFromFile(*keyFile)
+		if err != nil {
+			return fmt.Errorf("--key-file: %w", err)
+		}
+		cfg.Keys = k
+		log.Warn("master key read from a file on the CVM's disk (development setup): whoever placed the file can open every instance's state; use --key-broker", "file", *keyFile)
+	}
+	if *migrationKeyFile != "" {
+		mk, err := backend.MasterKeyFromFile(*migrationKeyFile)
+		if err != nil {
+			return fmt.Errorf("--migration-key-file: %w", err)
+		}
+		cfg.MigrationKey = mk.Bytes()
+		if n := len(cfg.MigrationKey); n != 32 && n != 64 {
+			return fmt.Errorf("--migration-key-file: the key is %d bytes: want 32 (or 64)", n)
+		}
+		log.Warn("migration key read from a file on the CVM's disk (development setup): whoever placed the file can open migrated state", "file", *migrationKeyFile)
+	}
 	exe, err := os.Executable()
 	if err != nil {
 		return err
 	}
-	sup, err := backend.New(ctx, backend.Config{Dir: *dir, Keys: keys, Cipher: *cipher, Worker: []string{exe, "worker"}, Logger: log,
-		Evidence: evidence, ChipCerts: bundle, MigrationKey: migrationKey})
+	cfg.Worker = []string{exe, "worker"}
+	sup, err := backend.New(ctx, cfg)
 	if err != nil {
 		return err
 	}
@@ -309,3 +351,33 @@ func runBackendAdmin(ctx context.Context, verb string, args []string) error {
 	}
 	return nil
 }
+
+// releaseKeys has the key broker release this backend's keys on its CSV
+// evidence; the returned Anchorer records generations there.
+func releaseKeys(ctx context.Context, addr, rootFile, id, domain, cipher string, evidence csv.ReportProvider, log *slog.Logger) (*keybroker.Released, backend.Anchorer, func(), error) {
+	root, err := keybroker.RootPublicFromFile(rootFile)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("--broker-root: %w", err)
+	}
+	conn, err := dialGRPC("--key-broker", addr)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	c := &keybroker.Client{KB: capb.NewKeyBrokerClient(conn), RootPublic: root, Evidence: evidence}
+	rctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	log.Info("asking the key broker for this backend's keys", "broker", addr, "backend_id", id, "migration_domain", domain)
+	released, err := c.Release(rctx, id, domain, cipher)
+	if err != nil {
+		conn.Close()
+		return nil, nil, nil, fmt.Errorf("--key-broker %s: %w", addr, err)
+	}
+	log.Info("keys released by the key broker", "anchored_instances", len(released.Anchors), "migration_key", released.MigrationKey != nil)
+	master := bytes.Clone(released.MasterKey)
+	anchor := anchorFunc(func(ctx context.Context, gens map[string]uint64) error { return c.Anchor(ctx, id, master, gens) })
+	return released, anchor, func() { conn.Close() }, nil
+}
+
+type anchorFunc func(ctx context.Context, gens map[string]uint64) error
+
+func (f anchorFunc) Anchor(ctx context.Context, gens map[string]uint64) error { return f(ctx, gens) }

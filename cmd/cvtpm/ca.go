@@ -11,6 +11,7 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"flag"
@@ -22,6 +23,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc"
@@ -32,6 +34,7 @@ import (
 
 	"cvtpm/attest/csv"
 	"cvtpm/ca"
+	"cvtpm/ca/keybroker"
 )
 
 func init() {
@@ -70,6 +73,8 @@ Options:
 	certDir := fs.String("cert-dir", "", "offline HSK+CEK directory per chip serial")
 	keyType := fs.String("key-type", "p256", "key of a newly created CA: p256, p384, rsa3072 or sm2 (SM2 with SM3, for domestic PKIs)")
 	pgConn := fs.String("postgres", "", "keep certificates in PostgreSQL (libpq connection string) instead of DIR/ca.db, for several CA replicas")
+	brokerOn := fs.Bool("key-broker", false, "also serve the key broker: release vTPM backends' master and migration keys on CSV evidence (same policy), anchors in the same store")
+	brokerKEK := fs.String("broker-kek", "", "hex key (32 bytes) that seals the broker's keys in the store (default DIR/broker.kek, created on first start; share it between PostgreSQL replicas)")
 	kds := fs.String("kds", "", "HYGON KDS base URL to fetch HSK+CEK from (default when neither --hsk-cek nor --cert-dir)")
 	if done, err := parseFlags(fs, args); done {
 		return err
@@ -131,6 +136,13 @@ Options:
 
 	public := grpc.NewServer()
 	(&ca.Server{Authority: authority, Log: log}).Register(public)
+	if *brokerOn {
+		kb, err := newKeyBroker(ctx, *dir, *brokerKEK, store, keys, authority, log)
+		if err != nil {
+			return err
+		}
+		kb.Register(public)
+	}
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		return fmt.Errorf("--listen: %w", err)
@@ -367,4 +379,47 @@ Options:
 	fmt.Printf("identity %q: certificate %s (serial %s, until %s), key %s\n", *name, *outCert, cert.SerialNumber.Text(16),
 		cert.NotAfter.UTC().Format(time.RFC3339), *outKey)
 	return nil
+}
+
+// newKeyBroker sets up the key broker beside the CA: same evidence policy
+// and verifier, same database, answers signed with the CA key.
+func newKeyBroker(ctx context.Context, dir, kekFile string, store ca.Store, keys caKeys, authority *ca.Authority, log *slog.Logger) (*keybroker.Broker, error) {
+	if kekFile == "" {
+		kekFile = filepath.Join(dir, "broker.kek")
+		if _, err := os.Stat(kekFile); errors.Is(err, fs.ErrNotExist) {
+			k := make([]byte, 32)
+			rand.Read(k)
+			if err := os.WriteFile(kekFile, []byte(hex.EncodeToString(k)+"\n"), 0o600); err != nil {
+				return nil, fmt.Errorf("key broker KEK: %w", err)
+			}
+			log.Info("created the key broker's KEK", "file", kekFile)
+		}
+	}
+	b, err := os.ReadFile(kekFile)
+	if err != nil {
+		return nil, fmt.Errorf("key broker KEK: %w", err)
+	}
+	kek, err := hex.DecodeString(strings.TrimSpace(string(b)))
+	if err != nil || len(kek) != 32 {
+		return nil, fmt.Errorf("key broker KEK %s: want 32 bytes in hex", kekFile)
+	}
+	var kbStore keybroker.Store
+	switch st := store.(type) {
+	case *ca.BoltStore:
+		kbStore, err = keybroker.NewBoltStore(st.DB())
+	case *ca.PGStore:
+		kbStore, err = keybroker.NewPGStore(ctx, st.Pool())
+	default:
+		err = fmt.Errorf("key broker: unsupported store %T", store)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var signer crypto.Signer = keys.signer
+	if keys.sm2 != nil {
+		signer = keys.sm2.Key
+	}
+	log.Info("key broker enabled: backends' keys are released on CSV evidence that passes the policy")
+	return &keybroker.Broker{Policy: &authority.Policy.AppraisalPolicy, Verifier: authority.Verifier, Signer: signer,
+		Store: kbStore, KEK: kek, Log: log}, nil
 }

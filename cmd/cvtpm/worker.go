@@ -47,6 +47,7 @@ Options:
 	instance := fs.String("instance", "", "the instance's id (bound into migrated state)")
 	migrationFD := fs.Int("migration-key-fd", -1, "inherited descriptor with the hex migration key")
 	isNew := fs.Bool("new", false, "the instance is being created: an empty state directory is expected")
+	minGen := fs.Uint64("min-generation", 0, "a new instance starts its state generation here (above an anchor its id had before)")
 	importSwtpm := fs.Bool("import-swtpm", false, "import swtpm's unencrypted tpm2-00.* files from the state directory (administrator's import)")
 	if done, err := parseFlags(fs, args); done {
 		return err
@@ -77,6 +78,9 @@ Options:
 		return fmt.Errorf("state: %w", err)
 	}
 	defer store.Close()
+	if err := store.RaiseGeneration(*minGen); err != nil {
+		return fmt.Errorf("state: %w", err)
+	}
 	eng, err := engine.New(store, log)
 	if err != nil {
 		return err

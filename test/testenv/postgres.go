@@ -50,4 +50,3 @@ func StartPostgres(t testing.TB) string {
 	t.Cleanup(func() { run(filepath.Join(bin, "pg_ctl"), "-D", data, "-m", "immediate", "stop") })
 	return "host=" + dir + " user=cvtpm dbname=postgres"
 }
-

@@ -19,6 +19,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -238,8 +239,11 @@ func StartBackend(tb testing.TB, f *TopologyFiles, extra ...string) *Topology {
 	port := FreePort(tb)
 	t := &Topology{Files: f, LinkAddr: fmt.Sprintf("tcp:127.0.0.1:%d", port), StateDir: filepath.Join(f.Dir, "state")}
 	t.AdminSock = filepath.Join(t.StateDir, "admin.sock")
-	t.backendArgs = append([]string{"backend", "--dir", t.StateDir, "--listen", t.LinkAddr, "--key-file", f.MasterKey,
-		"--client-ca", f.ClientCA, "--acl", f.ACL, "--csv-sim", f.SimDir}, extra...)
+	t.backendArgs = []string{"backend", "--dir", t.StateDir, "--listen", t.LinkAddr, "--client-ca", f.ClientCA, "--acl", f.ACL, "--csv-sim", f.SimDir}
+	if !slices.Contains(extra, "--key-broker") { // keys from the broker, or the development key file
+		t.backendArgs = append(t.backendArgs, "--key-file", f.MasterKey)
+	}
+	t.backendArgs = append(t.backendArgs, extra...)
 	t.Backend = StartDaemon(tb, "backend", []string{t.LinkAddr, "unix:" + t.AdminSock}, t.backendArgs...)
 	return t
 }

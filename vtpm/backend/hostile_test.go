@@ -3,10 +3,13 @@ package backend
 import (
 	"context"
 	"errors"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/google/go-tpm/tpm2"
 
@@ -244,5 +247,98 @@ func TestTamperedInstanceDoesNotStopOthers(t *testing.T) {
 	r = call(t, s, "vm2", tpmrpc.Roles["host"], tpmrpc.Request{Op: tpmrpc.OpRunning})
 	if !strings.Contains(r.Err, "sealed state is missing") {
 		t.Errorf("call to the emptied instance: %+v", r)
+	}
+}
+
+// memAnchors stands in for the key broker's anchors.
+type memAnchors struct {
+	mu sync.Mutex
+	m  map[string]uint64
+}
+
+func (a *memAnchors) Anchor(_ context.Context, gens map[string]uint64) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for id, g := range gens {
+		a.m[id] = max(a.m[id], g)
+	}
+	return nil
+}
+
+func (a *memAnchors) copy() map[string]uint64 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return maps.Clone(a.m)
+}
+
+// An old complete copy of an instance's directory (manifest and blobs
+// together, which the directory alone cannot detect) is refused against
+// the anchored generation; the instance's id reused after a delete starts
+// above its old anchor.
+func TestWholeDirectoryRollback(t *testing.T) {
+	dir := t.TempDir()
+	anchors := &memAnchors{m: map[string]uint64{}}
+	open := func() *Supervisor {
+		keys, _ := NewMasterKey(bytesOf(1, 32))
+		s, err := New(context.Background(), Config{Dir: dir, Keys: keys, Worker: []string{testenv.Binary(t, testenv.Cvtpm), "worker"},
+			Anchors: anchors.copy(), Anchorer: anchors, AnchorInterval: 20 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	s := open()
+	for _, id := range []string{"vm1", "vm2"} {
+		if _, err := s.Create(context.Background(), id, CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vm1 := tpmOf(s, "vm1")
+	startup(t, vm1)
+	name := defineNV(t, vm1)
+	writeNV(vm1, name, 1)
+	s.Close()
+	old := t.TempDir()
+	copyDir(t, filepath.Join(dir, "vm1"), old)
+	s = open()
+	vm1 = tpmOf(s, "vm1")
+	startup(t, vm1)
+	for v := uint64(2); v < 5; v++ {
+		writeNV(vm1, name, v)
+	}
+	s.Close() // anchors the last generations
+	os.RemoveAll(filepath.Join(dir, "vm1"))
+	copyDir(t, old, filepath.Join(dir, "vm1"))
+	s = open()
+	defer s.Close()
+	info, _ := s.Info("vm1")
+	if info.State != StateFailed || !strings.Contains(info.Error, "state rolled back") {
+		t.Fatalf("vm1 from an old copy of its directory: %+v", info)
+	}
+	if info, _ := s.Info("vm2"); info.State != StateRunning {
+		t.Fatalf("vm2: %+v", info)
+	}
+	// Delete and create vm2 again: the new instance is not refused.
+	if err := s.Delete(context.Background(), "vm2"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Create(context.Background(), "vm2", CreateOptions{}); err != nil {
+		t.Fatalf("re-creating vm2 above its old anchor: %v", err)
+	}
+}
+
+func copyDir(t *testing.T, from, to string) {
+	t.Helper()
+	os.MkdirAll(to, 0o700)
+	entries, _ := os.ReadDir(from)
+	for _, e := range entries {
+		if e.Name() == ".lock" {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(from, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(filepath.Join(to, e.Name()), b, 0o600)
 	}
 }

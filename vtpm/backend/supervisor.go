@@ -52,6 +52,20 @@ type Config struct {
 	// another backend holding the same key (vtpm/migration). Nil: state
 	// never leaves this backend, and none is loaded.
 	MigrationKey []byte
+	// Anchors are the instances' highest state generations recorded
+	// outside this CVM's disk (the key broker's). An instance whose state
+	// is older was rolled back by whoever holds the disk, and is refused.
+	Anchors map[string]uint64
+	// Anchorer, if set, records the instances' generations outside the
+	// disk every AnchorInterval (default 1 s) and when the backend stops.
+	Anchorer       Anchorer
+	AnchorInterval time.Duration
+}
+
+// Anchorer records instance state generations where the host cannot lower
+// them (keybroker.Client.Anchor).
+type Anchorer interface {
+	Anchor(ctx context.Context, generations map[string]uint64) error
 }
 
 // State of an instance's worker.
@@ -102,6 +116,13 @@ type Supervisor struct {
 	mu        sync.Mutex
 	instances map[string]*instance
 	closed    bool
+	// seen is each instance's highest state generation known: the
+	// anchors, then what its workers reported. A worker that comes back
+	// with less was rolled back.
+	seen       map[string]uint64
+	anchored   map[string]uint64 // what the Anchorer has recorded
+	stopAnchor context.CancelFunc
+	anchorDone chan struct{}
 }
 
 type instance struct {
@@ -155,7 +176,10 @@ func New(ctx context.Context, cfg Config) (*Supervisor, error) {
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("backend: %w", err)
 	}
-	s := &Supervisor{cfg: cfg, log: cfg.Logger, instances: map[string]*instance{}}
+	s := &Supervisor{cfg: cfg, log: cfg.Logger, instances: map[string]*instance{}, seen: map[string]uint64{}, anchored: map[string]uint64{}}
+	for id, g := range cfg.Anchors {
+		s.seen[id], s.anchored[id] = g, g
+	}
 	entries, err := os.ReadDir(cfg.Dir)
 	if err != nil {
 		return nil, fmt.Errorf("backend: %w", err)
@@ -184,7 +208,86 @@ func New(ctx context.Context, cfg Config) (*Supervisor, error) {
 		s.instances[inst.id] = inst
 	}
 	s.log.Info("backend ready", "instances", len(s.instances), "dir", cfg.Dir)
+	if cfg.Anchorer != nil {
+		actx, cancel := context.WithCancel(context.Background())
+		s.stopAnchor, s.anchorDone = cancel, make(chan struct{})
+		go s.anchorLoop(actx)
+	}
 	return s, nil
+}
+
+// anchorLoop records the instances' generations with the Anchorer.
+func (s *Supervisor) anchorLoop(ctx context.Context) {
+	defer close(s.anchorDone)
+	every := s.cfg.AnchorInterval
+	if every == 0 {
+		every = time.Second
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			s.anchorNow(ctx)
+		}
+	}
+}
+
+// anchorNow asks every running worker for its generation and records the
+// ones that grew.
+func (s *Supervisor) anchorNow(ctx context.Context) {
+	s.mu.Lock()
+	insts := make([]*instance, 0, len(s.instances))
+	for _, i := range s.instances {
+		insts = append(insts, i)
+	}
+	s.mu.Unlock()
+	changed := map[string]uint64{}
+	for _, inst := range insts {
+		inst.mu.Lock()
+		if inst.w != nil && !inst.deleted {
+			if g, err := s.generation(ctx, inst); err == nil {
+				s.mu.Lock()
+				s.seen[inst.id] = max(s.seen[inst.id], g)
+				if g > s.anchored[inst.id] {
+					changed[inst.id] = g
+				}
+				s.mu.Unlock()
+			}
+		}
+		inst.mu.Unlock()
+	}
+	if len(changed) == 0 {
+		return
+	}
+	if err := s.cfg.Anchorer.Anchor(ctx, changed); err != nil {
+		s.log.Warn("recording state generations with the key broker failed; retrying", "err", err)
+		return
+	}
+	s.mu.Lock()
+	for id, g := range changed {
+		s.anchored[id] = max(s.anchored[id], g)
+	}
+	s.mu.Unlock()
+}
+
+// generation asks inst's worker for its state generation. Called with
+// inst.mu held and a worker running.
+func (s *Supervisor) generation(ctx context.Context, inst *instance) (uint64, error) {
+	out, err := inst.w.caller.Call(ctx, tpmrpc.AppendRequest(nil, tpmrpc.Request{Op: tpmrpc.OpGeneration}))
+	if err != nil {
+		return 0, err
+	}
+	r, err := tpmrpc.ParseResponse(out)
+	if err != nil {
+		return 0, err
+	}
+	if r.Err != "" {
+		return 0, errors.New(r.Err)
+	}
+	return uint64(r.V[0])<<32 | uint64(r.V[1]), nil
 }
 
 func (s *Supervisor) newInstance(id string) *instance {
@@ -363,8 +466,17 @@ func (s *Supervisor) lookup(id string) *instance {
 	return s.instances[id]
 }
 
-// Close stops every worker. Their state is already on disk.
+// Close stops every worker. Their state is already on disk; their last
+// generations are anchored first.
 func (s *Supervisor) Close() {
+	if s.stopAnchor != nil {
+		s.stopAnchor()
+		<-s.anchorDone
+		s.stopAnchor = nil
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		s.anchorNow(ctx)
+		cancel()
+	}
 	s.mu.Lock()
 	s.closed = true
 	insts := make([]*instance, 0, len(s.instances))
@@ -441,6 +553,14 @@ func (s *Supervisor) startWorker(ctx context.Context, inst *instance, mode start
 	case startImport:
 		argv = append(argv, "--import-swtpm")
 	}
+	s.mu.Lock()
+	floor := s.seen[inst.id]
+	s.mu.Unlock()
+	if mode != startExisting && floor > 0 {
+		// The id had an instance before: the new one's generations start
+		// above that one's anchor.
+		argv = append(argv, "--min-generation", fmt.Sprint(floor))
+	}
 	extra := []*os.File{child, keyR}
 	var migR, migW *os.File
 	if s.cfg.MigrationKey != nil {
@@ -500,19 +620,40 @@ func (s *Supervisor) startWorker(ctx context.Context, inst *instance, mode start
 	}
 	inst.w = w
 	inst.lastStart = time.Now()
-	if err := s.restore(ctx, inst); err != nil {
+	err = s.restore(ctx, inst)
+	if err == nil && floor > 0 {
+		err = s.checkNotRolledBack(ctx, inst, floor)
+	}
+	if err != nil {
 		// A worker that cannot be brought up is not left running (nor
 		// restarted by exited): the next call or a restart retries.
 		inst.w = nil
 		cmd.Process.Kill()
 		<-w.done
-		if why := stderr.String(); why != "" {
+		if why := stderr.String(); why != "" && !errors.Is(err, ErrRolledBack) {
 			// The worker's own last word (e.g. its state was refused)
 			// says more than the broken socket.
 			return errors.New(why)
 		}
 		return err
 	}
+	return nil
+}
+
+// ErrRolledBack: an instance's state is older than its anchor.
+var ErrRolledBack = errors.New("state rolled back")
+
+func (s *Supervisor) checkNotRolledBack(ctx context.Context, inst *instance, floor uint64) error {
+	g, err := s.generation(ctx, inst)
+	if err != nil {
+		return fmt.Errorf("reading the state generation: %w", err)
+	}
+	if g < floor {
+		return fmt.Errorf("%w: the sealed state is at generation %d, but generation %d was anchored (an old copy of the directory was put back)", ErrRolledBack, g, floor)
+	}
+	s.mu.Lock()
+	s.seen[inst.id] = max(s.seen[inst.id], g)
+	s.mu.Unlock()
 	return nil
 }
 

@@ -133,6 +133,10 @@ func (t *TPM) ImportState(blobType uint32, env []byte) error {
 	return nil
 }
 
+// Generation is the instance's state generation (the backend anchors it
+// with the key broker).
+func (t *TPM) Generation() uint64 { return t.Store.Generation() }
+
 // GetState and SetState are not for the link: state leaves and enters
 // only through ExportState and ImportState.
 func (t *TPM) GetState(uint32) ([]byte, uint32) { return nil, engine.RCFail }

@@ -98,6 +98,12 @@ func call(tpm swtpmproto.TPM, r Request) Response {
 		return Response{RC: tpm.SetState(uint32(r.Arg), r.Payload)}
 	case OpMaxCommandSize:
 		return Response{V: [3]uint32{uint32(tpm.MaxCommandSize())}}
+	case OpGeneration:
+		if g, ok := tpm.(interface{ Generation() uint64 }); ok {
+			v := g.Generation()
+			return Response{V: [3]uint32{uint32(v >> 32), uint32(v)}}
+		}
+		return Response{Err: "this TPM keeps no state generation"}
 	}
 	return Response{Err: fmt.Sprintf("unknown operation %v", r.Op)}
 }

@@ -42,12 +42,15 @@ const (
 	OpGetState
 	OpSetState
 	OpMaxCommandSize
+	// OpGeneration asks the worker for its state generation (V[0] high,
+	// V[1] low 32 bits). The backend's own call: no link caller may make it.
+	OpGeneration
 	opEnd
 )
 
 var opNames = [...]string{"", "init", "stop", "running", "execute", "set-locality", "established",
 	"reset-established", "hash-start", "hash-data", "hash-end", "cancel", "store-volatile",
-	"set-buffer-size", "info", "get-state", "set-state", "max-command-size"}
+	"set-buffer-size", "info", "get-state", "set-state", "max-command-size", "generation"}
 
 func (o Op) String() string {
 	if o > 0 && o < opEnd {
