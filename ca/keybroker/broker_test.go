@@ -225,11 +225,18 @@ func TestRefusals(t *testing.T) {
 
 // newSimSaved is a second simulated chip under the fixture's root.
 func newSimSaved(t *testing.T, f *fixture, measure [32]byte, policy uint32) *csv.Simulator {
-	s := *f.sim
+	dir := t.TempDir()
+	if err := f.sim.Save(dir); err != nil {
+		t.Fatal(err)
+	}
+	s, err := csv.LoadSimulator(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := s.SetVM(csv.VMConfig{Version: 1, Measure: measure, Policy: policy}); err != nil {
 		t.Fatal(err)
 	}
-	return &s
+	return s
 }
 
 func mustEph(t *testing.T) []byte {
