@@ -372,3 +372,62 @@ func copyTree(t *testing.T, from, to string) {
 		os.WriteFile(filepath.Join(to, e.Name()), b, 0o600)
 	}
 }
+
+// Migration between two backends whose keys come from the key broker (one
+// migration domain): QEMU's path with swtpm_ioctl works, the source hands
+// the instance over and its stale copy stops, and an export the host kept
+// from before the guest's last write is refused at the destination.
+func TestMigrationWithKeyBroker(t *testing.T) {
+	f := testenv.NewTopologyFiles(t, 0x3)
+	addr, root := startBroker(t, f)
+	args := func(id string) []string {
+		return []string{"--key-broker", addr, "--broker-root", root, "--backend-id", id, "--migration-domain", "prod"}
+	}
+	src := testenv.StartBackend(t, f, args("backend-a")...)
+	dst := testenv.StartBackendAt(t, f, filepath.Join(f.Dir, "state-b"), args("backend-b")...)
+	src.Admin(t, "create", "vm1")
+	sctrl := startFrontend(t, f, src, "vm1")["vm1"]
+	dctrl := startFrontend(t, f, dst, "vm1")["vm1"]
+	_, tcti := src.StartGuestProxy(t, src.LinkAddr, "guest-vm1", "vm1", f.Policy)
+	e := &hostEnv{dir: t.TempDir(), secret: []byte("first secret"), password: "pw"}
+	e.guest = tools{tb: t, tcti: tcti, dir: e.dir}
+	testenv.RunErr([]string{"TPM2TOOLS_TCTI=" + tcti}, "tpm2_startup", "-c")
+	e.writeSecret(t)
+	// The host keeps an export, then the guest writes a newer secret.
+	old := filepath.Join(e.dir, "old.permanent")
+	mustHostIoctl(t, sctrl, "--save", "permanent", old)
+	e.secret = []byte("newer secret")
+	os.WriteFile(e.guest.path("secret"), e.secret, 0o600)
+	e.guest.run("tpm2_nvwrite", secretIndex, "-P", e.password, "-i", e.guest.path("secret"))
+
+	dst.Admin(t, "create", "--incoming", "vm1")
+	mustHostIoctl(t, dctrl, "--stop")
+	if out, err := hostIoctl(dctrl, "--load", "permanent", old); err == nil {
+		t.Fatalf("the destination loaded an export older than the guest's last write:\n%s", out)
+	}
+	if !strings.Contains(dst.Backend.Log.String(), "has newer state than the claimed export") {
+		t.Errorf("destination log does not say why:\n%s", dst.Backend.Log.String())
+	}
+	// The real migration: QEMU pauses the source VM, saves, loads.
+	for _, blob := range []string{"permanent", "volatile"} {
+		mustHostIoctl(t, sctrl, "--save", blob, filepath.Join(e.dir, "mig."+blob))
+	}
+	for _, blob := range []string{"permanent", "volatile"} {
+		file := filepath.Join(e.dir, "mig."+blob)
+		if out, err := hostIoctl(dctrl, "--load", blob, file); err != nil {
+			t.Fatalf("--load %s at the destination: %v\n%s\ndestination log:\n%s", blob, err, out, dst.Backend.Log.String())
+		}
+	}
+	mustHostIoctl(t, dctrl, "-i")
+	_, dtcti := dst.StartGuestProxy(t, dst.LinkAddr, "guest-vm1", "vm1", f.Policy)
+	if got := e.readSecret(t, dtcti); !bytes.Equal(got, e.secret) {
+		t.Fatalf("the migrated guest reads %q, want %q", got, e.secret)
+	}
+	// The source's copy is stale now: it serves nothing and gives nothing.
+	if out, err := hostIoctl(sctrl, "--save", "permanent", filepath.Join(e.dir, "stale")); err == nil {
+		t.Errorf("the stale source copy gave its state:\n%s", out)
+	}
+	if list := src.Admin(t, "list"); !strings.Contains(list, "migrated to backend backend-b") {
+		t.Errorf("source list:\n%s", list)
+	}
+}

@@ -195,8 +195,9 @@ type ReleaseKeysResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	BrokerPublic  []byte                 `protobuf:"bytes,1,opt,name=broker_public,json=brokerPublic,proto3" json:"broker_public,omitempty"`                                              // P-256 ECDH public key, uncompressed
 	Wrapped       []byte                 `protobuf:"bytes,2,opt,name=wrapped,proto3" json:"wrapped,omitempty"`                                                                            // AEAD(master key || migration key)
-	Anchors       map[string]uint64      `protobuf:"bytes,3,rep,name=anchors,proto3" json:"anchors,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"` // instance id -> highest generation seen
+	Anchors       map[string]uint64      `protobuf:"bytes,3,rep,name=anchors,proto3" json:"anchors,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"` // instance id -> highest generation seen (owned by this backend)
 	Signature     []byte                 `protobuf:"bytes,4,opt,name=signature,proto3" json:"signature,omitempty"`                                                                        // CA key over keybroker.Transcript
+	Moved         map[string]string      `protobuf:"bytes,5,rep,name=moved,proto3" json:"moved,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`      // instance id -> the backend that owns it now
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -259,13 +260,21 @@ func (x *ReleaseKeysResponse) GetSignature() []byte {
 	return nil
 }
 
+func (x *ReleaseKeysResponse) GetMoved() map[string]string {
+	if x != nil {
+		return x.Moved
+	}
+	return nil
+}
+
 type AnchorRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	BackendId     string                 `protobuf:"bytes,1,opt,name=backend_id,json=backendId,proto3" json:"backend_id,omitempty"`
-	Generations   map[string]uint64      `protobuf:"bytes,2,rep,name=generations,proto3" json:"generations,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
-	Mac           []byte                 `protobuf:"bytes,3,opt,name=mac,proto3" json:"mac,omitempty"` // HMAC-SHA256 under the anchor key
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	BackendId       string                 `protobuf:"bytes,1,opt,name=backend_id,json=backendId,proto3" json:"backend_id,omitempty"`
+	MigrationDomain string                 `protobuf:"bytes,2,opt,name=migration_domain,json=migrationDomain,proto3" json:"migration_domain,omitempty"` // anchors are kept per domain (or per backend without one)
+	Generations     map[string]uint64      `protobuf:"bytes,3,rep,name=generations,proto3" json:"generations,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	Mac             []byte                 `protobuf:"bytes,4,opt,name=mac,proto3" json:"mac,omitempty"` // HMAC-SHA256 under the anchor key
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *AnchorRequest) Reset() {
@@ -305,6 +314,13 @@ func (x *AnchorRequest) GetBackendId() string {
 	return ""
 }
 
+func (x *AnchorRequest) GetMigrationDomain() string {
+	if x != nil {
+		return x.MigrationDomain
+	}
+	return ""
+}
+
 func (x *AnchorRequest) GetGenerations() map[string]uint64 {
 	if x != nil {
 		return x.Generations
@@ -321,6 +337,7 @@ func (x *AnchorRequest) GetMac() []byte {
 
 type AnchorResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
+	Moved         map[string]string      `protobuf:"bytes,1,rep,name=moved,proto3" json:"moved,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"` // instances another backend owns now: this copy is stale
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -355,6 +372,133 @@ func (*AnchorResponse) Descriptor() ([]byte, []int) {
 	return file_keybroker_proto_rawDescGZIP(), []int{5}
 }
 
+func (x *AnchorResponse) GetMoved() map[string]string {
+	if x != nil {
+		return x.Moved
+	}
+	return nil
+}
+
+type ClaimRequest struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	BackendId       string                 `protobuf:"bytes,1,opt,name=backend_id,json=backendId,proto3" json:"backend_id,omitempty"`
+	MigrationDomain string                 `protobuf:"bytes,2,opt,name=migration_domain,json=migrationDomain,proto3" json:"migration_domain,omitempty"`
+	Instance        string                 `protobuf:"bytes,3,opt,name=instance,proto3" json:"instance,omitempty"`
+	Generation      uint64                 `protobuf:"varint,4,opt,name=generation,proto3" json:"generation,omitempty"`
+	Mac             []byte                 `protobuf:"bytes,5,opt,name=mac,proto3" json:"mac,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ClaimRequest) Reset() {
+	*x = ClaimRequest{}
+	mi := &file_keybroker_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClaimRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClaimRequest) ProtoMessage() {}
+
+func (x *ClaimRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClaimRequest.ProtoReflect.Descriptor instead.
+func (*ClaimRequest) Descriptor() ([]byte, []int) {
+	return file_keybroker_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ClaimRequest) GetBackendId() string {
+	if x != nil {
+		return x.BackendId
+	}
+	return ""
+}
+
+func (x *ClaimRequest) GetMigrationDomain() string {
+	if x != nil {
+		return x.MigrationDomain
+	}
+	return ""
+}
+
+func (x *ClaimRequest) GetInstance() string {
+	if x != nil {
+		return x.Instance
+	}
+	return ""
+}
+
+func (x *ClaimRequest) GetGeneration() uint64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+func (x *ClaimRequest) GetMac() []byte {
+	if x != nil {
+		return x.Mac
+	}
+	return nil
+}
+
+type ClaimResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pending       bool                   `protobuf:"varint,1,opt,name=pending,proto3" json:"pending,omitempty"` // ask again; false: this backend owns the instance
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClaimResponse) Reset() {
+	*x = ClaimResponse{}
+	mi := &file_keybroker_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClaimResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClaimResponse) ProtoMessage() {}
+
+func (x *ClaimResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keybroker_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClaimResponse.ProtoReflect.Descriptor instead.
+func (*ClaimResponse) Descriptor() ([]byte, []int) {
+	return file_keybroker_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *ClaimResponse) GetPending() bool {
+	if x != nil {
+		return x.Pending
+	}
+	return false
+}
+
 var File_keybroker_proto protoreflect.FileDescriptor
 
 const file_keybroker_proto_rawDesc = "" +
@@ -371,28 +515,51 @@ const file_keybroker_proto_rawDesc = "" +
 	"\x10ephemeral_public\x18\x04 \x01(\fR\x0fephemeralPublic\x12\x16\n" +
 	"\x06cipher\x18\x05 \x01(\tR\x06cipher\x12\x1d\n" +
 	"\n" +
-	"csv_report\x18\x06 \x01(\fR\tcsvReport\"\xf7\x01\n" +
+	"csv_report\x18\x06 \x01(\fR\tcsvReport\"\xf4\x02\n" +
 	"\x13ReleaseKeysResponse\x12#\n" +
 	"\rbroker_public\x18\x01 \x01(\fR\fbrokerPublic\x12\x18\n" +
 	"\awrapped\x18\x02 \x01(\fR\awrapped\x12G\n" +
 	"\aanchors\x18\x03 \x03(\v2-.cvtpm.ca.v1.ReleaseKeysResponse.AnchorsEntryR\aanchors\x12\x1c\n" +
-	"\tsignature\x18\x04 \x01(\fR\tsignature\x1a:\n" +
+	"\tsignature\x18\x04 \x01(\fR\tsignature\x12A\n" +
+	"\x05moved\x18\x05 \x03(\v2+.cvtpm.ca.v1.ReleaseKeysResponse.MovedEntryR\x05moved\x1a:\n" +
 	"\fAnchorsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\xcf\x01\n" +
+	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\x1a8\n" +
+	"\n" +
+	"MovedEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xfa\x01\n" +
 	"\rAnchorRequest\x12\x1d\n" +
 	"\n" +
-	"backend_id\x18\x01 \x01(\tR\tbackendId\x12M\n" +
-	"\vgenerations\x18\x02 \x03(\v2+.cvtpm.ca.v1.AnchorRequest.GenerationsEntryR\vgenerations\x12\x10\n" +
-	"\x03mac\x18\x03 \x01(\fR\x03mac\x1a>\n" +
+	"backend_id\x18\x01 \x01(\tR\tbackendId\x12)\n" +
+	"\x10migration_domain\x18\x02 \x01(\tR\x0fmigrationDomain\x12M\n" +
+	"\vgenerations\x18\x03 \x03(\v2+.cvtpm.ca.v1.AnchorRequest.GenerationsEntryR\vgenerations\x12\x10\n" +
+	"\x03mac\x18\x04 \x01(\fR\x03mac\x1a>\n" +
 	"\x10GenerationsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\x10\n" +
-	"\x0eAnchorResponse2\xf5\x01\n" +
+	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\x88\x01\n" +
+	"\x0eAnchorResponse\x12<\n" +
+	"\x05moved\x18\x01 \x03(\v2&.cvtpm.ca.v1.AnchorResponse.MovedEntryR\x05moved\x1a8\n" +
+	"\n" +
+	"MovedEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xa6\x01\n" +
+	"\fClaimRequest\x12\x1d\n" +
+	"\n" +
+	"backend_id\x18\x01 \x01(\tR\tbackendId\x12)\n" +
+	"\x10migration_domain\x18\x02 \x01(\tR\x0fmigrationDomain\x12\x1a\n" +
+	"\binstance\x18\x03 \x01(\tR\binstance\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x04 \x01(\x04R\n" +
+	"generation\x12\x10\n" +
+	"\x03mac\x18\x05 \x01(\fR\x03mac\")\n" +
+	"\rClaimResponse\x12\x18\n" +
+	"\apending\x18\x01 \x01(\bR\apending2\xb5\x02\n" +
 	"\tKeyBroker\x12S\n" +
 	"\fKeyChallenge\x12 .cvtpm.ca.v1.KeyChallengeRequest\x1a!.cvtpm.ca.v1.KeyChallengeResponse\x12P\n" +
 	"\vReleaseKeys\x12\x1f.cvtpm.ca.v1.ReleaseKeysRequest\x1a .cvtpm.ca.v1.ReleaseKeysResponse\x12A\n" +
-	"\x06Anchor\x12\x1a.cvtpm.ca.v1.AnchorRequest\x1a\x1b.cvtpm.ca.v1.AnchorResponseB\x13Z\x11cvtpm/api/ca;capbb\x06proto3"
+	"\x06Anchor\x12\x1a.cvtpm.ca.v1.AnchorRequest\x1a\x1b.cvtpm.ca.v1.AnchorResponse\x12>\n" +
+	"\x05Claim\x12\x19.cvtpm.ca.v1.ClaimRequest\x1a\x1a.cvtpm.ca.v1.ClaimResponseB\x13Z\x11cvtpm/api/ca;capbb\x06proto3"
 
 var (
 	file_keybroker_proto_rawDescOnce sync.Once
@@ -406,7 +573,7 @@ func file_keybroker_proto_rawDescGZIP() []byte {
 	return file_keybroker_proto_rawDescData
 }
 
-var file_keybroker_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_keybroker_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_keybroker_proto_goTypes = []any{
 	(*KeyChallengeRequest)(nil),  // 0: cvtpm.ca.v1.KeyChallengeRequest
 	(*KeyChallengeResponse)(nil), // 1: cvtpm.ca.v1.KeyChallengeResponse
@@ -414,23 +581,31 @@ var file_keybroker_proto_goTypes = []any{
 	(*ReleaseKeysResponse)(nil),  // 3: cvtpm.ca.v1.ReleaseKeysResponse
 	(*AnchorRequest)(nil),        // 4: cvtpm.ca.v1.AnchorRequest
 	(*AnchorResponse)(nil),       // 5: cvtpm.ca.v1.AnchorResponse
-	nil,                          // 6: cvtpm.ca.v1.ReleaseKeysResponse.AnchorsEntry
-	nil,                          // 7: cvtpm.ca.v1.AnchorRequest.GenerationsEntry
+	(*ClaimRequest)(nil),         // 6: cvtpm.ca.v1.ClaimRequest
+	(*ClaimResponse)(nil),        // 7: cvtpm.ca.v1.ClaimResponse
+	nil,                          // 8: cvtpm.ca.v1.ReleaseKeysResponse.AnchorsEntry
+	nil,                          // 9: cvtpm.ca.v1.ReleaseKeysResponse.MovedEntry
+	nil,                          // 10: cvtpm.ca.v1.AnchorRequest.GenerationsEntry
+	nil,                          // 11: cvtpm.ca.v1.AnchorResponse.MovedEntry
 }
 var file_keybroker_proto_depIdxs = []int32{
-	6, // 0: cvtpm.ca.v1.ReleaseKeysResponse.anchors:type_name -> cvtpm.ca.v1.ReleaseKeysResponse.AnchorsEntry
-	7, // 1: cvtpm.ca.v1.AnchorRequest.generations:type_name -> cvtpm.ca.v1.AnchorRequest.GenerationsEntry
-	0, // 2: cvtpm.ca.v1.KeyBroker.KeyChallenge:input_type -> cvtpm.ca.v1.KeyChallengeRequest
-	2, // 3: cvtpm.ca.v1.KeyBroker.ReleaseKeys:input_type -> cvtpm.ca.v1.ReleaseKeysRequest
-	4, // 4: cvtpm.ca.v1.KeyBroker.Anchor:input_type -> cvtpm.ca.v1.AnchorRequest
-	1, // 5: cvtpm.ca.v1.KeyBroker.KeyChallenge:output_type -> cvtpm.ca.v1.KeyChallengeResponse
-	3, // 6: cvtpm.ca.v1.KeyBroker.ReleaseKeys:output_type -> cvtpm.ca.v1.ReleaseKeysResponse
-	5, // 7: cvtpm.ca.v1.KeyBroker.Anchor:output_type -> cvtpm.ca.v1.AnchorResponse
-	5, // [5:8] is the sub-list for method output_type
-	2, // [2:5] is the sub-list for method input_type
-	2, // [2:2] is the sub-list for extension type_name
-	2, // [2:2] is the sub-list for extension extendee
-	0, // [0:2] is the sub-list for field type_name
+	8,  // 0: cvtpm.ca.v1.ReleaseKeysResponse.anchors:type_name -> cvtpm.ca.v1.ReleaseKeysResponse.AnchorsEntry
+	9,  // 1: cvtpm.ca.v1.ReleaseKeysResponse.moved:type_name -> cvtpm.ca.v1.ReleaseKeysResponse.MovedEntry
+	10, // 2: cvtpm.ca.v1.AnchorRequest.generations:type_name -> cvtpm.ca.v1.AnchorRequest.GenerationsEntry
+	11, // 3: cvtpm.ca.v1.AnchorResponse.moved:type_name -> cvtpm.ca.v1.AnchorResponse.MovedEntry
+	0,  // 4: cvtpm.ca.v1.KeyBroker.KeyChallenge:input_type -> cvtpm.ca.v1.KeyChallengeRequest
+	2,  // 5: cvtpm.ca.v1.KeyBroker.ReleaseKeys:input_type -> cvtpm.ca.v1.ReleaseKeysRequest
+	4,  // 6: cvtpm.ca.v1.KeyBroker.Anchor:input_type -> cvtpm.ca.v1.AnchorRequest
+	6,  // 7: cvtpm.ca.v1.KeyBroker.Claim:input_type -> cvtpm.ca.v1.ClaimRequest
+	1,  // 8: cvtpm.ca.v1.KeyBroker.KeyChallenge:output_type -> cvtpm.ca.v1.KeyChallengeResponse
+	3,  // 9: cvtpm.ca.v1.KeyBroker.ReleaseKeys:output_type -> cvtpm.ca.v1.ReleaseKeysResponse
+	5,  // 10: cvtpm.ca.v1.KeyBroker.Anchor:output_type -> cvtpm.ca.v1.AnchorResponse
+	7,  // 11: cvtpm.ca.v1.KeyBroker.Claim:output_type -> cvtpm.ca.v1.ClaimResponse
+	8,  // [8:12] is the sub-list for method output_type
+	4,  // [4:8] is the sub-list for method input_type
+	4,  // [4:4] is the sub-list for extension type_name
+	4,  // [4:4] is the sub-list for extension extendee
+	0,  // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_keybroker_proto_init() }
@@ -444,7 +619,7 @@ func file_keybroker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keybroker_proto_rawDesc), len(file_keybroker_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   8,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -28,6 +28,7 @@ const (
 	KeyBroker_KeyChallenge_FullMethodName = "/cvtpm.ca.v1.KeyBroker/KeyChallenge"
 	KeyBroker_ReleaseKeys_FullMethodName  = "/cvtpm.ca.v1.KeyBroker/ReleaseKeys"
 	KeyBroker_Anchor_FullMethodName       = "/cvtpm.ca.v1.KeyBroker/Anchor"
+	KeyBroker_Claim_FullMethodName        = "/cvtpm.ca.v1.KeyBroker/Claim"
 )
 
 // KeyBrokerClient is the client API for KeyBroker service.
@@ -41,10 +42,19 @@ type KeyBrokerClient interface {
 	// to ephemeral_public, with the instances' anchored generations, signed
 	// by the CA key.
 	ReleaseKeys(ctx context.Context, in *ReleaseKeysRequest, opts ...grpc.CallOption) (*ReleaseKeysResponse, error)
-	// Anchor records instances' state generations (never lowers them); the
-	// request is authenticated with a key derived from the backend's master
-	// key, which only a released backend holds.
+	// Anchor records instances' state generations (never lowers them) for
+	// the instances this backend owns: the first backend to anchor an
+	// instance owns it, a Claim moves it. The request is authenticated with
+	// a key derived from the backend's master key, which only a released
+	// backend holds.
 	Anchor(ctx context.Context, in *AnchorRequest, opts ...grpc.CallOption) (*AnchorResponse, error)
+	// Claim moves an instance to this backend when it loads migrated state
+	// of that generation. Refused if the generation is older than the
+	// instance's anchor; pending until the owning backend reports that its
+	// state is still exactly that generation (then it hands over and its
+	// copy stops), denied if the owner has moved on (an old export replayed
+	// by the host). Ask again while pending.
+	Claim(ctx context.Context, in *ClaimRequest, opts ...grpc.CallOption) (*ClaimResponse, error)
 }
 
 type keyBrokerClient struct {
@@ -85,6 +95,16 @@ func (c *keyBrokerClient) Anchor(ctx context.Context, in *AnchorRequest, opts ..
 	return out, nil
 }
 
+func (c *keyBrokerClient) Claim(ctx context.Context, in *ClaimRequest, opts ...grpc.CallOption) (*ClaimResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ClaimResponse)
+	err := c.cc.Invoke(ctx, KeyBroker_Claim_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // KeyBrokerServer is the server API for KeyBroker service.
 // All implementations must embed UnimplementedKeyBrokerServer
 // for forward compatibility.
@@ -96,10 +116,19 @@ type KeyBrokerServer interface {
 	// to ephemeral_public, with the instances' anchored generations, signed
 	// by the CA key.
 	ReleaseKeys(context.Context, *ReleaseKeysRequest) (*ReleaseKeysResponse, error)
-	// Anchor records instances' state generations (never lowers them); the
-	// request is authenticated with a key derived from the backend's master
-	// key, which only a released backend holds.
+	// Anchor records instances' state generations (never lowers them) for
+	// the instances this backend owns: the first backend to anchor an
+	// instance owns it, a Claim moves it. The request is authenticated with
+	// a key derived from the backend's master key, which only a released
+	// backend holds.
 	Anchor(context.Context, *AnchorRequest) (*AnchorResponse, error)
+	// Claim moves an instance to this backend when it loads migrated state
+	// of that generation. Refused if the generation is older than the
+	// instance's anchor; pending until the owning backend reports that its
+	// state is still exactly that generation (then it hands over and its
+	// copy stops), denied if the owner has moved on (an old export replayed
+	// by the host). Ask again while pending.
+	Claim(context.Context, *ClaimRequest) (*ClaimResponse, error)
 	mustEmbedUnimplementedKeyBrokerServer()
 }
 
@@ -118,6 +147,9 @@ func (UnimplementedKeyBrokerServer) ReleaseKeys(context.Context, *ReleaseKeysReq
 }
 func (UnimplementedKeyBrokerServer) Anchor(context.Context, *AnchorRequest) (*AnchorResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Anchor not implemented")
+}
+func (UnimplementedKeyBrokerServer) Claim(context.Context, *ClaimRequest) (*ClaimResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Claim not implemented")
 }
 func (UnimplementedKeyBrokerServer) mustEmbedUnimplementedKeyBrokerServer() {}
 func (UnimplementedKeyBrokerServer) testEmbeddedByValue()                   {}
@@ -194,6 +226,24 @@ func _KeyBroker_Anchor_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _KeyBroker_Claim_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ClaimRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyBrokerServer).Claim(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyBroker_Claim_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyBrokerServer).Claim(ctx, req.(*ClaimRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // KeyBroker_ServiceDesc is the grpc.ServiceDesc for KeyBroker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -212,6 +262,10 @@ var KeyBroker_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Anchor",
 			Handler:    _KeyBroker_Anchor_Handler,
+		},
+		{
+			MethodName: "Claim",
+			Handler:    _KeyBroker_Claim_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -151,7 +151,7 @@ func (b *Broker) ReleaseKeys(ctx context.Context, req *capb.ReleaseKeysRequest) 
 		plain = append(bytes.Clone(master), mig...)
 	}
 	defer clear(plain)
-	anchors, err := b.Store.Anchors(ctx, id)
+	anchors, moved, err := b.Store.Anchors(ctx, scope(id, domain), id)
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
@@ -169,43 +169,81 @@ func (b *Broker) ReleaseKeys(ctx context.Context, req *capb.ReleaseKeysRequest) 
 	}
 	wrapped := aead.Seal(nil, zeroNonce, plain, rd[:])
 	pub := eph.PublicKey().Bytes()
-	sig, err := sign(b.Signer, Transcript(rd, pub, wrapped, anchors))
+	sig, err := sign(b.Signer, Transcript(rd, pub, wrapped, anchors, moved))
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	b.log().Info("keys released", "backend", id, "migration_domain", domain, "measurement", hex.EncodeToString(claims.Measure[:]),
 		"chip", claims.ChipSerial, "simulated", claims.Simulated, "anchors", len(anchors))
-	return &capb.ReleaseKeysResponse{BrokerPublic: pub, Wrapped: wrapped, Anchors: anchors, Signature: sig}, nil
+	return &capb.ReleaseKeysResponse{BrokerPublic: pub, Wrapped: wrapped, Anchors: anchors, Moved: moved, Signature: sig}, nil
 }
 
 // ErrUnknownBackend: no keys were ever released to this backend.
 var ErrUnknownBackend = errors.New("no keys were released to this backend")
 
-func (b *Broker) Anchor(ctx context.Context, req *capb.AnchorRequest) (*capb.AnchorResponse, error) {
-	id := req.GetBackendId()
-	if !validName.MatchString(id) {
-		return nil, status.Error(codes.InvalidArgument, "backend id: 1-64 of [A-Za-z0-9._-]")
+// authenticate checks a request MAC under backend id's master key.
+func (b *Broker) authenticate(ctx context.Context, id, domain string, mac func(master []byte) ([]byte, error), got []byte) error {
+	if !validName.MatchString(id) || domain != "" && !validName.MatchString(domain) {
+		return status.Error(codes.InvalidArgument, "backend id and migration domain: 1-64 of [A-Za-z0-9._-]")
 	}
 	master, err := b.key(ctx, "backend/"+id, false)
 	if errors.Is(err, ErrUnknownBackend) {
-		return nil, status.Error(codes.PermissionDenied, err.Error())
+		return status.Error(codes.PermissionDenied, err.Error())
 	}
 	if err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
+		return status.Error(codes.Internal, err.Error())
 	}
 	defer clear(master)
-	want, err := AnchorMAC(master, id, req.GetGenerations())
+	want, err := mac(master)
+	if err != nil {
+		return status.Error(codes.Internal, err.Error())
+	}
+	if !hmac.Equal(want, got) {
+		b.log().Warn("request refused: bad MAC", "backend", id)
+		return status.Error(codes.PermissionDenied, "MAC does not verify (not from a backend holding this backend's keys)")
+	}
+	return nil
+}
+
+func (b *Broker) Anchor(ctx context.Context, req *capb.AnchorRequest) (*capb.AnchorResponse, error) {
+	id, domain := req.GetBackendId(), req.GetMigrationDomain()
+	if err := b.authenticate(ctx, id, domain, func(m []byte) ([]byte, error) {
+		return AnchorMAC(m, id, domain, req.GetGenerations())
+	}, req.GetMac()); err != nil {
+		return nil, err
+	}
+	moved, err := b.Store.RaiseAnchors(ctx, scope(id, domain), id, req.GetGenerations())
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	if !hmac.Equal(want, req.GetMac()) {
-		b.log().Warn("anchor update refused: bad MAC", "backend", id)
-		return nil, status.Error(codes.PermissionDenied, "anchor update: MAC does not verify (not from a backend holding this backend's keys)")
+	for inst, owner := range moved {
+		b.log().Warn("anchor from a backend that no longer owns the instance (a stale copy after migration)", "backend", id, "instance", inst, "owner", owner)
 	}
-	if err := b.Store.RaiseAnchors(ctx, id, req.GetGenerations()); err != nil {
+	return &capb.AnchorResponse{Moved: moved}, nil
+}
+
+func (b *Broker) Claim(ctx context.Context, req *capb.ClaimRequest) (*capb.ClaimResponse, error) {
+	id, domain, inst, gen := req.GetBackendId(), req.GetMigrationDomain(), req.GetInstance(), req.GetGeneration()
+	if err := b.authenticate(ctx, id, domain, func(m []byte) ([]byte, error) {
+		return ClaimMAC(m, id, domain, inst, gen)
+	}, req.GetMac()); err != nil {
+		return nil, err
+	}
+	if !validName.MatchString(inst) {
+		return nil, status.Error(codes.InvalidArgument, "instance id: 1-64 of [A-Za-z0-9._-]")
+	}
+	st, err := b.Store.Claim(ctx, scope(id, domain), id, inst, gen)
+	switch {
+	case errors.Is(err, ErrStale) || errors.Is(err, ErrDenied):
+		b.log().Warn("migration claim refused (a replayed export?)", "backend", id, "instance", inst, "generation", gen, "reason", err)
+		return nil, status.Errorf(codes.FailedPrecondition, "instance %s: %v", inst, err)
+	case err != nil:
 		return nil, status.Error(codes.Internal, err.Error())
+	case st == ClaimPending:
+		return &capb.ClaimResponse{Pending: true}, nil
 	}
-	return &capb.AnchorResponse{}, nil
+	b.log().Info("instance moved by migration", "backend", id, "instance", inst, "generation", gen)
+	return &capb.ClaimResponse{}, nil
 }
 
 // key returns the key called name, creating it if create is set.

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/emmansun/gmsm/sm2"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -43,6 +44,9 @@ func (d direct) ReleaseKeys(ctx context.Context, in *capb.ReleaseKeysRequest, _ 
 }
 func (d direct) Anchor(ctx context.Context, in *capb.AnchorRequest, _ ...grpc.CallOption) (*capb.AnchorResponse, error) {
 	return d.b.Anchor(ctx, in)
+}
+func (d direct) Claim(ctx context.Context, in *capb.ClaimRequest, _ ...grpc.CallOption) (*capb.ClaimResponse, error) {
+	return d.b.Claim(ctx, in)
 }
 
 type fixture struct {
@@ -160,22 +164,70 @@ func testRelease(t *testing.T, f *fixture) {
 	}
 	// Anchors: raised by the backend (MAC under its master key), never
 	// lowered, returned with the keys; a forged update is refused.
-	if err := c.Anchor(ctx, "backend-a", a.MasterKey, map[string]uint64{"vm1": 40, "vm2": 7}); err != nil {
+	if _, err := c.Anchor(ctx, "backend-a", "prod", a.MasterKey, map[string]uint64{"vm1": 40, "vm2": 7}); err != nil {
 		t.Fatal(err)
 	}
-	c.Anchor(ctx, "backend-a", a.MasterKey, map[string]uint64{"vm1": 3})
-	if err := c.Anchor(ctx, "backend-a", b.MasterKey, map[string]uint64{"vm1": 1 << 40}); err == nil || !strings.Contains(err.Error(), "MAC does not verify") {
+	c.Anchor(ctx, "backend-a", "prod", a.MasterKey, map[string]uint64{"vm1": 3})
+	if _, err := c.Anchor(ctx, "backend-a", "prod", b.MasterKey, map[string]uint64{"vm1": 1 << 40}); err == nil || !strings.Contains(err.Error(), "MAC does not verify") {
 		t.Fatalf("anchor update under another backend's key: %v", err)
 	}
-	if err := c.Anchor(ctx, "never-released", a.MasterKey, map[string]uint64{"vm1": 1}); err == nil {
+	if _, err := c.Anchor(ctx, "never-released", "prod", a.MasterKey, map[string]uint64{"vm1": 1}); err == nil {
 		t.Fatal("anchor for an unknown backend accepted")
 	}
-	r, err := c.Release(ctx, "backend-a", "", "aes-256-gcm")
+	r, err := c.Release(ctx, "backend-a", "prod", "aes-256-gcm")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r.Anchors["vm1"] != 40 || r.Anchors["vm2"] != 7 || r.MigrationKey != nil {
-		t.Fatalf("anchors %v, migration key %x", r.Anchors, r.MigrationKey)
+	if r.Anchors["vm1"] != 40 || r.Anchors["vm2"] != 7 || len(r.Moved) != 0 {
+		t.Fatalf("anchors %v, moved %v", r.Anchors, r.Moved)
+	}
+	// Ownership: backend-b of the same domain cannot anchor vm1, nor claim
+	// it with older state (a replayed export); with current state it takes
+	// vm1 over, and backend-a's copy is stale from then on.
+	if moved, err := c.Anchor(ctx, "backend-b", "prod", b.MasterKey, map[string]uint64{"vm1": 100}); err != nil || moved["vm1"] != "backend-a" {
+		t.Fatalf("backend-b anchoring vm1: %v, %v", moved, err)
+	}
+	if err := c.Claim(ctx, "backend-b", "prod", b.MasterKey, "vm1", 39); err == nil || !strings.Contains(err.Error(), "older than the instance's anchored generation") {
+		t.Fatalf("claim with older state: %v", err)
+	}
+	// A claim of generation 40 waits for the owner; the owner has moved on
+	// to 41 (the export was not its last state): denied.
+	go func() {
+		time.Sleep(100 * time.Millisecond)
+		c.Anchor(ctx, "backend-a", "prod", a.MasterKey, map[string]uint64{"vm1": 41})
+	}()
+	if err := c.Claim(ctx, "backend-b", "prod", b.MasterKey, "vm1", 40); err == nil || !strings.Contains(err.Error(), "has newer state") {
+		t.Fatalf("claim of an export the owner has moved past: %v", err)
+	}
+	// A claim of the owner's current state: the owner hands over at its
+	// next report, and its copy is stale from then on.
+	handover := make(chan map[string]string, 1)
+	go func() {
+		time.Sleep(100 * time.Millisecond)
+		moved, _ := c.Anchor(ctx, "backend-a", "prod", a.MasterKey, map[string]uint64{"vm1": 41})
+		handover <- moved
+	}()
+	if err := c.Claim(ctx, "backend-b", "prod", b.MasterKey, "vm1", 41); err != nil {
+		t.Fatal(err)
+	}
+	if moved := <-handover; moved["vm1"] != "backend-b" {
+		t.Fatalf("the owner's report at the handover: moved %v", moved)
+	}
+	if moved, err := c.Anchor(ctx, "backend-a", "prod", a.MasterKey, map[string]uint64{"vm1": 50}); err != nil || moved["vm1"] != "backend-b" {
+		t.Fatalf("the stale source anchoring vm1: %v, %v", moved, err)
+	}
+	if r, _ := c.Release(ctx, "backend-a", "prod", "aes-256-gcm"); r.Moved["vm1"] != "backend-b" || r.Anchors["vm1"] != 0 {
+		t.Fatalf("release to the old owner: anchors %v, moved %v", r.Anchors, r.Moved)
+	}
+	// A claim bounded by its context while the owner never answers.
+	cctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	defer cancel()
+	if err := c.Claim(cctx, "backend-a", "prod", a.MasterKey, "vm1", 60); err == nil || !strings.Contains(err.Error(), "did not hand instance vm1 over") {
+		t.Fatalf("claim without an answer from the owner: %v", err)
+	}
+	// Without a domain, anchors are the backend's own.
+	if _, err := c.Anchor(ctx, "backend-a", "", a.MasterKey, map[string]uint64{"vm1": 5}); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -201,6 +253,9 @@ func TestRefusals(t *testing.T) {
 		}}, RootPublic: f.rootPub, Evidence: f.sim}, "signature does not verify"},
 		{"host forges anchors", &Client{KB: direct{b: f.broker, onResp: func(r *capb.ReleaseKeysResponse) {
 			r.Anchors = map[string]uint64{"vm1": 0}
+		}}, RootPublic: f.rootPub, Evidence: f.sim}, "signature does not verify"},
+		{"host reports a migration that did not happen", &Client{KB: direct{b: f.broker, onResp: func(r *capb.ReleaseKeysResponse) {
+			r.Moved = map[string]string{"vm1": "elsewhere"}
 		}}, RootPublic: f.rootPub, Evidence: f.sim}, "signature does not verify"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

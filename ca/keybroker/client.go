@@ -7,6 +7,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/emmansun/gmsm/smx509"
 
@@ -45,7 +46,8 @@ func RootPublicFromFile(path string) (any, error) {
 type Released struct {
 	MasterKey    []byte
 	MigrationKey []byte // nil without a migration domain
-	Anchors      map[string]uint64
+	Anchors      map[string]uint64 // instances this backend owns: highest generation
+	Moved        map[string]string // instances another backend owns now
 }
 
 // Release attests to the broker and returns the keys.
@@ -69,7 +71,7 @@ func (c *Client) Release(ctx context.Context, backendID, domain, cipherName stri
 	if err != nil {
 		return nil, fmt.Errorf("key broker: %w", err)
 	}
-	if err := verify(c.RootPublic, Transcript(rd, resp.GetBrokerPublic(), resp.GetWrapped(), resp.GetAnchors()), resp.GetSignature()); err != nil {
+	if err := verify(c.RootPublic, Transcript(rd, resp.GetBrokerPublic(), resp.GetWrapped(), resp.GetAnchors(), resp.GetMoved()), resp.GetSignature()); err != nil {
 		return nil, err
 	}
 	peer, err := ecdh.P256().NewPublicKey(resp.GetBrokerPublic())
@@ -95,7 +97,7 @@ func (c *Client) Release(ctx context.Context, backendID, domain, cipherName stri
 	if len(plain) != want {
 		return nil, fmt.Errorf("key broker response: %d bytes of keys, want %d", len(plain), want)
 	}
-	r := &Released{MasterKey: plain[:KeySize], Anchors: resp.GetAnchors()}
+	r := &Released{MasterKey: plain[:KeySize], Anchors: resp.GetAnchors(), Moved: resp.GetMoved()}
 	if domain != "" {
 		r.MigrationKey = plain[KeySize:]
 	}
@@ -105,14 +107,40 @@ func (c *Client) Release(ctx context.Context, backendID, domain, cipherName stri
 	return r, nil
 }
 
-// Anchor records instance generations at the broker.
-func (c *Client) Anchor(ctx context.Context, backendID string, masterKey []byte, gens map[string]uint64) error {
-	mac, err := AnchorMAC(masterKey, backendID, gens)
+// Anchor records instance generations at the broker; it returns the
+// instances another backend owns now (this backend's copies are stale).
+func (c *Client) Anchor(ctx context.Context, backendID, domain string, masterKey []byte, gens map[string]uint64) (map[string]string, error) {
+	mac, err := AnchorMAC(masterKey, backendID, domain, gens)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.KB.Anchor(ctx, &capb.AnchorRequest{BackendId: backendID, MigrationDomain: domain, Generations: gens, Mac: mac})
+	if err != nil {
+		return nil, fmt.Errorf("key broker anchor: %w", err)
+	}
+	return resp.GetMoved(), nil
+}
+
+// Claim moves an instance to this backend as it loads migrated state of
+// generation gen. It waits (until ctx ends) while the owning backend has
+// not confirmed that gen is its current state.
+func (c *Client) Claim(ctx context.Context, backendID, domain string, masterKey []byte, instance string, gen uint64) error {
+	mac, err := ClaimMAC(masterKey, backendID, domain, instance, gen)
 	if err != nil {
 		return err
 	}
-	if _, err := c.KB.Anchor(ctx, &capb.AnchorRequest{BackendId: backendID, Generations: gens, Mac: mac}); err != nil {
-		return fmt.Errorf("key broker anchor: %w", err)
+	for {
+		resp, err := c.KB.Claim(ctx, &capb.ClaimRequest{BackendId: backendID, MigrationDomain: domain, Instance: instance, Generation: gen, Mac: mac})
+		if err != nil {
+			return fmt.Errorf("key broker: %w", err)
+		}
+		if !resp.GetPending() {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("key broker: the owning backend did not hand instance %s over: %w", instance, ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
-	return nil
 }

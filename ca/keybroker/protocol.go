@@ -61,11 +61,20 @@ func ReportData(nonce []byte, backendID, domain string, ephemeralPublic []byte, 
 
 // Transcript is what the broker signs: the request's binding, its own
 // ephemeral key, the wrapped keys and the anchors.
-func Transcript(reportData [64]byte, brokerPublic, wrapped []byte, anchors map[string]uint64) []byte {
+func Transcript(reportData [64]byte, brokerPublic, wrapped []byte, anchors map[string]uint64, moved map[string]string) []byte {
 	b := appendLV([]byte(label+" response"), reportData[:])
 	b = appendLV(b, brokerPublic)
 	b = appendLV(b, wrapped)
-	return appendAnchors(b, anchors)
+	b = appendAnchors(b, anchors)
+	ids := make([]string, 0, len(moved))
+	for id := range moved {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	for _, id := range ids {
+		b = appendLV(appendLV(b, []byte(id)), []byte(moved[id]))
+	}
+	return b
 }
 
 func appendAnchors(b []byte, anchors map[string]uint64) []byte {
@@ -112,14 +121,34 @@ var zeroNonce = make([]byte, 12)
 // AnchorMAC authenticates an anchor update with a key derived from the
 // backend's master key: only a backend the broker released keys to can
 // move its anchors.
-func AnchorMAC(masterKey []byte, backendID string, gens map[string]uint64) ([]byte, error) {
+func AnchorMAC(masterKey []byte, backendID, domain string, gens map[string]uint64) ([]byte, error) {
+	return requestMAC(masterKey, appendAnchors(appendLV(appendLV([]byte("anchor"), []byte(backendID)), []byte(domain)), gens))
+}
+
+// ClaimMAC authenticates a claim the same way.
+func ClaimMAC(masterKey []byte, backendID, domain, instance string, gen uint64) ([]byte, error) {
+	b := appendLV(appendLV(appendLV([]byte("claim"), []byte(backendID)), []byte(domain)), []byte(instance))
+	return requestMAC(masterKey, binary.BigEndian.AppendUint64(b, gen))
+}
+
+func requestMAC(masterKey, msg []byte) ([]byte, error) {
 	k, err := hkdf.Key(sha256.New, masterKey, nil, "cvtpm anchor v1", 32)
 	if err != nil {
 		return nil, err
 	}
 	m := hmac.New(sha256.New, k)
-	m.Write(appendAnchors(appendLV([]byte("cvtpm anchor v1"), []byte(backendID)), gens))
+	m.Write(msg)
 	return m.Sum(nil), nil
+}
+
+// scope names where an instance's anchor lives: its migration domain, so
+// that the backends of a domain see one anchor and one owner per instance,
+// or the backend itself.
+func scope(backendID, domain string) string {
+	if domain != "" {
+		return "domain/" + domain
+	}
+	return "backend/" + backendID
 }
 
 // sign signs msg with the CA key: ECDSA or RSA over SHA-256, or SM2 with

@@ -1,8 +1,9 @@
 package keybroker
 
 import (
+	"bytes"
 	"context"
-	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 
@@ -11,7 +12,9 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
-// Store keeps the broker's sealed keys and the anchored generations. The
+// Store keeps the broker's sealed keys and the instances' anchors: per
+// scope (a migration domain, or a backend without one) and instance, the
+// highest state generation and the backend that owns the instance. The
 // CA's own database holds them (bbolt or PostgreSQL), so CA replicas on
 // PostgreSQL share them.
 type Store interface {
@@ -19,11 +22,33 @@ type Store interface {
 	// result first if there is none (atomically: replicas racing to
 	// create a key agree on one).
 	SealedKey(ctx context.Context, name string, create func() ([]byte, error)) ([]byte, error)
-	// Anchors returns backend's instance generations.
-	Anchors(ctx context.Context, backend string) (map[string]uint64, error)
-	// RaiseAnchors records generations, keeping the higher of old and new.
-	RaiseAnchors(ctx context.Context, backend string, gens map[string]uint64) error
+	// Anchors returns the generations of scope's instances that backend
+	// owns, and the owners of those another backend owns.
+	Anchors(ctx context.Context, scope, backend string) (owned map[string]uint64, moved map[string]string, err error)
+	// RaiseAnchors applies an owner's report of its instances'
+	// generations (see anchor.report); it returns the instances backend
+	// does not own (any more).
+	RaiseAnchors(ctx context.Context, scope, backend string, gens map[string]uint64) (moved map[string]string, err error)
+	// Claim applies a claim (see anchor.claim).
+	Claim(ctx context.Context, scope, backend, instance string, gen uint64) (ClaimState, error)
 }
+
+// ClaimState is where a claim stands.
+type ClaimState int
+
+const (
+	// ClaimGranted: the claimant owns the instance.
+	ClaimGranted ClaimState = iota
+	// ClaimPending: the owner has not confirmed yet that the claimed
+	// state is its current state; ask again.
+	ClaimPending
+)
+
+// Errors of Claim.
+var (
+	ErrStale  = errors.New("state older than the instance's anchored generation")
+	ErrDenied = errors.New("the owning backend has newer state than the claimed export (an old export was replayed)")
+)
 
 var (
 	bucketKeys    = []byte("broker-keys")
@@ -67,37 +92,129 @@ func (s *BoltStore) SealedKey(_ context.Context, name string, create func() ([]b
 	return out, err
 }
 
-func anchorKey(backend, instance string) []byte { return []byte(backend + "\x00" + instance) }
+func anchorKey(scope, instance string) []byte { return []byte(scope + "\x00" + instance) }
 
-func (s *BoltStore) Anchors(_ context.Context, backend string) (map[string]uint64, error) {
-	out := map[string]uint64{}
-	prefix := []byte(backend + "\x00")
+// anchor is one instance's record: its highest generation and owner, and
+// a pending or denied claim by another backend.
+type anchor struct {
+	Gen      uint64 `json:"gen"`
+	Owner    string `json:"owner"`
+	Claimant string `json:"claimant,omitempty"`
+	ClaimGen uint64 `json:"claim_gen,omitempty"`
+	Denied   string `json:"denied,omitempty"` // a claimant whose claim the owner's newer state refuted
+}
+
+// report applies the owner's (or a first) report of generation g by
+// backend. A pending claim completes when the owner's state is exactly the
+// claimed state (nothing happened since the export: the owner hands over
+// and its copy is stale from now on); it is denied when the owner has
+// moved on. It returns the owner, if another backend owns the instance now.
+func (a *anchor) report(exists bool, backend string, g uint64) (movedTo string) {
+	switch {
+	case !exists:
+		*a = anchor{Gen: g, Owner: backend}
+		return ""
+	case a.Owner != backend:
+		return a.Owner
+	}
+	if a.Claimant != "" {
+		switch {
+		case g == a.ClaimGen:
+			a.Owner, a.Claimant, a.Gen = a.Claimant, "", max(a.Gen, g)
+			return a.Owner
+		case g > a.ClaimGen:
+			a.Denied, a.Claimant = a.Claimant, ""
+		}
+	}
+	a.Gen = max(a.Gen, g)
+	return ""
+}
+
+// claim applies backend's claim of generation gen: granted at once if
+// nobody else owns the instance, pending until the owner confirms, or
+// refused (ErrStale, ErrDenied).
+func (a *anchor) claim(exists bool, backend string, gen uint64) (ClaimState, error) {
+	switch {
+	case exists && a.Denied == backend:
+		a.Denied = ""
+		return 0, ErrDenied
+	case exists && gen < a.Gen:
+		return 0, fmt.Errorf("%w: generation %d < %d", ErrStale, gen, a.Gen)
+	case !exists || a.Owner == backend:
+		*a = anchor{Gen: max(a.Gen, gen), Owner: backend}
+		return ClaimGranted, nil
+	}
+	a.Claimant, a.ClaimGen = backend, gen
+	return ClaimPending, nil
+}
+
+func parseAnchor(v []byte) (anchor, bool) {
+	var a anchor
+	if v == nil || json.Unmarshal(v, &a) != nil {
+		return anchor{}, false
+	}
+	return a, true
+}
+
+func (a anchor) bytes() []byte {
+	b, _ := json.Marshal(a)
+	return b
+}
+
+func (s *BoltStore) Anchors(_ context.Context, scope, backend string) (map[string]uint64, map[string]string, error) {
+	owned, moved := map[string]uint64{}, map[string]string{}
+	prefix := []byte(scope + "\x00")
 	err := s.DB.View(func(tx *bolt.Tx) error {
 		c := tx.Bucket(bucketAnchors).Cursor()
-		for k, v := c.Seek(prefix); k != nil && len(k) >= len(prefix) && string(k[:len(prefix)]) == string(prefix); k, v = c.Next() {
-			if len(v) == 8 {
-				out[string(k[len(prefix):])] = binary.BigEndian.Uint64(v)
+		for k, v := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, v = c.Next() {
+			a, ok := parseAnchor(v)
+			if !ok {
+				continue
+			}
+			if inst := string(k[len(prefix):]); a.Owner == backend {
+				owned[inst] = a.Gen
+			} else {
+				moved[inst] = a.Owner
 			}
 		}
 		return nil
 	})
-	return out, err
+	return owned, moved, err
 }
 
-func (s *BoltStore) RaiseAnchors(_ context.Context, backend string, gens map[string]uint64) error {
-	return s.DB.Update(func(tx *bolt.Tx) error {
+func (s *BoltStore) RaiseAnchors(_ context.Context, scope, backend string, gens map[string]uint64) (map[string]string, error) {
+	moved := map[string]string{}
+	err := s.DB.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketAnchors)
 		for inst, g := range gens {
-			k := anchorKey(backend, inst)
-			if v := b.Get(k); len(v) == 8 && binary.BigEndian.Uint64(v) >= g {
-				continue
+			k := anchorKey(scope, inst)
+			a, ok := parseAnchor(b.Get(k))
+			if to := a.report(ok, backend, g); to != "" {
+				moved[inst] = to
 			}
-			if err := b.Put(k, binary.BigEndian.AppendUint64(nil, g)); err != nil {
+			if err := b.Put(k, a.bytes()); err != nil {
 				return err
 			}
 		}
 		return nil
 	})
+	return moved, err
+}
+
+func (s *BoltStore) Claim(_ context.Context, scope, backend, instance string, gen uint64) (ClaimState, error) {
+	var st ClaimState
+	var claimErr error
+	err := s.DB.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketAnchors)
+		k := anchorKey(scope, instance)
+		a, ok := parseAnchor(b.Get(k))
+		st, claimErr = a.claim(ok, backend, gen)
+		return b.Put(k, a.bytes())
+	})
+	if err != nil {
+		return 0, err
+	}
+	return st, claimErr
 }
 
 // PGStore keeps the records in the CA's PostgreSQL database.
@@ -109,10 +226,10 @@ CREATE TABLE IF NOT EXISTS cvtpm_broker_keys (
   sealed BYTEA NOT NULL
 );
 CREATE TABLE IF NOT EXISTS cvtpm_broker_anchors (
-  backend    TEXT NOT NULL,
-  instance   TEXT NOT NULL,
-  generation BIGINT NOT NULL,
-  PRIMARY KEY (backend, instance)
+  scope    TEXT NOT NULL,
+  instance TEXT NOT NULL,
+  record   JSONB NOT NULL,  -- keybroker.anchor
+  PRIMARY KEY (scope, instance)
 );`
 
 // NewPGStore creates the broker's tables.
@@ -146,31 +263,78 @@ func (s *PGStore) SealedKey(ctx context.Context, name string, create func() ([]b
 	return v, nil
 }
 
-func (s *PGStore) Anchors(ctx context.Context, backend string) (map[string]uint64, error) {
-	rows, err := s.Pool.Query(ctx, `SELECT instance, generation FROM cvtpm_broker_anchors WHERE backend = $1`, backend)
+func (s *PGStore) Anchors(ctx context.Context, scope, backend string) (map[string]uint64, map[string]string, error) {
+	rows, err := s.Pool.Query(ctx, `SELECT instance, record FROM cvtpm_broker_anchors WHERE scope = $1`, scope)
 	if err != nil {
-		return nil, fmt.Errorf("key broker store: %w", err)
+		return nil, nil, fmt.Errorf("key broker store: %w", err)
 	}
 	defer rows.Close()
-	out := map[string]uint64{}
+	owned, moved := map[string]uint64{}, map[string]string{}
 	for rows.Next() {
 		var inst string
-		var g int64
-		if err := rows.Scan(&inst, &g); err != nil {
-			return nil, err
+		var rec []byte
+		if err := rows.Scan(&inst, &rec); err != nil {
+			return nil, nil, err
 		}
-		out[inst] = uint64(g)
+		a, ok := parseAnchor(rec)
+		if !ok {
+			continue
+		}
+		if a.Owner == backend {
+			owned[inst] = a.Gen
+		} else {
+			moved[inst] = a.Owner
+		}
 	}
-	return out, rows.Err()
+	return owned, moved, rows.Err()
 }
 
-func (s *PGStore) RaiseAnchors(ctx context.Context, backend string, gens map[string]uint64) error {
+// update runs fn on one instance's record in a transaction that holds the
+// row lock, so replicas apply reports and claims one at a time.
+func (s *PGStore) update(ctx context.Context, scope, instance string, fn func(a *anchor, exists bool)) error {
+	tx, err := s.Pool.Begin(ctx)
+	if err != nil {
+		return fmt.Errorf("key broker store: %w", err)
+	}
+	defer tx.Rollback(ctx)
+	// Make sure the row exists so that it can be locked.
+	if _, err := tx.Exec(ctx, `INSERT INTO cvtpm_broker_anchors (scope, instance, record) VALUES ($1, $2, 'null') ON CONFLICT DO NOTHING`, scope, instance); err != nil {
+		return fmt.Errorf("key broker store: %w", err)
+	}
+	var rec []byte
+	if err := tx.QueryRow(ctx, `SELECT record FROM cvtpm_broker_anchors WHERE scope = $1 AND instance = $2 FOR UPDATE`, scope, instance).Scan(&rec); err != nil {
+		return fmt.Errorf("key broker store: %w", err)
+	}
+	a, ok := parseAnchor(rec)
+	ok = ok && a.Owner != ""
+	fn(&a, ok)
+	if _, err := tx.Exec(ctx, `UPDATE cvtpm_broker_anchors SET record = $3 WHERE scope = $1 AND instance = $2`, scope, instance, a.bytes()); err != nil {
+		return fmt.Errorf("key broker store: %w", err)
+	}
+	return tx.Commit(ctx)
+}
+
+func (s *PGStore) RaiseAnchors(ctx context.Context, scope, backend string, gens map[string]uint64) (map[string]string, error) {
+	moved := map[string]string{}
 	for inst, g := range gens {
-		if _, err := s.Pool.Exec(ctx, `INSERT INTO cvtpm_broker_anchors (backend, instance, generation) VALUES ($1, $2, $3)
-ON CONFLICT (backend, instance) DO UPDATE SET generation = GREATEST(cvtpm_broker_anchors.generation, EXCLUDED.generation)`,
-			backend, inst, int64(g)); err != nil {
-			return fmt.Errorf("key broker store: %w", err)
+		err := s.update(ctx, scope, inst, func(a *anchor, exists bool) {
+			if to := a.report(exists, backend, g); to != "" {
+				moved[inst] = to
+			}
+		})
+		if err != nil {
+			return nil, err
 		}
 	}
-	return nil
+	return moved, nil
+}
+
+func (s *PGStore) Claim(ctx context.Context, scope, backend, instance string, gen uint64) (ClaimState, error) {
+	var st ClaimState
+	var claimErr error
+	err := s.update(ctx, scope, instance, func(a *anchor, exists bool) { st, claimErr = a.claim(exists, backend, gen) })
+	if err != nil {
+		return 0, err
+	}
+	return st, claimErr
 }

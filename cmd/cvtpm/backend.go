@@ -169,7 +169,7 @@ Options:
 		if err != nil {
 			return err
 		}
-		cfg.Keys, cfg.MigrationKey, cfg.Anchors, cfg.Anchorer = keys, released.MigrationKey, released.Anchors, anchorer
+		cfg.Keys, cfg.MigrationKey, cfg.Anchors, cfg.Moved, cfg.Anchorer = keys, released.MigrationKey, released.Anchors, released.Moved, anchorer
 	case *keyFD >= 0:
 		k, err := backend.MasterKeyFromFD(*keyFD)
 		if err != nil {
@@ -373,11 +373,21 @@ func releaseKeys(ctx context.Context, addr, rootFile, id, domain, cipher string,
 		return nil, nil, nil, fmt.Errorf("--key-broker %s: %w", addr, err)
 	}
 	log.Info("keys released by the key broker", "anchored_instances", len(released.Anchors), "migration_key", released.MigrationKey != nil)
-	master := bytes.Clone(released.MasterKey)
-	anchor := anchorFunc(func(ctx context.Context, gens map[string]uint64) error { return c.Anchor(ctx, id, master, gens) })
-	return released, anchor, func() { conn.Close() }, nil
+	anchorer := &brokerAnchorer{c: c, id: id, domain: domain, master: bytes.Clone(released.MasterKey)}
+	return released, anchorer, func() { conn.Close() }, nil
 }
 
-type anchorFunc func(ctx context.Context, gens map[string]uint64) error
+// brokerAnchorer is backend.Anchorer at the key broker.
+type brokerAnchorer struct {
+	c          *keybroker.Client
+	id, domain string
+	master     []byte
+}
 
-func (f anchorFunc) Anchor(ctx context.Context, gens map[string]uint64) error { return f(ctx, gens) }
+func (a *brokerAnchorer) Anchor(ctx context.Context, gens map[string]uint64) (map[string]string, error) {
+	return a.c.Anchor(ctx, a.id, a.domain, a.master, gens)
+}
+
+func (a *brokerAnchorer) Claim(ctx context.Context, instance string, gen uint64) error {
+	return a.c.Claim(ctx, a.id, a.domain, a.master, instance, gen)
+}

@@ -236,8 +236,15 @@ type Topology struct {
 // StartBackend runs `cvtpm backend` with the simulated CSV device.
 func StartBackend(tb testing.TB, f *TopologyFiles, extra ...string) *Topology {
 	tb.Helper()
+	return StartBackendAt(tb, f, filepath.Join(f.Dir, "state"), extra...)
+}
+
+// StartBackendAt runs a backend with its state in stateDir: a second
+// backend on the same (simulated) machine.
+func StartBackendAt(tb testing.TB, f *TopologyFiles, stateDir string, extra ...string) *Topology {
+	tb.Helper()
 	port := FreePort(tb)
-	t := &Topology{Files: f, LinkAddr: fmt.Sprintf("tcp:127.0.0.1:%d", port), StateDir: filepath.Join(f.Dir, "state")}
+	t := &Topology{Files: f, LinkAddr: fmt.Sprintf("tcp:127.0.0.1:%d", port), StateDir: stateDir}
 	t.AdminSock = filepath.Join(t.StateDir, "admin.sock")
 	t.backendArgs = []string{"backend", "--dir", t.StateDir, "--listen", t.LinkAddr, "--client-ca", f.ClientCA, "--acl", f.ACL, "--csv-sim", f.SimDir}
 	if !slices.Contains(extra, "--key-broker") { // keys from the broker, or the development key file

@@ -3,16 +3,18 @@ package backend
 import (
 	"context"
 	"errors"
-	"maps"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
 
+	bolt "go.etcd.io/bbolt"
+
+	"cvtpm/ca/keybroker"
 	"cvtpm/test/testenv"
 	"cvtpm/vtpm/engine"
 	"cvtpm/vtpm/engine/memstore"
@@ -250,25 +252,78 @@ func TestTamperedInstanceDoesNotStopOthers(t *testing.T) {
 	}
 }
 
-// memAnchors stands in for the key broker's anchors.
-type memAnchors struct {
-	mu sync.Mutex
-	m  map[string]uint64
-}
+// fakeBroker is the key broker's anchor store (ca/keybroker, bbolt)
+// without its network and attestation front (tested in ca/keybroker and
+// test/).
+type fakeBroker struct{ store *keybroker.BoltStore }
 
-func (a *memAnchors) Anchor(_ context.Context, gens map[string]uint64) error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	for id, g := range gens {
-		a.m[id] = max(a.m[id], g)
+func newFakeBroker(t *testing.T) *fakeBroker {
+	db, err := bolt.Open(filepath.Join(t.TempDir(), "broker.db"), 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
 	}
-	return nil
+	t.Cleanup(func() { db.Close() })
+	s, err := keybroker.NewBoltStore(db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &fakeBroker{store: s}
 }
 
-func (a *memAnchors) copy() map[string]uint64 {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return maps.Clone(a.m)
+const brokerScope = "domain/test"
+
+// view is the broker as backend id sees it.
+func (b *fakeBroker) view(id string) brokerView { return brokerView{b, id} }
+
+// owned is what ReleaseKeys would return to backend id.
+func (b *fakeBroker) owned(t *testing.T, id string) (map[string]uint64, map[string]string) {
+	owned, moved, err := b.store.Anchors(context.Background(), brokerScope, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return owned, moved
+}
+
+type brokerView struct {
+	b  *fakeBroker
+	id string
+}
+
+func (v brokerView) Anchor(ctx context.Context, gens map[string]uint64) (map[string]string, error) {
+	return v.b.store.RaiseAnchors(ctx, brokerScope, v.id, gens)
+}
+
+func (v brokerView) Claim(ctx context.Context, inst string, gen uint64) error {
+	for {
+		st, err := v.b.store.Claim(ctx, brokerScope, v.id, inst, gen)
+		if err != nil || st == keybroker.ClaimGranted {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("owner did not hand over: %w", ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// newBrokeredSupervisor is a backend whose keys and anchors come from a
+// key broker: master key master, migration key 9, backend id id.
+func newBrokeredSupervisor(t *testing.T, dir string, master byte, b *fakeBroker, id string) *Supervisor {
+	t.Helper()
+	keys, err := NewMasterKey(bytesOf(master, 32))
+	if err != nil {
+		t.Fatal(err)
+	}
+	owned, moved := b.owned(t, id)
+	s, err := New(context.Background(), Config{Dir: dir, Keys: keys, Worker: []string{testenv.Binary(t, testenv.Cvtpm), "worker"},
+		MigrationKey: bytesOf(9, 32), Anchors: owned, Moved: moved, Anchorer: b.view(id), AnchorInterval: 20 * time.Millisecond,
+		ClaimTimeout: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return s
 }
 
 // An old complete copy of an instance's directory (manifest and blobs
@@ -277,16 +332,8 @@ func (a *memAnchors) copy() map[string]uint64 {
 // above its old anchor.
 func TestWholeDirectoryRollback(t *testing.T) {
 	dir := t.TempDir()
-	anchors := &memAnchors{m: map[string]uint64{}}
-	open := func() *Supervisor {
-		keys, _ := NewMasterKey(bytesOf(1, 32))
-		s, err := New(context.Background(), Config{Dir: dir, Keys: keys, Worker: []string{testenv.Binary(t, testenv.Cvtpm), "worker"},
-			Anchors: anchors.copy(), Anchorer: anchors, AnchorInterval: 20 * time.Millisecond})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return s
-	}
+	broker := newFakeBroker(t)
+	open := func() *Supervisor { return newBrokeredSupervisor(t, dir, 1, broker, "a") }
 	s := open()
 	for _, id := range []string{"vm1", "vm2"} {
 		if _, err := s.Create(context.Background(), id, CreateOptions{}); err != nil {

@@ -3,6 +3,7 @@ package backend
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
@@ -24,6 +25,7 @@ import (
 
 	"cvtpm/attest/csv"
 	"cvtpm/attest/freshreport"
+	"cvtpm/vtpm/statestore"
 	"cvtpm/vtpm/tpmrpc"
 )
 
@@ -60,12 +62,24 @@ type Config struct {
 	// disk every AnchorInterval (default 1 s) and when the backend stops.
 	Anchorer       Anchorer
 	AnchorInterval time.Duration
+	// ClaimTimeout bounds the wait for the source backend to hand a
+	// migrated instance over; zero means 30 seconds.
+	ClaimTimeout time.Duration
+	// Moved are instances the key broker says another backend owns now:
+	// their copies here are stale and are not started.
+	Moved map[string]string
 }
 
 // Anchorer records instance state generations where the host cannot lower
-// them (keybroker.Client.Anchor).
+// them, and which backend owns each instance (the key broker).
 type Anchorer interface {
-	Anchor(ctx context.Context, generations map[string]uint64) error
+	// Anchor records generations of instances this backend owns; it
+	// returns those another backend owns now (after a migration: this
+	// backend's copy is stale).
+	Anchor(ctx context.Context, generations map[string]uint64) (moved map[string]string, err error)
+	// Claim takes an instance over as this backend loads its migrated
+	// state of generation gen; refused for state older than the anchor.
+	Claim(ctx context.Context, instance string, gen uint64) error
 }
 
 // State of an instance's worker.
@@ -123,11 +137,18 @@ type Supervisor struct {
 	anchored   map[string]uint64 // what the Anchorer has recorded
 	stopAnchor context.CancelFunc
 	anchorDone chan struct{}
+	// migrationKey opens envelopes to check their generation before a
+	// claim (the worker opens them again to load them).
+	migrationKey *statestore.Key
 }
 
 type instance struct {
 	id, dir string
-	created time.Time
+	// incarnation is drawn at creation and bound into the state key, so
+	// files of an earlier instance under the same id never open in this
+	// one. Empty for instances created before it existed.
+	incarnation string
+	created     time.Time
 
 	mu          sync.Mutex // serialises calls, starts and deletion
 	w           *worker
@@ -135,8 +156,11 @@ type instance struct {
 	lastStart   time.Time
 	quickDeaths int // consecutive deaths within quickDeath of starting
 	deleted     bool
-	tpmRunning  bool // the TPM was initialised and not stopped
-	startedUp   bool // TPM2_Startup succeeded since the last init
+	movedTo     string // another backend owns the instance now: this copy is stale
+	incoming    bool   // created to receive migrated state, not claimed yet: not anchored
+	tpmRunning  bool   // the TPM was initialised and not stopped
+	locality    uint8  // the TPM's current locality (set-locality)
+	startedUp   bool   // TPM2_Startup succeeded since the last init
 	lastErr     error
 }
 
@@ -180,6 +204,13 @@ func New(ctx context.Context, cfg Config) (*Supervisor, error) {
 	for id, g := range cfg.Anchors {
 		s.seen[id], s.anchored[id] = g, g
 	}
+	if cfg.MigrationKey != nil {
+		k, err := statestore.NewKey(cfg.MigrationKey, cfg.Cipher)
+		if err != nil {
+			return nil, fmt.Errorf("backend: migration key: %w", err)
+		}
+		s.migrationKey = k
+	}
 	entries, err := os.ReadDir(cfg.Dir)
 	if err != nil {
 		return nil, fmt.Errorf("backend: %w", err)
@@ -196,8 +227,16 @@ func New(ctx context.Context, cfg Config) (*Supervisor, error) {
 		if fi, err := e.Info(); err == nil {
 			inst.created = fi.ModTime()
 		}
+		if b, err := os.ReadFile(filepath.Join(inst.dir, incarnationFile)); err == nil {
+			inst.incarnation = strings.TrimSpace(string(b))
+		}
 		inst.mu.Lock()
-		err := s.start(ctx, inst, startExisting)
+		var err error
+		if owner, ok := cfg.Moved[inst.id]; ok {
+			s.markMoved(inst, owner)
+		} else {
+			err = s.start(ctx, inst, startExisting)
+		}
 		inst.mu.Unlock()
 		if err != nil {
 			// One instance's refused or broken state must not take the
@@ -235,8 +274,8 @@ func (s *Supervisor) anchorLoop(ctx context.Context) {
 	}
 }
 
-// anchorNow asks every running worker for its generation and records the
-// ones that grew.
+// anchorNow asks every running worker for its generation and reports
+// them to the Anchorer.
 func (s *Supervisor) anchorNow(ctx context.Context) {
 	s.mu.Lock()
 	insts := make([]*instance, 0, len(s.instances))
@@ -247,13 +286,14 @@ func (s *Supervisor) anchorNow(ctx context.Context) {
 	changed := map[string]uint64{}
 	for _, inst := range insts {
 		inst.mu.Lock()
-		if inst.w != nil && !inst.deleted {
+		if inst.w != nil && !inst.deleted && !inst.incoming {
 			if g, err := s.generation(ctx, inst); err == nil {
 				s.mu.Lock()
 				s.seen[inst.id] = max(s.seen[inst.id], g)
-				if g > s.anchored[inst.id] {
-					changed[inst.id] = g
-				}
+				// Reported even when unchanged: a migration claim for
+				// this instance completes when its owner reports that
+				// it is still at the claimed generation.
+				changed[inst.id] = g
 				s.mu.Unlock()
 			}
 		}
@@ -262,15 +302,98 @@ func (s *Supervisor) anchorNow(ctx context.Context) {
 	if len(changed) == 0 {
 		return
 	}
-	if err := s.cfg.Anchorer.Anchor(ctx, changed); err != nil {
+	moved, err := s.cfg.Anchorer.Anchor(ctx, changed)
+	if err != nil {
 		s.log.Warn("recording state generations with the key broker failed; retrying", "err", err)
 		return
 	}
 	s.mu.Lock()
 	for id, g := range changed {
-		s.anchored[id] = max(s.anchored[id], g)
+		if _, ok := moved[id]; !ok {
+			s.anchored[id] = max(s.anchored[id], g)
+		}
 	}
 	s.mu.Unlock()
+	for _, inst := range insts {
+		if owner, ok := moved[inst.id]; ok {
+			inst.mu.Lock()
+			s.markMoved(inst, owner)
+			inst.mu.Unlock()
+		}
+	}
+}
+
+// markMoved stops a stale copy of an instance that another backend owns
+// now. Called with inst.mu held.
+func (s *Supervisor) markMoved(inst *instance, owner string) {
+	if inst.movedTo != "" {
+		return
+	}
+	inst.movedTo = owner
+	inst.lastErr = fmt.Errorf("instance %s migrated to backend %s: this copy is stale and does not run", inst.id, owner)
+	s.log.Warn("stale copy of a migrated instance stopped", "instance", inst.id, "owner", owner)
+	s.stop(inst, time.Second)
+}
+
+// anchorOne records inst's current generation synchronously (before its
+// state leaves). Called with inst.mu held and a worker running.
+func (s *Supervisor) anchorOne(ctx context.Context, inst *instance) error {
+	g, err := s.generation(ctx, inst)
+	if err != nil {
+		return err
+	}
+	moved, err := s.cfg.Anchorer.Anchor(ctx, map[string]uint64{inst.id: g})
+	if err != nil {
+		return fmt.Errorf("recording the state generation with the key broker: %w", err)
+	}
+	if owner, ok := moved[inst.id]; ok {
+		s.markMoved(inst, owner)
+		return inst.lastErr
+	}
+	s.mu.Lock()
+	s.seen[inst.id] = max(s.seen[inst.id], g)
+	s.anchored[inst.id] = max(s.anchored[inst.id], g)
+	s.mu.Unlock()
+	return nil
+}
+
+func (s *Supervisor) claimTimeout() time.Duration {
+	if s.cfg.ClaimTimeout > 0 {
+		return s.cfg.ClaimTimeout
+	}
+	return 30 * time.Second
+}
+
+// transferBlobs names the state blobs by swtpm's numbering.
+var transferBlobs = map[uint64]string{1: "permall", 2: "volatilestate", 3: "savestate"}
+
+// claim checks migrated state (an envelope under the migration key) and
+// takes the instance over at the key broker before the worker loads it:
+// state older than the instance's anchor (an export the host kept) is
+// refused. Called with inst.mu held.
+func (s *Supervisor) claim(ctx context.Context, inst *instance, r tpmrpc.Request) error {
+	if s.migrationKey == nil {
+		return nil // the worker refuses it: no migration key
+	}
+	name, ok := transferBlobs[r.Arg]
+	if !ok {
+		return nil // the worker names the bad blob type
+	}
+	_, gen, err := s.migrationKey.OpenTransfer(inst.id, name, r.Payload)
+	if err != nil {
+		return nil // the worker refuses it with the reason
+	}
+	cctx, cancel := context.WithTimeout(ctx, s.claimTimeout())
+	defer cancel()
+	if err := s.cfg.Anchorer.Claim(cctx, inst.id, gen); err != nil {
+		return fmt.Errorf("%s state refused: the key broker does not let this backend take the instance over at generation %d: %w", name, gen, err)
+	}
+	inst.incoming = false
+	s.mu.Lock()
+	s.seen[inst.id] = max(s.seen[inst.id], gen)
+	s.anchored[inst.id] = max(s.anchored[inst.id], gen)
+	s.mu.Unlock()
+	return nil
 }
 
 // generation asks inst's worker for its state generation. Called with
@@ -329,6 +452,13 @@ func (s *Supervisor) Create(ctx context.Context, id string, opts CreateOptions) 
 	if err := os.Mkdir(inst.dir, 0o700); err != nil {
 		return fail(err)
 	}
+	inc := make([]byte, 16)
+	rand.Read(inc)
+	inst.incarnation = hex.EncodeToString(inc)
+	if err := os.WriteFile(filepath.Join(inst.dir, incarnationFile), []byte(inst.incarnation+"\n"), 0o600); err != nil {
+		os.RemoveAll(inst.dir)
+		return fail(err)
+	}
 	mode := startNew
 	if opts.ImportDir != "" {
 		mode = startImport
@@ -338,7 +468,7 @@ func (s *Supervisor) Create(ctx context.Context, id string, opts CreateOptions) 
 		}
 	}
 	if opts.Incoming {
-		inst.tpmRunning = false
+		inst.tpmRunning, inst.incoming = false, true
 	}
 	err := s.start(ctx, inst, mode)
 	if mode == startImport {
@@ -359,6 +489,10 @@ func (s *Supervisor) Create(ctx context.Context, id string, opts CreateOptions) 
 	}
 	return inst.info(), nil
 }
+
+// incarnationFile holds an instance's incarnation (not secret: changing
+// it only makes the state unopenable).
+const incarnationFile = "incarnation"
 
 // swtpmStateFiles are the files swtpm_setup and swtpm write.
 var swtpmStateFiles = []string{"tpm2-00.permall", "tpm2-00.volatilestate", "tpm2-00.savestate"}
@@ -524,7 +658,11 @@ func (s *Supervisor) start(ctx context.Context, inst *instance, mode startMode) 
 }
 
 func (s *Supervisor) startWorker(ctx context.Context, inst *instance, mode startMode) error {
-	key, err := s.cfg.Keys.InstanceKey(ctx, inst.id)
+	label := inst.id
+	if inst.incarnation != "" {
+		label += "#" + inst.incarnation // '#' is not allowed in instance ids
+	}
+	key, err := s.cfg.Keys.InstanceKey(ctx, label)
 	if err != nil {
 		return fmt.Errorf("state key: %w", err)
 	}
@@ -620,6 +758,7 @@ func (s *Supervisor) startWorker(ctx context.Context, inst *instance, mode start
 	}
 	inst.w = w
 	inst.lastStart = time.Now()
+	inst.locality = 0 // a new libtpms starts at locality 0
 	err = s.restore(ctx, inst)
 	if err == nil && floor > 0 {
 		err = s.checkNotRolledBack(ctx, inst, floor)
@@ -764,18 +903,41 @@ func (s *Supervisor) Call(ctx context.Context, id string, caps tpmrpc.Capabiliti
 	if err != nil {
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: err.Error()}), nil
 	}
-	if err := caps.Allow(r); err != nil {
+	inst.mu.Lock()
+	defer inst.mu.Unlock()
+	checked := r
+	if r.Op == tpmrpc.OpExecute && r.Arg&tpmrpc.ExecuteAtLocality == 0 {
+		// A plain Execute runs at the locality the last set-locality left,
+		// perhaps another caller's: check it as a command at that locality.
+		checked.Locality, checked.Arg = inst.locality, tpmrpc.ExecuteAtLocality
+	}
+	if err := caps.Allow(checked); err != nil {
 		s.log.Warn("call refused", "instance", id, "op", r.Op.String(), "reason", err)
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q: refused: %v", id, err)}), nil
 	}
-	inst.mu.Lock()
-	defer inst.mu.Unlock()
 	if inst.deleted {
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q was deleted", id)}), nil
+	}
+	if inst.movedTo != "" {
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: inst.lastErr.Error()}), nil
 	}
 	if inst.w == nil {
 		if err := s.start(ctx, inst, startExisting); err != nil {
 			return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q is not running: %v", id, err)}), nil
+		}
+	}
+	if s.cfg.Anchorer != nil && (r.Op == tpmrpc.OpGetState || r.Op == tpmrpc.OpSetState) {
+		// With a key broker, state leaves only at the anchored generation,
+		// and enters only if it is not older than the anchor.
+		var err error
+		if r.Op == tpmrpc.OpGetState {
+			err = s.anchorOne(ctx, inst)
+		} else {
+			err = s.claim(ctx, inst, r)
+		}
+		if err != nil {
+			s.log.Warn("state transfer refused", "instance", id, "op", r.Op.String(), "blob", r.Arg, "reason", err)
+			return tpmrpc.AppendResponse(dst, tpmrpc.Response{RC: rcFail, Err: err.Error()}), nil
 		}
 	}
 	if r.Op == tpmrpc.OpExecute && freshreport.IsCommand(r.Payload) {
@@ -810,6 +972,7 @@ func (s *Supervisor) Call(ctx context.Context, id string, caps tpmrpc.Capabiliti
 const (
 	rcValue   = 0x84
 	rcFailure = 0x101
+	rcFail    = 0x09 // swtpm's TPM_FAIL, for control calls
 )
 
 func tpmError(rc uint32) []byte {
@@ -873,6 +1036,10 @@ func (s *Supervisor) track(inst *instance, r tpmrpc.Request, resp []byte) {
 		}
 	case tpmrpc.OpStop:
 		inst.tpmRunning, inst.startedUp = false, false
+	case tpmrpc.OpSetLocality:
+		if p, err := tpmrpc.ParseResponse(resp); err == nil && p.Err == "" && p.RC == 0 {
+			inst.locality = r.Locality
+		}
 	case tpmrpc.OpExecute:
 		if len(r.Payload) >= 10 && binary.BigEndian.Uint32(r.Payload[6:10]) == 0x144 {
 			if p, err := tpmrpc.ParseResponse(resp); err == nil && p.Err == "" && responseCode(p.Payload) == 0 {

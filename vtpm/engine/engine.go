@@ -390,8 +390,8 @@ func (t *TPM) Info(flags uint64) (string, error) {
 }
 
 // GetState returns a plain libtpms state blob, as swtpm's CMD_GET_STATEBLOB
-// gets it: the volatile state is first written (and removed from storage
-// afterwards, since it would be stale); the others are read from storage.
+// gets it: the volatile state from libtpms (nothing is written), the others
+// from storage.
 func (t *TPM) GetState(st uint32) ([]byte, uint32) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -403,14 +403,16 @@ func (t *TPM) GetState(st uint32) ([]byte, uint32) {
 		return nil, RCBadParameter
 	}
 	if st == StateVolatile {
-		if rc := t.storeVolatile(); rc != 0 {
-			return nil, rc
+		// Taken from libtpms directly: storing it (as swtpm does, then
+		// deleting it again) would change the state store for a read.
+		var buf *C.uchar
+		var n C.uint32_t
+		if rc := C.TPMLIB_VolatileAll_Store(&buf, &n); rc != 0 {
+			return nil, uint32(rc)
 		}
-		defer func() {
-			if err := t.store.Delete(BlobVolatile); err != nil {
-				t.log.Warn("removing the volatile state after reading it failed", "err", err)
-			}
-		}()
+		b := C.GoBytes(unsafe.Pointer(buf), C.int(n))
+		C.free(unsafe.Pointer(buf))
+		return b, RCSuccess
 	}
 	b, err := t.store.Load(name)
 	if err != nil {
