@@ -45,7 +45,7 @@ func RootPublicFromFile(path string) (any, error) {
 // Released is what the broker released.
 type Released struct {
 	MasterKey    []byte
-	MigrationKey []byte // nil without a migration domain
+	MigrationKey []byte            // nil without a migration domain
 	Anchors      map[string]uint64 // instances this backend owns: highest generation
 	Moved        map[string]string // instances another backend owns now
 }
