@@ -3,8 +3,9 @@
 # backend in a (simulated) HYGON CSV confidential VM, the EK CA certifying an
 # instance's EKs only on CSV evidence, the host's frontend relaying a guest's
 # end-to-end attested session it cannot read, tpm2-tools in the "guest", a
-# crashed worker restarted from sealed state, and refusals when evidence is
-# not what it should be. It leaves nothing running.
+# crashed worker restarted from sealed state, the host trying to take and
+# replace the instance's state, and refusals when evidence is not what it
+# should be. It leaves nothing running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$PWD/bin/cvtpm
@@ -32,15 +33,16 @@ cat > "$work/policy.json" <<JSON
 {"simulator_roots": ["$work/csv/hrk.cert"], "approved_measurements": ["$measure"]}
 JSON
 
-step "2. The EK CA: it trusts this simulated root and approves only this measurement"
+step "2. The EK CA and key broker: they trust this simulated root and approve only this measurement"
 mkdir -p "$work/kds/hsk_cek/SIMCHIP0001" && cp "$work/csv/hsk_cek.cert" "$work/kds/hsk_cek/SIMCHIP0001/"
-"$BIN" ca --dir "$work/ca" --policy "$work/policy.json" --cert-dir "$work/kds" \
+"$BIN" ca --dir "$work/ca" --policy "$work/policy.json" --cert-dir "$work/kds" --key-broker \
   --listen 127.0.0.1:0 --http 127.0.0.1:0 2> "$work/ca.log" &
 pids+=($!)
 wait_log "$work/ca.log" 'EK CA serving'
 ca_addr=$(sed -n 's/.*grpc=\([^ ]*\).*/\1/p' "$work/ca.log" | head -1)
 ca_http=$(sed -n 's/.*EK CA serving.* http=\([^ ]*\).*/\1/p' "$work/ca.log" | head -1)
-say "CA at $ca_addr; its root certificate is $work/ca/ca.pem."
+say "CA at $ca_addr; its root certificate is $work/ca/ca.pem. The same service releases vTPM"
+say "backends' keys, but only to a CVM whose CSV report passes this policy."
 
 step "3. Link identities from the CA: who may talk to the backend"
 for who in frontend guest-vm1; do
@@ -50,13 +52,16 @@ echo '{"clients": {"frontend": {"instances": ["*"], "capabilities": ["host"]}, "
 say "the backend will trust identities from the CA's root ($work/ca/ca.pem): 'frontend' may use"
 say "every instance, 'guest-vm1' only instance vm1."
 
-step "4. Start the backend inside the CVM: one libtpms worker per instance, state sealed with SM4-GCM"
-head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/master.key"
-"$BIN" backend --dir "$work/backend" --listen "tcp:127.0.0.1:0" --key-file "$work/master.key" --cipher sm4-gcm \
+step "4. Start the backend inside the CVM: keys from the key broker, one libtpms worker per instance, state sealed with SM4-GCM"
+"$BIN" backend --dir "$work/backend" --listen "tcp:127.0.0.1:0" --cipher sm4-gcm \
+  --key-broker "$ca_addr" --broker-root "$work/ca/ca.pem" --backend-id backend-a --migration-domain demo \
   --client-ca "$work/ca/ca.pem" --acl "$work/acl.json" --csv-sim "$work/csv" --ca "$ca_addr" 2> "$work/backend.log" &
 pids+=($!)
 wait_log "$work/backend.log" 'backend serving'
 link=$(sed -n 's/.*backend serving" link=\([^ ]*\).*/\1/p' "$work/backend.log")
+say "the backend proved with a CSV report (bound to a nonce and an ephemeral key) that it runs the"
+say "approved image; the broker released its master key and the domain's migration key, wrapped to"
+say "that key and signed by the CA. No key file on the CVM's disk."
 say "backend: attested link on $link, management socket $work/backend/admin.sock"
 "$BIN" backend create --admin "$work/backend/admin.sock" --enroll vm1 | sed 's/^/   /'
 
@@ -121,7 +126,36 @@ sleep 0.3
 say "worker $pid killed; the backend restarted it: $("$BIN" backend list --admin "$work/backend/admin.sock" | awk '$1=="vm1" {print "pid " $3 ", " $4 " restart(s)"}')"
 say "NV 0x1500016 still reads: $(tpm2_nvread 0x1500016 -C o 2>/dev/null | tr -d '\0')"
 
-step "9. Tamper: what else the system refuses, and why"
+step "9. The host tries to take the instance's state, and to replace it"
+"$BIN" frontend --backend "tcp:$link" --cert "$work/frontend.pem" --key "$work/frontend.key" --policy "$work/policy.json" \
+  --vm vm1="$work/vm1.ctrl" 2> "$work/frontend-vm.log" &
+pids+=($!)
+wait_for "$work/vm1.ctrl"
+say "the frontend serves vm1 to QEMU on $work/vm1.ctrl; the host runs swtpm_ioctl on that socket:"
+swtpm_ioctl --unix "$work/vm1.ctrl" --save permanent "$work/stolen.permanent"
+if grep -qa "$secret" "$work/stolen.permanent"; then say "!! the host read the secret"; exit 1; fi
+say "--save permanent gave $(stat -c %s "$work/stolen.permanent") bytes sealed for vm1 under the migration key: the secret is not in them,"
+mkdir -p "$work/clone"
+swtpm socket --tpm2 --tpmstate dir="$work/clone" --ctrl type=unixio,path="$work/clone.ctrl" \
+  --server type=unixio,path="$work/clone.sock" --flags not-need-init 2> "$work/clone.log" &
+pids+=($!)
+wait_for "$work/clone.ctrl"
+swtpm_ioctl --unix "$work/clone.ctrl" --stop
+say "and a real swtpm outside the TEE will not run them: $(swtpm_ioctl --unix "$work/clone.ctrl" --load permanent "$work/stolen.permanent" 2>&1 | tr -d '\n')"
+sleep 0.1
+say "  ($(tail -1 "$work/clone.log"))"
+say "locality 4 (swtpm_ioctl -l 4): $(swtpm_ioctl --unix "$work/vm1.ctrl" -l 4 2>&1 | tr -d '\n') (refused: not the host's)"
+swtpm_ioctl --unix "$work/clone.ctrl" -i
+swtpm_ioctl --unix "$work/clone.ctrl" --save permanent "$work/host-made.permanent"
+swtpm_ioctl --unix "$work/vm1.ctrl" --stop
+say "the host stops vm1's TPM and loads state it made with its own swtpm (seeds it knows):"
+say "  $(swtpm_ioctl --unix "$work/vm1.ctrl" --load permanent "$work/host-made.permanent" 2>&1 | tr -d '\n')"
+say "  backend: $(grep 'state transfer refused' "$work/backend.log" | tail -1 | sed 's/.*reason="\([^";]*\).*/\1/' | cut -c1-120)"
+swtpm_ioctl --unix "$work/vm1.ctrl" -i
+tpm2_startup -c 2>/dev/null || true
+say "after the VM reset the guest still reads NV 0x1500016: $(tpm2_nvread 0x1500016 -C o 2>/dev/null | tr -d '\0')"
+
+step "10. Tamper: what else the system refuses, and why"
 echo "{\"approved_measurements\": [\"$measure\"]}" > "$work/real-only.json"
 say "a guest that trusts only HYGON's real root refuses this (simulated) backend before sending a command:"
 "$BIN" guest proxy --link "tcp:$relay" --instance vm1 --cert "$work/guest-vm1.pem" --key "$work/guest-vm1.key" \
