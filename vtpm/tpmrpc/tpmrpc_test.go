@@ -170,3 +170,28 @@ func FuzzParseMessages(f *testing.F) {
 		ReadMessage(bytes.NewReader(b), nil)
 	})
 }
+
+// FuzzCapabilities: for any request the link can carry, the guest role
+// never gets state, H-CRTM, locality 4 or a reset, and nobody gets the
+// backend's own operations.
+func FuzzCapabilities(f *testing.F) {
+	f.Add(AppendRequest(nil, Request{Op: OpExecute, Locality: 4, Arg: ExecuteAtLocality, Payload: getRandom8}))
+	f.Add(AppendRequest(nil, Request{Op: OpGetState, Arg: 1}))
+	f.Add(AppendRequest(nil, Request{Op: OpGeneration}))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r, err := ParseRequest(b)
+		if err != nil {
+			return
+		}
+		guestOK := Roles["guest"].Allow(r) == nil
+		switch {
+		case r.Op == OpGeneration && ((capEnd - 1).Allow(r) == nil):
+			t.Fatal("the backend's own operation is allowed to a link caller")
+		case guestOK && (r.Op == OpGetState || r.Op == OpSetState || r.Op == OpHashStart || r.Op == OpHashData ||
+			r.Op == OpHashEnd || r.Op == OpInit || r.Op == OpStop):
+			t.Fatalf("guest allowed %v", r.Op)
+		case guestOK && r.Locality == 4 && (r.Arg&ExecuteAtLocality != 0 || r.Op == OpSetLocality):
+			t.Fatalf("guest allowed %v at locality 4", r.Op)
+		}
+	})
+}
