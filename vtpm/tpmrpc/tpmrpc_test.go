@@ -190,7 +190,7 @@ func FuzzCapabilities(f *testing.F) {
 		case guestOK && (r.Op == OpGetState || r.Op == OpSetState || r.Op == OpHashStart || r.Op == OpHashData ||
 			r.Op == OpHashEnd || r.Op == OpInit || r.Op == OpStop):
 			t.Fatalf("guest allowed %v", r.Op)
-		case guestOK && r.Locality == 4 && (r.Arg&ExecuteAtLocality != 0 || r.Op == OpSetLocality):
+		case guestOK && r.Locality == 4 && (r.Op == OpExecute && r.Arg&ExecuteAtLocality != 0 || r.Op == OpSetLocality || r.Op == OpResetEstablished):
 			t.Fatalf("guest allowed %v at locality 4", r.Op)
 		}
 	})
