@@ -23,6 +23,9 @@ type Proxy struct {
 	Instance string
 	Config   attestedlink.ClientConfig
 	Logger   *slog.Logger
+	// LockHost closes the host path of an instance bound with host
+	// "boot" once connected (the session must carry workload evidence).
+	LockHost bool
 
 	tpm    *tpmrpc.Client
 	caller *attestedlink.InstanceCaller
@@ -48,6 +51,12 @@ func (p *Proxy) Connect(ctx context.Context) (*csv.Claims, error) {
 	s, err := p.caller.Connect(ctx)
 	if err != nil {
 		return nil, err
+	}
+	if p.LockHost {
+		if err := p.tpm.LockHost(); err != nil {
+			return nil, fmt.Errorf("locking the host path: %w", err)
+		}
+		log.Info("host path locked until the next VM reset", "instance", p.Instance)
 	}
 	p.srv = swtpmproto.New(p.tpm, swtpmproto.Options{Logger: log})
 	return s.Claims(), nil

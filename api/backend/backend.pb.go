@@ -36,9 +36,12 @@ type CreateInstanceRequest struct {
 	// import_dir: a directory (inside the backend CVM) with swtpm's
 	// unencrypted tpm2-00.* files to start the instance from. An audited
 	// administrator action; the host path never loads plaintext state.
-	ImportDir     string `protobuf:"bytes,4,opt,name=import_dir,json=importDir,proto3" json:"import_dir,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	ImportDir string `protobuf:"bytes,4,opt,name=import_dir,json=importDir,proto3" json:"import_dir,omitempty"`
+	// workload_binding: JSON (vtpm/backend.Binding) tying the instance to
+	// its workload VM's own CSV evidence, with the host policy.
+	WorkloadBinding []byte `protobuf:"bytes,5,opt,name=workload_binding,json=workloadBinding,proto3" json:"workload_binding,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *CreateInstanceRequest) Reset() {
@@ -97,6 +100,13 @@ func (x *CreateInstanceRequest) GetImportDir() string {
 		return x.ImportDir
 	}
 	return ""
+}
+
+func (x *CreateInstanceRequest) GetWorkloadBinding() []byte {
+	if x != nil {
+		return x.WorkloadBinding
+	}
+	return nil
 }
 
 type Instance struct {
@@ -423,13 +433,14 @@ var File_backend_proto protoreflect.FileDescriptor
 
 const file_backend_proto_rawDesc = "" +
 	"\n" +
-	"\rbackend.proto\x12\x10cvtpm.backend.v1\"z\n" +
+	"\rbackend.proto\x12\x10cvtpm.backend.v1\"\xa5\x01\n" +
 	"\x15CreateInstanceRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06enroll\x18\x02 \x01(\bR\x06enroll\x12\x1a\n" +
 	"\bincoming\x18\x03 \x01(\bR\bincoming\x12\x1d\n" +
 	"\n" +
-	"import_dir\x18\x04 \x01(\tR\timportDir\"\xd1\x01\n" +
+	"import_dir\x18\x04 \x01(\tR\timportDir\x12)\n" +
+	"\x10workload_binding\x18\x05 \x01(\fR\x0fworkloadBinding\"\xd1\x01\n" +
 	"\bInstance\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x12\x10\n" +

@@ -238,7 +238,7 @@ Options:
 	link := &attestedlink.Server{
 		TLS:      &tls.Config{Certificates: []tls.Certificate{cert}, ClientCAs: pool},
 		Evidence: evidence, HSKCEK: bundle,
-		Authorizer: acl, Handler: sup, Logger: log,
+		Authorizer: &backend.Access{ACL: acl, Bindings: sup}, Handler: sup, Logger: log,
 	}
 	errc := make(chan error, 2)
 	go func() { errc <- gs.Serve(aln) }()
@@ -284,9 +284,10 @@ func runBackendAdmin(ctx context.Context, verb string, args []string) error {
 	enrollEKs := fs.Bool("enroll", false, "create: also create the EKs and have the EK CA certify them")
 	incoming := fs.Bool("incoming", false, "create: no TPM state yet; wait for an instance migrated from another backend")
 	importDir := fs.String("import", "", "create: start from swtpm's unencrypted state files in DIR (inside the CVM; logged)")
+	bind := fs.String("bind", "", `create: bind the instance to its workload VM: JSON {"workload": {CSV policy}, "host": "full|boot|none"}`)
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: cvtpm backend %s --admin SOCKET %s\n\nOptions:\n", verb, map[string]string{
-			"create": "[--enroll | --incoming | --import DIR] ID", "list": "", "delete": "ID"}[verb])
+			"create": "[--enroll | --incoming | --import DIR] [--bind FILE] ID", "list": "", "delete": "ID"}[verb])
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -316,7 +317,13 @@ func runBackendAdmin(ctx context.Context, verb string, args []string) error {
 				return err
 			}
 		}
-		inst, err := c.CreateInstance(ctx, &backendpb.CreateInstanceRequest{Id: fs.Arg(0), Enroll: *enrollEKs, Incoming: *incoming, ImportDir: dir})
+		var binding []byte
+		if *bind != "" {
+			if binding, err = os.ReadFile(*bind); err != nil {
+				return fmt.Errorf("--bind: %w", err)
+			}
+		}
+		inst, err := c.CreateInstance(ctx, &backendpb.CreateInstanceRequest{Id: fs.Arg(0), Enroll: *enrollEKs, Incoming: *incoming, ImportDir: dir, WorkloadBinding: binding})
 		if err != nil {
 			return fmt.Errorf("creating instance %q: %w", fs.Arg(0), err)
 		}
@@ -327,6 +334,9 @@ func runBackendAdmin(ctx context.Context, verb string, args []string) error {
 			fmt.Printf("instance %s created from the swtpm state in %s (worker pid %d)\n", inst.Id, dir, inst.Pid)
 		default:
 			fmt.Printf("instance %s created (worker pid %d)\n", inst.Id, inst.Pid)
+		}
+		if binding != nil {
+			fmt.Printf("  bound to its workload VM (%s): guest sessions must prove it with the workload's own CSV report\n", *bind)
 		}
 		for _, ek := range inst.Enrolled {
 			fmt.Printf("  %-9s EK at 0x%08x certified (serial %s), certificate in NV 0x%08x\n", ek.Algorithm, ek.Persistent, ek.Serial, ek.NvIndex)

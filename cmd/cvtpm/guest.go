@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"cvtpm/attest/csv"
 	"errors"
 	"flag"
 	"fmt"
@@ -71,6 +72,10 @@ Options:
 	unixPath := fs.String("unix", "", "serve the swtpm data channel on this unix socket (control on PATH.ctrl)")
 	mssim := fs.String("mssim", "", "serve the mssim protocol on HOST:PORT (platform on PORT+1)")
 	vtpmProxy := fs.Bool("vtpm-proxy", false, "also create a /dev/tpmN for the instance through Linux's vtpm_proxy driver (/dev/vtpmx)")
+	workload := fs.Bool("workload-evidence", false, "prove that this session is the workload VM with its own CSV report (/dev/csv-guest; needed for an instance bound to its workload)")
+	workloadSim := fs.String("workload-csv-sim", "", "with --workload-evidence: the CSV simulator in DIR when /dev/csv-guest is absent (tests, demos)")
+	workloadHSKCEK := fs.String("workload-hsk-cek", "", "with --workload-evidence: this VM's chip HSK+CEK bundle (default: the simulator's)")
+	lockHost := fs.Bool("lock-host", false, "with --workload-evidence: close the host path of an instance bound with host \"boot\" until the next VM reset")
 	link := addLinkFlags(fs)
 	if done, err := parseFlags(fs, args); done {
 		return err
@@ -86,7 +91,30 @@ Options:
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	p := &guestkit.Proxy{Link: *linkAddr, Instance: *instance, Config: cfg, Logger: log}
+	if *lockHost && !*workload {
+		return errors.New("--lock-host needs --workload-evidence: only the proven workload may lock the host path")
+	}
+	if *workload {
+		ev, err := csv.OpenProvider(csv.ProviderOptions{SimulatorDir: *workloadSim})
+		if err != nil {
+			return fmt.Errorf("--workload-evidence: %w", err)
+		}
+		cfg.Workload = ev
+		switch {
+		case *workloadHSKCEK != "":
+			if cfg.WorkloadHSKCEK, err = os.ReadFile(*workloadHSKCEK); err != nil {
+				return fmt.Errorf("--workload-hsk-cek: %w", err)
+			}
+		default:
+			sim, ok := ev.(*csv.Simulator)
+			if !ok {
+				return errors.New("--workload-evidence on a real CSV guest needs --workload-hsk-cek (the chip's HSK+CEK bundle)")
+			}
+			cfg.WorkloadHSKCEK = csv.MarshalHSKCEK(sim.HSK, sim.CEK)
+			log.Warn("workload evidence from the CSV SIMULATOR", "dir", *workloadSim)
+		}
+	}
+	p := &guestkit.Proxy{Link: *linkAddr, Instance: *instance, Config: cfg, Logger: log, LockHost: *lockHost}
 	claims, err := p.Connect(ctx)
 	if err != nil {
 		return err

@@ -29,6 +29,13 @@ type ClientConfig struct {
 	// HandshakeTimeout bounds TLS handshake plus attestation; zero means
 	// 30 seconds.
 	HandshakeTimeout time.Duration
+	// Workload, if set, proves that the client runs in a CSV workload VM:
+	// after the backend is appraised, the client sends the workload's own
+	// CSV report bound to this session (WorkloadReportData), with
+	// WorkloadHSKCEK, its chip's HSK and CEK. An instance bound to its
+	// workload serves only such sessions.
+	Workload       csv.ReportProvider
+	WorkloadHSKCEK []byte
 }
 
 // EvidenceError is a refusal of the backend's evidence. No TPM command
@@ -103,7 +110,7 @@ func dial(ctx context.Context, raw net.Conn, cfg ClientConfig) (*Session, error)
 	if err != nil {
 		return nil, fmt.Errorf("attested link: reading evidence: %w", err)
 	}
-	report, hskcek, err := splitEvidence(ev.payload)
+	report, hskcek, backendNonce, err := splitEvidence(ev.payload)
 	if err != nil {
 		return nil, fmt.Errorf("attested link: %w", err)
 	}
@@ -130,24 +137,55 @@ func dial(ctx context.Context, raw net.Conn, cfg ClientConfig) (*Session, error)
 		}
 		return nil, &EvidenceError{Reason: csv.ReasonEvidence, Err: err}
 	}
+	if cfg.Workload != nil {
+		if len(backendNonce) == 0 {
+			return nil, fmt.Errorf("attested link: the backend sent no nonce for workload evidence")
+		}
+		rd := WorkloadReportData(exporter, backendNonce)
+		wr, err := cfg.Workload.Report(ctx, rd[:])
+		if err != nil {
+			return nil, fmt.Errorf("attested link: the workload's CSV report: %w", err)
+		}
+		var lens [8]byte
+		binary.BigEndian.PutUint32(lens[:4], uint32(len(wr)))
+		binary.BigEndian.PutUint32(lens[4:], uint32(len(cfg.WorkloadHSKCEK)))
+		if err := f.write(frameWorkload, "", lens[:4], wr, lens[4:], cfg.WorkloadHSKCEK); err != nil {
+			return nil, fmt.Errorf("attested link: sending workload evidence: %w", err)
+		}
+	}
 	raw.SetDeadline(time.Time{})
 	return &Session{conn: conn, claims: claims, f: f}, nil
 }
 
-func splitEvidence(b []byte) (report, hskcek []byte, err error) {
-	if len(b) < 4 {
-		return nil, nil, fmt.Errorf("%w: evidence frame too short", ErrProtocol)
+// splitEvidence splits len|report|len|HSK+CEK[|len|nonce].
+func splitEvidence(b []byte) (report, hskcek, nonce []byte, err error) {
+	next := func(what string) ([]byte, error) {
+		if len(b) < 4 {
+			return nil, fmt.Errorf("%w: evidence frame too short for the %s length", ErrProtocol, what)
+		}
+		n := binary.BigEndian.Uint32(b)
+		if uint64(n)+4 > uint64(len(b)) {
+			return nil, fmt.Errorf("%w: evidence %s length %d exceeds the frame", ErrProtocol, what, n)
+		}
+		v := b[4 : 4+n]
+		b = b[4+n:]
+		return v, nil
 	}
-	n := binary.BigEndian.Uint32(b)
-	if uint64(n)+8 > uint64(len(b)) {
-		return nil, nil, fmt.Errorf("%w: evidence report length %d exceeds frame", ErrProtocol, n)
+	if report, err = next("report"); err != nil {
+		return nil, nil, nil, err
 	}
-	report, b = b[4:4+n], b[4+n:]
-	m := binary.BigEndian.Uint32(b)
-	if uint64(m)+4 != uint64(len(b)) {
-		return nil, nil, fmt.Errorf("%w: evidence HSK/CEK length %d does not match frame", ErrProtocol, m)
+	if hskcek, err = next("HSK/CEK"); err != nil {
+		return nil, nil, nil, err
 	}
-	return report, b[4:], nil
+	if len(b) > 0 {
+		if nonce, err = next("nonce"); err != nil {
+			return nil, nil, nil, err
+		}
+	}
+	if len(b) != 0 {
+		return nil, nil, nil, fmt.Errorf("%w: %d stray bytes after the evidence", ErrProtocol, len(b))
+	}
+	return report, hskcek, nonce, nil
 }
 
 // Claims are the appraised CSV claims of the backend.

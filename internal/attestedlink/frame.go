@@ -28,7 +28,28 @@ const (
 	frameRequest  = 3 // client -> server: tpmrpc request for an instance
 	frameResponse = 4 // server -> client: tpmrpc response
 	frameError    = 5 // either way: the session ends; payload says why
+	frameWorkload = 6 // client -> server, optional, before any request: the workload's own CSV report and HSK/CEK
 )
+
+const workloadTag = "cvtpm workload v1"
+
+// WorkloadReportData is what a workload's own CSV report must carry to
+// prove the workload VM is this session's client:
+// SHA-512("cvtpm workload v1" || len || exporter || len || backend nonce),
+// the backend nonce coming with the backend's evidence.
+func WorkloadReportData(exporter, backendNonce []byte) [64]byte {
+	h := sha512.New()
+	h.Write([]byte(workloadTag))
+	for _, b := range [][]byte{exporter, backendNonce} {
+		var n [4]byte
+		binary.BigEndian.PutUint32(n[:], uint32(len(b)))
+		h.Write(n[:])
+		h.Write(b)
+	}
+	var out [64]byte
+	h.Sum(out[:0])
+	return out
+}
 
 // ReportData is what the backend's CSV report must carry for a session:
 // SHA-512(tag || len || exporter || len || nonce), lengths u32 big-endian.

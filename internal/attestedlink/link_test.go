@@ -83,8 +83,8 @@ func (c *counter) count(instance string) int {
 
 type acl map[string][]string
 
-func (a acl) Authorize(_ context.Context, cert *x509.Certificate, instance string) (tpmrpc.Capabilities, error) {
-	for _, i := range a[cert.Subject.CommonName] {
+func (a acl) Authorize(_ context.Context, peer *Peer, instance string) (tpmrpc.Capabilities, error) {
+	for _, i := range a[peer.Certificate.Subject.CommonName] {
 		if i == instance {
 			return tpmrpc.Roles["guest"], nil
 		}

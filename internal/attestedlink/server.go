@@ -1,7 +1,9 @@
 package attestedlink
 
 import (
+	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/binary"
@@ -25,11 +27,28 @@ type Handler interface {
 	Call(ctx context.Context, instance string, caps tpmrpc.Capabilities, req, dst []byte) ([]byte, error)
 }
 
-// Authorizer decides whether the client with this certificate may use the
-// instance, and with which capabilities. It is asked before the first call
-// to each instance.
+// Authorizer decides whether the client may use the instance, and with
+// which capabilities. It is asked before the first call to each instance.
 type Authorizer interface {
-	Authorize(ctx context.Context, client *x509.Certificate, instance string) (tpmrpc.Capabilities, error)
+	Authorize(ctx context.Context, client *Peer, instance string) (tpmrpc.Capabilities, error)
+}
+
+// Peer is what the server knows of a session's client.
+type Peer struct {
+	// Certificate is the client's verified TLS certificate.
+	Certificate *x509.Certificate
+	// Workload is the client's own CSV evidence, if it sent any (a guest
+	// proxy in a CSV workload VM). It is not verified here: whoever
+	// authorises an instance bound to a workload checks it against that
+	// instance's workload policy.
+	Workload *WorkloadEvidence
+}
+
+// WorkloadEvidence is a workload VM's CSV report for this session.
+type WorkloadEvidence struct {
+	Report, HSKCEK []byte
+	// ReportData is what the report must carry (WorkloadReportData).
+	ReportData [64]byte
 }
 
 // Server is the backend end of the link.
@@ -150,19 +169,37 @@ func (s *Server) ServeConn(ctx context.Context, raw net.Conn) error {
 		f.write(frameError, "", []byte("backend could not produce evidence"))
 		return fmt.Errorf("CSV report: %w", err)
 	}
-	var lens [8]byte
+	backendNonce := make([]byte, NonceSize)
+	rand.Read(backendNonce)
+	var lens [12]byte
 	binary.BigEndian.PutUint32(lens[:4], uint32(len(report)))
-	binary.BigEndian.PutUint32(lens[4:], uint32(len(s.HSKCEK)))
-	if err := f.write(frameEvidence, "", lens[:4], report, lens[4:], s.HSKCEK); err != nil {
+	binary.BigEndian.PutUint32(lens[4:8], uint32(len(s.HSKCEK)))
+	binary.BigEndian.PutUint32(lens[8:], NonceSize)
+	if err := f.write(frameEvidence, "", lens[:4], report, lens[4:8], s.HSKCEK, lens[8:], backendNonce); err != nil {
 		return fmt.Errorf("sending evidence: %w", err)
 	}
+	peer := &Peer{Certificate: client}
 	raw.SetDeadline(time.Time{})
 	log.Info("attested link session open")
 
 	authorized := map[string]tpmrpc.Capabilities{}
 	var out []byte
-	for {
-		req, err := f.read(frameRequest)
+	for first := true; ; first = false {
+		req, err := f.read(frameRequest, frameWorkload)
+		if err == nil && req.typ == frameWorkload {
+			if !first {
+				f.write(frameError, "", []byte("workload evidence must come before any request"))
+				return fmt.Errorf("%w: workload evidence after a request", ErrProtocol)
+			}
+			report, hskcek, _, perr := splitEvidence(req.payload)
+			if perr != nil {
+				f.write(frameError, "", []byte(perr.Error()))
+				return perr
+			}
+			peer.Workload = &WorkloadEvidence{Report: bytes.Clone(report), HSKCEK: bytes.Clone(hskcek), ReportData: WorkloadReportData(exporter, backendNonce)}
+			log.Info("workload evidence received (checked when a bound instance is used)")
+			continue
+		}
 		if err != nil {
 			if errors.Is(err, io.EOF) {
 				log.Info("attested link session closed")
@@ -173,7 +210,7 @@ func (s *Server) ServeConn(ctx context.Context, raw net.Conn) error {
 		}
 		caps, ok := authorized[req.instance]
 		if !ok {
-			caps, err = s.Authorizer.Authorize(ctx, client, req.instance)
+			caps, err = s.Authorizer.Authorize(ctx, peer, req.instance)
 			if err != nil {
 				f.write(frameError, req.instance, []byte(fmt.Sprintf("client %q may not use instance %q: %v", client.Subject.CommonName, req.instance, err)))
 				return fmt.Errorf("instance %q refused: %w", req.instance, err)

@@ -60,7 +60,7 @@ func (a *AdminServer) CreateInstance(ctx context.Context, req *backendpb.CreateI
 	if req.Enroll && req.Incoming {
 		return nil, status.Error(codes.InvalidArgument, "an incoming instance has no TPM state to enroll yet; its certificates arrive with its migrated state")
 	}
-	info, err := a.Supervisor.Create(ctx, req.Id, CreateOptions{Incoming: req.Incoming, ImportDir: req.ImportDir})
+	info, err := a.Supervisor.Create(ctx, req.Id, CreateOptions{Incoming: req.Incoming, ImportDir: req.ImportDir, Binding: req.WorkloadBinding})
 	if err != nil {
 		return nil, grpcErr(err)
 	}

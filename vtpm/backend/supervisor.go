@@ -111,6 +111,8 @@ type CreateOptions struct {
 	// starts from that state. This is an administrator's explicit act
 	// inside the backend (logged); the host path never loads plaintext.
 	ImportDir string
+	// Binding (JSON, see Binding) ties the instance to its workload VM.
+	Binding []byte
 }
 
 // startMode says what a worker may expect of its state directory.
@@ -148,6 +150,8 @@ type instance struct {
 	// files of an earlier instance under the same id never open in this
 	// one. Empty for instances created before it existed.
 	incarnation string
+	binding     *Binding // nil: not bound to a workload
+	hostLocked  bool     // the workload closed the host path ("boot") until the next reset
 	created     time.Time
 
 	mu          sync.Mutex // serialises calls, starts and deletion
@@ -230,10 +234,16 @@ func New(ctx context.Context, cfg Config) (*Supervisor, error) {
 		if b, err := os.ReadFile(filepath.Join(inst.dir, incarnationFile)); err == nil {
 			inst.incarnation = strings.TrimSpace(string(b))
 		}
+		var bindErr error
+		if b, err := os.ReadFile(filepath.Join(inst.dir, bindingFile)); err == nil {
+			inst.binding, bindErr = ParseBinding(b)
+		}
 		inst.mu.Lock()
 		var err error
 		if owner, ok := cfg.Moved[inst.id]; ok {
 			s.markMoved(inst, owner)
+		} else if bindErr != nil {
+			inst.lastErr, err = bindErr, bindErr
 		} else {
 			err = s.start(ctx, inst, startExisting)
 		}
@@ -449,8 +459,21 @@ func (s *Supervisor) Create(ctx context.Context, id string, opts CreateOptions) 
 	if opts.Incoming && opts.ImportDir != "" {
 		return fail(errors.New("an instance is either incoming or imported, not both"))
 	}
+	if opts.Binding != nil {
+		b, err := ParseBinding(opts.Binding)
+		if err != nil {
+			return fail(err)
+		}
+		inst.binding = b
+	}
 	if err := os.Mkdir(inst.dir, 0o700); err != nil {
 		return fail(err)
+	}
+	if opts.Binding != nil {
+		if err := os.WriteFile(filepath.Join(inst.dir, bindingFile), opts.Binding, 0o600); err != nil {
+			os.RemoveAll(inst.dir)
+			return fail(err)
+		}
 	}
 	inc := make([]byte, 16)
 	rand.Read(inc)
@@ -594,6 +617,14 @@ func (i *instance) info() InstanceInfo {
 	return info
 }
 
+// Binding implements Bindings.
+func (s *Supervisor) Binding(id string) *Binding {
+	if inst := s.lookup(id); inst != nil {
+		return inst.binding // set at creation or start, never changed
+	}
+	return nil
+}
+
 func (s *Supervisor) lookup(id string) *instance {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -661,6 +692,9 @@ func (s *Supervisor) startWorker(ctx context.Context, inst *instance, mode start
 	label := inst.id
 	if inst.incarnation != "" {
 		label += "#" + inst.incarnation // '#' is not allowed in instance ids
+	}
+	if inst.binding != nil {
+		label += inst.binding.keyLabel()
 	}
 	key, err := s.cfg.Keys.InstanceKey(ctx, label)
 	if err != nil {
@@ -905,6 +939,11 @@ func (s *Supervisor) Call(ctx context.Context, id string, caps tpmrpc.Capabiliti
 	}
 	inst.mu.Lock()
 	defer inst.mu.Unlock()
+	if caps&tpmrpc.HostBoot != 0 && inst.hostLocked {
+		// The workload locked the host path after its boot: a reset is
+		// all the host may still do.
+		caps &= tpmrpc.CapReset
+	}
 	checked := r
 	if r.Op == tpmrpc.OpExecute && r.Arg&tpmrpc.ExecuteAtLocality == 0 {
 		// A plain Execute runs at the locality the last set-locality left,
@@ -920,6 +959,11 @@ func (s *Supervisor) Call(ctx context.Context, id string, caps tpmrpc.Capabiliti
 	}
 	if inst.movedTo != "" {
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: inst.lastErr.Error()}), nil
+	}
+	if r.Op == tpmrpc.OpLockHost {
+		inst.hostLocked = true
+		s.log.Info("the workload locked the host path", "instance", id)
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{}), nil
 	}
 	if inst.w == nil {
 		if err := s.start(ctx, inst, startExisting); err != nil {
@@ -1033,6 +1077,7 @@ func (s *Supervisor) track(inst *instance, r tpmrpc.Request, resp []byte) {
 	case tpmrpc.OpInit:
 		if p, err := tpmrpc.ParseResponse(resp); err == nil && p.Err == "" && p.RC == 0 {
 			inst.tpmRunning, inst.startedUp = true, false
+			inst.hostLocked = false // a reset: the next boot runs through the host path
 		}
 	case tpmrpc.OpStop:
 		inst.tpmRunning, inst.startedUp = false, false

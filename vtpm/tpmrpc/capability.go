@@ -34,6 +34,14 @@ const (
 	// CapLocality4: commands, set-locality and reset-established at
 	// locality 4.
 	CapLocality4
+	// CapLock: lock-host. Granted only to a session that proved, with the
+	// workload VM's own CSV evidence, to be the workload an instance is
+	// bound to.
+	CapLock
+	// HostBoot marks the host path of an instance bound with host "boot":
+	// once the workload has locked it, only CapReset is left to it until
+	// the next reset. It grants nothing by itself.
+	HostBoot
 	capEnd
 )
 
@@ -42,7 +50,7 @@ var capNames = []struct {
 	cap  Capabilities
 }{
 	{"command", CapCommand}, {"reset", CapReset}, {"migrate", CapMigrate},
-	{"hcrtm", CapHCRTM}, {"locality4", CapLocality4},
+	{"hcrtm", CapHCRTM}, {"locality4", CapLocality4}, {"lock-host", CapLock}, {"host-boot", HostBoot},
 }
 
 // Roles are named sets of capabilities for ACL entries.
@@ -72,6 +80,9 @@ func ParseCapabilities(names []string) (Capabilities, error) {
 		})
 		if i < 0 {
 			return 0, fmt.Errorf("unknown capability %q (want one of host, guest, command, reset, migrate, hcrtm, locality4)", n)
+		}
+		if capNames[i].cap&(CapLock|HostBoot) != 0 {
+			return 0, fmt.Errorf("capability %q comes from an instance's workload binding, not from the access list", n)
 		}
 		c |= capNames[i].cap
 	}
@@ -122,6 +133,8 @@ func Needed(r Request) Capabilities {
 		return CapMigrate
 	case OpHashStart, OpHashData, OpHashEnd:
 		return CapHCRTM
+	case OpLockHost:
+		return CapLock
 	}
 	return capEnd // unknown operations need a capability nobody has
 }

@@ -214,6 +214,10 @@ func (c *Client) SetState(blobType uint32, blob []byte) uint32 {
 	return c.rc(Request{Op: OpSetState, Arg: uint64(blobType), Payload: blob})
 }
 
+// LockHost closes the host path of an instance bound to this workload with
+// host "boot", until the next reset.
+func (c *Client) LockHost() error { return c.do(Request{Op: OpLockHost}, func(Response) {}) }
+
 // MaxCommandSize implements swtpmproto.TPM. The answer is cached: it is a
 // property of the TPM build.
 func (c *Client) MaxCommandSize() int {

@@ -45,12 +45,15 @@ const (
 	// OpGeneration asks the worker for its state generation (V[0] high,
 	// V[1] low 32 bits). The backend's own call: no link caller may make it.
 	OpGeneration
+	// OpLockHost: the workload closes the host path of an instance bound
+	// with host "boot" until the next reset (CapLock).
+	OpLockHost
 	opEnd
 )
 
 var opNames = [...]string{"", "init", "stop", "running", "execute", "set-locality", "established",
 	"reset-established", "hash-start", "hash-data", "hash-end", "cancel", "store-volatile",
-	"set-buffer-size", "info", "get-state", "set-state", "max-command-size", "generation"}
+	"set-buffer-size", "info", "get-state", "set-state", "max-command-size", "generation", "lock-host"}
 
 func (o Op) String() string {
 	if o > 0 && o < opEnd {
