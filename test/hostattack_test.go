@@ -431,3 +431,78 @@ func TestMigrationWithKeyBroker(t *testing.T) {
 		t.Errorf("source list:\n%s", list)
 	}
 }
+
+// An instance bound to its workload VM, through the real processes: the
+// guest proxy's certificate alone no longer reaches it, nor does another
+// workload image or a debuggable workload VM; the workload proving itself
+// with its own CSV report does, and can lock the host path ("boot") until
+// the next VM reset.
+func TestWorkloadBindingEndToEnd(t *testing.T) {
+	f := testenv.NewTopologyFiles(t, 0x3)
+	topo := testenv.StartBackend(t, f)
+	workloadMeasure := strings.Repeat("77", 32)
+	mkSim := func(name string, measure string, policy uint32) string {
+		dir := filepath.Join(f.Dir, name)
+		var m [32]byte
+		b, _ := hex.DecodeString(measure)
+		copy(m[:], b)
+		sim, err := csv.LoadSimulator(f.SimDir) // the same (simulated) chip as the backend
+		if err != nil {
+			t.Fatal(err)
+		}
+		sim.SetVM(csv.VMConfig{Version: 1, Measure: m, Policy: policy})
+		if err := sim.Save(dir); err != nil {
+			t.Fatal(err)
+		}
+		return dir
+	}
+	good := mkSim("workload", workloadMeasure, 0x3)
+	other := mkSim("other-workload", strings.Repeat("66", 32), 0x3)
+	debug := mkSim("debug-workload", workloadMeasure, 0x2)
+	binding := filepath.Join(f.Dir, "binding.json")
+	os.WriteFile(binding, []byte(fmt.Sprintf(`{"host": "boot", "workload": {"simulator_roots": [%q], "approved_measurements": [%q]}}`,
+		filepath.Join(f.SimDir, csv.SimRootFile), workloadMeasure)), 0o600)
+	if out := topo.Admin(t, "create", "--bind", binding, "vm1"); !strings.Contains(out, "bound to its workload VM") {
+		t.Fatalf("create --bind: %s", out)
+	}
+	ctrl := startFrontend(t, f, topo, "vm1")["vm1"]
+	proxy := func(extra ...string) string {
+		port := testenv.FreePort(t)
+		c := f.Certs["guest-vm1"]
+		testenv.StartDaemon(t, "guest proxy", []string{fmt.Sprintf("tcp:127.0.0.1:%d", port)}, append([]string{"guest", "proxy",
+			"--link", topo.LinkAddr, "--instance", "vm1", "--cert", c[0], "--key", c[1], "--policy", f.Policy,
+			"--tcp", fmt.Sprintf("127.0.0.1:%d", port)}, extra...)...)
+		return fmt.Sprintf("swtpm:host=127.0.0.1,port=%d", port)
+	}
+	getRandom := func(tcti string) error {
+		_, err := testenv.RunErr([]string{"TPM2TOOLS_TCTI=" + tcti}, "tpm2_getrandom", "8")
+		return err
+	}
+	for _, tc := range []struct {
+		name, want string
+		args       []string
+	}{
+		{"the guest's certificate alone", "must prove it is that workload", nil},
+		{"another workload image", csv.ReasonMeasurement, []string{"--workload-evidence", "--workload-csv-sim", other}},
+		{"a debuggable workload VM", csv.ReasonDebug, []string{"--workload-evidence", "--workload-csv-sim", debug}},
+	} {
+		if err := getRandom(proxy(tc.args...)); err == nil {
+			t.Errorf("%s reached the bound instance", tc.name)
+		}
+		if !strings.Contains(topo.Backend.Log.String(), tc.want) {
+			t.Errorf("%s: the backend log does not say %q", tc.name, tc.want)
+		}
+	}
+	// The host path works during the boot, the workload locks it.
+	mustHostIoctl(t, ctrl, "-l", "0")
+	tcti := proxy("--workload-evidence", "--workload-csv-sim", good, "--lock-host")
+	testenv.RunErr([]string{"TPM2TOOLS_TCTI=" + tcti}, "tpm2_startup", "-c")
+	if err := getRandom(tcti); err != nil {
+		t.Fatalf("the workload itself: %v\n%s", err, topo.Backend.Log.String())
+	}
+	if out, err := hostIoctl(ctrl, "-l", "0"); err == nil {
+		t.Errorf("the host used the TPM after the workload locked it:\n%s", out)
+	}
+	mustHostIoctl(t, ctrl, "-i") // a VM reset is still the host's
+	mustHostIoctl(t, ctrl, "-l", "0")
+}
