@@ -30,11 +30,12 @@ demo: deps build
 	@scripts/demo.sh
 
 # cvtpm vs swtpm (same run, alternating), CSV report verification next to a
-# bare SM2 verify, and CA enrollments with 64 concurrent clients.
+# bare SM2 verify, CA enrollments with 64 concurrent clients, key releases.
 bench: deps build
 	CVTPM_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench . -benchtime 2000x -count 1 ./test/bench/ | tee bench.txt
 	$(GO) test -run '^$$' -bench 'VerifyReport|SM2Verify' -count 1 ./attest/csv/ | tee -a bench.txt
 	$(GO) test -run '^$$' -bench Enroll -benchtime 2000x -count 1 ./ca/ | tee -a bench.txt
+	$(GO) test -run '^$$' -bench Release -benchtime 1000x -count 1 ./ca/keybroker/ | tee -a bench.txt
 	$(GO) test -run '^$$' -bench Attested -benchtime 2000x -count 1 ./test/linkbench/ | tee -a bench.txt
 	$(GO) test -run '^$$' -bench IdleInstances -benchtime 1x -count 1 -timeout 20m ./test/linkbench/ | tee -a bench.txt
 	$(GO) test -run '^$$' -bench AttestationVerify -benchtime 1x -count 1 ./test/ | tee -a bench.txt
