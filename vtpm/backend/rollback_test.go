@@ -110,8 +110,12 @@ func TestHostInflatesStaleCopyGeneration(t *testing.T) {
 	if _, err := dst.Create(ctx, "vm1", CreateOptions{Incoming: true}); err != nil {
 		t.Fatal(err)
 	}
-	for st, env := range map[uint32][]byte{engine.StatePermanent: perm, engine.StateVolatile: vol} {
-		if r := importState(t, dst, "vm1", st, env); r.Err != "" || r.RC != 0 {
+	// In QEMU's order: libtpms checks volatile state against the permanent.
+	for _, b := range []struct {
+		st  uint32
+		env []byte
+	}{{engine.StatePermanent, perm}, {engine.StateVolatile, vol}} {
+		if r := importState(t, dst, "vm1", b.st, b.env); r.Err != "" || r.RC != 0 {
 			t.Fatalf("migration: %+v", r)
 		}
 	}
