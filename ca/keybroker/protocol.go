@@ -22,7 +22,6 @@ package keybroker
 
 import (
 	"crypto"
-	"crypto/aes"
 	"crypto/cipher"
 	"crypto/ecdsa"
 	"crypto/hkdf"
@@ -37,7 +36,8 @@ import (
 	"slices"
 
 	"github.com/emmansun/gmsm/sm2"
-	"github.com/emmansun/gmsm/sm4"
+
+	"cvtpm/internal/gcm"
 )
 
 // KeySize is the size of each released key.
@@ -93,26 +93,15 @@ func appendAnchors(b []byte, anchors map[string]uint64) []byte {
 
 // wrapAEAD derives the one-time wrapping AEAD from the ECDH secret.
 func wrapAEAD(shared, nonce []byte, cipherName string) (cipher.AEAD, error) {
-	size := 32
-	if cipherName == "sm4-gcm" {
-		size = 16
-	} else if cipherName != "aes-256-gcm" {
-		return nil, fmt.Errorf("wrapping cipher %q: want aes-256-gcm or sm4-gcm", cipherName)
+	size := gcm.KeySize(cipherName)
+	if size == 0 {
+		return nil, fmt.Errorf("wrapping cipher %q: want %s or %s", cipherName, gcm.AES256, gcm.SM4)
 	}
 	k, err := hkdf.Key(sha256.New, shared, nonce, label+" wrap "+cipherName, size)
 	if err != nil {
 		return nil, err
 	}
-	var block cipher.Block
-	if size == 16 {
-		block, err = sm4.NewCipher(k)
-	} else {
-		block, err = aes.NewCipher(k)
-	}
-	if err != nil {
-		return nil, err
-	}
-	return cipher.NewGCM(block)
+	return gcm.New(cipherName, k)
 }
 
 // The wrapping key is used once, so a zero nonce is safe.

@@ -38,26 +38,22 @@ const workloadTag = "cvtpm workload v1"
 // SHA-512("cvtpm workload v1" || len || exporter || len || backend nonce),
 // the backend nonce coming with the backend's evidence.
 func WorkloadReportData(exporter, backendNonce []byte) [64]byte {
-	h := sha512.New()
-	h.Write([]byte(workloadTag))
-	for _, b := range [][]byte{exporter, backendNonce} {
-		var n [4]byte
-		binary.BigEndian.PutUint32(n[:], uint32(len(b)))
-		h.Write(n[:])
-		h.Write(b)
-	}
-	var out [64]byte
-	h.Sum(out[:0])
-	return out
+	return taggedDigest(workloadTag, exporter, backendNonce)
 }
 
 // ReportData is what the backend's CSV report must carry for a session:
 // SHA-512(tag || len || exporter || len || nonce), lengths u32 big-endian.
 // It is the one definition; client and server both call it.
 func ReportData(exporter, nonce []byte) [64]byte {
+	return taggedDigest(reportDataTag, exporter, nonce)
+}
+
+// taggedDigest is SHA-512(tag || len || part || ...), lengths u32
+// big-endian.
+func taggedDigest(tag string, parts ...[]byte) [64]byte {
 	h := sha512.New()
-	h.Write([]byte(reportDataTag))
-	for _, b := range [][]byte{exporter, nonce} {
+	h.Write([]byte(tag))
+	for _, b := range parts {
 		var n [4]byte
 		binary.BigEndian.PutUint32(n[:], uint32(len(b)))
 		h.Write(n[:])

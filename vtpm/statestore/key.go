@@ -2,7 +2,6 @@ package statestore
 
 import (
 	"bytes"
-	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hkdf"
 	"crypto/hmac"
@@ -17,7 +16,7 @@ import (
 	"os"
 	"strings"
 
-	"github.com/emmansun/gmsm/sm4"
+	"cvtpm/internal/gcm"
 )
 
 type cipherID uint16
@@ -93,25 +92,13 @@ func NewKey(raw []byte, mode string) (*Key, error) {
 
 // aeadFor derives the AEAD for one blob id.
 func (k *Key) aeadFor(blobID uint16) (cipher.AEAD, error) {
-	size := 32
-	if k.cipher == cipherSM4GCM {
-		size = 16
-	}
-	info := fmt.Sprintf("cvtpm statestore v1 %s blob %d", cipherNames[k.cipher], blobID)
-	sub, err := hkdf.Key(sha256.New, k.master, nil, info, size)
+	name := cipherNames[k.cipher]
+	info := fmt.Sprintf("cvtpm statestore v1 %s blob %d", name, blobID)
+	sub, err := hkdf.Key(sha256.New, k.master, nil, info, gcm.KeySize(name))
 	if err != nil {
 		return nil, fmt.Errorf("deriving the blob key: %w", err)
 	}
-	var block cipher.Block
-	if k.cipher == cipherSM4GCM {
-		block, err = sm4.NewCipher(sub)
-	} else {
-		block, err = aes.NewCipher(sub)
-	}
-	if err != nil {
-		return nil, err
-	}
-	return cipher.NewGCM(block)
+	return gcm.New(name, sub)
 }
 
 // KeyFromBytes decodes key file contents in swtpm's formats: "hex" (the
