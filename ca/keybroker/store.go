@@ -141,17 +141,22 @@ func (a *anchor) report(exists bool, backend string, g uint64) (movedTo string) 
 }
 
 // claim applies backend's claim of generation gen: granted at once if
-// nobody else owns the instance, pending until the owner confirms, or
-// refused (ErrStale, ErrDenied).
+// nobody or backend itself owns the instance, pending until the owner
+// confirms, or refused (ErrStale, ErrDenied).
 func (a *anchor) claim(exists bool, backend string, gen uint64) (ClaimState, error) {
 	switch {
+	case exists && a.Owner == backend:
+		// The owner loading state of its own lineage (the rest of a
+		// migration's blobs): its worker refuses anything not newer than
+		// the instance's state.
+		return ClaimGranted, nil
 	case exists && a.Denied == backend:
 		a.Denied = ""
 		return 0, ErrDenied
 	case exists && gen < a.Gen:
 		return 0, fmt.Errorf("%w: generation %d < %d", ErrStale, gen, a.Gen)
-	case !exists || a.Owner == backend:
-		*a = anchor{Gen: max(a.Gen, gen), Owner: backend}
+	case !exists:
+		*a = anchor{Gen: gen, Owner: backend}
 		return ClaimGranted, nil
 	}
 	a.Claimant, a.ClaimGen = backend, gen

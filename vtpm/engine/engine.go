@@ -349,6 +349,9 @@ func (t *TPM) storeVolatile() uint32 {
 	return RCSuccess
 }
 
+// RCRetry is TPM_RETRY: GetState has no such blob (as swtpm answers).
+const RCRetry = uint32(C.TPM_RETRY)
+
 // ErrRunning is returned for operations swtpm refuses while the TPM runs.
 var ErrRunning = errors.New("engine: not allowed while the TPM is running")
 

@@ -32,6 +32,7 @@ import (
 	"cvtpm/vtpm/engine"
 	"cvtpm/vtpm/statestore"
 	"cvtpm/vtpm/swtpmproto"
+	"cvtpm/vtpm/tpmrpc"
 )
 
 // Generations is the part of the instance's state store that orders state
@@ -60,6 +61,10 @@ type TPM struct {
 // ErrNoMigrationKey: this backend holds no migration key.
 var ErrNoMigrationKey = errors.New("this backend has no migration key: state cannot leave or enter it")
 
+// ErrNoBlob: the instance has no such state blob (no savestate, as a rule);
+// swtpm answers TPM_RETRY, and so does the backend.
+var ErrNoBlob = fmt.Errorf("%w (TPM_RETRY)", tpmrpc.ErrNoState)
+
 // ErrOlder: the envelope is older than the instance's state.
 var ErrOlder = errors.New("state blob is not newer than the instance's state (replay refused)")
 
@@ -81,6 +86,9 @@ func (t *TPM) ExportState(blobType uint32) ([]byte, error) {
 		return nil, ErrNoMigrationKey
 	}
 	plain, rc := t.TPM.GetState(blobType)
+	if rc == engine.RCRetry {
+		return nil, ErrNoBlob
+	}
 	if rc != 0 {
 		return nil, fmt.Errorf("reading the %s state: TPM result %#x", name, rc)
 	}
@@ -111,6 +119,18 @@ func (t *TPM) ImportState(blobType uint32, env []byte) error {
 	defer t.mu.Unlock()
 	if !t.loading {
 		t.loading, t.floor = true, t.Store.Generation()
+	}
+	if len(env) == 0 {
+		// QEMU sends an empty blob for one the source did not have. Dropping
+		// volatile or saved state is what a reset does anyway; the
+		// permanent state (seeds, NV) is never dropped this way.
+		if blobType == engine.StatePermanent {
+			return errors.New("an empty permanent state is refused: the instance's TPM is not wiped through the host path")
+		}
+		if rc := t.TPM.SetState(blobType, nil); rc != 0 {
+			return fmt.Errorf("clearing the %s state: TPM result %#x", name, rc)
+		}
+		return nil
 	}
 	plain, gen, err := t.Key.OpenTransfer(t.Instance, name, env)
 	if err != nil {

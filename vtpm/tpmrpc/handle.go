@@ -1,10 +1,18 @@
 package tpmrpc
 
 import (
+	"errors"
 	"fmt"
 
 	"cvtpm/vtpm/swtpmproto"
 )
+
+// ErrNoState is what StateTransfer.ExportState returns (wrapped) when
+// there is no such blob; the caller gets swtpm's TPM_RETRY.
+var ErrNoState = errors.New("no such state blob")
+
+// rcRetry is TPM_RETRY.
+const rcRetry = 0x800
 
 // StateTransfer is implemented by a TPM whose state calls may be refused
 // with a reason (the backend worker's vtpm/migration.TPM); Handle then
@@ -81,6 +89,9 @@ func call(tpm swtpmproto.TPM, r Request) Response {
 	case OpGetState:
 		if st, ok := tpm.(StateTransfer); ok {
 			blob, err := st.ExportState(uint32(r.Arg))
+			if errors.Is(err, ErrNoState) {
+				return Response{RC: rcRetry}
+			}
 			if err != nil {
 				return Response{RC: rcFail, Err: err.Error()}
 			}
