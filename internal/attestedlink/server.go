@@ -42,6 +42,10 @@ type Peer struct {
 	// authorises an instance bound to a workload checks it against that
 	// instance's workload policy.
 	Workload *WorkloadEvidence
+	// Checked is the Authorizer's memo for this session (e.g. workload
+	// evidence already verified against a binding): Authorize runs on
+	// every call.
+	Checked map[string]error
 }
 
 // WorkloadEvidence is a workload VM's CSV report for this session.
@@ -178,7 +182,7 @@ func (s *Server) ServeConn(ctx context.Context, raw net.Conn) error {
 	if err := f.write(frameEvidence, "", lens[:4], report, lens[4:8], s.HSKCEK, lens[8:], backendNonce); err != nil {
 		return fmt.Errorf("sending evidence: %w", err)
 	}
-	peer := &Peer{Certificate: client}
+	peer := &Peer{Certificate: client, Checked: map[string]error{}}
 	raw.SetDeadline(time.Time{})
 	log.Info("attested link session open")
 
@@ -208,13 +212,14 @@ func (s *Server) ServeConn(ctx context.Context, raw net.Conn) error {
 			f.write(frameError, "", []byte(err.Error()))
 			return err
 		}
-		caps, ok := authorized[req.instance]
-		if !ok {
-			caps, err = s.Authorizer.Authorize(ctx, peer, req.instance)
-			if err != nil {
-				f.write(frameError, req.instance, []byte(fmt.Sprintf("client %q may not use instance %q: %v", client.Subject.CommonName, req.instance, err)))
-				return fmt.Errorf("instance %q refused: %w", req.instance, err)
-			}
+		// Asked on every call, not once per session: an instance can be
+		// created, bound to its workload or deleted while a session lives.
+		caps, err := s.Authorizer.Authorize(ctx, peer, req.instance)
+		if err != nil {
+			f.write(frameError, req.instance, []byte(fmt.Sprintf("client %q may not use instance %q: %v", client.Subject.CommonName, req.instance, err)))
+			return fmt.Errorf("instance %q refused: %w", req.instance, err)
+		}
+		if prev, ok := authorized[req.instance]; !ok || prev != caps {
 			authorized[req.instance] = caps
 			log.Info("instance authorised", "instance", req.instance, "capabilities", caps.String())
 		}

@@ -104,15 +104,27 @@ func (a *Access) Authorize(ctx context.Context, peer *attestedlink.Peer, instanc
 	if peer.Workload == nil {
 		return 0, fmt.Errorf("instance %s is bound to its workload VM: the session must prove it is that workload with its own CSV report (guest proxy --workload-evidence)", instance)
 	}
-	hsk, cek, err := csv.ParseHSKCEK(peer.Workload.HSKCEK)
-	if err != nil {
-		return 0, fmt.Errorf("instance %s: the workload's HSK/CEK: %w", instance, err)
+	memo := "workload " + hex.EncodeToString(b.digest[:])
+	err, seen := peer.Checked[memo]
+	if !seen {
+		err = b.checkWorkload(ctx, peer.Workload)
+		if peer.Checked != nil {
+			peer.Checked[memo] = err
+		}
 	}
-	v := csv.NewVerifier(csv.VerifierOptions{TrustedRoots: b.Workload.TrustedRoots(), Certs: csv.StaticSource{HSK: hsk, CEK: cek}})
-	claims, err := b.Workload.VerifyAndAppraise(ctx, v, peer.Workload.Report, peer.Workload.ReportData[:])
 	if err != nil {
 		return 0, fmt.Errorf("instance %s: the workload's evidence is refused: %w", instance, err)
 	}
-	_ = claims
 	return caps | tpmrpc.CapLock, nil
+}
+
+// checkWorkload verifies a session's workload evidence against the binding.
+func (b *Binding) checkWorkload(ctx context.Context, w *attestedlink.WorkloadEvidence) error {
+	hsk, cek, err := csv.ParseHSKCEK(w.HSKCEK)
+	if err != nil {
+		return fmt.Errorf("the workload's HSK/CEK: %w", err)
+	}
+	v := csv.NewVerifier(csv.VerifierOptions{TrustedRoots: b.Workload.TrustedRoots(), Certs: csv.StaticSource{HSK: hsk, CEK: cek}})
+	_, err = b.Workload.VerifyAndAppraise(ctx, v, w.Report, w.ReportData[:])
+	return err
 }

@@ -152,6 +152,7 @@ type instance struct {
 	incarnation string
 	binding     *Binding // nil: not bound to a workload
 	hostLocked  bool     // the workload closed the host path ("boot") until the next reset
+	lockBroken  bool     // the host reset the TPM while it was locked: the workload must lock again
 	created     time.Time
 
 	mu          sync.Mutex // serialises calls, starts and deletion
@@ -961,9 +962,16 @@ func (s *Supervisor) Call(ctx context.Context, id string, caps tpmrpc.Capabiliti
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: inst.lastErr.Error()}), nil
 	}
 	if r.Op == tpmrpc.OpLockHost {
-		inst.hostLocked = true
+		inst.hostLocked, inst.lockBroken = true, false
 		s.log.Info("the workload locked the host path", "instance", id)
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{}), nil
+	}
+	if caps&tpmrpc.CapLock != 0 && inst.lockBroken {
+		// The host reset the TPM under the running workload (its one
+		// remaining right): the workload's PCRs and sessions are gone and
+		// whatever the host did since is not its boot. It is told, every
+		// time, until it locks again after its own (re)boot.
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q: the host reset the TPM after the workload locked it; the TPM's volatile state is not the workload's any more (lock again after a reboot)", id)}), nil
 	}
 	if inst.w == nil {
 		if err := s.start(ctx, inst, startExisting); err != nil {
@@ -1077,6 +1085,9 @@ func (s *Supervisor) track(inst *instance, r tpmrpc.Request, resp []byte) {
 	case tpmrpc.OpInit:
 		if p, err := tpmrpc.ParseResponse(resp); err == nil && p.Err == "" && p.RC == 0 {
 			inst.tpmRunning, inst.startedUp = true, false
+			if inst.hostLocked {
+				inst.lockBroken = true
+			}
 			inst.hostLocked = false // a reset: the next boot runs through the host path
 		}
 	case tpmrpc.OpStop:
