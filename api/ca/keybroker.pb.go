@@ -198,6 +198,8 @@ type ReleaseKeysResponse struct {
 	Anchors       map[string]uint64      `protobuf:"bytes,3,rep,name=anchors,proto3" json:"anchors,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"` // instance id -> highest generation seen (owned by this backend)
 	Signature     []byte                 `protobuf:"bytes,4,opt,name=signature,proto3" json:"signature,omitempty"`                                                                        // CA key over keybroker.Transcript
 	Moved         map[string]string      `protobuf:"bytes,5,rep,name=moved,proto3" json:"moved,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`      // instance id -> the backend that owns it now
+	Lease         []byte                 `protobuf:"bytes,6,opt,name=lease,proto3" json:"lease,omitempty"`                                                                                // this release's session: only its reports count from now on
+	LastCounter   uint64                 `protobuf:"varint,7,opt,name=last_counter,json=lastCounter,proto3" json:"last_counter,omitempty"`                                                // reports continue above this number
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -267,12 +269,28 @@ func (x *ReleaseKeysResponse) GetMoved() map[string]string {
 	return nil
 }
 
+func (x *ReleaseKeysResponse) GetLease() []byte {
+	if x != nil {
+		return x.Lease
+	}
+	return nil
+}
+
+func (x *ReleaseKeysResponse) GetLastCounter() uint64 {
+	if x != nil {
+		return x.LastCounter
+	}
+	return 0
+}
+
 type AnchorRequest struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
 	BackendId       string                 `protobuf:"bytes,1,opt,name=backend_id,json=backendId,proto3" json:"backend_id,omitempty"`
 	MigrationDomain string                 `protobuf:"bytes,2,opt,name=migration_domain,json=migrationDomain,proto3" json:"migration_domain,omitempty"` // anchors are kept per domain (or per backend without one)
 	Generations     map[string]uint64      `protobuf:"bytes,3,rep,name=generations,proto3" json:"generations,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
-	Mac             []byte                 `protobuf:"bytes,4,opt,name=mac,proto3" json:"mac,omitempty"` // HMAC-SHA256 under the anchor key
+	Mac             []byte                 `protobuf:"bytes,4,opt,name=mac,proto3" json:"mac,omitempty"`          // HMAC-SHA256 under the anchor key
+	Lease           []byte                 `protobuf:"bytes,5,opt,name=lease,proto3" json:"lease,omitempty"`      // the session of the release this backend runs on
+	Counter         uint64                 `protobuf:"varint,6,opt,name=counter,proto3" json:"counter,omitempty"` // above every earlier report of this backend (no replay)
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
 }
@@ -333,6 +351,20 @@ func (x *AnchorRequest) GetMac() []byte {
 		return x.Mac
 	}
 	return nil
+}
+
+func (x *AnchorRequest) GetLease() []byte {
+	if x != nil {
+		return x.Lease
+	}
+	return nil
+}
+
+func (x *AnchorRequest) GetCounter() uint64 {
+	if x != nil {
+		return x.Counter
+	}
+	return 0
 }
 
 type AnchorResponse struct {
@@ -515,26 +547,30 @@ const file_keybroker_proto_rawDesc = "" +
 	"\x10ephemeral_public\x18\x04 \x01(\fR\x0fephemeralPublic\x12\x16\n" +
 	"\x06cipher\x18\x05 \x01(\tR\x06cipher\x12\x1d\n" +
 	"\n" +
-	"csv_report\x18\x06 \x01(\fR\tcsvReport\"\xf4\x02\n" +
+	"csv_report\x18\x06 \x01(\fR\tcsvReport\"\xad\x03\n" +
 	"\x13ReleaseKeysResponse\x12#\n" +
 	"\rbroker_public\x18\x01 \x01(\fR\fbrokerPublic\x12\x18\n" +
 	"\awrapped\x18\x02 \x01(\fR\awrapped\x12G\n" +
 	"\aanchors\x18\x03 \x03(\v2-.cvtpm.ca.v1.ReleaseKeysResponse.AnchorsEntryR\aanchors\x12\x1c\n" +
 	"\tsignature\x18\x04 \x01(\fR\tsignature\x12A\n" +
-	"\x05moved\x18\x05 \x03(\v2+.cvtpm.ca.v1.ReleaseKeysResponse.MovedEntryR\x05moved\x1a:\n" +
+	"\x05moved\x18\x05 \x03(\v2+.cvtpm.ca.v1.ReleaseKeysResponse.MovedEntryR\x05moved\x12\x14\n" +
+	"\x05lease\x18\x06 \x01(\fR\x05lease\x12!\n" +
+	"\flast_counter\x18\a \x01(\x04R\vlastCounter\x1a:\n" +
 	"\fAnchorsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\x1a8\n" +
 	"\n" +
 	"MovedEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xfa\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xaa\x02\n" +
 	"\rAnchorRequest\x12\x1d\n" +
 	"\n" +
 	"backend_id\x18\x01 \x01(\tR\tbackendId\x12)\n" +
 	"\x10migration_domain\x18\x02 \x01(\tR\x0fmigrationDomain\x12M\n" +
 	"\vgenerations\x18\x03 \x03(\v2+.cvtpm.ca.v1.AnchorRequest.GenerationsEntryR\vgenerations\x12\x10\n" +
-	"\x03mac\x18\x04 \x01(\fR\x03mac\x1a>\n" +
+	"\x03mac\x18\x04 \x01(\fR\x03mac\x12\x14\n" +
+	"\x05lease\x18\x05 \x01(\fR\x05lease\x12\x18\n" +
+	"\acounter\x18\x06 \x01(\x04R\acounter\x1a>\n" +
 	"\x10GenerationsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\x88\x01\n" +

@@ -138,6 +138,15 @@ func (b *Broker) ReleaseKeys(ctx context.Context, req *capb.ReleaseKeysRequest) 
 	if e := b.Policy.Appraise(claims); e != nil {
 		return nil, b.refuse(id, e.Reason, e.Detail)
 	}
+	// A backend id belongs to one migration domain: a host that restarts
+	// it under another (or none) must not get its keys with an empty set
+	// of anchors.
+	if err := b.Store.BindDomain(ctx, id, domain); err != nil {
+		if errors.Is(err, ErrOtherDomain) {
+			return nil, b.refuse(id, "migration-domain", err.Error())
+		}
+		return nil, status.Error(codes.Internal, err.Error())
+	}
 	master, err := b.key(ctx, "backend/"+id, true)
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
@@ -155,6 +164,14 @@ func (b *Broker) ReleaseKeys(ctx context.Context, req *capb.ReleaseKeysRequest) 
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
+	// This release is the backend's session from now on: reports of an
+	// earlier one (another CVM running as this backend) are refused.
+	lease := make([]byte, 16)
+	rand.Read(lease)
+	lastCounter, err := b.Store.NewSession(ctx, id, lease)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
 	eph, err := ecdh.P256().GenerateKey(rand.Reader)
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
@@ -169,13 +186,14 @@ func (b *Broker) ReleaseKeys(ctx context.Context, req *capb.ReleaseKeysRequest) 
 	}
 	wrapped := aead.Seal(nil, zeroNonce, plain, rd[:])
 	pub := eph.PublicKey().Bytes()
-	sig, err := sign(b.Signer, Transcript(rd, pub, wrapped, anchors, moved))
+	sig, err := sign(b.Signer, Transcript(rd, pub, wrapped, anchors, moved, lease, lastCounter))
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	b.log().Info("keys released", "backend", id, "migration_domain", domain, "measurement", hex.EncodeToString(claims.Measure[:]),
 		"chip", claims.ChipSerial, "simulated", claims.Simulated, "anchors", len(anchors))
-	return &capb.ReleaseKeysResponse{BrokerPublic: pub, Wrapped: wrapped, Anchors: anchors, Moved: moved, Signature: sig}, nil
+	return &capb.ReleaseKeysResponse{BrokerPublic: pub, Wrapped: wrapped, Anchors: anchors, Moved: moved, Signature: sig,
+		Lease: lease, LastCounter: lastCounter}, nil
 }
 
 // ErrUnknownBackend: no keys were ever released to this backend.
@@ -208,9 +226,20 @@ func (b *Broker) authenticate(ctx context.Context, id, domain string, mac func(m
 func (b *Broker) Anchor(ctx context.Context, req *capb.AnchorRequest) (*capb.AnchorResponse, error) {
 	id, domain := req.GetBackendId(), req.GetMigrationDomain()
 	if err := b.authenticate(ctx, id, domain, func(m []byte) ([]byte, error) {
-		return AnchorMAC(m, id, domain, req.GetGenerations())
+		return AnchorMAC(m, id, domain, req.GetLease(), req.GetCounter(), req.GetGenerations())
 	}, req.GetMac()); err != nil {
 		return nil, err
+	}
+	if err := b.Store.Advance(ctx, id, req.GetLease(), req.GetCounter()); err != nil {
+		switch {
+		case errors.Is(err, ErrSuperseded):
+			b.log().Warn("report from a superseded session of this backend (another CVM runs as it)", "backend", id)
+			return nil, status.Error(codes.PermissionDenied, err.Error())
+		case errors.Is(err, ErrReplay):
+			b.log().Warn("replayed report refused", "backend", id, "err", err)
+			return nil, status.Error(codes.FailedPrecondition, err.Error())
+		}
+		return nil, status.Error(codes.Internal, err.Error())
 	}
 	moved, err := b.Store.RaiseAnchors(ctx, scope(id, domain), id, req.GetGenerations())
 	if err != nil {

@@ -162,17 +162,25 @@ func testRelease(t *testing.T, f *fixture) {
 	case !bytes.Equal(a.MigrationKey, b.MigrationKey):
 		t.Fatal("two backends of one migration domain have different migration keys")
 	}
+	// The latest release is each backend's session.
+	ra, rb := NewReporter(c, "backend-a", "prod", again), NewReporter(c, "backend-b", "prod", b)
 	// Anchors: raised by the backend (MAC under its master key), never
 	// lowered, returned with the keys; a forged update is refused.
-	if _, err := c.Anchor(ctx, "backend-a", "prod", a.MasterKey, map[string]uint64{"vm1": 40, "vm2": 7}); err != nil {
+	if _, err := ra.Anchor(ctx, map[string]uint64{"vm1": 40, "vm2": 7}); err != nil {
 		t.Fatal(err)
 	}
-	c.Anchor(ctx, "backend-a", "prod", a.MasterKey, map[string]uint64{"vm1": 3})
-	if _, err := c.Anchor(ctx, "backend-a", "prod", b.MasterKey, map[string]uint64{"vm1": 1 << 40}); err == nil || !strings.Contains(err.Error(), "MAC does not verify") {
+	ra.Anchor(ctx, map[string]uint64{"vm1": 3})
+	forged := &Reporter{C: c, BackendID: "backend-a", Domain: "prod", MasterKey: b.MasterKey, Lease: again.Lease}
+	if _, err := forged.Anchor(ctx, map[string]uint64{"vm1": 1 << 40}); err == nil || !strings.Contains(err.Error(), "MAC does not verify") {
 		t.Fatalf("anchor update under another backend's key: %v", err)
 	}
-	if _, err := c.Anchor(ctx, "never-released", "prod", a.MasterKey, map[string]uint64{"vm1": 1}); err == nil {
+	unknown := &Reporter{C: c, BackendID: "never-released", Domain: "prod", MasterKey: a.MasterKey}
+	if _, err := unknown.Anchor(ctx, map[string]uint64{"vm1": 1}); err == nil {
 		t.Fatal("anchor for an unknown backend accepted")
+	}
+	// The first release's session was superseded by the second.
+	if _, err := NewReporter(c, "backend-a", "prod", a).Anchor(ctx, map[string]uint64{"vm1": 45}); err == nil || !strings.Contains(err.Error(), "another session") {
+		t.Fatalf("report of a superseded session: %v", err)
 	}
 	r, err := c.Release(ctx, "backend-a", "prod", "aes-256-gcm")
 	if err != nil {
@@ -181,22 +189,23 @@ func testRelease(t *testing.T, f *fixture) {
 	if r.Anchors["vm1"] != 40 || r.Anchors["vm2"] != 7 || len(r.Moved) != 0 {
 		t.Fatalf("anchors %v, moved %v", r.Anchors, r.Moved)
 	}
+	ra = NewReporter(c, "backend-a", "prod", r)
 	// Ownership: backend-b of the same domain cannot anchor vm1, nor claim
 	// it with older state (a replayed export); with current state it takes
 	// vm1 over, and backend-a's copy is stale from then on.
-	if moved, err := c.Anchor(ctx, "backend-b", "prod", b.MasterKey, map[string]uint64{"vm1": 100}); err != nil || moved["vm1"] != "backend-a" {
+	if moved, err := rb.Anchor(ctx, map[string]uint64{"vm1": 100}); err != nil || moved["vm1"] != "backend-a" {
 		t.Fatalf("backend-b anchoring vm1: %v, %v", moved, err)
 	}
-	if err := c.Claim(ctx, "backend-b", "prod", b.MasterKey, "vm1", 39); err == nil || !strings.Contains(err.Error(), "older than the instance's anchored generation") {
+	if err := rb.Claim(ctx, "vm1", 39); err == nil || !strings.Contains(err.Error(), "older than the instance's anchored generation") {
 		t.Fatalf("claim with older state: %v", err)
 	}
 	// A claim of generation 40 waits for the owner; the owner has moved on
 	// to 41 (the export was not its last state): denied.
 	go func() {
 		time.Sleep(100 * time.Millisecond)
-		c.Anchor(ctx, "backend-a", "prod", a.MasterKey, map[string]uint64{"vm1": 41})
+		ra.Anchor(ctx, map[string]uint64{"vm1": 41})
 	}()
-	if err := c.Claim(ctx, "backend-b", "prod", b.MasterKey, "vm1", 40); err == nil || !strings.Contains(err.Error(), "has newer state") {
+	if err := rb.Claim(ctx, "vm1", 40); err == nil || !strings.Contains(err.Error(), "has newer state") {
 		t.Fatalf("claim of an export the owner has moved past: %v", err)
 	}
 	// A claim of the owner's current state: the owner hands over at its
@@ -204,30 +213,35 @@ func testRelease(t *testing.T, f *fixture) {
 	handover := make(chan map[string]string, 1)
 	go func() {
 		time.Sleep(100 * time.Millisecond)
-		moved, _ := c.Anchor(ctx, "backend-a", "prod", a.MasterKey, map[string]uint64{"vm1": 41})
+		moved, _ := ra.Anchor(ctx, map[string]uint64{"vm1": 41})
 		handover <- moved
 	}()
-	if err := c.Claim(ctx, "backend-b", "prod", b.MasterKey, "vm1", 41); err != nil {
+	if err := rb.Claim(ctx, "vm1", 41); err != nil {
 		t.Fatal(err)
 	}
 	if moved := <-handover; moved["vm1"] != "backend-b" {
 		t.Fatalf("the owner's report at the handover: moved %v", moved)
 	}
-	if moved, err := c.Anchor(ctx, "backend-a", "prod", a.MasterKey, map[string]uint64{"vm1": 50}); err != nil || moved["vm1"] != "backend-b" {
+	if moved, err := ra.Anchor(ctx, map[string]uint64{"vm1": 50}); err != nil || moved["vm1"] != "backend-b" {
 		t.Fatalf("the stale source anchoring vm1: %v, %v", moved, err)
 	}
 	if r, _ := c.Release(ctx, "backend-a", "prod", "aes-256-gcm"); r.Moved["vm1"] != "backend-b" || r.Anchors["vm1"] != 0 {
 		t.Fatalf("release to the old owner: anchors %v, moved %v", r.Anchors, r.Moved)
+	} else {
+		ra = NewReporter(c, "backend-a", "prod", r)
 	}
 	// A claim bounded by its context while the owner never answers.
 	cctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
 	defer cancel()
-	if err := c.Claim(cctx, "backend-a", "prod", a.MasterKey, "vm1", 60); err == nil || !strings.Contains(err.Error(), "did not hand instance vm1 over") {
+	if err := ra.Claim(cctx, "vm1", 60); err == nil || !strings.Contains(err.Error(), "did not hand instance vm1 over") {
 		t.Fatalf("claim without an answer from the owner: %v", err)
 	}
-	// Without a domain, anchors are the backend's own.
-	if _, err := c.Anchor(ctx, "backend-a", "", a.MasterKey, map[string]uint64{"vm1": 5}); err != nil {
-		t.Fatal(err)
+	// A backend id stays in its migration domain: restarted without it
+	// (or in another), it gets nothing (its anchors would be empty there).
+	for _, d := range []string{"", "other"} {
+		if _, err := c.Release(ctx, "backend-a", d, "aes-256-gcm"); err == nil || !strings.Contains(err.Error(), "another migration domain") {
+			t.Fatalf("release of backend-a in domain %q: %v", d, err)
+		}
 	}
 }
 

@@ -1,12 +1,14 @@
 package keybroker
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdh"
 	"crypto/rand"
 	"encoding/pem"
 	"fmt"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/emmansun/gmsm/smx509"
@@ -48,6 +50,10 @@ type Released struct {
 	MigrationKey []byte            // nil without a migration domain
 	Anchors      map[string]uint64 // instances this backend owns: highest generation
 	Moved        map[string]string // instances another backend owns now
+	// Lease and LastCounter: this release's session at the broker; its
+	// reports (Anchor) carry the lease and counters above LastCounter.
+	Lease       []byte
+	LastCounter uint64
 }
 
 // Release attests to the broker and returns the keys.
@@ -71,7 +77,7 @@ func (c *Client) Release(ctx context.Context, backendID, domain, cipherName stri
 	if err != nil {
 		return nil, fmt.Errorf("key broker: %w", err)
 	}
-	if err := verify(c.RootPublic, Transcript(rd, resp.GetBrokerPublic(), resp.GetWrapped(), resp.GetAnchors(), resp.GetMoved()), resp.GetSignature()); err != nil {
+	if err := verify(c.RootPublic, Transcript(rd, resp.GetBrokerPublic(), resp.GetWrapped(), resp.GetAnchors(), resp.GetMoved(), resp.GetLease(), resp.GetLastCounter()), resp.GetSignature()); err != nil {
 		return nil, err
 	}
 	peer, err := ecdh.P256().NewPublicKey(resp.GetBrokerPublic())
@@ -97,7 +103,7 @@ func (c *Client) Release(ctx context.Context, backendID, domain, cipherName stri
 	if len(plain) != want {
 		return nil, fmt.Errorf("key broker response: %d bytes of keys, want %d", len(plain), want)
 	}
-	r := &Released{MasterKey: plain[:KeySize], Anchors: resp.GetAnchors(), Moved: resp.GetMoved()}
+	r := &Released{MasterKey: plain[:KeySize], Anchors: resp.GetAnchors(), Moved: resp.GetMoved(), Lease: resp.GetLease(), LastCounter: resp.GetLastCounter()}
 	if domain != "" {
 		r.MigrationKey = plain[KeySize:]
 	}
@@ -109,16 +115,50 @@ func (c *Client) Release(ctx context.Context, backendID, domain, cipherName stri
 
 // Anchor records instance generations at the broker; it returns the
 // instances another backend owns now (this backend's copies are stale).
-func (c *Client) Anchor(ctx context.Context, backendID, domain string, masterKey []byte, gens map[string]uint64) (map[string]string, error) {
-	mac, err := AnchorMAC(masterKey, backendID, domain, gens)
+// counter must grow with every report of the session (Reporter does it).
+func (c *Client) Anchor(ctx context.Context, backendID, domain string, masterKey, lease []byte, counter uint64, gens map[string]uint64) (map[string]string, error) {
+	mac, err := AnchorMAC(masterKey, backendID, domain, lease, counter, gens)
 	if err != nil {
 		return nil, err
 	}
-	resp, err := c.KB.Anchor(ctx, &capb.AnchorRequest{BackendId: backendID, MigrationDomain: domain, Generations: gens, Mac: mac})
+	resp, err := c.KB.Anchor(ctx, &capb.AnchorRequest{BackendId: backendID, MigrationDomain: domain, Generations: gens, Mac: mac,
+		Lease: lease, Counter: counter})
 	if err != nil {
 		return nil, fmt.Errorf("key broker anchor: %w", err)
 	}
 	return resp.GetMoved(), nil
+}
+
+// Reporter is a released backend's reporting end: Anchor and Claim with
+// its keys, its session and counters that only grow.
+type Reporter struct {
+	C                 *Client
+	BackendID, Domain string
+	MasterKey, Lease  []byte
+
+	mu      sync.Mutex
+	counter uint64
+}
+
+// NewReporter continues r's session above its last counter.
+func NewReporter(c *Client, backendID, domain string, r *Released) *Reporter {
+	return &Reporter{C: c, BackendID: backendID, Domain: domain, MasterKey: bytes.Clone(r.MasterKey), Lease: r.Lease, counter: r.LastCounter}
+}
+
+// Anchor reports generations (one report at a time, so counters arrive in
+// order).
+func (p *Reporter) Anchor(ctx context.Context, gens map[string]uint64) (map[string]string, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	// Time-based, so a restarted backend continues above its last report
+	// even if LastCounter were lost; never below the last one sent.
+	p.counter = max(p.counter+1, uint64(time.Now().UnixNano()))
+	return p.C.Anchor(ctx, p.BackendID, p.Domain, p.MasterKey, p.Lease, p.counter, gens)
+}
+
+// Claim takes an instance over (see Client.Claim).
+func (p *Reporter) Claim(ctx context.Context, instance string, gen uint64) error {
+	return p.C.Claim(ctx, p.BackendID, p.Domain, p.MasterKey, instance, gen)
 }
 
 // Claim moves an instance to this backend as it loads migrated state of

@@ -61,8 +61,10 @@ func ReportData(nonce []byte, backendID, domain string, ephemeralPublic []byte, 
 
 // Transcript is what the broker signs: the request's binding, its own
 // ephemeral key, the wrapped keys and the anchors.
-func Transcript(reportData [64]byte, brokerPublic, wrapped []byte, anchors map[string]uint64, moved map[string]string) []byte {
+func Transcript(reportData [64]byte, brokerPublic, wrapped []byte, anchors map[string]uint64, moved map[string]string, lease []byte, lastCounter uint64) []byte {
 	b := appendLV([]byte(label+" response"), reportData[:])
+	b = appendLV(b, lease)
+	b = binary.BigEndian.AppendUint64(b, lastCounter)
 	b = appendLV(b, brokerPublic)
 	b = appendLV(b, wrapped)
 	b = appendAnchors(b, anchors)
@@ -110,8 +112,10 @@ var zeroNonce = make([]byte, 12)
 // AnchorMAC authenticates an anchor update with a key derived from the
 // backend's master key: only a backend the broker released keys to can
 // move its anchors.
-func AnchorMAC(masterKey []byte, backendID, domain string, gens map[string]uint64) ([]byte, error) {
-	return requestMAC(masterKey, appendAnchors(appendLV(appendLV([]byte("anchor"), []byte(backendID)), []byte(domain)), gens))
+func AnchorMAC(masterKey []byte, backendID, domain string, lease []byte, counter uint64, gens map[string]uint64) ([]byte, error) {
+	b := appendLV(appendLV(appendLV([]byte("anchor"), []byte(backendID)), []byte(domain)), lease)
+	b = binary.BigEndian.AppendUint64(b, counter)
+	return requestMAC(masterKey, appendAnchors(b, gens))
 }
 
 // ClaimMAC authenticates a claim the same way.

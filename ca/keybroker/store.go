@@ -31,6 +31,41 @@ type Store interface {
 	RaiseAnchors(ctx context.Context, scope, backend string, gens map[string]uint64) (moved map[string]string, err error)
 	// Claim applies a claim (see anchor.claim).
 	Claim(ctx context.Context, scope, backend, instance string, gen uint64) (ClaimState, error)
+	// NewSession records a new release of backend's keys: lease is its
+	// session, the previous session's reports are refused from now on. It
+	// returns the last report counter, which the new session continues.
+	NewSession(ctx context.Context, backend string, lease []byte) (lastCounter uint64, err error)
+	// Advance accepts a report of backend's session lease numbered
+	// counter: ErrSuperseded unless lease is the current one, ErrReplay
+	// unless counter is above the last.
+	Advance(ctx context.Context, backend string, lease []byte, counter uint64) error
+	// BindDomain records backend's migration domain the first time and
+	// refuses another one later.
+	BindDomain(ctx context.Context, backend, domain string) error
+}
+
+// Errors of Advance and BindDomain.
+var (
+	ErrSuperseded  = errors.New("this backend's keys were released to another session since (another CVM runs as this backend)")
+	ErrReplay      = errors.New("report counter not above the last one (a replayed report)")
+	ErrOtherDomain = errors.New("the backend belongs to another migration domain")
+)
+
+// session is a backend's current release: its lease and last counter.
+type session struct {
+	Lease   []byte `json:"lease"`
+	Counter uint64 `json:"counter"`
+}
+
+func (se *session) advance(lease []byte, counter uint64) error {
+	switch {
+	case !bytes.Equal(se.Lease, lease):
+		return ErrSuperseded
+	case counter <= se.Counter:
+		return fmt.Errorf("%w: %d <= %d", ErrReplay, counter, se.Counter)
+	}
+	se.Counter = counter
+	return nil
 }
 
 // ClaimState is where a claim stands.
@@ -53,6 +88,7 @@ var (
 var (
 	bucketKeys    = []byte("broker-keys")
 	bucketAnchors = []byte("broker-anchors")
+	bucketRecords = []byte("broker-records") // sessions, domains
 )
 
 // BoltStore keeps the records in the CA's bbolt database.
@@ -61,7 +97,7 @@ type BoltStore struct{ DB *bolt.DB }
 // NewBoltStore creates the broker's buckets in db.
 func NewBoltStore(db *bolt.DB) (*BoltStore, error) {
 	err := db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketKeys, bucketAnchors} {
+		for _, b := range [][]byte{bucketKeys, bucketAnchors, bucketRecords} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -232,6 +268,55 @@ func (s *BoltStore) Claim(_ context.Context, scope, backend, instance string, ge
 	return st, claimErr
 }
 
+func (s *BoltStore) NewSession(_ context.Context, backend string, lease []byte) (uint64, error) {
+	var last uint64
+	err := s.DB.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketRecords)
+		var se session
+		if v := b.Get([]byte("session/" + backend)); v != nil {
+			json.Unmarshal(v, &se)
+		}
+		last = se.Counter
+		v, _ := json.Marshal(session{Lease: lease, Counter: se.Counter})
+		return b.Put([]byte("session/"+backend), v)
+	})
+	return last, err
+}
+
+func (s *BoltStore) Advance(_ context.Context, backend string, lease []byte, counter uint64) error {
+	var advErr error
+	err := s.DB.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketRecords)
+		var se session
+		if v := b.Get([]byte("session/" + backend)); v != nil {
+			json.Unmarshal(v, &se)
+		}
+		if advErr = se.advance(lease, counter); advErr != nil {
+			return nil
+		}
+		v, _ := json.Marshal(se)
+		return b.Put([]byte("session/"+backend), v)
+	})
+	if err != nil {
+		return err
+	}
+	return advErr
+}
+
+func (s *BoltStore) BindDomain(_ context.Context, backend, domain string) error {
+	return s.DB.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketRecords)
+		k := []byte("domain/" + backend)
+		if v := b.Get(k); v != nil {
+			if string(v) != "="+domain {
+				return fmt.Errorf("%w %q (asked for %q)", ErrOtherDomain, string(v[1:]), domain)
+			}
+			return nil
+		}
+		return b.Put(k, []byte("="+domain))
+	})
+}
+
 // PGStore keeps the records in the CA's PostgreSQL database.
 type PGStore struct{ Pool *pgxpool.Pool }
 
@@ -239,6 +324,10 @@ const pgSchema = `
 CREATE TABLE IF NOT EXISTS cvtpm_broker_keys (
   name   TEXT PRIMARY KEY,
   sealed BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cvtpm_broker_records (
+  name  TEXT PRIMARY KEY,
+  value JSONB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS cvtpm_broker_anchors (
   scope    TEXT NOT NULL,
@@ -352,4 +441,70 @@ func (s *PGStore) Claim(ctx context.Context, scope, backend, instance string, ge
 		return 0, err
 	}
 	return st, claimErr
+}
+
+// record runs fn on the record called name under its row lock.
+func (s *PGStore) record(ctx context.Context, name string, fn func(v []byte) ([]byte, error)) error {
+	tx, err := s.Pool.Begin(ctx)
+	if err != nil {
+		return fmt.Errorf("key broker store: %w", err)
+	}
+	defer tx.Rollback(ctx)
+	if _, err := tx.Exec(ctx, `INSERT INTO cvtpm_broker_records (name, value) VALUES ($1, 'null') ON CONFLICT DO NOTHING`, name); err != nil {
+		return fmt.Errorf("key broker store: %w", err)
+	}
+	var v []byte
+	if err := tx.QueryRow(ctx, `SELECT value FROM cvtpm_broker_records WHERE name = $1 FOR UPDATE`, name).Scan(&v); err != nil {
+		return fmt.Errorf("key broker store: %w", err)
+	}
+	if string(v) == "null" {
+		v = nil
+	}
+	nv, err := fn(v)
+	if err != nil {
+		return err
+	}
+	if _, err := tx.Exec(ctx, `UPDATE cvtpm_broker_records SET value = $2 WHERE name = $1`, name, nv); err != nil {
+		return fmt.Errorf("key broker store: %w", err)
+	}
+	return tx.Commit(ctx)
+}
+
+func (s *PGStore) NewSession(ctx context.Context, backend string, lease []byte) (uint64, error) {
+	var last uint64
+	err := s.record(ctx, "session/"+backend, func(v []byte) ([]byte, error) {
+		var se session
+		if v != nil {
+			json.Unmarshal(v, &se)
+		}
+		last = se.Counter
+		return json.Marshal(session{Lease: lease, Counter: se.Counter})
+	})
+	return last, err
+}
+
+func (s *PGStore) Advance(ctx context.Context, backend string, lease []byte, counter uint64) error {
+	return s.record(ctx, "session/"+backend, func(v []byte) ([]byte, error) {
+		var se session
+		if v != nil {
+			json.Unmarshal(v, &se)
+		}
+		if err := se.advance(lease, counter); err != nil {
+			return nil, err
+		}
+		return json.Marshal(se)
+	})
+}
+
+func (s *PGStore) BindDomain(ctx context.Context, backend, domain string) error {
+	return s.record(ctx, "domain/"+backend, func(v []byte) ([]byte, error) {
+		var have *string
+		if v != nil {
+			json.Unmarshal(v, &have)
+		}
+		if have != nil && *have != domain {
+			return nil, fmt.Errorf("%w %q (asked for %q)", ErrOtherDomain, *have, domain)
+		}
+		return json.Marshal(domain)
+	})
 }

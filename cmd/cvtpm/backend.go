@@ -3,7 +3,6 @@ package main
 // "cvtpm backend": the vTPM CVM's daemon, and its management client.
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -383,21 +382,5 @@ func releaseKeys(ctx context.Context, addr, rootFile, id, domain, cipher string,
 		return nil, nil, nil, fmt.Errorf("--key-broker %s: %w", addr, err)
 	}
 	log.Info("keys released by the key broker", "anchored_instances", len(released.Anchors), "migration_key", released.MigrationKey != nil)
-	anchorer := &brokerAnchorer{c: c, id: id, domain: domain, master: bytes.Clone(released.MasterKey)}
-	return released, anchorer, func() { conn.Close() }, nil
-}
-
-// brokerAnchorer is backend.Anchorer at the key broker.
-type brokerAnchorer struct {
-	c          *keybroker.Client
-	id, domain string
-	master     []byte
-}
-
-func (a *brokerAnchorer) Anchor(ctx context.Context, gens map[string]uint64) (map[string]string, error) {
-	return a.c.Anchor(ctx, a.id, a.domain, a.master, gens)
-}
-
-func (a *brokerAnchorer) Claim(ctx context.Context, instance string, gen uint64) error {
-	return a.c.Claim(ctx, a.id, a.domain, a.master, instance, gen)
+	return released, keybroker.NewReporter(c, id, domain, released), func() { conn.Close() }, nil
 }

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
+	"golang.org/x/sys/unix"
 
 	"cvtpm/test/testenv"
 	"cvtpm/vtpm/tpmrpc"
@@ -247,7 +248,15 @@ func TestMasterKeySources(t *testing.T) {
 	r, w, _ := os.Pipe()
 	w.Write([]byte(strings.Repeat("ab", 32)))
 	w.Close()
-	fromFD, err := MasterKeyFromFD(int(r.Fd()))
+	// MasterKeyFromFD owns (and closes) the descriptor it is given: hand
+	// it a duplicate, or r's finalizer would later close whatever file
+	// reused the number (seen as EBADF in other tests).
+	fd, err := unix.Dup(int(r.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Close()
+	fromFD, err := MasterKeyFromFD(fd)
 	if err != nil {
 		t.Fatal(err)
 	}

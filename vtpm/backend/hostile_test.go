@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -272,8 +273,16 @@ func newFakeBroker(t *testing.T) *fakeBroker {
 
 const brokerScope = "domain/test"
 
-// view is the broker as backend id sees it.
-func (b *fakeBroker) view(id string) brokerView { return brokerView{b, id} }
+// view is the broker as a newly released backend id sees it: a new
+// session (the previous one's reports are refused from now on).
+func (b *fakeBroker) view(t *testing.T, id string) *brokerView {
+	lease := []byte(fmt.Sprintf("lease-%d", time.Now().UnixNano()))
+	last, err := b.store.NewSession(context.Background(), id, lease)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &brokerView{b: b, id: id, lease: lease, counter: last}
+}
 
 // owned is what ReleaseKeys would return to backend id.
 func (b *fakeBroker) owned(t *testing.T, id string) (map[string]uint64, map[string]string) {
@@ -285,15 +294,24 @@ func (b *fakeBroker) owned(t *testing.T, id string) (map[string]uint64, map[stri
 }
 
 type brokerView struct {
-	b  *fakeBroker
-	id string
+	b       *fakeBroker
+	id      string
+	lease   []byte
+	mu      sync.Mutex
+	counter uint64
 }
 
-func (v brokerView) Anchor(ctx context.Context, gens map[string]uint64) (map[string]string, error) {
+func (v *brokerView) Anchor(ctx context.Context, gens map[string]uint64) (map[string]string, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.counter++
+	if err := v.b.store.Advance(ctx, v.id, v.lease, v.counter); err != nil {
+		return nil, err
+	}
 	return v.b.store.RaiseAnchors(ctx, brokerScope, v.id, gens)
 }
 
-func (v brokerView) Claim(ctx context.Context, inst string, gen uint64) error {
+func (v *brokerView) Claim(ctx context.Context, inst string, gen uint64) error {
 	for {
 		st, err := v.b.store.Claim(ctx, brokerScope, v.id, inst, gen)
 		if err != nil || st == keybroker.ClaimGranted {
@@ -317,8 +335,8 @@ func newBrokeredSupervisor(t *testing.T, dir string, master byte, b *fakeBroker,
 	}
 	owned, moved := b.owned(t, id)
 	s, err := New(context.Background(), Config{Dir: dir, Keys: keys, Worker: []string{testenv.Binary(t, testenv.Cvtpm), "worker"},
-		MigrationKey: bytesOf(9, 32), Anchors: owned, Moved: moved, Anchorer: b.view(id), AnchorInterval: 20 * time.Millisecond,
-		ClaimTimeout: 2 * time.Second})
+		MigrationKey: bytesOf(9, 32), Anchors: owned, Moved: moved, Anchorer: b.view(t, id), AnchorInterval: 20 * time.Millisecond,
+		ClaimTimeout: 2 * time.Second, MaxUnanchored: 300 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -62,6 +62,12 @@ type Config struct {
 	// disk every AnchorInterval (default 1 s) and when the backend stops.
 	Anchorer       Anchorer
 	AnchorInterval time.Duration
+	// MaxUnanchored bounds how long instances serve while their
+	// generations cannot be recorded (the broker unreachable, or this
+	// backend's session superseded by another CVM running as it): past
+	// it, calls are refused until a report gets through. It bounds what a
+	// host that cuts the broker off can roll back. Zero means 10 seconds.
+	MaxUnanchored time.Duration
 	// ClaimTimeout bounds the wait for the source backend to hand a
 	// migrated instance over; zero means 30 seconds.
 	ClaimTimeout time.Duration
@@ -137,6 +143,7 @@ type Supervisor struct {
 	// with less was rolled back.
 	seen       map[string]uint64
 	anchored   map[string]uint64 // what the Anchorer has recorded
+	anchorOK   time.Time         // the last report the Anchorer accepted
 	stopAnchor context.CancelFunc
 	anchorDone chan struct{}
 	// migrationKey opens envelopes to check their generation before a
@@ -259,6 +266,9 @@ func New(ctx context.Context, cfg Config) (*Supervisor, error) {
 	}
 	s.log.Info("backend ready", "instances", len(s.instances), "dir", cfg.Dir)
 	if cfg.Anchorer != nil {
+		s.mu.Lock()
+		s.anchorOK = time.Now() // the keys and anchors were just released
+		s.mu.Unlock()
 		actx, cancel := context.WithCancel(context.Background())
 		s.stopAnchor, s.anchorDone = cancel, make(chan struct{})
 		go s.anchorLoop(actx)
@@ -310,15 +320,15 @@ func (s *Supervisor) anchorNow(ctx context.Context) {
 		}
 		inst.mu.Unlock()
 	}
-	if len(changed) == 0 {
-		return
-	}
+	// Sent even when there is nothing to report: it is also the heartbeat
+	// that keeps the instances serving (MaxUnanchored).
 	moved, err := s.cfg.Anchorer.Anchor(ctx, changed)
 	if err != nil {
 		s.log.Warn("recording state generations with the key broker failed; retrying", "err", err)
 		return
 	}
 	s.mu.Lock()
+	s.anchorOK = time.Now()
 	for id, g := range changed {
 		if _, ok := moved[id]; !ok {
 			s.anchored[id] = max(s.anchored[id], g)
@@ -364,8 +374,25 @@ func (s *Supervisor) anchorOne(ctx context.Context, inst *instance) error {
 	s.mu.Lock()
 	s.seen[inst.id] = max(s.seen[inst.id], g)
 	s.anchored[inst.id] = max(s.anchored[inst.id], g)
+	s.anchorOK = time.Now()
 	s.mu.Unlock()
 	return nil
+}
+
+// unanchoredFor reports how long no report got through, and whether that
+// is longer than MaxUnanchored.
+func (s *Supervisor) unanchoredFor() (time.Duration, bool) {
+	if s.cfg.Anchorer == nil {
+		return 0, false
+	}
+	limit := s.cfg.MaxUnanchored
+	if limit == 0 {
+		limit = 10 * time.Second
+	}
+	s.mu.Lock()
+	d := time.Since(s.anchorOK)
+	s.mu.Unlock()
+	return d, d > limit
 }
 
 func (s *Supervisor) claimTimeout() time.Duration {
@@ -960,6 +987,12 @@ func (s *Supervisor) Call(ctx context.Context, id string, caps tpmrpc.Capabiliti
 	}
 	if inst.movedTo != "" {
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: inst.lastErr.Error()}), nil
+	}
+	if d, stale := s.unanchoredFor(); stale {
+		// Fail closed: writes the broker has not recorded could be rolled
+		// back by whoever holds the disk, and a superseded session means
+		// another CVM runs as this backend.
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q: the key broker has not recorded this backend's state for %s (unreachable, or another CVM runs as this backend): refusing to serve until it does", id, d.Round(time.Second))}), nil
 	}
 	if r.Op == tpmrpc.OpLockHost {
 		inst.hostLocked, inst.lockBroken = true, false
