@@ -29,6 +29,12 @@ while [ ! -e /dev/tpm0 ] && [ $i -lt 100 ]; do $B sleep 0.1; i=$((i+1)); done
 if [ -e /dev/tpm0 ]; then echo "CVTPM-TPM0: present"; else echo "CVTPM-TPM0: absent"; fi
 echo "CVTPM-MAJOR: $($B cat /sys/class/tpm/tpm0/tpm_version_major)"
 for n in 0 1 2 3 4 5 6 7; do echo "CVTPM-PCR$n: $($B cat /sys/class/tpm/tpm0/pcr-sha256/$n)"; done
+if $B grep -q cvtpm.migrate /proc/cmdline; then
+  # Live migration test: keep reading PCR 0 through the TPM while QEMU
+  # moves the VM to another host.
+  i=0
+  while [ $i -lt 400 ]; do echo "CVTPM-TICK$i: $($B cat /sys/class/tpm/tpm0/pcr-sha256/0)"; $B sleep 0.2; i=$((i+1)); done
+fi
 /bin/guestprobe
 echo "CVTPM-DONE"
 $B poweroff -f
