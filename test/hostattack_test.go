@@ -292,6 +292,12 @@ func TestMigrationBetweenBackends(t *testing.T) {
 	_ = context.Background
 }
 
+// brokerArgs are a backend's flags for keys from the broker at addr, in
+// migration domain prod.
+func brokerArgs(addr, root, id string) []string {
+	return []string{"--key-broker", addr, "--broker-root", root, "--backend-id", id, "--migration-domain", "prod"}
+}
+
 // startBroker runs `cvtpm ca --key-broker` with the topology's policy and
 // returns its address and root certificate.
 func startBroker(t *testing.T, f *testenv.TopologyFiles, extra ...string) (addr, root string) {
@@ -310,7 +316,7 @@ func startBroker(t *testing.T, f *testenv.TopologyFiles, extra ...string) (addr,
 func TestKeyBroker(t *testing.T) {
 	f := testenv.NewTopologyFiles(t, 0x3)
 	addr, root := startBroker(t, f)
-	brokerArgs := []string{"--key-broker", addr, "--broker-root", root, "--backend-id", "backend-a", "--migration-domain", "prod"}
+	args := brokerArgs(addr, root, "backend-a")
 	// The same chip, an image the policy does not approve.
 	sim, err := csv.LoadSimulator(f.SimDir)
 	if err != nil {
@@ -323,12 +329,12 @@ func TestKeyBroker(t *testing.T) {
 		t.Fatal(err)
 	}
 	out, err := testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), append([]string{"backend", "--dir", filepath.Join(f.Dir, "other-state"),
-		"--listen", fmt.Sprintf("tcp:127.0.0.1:%d", testenv.FreePort(t)), "--client-ca", f.ClientCA, "--acl", f.ACL, "--csv-sim", otherDir}, brokerArgs...)...)
+		"--listen", fmt.Sprintf("tcp:127.0.0.1:%d", testenv.FreePort(t)), "--client-ca", f.ClientCA, "--acl", f.ACL, "--csv-sim", otherDir}, args...)...)
 	if err == nil || !strings.Contains(out, "key release refused: "+csv.ReasonMeasurement) {
 		t.Fatalf("a backend running an unapproved image: err=%v\n%s", err, out)
 	}
 
-	topo := testenv.StartBackend(t, f, brokerArgs...)
+	topo := testenv.StartBackend(t, f, args...)
 	if strings.Contains(topo.Backend.Log.String(), "development setup") {
 		t.Errorf("a backend with keys from the broker warns of a development setup")
 	}
@@ -380,11 +386,8 @@ func copyTree(t *testing.T, from, to string) {
 func TestMigrationWithKeyBroker(t *testing.T) {
 	f := testenv.NewTopologyFiles(t, 0x3)
 	addr, root := startBroker(t, f)
-	args := func(id string) []string {
-		return []string{"--key-broker", addr, "--broker-root", root, "--backend-id", id, "--migration-domain", "prod"}
-	}
-	src := testenv.StartBackend(t, f, args("backend-a")...)
-	dst := testenv.StartBackendAt(t, f, filepath.Join(f.Dir, "state-b"), args("backend-b")...)
+	src := testenv.StartBackend(t, f, brokerArgs(addr, root, "backend-a")...)
+	dst := testenv.StartBackendAt(t, f, filepath.Join(f.Dir, "state-b"), brokerArgs(addr, root, "backend-b")...)
 	src.Admin(t, "create", "vm1")
 	sctrl := startFrontend(t, f, src, "vm1")["vm1"]
 	dctrl := startFrontend(t, f, dst, "vm1")["vm1"]

@@ -27,11 +27,8 @@ var tickRE = regexp.MustCompile(`CVTPM-TICK(\d+): *([0-9A-Fa-f]{64})`)
 func TestQEMULiveMigration(t *testing.T) {
 	f := testenv.NewTopologyFiles(t, 0x3)
 	addr, root := startBroker(t, f)
-	args := func(id string) []string {
-		return []string{"--key-broker", addr, "--broker-root", root, "--backend-id", id, "--migration-domain", "prod"}
-	}
-	src := testenv.StartBackend(t, f, args("backend-a")...)
-	dst := testenv.StartBackendAt(t, f, filepath.Join(f.Dir, "state-b"), args("backend-b")...)
+	src := testenv.StartBackend(t, f, brokerArgs(addr, root, "backend-a")...)
+	dst := testenv.StartBackendAt(t, f, filepath.Join(f.Dir, "state-b"), brokerArgs(addr, root, "backend-b")...)
 	src.Admin(t, "create", "vm1")
 	dst.Admin(t, "create", "--incoming", "vm1")
 	sctrl := startFrontend(t, f, src, "vm1")["vm1"]

@@ -191,6 +191,22 @@ func TestMigrationBetweenBackends(t *testing.T) {
 	}
 }
 
+// instanceWithNV creates instance id on s, starts its TPM, defines the
+// test NV index and writes v to it.
+func instanceWithNV(t *testing.T, s *Supervisor, id string, v uint64) (*tpmrpc.Client, tpm2.TPM2BName) {
+	t.Helper()
+	if _, err := s.Create(context.Background(), id, CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	tpm := tpmOf(s, id)
+	startup(t, tpm)
+	name := defineNV(t, tpm)
+	if err := writeNV(tpm, name, v); err != nil {
+		t.Fatal(err)
+	}
+	return tpm, name
+}
+
 // plainPermanentState is a genuine libtpms permanent state, as a host
 // could make with its own swtpm.
 func plainPermanentState(t *testing.T) []byte {
@@ -329,13 +345,20 @@ func (v *brokerView) Claim(ctx context.Context, inst string, gen uint64) error {
 // key broker: master key master, migration key 9, backend id id.
 func newBrokeredSupervisor(t *testing.T, dir string, master byte, b *fakeBroker, id string) *Supervisor {
 	t.Helper()
+	return newBrokeredSupervisorVia(t, dir, master, b, b.view(t, id), id)
+}
+
+// newBrokeredSupervisorVia reaches the broker through a (which the host
+// may cut).
+func newBrokeredSupervisorVia(t *testing.T, dir string, master byte, b *fakeBroker, a Anchorer, id string) *Supervisor {
+	t.Helper()
 	keys, err := NewMasterKey(bytesOf(master, 32))
 	if err != nil {
 		t.Fatal(err)
 	}
 	owned, moved := b.owned(t, id)
 	s, err := New(context.Background(), Config{Dir: dir, Keys: keys, Worker: []string{testenv.Binary(t, testenv.Cvtpm), "worker"},
-		MigrationKey: bytesOf(9, 32), Anchors: owned, Moved: moved, Anchorer: b.view(t, id), AnchorInterval: 20 * time.Millisecond,
+		MigrationKey: bytesOf(9, 32), Anchors: owned, Moved: moved, Anchorer: a, AnchorInterval: 20 * time.Millisecond,
 		ClaimTimeout: 2 * time.Second, MaxUnanchored: 300 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)

@@ -8,8 +8,6 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"cvtpm/test/testenv"
 )
 
 // cuttable is the network between a backend and the key broker: the host
@@ -37,19 +35,7 @@ func (c *cuttable) Claim(ctx context.Context, inst string, gen uint64) error {
 
 func newSupervisorWithAnchorer(t *testing.T, dir string, b *fakeBroker, a Anchorer, id string) *Supervisor {
 	t.Helper()
-	keys, err := NewMasterKey(bytesOf(1, 32))
-	if err != nil {
-		t.Fatal(err)
-	}
-	owned, moved := b.owned(t, id)
-	s, err := New(context.Background(), Config{Dir: dir, Keys: keys, Worker: []string{testenv.Binary(t, testenv.Cvtpm), "worker"},
-		MigrationKey: bytesOf(9, 32), Anchors: owned, Moved: moved, Anchorer: a, AnchorInterval: 20 * time.Millisecond,
-		ClaimTimeout: 2 * time.Second, MaxUnanchored: 300 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Close)
-	return s
+	return newBrokeredSupervisorVia(t, dir, 1, b, a, id)
 }
 
 // Review 2, finding 2 (fixed: fail closed after MaxUnanchored): the backend kept serving (and acknowledging the
@@ -63,15 +49,7 @@ func TestBlockedAnchorsBoundRollback(t *testing.T) {
 	broker := newFakeBroker(t)
 	link := &cuttable{Anchorer: broker.view(t, "a")}
 	s := newSupervisorWithAnchorer(t, dir, broker, link, "a")
-	if _, err := s.Create(context.Background(), "vm1", CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	vm1 := tpmOf(s, "vm1")
-	startup(t, vm1)
-	name := defineNV(t, vm1)
-	if err := writeNV(vm1, name, 1); err != nil {
-		t.Fatal(err)
-	}
+	vm1, name := instanceWithNV(t, s, "vm1", 1)
 	time.Sleep(100 * time.Millisecond) // anchored
 	// The host copies the directory (it is its disk), then cuts the
 	// backend off the broker.
@@ -117,15 +95,7 @@ func TestSameBackendIDDoesNotFork(t *testing.T) {
 	broker := newFakeBroker(t)
 	dir1, dir2 := t.TempDir(), t.TempDir()
 	s1 := newBrokeredSupervisor(t, dir1, 1, broker, "a")
-	if _, err := s1.Create(context.Background(), "vm1", CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	vm1 := tpmOf(s1, "vm1")
-	startup(t, vm1)
-	name := defineNV(t, vm1)
-	if err := writeNV(vm1, name, 1); err != nil {
-		t.Fatal(err)
-	}
+	_, name := instanceWithNV(t, s1, "vm1", 1)
 	s1.Close()
 	copyDir(t, filepath.Join(dir1, "vm1"), filepath.Join(dir2, "vm1"))
 	// Both CVMs run the approved image, both ask the broker for backend

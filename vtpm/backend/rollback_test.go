@@ -43,15 +43,7 @@ func TestHostRollsBackThroughIncomingInstance(t *testing.T) {
 	broker := newFakeBroker(t)
 	src := newBrokeredSupervisor(t, t.TempDir(), 1, broker, "a")
 	dst := newBrokeredSupervisor(t, t.TempDir(), 2, broker, "b")
-	if _, err := src.Create(ctx, "vm1", CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	vm1 := tpmOf(src, "vm1")
-	startup(t, vm1)
-	name := defineNV(t, vm1)
-	if err := writeNV(vm1, name, 7); err != nil {
-		t.Fatal(err)
-	}
+	vm1, name := instanceWithNV(t, src, "vm1", 7)
 	// The host silently snapshots the running instance.
 	oldPerm := exportState(t, src, "vm1", engine.StatePermanent)
 	oldVol := exportState(t, src, "vm1", engine.StateVolatile)
@@ -95,15 +87,7 @@ func TestHostInflatesStaleCopyGeneration(t *testing.T) {
 	broker := newFakeBroker(t)
 	src := newBrokeredSupervisor(t, t.TempDir(), 1, broker, "a")
 	dst := newBrokeredSupervisor(t, t.TempDir(), 2, broker, "b")
-	if _, err := src.Create(ctx, "vm1", CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	vm1 := tpmOf(src, "vm1")
-	startup(t, vm1)
-	name := defineNV(t, vm1)
-	if err := writeNV(vm1, name, 7); err != nil {
-		t.Fatal(err)
-	}
+	_, name := instanceWithNV(t, src, "vm1", 7)
 	// Legitimate migration src -> dst.
 	perm, vol := exportState(t, src, "vm1", engine.StatePermanent), exportState(t, src, "vm1", engine.StateVolatile)
 	call(t, src, "vm1", host, tpmrpc.Request{Op: tpmrpc.OpStop})
