@@ -45,7 +45,7 @@ func runBackend(ctx context.Context, args []string) error {
 		fmt.Fprint(fs.Output(), `Usage: cvtpm backend --dir DIR --key-broker ADDR --broker-root CA.pem --backend-id ID [--migration-domain D]
                      --client-ca FILE --acl FILE [options]
        cvtpm backend --dir DIR --key-file FILE|--key-fd N ...    (development)
-       cvtpm backend create --admin SOCKET [--enroll | --incoming | --import DIR] ID
+       cvtpm backend create --admin SOCKET [--enroll | --incoming | --import DIR] [--bind FILE] ID
        cvtpm backend list|delete --admin SOCKET [ID]
 
 Runs the vTPM backend inside the CSV confidential VM. Each instance is a
@@ -64,9 +64,12 @@ instance, and what it may do with it:
 "host" (QEMU through the frontend) may send TPM commands at localities 0-3,
 reset the TPM and migrate it with sealed state; "guest" may send commands
 only. "hcrtm" and "locality4" must be granted by name. No caller ever gets
-or loads plaintext state over the link: with --migration-key-file, state
-leaves an instance sealed for that instance under the migration key, and
-only such state (not older than the instance's own) is loaded.
+or loads plaintext state over the link: state leaves an instance sealed for
+that instance under the migration key (from the key broker, or
+--migration-key-file), and only such state, not older than the instance's
+own, is loaded. "create --bind FILE" ties an instance to its workload VM:
+only a session proving with the workload's own CSV report reaches it, and
+the host path is limited as FILE says (see vtpm/backend/README.md).
 
 Instances are created, listed and deleted through the management API on the
 unix socket --admin (default DIR/admin.sock), e.g.
