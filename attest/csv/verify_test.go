@@ -11,7 +11,7 @@ import (
 )
 
 // vectors is the shared folder of real HYGON evidence (see its README).
-const vectors = "../../../shared/testdata/csv"
+const vectors = "testdata/hygon"
 
 func readVector(t testing.TB, name string) []byte {
 	t.Helper()

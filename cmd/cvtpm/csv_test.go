@@ -10,7 +10,7 @@ import (
 	"testing"
 )
 
-const csvVectors = "../../../shared/testdata/csv"
+const csvVectors = "../../attest/csv/testdata/hygon"
 
 func runCSVArgs(args ...string) (stdout, stderr string, code int) {
 	var out, errb bytes.Buffer
