@@ -13,9 +13,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"cvtpm/attest/csv"
 	"cvtpm/test/testenv"
@@ -510,4 +512,38 @@ func TestWorkloadBindingEndToEnd(t *testing.T) {
 	}
 	mustHostIoctl(t, ctrl, "-i") // a VM reset is still the host's
 	mustHostIoctl(t, ctrl, "-l", "0")
+}
+
+// A link identity the CA revokes is refused by the backend on its next
+// call (the backend checks the CA's CRL, cached for --client-crl-refresh).
+func TestRevokedLinkIdentityRefused(t *testing.T) {
+	f := testenv.NewTopologyFiles(t, 0x3)
+	caDir := filepath.Join(f.Dir, "ca")
+	addr, httpAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t)), fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+	testenv.StartDaemon(t, "ca", []string{"tcp:" + addr, "tcp:" + httpAddr}, "ca", "--dir", caDir, "--policy", f.Policy,
+		"--hsk-cek", filepath.Join(f.SimDir, csv.SimHSKCEKFile), "--listen", addr, "--http", httpAddr)
+	bin := testenv.Binary(t, testenv.Cvtpm)
+	cert, key := filepath.Join(f.Dir, "id.pem"), filepath.Join(f.Dir, "id.key")
+	out := testenv.Run(t, nil, bin, "ca", "identity", "--dir", caDir, "--name", "guest-vm1", "--out-cert", cert, "--out-key", key)
+	serial := regexp.MustCompile(`serial ([0-9a-f]+)`).FindStringSubmatch(out)
+	if serial == nil {
+		t.Fatalf("no serial in %q", out)
+	}
+	topo := testenv.StartBackend(t, f, "--client-ca", filepath.Join(caDir, "ca.pem"),
+		"--client-crl", "http://"+httpAddr+"/crl", "--client-crl-refresh", "200ms")
+	topo.Admin(t, "create", "vm1")
+	port := testenv.FreePort(t)
+	testenv.StartDaemon(t, "guest proxy", []string{fmt.Sprintf("tcp:127.0.0.1:%d", port)}, "guest", "proxy",
+		"--link", topo.LinkAddr, "--instance", "vm1", "--cert", cert, "--key", key, "--policy", f.Policy, "--tcp", fmt.Sprintf("127.0.0.1:%d", port))
+	env := []string{fmt.Sprintf("TPM2TOOLS_TCTI=swtpm:host=127.0.0.1,port=%d", port)}
+	testenv.RunErr(env, "tpm2_startup", "-c")
+	testenv.Run(t, env, "tpm2_getrandom", "8")
+	testenv.Run(t, nil, bin, "ca", "revoke", "--dir", caDir, "--reason", "1", serial[1])
+	time.Sleep(500 * time.Millisecond)
+	if _, err := testenv.RunErr(env, "tpm2_getrandom", "8"); err == nil {
+		t.Fatal("a revoked link identity still reaches its instance")
+	}
+	if !strings.Contains(topo.Backend.Log.String(), "was revoked") {
+		t.Errorf("the backend log does not say the identity was revoked:\n%s", topo.Backend.Log)
+	}
 }

@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
@@ -26,6 +27,7 @@ import (
 	"cvtpm/enroll"
 	"cvtpm/internal/attestedlink"
 	"cvtpm/internal/netaddr"
+	"cvtpm/internal/pkisig"
 	"cvtpm/vtpm/backend"
 )
 
@@ -100,6 +102,8 @@ Options:
 	keyFD := fs.Int("key-fd", -1, "development: read the hex master key from this inherited descriptor instead of --key-file")
 	cipher := fs.String("cipher", "aes-256-gcm", "state AEAD: aes-256-gcm or sm4-gcm")
 	clientCA := fs.String("client-ca", "", "PEM file of the CA(s) that issue link client certificates (required)")
+	clientCRL := fs.String("client-crl", "", "URL of the link client CA's CRL (cvtpm ca: http://CA:7080/crl): revoked identities are refused; no fresh CRL, no clients")
+	crlRefresh := fs.Duration("client-crl-refresh", 30*time.Second, "fetch the --client-crl again after this long (a revocation takes effect within it)")
 	aclFile := fs.String("acl", "", "JSON access list: client certificate CN -> instances (required)")
 	simDir := fs.String("csv-sim", "", "use the CSV simulator saved in DIR when /dev/csv-guest is absent (tests, demos)")
 	hskCEK := fs.String("hsk-cek", "", "this chip's HSK+CEK bundle, sent to clients with each report")
@@ -139,6 +143,17 @@ Options:
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(pem) {
 		return fmt.Errorf("--client-ca %s: no PEM certificate in it", *clientCA)
+	}
+	var revocation *backend.ClientRevocation
+	if *clientCRL != "" {
+		issuers, err := parsePEMCertificates(pem)
+		if err != nil {
+			return fmt.Errorf("--client-ca %s: %w", *clientCA, err)
+		}
+		revocation = &backend.ClientRevocation{Issuers: issuers,
+			CRL: &pkisig.CachedCRL{Source: pkisig.HTTPCRL{URL: *clientCRL}, MaxAge: *crlRefresh}}
+	} else {
+		log.Warn("no --client-crl: revoked link identities are not refused")
 	}
 	evidence, err := csv.OpenProvider(csv.ProviderOptions{SimulatorDir: *simDir})
 	if err != nil {
@@ -240,7 +255,7 @@ Options:
 	link := &attestedlink.Server{
 		TLS:      &tls.Config{Certificates: []tls.Certificate{cert}, ClientCAs: pool},
 		Evidence: evidence, HSKCEK: bundle,
-		Authorizer: &backend.Access{ACL: acl, Bindings: sup}, Handler: sup, Logger: log,
+		Authorizer: &backend.Access{ACL: acl, Bindings: sup, Revocation: revocation}, Handler: sup, Logger: log,
 	}
 	errc := make(chan error, 2)
 	go func() { errc <- gs.Serve(aln) }()
@@ -386,4 +401,28 @@ func releaseKeys(ctx context.Context, addr, rootFile, id, domain, cipher string,
 	}
 	log.Info("keys released by the key broker", "anchored_instances", len(released.Anchors), "migration_key", released.MigrationKey != nil)
 	return released, keybroker.NewReporter(c, id, domain, released), func() { conn.Close() }, nil
+}
+
+// parsePEMCertificates parses every CERTIFICATE block.
+func parsePEMCertificates(b []byte) ([]*x509.Certificate, error) {
+	var out []*x509.Certificate
+	for {
+		var blk *pem.Block
+		blk, b = pem.Decode(b)
+		if blk == nil {
+			break
+		}
+		if blk.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, c)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no certificate")
+	}
+	return out, nil
 }

@@ -77,6 +77,9 @@ type Bindings interface {
 type Access struct {
 	ACL      *ACL
 	Bindings Bindings
+	// Revocation, if set, refuses revoked client certificates (checked on
+	// every call against the cached CRL).
+	Revocation *ClientRevocation
 }
 
 // hostCaps are what make a caller the host path.
@@ -84,6 +87,11 @@ const hostCaps = tpmrpc.CapReset | tpmrpc.CapMigrate | tpmrpc.CapHCRTM | tpmrpc.
 
 // Authorize implements attestedlink.Authorizer.
 func (a *Access) Authorize(ctx context.Context, peer *attestedlink.Peer, instance string) (tpmrpc.Capabilities, error) {
+	if a.Revocation != nil {
+		if err := a.Revocation.Check(ctx, peer.Certificate); err != nil {
+			return 0, err
+		}
+	}
 	caps, err := a.ACL.Authorize(ctx, peer.Certificate, instance)
 	if err != nil {
 		return 0, err
