@@ -55,7 +55,7 @@ say "every instance, 'guest-vm1' only instance vm1."
 step "4. Start the backend inside the CVM: keys from the key broker, one libtpms worker per instance, state sealed with SM4-GCM"
 "$BIN" backend --dir "$work/backend" --listen "tcp:127.0.0.1:0" --cipher sm4-gcm \
   --key-broker "$ca_addr" --broker-root "$work/ca/ca.pem" --backend-id backend-a --migration-domain demo \
-  --client-ca "$work/ca/ca.pem" --acl "$work/acl.json" --csv-sim "$work/csv" --ca "$ca_addr" 2> "$work/backend.log" &
+  --client-ca "$work/ca/ca.pem" --client-crl "http://$ca_http/crl" --acl "$work/acl.json" --csv-sim "$work/csv" --ca "$ca_addr" 2> "$work/backend.log" &
 pids+=($!)
 wait_log "$work/backend.log" 'backend serving'
 link=$(sed -n 's/.*backend serving" link=\([^ ]*\).*/\1/p' "$work/backend.log")
