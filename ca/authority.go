@@ -6,13 +6,13 @@ import (
 	"crypto"
 	"crypto/rand"
 	"crypto/sha256"
-	"crypto/subtle"
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -181,16 +181,11 @@ func (a *Authority) enroll(ctx context.Context, req enroll.Request) (*x509.Certi
 	// An instance has one EK per algorithm (RSA and ECC); the rule
 	// applies to each.
 	slot := fmt.Sprintf("%s/%d", req.InstanceID, ekPub.Type)
-	a.mu.Lock()
-	prev, seen := a.enrolled[slot]
-	a.mu.Unlock()
-	if seen {
-		switch {
-		case a.Policy.Reenroll == "never":
-			return nil, claims, refuse(ReasonReenroll, "instance "+req.InstanceID+" is already enrolled")
-		case a.Policy.Reenroll == "same-ek" && subtle.ConstantTimeCompare(prev, ekDigest[:]) != 1:
-			return nil, claims, refuse(ReasonReenroll, "instance "+req.InstanceID+" is enrolled with another EK")
+	if err := a.recordEnrollment(ctx, slot, ekDigest[:]); err != nil {
+		if errors.Is(err, ErrReenroll) {
+			return nil, claims, refuse(ReasonReenroll, "instance "+req.InstanceID+": "+strings.TrimPrefix(err.Error(), ErrReenroll.Error()+": "))
 		}
+		return nil, claims, fmt.Errorf("recording the enrollment: %w", err)
 	}
 	chipDigest := sm3.Sum([]byte(claims.ChipSerial))
 	reportDigest := sha256.Sum256(req.Report)
@@ -215,13 +210,27 @@ func (a *Authority) enroll(ctx context.Context, req enroll.Request) (*x509.Certi
 			return nil, claims, fmt.Errorf("recording the certificate: %w", err)
 		}
 	}
+	return cert, claims, nil
+}
+
+// recordEnrollment applies the re-enrollment rule in the store (one
+// transaction: a restart or another replica sees it), or in memory for a
+// CA without a store.
+func (a *Authority) recordEnrollment(ctx context.Context, slot string, ekDigest []byte) error {
+	if r, ok := a.Store.(EnrollmentRecorder); ok {
+		return r.RecordEnrollment(ctx, slot, ekDigest, a.Policy.Reenroll)
+	}
 	a.mu.Lock()
+	defer a.mu.Unlock()
+	prev, seen := a.enrolled[slot]
+	if err := applyReenroll(prev, seen, ekDigest, a.Policy.Reenroll); err != nil {
+		return err
+	}
 	if a.enrolled == nil {
 		a.enrolled = map[string][]byte{}
 	}
-	a.enrolled[slot] = ekDigest[:]
-	a.mu.Unlock()
-	return cert, claims, nil
+	a.enrolled[slot] = ekDigest
+	return nil
 }
 
 // Revoke revokes an issued certificate (serial in hex) with an RFC 5280

@@ -25,6 +25,10 @@ CREATE TABLE IF NOT EXISTS cvtpm_issued (
 	revoked     timestamptz,
 	reason      integer NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS cvtpm_enrolled (
+	slot      text PRIMARY KEY,
+	ek_digest bytea NOT NULL
+);
 CREATE TABLE IF NOT EXISTS cvtpm_meta (
 	id         integer PRIMARY KEY CHECK (id = 1),
 	crl_number bigint NOT NULL
@@ -116,3 +120,27 @@ func (s *PGStore) NextCRLNumber(ctx context.Context) (*big.Int, error) {
 // Pool is the connection pool, for other services of the CA process that
 // keep their records beside the certificates (ca/keybroker).
 func (s *PGStore) Pool() *pgxpool.Pool { return s.pool }
+
+// RecordEnrollment implements EnrollmentRecorder: the row lock serialises
+// replicas enrolling the same instance.
+func (s *PGStore) RecordEnrollment(ctx context.Context, slot string, ekDigest []byte, rule string) error {
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return fmt.Errorf("CA database: %w", err)
+	}
+	defer tx.Rollback(ctx)
+	if _, err := tx.Exec(ctx, `INSERT INTO cvtpm_enrolled (slot, ek_digest) VALUES ($1, '') ON CONFLICT DO NOTHING`, slot); err != nil {
+		return fmt.Errorf("CA database: %w", err)
+	}
+	var prev []byte
+	if err := tx.QueryRow(ctx, `SELECT ek_digest FROM cvtpm_enrolled WHERE slot = $1 FOR UPDATE`, slot).Scan(&prev); err != nil {
+		return fmt.Errorf("CA database: %w", err)
+	}
+	if err := applyReenroll(prev, len(prev) > 0, ekDigest, rule); err != nil {
+		return err
+	}
+	if _, err := tx.Exec(ctx, `UPDATE cvtpm_enrolled SET ek_digest = $2 WHERE slot = $1`, slot, ekDigest); err != nil {
+		return fmt.Errorf("CA database: %w", err)
+	}
+	return tx.Commit(ctx)
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/rand"
+	"crypto/subtle"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
@@ -24,6 +25,34 @@ type Store interface {
 	NextCRLNumber(ctx context.Context) (*big.Int, error)
 }
 
+// EnrollmentRecorder keeps each instance's EK of record (per EK algorithm)
+// and applies the re-enrollment rule to it in one transaction, so that a
+// CA restart or a second replica on the same database enforces the rule
+// (BoltStore and PGStore implement it).
+type EnrollmentRecorder interface {
+	// RecordEnrollment checks rule ("never", "same-ek" or "any") for slot
+	// against the EK of record and records ekDigest; ErrReenroll (wrapped,
+	// with the reason) if the rule refuses it.
+	RecordEnrollment(ctx context.Context, slot string, ekDigest []byte, rule string) error
+}
+
+// ErrReenroll: the re-enrollment rule refuses an enrollment.
+var ErrReenroll = errors.New("re-enrollment refused")
+
+// applyReenroll is the rule itself, for every store.
+func applyReenroll(prev []byte, seen bool, ekDigest []byte, rule string) error {
+	if !seen {
+		return nil
+	}
+	switch {
+	case rule == "never":
+		return fmt.Errorf("%w: the instance is already enrolled", ErrReenroll)
+	case rule == "same-ek" && subtle.ConstantTimeCompare(prev, ekDigest) != 1:
+		return fmt.Errorf("%w: the instance is enrolled with another EK", ErrReenroll)
+	}
+	return nil
+}
+
 // IssuedCert is one issued certificate.
 type IssuedCert struct {
 	Serial     string    `json:"serial"` // hex
@@ -38,9 +67,10 @@ type IssuedCert struct {
 var ErrUnknownSerial = errors.New("no certificate with that serial")
 
 var (
-	bucketIssued = []byte("issued")
-	bucketMeta   = []byte("meta")
-	keyCRLNumber = []byte("crl-number")
+	bucketEnrolled = []byte("enrolled") // slot -> SHA-256 of the EK public area
+	bucketIssued   = []byte("issued")
+	bucketMeta     = []byte("meta")
+	keyCRLNumber   = []byte("crl-number")
 )
 
 // BoltStore is a Store in one bbolt file: no setup, durable on commit.
@@ -53,7 +83,7 @@ func OpenBoltStore(path string) (*BoltStore, error) {
 		return nil, fmt.Errorf("CA database %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketIssued, bucketMeta} {
+		for _, b := range [][]byte{bucketIssued, bucketMeta, bucketEnrolled} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -69,6 +99,18 @@ func OpenBoltStore(path string) (*BoltStore, error) {
 
 // Close closes the database.
 func (s *BoltStore) Close() error { return s.db.Close() }
+
+// RecordEnrollment implements EnrollmentRecorder.
+func (s *BoltStore) RecordEnrollment(_ context.Context, slot string, ekDigest []byte, rule string) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketEnrolled)
+		prev := b.Get([]byte(slot))
+		if err := applyReenroll(prev, prev != nil, ekDigest, rule); err != nil {
+			return err
+		}
+		return b.Put([]byte(slot), ekDigest)
+	})
+}
 
 func (s *BoltStore) PutIssued(_ context.Context, c IssuedCert) error {
 	b, err := json.Marshal(c)

@@ -78,6 +78,44 @@ func TestStores(t *testing.T) {
 			if err != nil || n2.Cmp(n1) <= 0 {
 				t.Fatalf("CRL number %v after %v: must grow across restarts", n2, n1)
 			}
+			// The re-enrollment rule is kept in the store: it holds across
+			// a restart (and, on PostgreSQL, across replicas).
+			rec := s.(EnrollmentRecorder)
+			ek1, ek2 := []byte("ek one digest"), []byte("ek two digest")
+			if err := rec.RecordEnrollment(ctx, "vm1/1", ek1, "never"); err != nil {
+				t.Fatal(err)
+			}
+			if err := rec.RecordEnrollment(ctx, "vm2/1", ek1, "same-ek"); err != nil {
+				t.Fatal(err)
+			}
+			closeStore()
+			s, closeStore = open()
+			defer closeStore()
+			rec = s.(EnrollmentRecorder)
+			for _, tc := range []struct {
+				slot, rule string
+				ek         []byte
+				ok         bool
+			}{
+				{"vm1/1", "never", ek1, false},
+				{"vm2/1", "same-ek", ek2, false},
+				{"vm2/1", "same-ek", ek1, true},
+				{"vm2/1", "any", ek2, true},
+				{"vm3/1", "never", ek2, true},
+			} {
+				err := rec.RecordEnrollment(ctx, tc.slot, tc.ek, tc.rule)
+				if tc.ok != (err == nil) || (err != nil && !errors.Is(err, ErrReenroll)) {
+					t.Errorf("after restart, %s %s: %v", tc.slot, tc.rule, err)
+				}
+			}
+			if name == "postgresql" {
+				// A second replica on the same database.
+				s2, close2 := open()
+				defer close2()
+				if err := s2.(EnrollmentRecorder).RecordEnrollment(ctx, "vm3/1", ek2, "never"); !errors.Is(err, ErrReenroll) {
+					t.Errorf("a second replica re-enrolled vm3 under never: %v", err)
+				}
+			}
 		})
 	}
 }

@@ -222,3 +222,29 @@ func TestCASM2(t *testing.T) {
 		t.Fatalf("the SM2 CRL does not verify under the root: %v", err)
 	}
 }
+
+// reenroll "never" holds across a CA restart: the EK of record lives in the
+// CA's store, not in the process.
+func TestReenrollNeverAcrossRestart(t *testing.T) {
+	dir := t.TempDir()
+	bin := testenv.Binary(t, testenv.Cvtpm)
+	measure := strings.Repeat("5e", 32)
+	testenv.Run(t, nil, bin, "csv", "simulate", "--out", filepath.Join(dir, "chip"), "--chip", "SIMCHIP0001", "--measure", measure, "--policy", "0x3")
+	os.MkdirAll(filepath.Join(dir, "kds", "hsk_cek", "SIMCHIP0001"), 0o700)
+	b, _ := os.ReadFile(filepath.Join(dir, "chip", "hsk_cek.cert"))
+	os.WriteFile(filepath.Join(dir, "kds", "hsk_cek", "SIMCHIP0001", "hsk_cek.cert"), b, 0o600)
+	policy := filepath.Join(dir, "policy.json")
+	os.WriteFile(policy, []byte(`{"simulator_roots":["`+filepath.Join(dir, "chip", "hrk.cert")+`"],"approved_measurements":["`+measure+`"],"reenroll":"never"}`), 0o600)
+	caDir := filepath.Join(dir, "ca")
+	grpcAddr, _, stop := startCA(t, caDir, policy, filepath.Join(dir, "kds"))
+	first := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{})
+	testenv.Run(t, nil, bin, "enroll", "--tpm-socket", first.DataPath, "--ca", grpcAddr, "--instance", "vm-a", "--csv-sim", filepath.Join(dir, "chip"))
+	stop()
+	grpcAddr, _, _ = startCA(t, caDir, policy, filepath.Join(dir, "kds"))
+	// Another TPM (other EKs) claims to be vm-a after the restart.
+	second := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{})
+	out, err := testenv.RunErr(nil, bin, "enroll", "--tpm-socket", second.DataPath, "--ca", grpcAddr, "--instance", "vm-a", "--csv-sim", filepath.Join(dir, "chip"))
+	if err == nil || !strings.Contains(out, ca.ReasonReenroll) {
+		t.Fatalf("re-enrollment of vm-a with other EKs after a CA restart under reenroll never: %v\n%s", err, out)
+	}
+}
