@@ -79,3 +79,37 @@ func TestSwtpmSymlink(t *testing.T) {
 		t.Fatalf("started %s, not the symlink", srv.Cmd.Path)
 	}
 }
+
+// The verifier refuses settings that would silently weaken a check: a
+// misspelt or malformed reference file, and running without a CRL unless
+// --no-crl says so.
+func TestVerifierStrictSettings(t *testing.T) {
+	dir := t.TempDir()
+	bin := testenv.Binary(t, testenv.Cvtpm)
+	policy := filepath.Join(dir, "policy.json")
+	os.WriteFile(policy, []byte(`{}`), 0o600)
+	// Any CA certificate will do: the verifier refuses before serving.
+	caDir := filepath.Join(dir, "ca")
+	startCA(t, caDir, policy, dir)
+	root := filepath.Join(caDir, "ca.pem")
+	for _, tc := range []struct {
+		name, ref, want string
+		extra           []string
+	}{
+		{"no CRL", "", "--crl URL is required", nil},
+		{"misspelt reference key", `{"pcr": {"sha256": {"16": "` + strings.Repeat("ab", 32) + `"}}}`, `unknown field "pcr"`, []string{"--no-crl"}},
+		{"malformed PCR value", `{"pcrs": {"sha256": {"16": "zz"}}}`, "not 64 hex digits", []string{"--no-crl"}},
+	} {
+		args := append([]string{"verifier", "--ca-root", root, "--policy", policy, "--key", filepath.Join(dir, "v.key"),
+			"--listen", "127.0.0.1:0", "--http", ""}, tc.extra...)
+		if tc.ref != "" {
+			ref := filepath.Join(dir, "ref.json")
+			os.WriteFile(ref, []byte(tc.ref), 0o600)
+			args = append(args, "--reference", ref)
+		}
+		out, err := testenv.RunErr(nil, bin, args...)
+		if err == nil || !strings.Contains(out, tc.want) {
+			t.Errorf("%s: %v\n%s\nwant %q", tc.name, err, out, tc.want)
+		}
+	}
+}

@@ -68,7 +68,8 @@ Options:
 		fs.PrintDefaults()
 	}
 	caRoot := fs.String("ca-root", "", "PEM file with the EK CA root(s) (required)")
-	crlURL := fs.String("crl", "", "the EK CA's CRL URL (e.g. http://127.0.0.1:7080/crl); empty skips revocation checks")
+	crlURL := fs.String("crl", "", "the EK CA's CRL URL (e.g. http://127.0.0.1:7080/crl) (required unless --no-crl)")
+	noCRL := fs.Bool("no-crl", false, "run without revocation checks (revoked EK certificates are then not detected)")
 	policyFile := fs.String("policy", "", "CSV evidence policy, JSON (required)")
 	regoFile := fs.String("rego", "", "Rego appraisal policy replacing the built-in one (package cvtpm, rule result)")
 	refFile := fs.String("reference", "", "reference values for the policy (JSON)")
@@ -98,10 +99,15 @@ Options:
 		return err
 	}
 	opts := verifier.Options{CARoots: roots, CSV: policy}
-	if *crlURL != "" {
-		opts.CRL = verifier.HTTPCRL{URL: *crlURL}
-	} else {
-		log.Warn("no --crl: revoked EK certificates will not be detected")
+	switch {
+	case *crlURL != "" && *noCRL:
+		return errors.New("--crl and --no-crl exclude each other")
+	case *crlURL != "":
+		opts.CRL = &verifier.CachedCRL{Source: verifier.HTTPCRL{URL: *crlURL}}
+	case *noCRL:
+		log.Warn("--no-crl: revoked EK certificates will not be detected")
+	default:
+		return errors.New("--crl URL is required (the EK CA's CRL); --no-crl runs without revocation checks on purpose")
 	}
 	if *regoFile != "" {
 		b, err := os.ReadFile(*regoFile)
@@ -115,7 +121,15 @@ Options:
 		if err != nil {
 			return fmt.Errorf("--reference: %w", err)
 		}
-		if err := json.Unmarshal(b, &opts.Reference); err != nil {
+		if *regoFile == "" {
+			// The built-in policy's reference values are checked
+			// strictly: a misspelt key or a malformed value would
+			// otherwise skip the check it was meant for.
+			opts.Reference, err = verifier.ParseReference(b)
+		} else {
+			err = json.Unmarshal(b, &opts.Reference)
+		}
+		if err != nil {
 			return fmt.Errorf("--reference %s: %w", *refFile, err)
 		}
 	}
