@@ -97,7 +97,7 @@ func (p *AppraisalPolicy) Compile() error {
 		if err != nil {
 			return fmt.Errorf("simulator root: %w", err)
 		}
-		root, err := ParseCACert(b)
+		root, err := ParseRoot(b)
 		if err != nil {
 			return fmt.Errorf("simulator root %s: %w", f, err)
 		}

@@ -288,6 +288,20 @@ func rootName(root *CACert) string {
 	return "non-HYGON root (simulated or untrusted) key id " + hex.EncodeToString(root.KeyID[:])
 }
 
+// ParseRoot decodes a root (HRK) certificate to trust and checks that it
+// is one: usage HRK and a valid self-signature. A garbage or truncated
+// file is refused when it is loaded, not later as a failed chain.
+func ParseRoot(b []byte) (*CACert, error) {
+	c, err := ParseCACert(b)
+	if err != nil {
+		return nil, err
+	}
+	if err := verifyCA(c, c, UsageHRK); err != nil {
+		return nil, fmt.Errorf("not a self-signed root (HRK) certificate: %w", err)
+	}
+	return c, nil
+}
+
 // verifyCA checks that signer signed the CA certificate c and that c has the
 // expected usage and names signer's key id.
 func verifyCA(signer, c *CACert, usage uint32) error {

@@ -339,3 +339,27 @@ func TestOpenProviderPrefersDevice(t *testing.T) {
 		t.Fatal("65-byte report_data accepted")
 	}
 }
+
+// A root to trust must be a self-signed HRK: the real one and a
+// simulator's load, an HSK, a flipped byte or garbage of the right size are
+// refused at load.
+func TestParseRoot(t *testing.T) {
+	hrk, hsk := readVector(t, "hrk.cert"), readVector(t, "hsk.cert")
+	if _, err := ParseRoot(hrk); err != nil {
+		t.Fatalf("real HRK: %v", err)
+	}
+	sim, err := NewSimulator("SIMROOT01")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ParseRoot(sim.HRK.Marshal()); err != nil {
+		t.Fatalf("simulator HRK: %v", err)
+	}
+	flipped := append([]byte(nil), hrk...)
+	flipped[100] ^= 1
+	for name, b := range map[string][]byte{"HSK": hsk, "flipped byte": flipped, "garbage": make([]byte, CACertSize), "short": hrk[:100]} {
+		if _, err := ParseRoot(b); err == nil {
+			t.Errorf("%s accepted as a root", name)
+		}
+	}
+}

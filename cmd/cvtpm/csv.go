@@ -121,7 +121,7 @@ Options:
 		if err != nil {
 			return bad("--root: %v", err)
 		}
-		r, err := csv.ParseCACert(b)
+		r, err := csv.ParseRoot(b)
 		if err != nil {
 			return bad("--root %s: %v", *root, err)
 		}
