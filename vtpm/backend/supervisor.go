@@ -1092,6 +1092,12 @@ func (s *Supervisor) freshReport(ctx context.Context, inst *instance, cmd []byte
 		return tpmError(rcFailure)
 	}
 	ekPublic := bytes.Clone(p[2 : 2+int(binary.BigEndian.Uint16(p))])
+	if err := freshreport.CheckEK(req.EKHandle, ekPublic); err != nil {
+		// A report binds the key it names: it must be the instance's EK,
+		// not a key someone loaded.
+		s.log.Warn("fresh report refused: not an EK", "instance", inst.id, "handle", fmt.Sprintf("%#x", req.EKHandle), "reason", err)
+		return tpmError(rcValue)
+	}
 	res := freshreport.Result{Instance: inst.id, EKPublic: ekPublic}
 	switch req.Part {
 	case freshreport.PartChipCerts:
