@@ -28,7 +28,6 @@ type pendingAK struct {
 	ak       *attest.AKPublic
 	instance string
 	ekDigest [32]byte // SHA-256 of the EK certificate the AK was activated with
-	expires  time.Time
 }
 
 // AKChallenge checks the AK's parameters and that ekCertDER is an
@@ -67,30 +66,26 @@ func (a *Authority) AKChallenge(ctx context.Context, ekCertDER []byte, ak attest
 		return "", nil, err
 	}
 	id := hex.EncodeToString(idb)
-	a.mu.Lock()
-	if a.pendingAKs == nil {
-		a.pendingAKs = map[string]pendingAK{}
+	a.tables()
+	if err := a.pendingAKs.Put(id, sourceOf(ctx), pendingAK{secret: secret, ak: pub, instance: instance, ekDigest: sha256.Sum256(ekCert.Raw)}); err != nil {
+		return "", nil, err
 	}
-	a.pendingAKs[id] = pendingAK{secret: secret, ak: pub, instance: instance, ekDigest: sha256.Sum256(ekCert.Raw), expires: a.now().Add(a.nonceTTL())}
-	a.mu.Unlock()
 	return id, ec, nil
 }
 
 // AKCertify checks the activated secret for challenge id and issues the AK
 // certificate. A challenge is answered once.
 func (a *Authority) AKCertify(ctx context.Context, id string, secret []byte) (*x509.Certificate, error) {
-	a.mu.Lock()
-	p, ok := a.pendingAKs[id]
-	delete(a.pendingAKs, id)
-	a.mu.Unlock()
+	a.tables()
+	p, ok, expired := a.pendingAKs.Take(id)
 	entry := AuditEntry{Time: a.now().UTC(), InstanceID: p.instance, Decision: "refused"}
 	var cert *x509.Certificate
 	var err error
 	switch {
+	case expired:
+		err = refuse(ReasonNonceExpired, "the AK challenge expired")
 	case !ok:
 		err = refuse(ReasonNonce, "unknown or already answered AK challenge")
-	case a.now().After(p.expires):
-		err = refuse(ReasonNonceExpired, "the AK challenge expired")
 	case subtle.ConstantTimeCompare(p.secret, secret) != 1:
 		err = refuse(ReasonActivation, "the activated secret is wrong: the AK is not on the TPM of this EK")
 	default:

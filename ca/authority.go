@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"strings"
 	"sync"
@@ -19,8 +20,11 @@ import (
 	"github.com/emmansun/gmsm/sm3"
 	"github.com/google/go-tpm/tpm2"
 
+	"google.golang.org/grpc/peer"
+
 	"cvtpm/attest/csv"
 	"cvtpm/enroll"
+	"cvtpm/internal/expiring"
 )
 
 // Authority satisfies the enrollment protocol's view of a CA.
@@ -41,11 +45,52 @@ type Authority struct {
 	Store    Store         // issued and revoked certificates; nil keeps no records
 	NonceTTL time.Duration // default 5 minutes
 	Now      func() time.Time
+	// MaxOutstanding bounds the outstanding nonces and pending AK
+	// challenges (each; default 500,000), MaxPerSource one client
+	// address's share (default 50,000): beyond them a challenge is refused
+	// with ErrBusy and nothing grows.
+	MaxOutstanding, MaxPerSource int
 
 	mu         sync.Mutex
-	nonces     map[string]time.Time // hex nonce -> expiry
-	enrolled   map[string][]byte    // instance id + EK algorithm -> SHA-256 of the EK public area
-	pendingAKs map[string]pendingAK // AK challenge id -> expected secret
+	tablesOnce sync.Once
+	nonces     *expiring.Table[struct{}]
+	enrolled   map[string][]byte // instance id + EK algorithm -> SHA-256 of the EK public area (store-less CA)
+	pendingAKs *expiring.Table[pendingAK]
+
+	crlMu      sync.Mutex // the last signed CRL, served again while unchanged
+	crlDER     []byte
+	crlKey     []byte
+	crlRefresh time.Time
+}
+
+// ErrBusy: too many outstanding challenges (in all, or from this source).
+var ErrBusy = expiring.ErrFull
+
+func (a *Authority) tables() {
+	a.tablesOnce.Do(func() {
+		max, per := a.MaxOutstanding, a.MaxPerSource
+		if max <= 0 {
+			max = 500_000
+		}
+		if per <= 0 {
+			per = 50_000
+		}
+		a.nonces = &expiring.Table[struct{}]{TTL: a.nonceTTL(), Max: max, MaxPerSource: per, Now: a.now}
+		a.pendingAKs = &expiring.Table[pendingAK]{TTL: a.nonceTTL(), Max: max, MaxPerSource: per, Now: a.now}
+	})
+}
+
+// sourceOf is the client address of a gRPC call ("" in process): each
+// source gets its share of the outstanding challenges.
+func sourceOf(ctx context.Context) string {
+	p, ok := peer.FromContext(ctx)
+	if !ok || p.Addr == nil {
+		return ""
+	}
+	if host, _, err := net.SplitHostPort(p.Addr.String()); err == nil {
+		return host
+	}
+	return p.Addr.String()
 }
 
 // Auditor records decisions; AuditFile is the durable one.
@@ -84,18 +129,10 @@ func (a *Authority) Challenge(ctx context.Context) ([]byte, error) {
 	if _, err := rand.Read(nonce); err != nil {
 		return nil, fmt.Errorf("drawing a nonce: %w", err)
 	}
-	exp := a.now().Add(a.nonceTTL())
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.nonces == nil {
-		a.nonces = map[string]time.Time{}
+	a.tables()
+	if err := a.nonces.Put(hex.EncodeToString(nonce), sourceOf(ctx), struct{}{}); err != nil {
+		return nil, err
 	}
-	for n, e := range a.nonces { // drop expired nonces so the map stays small
-		if a.now().After(e) {
-			delete(a.nonces, n)
-		}
-	}
-	a.nonces[hex.EncodeToString(nonce)] = exp
 	return nonce, nil
 }
 
@@ -108,16 +145,13 @@ func (a *Authority) nonceTTL() time.Duration {
 
 // takeNonce consumes a nonce: it is valid once, until it expires.
 func (a *Authority) takeNonce(nonce []byte) *Refusal {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	key := hex.EncodeToString(nonce)
-	exp, ok := a.nonces[key]
-	if !ok {
+	a.tables()
+	_, ok, expired := a.nonces.Take(hex.EncodeToString(nonce))
+	switch {
+	case expired:
+		return refuse(ReasonNonceExpired, "the nonce expired")
+	case !ok:
 		return refuse(ReasonNonce, "the nonce was not issued by this CA or was already used")
-	}
-	delete(a.nonces, key)
-	if a.now().After(exp) {
-		return refuse(ReasonNonceExpired, "the nonce expired at "+exp.UTC().Format(time.RFC3339))
 	}
 	return nil
 }

@@ -1,9 +1,12 @@
 package ca
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
+	"fmt"
 	"math/big"
 	"time"
 
@@ -61,11 +64,43 @@ func (a *Authority) issuedByUs(certDER []byte) error {
 
 // CRL signs a revocation list of everything revoked so far, valid for
 // validity (default 24 h).
+//
+// The signed list is kept and served again while nothing was revoked since
+// and less than half its validity has passed: an unauthenticated /crl
+// request costs a store read, not a signature and a new CRL number (the
+// store is read each time, so another replica's revocation shows at once).
 func (a *Authority) CRL(ctx context.Context, validity time.Duration) ([]byte, error) {
 	st := a.Store
 	if st == nil {
 		st = noStore{} // nothing can have been revoked
 	}
+	entries, err := st.Revoked(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("listing revocations: %w", err)
+	}
+	h := sha256.New()
+	fmt.Fprint(h, validity)
+	for _, e := range entries {
+		fmt.Fprint(h, e.SerialNumber, e.RevocationTime.UnixNano(), e.ReasonCode)
+	}
+	key := h.Sum(nil)
+	a.crlMu.Lock()
+	defer a.crlMu.Unlock()
+	if a.crlDER != nil && bytes.Equal(key, a.crlKey) && time.Now().Before(a.crlRefresh) {
+		return a.crlDER, nil
+	}
+	der, err := a.signCRL(ctx, st, validity)
+	if err != nil {
+		return nil, err
+	}
+	if validity <= 0 {
+		validity = 24 * time.Hour
+	}
+	a.crlDER, a.crlKey, a.crlRefresh = der, key, time.Now().Add(validity/2)
+	return der, nil
+}
+
+func (a *Authority) signCRL(ctx context.Context, st Store, validity time.Duration) ([]byte, error) {
 	if a.SM2 == nil {
 		return CRL(ctx, st, a.Issuer, a.Signer, validity)
 	}

@@ -36,7 +36,7 @@ func (s *Server) Register(g *grpc.Server) { capb.RegisterCAServer(g, s) }
 func (s *Server) Challenge(ctx context.Context, _ *capb.ChallengeRequest) (*capb.ChallengeResponse, error) {
 	n, err := s.Authority.Challenge(ctx)
 	if err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
+		return nil, s.refusal(err)
 	}
 	return &capb.ChallengeResponse{Nonce: n}, nil
 }
@@ -102,6 +102,9 @@ func (s *Server) refusal(err error) error {
 	var r *Refusal
 	if errors.As(err, &r) {
 		return status.Error(codes.PermissionDenied, r.Error())
+	}
+	if errors.Is(err, ErrBusy) {
+		return status.Error(codes.ResourceExhausted, err.Error())
 	}
 	s.Log.Error("CA request failed", "err", err)
 	return status.Error(codes.Internal, err.Error())

@@ -23,6 +23,7 @@ import (
 
 	capb "cvtpm/api/ca"
 	"cvtpm/attest/csv"
+	"cvtpm/internal/expiring"
 )
 
 // Broker is the key broker service.
@@ -40,9 +41,8 @@ type Broker struct {
 	// NonceTTL bounds a challenge's life; zero means 5 minutes.
 	NonceTTL time.Duration
 
-	mu        sync.Mutex
-	nonces    map[string]time.Time
-	lastSweep time.Time
+	once   sync.Once
+	nonces *expiring.Table[struct{}]
 }
 
 // Register adds the service to a gRPC server.
@@ -62,45 +62,33 @@ func (b *Broker) log() *slog.Logger {
 // grow the table without bound).
 const maxNonces = 10000
 
-func (b *Broker) KeyChallenge(context.Context, *capb.KeyChallengeRequest) (*capb.KeyChallengeResponse, error) {
+func (b *Broker) table() *expiring.Table[struct{}] {
+	b.once.Do(func() {
+		ttl := b.NonceTTL
+		if ttl == 0 {
+			ttl = 5 * time.Minute
+		}
+		b.nonces = &expiring.Table[struct{}]{TTL: ttl, Max: maxNonces}
+	})
+	return b.nonces
+}
+
+func (b *Broker) KeyChallenge(ctx context.Context, _ *capb.KeyChallengeRequest) (*capb.KeyChallengeResponse, error) {
 	nonce := make([]byte, 32)
 	rand.Read(nonce)
-	ttl := b.NonceTTL
-	if ttl == 0 {
-		ttl = 5 * time.Minute
+	if err := b.table().Put(hex.EncodeToString(nonce), "", struct{}{}); err != nil {
+		return nil, status.Error(codes.ResourceExhausted, err.Error())
 	}
-	now := time.Now()
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.nonces == nil {
-		b.nonces = map[string]time.Time{}
-	}
-	if len(b.nonces) >= maxNonces/2 && now.Sub(b.lastSweep) > time.Second {
-		b.lastSweep = now
-		for n, exp := range b.nonces {
-			if now.After(exp) {
-				delete(b.nonces, n)
-			}
-		}
-	}
-	if len(b.nonces) >= maxNonces {
-		return nil, status.Error(codes.ResourceExhausted, "too many outstanding key challenges; retry later")
-	}
-	b.nonces[hex.EncodeToString(nonce)] = now.Add(ttl)
 	return &capb.KeyChallengeResponse{Nonce: nonce}, nil
 }
 
 func (b *Broker) takeNonce(nonce []byte) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	k := hex.EncodeToString(nonce)
-	exp, ok := b.nonces[k]
-	if !ok {
-		return errors.New("the nonce was not issued by this broker or was already used")
-	}
-	delete(b.nonces, k)
-	if time.Now().After(exp) {
+	_, ok, expired := b.table().Take(hex.EncodeToString(nonce))
+	switch {
+	case expired:
 		return errors.New("the nonce expired")
+	case !ok:
+		return errors.New("the nonce was not issued by this broker or was already used")
 	}
 	return nil
 }

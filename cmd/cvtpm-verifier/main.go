@@ -22,6 +22,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"google.golang.org/grpc"
 
@@ -155,7 +156,11 @@ Options:
 		if err != nil {
 			return fmt.Errorf("--http: %w", err)
 		}
-		hs = &http.Server{Handler: srv.Handler()}
+		// Bounded: requests carry evidence (an event log can be some
+		// hundred KiB), no more; slow or idle clients do not hold sockets.
+		hs = &http.Server{Handler: http.MaxBytesHandler(srv.Handler(), 8<<20),
+			ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute, WriteTimeout: time.Minute,
+			IdleTimeout: time.Minute, MaxHeaderBytes: 64 << 10}
 		go func() { errc <- hs.Serve(hl) }()
 	}
 	log.Info("verifier serving", "grpc", ln.Addr().String(), "http", *httpAddr, "key", *keyFile+".pub.pem")

@@ -167,7 +167,11 @@ Options:
 			return fmt.Errorf("--http: %w", err)
 		}
 		httpBound = hl.Addr().String()
-		hs = &http.Server{Handler: (&ca.Server{Authority: authority, Log: log}).HTTPHandler(), ReadHeaderTimeout: 10 * time.Second}
+		// Bounded: a client that trickles or idles cannot hold connections
+		// (GET only, so no body to allow for).
+		hs = &http.Server{Handler: http.MaxBytesHandler((&ca.Server{Authority: authority, Log: log}).HTTPHandler(), 64<<10),
+			ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second,
+			IdleTimeout: time.Minute, MaxHeaderBytes: 64 << 10}
 		go func() { errc <- hs.Serve(hl) }()
 	}
 	log.Info("EK CA serving", "grpc", ln.Addr().String(), "http", httpBound, "admin", sock, "root", keys.name)

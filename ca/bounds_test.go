@@ -1,0 +1,105 @@
+package ca
+
+import (
+	"bytes"
+	"context"
+	"crypto/x509"
+	"errors"
+	"log/slog"
+	"math/big"
+	"net"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/peer"
+)
+
+func fromSource(ip string) context.Context {
+	return peer.NewContext(context.Background(), &peer.Peer{Addr: &net.TCPAddr{IP: net.ParseIP(ip), Port: 4242}})
+}
+
+// Outstanding challenges are bounded in all and per client address; a
+// refused challenge grows nothing.
+func TestChallengeBounds(t *testing.T) {
+	f := newFixture(t, true)
+	f.auth.MaxOutstanding, f.auth.MaxPerSource = 5, 3
+	for i := range 3 {
+		if _, err := f.auth.Challenge(fromSource("10.0.0.1")); err != nil {
+			t.Fatalf("challenge %d: %v", i, err)
+		}
+	}
+	if _, err := f.auth.Challenge(fromSource("10.0.0.1")); !errors.Is(err, ErrBusy) {
+		t.Fatalf("4th challenge from one source: %v", err)
+	}
+	for range 2 {
+		if _, err := f.auth.Challenge(fromSource("10.0.0.2")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := f.auth.Challenge(fromSource("10.0.0.3")); !errors.Is(err, ErrBusy) {
+		t.Fatalf("challenge beyond the total: %v", err)
+	}
+	if st := (&Server{Authority: f.auth, Log: slog.New(slog.DiscardHandler)}).refusal(ErrBusy); !bytes.Contains([]byte(st.Error()), []byte("ResourceExhausted")) {
+		t.Fatalf("gRPC status for a full table: %v", st)
+	}
+}
+
+// The CRL is signed once per change: served again while nothing was
+// revoked, signed anew after a revocation.
+func TestCRLSignedOncePerChange(t *testing.T) {
+	f := newFixture(t, true)
+	st, err := OpenBoltStore(t.TempDir() + "/ca.db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	f.auth.Store = st
+	ctx := context.Background()
+	a, _ := f.auth.CRL(ctx, time.Hour)
+	b, _ := f.auth.CRL(ctx, time.Hour)
+	if !bytes.Equal(a, b) {
+		t.Fatal("an unchanged CRL was signed again")
+	}
+	st.PutIssued(ctx, IssuedCert{Serial: "0abc", InstanceID: "vm", DER: []byte{1}, Issued: time.Now()})
+	if err := f.auth.Revoke(ctx, "0abc", 1); err != nil {
+		t.Fatal(err)
+	}
+	c, err := f.auth.CRL(ctx, time.Hour)
+	if err != nil || bytes.Equal(a, c) {
+		t.Fatalf("the CRL after a revocation is the old one (%v)", err)
+	}
+	parsed, err := x509.ParseRevocationList(c)
+	if err != nil || len(parsed.RevokedCertificateEntries) != 1 || parsed.RevokedCertificateEntries[0].SerialNumber.Cmp(big.NewInt(0xabc)) != 0 {
+		t.Fatalf("new CRL: %v %+v", err, parsed)
+	}
+}
+
+// BenchmarkChallengeOutstanding is a challenge taken back (what every
+// enrollment does) with 100,000 other challenges outstanding, next to an
+// idle CA; it reports the ratio (the goal is at most 2).
+func BenchmarkChallengeOutstanding(b *testing.B) {
+	run := func(outstanding int) time.Duration {
+		f := newFixture(b, true)
+		f.auth.MaxPerSource = 1 << 20 // one (in-process) source here
+		for range outstanding {
+			if _, err := f.auth.Challenge(context.Background()); err != nil {
+				b.Fatal(err)
+			}
+		}
+		start := time.Now()
+		for range b.N {
+			n, err := f.auth.Challenge(context.Background())
+			if err != nil {
+				b.Fatal(err)
+			}
+			if r := f.auth.takeNonce(n); r != nil {
+				b.Fatal(r)
+			}
+		}
+		return time.Since(start) / time.Duration(b.N)
+	}
+	idle, loaded := run(0), run(100_000)
+	b.ReportMetric(float64(idle.Nanoseconds())/1000, "idle-us")
+	b.ReportMetric(float64(loaded.Nanoseconds())/1000, "100k-outstanding-us")
+	b.ReportMetric(float64(loaded)/float64(idle), "ratio")
+}
