@@ -7,6 +7,7 @@ import (
 	"crypto/subtle"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"cvtpm/attest/certprofile"
 	"encoding/asn1"
 	"encoding/hex"
 	"errors"
@@ -40,6 +41,14 @@ func (a *Authority) AKChallenge(ctx context.Context, ekCertDER []byte, ak attest
 	}
 	if err := a.issuedByUs(ekCert.Raw); err != nil {
 		return "", nil, refuse(ReasonUntrustedRoot, "the EK certificate was not issued by this CA")
+	}
+	// Only an EK certificate vouches for a TPM: a link identity (or an AK
+	// certificate) of this CA names a key that may live anywhere.
+	if err := certprofile.CheckEK(ekCert); err != nil {
+		return "", nil, refuse(ReasonBadRequest, err.Error())
+	}
+	if !hasCSVClaims(ekCert) {
+		return "", nil, refuse(ReasonBadRequest, "the EK certificate carries no CSV claims: it was not issued on CSV evidence")
 	}
 	serial := ekCert.SerialNumber.Text(16)
 	instance := ""
@@ -125,6 +134,7 @@ func (a *Authority) issueAK(p pendingAK) (*x509.Certificate, error) {
 		NotBefore:             now.Add(-time.Minute),
 		NotAfter:              now.Add(365 * 24 * time.Hour),
 		KeyUsage:              x509.KeyUsageDigitalSignature,
+		UnknownExtKeyUsage:    []asn1.ObjectIdentifier{certprofile.OIDAKCertificate},
 		BasicConstraintsValid: true,
 	}
 	cert, err := a.signCert(tmpl, p.ak.Public)
@@ -132,4 +142,14 @@ func (a *Authority) issueAK(p pendingAK) (*x509.Certificate, error) {
 		return nil, fmt.Errorf("signing the AK certificate: %w", err)
 	}
 	return cert, nil
+}
+
+// hasCSVClaims reports whether c carries this CA's CSV claims extension.
+func hasCSVClaims(c *x509.Certificate) bool {
+	for _, e := range c.Extensions {
+		if e.Id.Equal(OIDCVTPMCSVClaims) {
+			return true
+		}
+	}
+	return false
 }

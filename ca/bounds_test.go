@@ -3,13 +3,20 @@ package ca
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"errors"
 	"log/slog"
 	"math/big"
 	"net"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/google/go-attestation/attest"
 
 	"google.golang.org/grpc/peer"
 )
@@ -102,4 +109,25 @@ func BenchmarkChallengeOutstanding(b *testing.B) {
 	b.ReportMetric(float64(idle.Nanoseconds())/1000, "idle-us")
 	b.ReportMetric(float64(loaded.Nanoseconds())/1000, "100k-outstanding-us")
 	b.ReportMetric(float64(loaded)/float64(idle), "ratio")
+}
+
+// AKChallenge takes only an EK certificate as the EK: a link identity of
+// the same CA (a software key) gets no AK certified.
+func TestAKChallengeRefusesIdentity(t *testing.T) {
+	f := newFixture(t, true)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	csrDER, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "impostor"}}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	csr, _ := x509.ParseCertificateRequest(csrDER)
+	id, err := f.auth.IssueIdentity(context.Background(), csr, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = f.auth.AKChallenge(context.Background(), id.Raw, attest.AttestationParameters{})
+	var r *Refusal
+	if !errors.As(err, &r) || !strings.Contains(r.Detail, "not an EK certificate") {
+		t.Fatalf("identity certificate as the EK: %v", err)
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"cvtpm/attest/certprofile"
 	"encoding/asn1"
 	"errors"
 	"fmt"
@@ -28,7 +29,7 @@ var (
 	OIDTPMModel         = asn1.ObjectIdentifier{2, 23, 133, 2, 2}
 	OIDTPMVersion       = asn1.ObjectIdentifier{2, 23, 133, 2, 3}
 	OIDTPMSpecification = asn1.ObjectIdentifier{2, 23, 133, 2, 16}
-	OIDEKCertificateEKU = asn1.ObjectIdentifier{2, 23, 133, 8, 1}
+	OIDEKCertificateEKU = certprofile.OIDEKCertificate
 	OIDSubjectAltName   = asn1.ObjectIdentifier{2, 5, 29, 17}
 	OIDSubjectDirAttrs  = asn1.ObjectIdentifier{2, 5, 29, 9}
 	OIDCVTPMCSVClaims   = asn1.ObjectIdentifier{2, 999, 7, 1}

@@ -218,7 +218,21 @@ func TestCombinedVerifier(t *testing.T) {
 	realOnly, _ := e.verifier(t, &csv.AppraisalPolicy{ApprovedMeasurements: []string{hex.EncodeToString(e.files.Measure[:])}})
 	bothRoots, _ := e.verifier(t, &csv.AppraisalPolicy{SimulatorRoots: []string{filepath.Join(e.files.SimDir, csv.SimRootFile), sim2Root},
 		ApprovedMeasurements: []string{hex.EncodeToString(e.files.Measure[:])}})
+	// A link identity the same CA issued (a software key).
+	idCert, idKey := filepath.Join(t.TempDir(), "id.pem"), filepath.Join(t.TempDir(), "id.key")
+	testenv.Run(t, nil, testenv.Binary(t, testenv.Cvtpm), "ca", "identity", "--dir", e.caDir, "--name", "impostor", "--out-cert", idCert, "--out-key", idKey)
+	idPEM, _ := os.ReadFile(idCert)
+	idBlock, _ := pem.Decode(idPEM)
 	cases := []refusal{
+		{"link identity presented as the EK certificate", "cvtpm-vtpm", "ek-certificate-not-ek-profile", func(n []byte) *attestpb.Evidence {
+			ev := e.gather(t, "vm1", n)
+			ev.EkChain = [][]byte{idBlock.Bytes}
+			return ev
+		}, nil, nil},
+		{"link identity presented as the AK certificate", "cvtpm-vtpm", "ak-certificate-not-ak-profile", func(n []byte) *attestpb.Evidence {
+			ev := e.gather(t, "vm1", n)
+			return editAttestation(t, ev, func(a *tpmtoolspb.Attestation) { a.AkCert = idBlock.Bytes })
+		}, nil, nil},
 		{"PCR changed after the quote", "cvtpm-vtpm", "pcrs-do-not-match-quote", func(n []byte) *attestpb.Evidence {
 			ev := e.gather(t, "vm1", n)
 			return editAttestation(t, ev, func(a *tpmtoolspb.Attestation) { a.Quotes[0].Pcrs.Pcrs[16][0] ^= 1 })

@@ -24,6 +24,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	attestpb "cvtpm/api/attest"
+	"cvtpm/attest/certprofile"
 	"cvtpm/attest/csv"
 	"cvtpm/attest/freshreport"
 	"cvtpm/ca"
@@ -309,6 +310,10 @@ func (v *Verifier) checkTPM(ctx context.Context, nonce []byte, ev *attestpb.Evid
 			t.EKReason = "ek-certificate-untrusted"
 		case now.Before(c.NotBefore) || now.After(c.NotAfter):
 			t.EKReason = "ek-certificate-expired"
+		case certprofile.CheckEK(c) != nil:
+			// A link identity or an AK certificate from the same CA
+			// names a key that need not be in a TPM.
+			t.EKReason, t.Detail = "ek-certificate-not-ek-profile", certprofile.CheckEK(c).Error()
 		default:
 			t.EKTrusted = true
 		}
@@ -334,6 +339,8 @@ func (v *Verifier) checkTPM(ctx context.Context, nonce []byte, ev *attestpb.Evid
 		t.AKReason = "ak-certificate-untrusted"
 	case now.Before(akCert.NotBefore) || now.After(akCert.NotAfter):
 		t.AKReason = "ak-certificate-expired"
+	case certprofile.CheckAK(akCert) != nil:
+		t.AKReason = "ak-certificate-not-ak-profile"
 	case ekCert == nil || !certifiesEK(akCert, ekCert):
 		t.AKReason = "ak-not-bound-to-ek"
 	default:

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 
+	"cvtpm/attest/certprofile"
 	"cvtpm/attest/csv"
 	"cvtpm/internal/attestedlink"
 	"cvtpm/vtpm/tpmrpc"
@@ -87,6 +88,9 @@ const hostCaps = tpmrpc.CapReset | tpmrpc.CapMigrate | tpmrpc.CapHCRTM | tpmrpc.
 
 // Authorize implements attestedlink.Authorizer.
 func (a *Access) Authorize(ctx context.Context, peer *attestedlink.Peer, instance string) (tpmrpc.Capabilities, error) {
+	if err := certprofile.CheckLinkClient(peer.Certificate); err != nil {
+		return 0, err
+	}
 	if a.Revocation != nil {
 		if err := a.Revocation.Check(ctx, peer.Certificate); err != nil {
 			return 0, err
