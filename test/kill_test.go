@@ -60,7 +60,15 @@ func TestKillDuringNVWrites(t *testing.T) {
 
 		srv = testenv.StartSocket(t, testenv.Cvtpm, opts)
 		tt.tcti = srv.TCTI()
-		tt.run("tpm2_nvread", "0x1500021", "-C", "o", "-s", "8", "-o", tt.path("out"))
+		out, err := testenv.RunErr([]string{"TPM2TOOLS_TCTI=" + tt.tcti}, "tpm2_nvread", "0x1500021", "-C", "o", "-s", "8", "-o", tt.path("out"))
+		if err != nil && acked.Load() == 0 && strings.Contains(out, "0x0000014a") {
+			// Killed before the first write completed (a slow machine): the
+			// index is defined but never written, which is right.
+			continue
+		}
+		if err != nil {
+			t.Fatalf("round %d: tpm2_nvread: %v\n%s", round, err, out)
+		}
 		b, _ := os.ReadFile(tt.path("out"))
 		if len(b) != 8 {
 			t.Fatalf("round %d: NV holds %d bytes", round, len(b))
