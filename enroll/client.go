@@ -42,12 +42,18 @@ type EKSlot struct {
 	Template   tpm2.TPMTPublic
 	Persistent tpm2.TPMHandle
 	CertIndex  tpm2.TPMHandle
+	// Former are handles where earlier versions persisted this EK; it is
+	// moved from there to Persistent.
+	Former []tpm2.TPMHandle
 }
 
-// DefaultSlots are the RSA-2048 and ECC P-256 EKs.
+// DefaultSlots are the RSA-2048 and ECC P-256 EKs, at the handles of the
+// TCG registry that go-attestation and go-tpm-tools read (0x81010001,
+// 0x81010002); cvtpm up to this version persisted the ECC EK at
+// 0x8101000a, from where the next enrollment moves it.
 var DefaultSlots = []EKSlot{
-	{"RSA-2048", tpm2.RSAEKTemplate, 0x81010001, 0x01c00002},
-	{"ECC P-256", tpm2.ECCEKTemplate, 0x8101000a, 0x01c0000a},
+	{"RSA-2048", tpm2.RSAEKTemplate, 0x81010001, 0x01c00002, nil},
+	{"ECC P-256", tpm2.ECCEKTemplate, 0x81010002, 0x01c0000a, []tpm2.TPMHandle{0x8101000a}},
 }
 
 // Client enrolls the EKs of one TPM instance.
@@ -198,6 +204,15 @@ func (c *Client) ensureEK(slot EKSlot) ([]byte, error) {
 	defer tpm2.FlushContext{FlushHandle: created.ObjectHandle}.Execute(c.TPM)
 	area := created.OutPublic.Bytes()
 
+	// The same EK at a former handle leaves it (the slot's handle gets it).
+	for _, h := range slot.Former {
+		if have, err := (tpm2.ReadPublic{ObjectHandle: h}).Execute(c.TPM); err == nil && bytes.Equal(have.OutPublic.Bytes(), area) {
+			if _, err := (tpm2.EvictControl{Auth: tpm2.TPMRHOwner, ObjectHandle: tpm2.NamedHandle{Handle: h, Name: have.Name},
+				PersistentHandle: h}).Execute(c.TPM); err != nil {
+				return nil, fmt.Errorf("moving the EK from 0x%08x: %w", uint32(h), err)
+			}
+		}
+	}
 	if have, err := (tpm2.ReadPublic{ObjectHandle: slot.Persistent}).Execute(c.TPM); err == nil {
 		if bytes.Equal(have.OutPublic.Bytes(), area) {
 			return area, nil

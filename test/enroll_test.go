@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/google/go-attestation/attest"
+	"github.com/google/go-tpm/tpm2"
 
 	"cvtpm/attest/csv"
 	"cvtpm/ca"
@@ -71,9 +72,22 @@ func TestEnrollIntoCvtpm(t *testing.T) {
 		Audit: audit,
 	}
 	client := &enroll.Client{TPM: conn, CA: authority, Evidence: sim, InstanceID: "vm-test-1"}
+	// An instance enrolled by an earlier cvtpm has its ECC EK at
+	// 0x8101000a; the next enrollment moves it to 0x81010002 and keeps
+	// its certificate.
+	legacy, err := client.Enroll(ctx, []enroll.EKSlot{{Name: "ECC P-256", Template: tpm2.ECCEKTemplate, Persistent: 0x8101000a, CertIndex: 0x01c0000a}})
+	if err != nil {
+		t.Fatal(err)
+	}
 	results, err := client.Enroll(ctx, enroll.DefaultSlots)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if !results[1].Unchanged || results[1].Certificate.SerialNumber.Cmp(legacy[0].Certificate.SerialNumber) != 0 {
+		t.Errorf("moving the ECC EK changed its certificate")
+	}
+	if h := strings.ToLower(testenv.Run(t, []string{"TPM2TOOLS_TCTI=" + srv.TCTI()}, "tpm2_getcap", "handles-persistent")); strings.Contains(h, "0x8101000a") {
+		t.Errorf("the ECC EK is still at its former handle: %s", h)
 	}
 
 	tt := tools{tb: t, tcti: srv.TCTI(), dir: dir}
@@ -102,7 +116,7 @@ func TestEnrollIntoCvtpm(t *testing.T) {
 			t.Errorf("%s: certified key differs from tpm2_createek's\n%s\n%s", c.alg, certKey, ekPEM)
 		}
 	}
-	if h := strings.ToLower(tt.run("tpm2_getcap", "handles-persistent")); !strings.Contains(h, "0x81010001") || !strings.Contains(h, "0x8101000a") {
+	if h := strings.ToLower(tt.run("tpm2_getcap", "handles-persistent")); !strings.Contains(h, "0x81010001") || !strings.Contains(h, "0x81010002") {
 		t.Fatalf("EKs not persistent: %s", h)
 	}
 
@@ -167,21 +181,25 @@ func checkGoAttestationEKs(t *testing.T, path string, results []enroll.Result) {
 		t.Fatalf("go-attestation OpenTPM: %v", err)
 	}
 	defer tpm.Close()
-	// EKs() reports the RSA EK (go-attestation v0.6.4 returns only that
-	// one; its EKCertificates() did not match our ECC EK to its persistent
-	// handle in a trial, which is left for the verifier work of issue 6).
-	eks, err := tpm.EKs()
+	// Both EKs sit at the TCG registry's handles (RSA 0x81010001, ECC
+	// P-256 0x81010002): go-attestation's EKCertificates() matches each
+	// certificate to its persistent key (its EKs() reports RSA EKs only).
+	eks, err := tpm.EKCertificates()
 	if err != nil {
-		t.Fatalf("go-attestation EKs: %v", err)
+		t.Fatalf("go-attestation EKCertificates: %v", err)
 	}
-	rsa := results[0]
-	for _, ek := range eks {
-		if ek.Certificate != nil && ek.Certificate.SerialNumber.Cmp(rsa.Certificate.SerialNumber) == 0 &&
-			ek.Public.(interface{ Equal(crypto.PublicKey) bool }).Equal(rsa.Certificate.PublicKey) {
-			return
+	for _, want := range results {
+		found := false
+		for _, ek := range eks {
+			if ek.Certificate != nil && ek.Certificate.SerialNumber.Cmp(want.Certificate.SerialNumber) == 0 &&
+				ek.Public.(interface{ Equal(crypto.PublicKey) bool }).Equal(want.Certificate.PublicKey) {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("go-attestation's EKCertificates() does not report the %s EK with certificate %s (got %d EKs)", want.Slot.Name, want.Certificate.SerialNumber.Text(16), len(eks))
 		}
 	}
-	t.Errorf("go-attestation's EKs() does not report the RSA EK with certificate %s (got %d EKs)", rsa.Certificate.SerialNumber.Text(16), len(eks))
 }
 
 func certifyAK(t *testing.T, path string, authority *ca.Authority, ekCert []byte) {

@@ -26,7 +26,7 @@ func runEnroll(ctx context.Context, args []string) error {
 		fmt.Fprint(fs.Output(), `Usage: cvtpm enroll --tpm-socket PATH --ca HOST:PORT --instance ID [--csv-sim DIR]
 
 Creates the RSA-2048 and ECC P-256 EKs (TCG default templates) on a running
-cvtpm or swtpm, persists them at 0x81010001 and 0x8101000a, proves with a CSV
+cvtpm or swtpm, persists them at 0x81010001 and 0x81010002 (the TCG registry's handles), proves with a CSV
 report that they live in this CVM, and writes the certificates the CA issues
 to NV 0x01c00002 and 0x01c0000a. Safe to run again.
 
