@@ -68,3 +68,53 @@ func derPrefix(b []byte) []byte {
 	}
 	return b[:n]
 }
+
+// swtpm_setup as libvirt runs it for a new domain, with a `swtpm` symlink
+// to cvtpm first in PATH: it asks --print-capabilities and --print-states,
+// starts "swtpm socket" with a pid file it watches, manufactures the TPM
+// (EKs, certificates from swtpm_localca, locked NV) and stops it. cvtpm
+// then serves that state: the RSA EK certificate in NV certifies the EK
+// tpm2_createek derives. A second run with --not-overwrite keeps it, and a
+// second process on the directory is refused.
+func TestSwtpmSetupThroughSymlink(t *testing.T) {
+	bin := t.TempDir()
+	if err := os.Symlink(testenv.Binary(t, testenv.Cvtpm), filepath.Join(bin, "swtpm")); err != nil {
+		t.Fatal(err)
+	}
+	env := []string{"PATH=" + bin + ":" + os.Getenv("PATH")}
+	state := t.TempDir()
+	setup := func() string {
+		return testenv.Run(t, env, "swtpm_setup", "--tpm2", "--tpmstate", state, "--createek", "--create-ek-cert",
+			"--create-platform-cert", "--lock-nvram", "--not-overwrite")
+	}
+	out := setup()
+	if !strings.Contains(out, "Successfully authored TPM state") {
+		t.Fatalf("swtpm_setup through the symlink:\n%s", out)
+	}
+	if _, err := os.Stat(filepath.Join(state, "cvtpm.permall")); err != nil {
+		t.Fatalf("no cvtpm state after swtpm_setup: %v", err)
+	}
+	perm, _ := os.ReadFile(filepath.Join(state, "cvtpm.permall"))
+	if out := setup(); !strings.Contains(out, "Not overwriting existing state file") {
+		t.Errorf("a second swtpm_setup --not-overwrite:\n%s", out)
+	}
+	if again, _ := os.ReadFile(filepath.Join(state, "cvtpm.permall")); !bytes.Equal(again, perm) {
+		t.Errorf("--not-overwrite changed the state")
+	}
+
+	srv := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{StateDir: state})
+	tt := tools{tb: t, tcti: srv.TCTI(), dir: t.TempDir()}
+	tt.run("tpm2_nvread", "0x01c00002", "-o", tt.path("cert.der"))
+	tt.run("tpm2_createek", "-c", tt.path("ek.ctx"), "-G", "rsa", "-u", tt.path("ek.pem"), "-f", "pem")
+	certKey := testenv.Run(t, nil, "openssl", "x509", "-inform", "DER", "-in", tt.path("cert.der"), "-noout", "-pubkey")
+	ekPEM, _ := os.ReadFile(tt.path("ek.pem"))
+	if strings.TrimSpace(certKey) != strings.TrimSpace(string(ekPEM)) {
+		t.Errorf("the EK certificate swtpm_setup wrote does not certify the EK:\n%s\n%s", certKey, ekPEM)
+	}
+	// A second process on the same directory: refused, naming the holder.
+	second, err := testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), "socket", "--tpm2", "--tpmstate", "dir="+state,
+		"--server", "type=unixio,path="+filepath.Join(t.TempDir(), "s"), "--ctrl", "type=unixio,path="+filepath.Join(t.TempDir(), "c"))
+	if err == nil || !strings.Contains(second, "is in use by PID") {
+		t.Errorf("a second cvtpm socket on the directory: %v\n%s", err, second)
+	}
+}

@@ -79,6 +79,7 @@ type socketConfig struct {
 	key, migrationKey *keySpec
 	rejectLocality4   bool
 	printCaps         bool
+	printStates       bool
 	daemon            bool
 	terminate         bool
 	help, version     bool
@@ -308,7 +309,10 @@ func parseSocketArgs(args []string, getenv func(string) string) (*socketConfig, 
 			if _, err = paramMode(opt, m); err != nil {
 				break
 			}
-			_, c.stateLock = m["lock"]
+			// Locked by default, as swtpm 0.7 does: two processes on one
+			// directory would lose each other's NV writes. ",lock" is
+			// accepted for compatibility.
+			c.stateLock = true
 			c.stateDir = m["dir"]
 			if uri, ok := m["backend-uri"]; ok {
 				if dir, isDir := strings.CutPrefix(uri, "dir://"); isDir && c.stateDir == "" {
@@ -401,7 +405,7 @@ func parseSocketArgs(args []string, getenv func(string) string) (*socketConfig, 
 		case "terminate":
 			c.terminate = true
 		case "print-states":
-			err = fmt.Errorf("%s is not supported by cvtpm socket", opt)
+			c.printStates = true
 		default:
 			err = fmt.Errorf("unknown option %s", opt)
 		}
@@ -423,6 +427,12 @@ func parseSocketArgs(args []string, getenv func(string) string) (*socketConfig, 
 		return nil, errors.New("--ctrl: type=tcp needs port= or fd=")
 	}
 	if c.help || c.version || c.printCaps {
+		return c, nil
+	}
+	if c.printStates {
+		if c.stateDir == "" {
+			return nil, errors.New("--print-states: --tpmstate dir= (or backend-uri=dir://) is required")
+		}
 		return c, nil
 	}
 	if !c.tpm2 {
@@ -479,6 +489,8 @@ func runSocket(ctx context.Context, args []string) error {
 		return nil
 	case cfg.printCaps:
 		return printCapabilities(os.Stdout)
+	case cfg.printStates:
+		return printStates(os.Stdout, cfg.stateDir)
 	}
 	if cfg.daemon && os.Getenv(daemonReadyEnv) == "" {
 		return daemonize(args)
@@ -490,7 +502,7 @@ func runSocket(ctx context.Context, args []string) error {
 // the features cvtpm really has.
 func printCapabilities(w io.Writer) error {
 	features := []string{"tpm-2.0", "tpm-send-command-header", "flags-opt-startup",
-		"cmdarg-seccomp", "nvram-backend-dir"}
+		"cmdarg-seccomp", "cmdarg-print-states", "nvram-backend-dir"}
 	if sealedStateSupported {
 		features = append(features, "cmdarg-key-fd", "cmdarg-pwd-fd")
 	}
@@ -501,6 +513,34 @@ func printCapabilities(w io.Writer) error {
 		Features []string `json:"features"`
 		Version  string   `json:"version"`
 	}{"swtpm", features, swtpmCompatVersion})
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(w, "%s\n", b)
+	return err
+}
+
+// printStates prints swtpm's --print-states JSON: the state blobs the
+// directory holds (cvtpm's own files, or swtpm's that cvtpm would import),
+// which swtpm_setup asks before it creates a TPM (--not-overwrite).
+func printStates(w io.Writer, dir string) error {
+	type state struct {
+		Name string `json:"name"`
+		Size int64  `json:"size"`
+	}
+	states := []state{}
+	for _, name := range []string{"permall", "volatilestate", "savestate"} {
+		for _, file := range []string{"cvtpm." + name, "tpm2-00." + name} {
+			if fi, err := os.Stat(filepath.Join(dir, file)); err == nil && fi.Mode().IsRegular() {
+				states = append(states, state{name, fi.Size()})
+				break
+			}
+		}
+	}
+	b, err := json.Marshal(struct {
+		Type   string  `json:"type"`
+		States []state `json:"states"`
+	}{"swtpm", states})
 	if err != nil {
 		return err
 	}
@@ -861,10 +901,17 @@ func storageLocker(store stateStore, locked bool) func(retries uint32) error {
 	}
 }
 
+// writePidFile writes the PID into path in place, as swtpm does:
+// swtpm_setup creates the file and waits on its own descriptor of it, so
+// the file must not be replaced by another one.
 func writePidFile(path string) error {
-	tmp := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp")
-	if err := os.WriteFile(tmp, []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
 		return err
 	}
-	return os.Rename(tmp, path)
+	if _, err := fmt.Fprintf(f, "%d", os.Getpid()); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }

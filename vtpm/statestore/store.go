@@ -28,6 +28,8 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
 
 	"cvtpm/vtpm/swtpmblob"
@@ -431,10 +433,17 @@ func (s *Store) Lock() error {
 	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		unix.Close(fd)
 		if errors.Is(err, unix.EWOULDBLOCK) {
-			return fmt.Errorf("state directory %s is locked by another process", s.dir)
+			holder := "another process"
+			if b, err := os.ReadFile(p); err == nil && len(strings.TrimSpace(string(b))) > 0 {
+				holder = "PID " + strings.TrimSpace(string(b))
+			}
+			return fmt.Errorf("state directory %s is in use by %s", s.dir, holder)
 		}
 		return fmt.Errorf("locking state directory %s: %w", s.dir, err)
 	}
+	// Who holds it, for the next one who asks.
+	unix.Ftruncate(fd, 0)
+	unix.Pwrite(fd, []byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 	s.lockFD = fd
 	return nil
 }
