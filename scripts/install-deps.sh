@@ -10,6 +10,7 @@ pkgs=(
   qemu-system-x86 seabios busybox-static linux-image-amd64 cpio
   openssl
   postgresql                          # the EK CA's replicated store, tested against a real server
+  libvirt-daemon-system libvirt-clients   # libvirt using cvtpm as its swtpm (test/libvirt_test.go)
 )
 
 missing=()

@@ -5,9 +5,13 @@
 package main
 
 import (
+	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
 	"os"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
 
 	"cvtpm/attest/freshreport"
 )
@@ -22,6 +26,7 @@ func main() {
 		return
 	}
 	defer f.Close()
+	printEKCert(f)
 	for _, part := range []freshreport.Part{freshreport.PartReport, freshreport.PartChipCerts} {
 		cmd := freshreport.Command(freshreport.Request{Nonce: []byte(Nonce), EKHandle: 0x81010001, Part: part})
 		if _, err := f.Write(cmd); err != nil {
@@ -36,4 +41,36 @@ func main() {
 		}
 		fmt.Printf("CVTPM-FRESH%d: %s\n", part, hex.EncodeToString(buf[:n]))
 	}
+}
+
+// printEKCert prints the SHA-256 of the RSA EK certificate in NV 0x01c00002
+// (CVTPM-EKCERT: none if there is none): the test compares it across boots
+// to see the TPM's NV data kept.
+func printEKCert(f *os.File) {
+	tpm := transport.FromReadWriter(f)
+	const idx = tpm2.TPMHandle(0x01c00002)
+	rp, err := (tpm2.NVReadPublic{NVIndex: idx}).Execute(tpm)
+	if err != nil {
+		fmt.Println("CVTPM-EKCERT: none")
+		return
+	}
+	pub, err := rp.NVPublic.Contents()
+	if err != nil {
+		fmt.Println("CVTPM-EKCERT: none")
+		return
+	}
+	var data []byte
+	for off := uint16(0); off < pub.DataSize; {
+		n := min(pub.DataSize-off, 512)
+		r, err := (tpm2.NVRead{AuthHandle: tpm2.AuthHandle{Handle: idx, Name: rp.NVName, Auth: tpm2.PasswordAuth(nil)},
+			NVIndex: tpm2.NamedHandle{Handle: idx, Name: rp.NVName}, Size: n, Offset: off}).Execute(tpm)
+		if err != nil {
+			fmt.Printf("CVTPM-EKCERT: read-failed\n")
+			return
+		}
+		data = append(data, r.Data.Buffer...)
+		off += n
+	}
+	sum := sha256.Sum256(data)
+	fmt.Printf("CVTPM-EKCERT: %x\n", sum)
 }
