@@ -25,18 +25,15 @@ import (
 // enterprise number (a 2.25 UUID arc would need 128-bit arcs, which Go's
 // encoding/asn1 cannot carry in certificate extensions).
 var (
-	OIDTPMManufacturer  = asn1.ObjectIdentifier{2, 23, 133, 2, 1}
-	OIDTPMModel         = asn1.ObjectIdentifier{2, 23, 133, 2, 2}
-	OIDTPMVersion       = asn1.ObjectIdentifier{2, 23, 133, 2, 3}
-	OIDTPMSpecification = asn1.ObjectIdentifier{2, 23, 133, 2, 16}
-	OIDEKCertificateEKU = certprofile.OIDEKCertificate
-	OIDSubjectAltName   = asn1.ObjectIdentifier{2, 5, 29, 17}
-	OIDSubjectDirAttrs  = asn1.ObjectIdentifier{2, 5, 29, 9}
-	OIDCVTPMCSVClaims   = asn1.ObjectIdentifier{2, 999, 7, 1}
-	// OIDCVTPMCertifiedEK (PROVISIONAL, like OIDCVTPMCSVClaims) is the AK
-	// certificate extension holding SHA-256 of the EK certificate whose
-	// credential activation certified the AK (an OCTET STRING).
-	OIDCVTPMCertifiedEK  = asn1.ObjectIdentifier{2, 999, 7, 2}
+	OIDTPMManufacturer   = asn1.ObjectIdentifier{2, 23, 133, 2, 1}
+	OIDTPMModel          = asn1.ObjectIdentifier{2, 23, 133, 2, 2}
+	OIDTPMVersion        = asn1.ObjectIdentifier{2, 23, 133, 2, 3}
+	OIDTPMSpecification  = asn1.ObjectIdentifier{2, 23, 133, 2, 16}
+	OIDEKCertificateEKU  = certprofile.OIDEKCertificate
+	OIDSubjectAltName    = asn1.ObjectIdentifier{2, 5, 29, 17}
+	OIDSubjectDirAttrs   = asn1.ObjectIdentifier{2, 5, 29, 9}
+	OIDCVTPMCSVClaims    = certprofile.OIDCVTPMCSVClaims
+	OIDCVTPMCertifiedEK  = certprofile.OIDCVTPMCertifiedEK
 	errUnsupportedEKType = errors.New("EK public key must be RSA or ECDSA")
 )
 
@@ -55,53 +52,15 @@ type TPMInfo struct {
 	SpecRevision int
 }
 
-// CSVClaims are the appraised CSV facts the CA binds into the EK
-// certificate (non-critical extension OIDCVTPMCSVClaims), so a relying
-// party sees which TEE evidence stood behind the issuance.
-type CSVClaims struct {
-	Measurement     []byte // the CVM's launch measurement
-	Policy          uint32 // CSV guest policy bits
-	ChipIDDigest    []byte // SM3 of the chip serial
-	RootFingerprint string // SM3 fingerprint of the HYGON root the evidence chained to
-	ReportDigest    []byte // digest of the appraised report
-	Simulated       bool   // the root was not HYGON's real root
-}
+// The CSV claims extension lives in attest/certprofile (the verifier reads
+// it without importing the CA).
+type CSVClaims = certprofile.CSVClaims
 
-// csvClaimsASN1 is the extension's DER form:
-//
-//	CVTPMCSVClaims ::= SEQUENCE {
-//	    measurement     OCTET STRING,
-//	    policy          INTEGER,
-//	    chipIDDigest    OCTET STRING,
-//	    rootFingerprint UTF8String,
-//	    reportDigest    OCTET STRING,
-//	    simulated       BOOLEAN }
-type csvClaimsASN1 struct {
-	Measurement     []byte
-	Policy          int64
-	ChipIDDigest    []byte
-	RootFingerprint string `asn1:"utf8"`
-	ReportDigest    []byte
-	Simulated       bool
-}
-
-// MarshalCSVClaims encodes claims as the extension value.
-func MarshalCSVClaims(c CSVClaims) ([]byte, error) {
-	return asn1.Marshal(csvClaimsASN1{c.Measurement, int64(c.Policy), c.ChipIDDigest, c.RootFingerprint, c.ReportDigest, c.Simulated})
-}
-
-// ParseCSVClaims decodes the extension value.
-func ParseCSVClaims(der []byte) (CSVClaims, error) {
-	var v csvClaimsASN1
-	rest, err := asn1.Unmarshal(der, &v)
-	if err != nil {
-		return CSVClaims{}, fmt.Errorf("CSV claims extension: %w", err)
-	}
-	if len(rest) != 0 || v.Policy < 0 || v.Policy > 0xffffffff {
-		return CSVClaims{}, errors.New("CSV claims extension: malformed")
-	}
-	return CSVClaims{v.Measurement, uint32(v.Policy), v.ChipIDDigest, v.RootFingerprint, v.ReportDigest, v.Simulated}, nil
-}
+// MarshalCSVClaims and ParseCSVClaims: see attest/certprofile.
+var (
+	MarshalCSVClaims = certprofile.MarshalCSVClaims
+	ParseCSVClaims   = certprofile.ParseCSVClaims
+)
 
 // EKCertificateRequest is what the CA needs to issue one EK certificate.
 type EKCertificateRequest struct {

@@ -27,7 +27,6 @@ import (
 	"cvtpm/attest/certprofile"
 	"cvtpm/attest/csv"
 	"cvtpm/attest/freshreport"
-	"cvtpm/ca"
 	"cvtpm/internal/pkisig"
 )
 
@@ -396,11 +395,11 @@ func quoteReason(err error) string {
 }
 
 // certifiesEK reports whether the AK certificate names this EK certificate
-// (ca.OIDCVTPMCertifiedEK).
+// (certprofile.OIDCVTPMCertifiedEK).
 func certifiesEK(ak, ek *x509.Certificate) bool {
 	want := sha256.Sum256(ek.Raw)
 	for _, e := range ak.Extensions {
-		if e.Id.Equal(ca.OIDCVTPMCertifiedEK) {
+		if e.Id.Equal(certprofile.OIDCVTPMCertifiedEK) {
 			var got []byte
 			if rest, err := asn1.Unmarshal(e.Value, &got); err == nil && len(rest) == 0 {
 				return bytes.Equal(got, want[:])
@@ -554,13 +553,13 @@ func (v *Verifier) remember(m map[[32]byte]any, key [32]byte, val any) {
 
 // ekClaimsMismatch says why the fresh report does not come from the chip
 // and CVM image on which the CA certified the EK (the EK certificate's CSV
-// claims extension, ca.OIDCVTPMCSVClaims), or "" if it does.
+// claims extension, certprofile.OIDCVTPMCSVClaims), or "" if it does.
 func ekClaimsMismatch(ekCert *x509.Certificate, claims *csv.Claims) string {
 	for _, e := range ekCert.Extensions {
-		if !e.Id.Equal(ca.OIDCVTPMCSVClaims) {
+		if !e.Id.Equal(certprofile.OIDCVTPMCSVClaims) {
 			continue
 		}
-		ek, err := ca.ParseCSVClaims(e.Value)
+		ek, err := certprofile.ParseCSVClaims(e.Value)
 		if err != nil {
 			return "ek-certificate-csv-claims-malformed"
 		}
