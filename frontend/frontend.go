@@ -96,7 +96,7 @@ func (r *Relay) Serve(ctx context.Context, ln net.Listener) error {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
-		in, err := ln.Accept()
+		in, err := netaddr.Accept(ln, log)
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil

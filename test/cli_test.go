@@ -2,11 +2,15 @@ package test
 
 import (
 	"encoding/json"
+	"fmt"
+	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"cvtpm/test/testenv"
 )
@@ -111,5 +115,52 @@ func TestVerifierStrictSettings(t *testing.T) {
 		if err == nil || !strings.Contains(out, tc.want) {
 			t.Errorf("%s: %v\n%s\nwant %q", tc.name, err, out, tc.want)
 		}
+	}
+}
+
+// Out of descriptors, `cvtpm socket` slows down instead of exiting: with a
+// limit of 64, 100 held connections exhaust it; once they close, the TPM
+// serves again.
+func TestSocketSurvivesDescriptorExhaustion(t *testing.T) {
+	port := testenv.FreePort(t)
+	cmd := exec.Command("prlimit", "--nofile=64:64", testenv.Binary(t, testenv.Cvtpm), "socket", "--tpm2",
+		"--tpmstate", "dir="+t.TempDir(), "--flags", "not-need-init,startup-clear",
+		"--server", fmt.Sprintf("type=tcp,port=%d", port), "--ctrl", fmt.Sprintf("type=tcp,port=%d", port+1))
+	log := &strings.Builder{}
+	cmd.Stderr = log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill(); <-exited })
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	var conns []net.Conn
+	for i := 0; i < 200 && len(conns) == 0; i++ {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	for range 100 {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err != nil {
+			break
+		}
+		conns = append(conns, c)
+	}
+	time.Sleep(300 * time.Millisecond)
+	for _, c := range conns {
+		c.Close()
+	}
+	select {
+	case err := <-exited:
+		t.Fatalf("cvtpm socket exited when out of descriptors: %v\n%s", err, log)
+	case <-time.After(500 * time.Millisecond):
+	}
+	env := []string{fmt.Sprintf("TPM2TOOLS_TCTI=swtpm:host=127.0.0.1,port=%d", port)}
+	if out, err := testenv.RunErr(env, "tpm2_getrandom", "--hex", "4"); err != nil {
+		t.Fatalf("after the flood: %v\n%s\n%s", err, out, log)
 	}
 }

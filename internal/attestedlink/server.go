@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"cvtpm/attest/csv"
+	"cvtpm/internal/netaddr"
 	"cvtpm/vtpm/tpmrpc"
 )
 
@@ -107,14 +108,10 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
-		conn, err := ln.Accept()
+		conn, err := netaddr.Accept(ln, s.log())
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
 			}
 			return fmt.Errorf("attested link: accept: %w", err)
 		}

@@ -10,6 +10,7 @@ package swtpmproto
 
 import (
 	"context"
+	"cvtpm/internal/netaddr"
 	"cvtpm/vtpm/swtpmblob"
 	"errors"
 	"log/slog"
@@ -101,14 +102,10 @@ func (s *Server) serve(ctx context.Context, ln net.Listener, handle func(context
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 	for {
-		c, err := ln.Accept()
+		c, err := netaddr.Accept(ln, s.log)
 		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
 				return nil
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
 			}
 			return err
 		}
