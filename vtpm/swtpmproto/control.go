@@ -126,13 +126,15 @@ func (s *Server) HandleControl(ctx context.Context, c net.Conn) {
 		buf = buf[:n]
 		// The rest of a message must follow within 500 ms, as in swtpm.
 		for need := ControlNeed(buf); len(buf) < need; need = ControlNeed(buf) {
-			if cap(buf) < need {
-				nb := make([]byte, len(buf), need)
+			if len(buf) == cap(buf) {
+				// Grow as the bytes arrive, not to the length the header
+				// declares: a 16-byte header must not reserve 16 MiB.
+				nb := make([]byte, len(buf), min(need, max(2*cap(buf), 64<<10)))
 				copy(nb, buf)
 				buf = nb
 			}
 			c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
-			m, err := c.Read(buf[len(buf):need])
+			m, err := c.Read(buf[len(buf):min(need, cap(buf))])
 			buf = buf[:len(buf)+m]
 			if err != nil {
 				break
@@ -141,6 +143,9 @@ func (s *Server) HandleControl(ctx context.Context, c net.Conn) {
 		c.SetReadDeadline(time.Time{})
 		var shutdown bool
 		out, shutdown = s.Control(out[:0], buf, passed)
+		if cap(buf) > 64<<10 {
+			buf = make([]byte, 0, 8192) // a large message's buffer is not kept
+		}
 		if _, err := c.Write(out); err != nil {
 			s.log.Debug("control channel write failed", "err", err)
 			return

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"syscall"
 	"testing"
 	"time"
@@ -401,5 +402,36 @@ func TestTCPConnectionPerCommand(t *testing.T) {
 			}
 			c.Close()
 		}
+	}
+}
+
+// A control header that declares a 16 MiB body reserves memory only as the
+// body's bytes arrive: 50 connections that send such a header and trickle
+// a byte cost far less than 50 x 16 MiB.
+func TestControlHeaderDoesNotReserveItsBody(t *testing.T) {
+	_, ctrlPath, _ := cvtpmServer(t)
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	var conns []net.Conn
+	for range 50 {
+		c, err := net.Dial("unix", ctrlPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		hdr := binary.BigEndian.AppendUint32(nil, CmdSetStateBlob)
+		hdr = binary.BigEndian.AppendUint32(hdr, 0)              // flags
+		hdr = binary.BigEndian.AppendUint32(hdr, 1)              // type
+		hdr = binary.BigEndian.AppendUint32(hdr, maxControlBody) // length
+		c.Write(append(hdr, 0))
+		conns = append(conns, c)
+	}
+	time.Sleep(100 * time.Millisecond)
+	runtime.ReadMemStats(&after)
+	for _, c := range conns {
+		c.Close()
+	}
+	if grew := after.TotalAlloc - before.TotalAlloc; grew > 64<<20 {
+		t.Fatalf("50 headers declaring 16 MiB each allocated %d MiB", grew>>20)
 	}
 }
