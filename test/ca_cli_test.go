@@ -155,15 +155,8 @@ func TestCAIdentity(t *testing.T) {
 // under its SM2 root with OpenSSL and gmsm, enrollment stays idempotent,
 // and its CRL verifies too.
 func TestCASM2(t *testing.T) {
-	dir := t.TempDir()
-	bin := testenv.Binary(t, testenv.Cvtpm)
-	measure := strings.Repeat("5e", 32)
-	testenv.Run(t, nil, bin, "csv", "simulate", "--out", filepath.Join(dir, "chip"), "--chip", "SIMCHIP0001", "--measure", measure, "--policy", "0x3")
-	os.MkdirAll(filepath.Join(dir, "kds", "hsk_cek", "SIMCHIP0001"), 0o700)
-	b, _ := os.ReadFile(filepath.Join(dir, "chip", "hsk_cek.cert"))
-	os.WriteFile(filepath.Join(dir, "kds", "hsk_cek", "SIMCHIP0001", "hsk_cek.cert"), b, 0o600)
-	policy := filepath.Join(dir, "policy.json")
-	os.WriteFile(policy, []byte(`{"simulator_roots":["`+filepath.Join(dir, "chip", "hrk.cert")+`"],"approved_measurements":["`+measure+`"]}`), 0o600)
+	dir, bin := t.TempDir(), testenv.Binary(t, testenv.Cvtpm)
+	policy := simChipCA(t, dir, "")
 	caDir := filepath.Join(dir, "ca")
 	grpcAddr, httpAddr, _ := startCA(t, caDir, policy, filepath.Join(dir, "kds"), "--key-type", "sm2")
 
@@ -226,15 +219,8 @@ func TestCASM2(t *testing.T) {
 // reenroll "never" holds across a CA restart: the EK of record lives in the
 // CA's store, not in the process.
 func TestReenrollNeverAcrossRestart(t *testing.T) {
-	dir := t.TempDir()
-	bin := testenv.Binary(t, testenv.Cvtpm)
-	measure := strings.Repeat("5e", 32)
-	testenv.Run(t, nil, bin, "csv", "simulate", "--out", filepath.Join(dir, "chip"), "--chip", "SIMCHIP0001", "--measure", measure, "--policy", "0x3")
-	os.MkdirAll(filepath.Join(dir, "kds", "hsk_cek", "SIMCHIP0001"), 0o700)
-	b, _ := os.ReadFile(filepath.Join(dir, "chip", "hsk_cek.cert"))
-	os.WriteFile(filepath.Join(dir, "kds", "hsk_cek", "SIMCHIP0001", "hsk_cek.cert"), b, 0o600)
-	policy := filepath.Join(dir, "policy.json")
-	os.WriteFile(policy, []byte(`{"simulator_roots":["`+filepath.Join(dir, "chip", "hrk.cert")+`"],"approved_measurements":["`+measure+`"],"reenroll":"never"}`), 0o600)
+	dir, bin := t.TempDir(), testenv.Binary(t, testenv.Cvtpm)
+	policy := simChipCA(t, dir, `,"reenroll":"never"`)
 	caDir := filepath.Join(dir, "ca")
 	grpcAddr, _, stop := startCA(t, caDir, policy, filepath.Join(dir, "kds"))
 	first := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{})
@@ -247,4 +233,19 @@ func TestReenrollNeverAcrossRestart(t *testing.T) {
 	if err == nil || !strings.Contains(out, ca.ReasonReenroll) {
 		t.Fatalf("re-enrollment of vm-a with other EKs after a CA restart under reenroll never: %v\n%s", err, out)
 	}
+}
+
+// simChipCA simulates chip SIMCHIP0001 in dir/chip (approved measurement
+// 5e..5e), puts its HSK+CEK in the offline directory dir/kds, and writes a
+// CA policy trusting it (extra: more JSON fields); it returns the policy.
+func simChipCA(t *testing.T, dir, extra string) string {
+	t.Helper()
+	measure := strings.Repeat("5e", 32)
+	testenv.Run(t, nil, testenv.Binary(t, testenv.Cvtpm), "csv", "simulate", "--out", filepath.Join(dir, "chip"), "--chip", "SIMCHIP0001", "--measure", measure, "--policy", "0x3")
+	os.MkdirAll(filepath.Join(dir, "kds", "hsk_cek", "SIMCHIP0001"), 0o700)
+	b, _ := os.ReadFile(filepath.Join(dir, "chip", "hsk_cek.cert"))
+	os.WriteFile(filepath.Join(dir, "kds", "hsk_cek", "SIMCHIP0001", "hsk_cek.cert"), b, 0o600)
+	policy := filepath.Join(dir, "policy.json")
+	os.WriteFile(policy, []byte(`{"simulator_roots":["`+filepath.Join(dir, "chip", "hrk.cert")+`"],"approved_measurements":["`+measure+`"]`+extra+`}`), 0o600)
+	return policy
 }
