@@ -192,6 +192,11 @@ func (a *Authority) enroll(ctx context.Context, req enroll.Request) (*x509.Certi
 	if err != nil {
 		return nil, nil, refuse(ReasonBadRequest, "EK public key: "+err.Error())
 	}
+	// Only a key made from a TCG EK template (fixedTPM, restricted
+	// decrypt, the endorsement policy) gets an EK certificate.
+	if err := enroll.CheckEKTemplate(req.EKPublicArea); err != nil {
+		return nil, nil, refuse(ReasonBadRequest, "not an EK: "+err.Error())
+	}
 	if r := a.takeNonce(req.Nonce); r != nil {
 		return nil, nil, r
 	}

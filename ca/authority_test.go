@@ -172,6 +172,16 @@ func TestEnrollRefusals(t *testing.T) {
 			r.EKPublicArea = []byte{1, 2, 3}
 			return r, nil
 		}, ReasonBadRequest},
+		{"a software signing key presented as the EK", true, func(t *testing.T, f *caFixture) (enroll.Request, error) {
+			pub, err := tpm2.Unmarshal[tpm2.TPMTPublic](ekArea(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			pub.ObjectAttributes.FixedTPM, pub.ObjectAttributes.Decrypt, pub.ObjectAttributes.SignEncrypt = false, false, true
+			area := tpm2.Marshal(*pub)
+			// The CSV report binds this public area, as a genuine one would.
+			return f.request(t, "vm-1", area, f.challenge(t), "vm-1"), nil
+		}, ReasonBadRequest},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
