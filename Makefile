@@ -12,10 +12,13 @@ all: build
 deps:
 	@scripts/install-deps.sh
 
+COMMIT := $(shell git describe --always --dirty 2>/dev/null || echo unknown)
+LDFLAGS := -X cvtpm/internal/version.Commit=$(COMMIT)
+
 build:
 	@mkdir -p bin
-	$(GO) build -trimpath -o $(BIN) ./cmd/cvtpm
-	$(GO) build -trimpath -o bin/cvtpm-verifier ./cmd/cvtpm-verifier
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/cvtpm
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/cvtpm-verifier ./cmd/cvtpm-verifier
 
 # The full suite: unit tests, cross-component tests against the real peers
 # (tpm2-tools, swtpm-tools, QEMU), then a short run of every fuzz target.

@@ -164,3 +164,22 @@ func TestSocketSurvivesDescriptorExhaustion(t *testing.T) {
 		t.Fatalf("after the flood: %v\n%s\n%s", err, out, log)
 	}
 }
+
+// `cvtpm --version`, `cvtpm version` and the verifier's --version name the
+// program and the commit it was built from.
+func TestVersion(t *testing.T) {
+	bin := testenv.Binary(t, testenv.Cvtpm)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--version"}, "cvtpm commit "},
+		{[]string{"version"}, "cvtpm commit "},
+		{[]string{"verifier", "--version"}, "cvtpm-verifier commit "},
+	} {
+		out, err := testenv.RunErr(nil, bin, tc.args...)
+		if err != nil || !strings.HasPrefix(out, tc.want) {
+			t.Errorf("cvtpm %v: %v %q, want %q...", tc.args, err, out, tc.want)
+		}
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
+	"cvtpm/internal/version"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -47,6 +48,10 @@ func main() {
 var errUsage = errors.New("usage")
 
 func run(ctx context.Context, args []string) error {
+	if len(args) == 1 && (args[0] == "--version" || args[0] == "version") {
+		fmt.Println(version.String("cvtpm-verifier"))
+		return nil
+	}
 	fs := flag.NewFlagSet("cvtpm verifier", flag.ContinueOnError)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), `Usage: cvtpm verifier --ca-root FILE --policy FILE --key FILE [options]

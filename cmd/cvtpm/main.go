@@ -9,6 +9,7 @@ package main
 
 import (
 	"context"
+	"cvtpm/internal/version"
 	"errors"
 	"flag"
 	"fmt"
@@ -53,6 +54,7 @@ func usage() {
 	for _, n := range names {
 		fmt.Fprintf(os.Stderr, "  %-10s %s\n", n, commands[n].summary)
 	}
+	fmt.Fprintf(os.Stderr, "  %-10s %s\n", "version", "print cvtpm's version and commit (also --version)")
 	fmt.Fprintf(os.Stderr, "\nRun 'cvtpm <command> --help' for the options of a command.\n"+
 		"Invoked as 'swtpm' (a symlink), cvtpm accepts swtpm's command line.\n")
 }
@@ -69,6 +71,9 @@ func main() {
 	switch args[0] {
 	case "-h", "--help", "help":
 		usage()
+		return
+	case "--version", "version":
+		fmt.Println(version.String("cvtpm"))
 		return
 	}
 	cmd, ok := commands[args[0]]
