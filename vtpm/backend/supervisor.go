@@ -306,7 +306,12 @@ func (s *Supervisor) anchorNow(ctx context.Context) {
 	s.mu.Unlock()
 	changed := map[string]uint64{}
 	for _, inst := range insts {
-		inst.mu.Lock()
+		// An instance busy with a long command (an RSA key generation)
+		// is reported next round: the report is also the heartbeat that
+		// keeps every instance serving, and must not wait for one.
+		if !inst.mu.TryLock() {
+			continue
+		}
 		if inst.w != nil && !inst.deleted && !inst.incoming {
 			if g, err := s.generation(ctx, inst); err == nil {
 				s.mu.Lock()
