@@ -54,6 +54,7 @@ Options:
 	var vms vmFlag
 	fs.Var(&vms, "vm", "INSTANCE=CTRL-SOCKET: serve INSTANCE to QEMU on this unix socket (repeatable)")
 	relay := fs.String("relay", "", "accept guestkit connections here (vsock:PORT, tcp:HOST:PORT or unix:PATH) and relay them")
+	perSource := fs.Int("relay-per-source", 64, "relay at most this many connections at once from one guest (source address); more are closed and logged")
 	capture := fs.String("relay-capture", "", "append every relayed byte to FILE (debugging: shows the host sees only ciphertext)")
 	sockMode := fs.String("socket-mode", "0600", "permissions of the --vm sockets (octal; e.g. 0660 with a group QEMU runs in)")
 	link := addLinkFlags(fs)
@@ -98,7 +99,7 @@ Options:
 		if err != nil {
 			return fmt.Errorf("--relay: %w", err)
 		}
-		r := &frontend.Relay{Backend: *backendAddr, Logger: log}
+		r := &frontend.Relay{Backend: *backendAddr, Logger: log, MaxPerSource: *perSource}
 		if *capture != "" {
 			fcap, err := os.OpenFile(*capture, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 			if err != nil {
