@@ -101,7 +101,7 @@ if grep -rqa "$secret" "$work/backend"; then say "!! the secret is visible in th
 say "nor is it in any of the instance's state files (sealed)."
 
 step "7. Attest: the guest proves what it runs, and that its vTPM lives in the approved CVM"
-"$BIN" verifier --ca-root "$work/ca/ca.pem" --crl "http://$ca_http/crl" --policy "$work/policy.json" \
+"$BIN" verifier --ca-root "$work/ca/ca.pem" --crl "http://$ca_http/crl" --policy "$work/policy.json" --cert-dir "$work/kds" \
   --key "$work/verifier.key" --listen 127.0.0.1:0 --http "" 2> "$work/verifier.log" &
 pids+=($!)
 wait_log "$work/verifier.log" 'verifier serving'

@@ -96,6 +96,8 @@ func TestVerifierStrictSettings(t *testing.T) {
 	caDir := filepath.Join(dir, "ca")
 	startCA(t, caDir, policy, dir)
 	root := filepath.Join(caDir, "ca.pem")
+	chipPolicy := filepath.Join(dir, "chips.json")
+	os.WriteFile(chipPolicy, []byte(`{"deny_chips": ["FORGED01"]}`), 0o600)
 	for _, tc := range []struct {
 		name, ref, want string
 		extra           []string
@@ -103,6 +105,7 @@ func TestVerifierStrictSettings(t *testing.T) {
 		{"no CRL", "", "--crl URL is required", nil},
 		{"misspelt reference key", `{"pcr": {"sha256": {"16": "` + strings.Repeat("ab", 32) + `"}}}`, `unknown field "pcr"`, []string{"--no-crl"}},
 		{"malformed PCR value", `{"pcrs": {"sha256": {"16": "zz"}}}`, "not 64 hex digits", []string{"--no-crl"}},
+		{"chip lists with the evidence's own HSK+CEK", "", "need HSK+CEK looked up by chip serial", []string{"--no-crl", "--evidence-certs", "--policy", chipPolicy}},
 	} {
 		args := append([]string{"verifier", "--ca-root", root, "--policy", policy, "--key", filepath.Join(dir, "v.key"),
 			"--listen", "127.0.0.1:0", "--http", ""}, tc.extra...)

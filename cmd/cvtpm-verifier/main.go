@@ -79,6 +79,9 @@ Options:
 	policyFile := fs.String("policy", "", "CSV evidence policy, JSON (required)")
 	regoFile := fs.String("rego", "", "Rego appraisal policy replacing the built-in one (package cvtpm, rule result)")
 	refFile := fs.String("reference", "", "reference values for the policy (JSON)")
+	certDir := fs.String("cert-dir", "", "look the reporting chip's HSK+CEK up by its serial in this offline directory (hsk_cek/<serial>/hsk_cek.cert)")
+	kds := fs.String("kds", "", "look the reporting chip's HSK+CEK up by its serial at this HYGON KDS (default "+csv.DefaultKDS+" unless --cert-dir or --evidence-certs)")
+	evidenceCerts := fs.Bool("evidence-certs", false, "use the HSK+CEK sent with the evidence (the chip serial is then the evidence's own claim: chip allow/deny lists are refused)")
 	keyFile := fs.String("key", "", "EAR signing key, PKCS #8 PEM (created if missing) (required)")
 	listen := fs.String("listen", "127.0.0.1:7800", "gRPC address")
 	httpAddr := fs.String("http", "127.0.0.1:7801", "HTTP/JSON address ('' = off)")
@@ -105,6 +108,23 @@ Options:
 		return err
 	}
 	opts := verifier.Options{CARoots: roots, CSV: policy}
+	// The chip serial in a report is not authenticated by the firmware:
+	// with the HSK/CEK sent along, a forged serial (MAC recomputed)
+	// would pass chip lists and the "report from another backend" check.
+	// Looked up by serial, a forged one finds no CEK that verifies.
+	switch {
+	case *evidenceCerts && (*certDir != "" || *kds != ""):
+		return errors.New("--evidence-certs excludes --cert-dir and --kds")
+	case *evidenceCerts:
+		if len(policy.AllowChips) > 0 || len(policy.DenyChips) > 0 {
+			return errors.New("--evidence-certs: the policy's allow_chips/deny_chips need HSK+CEK looked up by chip serial (--cert-dir or --kds); with the pair the evidence carries, the serial is the evidence's own claim")
+		}
+		log.Warn("--evidence-certs: HSK+CEK taken from the evidence (they must still chain to a trusted root); the chip serial is not checked")
+	case *certDir != "":
+		opts.CSVCerts = csv.DirSource{Dir: *certDir}
+	default:
+		opts.CSVCerts = &csv.CachedSource{Source: csv.HTTPSource{BaseURL: *kds, Timeout: 15 * time.Second}, TTL: 24 * time.Hour}
+	}
 	switch {
 	case *crlURL != "" && *noCRL:
 		return errors.New("--crl and --no-crl exclude each other")
