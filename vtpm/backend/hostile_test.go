@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -19,6 +20,7 @@ import (
 	"cvtpm/test/testenv"
 	"cvtpm/vtpm/engine"
 	"cvtpm/vtpm/engine/memstore"
+	"cvtpm/vtpm/statestore"
 	"cvtpm/vtpm/tpmrpc"
 )
 
@@ -132,8 +134,20 @@ func TestMigrationBetweenBackends(t *testing.T) {
 		t.Fatal(err)
 	}
 	perm, vol := export(src, "vm1", engine.StatePermanent), export(src, "vm1", engine.StateVolatile)
-	if strings.Contains(string(perm), "TPM") && !strings.HasPrefix(string(perm), "CVTPMST") {
-		t.Fatal("exported state is not sealed")
+	// The export is an envelope under the migration key (9...9) for vm1,
+	// and none of the permanent state it holds shows in it.
+	mk, err := statestore.NewKey(bytesOf(9, 32), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	inner, _, err := mk.OpenTransfer("vm1", "permall", perm)
+	if err != nil || len(inner) < 64 {
+		t.Fatalf("exported permanent state is not vm1's envelope: %v", err)
+	}
+	for i := 0; i+32 <= len(inner); i += 32 {
+		if bytes.Contains(perm, inner[i:i+32]) {
+			t.Fatalf("exported state shows plaintext at %d", i)
+		}
 	}
 	vm2Perm := export(src, "vm2", engine.StatePermanent)
 	otherPerm := export(other, "vm1", engine.StatePermanent)

@@ -142,7 +142,6 @@ type Supervisor struct {
 	// anchors, then what its workers reported. A worker that comes back
 	// with less was rolled back.
 	seen       map[string]uint64
-	anchored   map[string]uint64 // what the Anchorer has recorded
 	anchorOK   time.Time         // the last report the Anchorer accepted
 	stopAnchor context.CancelFunc
 	anchorDone chan struct{}
@@ -212,9 +211,9 @@ func New(ctx context.Context, cfg Config) (*Supervisor, error) {
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("backend: %w", err)
 	}
-	s := &Supervisor{cfg: cfg, log: cfg.Logger, instances: map[string]*instance{}, seen: map[string]uint64{}, anchored: map[string]uint64{}}
+	s := &Supervisor{cfg: cfg, log: cfg.Logger, instances: map[string]*instance{}, seen: map[string]uint64{}}
 	for id, g := range cfg.Anchors {
-		s.seen[id], s.anchored[id] = g, g
+		s.seen[id] = g
 	}
 	if cfg.MigrationKey != nil {
 		k, err := statestore.NewKey(cfg.MigrationKey, cfg.Cipher)
@@ -304,7 +303,7 @@ func (s *Supervisor) anchorNow(ctx context.Context) {
 		insts = append(insts, i)
 	}
 	s.mu.Unlock()
-	changed := map[string]uint64{}
+	gens := map[string]uint64{}
 	for _, inst := range insts {
 		// An instance busy with a long command (an RSA key generation)
 		// is reported next round: the report is also the heartbeat that
@@ -319,7 +318,7 @@ func (s *Supervisor) anchorNow(ctx context.Context) {
 				// Reported even when unchanged: a migration claim for
 				// this instance completes when its owner reports that
 				// it is still at the claimed generation.
-				changed[inst.id] = g
+				gens[inst.id] = g
 				s.mu.Unlock()
 			}
 		}
@@ -327,18 +326,13 @@ func (s *Supervisor) anchorNow(ctx context.Context) {
 	}
 	// Sent even when there is nothing to report: it is also the heartbeat
 	// that keeps the instances serving (MaxUnanchored).
-	moved, err := s.cfg.Anchorer.Anchor(ctx, changed)
+	moved, err := s.cfg.Anchorer.Anchor(ctx, gens)
 	if err != nil {
 		s.log.Warn("recording state generations with the key broker failed; retrying", "err", err)
 		return
 	}
 	s.mu.Lock()
 	s.anchorOK = time.Now()
-	for id, g := range changed {
-		if _, ok := moved[id]; !ok {
-			s.anchored[id] = max(s.anchored[id], g)
-		}
-	}
 	s.mu.Unlock()
 	for _, inst := range insts {
 		if owner, ok := moved[inst.id]; ok {
@@ -378,7 +372,6 @@ func (s *Supervisor) anchorOne(ctx context.Context, inst *instance) error {
 	}
 	s.mu.Lock()
 	s.seen[inst.id] = max(s.seen[inst.id], g)
-	s.anchored[inst.id] = max(s.anchored[inst.id], g)
 	s.anchorOK = time.Now()
 	s.mu.Unlock()
 	return nil
@@ -434,7 +427,6 @@ func (s *Supervisor) claim(ctx context.Context, inst *instance, r tpmrpc.Request
 	inst.incoming = false
 	s.mu.Lock()
 	s.seen[inst.id] = max(s.seen[inst.id], gen)
-	s.anchored[inst.id] = max(s.anchored[inst.id], gen)
 	s.mu.Unlock()
 	return nil
 }

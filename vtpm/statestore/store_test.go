@@ -277,7 +277,7 @@ func TestTransferEnvelope(t *testing.T) {
 		want                 error
 	}{
 		{"another instance", "vm2", "permall", env, ErrWrongKey},
-		{"another migration key", "vm1", "permall", mustTransfer(t, mustKey(t, "sm4-gcm", 7), env), ErrWrongKey},
+		{"another migration key", "vm1", "permall", mustTransfer(t, mustKey(t, "sm4-gcm", 7)), ErrWrongKey},
 		{"another blob type", "vm1", "volatilestate", env, ErrSwapped},
 		{"tampered", "vm1", "permall", flipped, ErrCorrupt},
 		{"plaintext swtpm blob", "vm1", "permall", []byte("\x02\x01\x00\x0aplain libtpms state"), ErrNotTransfer},
@@ -290,7 +290,8 @@ func TestTransferEnvelope(t *testing.T) {
 	}
 }
 
-func mustTransfer(t *testing.T, k *Key, _ []byte) []byte {
+// mustTransfer seals the same blob as env under k (another migration key).
+func mustTransfer(t *testing.T, k *Key) []byte {
 	env, err := k.SealTransfer("vm1", "permall", 42, []byte("state"))
 	if err != nil {
 		t.Fatal(err)
