@@ -142,7 +142,7 @@ type Supervisor struct {
 	// anchors, then what its workers reported. A worker that comes back
 	// with less was rolled back.
 	seen       map[string]uint64
-	anchorOK   time.Time         // the last report the Anchorer accepted
+	anchorOK   time.Time // the last report the Anchorer accepted
 	stopAnchor context.CancelFunc
 	anchorDone chan struct{}
 	// migrationKey opens envelopes to check their generation before a
