@@ -39,8 +39,11 @@ func (a *Authority) AKChallenge(ctx context.Context, ekCertDER []byte, ak attest
 	if err != nil {
 		return "", nil, refuse(ReasonBadRequest, "EK certificate: "+err.Error())
 	}
-	if err := a.issuedByUs(ekCert.Raw); err != nil {
-		return "", nil, refuse(ReasonUntrustedRoot, "the EK certificate was not issued by this CA")
+	if a.AKIssuer == nil {
+		return "", nil, errors.New("this CA has no AK issuer")
+	}
+	if a.EKIssuer == nil || a.EKIssuer.Signed(ekCert.Raw) != nil {
+		return "", nil, refuse(ReasonUntrustedRoot, "the EK certificate was not issued by this CA's EK issuer")
 	}
 	// Only an EK certificate vouches for a TPM: a link identity (or an AK
 	// certificate) of this CA names a key that may live anywhere.
@@ -137,7 +140,7 @@ func (a *Authority) issueAK(p pendingAK) (*x509.Certificate, error) {
 		UnknownExtKeyUsage:    []asn1.ObjectIdentifier{certprofile.OIDAKCertificate},
 		BasicConstraintsValid: true,
 	}
-	cert, err := a.signCert(tmpl, p.ak.Public)
+	cert, err := a.AKIssuer.Sign(tmpl, p.ak.Public)
 	if err != nil {
 		return nil, fmt.Errorf("signing the AK certificate: %w", err)
 	}

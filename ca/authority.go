@@ -3,7 +3,6 @@ package ca
 import (
 	"bytes"
 	"context"
-	"crypto"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
@@ -36,15 +35,15 @@ var _ enroll.CA = (*Authority)(nil)
 type Authority struct {
 	Policy   *Policy
 	Verifier *csv.Verifier
-	Issuer   *x509.Certificate
-	Signer   crypto.Signer
-	// SM2, if set, replaces Issuer and Signer: the CA signs with SM2/SM3.
-	SM2      *SM2Issuer
-	TPM      TPMInfo
-	Audit    Auditor
-	Store    Store         // issued and revoked certificates; nil keeps no records
-	NonceTTL time.Duration // default 5 minutes
-	Now      func() time.Time
+	// One issuer per purpose (see Purpose): EK certificates, AK
+	// certificates, link identities. A CA without one refuses that kind
+	// of certificate; none ever signs for another.
+	EKIssuer, AKIssuer, IdentityIssuer *Issuer
+	TPM                                TPMInfo
+	Audit                              Auditor
+	Store                              Store         // issued and revoked certificates; nil keeps no records
+	NonceTTL                           time.Duration // default 5 minutes
+	Now                                func() time.Time
 	// MaxOutstanding bounds the outstanding nonces and pending AK
 	// challenges (each; default 500,000), MaxPerSource one client
 	// address's share (default 50,000): beyond them a challenge is refused
@@ -56,11 +55,6 @@ type Authority struct {
 	nonces     *expiring.Table[struct{}]
 	enrolled   map[string][]byte // instance id + EK algorithm -> SHA-256 of the EK public area (store-less CA)
 	pendingAKs *expiring.Table[pendingAK]
-
-	crlMu      sync.Mutex // the last signed CRL, served again while unchanged
-	crlDER     []byte
-	crlKey     []byte
-	crlRefresh time.Time
 }
 
 // ErrBusy: too many outstanding challenges (in all, or from this source).
@@ -119,7 +113,11 @@ func (a *Authority) now() time.Time {
 
 // Roots are the certificates EK certificates chain to.
 func (a *Authority) Roots(context.Context) ([][]byte, error) {
-	return [][]byte{a.rootDER()}, nil
+	der, err := a.Root(PurposeEK)
+	if err != nil {
+		return nil, err
+	}
+	return [][]byte{der}, nil
 }
 
 // Challenge returns a fresh nonce the next enrollment must commit to; it
@@ -181,6 +179,9 @@ func (a *Authority) Enroll(ctx context.Context, req enroll.Request) (*x509.Certi
 }
 
 func (a *Authority) enroll(ctx context.Context, req enroll.Request) (*x509.Certificate, *csv.Claims, error) {
+	if a.EKIssuer == nil {
+		return nil, nil, errors.New("this CA has no EK issuer")
+	}
 	if req.InstanceID == "" || len(req.Nonce) == 0 || len(req.Report) == 0 {
 		return nil, nil, refuse(ReasonBadRequest, "instance id, nonce and report are required")
 	}
@@ -235,11 +236,11 @@ func (a *Authority) enroll(ctx context.Context, req enroll.Request) (*x509.Certi
 			Measurement: claims.Measure, Policy: claims.Policy.Raw, ChipIDDigest: chipDigest[:],
 			RootFingerprint: claims.Root.Fingerprint, ReportDigest: reportDigest[:], Simulated: claims.Simulated,
 		},
-	}, a.subjectKeyID())
+	}, a.EKIssuer.SubjectKeyID())
 	if err != nil {
 		return nil, claims, err
 	}
-	cert, err := a.signCert(tmpl, ek)
+	cert, err := a.EKIssuer.Sign(tmpl, ek)
 	if err != nil {
 		return nil, claims, fmt.Errorf("signing the EK certificate: %w", err)
 	}

@@ -66,7 +66,6 @@ func newFixture(t testing.TB, trustSim bool) *caFixture {
 	if err := p.compile(); err != nil {
 		t.Fatal(err)
 	}
-	root, signer := testRoot(t)
 	f := &caFixture{sim: sim, auditPath: filepath.Join(dir, "audit.jsonl"), clock: time.Now()}
 	audit, err := OpenAuditFile(f.auditPath)
 	if err != nil {
@@ -76,7 +75,7 @@ func newFixture(t testing.TB, trustSim bool) *caFixture {
 	f.auth = &Authority{
 		Policy:   p,
 		Verifier: csv.NewVerifier(csv.VerifierOptions{TrustedRoots: p.TrustedRoots(), Certs: csv.StaticSource{HSK: sim.HSK, CEK: sim.CEK}}),
-		Issuer:   root, Signer: signer,
+		EKIssuer: testIssuer(t, PurposeEK), AKIssuer: testIssuer(t, PurposeAK), IdentityIssuer: testIssuer(t, PurposeIdentity),
 		TPM:   TPMInfo{Manufacturer: "id:49424D00", Model: "cvtpm", Version: "id:1", SpecRevision: 164},
 		Audit: audit,
 		Now:   func() time.Time { return f.clock },
@@ -293,7 +292,8 @@ func TestRevocationSurvivesRestart(t *testing.T) {
 	if err != nil || rec.InstanceID != "vm-1" || rec.Revoked.IsZero() {
 		t.Fatalf("after restart: %+v, %v", rec, err)
 	}
-	der, err := CRL(ctx, st, f.auth.Issuer, f.auth.Signer, time.Hour)
+	f.auth.Store = st
+	der, err := f.auth.CRL(ctx, PurposeEK, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -305,7 +305,7 @@ func TestRevocationSurvivesRestart(t *testing.T) {
 		t.Fatalf("CRL entries %+v", crl.RevokedCertificateEntries)
 	}
 	dir := t.TempDir()
-	writePEM(t, filepath.Join(dir, "root.pem"), f.auth.Issuer.Raw)
+	writePEM(t, filepath.Join(dir, "root.pem"), f.auth.EKIssuer.DER())
 	os.WriteFile(filepath.Join(dir, "crl.pem"), pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der}), 0o600)
 	out, err := exec.Command("openssl", "crl", "-CAfile", filepath.Join(dir, "root.pem"), "-in", filepath.Join(dir, "crl.pem"), "-noout").CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "verify OK") {

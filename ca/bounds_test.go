@@ -62,23 +62,65 @@ func TestCRLSignedOncePerChange(t *testing.T) {
 	defer st.Close()
 	f.auth.Store = st
 	ctx := context.Background()
-	a, _ := f.auth.CRL(ctx, time.Hour)
-	b, _ := f.auth.CRL(ctx, time.Hour)
+	a, _ := f.auth.CRL(ctx, PurposeEK, time.Hour)
+	b, _ := f.auth.CRL(ctx, PurposeEK, time.Hour)
 	if !bytes.Equal(a, b) {
 		t.Fatal("an unchanged CRL was signed again")
 	}
-	st.PutIssued(ctx, IssuedCert{Serial: "0abc", InstanceID: "vm", DER: []byte{1}, Issued: time.Now()})
-	if err := f.auth.Revoke(ctx, "0abc", 1); err != nil {
+	ek, err := f.auth.Enroll(ctx, f.request(t, "vm-1", ekArea(t), f.challenge(t), "vm-1"))
+	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := f.auth.CRL(ctx, time.Hour)
+	id := issueTestIdentity(t, f.auth, "frontend")
+	for _, c := range []*x509.Certificate{ek, id} {
+		if err := f.auth.Revoke(ctx, c.SerialNumber.Text(16), 1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c, err := f.auth.CRL(ctx, PurposeEK, time.Hour)
 	if err != nil || bytes.Equal(a, c) {
 		t.Fatalf("the CRL after a revocation is the old one (%v)", err)
 	}
-	parsed, err := x509.ParseRevocationList(c)
-	if err != nil || len(parsed.RevokedCertificateEntries) != 1 || parsed.RevokedCertificateEntries[0].SerialNumber.Cmp(big.NewInt(0xabc)) != 0 {
-		t.Fatalf("new CRL: %v %+v", err, parsed)
+	// Each issuer's CRL lists what it signed, under its own signature.
+	for _, tc := range []struct {
+		p    Purpose
+		want *big.Int
+	}{{PurposeEK, ek.SerialNumber}, {PurposeIdentity, id.SerialNumber}, {PurposeAK, nil}} {
+		der, err := f.auth.CRL(ctx, tc.p, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		parsed, err := x509.ParseRevocationList(der)
+		if err != nil {
+			t.Fatal(err)
+		}
+		is, _ := f.auth.issuerOf(tc.p)
+		if err := parsed.CheckSignatureFrom(is.Cert); err != nil {
+			t.Errorf("%s CRL: %v", tc.p, err)
+		}
+		var got []*big.Int
+		for _, e := range parsed.RevokedCertificateEntries {
+			got = append(got, e.SerialNumber)
+		}
+		if (tc.want == nil && len(got) != 0) || (tc.want != nil && (len(got) != 1 || got[0].Cmp(tc.want) != 0)) {
+			t.Errorf("%s CRL lists %v, want %v", tc.p, got, tc.want)
+		}
 	}
+}
+
+func issueTestIdentity(t testing.TB, a *Authority, name string) *x509.Certificate {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	csrDER, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: name}}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	csr, _ := x509.ParseCertificateRequest(csrDER)
+	id, err := a.IssueIdentity(context.Background(), csr, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
 }
 
 // BenchmarkChallengeOutstanding is a challenge taken back (what every
@@ -115,19 +157,22 @@ func BenchmarkChallengeOutstanding(b *testing.B) {
 // the same CA (a software key) gets no AK certified.
 func TestAKChallengeRefusesIdentity(t *testing.T) {
 	f := newFixture(t, true)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	csrDER, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "impostor"}}, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	csr, _ := x509.ParseCertificateRequest(csrDER)
-	id, err := f.auth.IssueIdentity(context.Background(), csr, time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, _, err = f.auth.AKChallenge(context.Background(), id.Raw, attest.AttestationParameters{})
+	id := issueTestIdentity(t, f.auth, "impostor")
+	_, _, err := f.auth.AKChallenge(context.Background(), id.Raw, attest.AttestationParameters{})
 	var r *Refusal
-	if !errors.As(err, &r) || !strings.Contains(r.Detail, "not an EK certificate") {
+	if !errors.As(err, &r) || r.Reason != ReasonUntrustedRoot || !strings.Contains(r.Detail, "EK issuer") {
 		t.Fatalf("identity certificate as the EK: %v", err)
+	}
+	// Even signed by the EK issuer, a certificate of another profile is
+	// no EK certificate.
+	tmpl := *id
+	tmpl.SerialNumber = big.NewInt(77)
+	forged, err := f.auth.EKIssuer.Sign(&tmpl, id.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = f.auth.AKChallenge(context.Background(), forged.Raw, attest.AttestationParameters{})
+	if !errors.As(err, &r) || !strings.Contains(r.Detail, "not an EK certificate") {
+		t.Fatalf("identity-profile certificate from the EK issuer as the EK: %v", err)
 	}
 }

@@ -20,6 +20,16 @@ import (
 )
 
 func testRoot(t testing.TB) (*x509.Certificate, crypto.Signer) {
+	return testRootNamed(t, "cvtpm test EK CA")
+}
+
+// testIssuer is a fresh root for one purpose.
+func testIssuer(t testing.TB, p Purpose) *Issuer {
+	c, k := testRootNamed(t, "cvtpm test "+string(p)+" CA")
+	return &Issuer{Cert: c, Signer: k}
+}
+
+func testRootNamed(t testing.TB, name string) (*x509.Certificate, crypto.Signer) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -27,7 +37,7 @@ func testRoot(t testing.TB) (*x509.Certificate, crypto.Signer) {
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "cvtpm test EK CA"},
+		Subject:               pkix.Name{CommonName: name},
 		NotBefore:             time.Now().Add(-time.Hour),
 		NotAfter:              time.Now().Add(24 * time.Hour),
 		IsCA:                  true,

@@ -73,7 +73,10 @@ func (a *Authority) issueIdentity(csr *x509.CertificateRequest, validity time.Du
 	tmpl.NotBefore, tmpl.NotAfter = now.Add(-time.Minute), now.Add(validity)
 	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth}
 	tmpl.URIs, tmpl.IPAddresses, tmpl.EmailAddresses = csr.URIs, csr.IPAddresses, csr.EmailAddresses
-	cert, err := a.signCert(tmpl, csr.PublicKey)
+	if a.IdentityIssuer == nil {
+		return nil, errors.New("this CA has no identity issuer")
+	}
+	cert, err := a.IdentityIssuer.Sign(tmpl, csr.PublicKey)
 	if err != nil {
 		return nil, fmt.Errorf("signing the identity certificate: %w", err)
 	}

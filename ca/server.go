@@ -59,8 +59,16 @@ func (s *Server) Enroll(ctx context.Context, req *capb.EnrollRequest) (*capb.Enr
 	return &capb.EnrollResponse{Certificate: cert.Raw}, nil
 }
 
-func (s *Server) Roots(context.Context, *capb.RootsRequest) (*capb.RootsResponse, error) {
-	return &capb.RootsResponse{Certificates: [][]byte{s.Authority.rootDER()}}, nil
+func (s *Server) Roots(_ context.Context, req *capb.RootsRequest) (*capb.RootsResponse, error) {
+	p, err := ParsePurpose(req.GetPurpose())
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	der, err := s.Authority.Root(p)
+	if err != nil {
+		return nil, status.Error(codes.NotFound, err.Error())
+	}
+	return &capb.RootsResponse{Certificates: [][]byte{der}}, nil
 }
 
 func (s *Server) Revoke(ctx context.Context, req *capb.RevokeRequest) (*capb.RevokeResponse, error) {
@@ -110,22 +118,45 @@ func (s *Server) refusal(err error) error {
 	return status.Error(codes.Internal, err.Error())
 }
 
-// HTTPHandler serves /roots.pem and /crl (DER; PEM with ?format=pem).
+// HTTPHandler serves each purpose's root and CRL: /roots.pem and /crl are
+// the EK issuer's (what EK certificates chain to), /roots/{ak,identity}
+// and /crl/{ak,identity} the others'. CRLs are DER, PEM with ?format=pem.
 func (s *Server) HTTPHandler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /roots.pem", func(w http.ResponseWriter, _ *http.Request) {
+	root := func(w http.ResponseWriter, p string) {
+		pp, err := ParsePurpose(p)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusNotFound)
+			return
+		}
+		der, err := s.Authority.Root(pp)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusNotFound)
+			return
+		}
 		w.Header().Set("Content-Type", "application/x-pem-file")
-		pem.Encode(w, &pem.Block{Type: "CERTIFICATE", Bytes: s.Authority.rootDER()})
-	})
-	mux.HandleFunc("GET /crl", func(w http.ResponseWriter, r *http.Request) {
+		pem.Encode(w, &pem.Block{Type: "CERTIFICATE", Bytes: der})
+	}
+	mux.HandleFunc("GET /roots.pem", func(w http.ResponseWriter, _ *http.Request) { root(w, "ek") })
+	mux.HandleFunc("GET /roots/{purpose}", func(w http.ResponseWriter, r *http.Request) { root(w, r.PathValue("purpose")) })
+	crl := func(w http.ResponseWriter, r *http.Request, p string) {
 		a := s.Authority
+		pp, err := ParsePurpose(p)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusNotFound)
+			return
+		}
 		if a.Store == nil {
 			http.Error(w, "this CA keeps no certificate store", http.StatusNotFound)
 			return
 		}
-		der, err := a.CRL(r.Context(), 24*time.Hour)
+		der, err := a.CRL(r.Context(), pp, 24*time.Hour)
+		if errors.Is(err, ErrNoIssuer) {
+			http.Error(w, err.Error(), http.StatusNotFound)
+			return
+		}
 		if err != nil {
-			s.Log.Error("making the CRL failed", "err", err)
+			s.Log.Error("making the CRL failed", "purpose", pp, "err", err)
 			http.Error(w, "CRL unavailable", http.StatusInternalServerError)
 			return
 		}
@@ -135,7 +166,9 @@ func (s *Server) HTTPHandler() http.Handler {
 		}
 		w.Header().Set("Content-Type", "application/pkix-crl")
 		w.Write(der)
-	})
+	}
+	mux.HandleFunc("GET /crl", func(w http.ResponseWriter, r *http.Request) { crl(w, r, "ek") })
+	mux.HandleFunc("GET /crl/{purpose}", func(w http.ResponseWriter, r *http.Request) { crl(w, r, r.PathValue("purpose")) })
 	return mux
 }
 
@@ -144,8 +177,14 @@ type Client struct{ C capb.CAClient }
 
 var _ enroll.CA = Client{}
 
+// Roots returns the EK root: what EK certificates chain to.
 func (c Client) Roots(ctx context.Context) ([][]byte, error) {
-	r, err := c.C.Roots(ctx, &capb.RootsRequest{})
+	return c.RootsOf(ctx, PurposeEK)
+}
+
+// RootsOf returns the root of purpose p.
+func (c Client) RootsOf(ctx context.Context, p Purpose) ([][]byte, error) {
+	r, err := c.C.Roots(ctx, &capb.RootsRequest{Purpose: string(p)})
 	if err != nil {
 		return nil, err
 	}
@@ -207,18 +246,39 @@ func (s *Server) IssueIdentity(ctx context.Context, req *capb.IssueIdentityReque
 	return &capb.IssueIdentityResponse{Certificate: cert.Raw}, nil
 }
 
-// CRL serves the current revocation list.
-func (s *Server) CRL(ctx context.Context, _ *capb.CRLRequest) (*capb.CRLResponse, error) {
-	der, err := s.Authority.CRL(ctx, 24*time.Hour)
+// CRL serves the current revocation list of the requested purpose.
+func (s *Server) CRL(ctx context.Context, req *capb.CRLRequest) (*capb.CRLResponse, error) {
+	p, err := ParsePurpose(req.GetPurpose())
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	der, err := s.Authority.CRL(ctx, p, 24*time.Hour)
+	if errors.Is(err, ErrNoIssuer) {
+		return nil, status.Error(codes.NotFound, err.Error())
+	}
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	return &capb.CRLResponse{Crl: der}, nil
 }
 
-// CRL fetches the CA's current revocation list (DER).
+// CRL fetches the EK issuer's current revocation list (DER).
 func (c Client) CRL(ctx context.Context) ([]byte, error) {
-	r, err := c.C.CRL(ctx, &capb.CRLRequest{})
+	return c.CRLOf(PurposeEK).CRL(ctx)
+}
+
+// CRLOf is the revocation list of purpose p's issuer, fetched over gRPC.
+func (c Client) CRLOf(p Purpose) CRLClient { return CRLClient{C: c.C, Purpose: p} }
+
+// CRLClient fetches one issuer's revocation list.
+type CRLClient struct {
+	C       capb.CAClient
+	Purpose Purpose
+}
+
+// CRL fetches the list (DER).
+func (c CRLClient) CRL(ctx context.Context) ([]byte, error) {
+	r, err := c.C.CRL(ctx, &capb.CRLRequest{Purpose: string(c.Purpose)})
 	if err != nil {
 		return nil, err
 	}

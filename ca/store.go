@@ -2,8 +2,6 @@ package ca
 
 import (
 	"context"
-	"crypto"
-	"crypto/rand"
 	"crypto/subtle"
 	"crypto/x509"
 	"encoding/json"
@@ -191,23 +189,9 @@ func (s *BoltStore) NextCRLNumber(context.Context) (*big.Int, error) {
 	return n, err
 }
 
-// CRL signs a certificate revocation list of everything revoked so far,
-// valid for validity (default 24 h).
-func CRL(ctx context.Context, st Store, issuer *x509.Certificate, signer crypto.Signer, validity time.Duration) ([]byte, error) {
-	tmpl, err := crlTemplate(ctx, st, validity)
-	if err != nil {
-		return nil, err
-	}
-	return x509.CreateRevocationList(rand.Reader, tmpl, issuer, signer)
-}
-
-// crlTemplate is the next CRL's content: every revocation, a fresh number,
+// crlTemplate is the next CRL's content: the given revocations, a fresh number,
 // valid from now (less a minute of clock skew) for validity (default 24 h).
-func crlTemplate(ctx context.Context, st Store, validity time.Duration) (*x509.RevocationList, error) {
-	entries, err := st.Revoked(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("listing revocations: %w", err)
-	}
+func crlTemplate(ctx context.Context, st Store, entries []x509.RevocationListEntry, validity time.Duration) (*x509.RevocationList, error) {
 	num, err := st.NextCRLNumber(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("CRL number: %w", err)

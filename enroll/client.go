@@ -12,6 +12,7 @@ import (
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 
+	"cvtpm/attest/certprofile"
 	"cvtpm/attest/csv"
 	"cvtpm/internal/pkisig"
 )
@@ -108,11 +109,44 @@ func (c *Client) enrollSlot(ctx context.Context, slot EKSlot) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
+	if err := c.checkIssued(ctx, cert, area); err != nil {
+		return Result{}, fmt.Errorf("the CA's answer is not written to NV: %w", err)
+	}
 	unchanged, err := c.writeCert(slot.CertIndex, cert.Raw)
 	if err != nil {
 		return Result{}, fmt.Errorf("writing the certificate to NV 0x%08x: %w", uint32(slot.CertIndex), err)
 	}
 	return Result{Slot: slot, Certificate: cert, Unchanged: unchanged}, nil
+}
+
+// checkIssued checks what the CA returned before it goes into NV: a
+// certificate of the EK profile, for this EK, signed by one of the CA's EK
+// roots (which come over the same authenticated channel).
+func (c *Client) checkIssued(ctx context.Context, cert *x509.Certificate, area []byte) error {
+	ekPub, err := tpm2.Unmarshal[tpm2.TPMTPublic](area)
+	if err != nil {
+		return err
+	}
+	ek, err := tpm2.Pub(*ekPub)
+	if err != nil {
+		return err
+	}
+	if k, ok := cert.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(ek) {
+		return errors.New("the certificate is for another key than this EK")
+	}
+	if err := certprofile.CheckEK(cert); err != nil {
+		return err
+	}
+	roots, err := c.CA.Roots(ctx)
+	if err != nil {
+		return fmt.Errorf("the CA's EK roots: %w", err)
+	}
+	for _, r := range roots {
+		if pkisig.SignedBy(cert.Raw, r) == nil {
+			return nil
+		}
+	}
+	return errors.New("the certificate is not signed by the CA's EK root")
 }
 
 // currentCert returns the certificate already in the slot's NV index if it

@@ -41,21 +41,24 @@ pids+=($!)
 wait_log "$work/ca.log" 'EK CA serving'
 ca_addr=$(sed -n 's/.*grpc=\([^ ]*\).*/\1/p' "$work/ca.log" | head -1)
 ca_http=$(sed -n 's/.*EK CA serving.* http=\([^ ]*\).*/\1/p' "$work/ca.log" | head -1)
-say "CA at $ca_addr; its root certificate is $work/ca/ca.pem. The same service releases vTPM"
-say "backends' keys, but only to a CVM whose CSV report passes this policy."
+ca_fp=$(sed -n 's/.*fingerprint=\([0-9a-f]*\).*/\1/p' "$work/ca.log" | head -1)
+say "CA at $ca_addr (TLS; clients pin its fingerprint $ca_fp). One root per purpose, so no"
+say "certificate of one kind passes for another: ca.pem (EK), ak-ca.pem (AK), identity-ca.pem"
+say "(link identities), service-ca.pem (its TLS and the key broker's answers). The same service"
+say "releases vTPM backends' keys, but only to a CVM whose CSV report passes this policy."
 
 step "3. Link identities from the CA: who may talk to the backend"
 for who in frontend guest-vm1; do
   "$BIN" ca identity --dir "$work/ca" --name "$who" --out-cert "$work/$who.pem" --out-key "$work/$who.key" | sed 's/^/   /'
 done
 echo '{"clients": {"frontend": {"instances": ["*"], "capabilities": ["host"]}, "guest-vm1": {"instances": ["vm1"], "capabilities": ["guest"]}}}' > "$work/acl.json"
-say "the backend will trust identities from the CA's root ($work/ca/ca.pem): 'frontend' may use"
+say "the backend will trust identities from the CA's identity root ($work/ca/identity-ca.pem): 'frontend' may use"
 say "every instance, 'guest-vm1' only instance vm1."
 
 step "4. Start the backend inside the CVM: keys from the key broker, one libtpms worker per instance, state sealed with SM4-GCM"
 "$BIN" backend --dir "$work/backend" --listen "tcp:127.0.0.1:0" --cipher sm4-gcm \
-  --key-broker "$ca_addr" --broker-root "$work/ca/ca.pem" --backend-id backend-a --migration-domain demo \
-  --client-ca "$work/ca/ca.pem" --client-crl "http://$ca_http/crl" --acl "$work/acl.json" --csv-sim "$work/csv" --ca "$ca_addr" 2> "$work/backend.log" &
+  --key-broker "$ca_addr" --broker-root "$work/ca/service-ca.pem" --backend-id backend-a --migration-domain demo \
+  --client-ca "$work/ca/identity-ca.pem" --client-crl "http://$ca_http/crl/identity" --acl "$work/acl.json" --csv-sim "$work/csv" --ca "$ca_addr" 2> "$work/backend.log" &
 pids+=($!)
 wait_log "$work/backend.log" 'backend serving'
 link=$(sed -n 's/.*backend serving" link=\([^ ]*\).*/\1/p' "$work/backend.log")
@@ -82,7 +85,7 @@ export TPM2TOOLS_TCTI="swtpm:path=$work/vm1-tpm.sock"
 step "6. Use the TPM from the guest: the EK certificate, random bytes, a quote, an NV secret"
 tpm2_nvread 0x01c00002 -C o -o "$work/ek-rsa.der" 2>/dev/null
 openssl x509 -inform DER -in "$work/ek-rsa.der" -out "$work/ek-rsa.pem"
-say "tpm2_nvread 0x01c00002 -> EK certificate; openssl verify against the CA root: $(openssl verify -CAfile "$work/ca/ca.pem" "$work/ek-rsa.pem" | sed 's/.*: //')"
+say "tpm2_nvread 0x01c00002 -> EK certificate; openssl verify against the CA's EK root: $(openssl verify -CAfile "$work/ca/ca.pem" "$work/ek-rsa.pem" | sed 's/.*: //')"
 say "tpm2_getrandom 16 -> $(tpm2_getrandom --hex 16)"
 tpm2_createak -C 0x81010001 -c "$work/ak.ctx" -G ecc -g sha256 -s ecdsa -u "$work/ak.pub" -f pem >/dev/null
 tpm2_flushcontext -t  # no resource manager here (as with swtpm): free transient slots
@@ -101,15 +104,15 @@ if grep -rqa "$secret" "$work/backend"; then say "!! the secret is visible in th
 say "nor is it in any of the instance's state files (sealed)."
 
 step "7. Attest: the guest proves what it runs, and that its vTPM lives in the approved CVM"
-"$BIN" verifier --ca-root "$work/ca/ca.pem" --crl "http://$ca_http/crl" --policy "$work/policy.json" --cert-dir "$work/kds" \
+"$BIN" verifier --ek-root "$work/ca/ca.pem" --ak-root "$work/ca/ak-ca.pem" --crl "http://$ca_http/crl" --crl "http://$ca_http/crl/ak" --policy "$work/policy.json" --cert-dir "$work/kds" \
   --key "$work/verifier.key" --listen 127.0.0.1:0 --http "" 2> "$work/verifier.log" &
 pids+=($!)
 wait_log "$work/verifier.log" 'verifier serving'
 verifier=$(sed -n 's/.*grpc=\([^ ]*\).*/\1/p' "$work/verifier.log" | head -1)
-say "verifier at $verifier (trusts the EK CA's root and its CRL, and the CSV policy of step 1)"
+say "verifier at $verifier (trusts the CA's EK and AK roots and their CRLs, and the CSV policy of step 1)"
 "$BIN" guest measure --tpm "unix:$work/vm1-tpm.sock" --event-log "$work/guest-events.log" "demo bootloader" "demo app v1" | sed 's/^/   /'
 guest_attest() {
-  "$BIN" guest attest --tpm "unix:$work/vm1-tpm.sock" --ca "$ca_addr" --verifier "$verifier" \
+  "$BIN" guest attest --tpm "unix:$work/vm1-tpm.sock" --ca "$ca_addr" --ca-fingerprint "$ca_fp" --verifier "$verifier" \
     --event-log "$work/guest-events.log" --verifier-key "$work/verifier.key.pub.pem" 2>&1 | sed 's/^/   /'
 }
 guest_attest
@@ -171,7 +174,7 @@ mkdir -p "$work/kds/hsk_cek/SIMCHIP0666" && cp "$work/csv-other/hsk_cek.cert" "$
 pids+=($!)
 wait_for "$work/tpm2.sock"
 say "a vTPM in a CVM on a chip whose root the CA does not trust asks for an EK certificate:"
-"$BIN" enroll --tpm-socket "$work/tpm2.sock" --ca "$ca_addr" --instance demo-vm-2 --csv-sim "$work/csv-other" 2>&1 \
+"$BIN" enroll --tpm-socket "$work/tpm2.sock" --ca "$ca_addr" --ca-fingerprint "$ca_fp" --instance demo-vm-2 --csv-sim "$work/csv-other" 2>&1 \
   | sed -n 's/.*desc = \(.*\)/\1/p' | cut -c1-150 | sed 's/^/     /' || true
 say "and the simulated CSV evidence is refused by a verifier that trusts only HYGON's real root:"
 "$BIN" csv verify --report "$work/csv/report.cert" --hsk-cek "$work/csv/hsk_cek.cert" 2>&1 | sed 's/^/     /' || true

@@ -2,16 +2,13 @@ package test
 
 import (
 	"encoding/pem"
-	"fmt"
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/emmansun/gmsm/smx509"
 
@@ -20,31 +17,10 @@ import (
 	"cvtpm/test/testenv"
 )
 
-// startCA runs `cvtpm ca` and returns its gRPC and HTTP addresses.
-func startCA(t *testing.T, dir, policy, certDir string, extra ...string) (string, string, func()) {
+// startCA runs `cvtpm ca` with the offline HSK+CEK directory certDir.
+func startCA(t *testing.T, dir, policy, certDir string, extra ...string) *caProc {
 	t.Helper()
-	grpcPort, httpPort := testenv.FreePort(t), testenv.FreePort(t)
-	grpcAddr, httpAddr := fmt.Sprintf("127.0.0.1:%d", grpcPort), fmt.Sprintf("127.0.0.1:%d", httpPort)
-	cmd := exec.Command(testenv.Binary(t, testenv.Cvtpm), append([]string{"ca", "--dir", dir, "--policy", policy,
-		"--cert-dir", certDir, "--listen", grpcAddr, "--http", httpAddr}, extra...)...)
-	log := &strings.Builder{}
-	cmd.Stderr = log
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	stop := func() { cmd.Process.Signal(os.Interrupt); cmd.Wait() }
-	t.Cleanup(stop)
-	for i := 0; ; i++ {
-		if r, err := http.Get("http://" + httpAddr + "/roots.pem"); err == nil {
-			r.Body.Close()
-			break
-		}
-		if i > 200 {
-			t.Fatalf("cvtpm ca did not start:\n%s", log)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return grpcAddr, httpAddr, stop
+	return startCAProc(t, dir, policy, append([]string{"--cert-dir", certDir}, extra...)...)
 }
 
 // TestCACommand drives `cvtpm ca`, `cvtpm enroll` and `cvtpm ca revoke` as
@@ -64,10 +40,10 @@ func TestCACommand(t *testing.T) {
 	policy := filepath.Join(dir, "policy.json")
 	os.WriteFile(policy, []byte(`{"simulator_roots":["`+filepath.Join(dir, "SIMCHIP0001", "hrk.cert")+`"],"approved_measurements":["`+measure+`"]}`), 0o600)
 	caDir := filepath.Join(dir, "ca")
-	grpcAddr, httpAddr, stop := startCA(t, caDir, policy, filepath.Join(dir, "kds"))
+	c := startCA(t, caDir, policy, filepath.Join(dir, "kds"))
 
 	srv := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{})
-	out := testenv.Run(t, nil, bin, "enroll", "--tpm-socket", srv.DataPath, "--ca", grpcAddr, "--instance", "vm-a", "--csv-sim", filepath.Join(dir, "SIMCHIP0001"))
+	out := testenv.Run(t, nil, bin, "enroll", "--tpm-socket", srv.DataPath, "--ca", c.Addr, "--ca-fingerprint", c.Fingerprint, "--instance", "vm-a", "--csv-sim", filepath.Join(dir, "SIMCHIP0001"))
 	serial := regexp.MustCompile(`RSA-2048 +EK at 0x81010001: certificate serial ([0-9a-f]+)`).FindStringSubmatch(out)
 	if serial == nil {
 		t.Fatalf("cvtpm enroll printed no RSA certificate:\n%s", out)
@@ -75,16 +51,15 @@ func TestCACommand(t *testing.T) {
 
 	// A chip whose root the policy does not list: refused, reason named.
 	srv2 := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{})
-	refused, err := testenv.RunErr(nil, bin, "enroll", "--tpm-socket", srv2.DataPath, "--ca", grpcAddr, "--instance", "vm-b", "--csv-sim", filepath.Join(dir, "SIMCHIP0002"))
+	refused, err := testenv.RunErr(nil, bin, "enroll", "--tpm-socket", srv2.DataPath, "--ca", c.Addr, "--ca-fingerprint", c.Fingerprint, "--instance", "vm-b", "--csv-sim", filepath.Join(dir, "SIMCHIP0002"))
 	if err == nil || !strings.Contains(refused, ca.ReasonUntrustedRoot) {
 		t.Fatalf("enrollment on an untrusted chip: %v\n%s", err, refused)
 	}
 
 	testenv.Run(t, nil, bin, "ca", "revoke", "--dir", caDir, "--reason", "1", serial[1])
-	stop() // restart the CA: records must survive
-	grpcAddr, httpAddr, _ = startCA(t, caDir, policy, filepath.Join(dir, "kds"))
+	c.Restart(t) // records must survive
 
-	r, err := http.Get("http://" + httpAddr + "/crl?format=pem")
+	r, err := http.Get(c.CRLURL(ca.PurposeEK) + "?format=pem")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,7 +85,7 @@ func TestCACommand(t *testing.T) {
 
 	// The enroll client consults the CRL: the revoked RSA certificate is
 	// replaced by a new one, the valid ECC certificate is kept.
-	again := testenv.Run(t, nil, bin, "enroll", "--tpm-socket", srv.DataPath, "--ca", grpcAddr, "--instance", "vm-a", "--csv-sim", filepath.Join(dir, "SIMCHIP0001"))
+	again := testenv.Run(t, nil, bin, "enroll", "--tpm-socket", srv.DataPath, "--ca", c.Addr, "--ca-fingerprint", c.Fingerprint, "--instance", "vm-a", "--csv-sim", filepath.Join(dir, "SIMCHIP0001"))
 	newSerial := regexp.MustCompile(`RSA-2048 +EK at 0x81010001: certificate serial ([0-9a-f]+).* written`).FindStringSubmatch(again)
 	if newSerial == nil || newSerial[1] == serial[1] || !strings.Contains(again, "0x01c0000a already there") {
 		t.Fatalf("enrollment after revocation:\n%s", again)
@@ -118,7 +93,8 @@ func TestCACommand(t *testing.T) {
 }
 
 // `cvtpm ca identity`: a link identity issued over the admin socket that
-// openssl verifies against the CA root, for client and server auth.
+// openssl verifies against the CA's identity root, for client and server
+// auth, and not against its EK and AK roots.
 func TestCAIdentity(t *testing.T) {
 	dir := t.TempDir()
 	bin := testenv.Binary(t, testenv.Cvtpm)
@@ -128,8 +104,14 @@ func TestCAIdentity(t *testing.T) {
 	startCA(t, caDir, policy, dir)
 	cert, key := filepath.Join(dir, "guest.pem"), filepath.Join(dir, "guest.key")
 	testenv.Run(t, nil, bin, "ca", "identity", "--dir", caDir, "--name", "guest-vm7", "--out-cert", cert, "--out-key", key, "--validity", "24h")
-	if out := testenv.Run(t, nil, "openssl", "verify", "-CAfile", filepath.Join(caDir, "ca.pem"), cert); !strings.Contains(out, ": OK") {
+	if out := testenv.Run(t, nil, "openssl", "verify", "-CAfile", filepath.Join(caDir, "identity-ca.pem"), cert); !strings.Contains(out, ": OK") {
 		t.Fatalf("openssl verify: %s", out)
+	}
+	ekak, _ := os.ReadFile(filepath.Join(caDir, "ca.pem"))
+	ak, _ := os.ReadFile(filepath.Join(caDir, "ak-ca.pem"))
+	os.WriteFile(filepath.Join(dir, "ek-ak-roots.pem"), append(ekak, ak...), 0o600)
+	if out, err := testenv.RunErr(nil, "openssl", "verify", "-CAfile", filepath.Join(dir, "ek-ak-roots.pem"), cert); err == nil || strings.Contains(out, ": OK") {
+		t.Fatalf("openssl verify of an identity under the EK and AK roots passed: %s", out)
 	}
 	text := testenv.Run(t, nil, "openssl", "x509", "-in", cert, "-noout", "-text")
 	for _, want := range []string{"CN = guest-vm7", "TLS Web Client Authentication", "TLS Web Server Authentication"} {
@@ -158,11 +140,11 @@ func TestCASM2(t *testing.T) {
 	dir, bin := t.TempDir(), testenv.Binary(t, testenv.Cvtpm)
 	policy := simChipCA(t, dir, "")
 	caDir := filepath.Join(dir, "ca")
-	grpcAddr, httpAddr, _ := startCA(t, caDir, policy, filepath.Join(dir, "kds"), "--key-type", "sm2")
+	c := startCA(t, caDir, policy, filepath.Join(dir, "kds"), "--key-type", "sm2")
 
 	srv := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{})
 	enroll := func() string {
-		return testenv.Run(t, nil, bin, "enroll", "--tpm-socket", srv.DataPath, "--ca", grpcAddr, "--instance", "vm-sm2", "--csv-sim", filepath.Join(dir, "chip"))
+		return testenv.Run(t, nil, bin, "enroll", "--tpm-socket", srv.DataPath, "--ca", c.Addr, "--ca-fingerprint", c.Fingerprint, "--instance", "vm-sm2", "--csv-sim", filepath.Join(dir, "chip"))
 	}
 	enroll()
 	if again := enroll(); strings.Count(again, "already there") != 2 {
@@ -183,17 +165,17 @@ func TestCASM2(t *testing.T) {
 	}
 	// OpenSSL 3 does not assume SM2's default distinguishing ID
 	// (GB/T 32918: "1234567812345678", which gmsm signs with): pass it.
-	for _, c := range []string{tt.path("ek.pem"), func() string {
+	for _, tc := range []struct{ cert, root string }{{tt.path("ek.pem"), "ca.pem"}, {func() string {
 		cert, key := tt.path("id.pem"), tt.path("id.key")
 		testenv.Run(t, nil, bin, "ca", "identity", "--dir", caDir, "--name", "guest-sm2", "--out-cert", cert, "--out-key", key)
 		return cert
-	}()} {
-		out, err := testenv.RunErr(nil, testenv.Tool(t, "openssl"), "verify", "-vfyopt", "distid:1234567812345678", "-CAfile", filepath.Join(caDir, "ca.pem"), c)
+	}(), "identity-ca.pem"}} {
+		out, err := testenv.RunErr(nil, testenv.Tool(t, "openssl"), "verify", "-vfyopt", "distid:1234567812345678", "-CAfile", filepath.Join(caDir, tc.root), tc.cert)
 		if err != nil || !strings.Contains(out, ": OK") {
 			t.Fatalf("openssl verify of an SM2-signed certificate: %v\n%s", err, out)
 		}
 	}
-	r, err := http.Get("http://" + httpAddr + "/crl?format=pem")
+	r, err := http.Get(c.CRLURL(ca.PurposeEK) + "?format=pem")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -222,14 +204,13 @@ func TestReenrollNeverAcrossRestart(t *testing.T) {
 	dir, bin := t.TempDir(), testenv.Binary(t, testenv.Cvtpm)
 	policy := simChipCA(t, dir, `,"reenroll":"never"`)
 	caDir := filepath.Join(dir, "ca")
-	grpcAddr, _, stop := startCA(t, caDir, policy, filepath.Join(dir, "kds"))
+	c := startCA(t, caDir, policy, filepath.Join(dir, "kds"))
 	first := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{})
-	testenv.Run(t, nil, bin, "enroll", "--tpm-socket", first.DataPath, "--ca", grpcAddr, "--instance", "vm-a", "--csv-sim", filepath.Join(dir, "chip"))
-	stop()
-	grpcAddr, _, _ = startCA(t, caDir, policy, filepath.Join(dir, "kds"))
+	testenv.Run(t, nil, bin, "enroll", "--tpm-socket", first.DataPath, "--ca", c.Addr, "--ca-fingerprint", c.Fingerprint, "--instance", "vm-a", "--csv-sim", filepath.Join(dir, "chip"))
+	c.Restart(t)
 	// Another TPM (other EKs) claims to be vm-a after the restart.
 	second := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{})
-	out, err := testenv.RunErr(nil, bin, "enroll", "--tpm-socket", second.DataPath, "--ca", grpcAddr, "--instance", "vm-a", "--csv-sim", filepath.Join(dir, "chip"))
+	out, err := testenv.RunErr(nil, bin, "enroll", "--tpm-socket", second.DataPath, "--ca", c.Addr, "--ca-fingerprint", c.Fingerprint, "--instance", "vm-a", "--csv-sim", filepath.Join(dir, "chip"))
 	if err == nil || !strings.Contains(out, ca.ReasonReenroll) {
 		t.Fatalf("re-enrollment of vm-a with other EKs after a CA restart under reenroll never: %v\n%s", err, out)
 	}
@@ -248,4 +229,36 @@ func simChipCA(t *testing.T, dir, extra string) string {
 	policy := filepath.Join(dir, "policy.json")
 	os.WriteFile(policy, []byte(`{"simulator_roots":["`+filepath.Join(dir, "chip", "hrk.cert")+`"],"approved_measurements":["`+measure+`"]`+extra+`}`), 0o600)
 	return policy
+}
+
+// A CA port relayed by an attacker who answers with a CA of its own
+// (roots, certificates it chose): enroll, pinned to the real CA's
+// fingerprint, refuses to talk to it, and nothing is written to NV.
+func TestEnrollRefusesUnpinnedCA(t *testing.T) {
+	dir, bin := t.TempDir(), testenv.Binary(t, testenv.Cvtpm)
+	policy := simChipCA(t, dir, "")
+	real := startCA(t, filepath.Join(dir, "ca"), policy, filepath.Join(dir, "kds"))
+	if out := strings.TrimSpace(testenv.Run(t, nil, bin, "ca", "fingerprint", "--dir", real.Dir)); out != real.Fingerprint {
+		t.Fatalf("cvtpm ca fingerprint printed %q, want %q", out, real.Fingerprint)
+	}
+	// The attacker's CA would issue (same policy): only the pin stops it.
+	fake := startCA(t, filepath.Join(dir, "fake-ca"), policy, filepath.Join(dir, "kds"))
+	srv := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{})
+	for _, tc := range []struct{ name, addr, fp, want string }{
+		{"the attacker's CA at the real CA's address", fake.Addr, real.Fingerprint, "not the pinned"},
+		{"no fingerprint", real.Addr, "", "--ca-fingerprint is required"},
+		{"malformed fingerprint", real.Addr, "abc", "64 hex digits"},
+	} {
+		out, err := testenv.RunErr(nil, bin, "enroll", "--tpm-socket", srv.DataPath, "--ca", tc.addr, "--ca-fingerprint", tc.fp,
+			"--instance", "vm-a", "--csv-sim", filepath.Join(dir, "chip"), "--timeout", "10s")
+		if err == nil || !strings.Contains(out, tc.want) {
+			t.Errorf("%s: %v\n%s\nwant %q", tc.name, err, out, tc.want)
+		}
+	}
+	tt := tools{tb: t, tcti: srv.TCTI(), dir: dir}
+	if out, err := testenv.RunErr([]string{"TPM2TOOLS_TCTI=" + tt.tcti}, "tpm2_nvreadpublic", "0x01c00002"); err == nil {
+		t.Fatalf("an EK certificate index exists after refused enrollments:\n%s", out)
+	}
+	// The real CA, pinned: enrolled.
+	testenv.Run(t, nil, bin, append([]string{"enroll", "--tpm-socket", srv.DataPath, "--instance", "vm-a", "--csv-sim", filepath.Join(dir, "chip")}, real.ClientFlags()...)...)
 }

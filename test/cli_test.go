@@ -95,7 +95,9 @@ func TestVerifierStrictSettings(t *testing.T) {
 	// Any CA certificate will do: the verifier refuses before serving.
 	caDir := filepath.Join(dir, "ca")
 	startCA(t, caDir, policy, dir)
-	root := filepath.Join(caDir, "ca.pem")
+	root, akRoot := filepath.Join(caDir, "ca.pem"), filepath.Join(caDir, "ak-ca.pem")
+	garbage := filepath.Join(dir, "garbage.pem")
+	os.WriteFile(garbage, []byte("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"), 0o600)
 	chipPolicy := filepath.Join(dir, "chips.json")
 	os.WriteFile(chipPolicy, []byte(`{"deny_chips": ["FORGED01"]}`), 0o600)
 	for _, tc := range []struct {
@@ -103,11 +105,13 @@ func TestVerifierStrictSettings(t *testing.T) {
 		extra           []string
 	}{
 		{"no CRL", "", "--crl URL is required", nil},
+		{"no AK root", "", "--ak-root", []string{"--no-crl", "--ak-root", ""}},
+		{"garbage EK root", "", "--ek-root", []string{"--no-crl", "--ek-root", garbage}},
 		{"misspelt reference key", `{"pcr": {"sha256": {"16": "` + strings.Repeat("ab", 32) + `"}}}`, `unknown field "pcr"`, []string{"--no-crl"}},
 		{"malformed PCR value", `{"pcrs": {"sha256": {"16": "zz"}}}`, "not 64 hex digits", []string{"--no-crl"}},
 		{"chip lists with the evidence's own HSK+CEK", "", "need HSK+CEK looked up by chip serial", []string{"--no-crl", "--evidence-certs", "--policy", chipPolicy}},
 	} {
-		args := append([]string{"verifier", "--ca-root", root, "--policy", policy, "--key", filepath.Join(dir, "v.key"),
+		args := append([]string{"verifier", "--ek-root", root, "--ak-root", akRoot, "--policy", policy, "--key", filepath.Join(dir, "v.key"),
 			"--listen", "127.0.0.1:0", "--http", ""}, tc.extra...)
 		if tc.ref != "" {
 			ref := filepath.Join(dir, "ref.json")

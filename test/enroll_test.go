@@ -58,7 +58,8 @@ func TestEnrollIntoCvtpm(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	root, signer := caRoot(t, filepath.Join(dir, "root.pem"))
+	root, signer := caRoot(t, filepath.Join(dir, "root.pem"), "cvtpm e2e EK CA")
+	akRoot, akSigner := caRoot(t, filepath.Join(dir, "ak-root.pem"), "cvtpm e2e AK CA")
 	audit, err := ca.OpenAuditFile(filepath.Join(dir, "audit.jsonl"))
 	if err != nil {
 		t.Fatal(err)
@@ -67,7 +68,7 @@ func TestEnrollIntoCvtpm(t *testing.T) {
 	authority := &ca.Authority{
 		Policy:   policy,
 		Verifier: csv.NewVerifier(csv.VerifierOptions{TrustedRoots: policy.TrustedRoots(), Certs: csv.StaticSource{HSK: sim.HSK, CEK: sim.CEK}}),
-		Issuer:   root, Signer: signer,
+		EKIssuer: &ca.Issuer{Cert: root, Signer: signer}, AKIssuer: &ca.Issuer{Cert: akRoot, Signer: akSigner},
 		TPM:   ca.TPMInfo{Manufacturer: "id:49424D00", Model: "cvtpm", Version: "id:1", SpecRevision: 164},
 		Audit: audit,
 	}
@@ -146,12 +147,12 @@ func TestEnrollIntoCvtpm(t *testing.T) {
 	}
 }
 
-// caRoot makes a P-256 CA root and writes its PEM to path.
-func caRoot(t *testing.T, path string) (*x509.Certificate, *ecdsa.PrivateKey) {
+// caRoot makes a P-256 CA root named name and writes its PEM to path.
+func caRoot(t *testing.T, path, name string) (*x509.Certificate, *ecdsa.PrivateKey) {
 	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "cvtpm e2e EK CA"},
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
 		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
 		SubjectKeyId: []byte{9, 8, 7, 6},
@@ -237,8 +238,11 @@ func certifyAK(t *testing.T, path string, authority *ca.Authority, ekCert []byte
 	if err != nil {
 		t.Fatalf("AKCertify: %v", err)
 	}
-	if err := cert.CheckSignatureFrom(authority.Issuer); err != nil {
-		t.Fatalf("AK certificate does not chain to the CA: %v", err)
+	if err := cert.CheckSignatureFrom(authority.AKIssuer.Cert); err != nil {
+		t.Fatalf("AK certificate does not chain to the AK root: %v", err)
+	}
+	if err := cert.CheckSignatureFrom(authority.EKIssuer.Cert); err == nil {
+		t.Fatal("AK certificate chains to the EK root")
 	}
 	pub, err := attest.ParseAKPublic(params.Public)
 	if err != nil {

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"cvtpm/attest/csv"
+	"cvtpm/ca"
 	"cvtpm/test/testenv"
 )
 
@@ -48,10 +49,8 @@ func startHostEnv(t *testing.T) *hostEnv {
 	e.secret = []byte("tenant secret " + randHex(16))
 	e.migKey = filepath.Join(f.Dir, "migration.key")
 	os.WriteFile(e.migKey, []byte(randHex(32)+"\n"), 0o600)
-	caAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
-	testenv.StartDaemon(t, "ca", []string{"tcp:" + caAddr}, "ca", "--dir", e.caDir, "--policy", f.Policy,
-		"--hsk-cek", filepath.Join(f.SimDir, csv.SimHSKCEKFile), "--listen", caAddr)
-	e.topo = testenv.StartBackend(t, f, "--ca", caAddr, "--migration-key-file", e.migKey)
+	c := startCAProc(t, e.caDir, f.Policy, "--hsk-cek", filepath.Join(f.SimDir, csv.SimHSKCEKFile))
+	e.topo = testenv.StartBackend(t, f, append(c.ClientFlags(), "--migration-key-file", e.migKey)...)
 	e.topo.Admin(t, "create", "--enroll", "vm1")
 	e.topo.Admin(t, "create", "vm2")
 	e.ctrl = startFrontend(t, f, e.topo, "vm1", "vm2")
@@ -301,14 +300,14 @@ func brokerArgs(addr, root, id string) []string {
 }
 
 // startBroker runs `cvtpm ca --key-broker` with the topology's policy and
-// returns its address and root certificate.
+// returns its address and service root (what signs its answers and TLS).
 func startBroker(t *testing.T, f *testenv.TopologyFiles, extra ...string) (addr, root string) {
 	t.Helper()
 	dir := filepath.Join(f.Dir, "ca")
 	addr = fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
 	testenv.StartDaemon(t, "ca+broker", []string{"tcp:" + addr}, append([]string{"ca", "--dir", dir, "--policy", f.Policy,
 		"--hsk-cek", filepath.Join(f.SimDir, csv.SimHSKCEKFile), "--listen", addr, "--http", "", "--key-broker"}, extra...)...)
-	return addr, filepath.Join(dir, "ca.pem")
+	return addr, filepath.Join(dir, "service-ca.pem")
 }
 
 // The backend's keys come from the key broker on evidence: an approved
@@ -519,9 +518,7 @@ func TestWorkloadBindingEndToEnd(t *testing.T) {
 func TestRevokedLinkIdentityRefused(t *testing.T) {
 	f := testenv.NewTopologyFiles(t, 0x3)
 	caDir := filepath.Join(f.Dir, "ca")
-	addr, httpAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t)), fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
-	testenv.StartDaemon(t, "ca", []string{"tcp:" + addr, "tcp:" + httpAddr}, "ca", "--dir", caDir, "--policy", f.Policy,
-		"--hsk-cek", filepath.Join(f.SimDir, csv.SimHSKCEKFile), "--listen", addr, "--http", httpAddr)
+	c := startCAProc(t, caDir, f.Policy, "--hsk-cek", filepath.Join(f.SimDir, csv.SimHSKCEKFile))
 	bin := testenv.Binary(t, testenv.Cvtpm)
 	cert, key := filepath.Join(f.Dir, "id.pem"), filepath.Join(f.Dir, "id.key")
 	out := testenv.Run(t, nil, bin, "ca", "identity", "--dir", caDir, "--name", "guest-vm1", "--out-cert", cert, "--out-key", key)
@@ -529,8 +526,8 @@ func TestRevokedLinkIdentityRefused(t *testing.T) {
 	if serial == nil {
 		t.Fatalf("no serial in %q", out)
 	}
-	topo := testenv.StartBackend(t, f, "--client-ca", filepath.Join(caDir, "ca.pem"),
-		"--client-crl", "http://"+httpAddr+"/crl", "--client-crl-refresh", "200ms")
+	topo := testenv.StartBackend(t, f, "--client-ca", filepath.Join(caDir, "identity-ca.pem"),
+		"--client-crl", c.CRLURL(ca.PurposeIdentity), "--client-crl-refresh", "200ms")
 	topo.Admin(t, "create", "vm1")
 	port := testenv.FreePort(t)
 	testenv.StartDaemon(t, "guest proxy", []string{fmt.Sprintf("tcp:127.0.0.1:%d", port)}, "guest", "proxy",

@@ -18,6 +18,7 @@ import (
 
 	"cvtpm/attest/csv"
 	"cvtpm/attest/verifier"
+	"cvtpm/ca"
 )
 
 // anyNonce accepts every nonce, so one piece of evidence can be verified
@@ -45,8 +46,8 @@ func BenchmarkAttestationVerify(b *testing.B) {
 		b.Fatal(err)
 	}
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	v, err := verifier.New(context.Background(), verifier.Options{CARoots: [][]byte{e.caRoot.Raw}, CSV: policy, Signer: key, Nonces: anyNonce{},
-		CRL: &verifier.CachedCRL{Source: verifier.HTTPCRL{URL: e.crlURL}}})
+	v, err := verifier.New(context.Background(), verifier.Options{EKRoots: [][]byte{e.caRoot.Raw}, AKRoots: [][]byte{e.akRoot.Raw}, CSV: policy, Signer: key, Nonces: anyNonce{},
+		CRLs: []verifier.CRLSource{&verifier.CachedCRL{Source: verifier.HTTPCRL{URL: e.ca.CRLURL(ca.PurposeEK)}}, &verifier.CachedCRL{Source: verifier.HTTPCRL{URL: e.ca.CRLURL(ca.PurposeAK)}}}})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -78,7 +79,7 @@ func BenchmarkAttestationVerify(b *testing.B) {
 			if err := proto.Unmarshal(ev.TpmAttestation, att); err != nil {
 				return err
 			}
-			_, err := server.VerifyAttestation(att, server.VerifyOpts{Nonce: nonce, TrustedRootCerts: []*x509.Certificate{e.caRoot}})
+			_, err := server.VerifyAttestation(att, server.VerifyOpts{Nonce: nonce, TrustedRootCerts: []*x509.Certificate{e.akRoot}})
 			return err
 		}))
 	}

@@ -14,7 +14,6 @@ import (
 	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/pem"
-	"fmt"
 	"io"
 	"math/big"
 	"os"
@@ -30,7 +29,6 @@ import (
 	"github.com/google/go-tpm-tools/server"
 	"github.com/google/go-tpm/tpm2/transport"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/proto"
 
 	attestpb "cvtpm/api/attest"
@@ -50,10 +48,10 @@ import (
 type attestEnv struct {
 	files  *testenv.TopologyFiles
 	topo   *testenv.Topology
+	ca     *caProc
 	caDir  string
-	caAddr string
-	crlURL string
-	caRoot *x509.Certificate
+	caRoot *x509.Certificate // EK root
+	akRoot *x509.Certificate
 	caConn *grpc.ClientConn
 	tpms   map[string]transport.TPMCloser
 	logs   map[string]*eventLog
@@ -63,20 +61,9 @@ func startAttestEnv(t testing.TB, instances ...string) *attestEnv {
 	t.Helper()
 	f := testenv.NewTopologyFiles(t, 0x3)
 	e := &attestEnv{files: f, caDir: filepath.Join(f.Dir, "ca"), tpms: map[string]transport.TPMCloser{}, logs: map[string]*eventLog{}}
-	e.caAddr = fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
-	httpAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
-	e.crlURL = "http://" + httpAddr + "/crl"
-	testenv.StartDaemon(t, "ca", []string{"tcp:" + e.caAddr, "tcp:" + httpAddr}, "ca", "--dir", e.caDir, "--policy", f.Policy,
-		"--hsk-cek", filepath.Join(f.SimDir, csv.SimHSKCEKFile), "--listen", e.caAddr, "--http", httpAddr)
-	pemBytes, err := os.ReadFile(filepath.Join(e.caDir, "ca.pem"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	blk, _ := pem.Decode(pemBytes)
-	if e.caRoot, err = x509.ParseCertificate(blk.Bytes); err != nil {
-		t.Fatal(err)
-	}
-	e.topo = testenv.StartBackend(t, f, "--ca", e.caAddr)
+	e.ca = startCAProc(t, e.caDir, f.Policy, "--hsk-cek", filepath.Join(f.SimDir, csv.SimHSKCEKFile))
+	e.caRoot, e.akRoot = e.ca.Root(t, ca.PurposeEK), e.ca.Root(t, ca.PurposeAK)
+	e.topo = testenv.StartBackend(t, f, e.ca.ClientFlags()...)
 	for _, id := range instances {
 		e.topo.Admin(t, "create", "--enroll", id)
 		_, tcti := e.topo.StartGuestProxy(t, e.topo.LinkAddr, "frontend", id, f.Policy)
@@ -94,10 +81,7 @@ func startAttestEnv(t testing.TB, instances ...string) *attestEnv {
 		}
 		e.logs[id] = log
 	}
-	if e.caConn, err = grpc.NewClient(e.caAddr, grpc.WithTransportCredentials(insecure.NewCredentials())); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { e.caConn.Close() })
+	e.caConn = e.ca.Conn(t)
 	return e
 }
 
@@ -127,12 +111,17 @@ func (e *attestEnv) verifierWith(t *testing.T, csvPolicy *csv.AppraisalPolicy, r
 		t.Fatal(err)
 	}
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	v, err := verifier.New(context.Background(), verifier.Options{CARoots: [][]byte{e.caRoot.Raw},
-		CRL: verifier.HTTPCRL{URL: e.crlURL}, CSV: csvPolicy, Signer: key, Reference: reference})
+	v, err := verifier.New(context.Background(), verifier.Options{EKRoots: [][]byte{e.caRoot.Raw}, AKRoots: [][]byte{e.akRoot.Raw},
+		CRLs: e.crls(), CSV: csvPolicy, Signer: key, Reference: reference})
 	if err != nil {
 		t.Fatal(err)
 	}
 	return v, key
+}
+
+// crls are the EK and AK issuers' CRLs.
+func (e *attestEnv) crls() []verifier.CRLSource {
+	return []verifier.CRLSource{verifier.HTTPCRL{URL: e.ca.CRLURL(ca.PurposeEK)}, verifier.HTTPCRL{URL: e.ca.CRLURL(ca.PurposeAK)}}
 }
 
 // eventLog records measurements as firmware would (guestkit.EventLog).
@@ -218,20 +207,30 @@ func TestCombinedVerifier(t *testing.T) {
 	realOnly, _ := e.verifier(t, &csv.AppraisalPolicy{ApprovedMeasurements: []string{hex.EncodeToString(e.files.Measure[:])}})
 	bothRoots, _ := e.verifier(t, &csv.AppraisalPolicy{SimulatorRoots: []string{filepath.Join(e.files.SimDir, csv.SimRootFile), sim2Root},
 		ApprovedMeasurements: []string{hex.EncodeToString(e.files.Measure[:])}})
-	// A link identity the same CA issued (a software key).
+	// A link identity the same CA issued (a software key), from its
+	// identity root: neither the EK nor the AK root vouches for it.
 	idCert, idKey := filepath.Join(t.TempDir(), "id.pem"), filepath.Join(t.TempDir(), "id.key")
 	testenv.Run(t, nil, testenv.Binary(t, testenv.Cvtpm), "ca", "identity", "--dir", e.caDir, "--name", "impostor", "--out-cert", idCert, "--out-key", idKey)
 	idPEM, _ := os.ReadFile(idCert)
 	idBlock, _ := pem.Decode(idPEM)
 	cases := []refusal{
-		{"link identity presented as the EK certificate", "cvtpm-vtpm", "ek-certificate-not-ek-profile", func(n []byte) *attestpb.Evidence {
+		{"link identity presented as the EK certificate", "cvtpm-vtpm", "ek-certificate-untrusted", func(n []byte) *attestpb.Evidence {
 			ev := e.gather(t, "vm1", n)
 			ev.EkChain = [][]byte{idBlock.Bytes}
 			return ev
 		}, nil, nil},
-		{"link identity presented as the AK certificate", "cvtpm-vtpm", "ak-certificate-not-ak-profile", func(n []byte) *attestpb.Evidence {
+		{"link identity presented as the AK certificate", "cvtpm-vtpm", "ak-certificate-untrusted", func(n []byte) *attestpb.Evidence {
 			ev := e.gather(t, "vm1", n)
 			return editAttestation(t, ev, func(a *tpmtoolspb.Attestation) { a.AkCert = idBlock.Bytes })
+		}, nil, nil},
+		{"AK certificate presented as the EK certificate", "cvtpm-vtpm", "ek-certificate-untrusted", func(n []byte) *attestpb.Evidence {
+			ev := e.gather(t, "vm1", n)
+			att := &tpmtoolspb.Attestation{}
+			if err := proto.Unmarshal(ev.TpmAttestation, att); err != nil {
+				t.Fatal(err)
+			}
+			ev.EkChain = [][]byte{att.AkCert}
+			return ev
 		}, nil, nil},
 		{"PCR changed after the quote", "cvtpm-vtpm", "pcrs-do-not-match-quote", func(n []byte) *attestpb.Evidence {
 			ev := e.gather(t, "vm1", n)
@@ -434,8 +433,20 @@ func TestInteropVerifiers(t *testing.T) {
 	if err := proto.Unmarshal(ev.TpmAttestation, att); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := server.VerifyAttestation(att, server.VerifyOpts{Nonce: nonce, TrustedRootCerts: []*x509.Certificate{e.caRoot}}); err != nil {
-		t.Fatalf("go-tpm-tools VerifyAttestation with the CA root: %v", err)
+	if _, err := server.VerifyAttestation(att, server.VerifyOpts{Nonce: nonce, TrustedRootCerts: []*x509.Certificate{e.akRoot}}); err != nil {
+		t.Fatalf("go-tpm-tools VerifyAttestation with the AK root: %v", err)
+	}
+	// A relying party that trusts the EK and AK roots does not take a link
+	// identity (a software key the host may hold) for an AK: quotes it
+	// signs do not verify.
+	idCert, idKey := filepath.Join(t.TempDir(), "id.pem"), filepath.Join(t.TempDir(), "id.key")
+	testenv.Run(t, nil, testenv.Binary(t, testenv.Cvtpm), "ca", "identity", "--dir", e.caDir, "--name", "frontend", "--out-cert", idCert, "--out-key", idKey)
+	idPEM, _ := os.ReadFile(idCert)
+	idBlock, _ := pem.Decode(idPEM)
+	forged := proto.Clone(att).(*tpmtoolspb.Attestation)
+	forged.AkCert = idBlock.Bytes
+	if _, err := server.VerifyAttestation(forged, server.VerifyOpts{Nonce: nonce, TrustedRootCerts: []*x509.Certificate{e.caRoot, e.akRoot}}); err == nil {
+		t.Fatal("go-tpm-tools accepted a link identity certificate as the AK certificate under the EK and AK roots")
 	}
 
 	// go-attestation's public API only, as a remote verifier would use it.

@@ -217,8 +217,10 @@ func (x *EnrollResponse) GetCertificate() []byte {
 	return nil
 }
 
+// purpose: "ek" (or empty), "ak" or "identity".
 type RootsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
+	Purpose       string                 `protobuf:"bytes,1,opt,name=purpose,proto3" json:"purpose,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -251,6 +253,13 @@ func (x *RootsRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use RootsRequest.ProtoReflect.Descriptor instead.
 func (*RootsRequest) Descriptor() ([]byte, []int) {
 	return file_ca_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *RootsRequest) GetPurpose() string {
+	if x != nil {
+		return x.Purpose
+	}
+	return ""
 }
 
 type RootsResponse struct {
@@ -760,6 +769,7 @@ func (x *IssueIdentityResponse) GetCertificate() []byte {
 
 type CRLRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
+	Purpose       string                 `protobuf:"bytes,1,opt,name=purpose,proto3" json:"purpose,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -792,6 +802,13 @@ func (x *CRLRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use CRLRequest.ProtoReflect.Descriptor instead.
 func (*CRLRequest) Descriptor() ([]byte, []int) {
 	return file_ca_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *CRLRequest) GetPurpose() string {
+	if x != nil {
+		return x.Purpose
+	}
+	return ""
 }
 
 type CRLResponse struct {
@@ -854,8 +871,9 @@ const file_ca_proto_rawDesc = "" +
 	"\n" +
 	"csv_report\x18\x04 \x01(\fR\tcsvReport\"2\n" +
 	"\x0eEnrollResponse\x12 \n" +
-	"\vcertificate\x18\x01 \x01(\fR\vcertificate\"\x0e\n" +
-	"\fRootsRequest\"3\n" +
+	"\vcertificate\x18\x01 \x01(\fR\vcertificate\"(\n" +
+	"\fRootsRequest\x12\x18\n" +
+	"\apurpose\x18\x01 \x01(\tR\apurpose\"3\n" +
 	"\rRootsResponse\x12\"\n" +
 	"\fcertificates\x18\x01 \x03(\fR\fcertificates\"?\n" +
 	"\rRevokeRequest\x12\x16\n" +
@@ -886,9 +904,10 @@ const file_ca_proto_rawDesc = "" +
 	"\x03csr\x18\x01 \x01(\fR\x03csr\x12)\n" +
 	"\x10validity_seconds\x18\x02 \x01(\x03R\x0fvaliditySeconds\"9\n" +
 	"\x15IssueIdentityResponse\x12 \n" +
-	"\vcertificate\x18\x01 \x01(\fR\vcertificate\"\f\n" +
+	"\vcertificate\x18\x01 \x01(\fR\vcertificate\"&\n" +
 	"\n" +
-	"CRLRequest\"\x1f\n" +
+	"CRLRequest\x12\x18\n" +
+	"\apurpose\x18\x01 \x01(\tR\apurpose\"\x1f\n" +
 	"\vCRLResponse\x12\x10\n" +
 	"\x03crl\x18\x01 \x01(\fR\x03crl2\xc6\x04\n" +
 	"\x02CA\x12J\n" +

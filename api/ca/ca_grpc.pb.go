@@ -41,10 +41,12 @@ type CAClient interface {
 	Challenge(ctx context.Context, in *ChallengeRequest, opts ...grpc.CallOption) (*ChallengeResponse, error)
 	// Enroll appraises CSV evidence bound to an EK and issues its certificate.
 	Enroll(ctx context.Context, in *EnrollRequest, opts ...grpc.CallOption) (*EnrollResponse, error)
-	// Roots returns the CA certificates (DER) that EK certificates chain to.
+	// Roots returns the root (DER) of one purpose: EK certificates chain to
+	// the EK root, AK certificates to the AK root, link identities and the
+	// CA's TLS certificate to the identity root.
 	Roots(ctx context.Context, in *RootsRequest, opts ...grpc.CallOption) (*RootsResponse, error)
-	// CRL returns the current certificate revocation list (DER), signed by
-	// the root; the same as HTTP /crl.
+	// CRL returns the current certificate revocation list (DER) of one
+	// purpose's root; the same as HTTP /crl, /crl/ak and /crl/identity.
 	CRL(ctx context.Context, in *CRLRequest, opts ...grpc.CallOption) (*CRLResponse, error)
 	// Revoke revokes an issued certificate; the next CRL lists it
 	// (served only on the CA's admin socket).
@@ -157,10 +159,12 @@ type CAServer interface {
 	Challenge(context.Context, *ChallengeRequest) (*ChallengeResponse, error)
 	// Enroll appraises CSV evidence bound to an EK and issues its certificate.
 	Enroll(context.Context, *EnrollRequest) (*EnrollResponse, error)
-	// Roots returns the CA certificates (DER) that EK certificates chain to.
+	// Roots returns the root (DER) of one purpose: EK certificates chain to
+	// the EK root, AK certificates to the AK root, link identities and the
+	// CA's TLS certificate to the identity root.
 	Roots(context.Context, *RootsRequest) (*RootsResponse, error)
-	// CRL returns the current certificate revocation list (DER), signed by
-	// the root; the same as HTTP /crl.
+	// CRL returns the current certificate revocation list (DER) of one
+	// purpose's root; the same as HTTP /crl, /crl/ak and /crl/identity.
 	CRL(context.Context, *CRLRequest) (*CRLResponse, error)
 	// Revoke revokes an issued certificate; the next CRL lists it
 	// (served only on the CA's admin socket).

@@ -11,6 +11,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -30,20 +31,24 @@ import (
 	"cvtpm/internal/pkisig"
 )
 
-// CRLSource supplies the EK CA's current CRL.
+// CRLSource supplies one issuer's current CRL.
 type CRLSource = pkisig.CRLSource
 
 // Options configure a Verifier.
 type Options struct {
-	// CARoots are the EK CA roots that must have signed the EK and AK
-	// certificates (the cvtpm EK CA issues both from its root; further
-	// certificates in Evidence.ek_chain are not used). Required.
-	// DER, because an SM2 CA's root (ca --key-type sm2) is beyond
-	// crypto/x509; such roots work for everything but the CRL check.
-	CARoots [][]byte
-	// CRL, if set, is consulted for every EK certificate; an unavailable
-	// CRL fails the appraisal.
-	CRL CRLSource
+	// EKRoots must have signed the EK certificate, AKRoots the AK
+	// certificate (the cvtpm CA's ca.pem and ak-ca.pem: one root per
+	// purpose, so neither kind, nor a link identity, passes for the
+	// other; further certificates in Evidence.ek_chain are not used).
+	// Both required. DER, because an SM2 CA's root (ca --key-type sm2)
+	// is beyond crypto/x509; such roots work for everything but the CRL
+	// check.
+	EKRoots, AKRoots [][]byte
+	// CRLs, if set, are the issuers' revocation lists: the EK and the AK
+	// certificate are each looked up in the CRL of their issuer. A
+	// certificate whose issuer has no (current, signed) CRL among them
+	// fails the appraisal.
+	CRLs []CRLSource
 	// CSV is the platform policy: trusted HYGON roots, approved
 	// measurements, policy bits. Required.
 	CSV *csv.AppraisalPolicy
@@ -125,8 +130,8 @@ type Verifier struct {
 
 // New returns a Verifier.
 func New(ctx context.Context, opts Options) (*Verifier, error) {
-	if len(opts.CARoots) == 0 || opts.CSV == nil || opts.Signer == nil {
-		return nil, errors.New("verifier: CARoots, CSV policy and Signer are required")
+	if len(opts.EKRoots) == 0 || len(opts.AKRoots) == 0 || opts.CSV == nil || opts.Signer == nil {
+		return nil, errors.New("verifier: EKRoots, AKRoots, CSV policy and Signer are required")
 	}
 	if opts.NonceTTL == 0 {
 		opts.NonceTTL = 5 * time.Minute
@@ -143,7 +148,7 @@ func New(ctx context.Context, opts Options) (*Verifier, error) {
 	}
 	v := &Verifier{opts: opts, policy: p, trustOK: map[[32]byte]bool{}, parsed: map[[32]byte]any{}, ekMatch: map[[32]byte]any{},
 		crlOK: map[[32]byte]any{}}
-	for _, der := range opts.CARoots {
+	for _, der := range append(slices.Clone(opts.EKRoots), opts.AKRoots...) {
 		if root, err := x509.ParseCertificate(der); err == nil {
 			v.crlIssuers = append(v.crlIssuers, root)
 		}
@@ -242,18 +247,24 @@ func (v *Verifier) Verify(ctx context.Context, nonce []byte, ev *attestpb.Eviden
 	return &Result{Token: token, Submods: submods, Facts: f}, nil
 }
 
-// trusted reports whether a CA root signed c. Positive answers are cached
-// by the certificate's digest: an instance's EK and AK certificates come
-// back with every attestation.
-func (v *Verifier) trusted(c *x509.Certificate) bool {
-	key := sha256.Sum256(c.Raw)
+// trusted reports whether one of roots signed c. Positive answers are
+// cached by the certificate's and root set's digest: an instance's EK and
+// AK certificates come back with every attestation.
+func (v *Verifier) trusted(c *x509.Certificate, roots [][]byte) bool {
+	h := sha256.New()
+	h.Write(c.Raw)
+	for _, r := range roots {
+		h.Write(r)
+	}
+	var key [32]byte
+	h.Sum(key[:0])
 	v.mu.Lock()
 	ok := v.trustOK[key]
 	v.mu.Unlock()
 	if ok {
 		return true
 	}
-	for _, root := range v.opts.CARoots {
+	for _, root := range roots {
 		if pkisig.SignedBy(c.Raw, root) == nil {
 			v.mu.Lock()
 			if len(v.trustOK) > 1<<16 {
@@ -305,7 +316,7 @@ func (v *Verifier) checkTPM(ctx context.Context, nonce []byte, ev *attestpb.Evid
 		// Go's x509.Verify refuses TCG EK certificates (their critical SAN
 		// holds only a directoryName), so the signature is checked directly.
 		switch {
-		case !v.trusted(c):
+		case !v.trusted(c, v.opts.EKRoots):
 			t.EKReason = "ek-certificate-untrusted"
 		case now.Before(c.NotBefore) || now.After(c.NotAfter):
 			t.EKReason = "ek-certificate-expired"
@@ -316,7 +327,7 @@ func (v *Verifier) checkTPM(ctx context.Context, nonce []byte, ev *attestpb.Evid
 		default:
 			t.EKTrusted = true
 		}
-		if t.EKTrusted && v.opts.CRL != nil {
+		if t.EKTrusted && len(v.opts.CRLs) > 0 {
 			revoked, err := v.revoked(ctx, c)
 			if err != nil {
 				t.EKTrusted, t.EKReason, t.Detail = false, "crl-unavailable", err.Error()
@@ -334,7 +345,7 @@ func (v *Verifier) checkTPM(ctx context.Context, nonce []byte, ev *attestpb.Evid
 	switch {
 	case err != nil:
 		t.AKReason = "ak-certificate-missing-or-malformed"
-	case !v.trusted(akCert):
+	case !v.trusted(akCert, v.opts.AKRoots):
 		t.AKReason = "ak-certificate-untrusted"
 	case now.Before(akCert.NotBefore) || now.After(akCert.NotAfter):
 		t.AKReason = "ak-certificate-expired"
@@ -344,6 +355,13 @@ func (v *Verifier) checkTPM(ctx context.Context, nonce []byte, ev *attestpb.Evid
 		t.AKReason = "ak-not-bound-to-ek"
 	default:
 		t.AKBound = true
+	}
+	if t.AKBound && len(v.opts.CRLs) > 0 {
+		if revoked, err := v.revoked(ctx, akCert); err != nil {
+			t.AKBound, t.AKReason, t.Detail = false, "crl-unavailable", err.Error()
+		} else if revoked {
+			t.AKBound, t.AKReason = false, "ak-certificate-revoked"
+		}
 	}
 	if akCert == nil {
 		t.QuoteReason = "ak-certificate-missing-or-malformed"
@@ -410,38 +428,47 @@ func certifiesEK(ak, ek *x509.Certificate) bool {
 }
 
 func (v *Verifier) revoked(ctx context.Context, c *x509.Certificate) (bool, error) {
-	crl, err := v.opts.CRL.CRL(ctx)
-	if err != nil {
-		return false, err
-	}
-	if crl == nil {
-		return false, errors.New("no CRL")
-	}
-	// A CRL past its NextUpdate may be an old copy replayed to hide a
-	// revocation.
-	if now := v.opts.Now(); !crl.NextUpdate.IsZero() && now.After(crl.NextUpdate) {
-		return false, fmt.Errorf("the CRL expired at %s", crl.NextUpdate.UTC().Format(time.RFC3339))
-	}
-	key := sha256.Sum256(crl.Raw)
-	if v.cached(v.crlOK, key) == nil {
-		ok := false
-		for _, root := range v.crlIssuers {
-			if crl.CheckSignatureFrom(root) == nil {
-				ok = true
-				break
+	// Each source is one issuer's list; c is looked up in its issuer's.
+	var lastErr error
+	for _, src := range v.opts.CRLs {
+		crl, err := src.CRL(ctx)
+		if err != nil {
+			lastErr = err
+			continue
+		}
+		if crl == nil || !bytes.Equal(crl.RawIssuer, c.RawIssuer) {
+			continue
+		}
+		// A CRL past its NextUpdate may be an old copy replayed to hide
+		// a revocation.
+		if now := v.opts.Now(); !crl.NextUpdate.IsZero() && now.After(crl.NextUpdate) {
+			return false, fmt.Errorf("the CRL of %q expired at %s", c.Issuer.CommonName, crl.NextUpdate.UTC().Format(time.RFC3339))
+		}
+		key := sha256.Sum256(crl.Raw)
+		if v.cached(v.crlOK, key) == nil {
+			ok := false
+			for _, root := range v.crlIssuers {
+				if bytes.Equal(root.RawSubject, c.RawIssuer) && crl.CheckSignatureFrom(root) == nil {
+					ok = true
+					break
+				}
+			}
+			if !ok {
+				return false, fmt.Errorf("the CRL of %q is not signed by a trusted root", c.Issuer.CommonName)
+			}
+			v.remember(v.crlOK, key, true)
+		}
+		for _, r := range crl.RevokedCertificateEntries {
+			if r.SerialNumber.Cmp(c.SerialNumber) == 0 {
+				return true, nil
 			}
 		}
-		if !ok {
-			return false, errors.New("the CRL is not signed by a trusted CA root")
-		}
-		v.remember(v.crlOK, key, true)
+		return false, nil
 	}
-	for _, r := range crl.RevokedCertificateEntries {
-		if r.SerialNumber.Cmp(c.SerialNumber) == 0 {
-			return true, nil
-		}
+	if lastErr != nil {
+		return false, lastErr
 	}
-	return false, nil
+	return false, fmt.Errorf("no CRL of the issuer %q is configured", c.Issuer.CommonName)
 }
 
 // checkCSV establishes the platform facts: a report for this nonce, EK and

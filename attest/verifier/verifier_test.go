@@ -32,8 +32,9 @@ func newTestVerifier(t testing.TB, reference map[string]any) (*Verifier, *ecdsa.
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true,
 		KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign}
 	der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	root, _ := x509.ParseCertificate(der)
-	v, err := New(context.Background(), Options{CARoots: [][]byte{root.Raw}, CSV: &csv.AppraisalPolicy{}, Signer: key, Reference: reference})
+	tmpl.Subject.CommonName = "test AK CA"
+	akDER, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	v, err := New(context.Background(), Options{EKRoots: [][]byte{der}, AKRoots: [][]byte{akDER}, CSV: &csv.AppraisalPolicy{}, Signer: key, Reference: reference})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -220,10 +221,11 @@ func makeCRL(t *testing.T, issuer *x509.Certificate, key *ecdsa.PrivateKey, next
 // from another issuer makes the check fail rather than pass.
 func TestRevoked(t *testing.T) {
 	v, key := newTestVerifier(t, nil)
-	root, _ := x509.ParseCertificate(v.opts.CARoots[0])
+	root, _ := x509.ParseCertificate(v.opts.EKRoots[0])
+	akRoot, _ := x509.ParseCertificate(v.opts.AKRoots[0])
 	otherKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	later, earlier := time.Now().Add(time.Hour), time.Now().Add(-time.Minute)
-	ek := &x509.Certificate{SerialNumber: big.NewInt(7)}
+	ek := &x509.Certificate{SerialNumber: big.NewInt(7), RawIssuer: root.RawSubject, Issuer: root.Subject}
 	for _, tc := range []struct {
 		name    string
 		crl     *x509.RevocationList
@@ -233,10 +235,12 @@ func TestRevoked(t *testing.T) {
 		{"not listed", makeCRL(t, root, key, later, 1, 2), false, ""},
 		{"listed", makeCRL(t, root, key, later, 1, 7), true, ""},
 		{"expired", makeCRL(t, root, key, earlier, 7), false, "expired"},
-		{"another issuer", makeCRL(t, root, otherKey, later), false, "not signed by a trusted CA root"},
+		{"forged under the issuer's name", makeCRL(t, root, otherKey, later), false, "not signed by a trusted root"},
+		// The AK issuer's CRL says nothing about EK certificates.
+		{"only another issuer's CRL", makeCRL(t, akRoot, key, later, 7), false, "no CRL of the issuer"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			v.opts.CRL = crlFunc(func() (*x509.RevocationList, error) { return tc.crl, nil })
+			v.opts.CRLs = []CRLSource{crlFunc(func() (*x509.RevocationList, error) { return tc.crl, nil })}
 			revoked, err := v.revoked(context.Background(), ek)
 			if revoked != tc.revoked || (err == nil) != (tc.err == "") || err != nil && !strings.Contains(err.Error(), tc.err) {
 				t.Fatalf("revoked, err = %v, %v; want %v, %q", revoked, err, tc.revoked, tc.err)
@@ -249,7 +253,7 @@ func TestRevoked(t *testing.T) {
 // passed, and not in between.
 func TestCachedCRL(t *testing.T) {
 	v, key := newTestVerifier(t, nil)
-	root, _ := x509.ParseCertificate(v.opts.CARoots[0])
+	root, _ := x509.ParseCertificate(v.opts.EKRoots[0])
 	fetches := 0
 	next := time.Now().Add(time.Hour)
 	c := &CachedCRL{MaxAge: 50 * time.Millisecond, Source: crlFunc(func() (*x509.RevocationList, error) {

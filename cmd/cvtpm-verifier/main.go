@@ -30,6 +30,7 @@ import (
 	attestpb "cvtpm/api/attest"
 	"cvtpm/attest/csv"
 	"cvtpm/attest/verifier"
+	"cvtpm/internal/pkisig"
 )
 
 func main() {
@@ -54,10 +55,12 @@ func run(ctx context.Context, args []string) error {
 	}
 	fs := flag.NewFlagSet("cvtpm verifier", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: cvtpm verifier --ca-root FILE --policy FILE --key FILE [options]
+		fmt.Fprint(fs.Output(), `Usage: cvtpm verifier --ek-root FILE --ak-root FILE --crl URL --crl URL --policy FILE --key FILE [options]
 
 Appraises evidence from 'cvtpm guest attest': the vTPM's EK and AK
-certificates (from the cvtpm EK CA, checked against --ca-root and the CRL),
+certificates (from the cvtpm CA: the EK certificate must chain to --ek-root,
+its ca.pem, the AK certificate to --ak-root, its ak-ca.pem; each is looked
+up in its issuer's CRL: --crl http://CA:7080/crl --crl http://CA:7080/crl/ak),
 its quote and event log, and a fresh CSV report of the backend hosting it,
 all bound to one single-use nonce. The CSV half is judged by --policy (the
 same JSON as the EK CA's evidence policy: trusted roots, approved
@@ -73,9 +76,14 @@ Options:
 `)
 		fs.PrintDefaults()
 	}
-	caRoot := fs.String("ca-root", "", "PEM file with the EK CA root(s) (required)")
-	crlURL := fs.String("crl", "", "the EK CA's CRL URL (e.g. http://127.0.0.1:7080/crl) (required unless --no-crl)")
-	noCRL := fs.Bool("no-crl", false, "run without revocation checks (revoked EK certificates are then not detected)")
+	ekRoot := fs.String("ek-root", "", "PEM file with the root(s) EK certificates must chain to (cvtpm ca: DIR/ca.pem) (required)")
+	akRoot := fs.String("ak-root", "", "PEM file with the root(s) AK certificates must chain to (cvtpm ca: DIR/ak-ca.pem) (required)")
+	var crlURLs []string
+	fs.Func("crl", "an issuer's CRL URL, once per issuer: the EK root's (cvtpm ca: http://CA:7080/crl) and the AK root's (/crl/ak) (required unless --no-crl)", func(v string) error {
+		crlURLs = append(crlURLs, v)
+		return nil
+	})
+	noCRL := fs.Bool("no-crl", false, "run without revocation checks (revoked EK and AK certificates are then not detected)")
 	policyFile := fs.String("policy", "", "CSV evidence policy, JSON (required)")
 	regoFile := fs.String("rego", "", "Rego appraisal policy replacing the built-in one (package cvtpm, rule result)")
 	refFile := fs.String("reference", "", "reference values for the policy (JSON)")
@@ -95,19 +103,23 @@ Options:
 		fmt.Fprintf(fs.Output(), "unexpected arguments: %v\n", fs.Args())
 		return errUsage
 	}
-	if *caRoot == "" || *policyFile == "" || *keyFile == "" {
-		return errors.New("--ca-root, --policy and --key are required (see --help)")
+	if *ekRoot == "" || *akRoot == "" || *policyFile == "" || *keyFile == "" {
+		return errors.New("--ek-root, --ak-root, --policy and --key are required (see --help)")
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	roots, err := readCertsPEM(*caRoot)
+	ekRoots, err := readCertsPEM(*ekRoot)
 	if err != nil {
-		return fmt.Errorf("--ca-root: %w", err)
+		return fmt.Errorf("--ek-root: %w", err)
+	}
+	akRoots, err := readCertsPEM(*akRoot)
+	if err != nil {
+		return fmt.Errorf("--ak-root: %w", err)
 	}
 	policy, err := csv.LoadAppraisalPolicy(*policyFile)
 	if err != nil {
 		return err
 	}
-	opts := verifier.Options{CARoots: roots, CSV: policy}
+	opts := verifier.Options{EKRoots: ekRoots, AKRoots: akRoots, CSV: policy}
 	// The chip serial in a report is not authenticated by the firmware:
 	// with the HSK/CEK sent along, a forged serial (MAC recomputed)
 	// would pass chip lists and the "report from another backend" check.
@@ -126,14 +138,16 @@ Options:
 		opts.CSVCerts = &csv.CachedSource{Source: csv.HTTPSource{BaseURL: *kds, Timeout: 15 * time.Second}, TTL: 24 * time.Hour}
 	}
 	switch {
-	case *crlURL != "" && *noCRL:
+	case len(crlURLs) > 0 && *noCRL:
 		return errors.New("--crl and --no-crl exclude each other")
-	case *crlURL != "":
-		opts.CRL = &verifier.CachedCRL{Source: verifier.HTTPCRL{URL: *crlURL}}
+	case len(crlURLs) > 0:
+		for _, u := range crlURLs {
+			opts.CRLs = append(opts.CRLs, &verifier.CachedCRL{Source: verifier.HTTPCRL{URL: u}})
+		}
 	case *noCRL:
-		log.Warn("--no-crl: revoked EK certificates will not be detected")
+		log.Warn("--no-crl: revoked EK and AK certificates will not be detected")
 	default:
-		return errors.New("--crl URL is required (the EK CA's CRL); --no-crl runs without revocation checks on purpose")
+		return errors.New("--crl URL is required, once per issuer (the CA's /crl and /crl/ak); --no-crl runs without revocation checks on purpose")
 	}
 	if *regoFile != "" {
 		b, err := os.ReadFile(*regoFile)
@@ -214,9 +228,15 @@ func readCertsPEM(path string) ([][]byte, error) {
 		if blk == nil {
 			break
 		}
-		if blk.Type == "CERTIFICATE" {
-			out = append(out, blk.Bytes)
+		if blk.Type != "CERTIFICATE" {
+			continue
 		}
+		// A root is self-signed: anything else (garbage, a leaf, a
+		// truncated copy) is refused here, not found out later.
+		if err := pkisig.SignedBy(blk.Bytes, blk.Bytes); err != nil {
+			return nil, fmt.Errorf("%s: certificate %d is not a self-signed root: %w", path, len(out)+1, err)
+		}
+		out = append(out, blk.Bytes)
 	}
 	if len(out) == 0 {
 		return nil, fmt.Errorf("%s: no PEM certificate", path)

@@ -44,7 +44,7 @@ func runBackend(ctx context.Context, args []string) error {
 	}
 	fs := flag.NewFlagSet("cvtpm backend", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: cvtpm backend --dir DIR --key-broker ADDR --broker-root CA.pem --backend-id ID [--migration-domain D]
+		fmt.Fprint(fs.Output(), `Usage: cvtpm backend --dir DIR --key-broker ADDR --broker-root service-ca.pem --backend-id ID [--migration-domain D]
                      --client-ca FILE --acl FILE [options]
        cvtpm backend --dir DIR --key-file FILE|--key-fd N ...    (development)
        cvtpm backend create --admin SOCKET [--enroll | --incoming | --import DIR] [--bind FILE] ID
@@ -83,7 +83,7 @@ Keys: with --key-broker the backend proves with a CSV report (bound to a
 fresh nonce and an ephemeral key) that it runs the approved image, and the
 broker releases its master key (every instance's state key derives from it)
 and its migration domain's key, wrapped to that ephemeral key and signed by
-the CA key of --broker-root. The broker also keeps each instance's highest
+the CA service root of --broker-root (also what its TLS port must present). The broker also keeps each instance's highest
 state generation: an instance whose directory is older (an old copy put
 back by the host) is refused. --key-file and --key-fd are for development:
 the link attests the image, not where such a key came from.
@@ -101,15 +101,16 @@ Options:
 	keyFile := fs.String("key-file", "", "development: hex master key (32+ bytes) from which each instance's state key is derived")
 	keyFD := fs.Int("key-fd", -1, "development: read the hex master key from this inherited descriptor instead of --key-file")
 	cipher := fs.String("cipher", "aes-256-gcm", "state AEAD: aes-256-gcm or sm4-gcm")
-	clientCA := fs.String("client-ca", "", "PEM file of the CA(s) that issue link client certificates (required)")
-	clientCRL := fs.String("client-crl", "", "URL of the link client CA's CRL (cvtpm ca: http://CA:7080/crl): revoked identities are refused; no fresh CRL, no clients")
+	clientCA := fs.String("client-ca", "", "PEM file of the CA(s) that issue link client certificates (cvtpm ca: DIR/identity-ca.pem) (required)")
+	clientCRL := fs.String("client-crl", "", "URL of the link client CA's CRL (cvtpm ca: http://CA:7080/crl/identity): revoked identities are refused; no fresh CRL, no clients")
 	crlRefresh := fs.Duration("client-crl-refresh", 30*time.Second, "fetch the --client-crl again after this long (a revocation takes effect within it)")
 	aclFile := fs.String("acl", "", "JSON access list: client certificate CN -> instances (required)")
 	simDir := fs.String("csv-sim", "", "use the CSV simulator saved in DIR when /dev/csv-guest is absent (tests, demos)")
 	hskCEK := fs.String("hsk-cek", "", "this chip's HSK+CEK bundle, sent to clients with each report")
 	caAddr := fs.String("ca", "", "EK CA gRPC address, for 'create --enroll'")
+	caFingerprint := fs.String("ca-fingerprint", "", caFingerprintHelp+" (default: that of --broker-root)")
 	broker := fs.String("key-broker", "", "key broker gRPC address (cvtpm ca --key-broker): the master and migration keys are released there on this CVM's CSV evidence")
-	brokerRoot := fs.String("broker-root", "", "CA certificate (PEM) whose key signs the key broker's answers")
+	brokerRoot := fs.String("broker-root", "", "the CA's service root (its DIR/service-ca.pem): it signs the key broker's answers and the CA's TLS certificate")
 	backendID := fs.String("backend-id", "", "this backend's name at the key broker (whose master key, whose anchors)")
 	migrationDomain := fs.String("migration-domain", "", "the key broker's migration domain: backends of one domain can migrate instances between them")
 	migrationKeyFile := fs.String("migration-key-file", "", "hex migration key (32 bytes) shared by the backends an instance may migrate between; without it state never leaves this backend")
@@ -126,7 +127,7 @@ Options:
 		return errors.New("--dir, one of --key-broker, --key-file and --key-fd, --client-ca and --acl are required (see --help)")
 	}
 	if *broker != "" && (*brokerRoot == "" || *backendID == "") {
-		return errors.New("--key-broker needs --broker-root (the CA certificate that signs its answers) and --backend-id")
+		return errors.New("--key-broker needs --broker-root (the CA's service-ca.pem: it signs the broker's answers and its TLS certificate) and --backend-id")
 	}
 	if *broker != "" && *migrationKeyFile != "" {
 		return errors.New("--migration-key-file and --key-broker exclude each other: the broker releases the migration key of --migration-domain")
@@ -226,7 +227,15 @@ Options:
 
 	var enroller backend.Enroller
 	if *caAddr != "" {
-		conn, err := dialGRPC("--ca", *caAddr)
+		pin := *caFingerprint
+		if pin == "" && *brokerRoot != "" {
+			der, err := readCertFile(*brokerRoot)
+			if err != nil {
+				return fmt.Errorf("--broker-root: %w", err)
+			}
+			pin = ca.Fingerprint(der)
+		}
+		conn, err := dialCA("--ca", *caAddr, pin)
 		if err != nil {
 			return err
 		}
@@ -386,7 +395,11 @@ func releaseKeys(ctx context.Context, addr, rootFile, id, domain, cipher string,
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("--broker-root: %w", err)
 	}
-	conn, err := dialGRPC("--key-broker", addr)
+	rootDER, err := readCertFile(rootFile)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("--broker-root: %w", err)
+	}
+	conn, err := dialCA("--key-broker", addr, ca.Fingerprint(rootDER))
 	if err != nil {
 		return nil, nil, nil, err
 	}

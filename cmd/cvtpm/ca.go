@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 
 	capb "cvtpm/api/ca"
 	"github.com/emmansun/gmsm/sm2"
@@ -48,18 +49,35 @@ func runCA(ctx context.Context, args []string) error {
 	if len(args) > 0 && args[0] == "identity" {
 		return runCAIdentity(ctx, args[1:])
 	}
+	if len(args) > 0 && args[0] == "fingerprint" {
+		return runCAFingerprint(args[1:])
+	}
 	fs := flag.NewFlagSet("cvtpm ca", flag.ContinueOnError)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), `Usage: cvtpm ca --dir DIR [options]
        cvtpm ca revoke --dir DIR SERIAL [--reason N]
        cvtpm ca identity --dir DIR --name NAME --out-cert FILE --out-key FILE [--validity 2160h]
+       cvtpm ca fingerprint --dir DIR
 
-Runs the EK CA. DIR holds the CA key and certificate (created on first start,
-ECDSA P-256), the certificate database (ca.db), the audit log (audit.jsonl)
-and the admin socket (admin.sock, for revocation and identities). The root
-certificate, DIR/ca.pem, is also what the backend's --client-ca trusts for
-link identities issued with "cvtpm ca identity". Enrollment needs a policy
-(--policy, JSON; see ca/policy.go) that approves the vTPM CVM's measurement.
+Runs the EK CA. DIR holds one root per purpose (created on first start, of
+--key-type), so that no certificate of one kind can stand in for another:
+
+  ca.pem           EK certificates (what go-attestation, openssl and the
+                   verifier's --ek-root trust for EKs)
+  ak-ca.pem        AK certificates (the verifier's --ak-root; go-tpm-tools'
+                   TrustedRootCerts)
+  identity-ca.pem  link identities from "cvtpm ca identity" (the backend's
+                   --client-ca)
+  service-ca.pem   the CA service itself: its TLS certificate on --listen and
+                   the key broker's answers (the backend's --broker-root);
+                   clients pin it with --ca-fingerprint, which this command
+                   prints at start and "cvtpm ca fingerprint" prints any time
+
+and the certificate database (ca.db), the audit log (audit.jsonl) and the
+admin socket (admin.sock, for revocation and identities). Enrollment needs a
+policy (--policy, JSON; see ca/policy.go) that approves the vTPM CVM's
+measurement. HTTP serves each root and CRL: /roots.pem and /crl (EK),
+/roots/ak, /crl/ak, /roots/identity, /crl/identity.
 
 Options:
 `)
@@ -67,7 +85,7 @@ Options:
 	}
 	dir := fs.String("dir", "", "CA directory (required)")
 	listen := fs.String("listen", "127.0.0.1:7443", "gRPC enrollment API address")
-	httpAddr := fs.String("http", "127.0.0.1:7080", "HTTP address for /roots.pem and /crl ('' = off)")
+	httpAddr := fs.String("http", "127.0.0.1:7080", "HTTP address for the roots and CRLs (/roots.pem, /crl, /crl/ak, /crl/identity; '' = off)")
 	policyFile := fs.String("policy", "", "evidence policy file (JSON, required)")
 	hskCEK := fs.String("hsk-cek", "", "HSK+CEK bundle for every chip (simulators, tests)")
 	certDir := fs.String("cert-dir", "", "offline HSK+CEK directory per chip serial")
@@ -75,6 +93,7 @@ Options:
 	pgConn := fs.String("postgres", "", "keep certificates in PostgreSQL (libpq connection string) instead of DIR/ca.db, for several CA replicas")
 	brokerOn := fs.Bool("key-broker", false, "also serve the key broker: release vTPM backends' master and migration keys on CSV evidence (same policy), anchors in the same store")
 	brokerKEK := fs.String("broker-kek", "", "hex key (32 bytes) that seals the broker's keys in the store (default DIR/broker.kek, created on first start; share it between PostgreSQL replicas)")
+	tlsNames := fs.String("tls-name", "", "extra DNS names or IPs for the TLS certificate, comma-separated (the --listen host is always in it)")
 	kds := fs.String("kds", "", "HYGON KDS base URL to fetch HSK+CEK from (default when neither --hsk-cek nor --cert-dir)")
 	if done, err := parseFlags(fs, args); done {
 		return err
@@ -104,7 +123,7 @@ Options:
 	default:
 		certs = &csv.CachedSource{Source: csv.HTTPSource{BaseURL: *kds}, TTL: 24 * time.Hour}
 	}
-	keys, err := loadOrCreateCAKey(*dir, *keyType, log)
+	roots, err := loadOrCreateCARoots(*dir, *keyType, log)
 	if err != nil {
 		return err
 	}
@@ -129,15 +148,20 @@ Options:
 	authority := &ca.Authority{
 		Policy:   policy,
 		Verifier: csv.NewVerifier(csv.VerifierOptions{TrustedRoots: policy.TrustedRoots(), Certs: certs}),
-		Issuer:   keys.issuer, Signer: keys.signer, SM2: keys.sm2,
+		EKIssuer: roots.ek, AKIssuer: roots.ak, IdentityIssuer: roots.identity,
 		TPM:   ca.TPMInfo{Manufacturer: "id:49424D00", Model: "cvtpm", Version: "id:00000001", SpecRevision: 164},
 		Audit: audit, Store: store,
 	}
 
-	public := grpc.NewServer()
+	host, _, _ := net.SplitHostPort(*listen)
+	tlsConf, err := ca.ServerTLS(roots.service, append([]string{host}, strings.Split(*tlsNames, ",")...), 30*24*time.Hour)
+	if err != nil {
+		return err
+	}
+	public := grpc.NewServer(grpc.Creds(credentials.NewTLS(tlsConf)))
 	(&ca.Server{Authority: authority, Log: log}).Register(public)
 	if *brokerOn {
-		kb, err := newKeyBroker(ctx, *dir, *brokerKEK, store, keys, authority, log)
+		kb, err := newKeyBroker(ctx, *dir, *brokerKEK, store, roots.service, authority, log)
 		if err != nil {
 			return err
 		}
@@ -174,7 +198,9 @@ Options:
 			IdleTimeout: time.Minute, MaxHeaderBytes: 64 << 10}
 		go func() { errc <- hs.Serve(hl) }()
 	}
-	log.Info("EK CA serving", "grpc", ln.Addr().String(), "http", httpBound, "admin", sock, "root", keys.name)
+	log.Info("EK CA serving", "grpc", ln.Addr().String(), "tls", "service-ca.pem", "http", httpBound, "admin", sock,
+		"fingerprint", roots.serviceFingerprint())
+	fmt.Fprintf(os.Stderr, "CA fingerprint (clients pin it with --ca-fingerprint): %s\n", roots.serviceFingerprint())
 	select {
 	case <-ctx.Done():
 	case err = <-errc:
@@ -190,70 +216,140 @@ Options:
 	return err
 }
 
-// caKeys is the CA's certificate and key: crypto/x509's, or SM2's.
-type caKeys struct {
-	issuer *x509.Certificate
-	signer crypto.Signer
-	sm2    *ca.SM2Issuer
-	name   string
+// caRoots are the CA's roots, one per purpose (ca.Purpose), and the
+// service root that signs its TLS certificate and the key broker's answers.
+type caRoots struct {
+	ek, ak, identity, service *ca.Issuer
 }
 
-// loadOrCreateCAKey reads DIR/ca.key (PKCS #8) and DIR/ca.pem, creating a
-// root of keyType on first start.
-func loadOrCreateCAKey(dir, keyType string, log *slog.Logger) (caKeys, error) {
+// caRootFiles names each root's common name (its files are
+// ca.RootFileName).
+var caRootFiles = []struct {
+	purpose ca.Purpose
+	name    string
+	pick    func(*caRoots) **ca.Issuer
+}{
+	{ca.PurposeEK, "cvtpm EK CA", func(r *caRoots) **ca.Issuer { return &r.ek }},
+	{ca.PurposeAK, "cvtpm AK CA", func(r *caRoots) **ca.Issuer { return &r.ak }},
+	{ca.PurposeIdentity, "cvtpm link identity CA", func(r *caRoots) **ca.Issuer { return &r.identity }},
+	{ca.PurposeService, "cvtpm CA service root", func(r *caRoots) **ca.Issuer { return &r.service }},
+}
+
+// loadOrCreateCARoots reads the CA's roots from dir, creating any that is
+// missing (of keyType; the service root is always P-256) — all four on
+// first start; a directory from before
+// the split gains the AK, identity and service roots beside its ca.pem.
+func loadOrCreateCARoots(dir, keyType string, log *slog.Logger) (caRoots, error) {
+	var r caRoots
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return caKeys{}, err
+		return r, err
 	}
-	keyPath, certPath := filepath.Join(dir, "ca.key"), filepath.Join(dir, "ca.pem")
+	for _, f := range caRootFiles {
+		kt := keyType
+		if f.purpose == ca.PurposeService {
+			// Go's TLS parses every certificate the server presents and
+			// knows no SM2 key: the service root is P-256 whatever the
+			// other roots are (it certifies nothing but this service).
+			kt = "p256"
+		}
+		is, err := loadOrCreateRoot(dir, strings.TrimSuffix(ca.RootFileName(f.purpose), ".pem"), f.name, kt, log)
+		if err != nil {
+			return r, err
+		}
+		*f.pick(&r) = is
+	}
+	return r, nil
+}
+
+// serviceFingerprint is the SHA-256 of the service root, what clients pin
+// with --ca-fingerprint.
+func (r caRoots) serviceFingerprint() string { return ca.Fingerprint(r.service.DER()) }
+
+// runCAFingerprint prints the fingerprint clients pin.
+func runCAFingerprint(args []string) error {
+	fs := flag.NewFlagSet("cvtpm ca fingerprint", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `Usage: cvtpm ca fingerprint --dir DIR
+
+Prints the SHA-256 fingerprint of the CA's service root (DIR/service-ca.pem):
+what enroll, guest attest and the backend pin with --ca-fingerprint.
+
+Options:
+`)
+		fs.PrintDefaults()
+	}
+	dir := fs.String("dir", "", "CA directory")
+	if done, err := parseFlags(fs, args); done {
+		return err
+	}
+	if *dir == "" {
+		return errors.New("--dir is required (see --help)")
+	}
+	der, err := readCertFile(filepath.Join(*dir, "service-ca.pem"))
+	if err != nil {
+		return fmt.Errorf("%w (start the CA once to create it)", err)
+	}
+	fmt.Println(ca.Fingerprint(der))
+	return nil
+}
+
+// loadOrCreateRoot reads DIR/base.key (PKCS #8) and DIR/base.pem,
+// creating a self-signed root of keyType first if there is none.
+func loadOrCreateRoot(dir, base, name, keyType string, log *slog.Logger) (*ca.Issuer, error) {
+	keyPath, certPath := filepath.Join(dir, base+".key"), filepath.Join(dir, base+".pem")
 	kb, err := os.ReadFile(keyPath)
 	if errors.Is(err, fs.ErrNotExist) {
-		if err := createCAKey(keyPath, certPath, keyType); err != nil {
-			return caKeys{}, err
+		if err := createRoot(keyPath, certPath, name, keyType); err != nil {
+			return nil, err
 		}
-		log.Info("created a new CA key and root certificate", "type", keyType, "cert", certPath)
-		kb, _ = os.ReadFile(keyPath)
-	} else if err != nil {
-		return caKeys{}, fmt.Errorf("CA key: %w", err)
+		log.Info("created a CA root", "name", name, "type", keyType, "cert", certPath)
+		kb, err = os.ReadFile(keyPath)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("CA key: %w", err)
 	}
 	kblk, _ := pem.Decode(kb)
 	if kblk == nil {
-		return caKeys{}, fmt.Errorf("CA key %s: not PEM", keyPath)
+		return nil, fmt.Errorf("CA key %s: not PEM", keyPath)
 	}
 	cb, err := os.ReadFile(certPath)
 	if err != nil {
-		return caKeys{}, fmt.Errorf("CA certificate: %w", err)
+		return nil, fmt.Errorf("CA certificate: %w", err)
 	}
 	cblk, _ := pem.Decode(cb)
 	if cblk == nil {
-		return caKeys{}, fmt.Errorf("CA certificate %s: not PEM", certPath)
+		return nil, fmt.Errorf("CA certificate %s: not PEM", certPath)
 	}
 	// gmsm's PKCS #8 parser reads SM2 keys as well as crypto/x509's kinds.
 	parsed, err := smx509.ParsePKCS8PrivateKey(kblk.Bytes)
 	if err != nil {
-		return caKeys{}, fmt.Errorf("CA key %s: %w", keyPath, err)
+		return nil, fmt.Errorf("CA key %s: %w", keyPath, err)
 	}
 	if key, ok := parsed.(*sm2.PrivateKey); ok {
 		cert, err := smx509.ParseCertificate(cblk.Bytes)
 		if err != nil {
-			return caKeys{}, fmt.Errorf("CA certificate %s: %w", certPath, err)
+			return nil, fmt.Errorf("CA certificate %s: %w", certPath, err)
 		}
-		return caKeys{sm2: &ca.SM2Issuer{Cert: cert, Key: key}, name: cert.Subject.CommonName}, nil
+		return &ca.Issuer{SM2: &ca.SM2Issuer{Cert: cert, Key: key}}, nil
 	}
 	signer, ok := parsed.(crypto.Signer)
 	if !ok {
-		return caKeys{}, fmt.Errorf("CA key %s: not a signing key", keyPath)
+		return nil, fmt.Errorf("CA key %s: not a signing key", keyPath)
 	}
 	cert, err := x509.ParseCertificate(cblk.Bytes)
 	if err != nil {
-		return caKeys{}, fmt.Errorf("CA certificate %s: %w", certPath, err)
+		return nil, fmt.Errorf("CA certificate %s: %w", certPath, err)
 	}
-	return caKeys{issuer: cert, signer: signer, name: cert.Subject.CommonName}, nil
+	return &ca.Issuer{Cert: cert, Signer: signer}, nil
 }
 
-// createCAKey writes a new key and self-signed root certificate.
-func createCAKey(keyPath, certPath, keyType string) error {
-	subject := pkix.Name{CommonName: "cvtpm EK CA", Organization: []string{"cvtpm"}}
-	serial := big.NewInt(time.Now().UnixNano())
+// createRoot writes a new key and self-signed root certificate.
+func createRoot(keyPath, certPath, name, keyType string) error {
+	subject := pkix.Name{CommonName: name, Organization: []string{"cvtpm"}}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 159))
+	if err != nil {
+		return err
+	}
 	notBefore, notAfter := time.Now().Add(-time.Hour), time.Now().AddDate(20, 0, 0)
 	var der, kder []byte
 	if keyType == "sm2" {
@@ -261,7 +357,8 @@ func createCAKey(keyPath, certPath, keyType string) error {
 		if err != nil {
 			return err
 		}
-		tmpl := &smx509.Certificate{SerialNumber: serial, Subject: pkix.Name{CommonName: "cvtpm EK CA (SM2)", Organization: subject.Organization},
+		subject.CommonName += " (SM2)"
+		tmpl := &smx509.Certificate{SerialNumber: serial, Subject: subject,
 			NotBefore: notBefore, NotAfter: notAfter, IsCA: true, BasicConstraintsValid: true,
 			KeyUsage: smx509.KeyUsageCertSign | smx509.KeyUsageCRLSign}
 		if der, err = smx509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key); err != nil {
@@ -272,7 +369,6 @@ func createCAKey(keyPath, certPath, keyType string) error {
 		}
 	} else {
 		var key crypto.Signer
-		var err error
 		switch keyType {
 		case "p256":
 			key, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -387,7 +483,7 @@ Options:
 
 // newKeyBroker sets up the key broker beside the CA: same evidence policy
 // and verifier, same database, answers signed with the CA key.
-func newKeyBroker(ctx context.Context, dir, kekFile string, store ca.Store, keys caKeys, authority *ca.Authority, log *slog.Logger) (*keybroker.Broker, error) {
+func newKeyBroker(ctx context.Context, dir, kekFile string, store ca.Store, service *ca.Issuer, authority *ca.Authority, log *slog.Logger) (*keybroker.Broker, error) {
 	if kekFile == "" {
 		kekFile = filepath.Join(dir, "broker.kek")
 		if _, err := os.Stat(kekFile); errors.Is(err, fs.ErrNotExist) {
@@ -419,11 +515,29 @@ func newKeyBroker(ctx context.Context, dir, kekFile string, store ca.Store, keys
 	if err != nil {
 		return nil, err
 	}
-	var signer crypto.Signer = keys.signer
-	if keys.sm2 != nil {
-		signer = keys.sm2.Key
+	var signer crypto.Signer = service.Signer
+	if service.SM2 != nil {
+		signer = service.SM2.Key
 	}
 	log.Info("key broker enabled: backends' keys are released on CSV evidence that passes the policy")
 	return &keybroker.Broker{Policy: &authority.Policy.AppraisalPolicy, Verifier: authority.Verifier, Signer: signer,
 		Store: kbStore, KEK: kek, Log: log}, nil
+}
+
+// readCertFile returns the DER of the first certificate in a PEM file
+// (any key type: SM2 roots included).
+func readCertFile(path string) ([]byte, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	for {
+		var blk *pem.Block
+		if blk, b = pem.Decode(b); blk == nil {
+			return nil, fmt.Errorf("%s: no PEM certificate", path)
+		}
+		if blk.Type == "CERTIFICATE" {
+			return blk.Bytes, nil
+		}
+	}
 }

@@ -23,12 +23,15 @@ func init() {
 func runEnroll(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("cvtpm enroll", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: cvtpm enroll --tpm-socket PATH --ca HOST:PORT --instance ID [--csv-sim DIR]
+		fmt.Fprint(fs.Output(), `Usage: cvtpm enroll --tpm-socket PATH --ca HOST:PORT --ca-fingerprint SHA256 --instance ID [--csv-sim DIR]
 
 Creates the RSA-2048 and ECC P-256 EKs (TCG default templates) on a running
 cvtpm or swtpm, persists them at 0x81010001 and 0x81010002 (the TCG registry's handles), proves with a CSV
 report that they live in this CVM, and writes the certificates the CA issues
-to NV 0x01c00002 and 0x01c0000a. Safe to run again.
+to NV 0x01c00002 and 0x01c0000a. Safe to run again. The CA is reached over
+TLS and must present the service root of --ca-fingerprint; a certificate is
+written to NV only if it is an EK certificate for this EK from the CA's EK
+root.
 
 Options:
 `)
@@ -37,6 +40,7 @@ Options:
 	sock := fs.String("tpm-socket", "", "the TPM's data socket (cvtpm/swtpm --server type=unixio,path=...)")
 	tcp := fs.String("tpm-tcp", "", "the TPM's data channel on TCP instead (host:port)")
 	caAddr := fs.String("ca", "127.0.0.1:7443", "the EK CA's gRPC address")
+	caFingerprint := fs.String("ca-fingerprint", "", caFingerprintHelp+" (required)")
 	instance := fs.String("instance", "", "this vTPM instance's id (required)")
 	simDir := fs.String("csv-sim", "", "use the CSV simulator saved in DIR when /dev/csv-guest is absent")
 	timeout := fs.Duration("timeout", time.Minute, "give up after this long")
@@ -61,7 +65,7 @@ Options:
 	if err != nil {
 		return fmt.Errorf("CSV evidence: %w", err)
 	}
-	conn, err := dialGRPC("--ca", *caAddr)
+	conn, err := dialCA("--ca", *caAddr, *caFingerprint)
 	if err != nil {
 		return err
 	}

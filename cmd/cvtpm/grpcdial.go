@@ -6,14 +6,16 @@ import (
 	"fmt"
 	"path/filepath"
 
+	"cvtpm/ca"
+
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 )
 
-// dialGRPC connects to a cvtpm service's public API (host:port). These
-// APIs carry only public or signed data (enrollment, AK certification,
-// evidence), so the channel is plaintext; what matters is checked in the
-// payloads.
+// dialGRPC connects to the verifier's public API (host:port). It carries
+// only evidence and signed results, so the channel is plaintext; what
+// matters is checked in the payloads. The CA is dialled with dialCA.
 func dialGRPC(flagName, addr string) (*grpc.ClientConn, error) {
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -29,4 +31,25 @@ func dialUnix(path string) (*grpc.ClientConn, error) {
 		return nil, err
 	}
 	return grpc.NewClient("unix://"+abs, grpc.WithTransportCredentials(insecure.NewCredentials()))
+}
+
+// caFingerprintHelp is the --ca-fingerprint flag's usage.
+const caFingerprintHelp = "SHA-256 of the CA's service root (printed by 'cvtpm ca' at start and by 'cvtpm ca fingerprint --dir DIR'): the CA's TLS port must present it"
+
+// dialCA connects to the CA's gRPC port over TLS, trusting only a CA whose
+// service root has the pinned fingerprint: a relay in between can neither
+// read nor change the roots, CRLs and certificates that come back.
+func dialCA(flagName, addr, fingerprint string) (*grpc.ClientConn, error) {
+	if fingerprint == "" {
+		return nil, fmt.Errorf("%s %s: --ca-fingerprint is required: the SHA-256 of the CA's service root ('cvtpm ca fingerprint --dir DIR' prints it)", flagName, addr)
+	}
+	pin, err := ca.ParseFingerprint(fingerprint)
+	if err != nil {
+		return nil, fmt.Errorf("--ca-fingerprint: %w", err)
+	}
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(ca.ClientTLS(pin))))
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %w", flagName, addr, err)
+	}
+	return conn, nil
 }

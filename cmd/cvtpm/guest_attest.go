@@ -31,7 +31,7 @@ const defaultEventLog = "/sys/kernel/security/tpm0/binary_bios_measurements"
 func runGuestAttest(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("cvtpm guest attest", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: cvtpm guest attest --tpm TPM --ca HOST:PORT --verifier HOST:PORT [options]
+		fmt.Fprint(fs.Output(), `Usage: cvtpm guest attest --tpm TPM --ca HOST:PORT --ca-fingerprint SHA256 --verifier HOST:PORT [options]
 
 Runs inside the workload VM. Gets a nonce from the verifier, creates an ECC
 AK and has the EK CA certify it (credential activation with the enrolled
@@ -49,6 +49,7 @@ Options:
 	}
 	tpmAddr := fs.String("tpm", "/dev/tpmrm0", "the TPM: a device path, unix:PATH or tcp:HOST:PORT")
 	caAddr := fs.String("ca", "127.0.0.1:7443", "EK CA gRPC address (AK certification)")
+	caFingerprint := fs.String("ca-fingerprint", "", caFingerprintHelp+" (required)")
 	verifierAddr := fs.String("verifier", "127.0.0.1:7800", "verifier gRPC address")
 	eventLog := fs.String("event-log", defaultEventLog, "TCG event log of this boot")
 	verifierKey := fs.String("verifier-key", "", "the verifier's public key (PEM) to check the token's signature")
@@ -68,7 +69,7 @@ Options:
 	if err != nil {
 		return fmt.Errorf("--event-log: %w", err)
 	}
-	caConn, err := dialGRPC("--ca", *caAddr)
+	caConn, err := dialCA("--ca", *caAddr, *caFingerprint)
 	if err != nil {
 		return err
 	}

@@ -67,10 +67,11 @@ func Binary(tb testing.TB, impl Impl) string {
 			return
 		}
 		built = filepath.Join(dir, "cvtpm")
-		cmd := exec.Command("go", "build", "-o", built, "./cmd/cvtpm")
+		// cvtpm-verifier beside it: `cvtpm verifier` runs it from there.
+		cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/cvtpm", "./cmd/cvtpm-verifier")
 		cmd.Dir = RepoRoot()
 		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("go build ./cmd/cvtpm: %v\n%s", err, out)
+			buildErr = fmt.Errorf("go build ./cmd/cvtpm ./cmd/cvtpm-verifier: %v\n%s", err, out)
 		}
 	})
 	if buildErr != nil {
