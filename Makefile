@@ -39,6 +39,7 @@ bench: deps build
 	$(GO) test -run '^$$' -bench 'VerifyReport|SM2Verify' -count 1 ./attest/csv/ | tee -a bench.txt
 	$(GO) test -run '^$$' -bench Enroll -benchtime 2000x -count 1 ./ca/ | tee -a bench.txt
 	$(GO) test -run '^$$' -bench ChallengeOutstanding -benchtime 200000x -count 1 ./ca/ | tee -a bench.txt
+	$(GO) test -run '^$$' -bench LoadOutstanding -benchtime 1x -count 1 ./ca/ | tee -a bench.txt
 	$(GO) test -run '^$$' -bench Release -benchtime 1000x -count 1 ./ca/keybroker/ | tee -a bench.txt
 	$(GO) test -run '^$$' -bench Attested -benchtime 2000x -count 1 ./test/linkbench/ | tee -a bench.txt
 	$(GO) test -run '^$$' -bench IdleInstances -benchtime 1x -count 1 -timeout 20m ./test/linkbench/ | tee -a bench.txt

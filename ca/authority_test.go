@@ -53,7 +53,7 @@ func newFixture(t testing.TB, trustSim bool) *caFixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := sim.SetVM(csv.VMConfig{Version: 1, Measure: goodMeasure, Policy: 0x3}); err != nil {
+	if err := sim.SetVM(csv.VMConfig{Version: 1, Measure: goodMeasure, Policy: 0x7}); err != nil {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
@@ -118,12 +118,12 @@ func TestEnrollRefusals(t *testing.T) {
 			return r, nil
 		}, ReasonUntrustedRoot},
 		{"debug policy", true, func(t *testing.T, f *caFixture) (enroll.Request, error) {
-			f.sim.SetVM(csv.VMConfig{Version: 1, Measure: goodMeasure, Policy: 0x2})
+			f.sim.SetVM(csv.VMConfig{Version: 1, Measure: goodMeasure, Policy: 0x6})
 			ek := ekArea(t)
 			return f.request(t, "vm-1", ek, f.challenge(t), "vm-1"), nil
 		}, ReasonDebug},
 		{"unapproved measurement", true, func(t *testing.T, f *caFixture) (enroll.Request, error) {
-			f.sim.SetVM(csv.VMConfig{Version: 1, Measure: [32]byte{9}, Policy: 0x3})
+			f.sim.SetVM(csv.VMConfig{Version: 1, Measure: [32]byte{9}, Policy: 0x7})
 			ek := ekArea(t)
 			return f.request(t, "vm-1", ek, f.challenge(t), "vm-1"), nil
 		}, ReasonMeasurement},
@@ -223,7 +223,7 @@ func TestEnrollIssues(t *testing.T) {
 			claims = &c
 		}
 	}
-	if claims == nil || !bytes.Equal(claims.Measurement, goodMeasure[:]) || !claims.Simulated || claims.Policy != 0x3 {
+	if claims == nil || !bytes.Equal(claims.Measurement, goodMeasure[:]) || !claims.Simulated || claims.Policy != 0x7 {
 		t.Fatalf("claims in the certificate: %+v", claims)
 	}
 	// Re-enrolling the same EK is allowed under the default rule.

@@ -36,6 +36,9 @@ const (
 	PurposeIdentity Purpose = "identity"
 )
 
+// Purposes lists every root a CA directory holds, EK first.
+var Purposes = []Purpose{PurposeEK, PurposeAK, PurposeIdentity, PurposeService}
+
 // PurposeService is the CA service's own root: it signs the TLS
 // certificate of the CA's gRPC port and the key broker's answers, nothing
 // that the Authority issues.

@@ -25,9 +25,9 @@ wait_log() { for _ in $(seq 300); do grep -q "$2" "$1" 2>/dev/null && return 0; 
 
 measure=$(printf 'cvtpm vTPM CVM image v1' | sha256sum | cut -d' ' -f1)
 step "1. A CSV confidential VM for the vTPM backend (simulated HYGON chip)"
-"$BIN" csv simulate --out "$work/csv" --measure "$measure" --policy 0x3 >/dev/null
+"$BIN" csv simulate --out "$work/csv" --measure "$measure" --policy 0x7 >/dev/null
 say "chip SIMCHIP0001 with its own (simulated) root; the CVM's launch measurement is $measure,"
-say "its policy forbids debugging and key sharing (NODBG, NOKS)."
+say "its policy forbids debugging and key sharing and encrypts its register state (NODBG, NOKS, ES: CSV2)."
 # What relying parties accept: this simulated root and this measurement.
 cat > "$work/policy.json" <<JSON
 {"simulator_roots": ["$work/csv/hrk.cert"], "approved_measurements": ["$measure"]}
@@ -75,7 +75,7 @@ pids+=($!)
 wait_log "$work/frontend.log" 'relaying guest connections'
 relay=$(sed -n 's/.*relaying guest connections" listen=\([^ ]*\).*/\1/p' "$work/frontend.log")
 "$BIN" guest proxy --link "tcp:$relay" --instance vm1 --cert "$work/guest-vm1.pem" --key "$work/guest-vm1.key" \
-  --policy "$work/policy.json" --unix "$work/vm1-tpm.sock" 2> "$work/proxy.log" &
+  --policy "$work/policy.json" --cert-dir "$work/kds" --unix "$work/vm1-tpm.sock" 2> "$work/proxy.log" &
 pids+=($!)
 wait_log "$work/proxy.log" 'guest proxy serving'
 say "guest proxy: $(sed -n 's/.*msg="backend attested" \(.*\)/\1/p' "$work/proxy.log")"
@@ -130,7 +130,7 @@ say "worker $pid killed; the backend restarted it: $("$BIN" backend list --admin
 say "NV 0x1500016 still reads: $(tpm2_nvread 0x1500016 -C o 2>/dev/null | tr -d '\0')"
 
 step "9. The host tries to take the instance's state, and to replace it"
-"$BIN" frontend --backend "tcp:$link" --cert "$work/frontend.pem" --key "$work/frontend.key" --policy "$work/policy.json" \
+"$BIN" frontend --backend "tcp:$link" --cert "$work/frontend.pem" --key "$work/frontend.key" --policy "$work/policy.json" --cert-dir "$work/kds" \
   --vm vm1="$work/vm1.ctrl" 2> "$work/frontend-vm.log" &
 pids+=($!)
 wait_for "$work/vm1.ctrl"
@@ -162,12 +162,12 @@ step "10. Tamper: what else the system refuses, and why"
 echo "{\"approved_measurements\": [\"$measure\"]}" > "$work/real-only.json"
 say "a guest that trusts only HYGON's real root refuses this (simulated) backend before sending a command:"
 "$BIN" guest proxy --link "tcp:$relay" --instance vm1 --cert "$work/guest-vm1.pem" --key "$work/guest-vm1.key" \
-  --policy "$work/real-only.json" --tcp 127.0.0.1:1 2>&1 | sed 's/^/     /' | cut -c1-220 || true
+  --policy "$work/real-only.json" --cert-dir "$work/kds" --tcp 127.0.0.1:1 2>&1 | sed 's/^/     /' | cut -c1-220 || true
 echo "{\"simulator_roots\": [\"$work/csv/hrk.cert\"], \"approved_measurements\": [\"$(printf 'other image' | sha256sum | cut -d' ' -f1)\"]}" > "$work/other.json"
 say "a guest that expects another backend image refuses it too:"
 "$BIN" guest proxy --link "tcp:$relay" --instance vm1 --cert "$work/guest-vm1.pem" --key "$work/guest-vm1.key" \
-  --policy "$work/other.json" --tcp 127.0.0.1:1 2>&1 | sed 's/^/     /' | cut -c1-220 || true
-"$BIN" csv simulate --out "$work/csv-other" --chip SIMCHIP0666 --measure "$measure" --policy 0x3 >/dev/null
+  --policy "$work/other.json" --cert-dir "$work/kds" --tcp 127.0.0.1:1 2>&1 | sed 's/^/     /' | cut -c1-220 || true
+"$BIN" csv simulate --out "$work/csv-other" --chip SIMCHIP0666 --measure "$measure" --policy 0x7 >/dev/null
 mkdir -p "$work/kds/hsk_cek/SIMCHIP0666" && cp "$work/csv-other/hsk_cek.cert" "$work/kds/hsk_cek/SIMCHIP0666/"
 "$BIN" socket --tpm2 --tpmstate dir="$work/state2" --server type=unixio,path="$work/tpm2.sock" \
   --ctrl type=unixio,path="$work/tpm2.sock.ctrl" --flags not-need-init,startup-clear &

@@ -32,7 +32,7 @@ func TestCACommand(t *testing.T) {
 	bin := testenv.Binary(t, testenv.Cvtpm)
 	measure := strings.Repeat("5e", 32)
 	for _, chip := range []string{"SIMCHIP0001", "SIMCHIP0002"} {
-		testenv.Run(t, nil, bin, "csv", "simulate", "--out", filepath.Join(dir, chip), "--chip", chip, "--measure", measure, "--policy", "0x3")
+		testenv.Run(t, nil, bin, "csv", "simulate", "--out", filepath.Join(dir, chip), "--chip", chip, "--measure", measure, "--policy", "0x7")
 		os.MkdirAll(filepath.Join(dir, "kds", "hsk_cek", chip), 0o700)
 		b, _ := os.ReadFile(filepath.Join(dir, chip, "hsk_cek.cert"))
 		os.WriteFile(filepath.Join(dir, "kds", "hsk_cek", chip, "hsk_cek.cert"), b, 0o600)
@@ -101,6 +101,7 @@ func TestCAIdentity(t *testing.T) {
 	policy := filepath.Join(dir, "policy.json")
 	os.WriteFile(policy, []byte(`{}`), 0o600)
 	caDir := filepath.Join(dir, "ca")
+	os.MkdirAll(filepath.Join(dir, "hsk_cek"), 0o700) // an empty offline HSK+CEK directory
 	startCA(t, caDir, policy, dir)
 	cert, key := filepath.Join(dir, "guest.pem"), filepath.Join(dir, "guest.key")
 	testenv.Run(t, nil, bin, "ca", "identity", "--dir", caDir, "--name", "guest-vm7", "--out-cert", cert, "--out-key", key, "--validity", "24h")
@@ -222,7 +223,7 @@ func TestReenrollNeverAcrossRestart(t *testing.T) {
 func simChipCA(t *testing.T, dir, extra string) string {
 	t.Helper()
 	measure := strings.Repeat("5e", 32)
-	testenv.Run(t, nil, testenv.Binary(t, testenv.Cvtpm), "csv", "simulate", "--out", filepath.Join(dir, "chip"), "--chip", "SIMCHIP0001", "--measure", measure, "--policy", "0x3")
+	testenv.Run(t, nil, testenv.Binary(t, testenv.Cvtpm), "csv", "simulate", "--out", filepath.Join(dir, "chip"), "--chip", "SIMCHIP0001", "--measure", measure, "--policy", "0x7")
 	os.MkdirAll(filepath.Join(dir, "kds", "hsk_cek", "SIMCHIP0001"), 0o700)
 	b, _ := os.ReadFile(filepath.Join(dir, "chip", "hsk_cek.cert"))
 	os.WriteFile(filepath.Join(dir, "kds", "hsk_cek", "SIMCHIP0001", "hsk_cek.cert"), b, 0o600)
@@ -261,4 +262,35 @@ func TestEnrollRefusesUnpinnedCA(t *testing.T) {
 	}
 	// The real CA, pinned: enrolled.
 	testenv.Run(t, nil, bin, append([]string{"enroll", "--tpm-socket", srv.DataPath, "--instance", "vm-a", "--csv-sim", filepath.Join(dir, "chip")}, real.ClientFlags()...)...)
+}
+
+// reenroll "never" holds across two CA replicas sharing one PostgreSQL
+// (the EK of record is checked and updated in one transaction there): an
+// instance enrolled through one replica cannot be enrolled with other EKs
+// through the other.
+func TestReenrollNeverAcrossReplicas(t *testing.T) {
+	dir, bin := t.TempDir(), testenv.Binary(t, testenv.Cvtpm)
+	policy := simChipCA(t, dir, `,"reenroll":"never"`)
+	pg := testenv.StartPostgres(t)
+	first := startCA(t, filepath.Join(dir, "ca1"), policy, filepath.Join(dir, "kds"), "--postgres", pg)
+	// The second replica runs with a copy of the first's roots and keys.
+	os.MkdirAll(filepath.Join(dir, "ca2"), 0o700)
+	for _, p := range ca.Purposes {
+		for _, ext := range []string{".pem", ".key"} {
+			name := strings.TrimSuffix(ca.RootFileName(p), ".pem") + ext
+			b, err := os.ReadFile(filepath.Join(first.Dir, name))
+			if err != nil {
+				t.Fatal(err)
+			}
+			os.WriteFile(filepath.Join(dir, "ca2", name), b, 0o600)
+		}
+	}
+	second := startCA(t, filepath.Join(dir, "ca2"), policy, filepath.Join(dir, "kds"), "--postgres", pg)
+	tpm1 := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{})
+	testenv.Run(t, nil, bin, append([]string{"enroll", "--tpm-socket", tpm1.DataPath, "--instance", "vm-a", "--csv-sim", filepath.Join(dir, "chip")}, first.ClientFlags()...)...)
+	tpm2 := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{})
+	out, err := testenv.RunErr(nil, bin, append([]string{"enroll", "--tpm-socket", tpm2.DataPath, "--instance", "vm-a", "--csv-sim", filepath.Join(dir, "chip")}, second.ClientFlags()...)...)
+	if err == nil || !strings.Contains(out, ca.ReasonReenroll) {
+		t.Fatalf("vm-a with other EKs through the second replica under reenroll never: %v\n%s", err, out)
+	}
 }

@@ -94,6 +94,7 @@ func TestVerifierStrictSettings(t *testing.T) {
 	os.WriteFile(policy, []byte(`{}`), 0o600)
 	// Any CA certificate will do: the verifier refuses before serving.
 	caDir := filepath.Join(dir, "ca")
+	os.MkdirAll(filepath.Join(dir, "hsk_cek"), 0o700) // an empty offline HSK+CEK directory
 	startCA(t, caDir, policy, dir)
 	root, akRoot := filepath.Join(caDir, "ca.pem"), filepath.Join(caDir, "ak-ca.pem")
 	garbage := filepath.Join(dir, "garbage.pem")

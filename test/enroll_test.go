@@ -49,7 +49,7 @@ func TestEnrollIntoCvtpm(t *testing.T) {
 		t.Fatal(err)
 	}
 	measure := [32]byte{0xc5, 0x7a}
-	sim.SetVM(csv.VMConfig{Version: 1, Measure: measure, Policy: 0x3})
+	sim.SetVM(csv.VMConfig{Version: 1, Measure: measure, Policy: 0x7})
 	os.WriteFile(filepath.Join(dir, "sim-hrk.cert"), sim.HRK.Marshal(), 0o600)
 	policyFile := filepath.Join(dir, "policy.json")
 	os.WriteFile(policyFile, []byte(`{"simulator_roots":["`+filepath.Join(dir, "sim-hrk.cert")+`"],

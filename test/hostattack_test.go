@@ -43,7 +43,7 @@ const secretIndex = "0x1500020"
 
 func startHostEnv(t *testing.T) *hostEnv {
 	t.Helper()
-	f := testenv.NewTopologyFiles(t, 0x3)
+	f := testenv.NewTopologyFiles(t, 0x7)
 	e := &hostEnv{files: f, caDir: filepath.Join(f.Dir, "ca"), ctrl: map[string]string{}, dir: t.TempDir(),
 		password: "guest-own-pw-" + randHex(4)}
 	e.secret = []byte("tenant secret " + randHex(16))
@@ -63,7 +63,7 @@ func startHostEnv(t *testing.T) *hostEnv {
 func startFrontend(t *testing.T, f *testenv.TopologyFiles, topo *testenv.Topology, instances ...string) map[string]string {
 	t.Helper()
 	ctrl := map[string]string{}
-	args := []string{"frontend", "--backend", topo.LinkAddr, "--cert", f.Certs["frontend"][0], "--key", f.Certs["frontend"][1], "--policy", f.Policy}
+	args := []string{"frontend", "--backend", topo.LinkAddr, "--cert", f.Certs["frontend"][0], "--key", f.Certs["frontend"][1], "--policy", f.Policy, "--cert-dir", f.CertDir}
 	var addrs []string
 	for _, id := range instances {
 		ctrl[id] = filepath.Join(testenv.SockDir(t), id+".ctrl")
@@ -221,7 +221,7 @@ func TestHostCannotReplaceState(t *testing.T) {
 // a backend restart those two are refused with the reason, the third
 // serves its secret.
 func TestHostCannotPlantState(t *testing.T) {
-	f := testenv.NewTopologyFiles(t, 0x3)
+	f := testenv.NewTopologyFiles(t, 0x7)
 	topo := testenv.StartBackend(t, f)
 	for _, id := range []string{"vm1", "vm2", "vm3"} {
 		topo.Admin(t, "create", id)
@@ -260,7 +260,7 @@ func TestHostCannotPlantState(t *testing.T) {
 func TestMigrationBetweenBackends(t *testing.T) {
 	e := startHostEnv(t)
 	e.writeSecret(t)
-	g := testenv.NewTopologyFiles(t, 0x3) // another chip
+	g := testenv.NewTopologyFiles(t, 0x7) // another chip
 	os.MkdirAll(filepath.Join(g.Dir, "b"), 0o700)
 	dst := testenv.StartBackend(t, g, "--migration-key-file", e.migKey)
 	dst.Admin(t, "create", "--incoming", "vm1")
@@ -315,7 +315,7 @@ func startBroker(t *testing.T, f *testenv.TopologyFiles, extra ...string) (addr,
 // does not approve gets nothing. An old copy of an instance's directory put
 // back by the host is refused against the anchored generation.
 func TestKeyBroker(t *testing.T) {
-	f := testenv.NewTopologyFiles(t, 0x3)
+	f := testenv.NewTopologyFiles(t, 0x7)
 	addr, root := startBroker(t, f)
 	args := brokerArgs(addr, root, "backend-a")
 	// The same chip, an image the policy does not approve.
@@ -324,7 +324,7 @@ func TestKeyBroker(t *testing.T) {
 		t.Fatal(err)
 	}
 	var other [32]byte
-	sim.SetVM(csv.VMConfig{Version: 1, Measure: other, Policy: 0x3})
+	sim.SetVM(csv.VMConfig{Version: 1, Measure: other, Policy: 0x7})
 	otherDir := filepath.Join(f.Dir, "other-image")
 	if err := sim.Save(otherDir); err != nil {
 		t.Fatal(err)
@@ -385,7 +385,7 @@ func copyTree(t *testing.T, from, to string) {
 // the instance over and its stale copy stops, and an export the host kept
 // from before the guest's last write is refused at the destination.
 func TestMigrationWithKeyBroker(t *testing.T) {
-	f := testenv.NewTopologyFiles(t, 0x3)
+	f := testenv.NewTopologyFiles(t, 0x7)
 	addr, root := startBroker(t, f)
 	src := testenv.StartBackend(t, f, brokerArgs(addr, root, "backend-a")...)
 	dst := testenv.StartBackendAt(t, f, filepath.Join(f.Dir, "state-b"), brokerArgs(addr, root, "backend-b")...)
@@ -444,7 +444,7 @@ func TestMigrationWithKeyBroker(t *testing.T) {
 // with its own CSV report does, and can lock the host path ("boot") until
 // the next VM reset.
 func TestWorkloadBindingEndToEnd(t *testing.T) {
-	f := testenv.NewTopologyFiles(t, 0x3)
+	f := testenv.NewTopologyFiles(t, 0x7)
 	topo := testenv.StartBackend(t, f)
 	workloadMeasure := strings.Repeat("77", 32)
 	mkSim := func(name string, measure string, policy uint32) string {
@@ -462,9 +462,9 @@ func TestWorkloadBindingEndToEnd(t *testing.T) {
 		}
 		return dir
 	}
-	good := mkSim("workload", workloadMeasure, 0x3)
-	other := mkSim("other-workload", strings.Repeat("66", 32), 0x3)
-	debug := mkSim("debug-workload", workloadMeasure, 0x2)
+	good := mkSim("workload", workloadMeasure, 0x7)
+	other := mkSim("other-workload", strings.Repeat("66", 32), 0x7)
+	debug := mkSim("debug-workload", workloadMeasure, 0x6)
 	binding := filepath.Join(f.Dir, "binding.json")
 	os.WriteFile(binding, []byte(fmt.Sprintf(`{"host": "boot", "workload": {"simulator_roots": [%q], "approved_measurements": [%q]}}`,
 		filepath.Join(f.SimDir, csv.SimRootFile), workloadMeasure)), 0o600)
@@ -476,7 +476,7 @@ func TestWorkloadBindingEndToEnd(t *testing.T) {
 		port := testenv.FreePort(t)
 		c := f.Certs["guest-vm1"]
 		testenv.StartDaemon(t, "guest proxy", []string{fmt.Sprintf("tcp:127.0.0.1:%d", port)}, append([]string{"guest", "proxy",
-			"--link", topo.LinkAddr, "--instance", "vm1", "--cert", c[0], "--key", c[1], "--policy", f.Policy,
+			"--link", topo.LinkAddr, "--instance", "vm1", "--cert", c[0], "--key", c[1], "--policy", f.Policy, "--cert-dir", f.CertDir,
 			"--tcp", fmt.Sprintf("127.0.0.1:%d", port)}, extra...)...)
 		return fmt.Sprintf("swtpm:host=127.0.0.1,port=%d", port)
 	}
@@ -516,7 +516,7 @@ func TestWorkloadBindingEndToEnd(t *testing.T) {
 // A link identity the CA revokes is refused by the backend on its next
 // call (the backend checks the CA's CRL, cached for --client-crl-refresh).
 func TestRevokedLinkIdentityRefused(t *testing.T) {
-	f := testenv.NewTopologyFiles(t, 0x3)
+	f := testenv.NewTopologyFiles(t, 0x7)
 	caDir := filepath.Join(f.Dir, "ca")
 	c := startCAProc(t, caDir, f.Policy, "--hsk-cek", filepath.Join(f.SimDir, csv.SimHSKCEKFile))
 	bin := testenv.Binary(t, testenv.Cvtpm)
@@ -531,7 +531,7 @@ func TestRevokedLinkIdentityRefused(t *testing.T) {
 	topo.Admin(t, "create", "vm1")
 	port := testenv.FreePort(t)
 	testenv.StartDaemon(t, "guest proxy", []string{fmt.Sprintf("tcp:127.0.0.1:%d", port)}, "guest", "proxy",
-		"--link", topo.LinkAddr, "--instance", "vm1", "--cert", cert, "--key", key, "--policy", f.Policy, "--tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		"--link", topo.LinkAddr, "--instance", "vm1", "--cert", cert, "--key", key, "--policy", f.Policy, "--cert-dir", f.CertDir, "--tcp", fmt.Sprintf("127.0.0.1:%d", port))
 	env := []string{fmt.Sprintf("TPM2TOOLS_TCTI=swtpm:host=127.0.0.1,port=%d", port)}
 	testenv.RunErr(env, "tpm2_startup", "-c")
 	testenv.Run(t, env, "tpm2_getrandom", "8")

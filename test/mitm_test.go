@@ -93,7 +93,7 @@ func (m *recordMITM) pipe(src, dst net.Conn, toBackend bool) {
 }
 
 func TestManInTheMiddleBetweenRelayAndBackend(t *testing.T) {
-	f := testenv.NewTopologyFiles(t, 0x3)
+	f := testenv.NewTopologyFiles(t, 0x7)
 	topo := testenv.StartBackend(t, f)
 	topo.Admin(t, "create", "vm1")
 	mitmAddr, m := startRecordMITM(t, strings.TrimPrefix(topo.LinkAddr, "tcp:"))

@@ -25,7 +25,7 @@ var tickRE = regexp.MustCompile(`CVTPM-TICK(\d+): *([0-9A-Fa-f]{64})`)
 // guest goes on reading the same PCR 0 from the destination's TPM. The
 // source's copy stops.
 func TestQEMULiveMigration(t *testing.T) {
-	f := testenv.NewTopologyFiles(t, 0x3)
+	f := testenv.NewTopologyFiles(t, 0x7)
 	addr, root := startBroker(t, f)
 	src := testenv.StartBackend(t, f, brokerArgs(addr, root, "backend-a")...)
 	dst := testenv.StartBackendAt(t, f, filepath.Join(f.Dir, "state-b"), brokerArgs(addr, root, "backend-b")...)

@@ -26,7 +26,7 @@ import (
 const nvSecret = "cvtpm-e2e-secret-7f3a9c"
 
 func TestGuestProxyThroughRelay(t *testing.T) {
-	f := testenv.NewTopologyFiles(t, 0x3)
+	f := testenv.NewTopologyFiles(t, 0x7)
 	topo := testenv.StartBackend(t, f)
 	topo.Admin(t, "create", "vm1")
 	if out := topo.Admin(t, "list"); !strings.Contains(out, "vm1") || !strings.Contains(out, "running") {
@@ -98,7 +98,7 @@ func itoa(n int) string { return strconv.Itoa(n) }
 // A backend whose evidence fails the client's policy is refused by the
 // guest proxy and the frontend before any TPM command is sent.
 func TestUntrustedBackendRefused(t *testing.T) {
-	f := testenv.NewTopologyFiles(t, 0x3)
+	f := testenv.NewTopologyFiles(t, 0x7)
 	topo := testenv.StartBackend(t, f)
 	topo.Admin(t, "create", "vm1")
 	onlyRealRoot := f.WritePolicy(t, "real-only.json", csv.AppraisalPolicy{ApprovedMeasurements: []string{hex.EncodeToString(f.Measure[:])}})
@@ -115,7 +115,7 @@ func TestUntrustedBackendRefused(t *testing.T) {
 	fc := f.Certs["frontend"]
 	// A backend in a CVM whose guest policy allows debugging (no NODBG),
 	// with the same clients and the same simulated chip root.
-	dbg := testenv.NewTopologyFiles(t, 0x2)
+	dbg := testenv.NewTopologyFiles(t, 0x6)
 	dbgTopo := testenv.StartBackend(t, dbg)
 	dbgTopo.Admin(t, "create", "vm1")
 	for _, tc := range []struct{ name, policy, reason, link string }{
@@ -125,19 +125,19 @@ func TestUntrustedBackendRefused(t *testing.T) {
 		{"debug policy", "", csv.ReasonDebug, dbgTopo.LinkAddr},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c, fc, policy := c, fc, tc.policy
+			c, fc, policy, certDir := c, fc, tc.policy, f.CertDir
 			if tc.policy == "" { // the debug backend's own files
-				c, fc, policy = dbg.Certs["guest-vm1"], dbg.Certs["frontend"], dbg.Policy
+				c, fc, policy, certDir = dbg.Certs["guest-vm1"], dbg.Certs["frontend"], dbg.Policy, dbg.CertDir
 			}
 			tc.policy = policy
 			out, err := testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), "guest", "proxy", "--link", tc.link, "--instance", "vm1",
-				"--cert", c[0], "--key", c[1], "--policy", tc.policy, "--tcp", "127.0.0.1:1")
+				"--cert", c[0], "--key", c[1], "--policy", tc.policy, "--cert-dir", certDir, "--tcp", "127.0.0.1:1")
 			if err == nil || !strings.Contains(out, tc.reason) {
 				t.Fatalf("guest proxy: err=%v, output:\n%s\nwant %q", err, out, tc.reason)
 			}
 			sock := filepath.Join(testenv.SockDir(t), "ctrl")
 			out, err = testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), "frontend", "--backend", tc.link,
-				"--cert", fc[0], "--key", fc[1], "--policy", tc.policy, "--vm", "vm1="+sock)
+				"--cert", fc[0], "--key", fc[1], "--policy", tc.policy, "--cert-dir", certDir, "--vm", "vm1="+sock)
 			if err == nil || !strings.Contains(out, tc.reason) {
 				t.Fatalf("frontend: err=%v, output:\n%s\nwant %q", err, out, tc.reason)
 			}
@@ -148,13 +148,13 @@ func TestUntrustedBackendRefused(t *testing.T) {
 // QEMU boots with -tpmdev emulator on the frontend's socket; the TPM is an
 // instance in the separate backend process.
 func TestQEMUThroughFrontend(t *testing.T) {
-	f := testenv.NewTopologyFiles(t, 0x3)
+	f := testenv.NewTopologyFiles(t, 0x7)
 	topo := testenv.StartBackend(t, f)
 	topo.Admin(t, "create", "vm1")
 	ctrl := filepath.Join(f.Dir, "vm1.ctrl")
 	fc := f.Certs["frontend"]
 	front := testenv.StartDaemon(t, "frontend", []string{"unix:" + ctrl}, "frontend", "--backend", topo.LinkAddr,
-		"--cert", fc[0], "--key", fc[1], "--policy", f.Policy, "--vm", "vm1="+ctrl)
+		"--cert", fc[0], "--key", fc[1], "--policy", f.Policy, "--cert-dir", f.CertDir, "--vm", "vm1="+ctrl)
 	// An EK at 0x81010001 for the fresh-report command (enrollment would
 	// put it there too).
 	_, tcti := topo.StartGuestProxy(t, topo.LinkAddr, "guest-vm1", "vm1", f.Policy)
@@ -206,7 +206,7 @@ func (l logs) String() string {
 // The fresh-report vendor command through the guest proxy: a CSV report
 // bound to the caller's nonce, the instance's EK and its id.
 func TestFreshReportCommand(t *testing.T) {
-	f := testenv.NewTopologyFiles(t, 0x3)
+	f := testenv.NewTopologyFiles(t, 0x7)
 	topo := testenv.StartBackend(t, f)
 	topo.Admin(t, "create", "vm1")
 	_, tcti := topo.StartGuestProxy(t, topo.LinkAddr, "guest-vm1", "vm1", f.Policy)
@@ -259,7 +259,7 @@ func TestFreshReportCommand(t *testing.T) {
 // A backend restart (a CVM reboot) drops every session: the guest proxy
 // attests a new one on the next command, and the instance's NV is intact.
 func TestBackendRestartUnderGuestProxy(t *testing.T) {
-	f := testenv.NewTopologyFiles(t, 0x3)
+	f := testenv.NewTopologyFiles(t, 0x7)
 	topo := testenv.StartBackend(t, f)
 	topo.Admin(t, "create", "vm1")
 	_, tcti := topo.StartGuestProxy(t, topo.LinkAddr, "guest-vm1", "vm1", f.Policy)

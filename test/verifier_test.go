@@ -59,7 +59,7 @@ type attestEnv struct {
 
 func startAttestEnv(t testing.TB, instances ...string) *attestEnv {
 	t.Helper()
-	f := testenv.NewTopologyFiles(t, 0x3)
+	f := testenv.NewTopologyFiles(t, 0x7)
 	e := &attestEnv{files: f, caDir: filepath.Join(f.Dir, "ca"), tpms: map[string]transport.TPMCloser{}, logs: map[string]*eventLog{}}
 	e.ca = startCAProc(t, e.caDir, f.Policy, "--hsk-cek", filepath.Join(f.SimDir, csv.SimHSKCEKFile))
 	e.caRoot, e.akRoot = e.ca.Root(t, ca.PurposeEK), e.ca.Root(t, ca.PurposeAK)
@@ -192,7 +192,7 @@ func TestCombinedVerifier(t *testing.T) {
 	stale := e.gather(t, "vm1", staleNonce)
 	otherCA := selfIssued(t, good.EkChain[0])
 	sim2, _ := csv.NewSimulator("SIMOTHER9")
-	sim2.SetVM(csv.VMConfig{Version: 1, Measure: e.files.Measure, Policy: 0x3})
+	sim2.SetVM(csv.VMConfig{Version: 1, Measure: e.files.Measure, Policy: 0x7})
 	sim2Root := filepath.Join(t.TempDir(), "sim2-hrk.cert")
 	os.WriteFile(sim2Root, sim2.HRK.Marshal(), 0o600)
 
@@ -447,6 +447,37 @@ func TestInteropVerifiers(t *testing.T) {
 	forged.AkCert = idBlock.Bytes
 	if _, err := server.VerifyAttestation(forged, server.VerifyOpts{Nonce: nonce, TrustedRootCerts: []*x509.Certificate{e.caRoot, e.akRoot}}); err == nil {
 		t.Fatal("go-tpm-tools accepted a link identity certificate as the AK certificate under the EK and AK roots")
+	}
+	// openssl: EK and AK certificates verify under their own roots (not
+	// under each other's), a link identity under neither; the EKUs show.
+	dir := t.TempDir()
+	writePEMFile := func(name string, der ...[]byte) string {
+		var b []byte
+		for _, d := range der {
+			b = append(b, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: d})...)
+		}
+		p := filepath.Join(dir, name)
+		os.WriteFile(p, b, 0o600)
+		return p
+	}
+	ekPEM, akPEM := writePEMFile("ek.pem", ev.EkChain[0]), writePEMFile("ak.pem", att.AkCert)
+	ekRoot, akRoot := writePEMFile("ek-root.pem", e.caRoot.Raw), writePEMFile("ak-root.pem", e.akRoot.Raw)
+	bothRoots := writePEMFile("roots.pem", e.caRoot.Raw, e.akRoot.Raw)
+	for _, tc := range []struct {
+		cert, roots string
+		ok          bool
+	}{{ekPEM, ekRoot, true}, {akPEM, akRoot, true}, {ekPEM, akRoot, false}, {akPEM, ekRoot, false}, {idCert, bothRoots, false}} {
+		out, err := testenv.RunErr(nil, "openssl", "verify", "-CAfile", tc.roots, tc.cert)
+		if (err == nil && strings.Contains(out, ": OK")) != tc.ok {
+			t.Errorf("openssl verify -CAfile %s %s: %v\n%s (want ok=%v)", filepath.Base(tc.roots), filepath.Base(tc.cert), err, out, tc.ok)
+		}
+	}
+	for _, tc := range []struct{ cert, want string }{
+		{ekPEM, "2.23.133.8.1"}, {akPEM, "2.23.133.8.3"}, {idCert, "TLS Web Client Authentication, TLS Web Server Authentication"},
+	} {
+		if text := testenv.Run(t, nil, "openssl", "x509", "-in", tc.cert, "-noout", "-text"); !strings.Contains(text, tc.want) {
+			t.Errorf("%s lacks %q:\n%s", filepath.Base(tc.cert), tc.want, text)
+		}
 	}
 
 	// go-attestation's public API only, as a remote verifier would use it.

@@ -24,6 +24,7 @@ import (
 //	  "approved_measurements": ["1178dadb...a052"],   // hex launch measurements of the vTPM CVM
 //	  "allow_debug": false,                           // accept guests without the NODBG policy bit
 //	  "allow_key_sharing": false,                     // accept guests without the NOKS policy bit
+//	  "allow_csv1": false,                            // accept CSV1 guests (no ES bit: register state not encrypted)
 //	  "min_api": "1.2",                               // lowest firmware API major.minor
 //	  "allow_chips": [], "deny_chips": ["NZA9T..."]   // chip serial lists (empty allow list = any)
 //	}
@@ -32,9 +33,13 @@ type AppraisalPolicy struct {
 	ApprovedMeasurements []string `json:"approved_measurements"`
 	AllowDebug           bool     `json:"allow_debug"`
 	AllowKeySharing      bool     `json:"allow_key_sharing"`
-	MinAPI               string   `json:"min_api"`
-	AllowChips           []string `json:"allow_chips"`
-	DenyChips            []string `json:"deny_chips"`
+	// AllowCSV1 accepts a guest whose policy lacks the ES bit (CSV1): its
+	// memory is encrypted but its register state is not, so the host can
+	// read and change the vCPU's registers. Off by default: CSV2 or later.
+	AllowCSV1  bool     `json:"allow_csv1"`
+	MinAPI     string   `json:"min_api"`
+	AllowChips []string `json:"allow_chips"`
+	DenyChips  []string `json:"deny_chips"`
 
 	minMajor, minMinor int
 	roots              []*CACert
@@ -48,6 +53,7 @@ const (
 	ReasonReportData    = "report-data-mismatch"
 	ReasonDebug         = "debug-policy"
 	ReasonKeySharing    = "key-sharing-policy"
+	ReasonCSV1          = "csv1-register-state-not-encrypted"
 	ReasonMeasurement   = "measurement-not-approved"
 	ReasonAPIVersion    = "firmware-api-too-old"
 	ReasonChip          = "chip-not-allowed"
@@ -132,6 +138,9 @@ func (p *AppraisalPolicy) Appraise(c *Claims) *AppraisalError {
 	}
 	if !p.AllowKeySharing && !c.Policy.NoKeyShare {
 		return refuse(ReasonKeySharing, "the guest policy allows key sharing (NOKS is not set)")
+	}
+	if !p.AllowCSV1 && !c.Policy.ES {
+		return refuse(ReasonCSV1, "the guest is CSV1 (the policy's ES bit is not set): its register state is not encrypted; CSV2 or later is required unless the policy allows CSV1")
 	}
 	if !slices.ContainsFunc(p.ApprovedMeasurements, func(m string) bool { return strings.EqualFold(m, hex.EncodeToString(c.Measure)) }) {
 		return refuse(ReasonMeasurement, "measurement "+hex.EncodeToString(c.Measure)+" is not approved")

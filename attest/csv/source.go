@@ -164,3 +164,42 @@ func (c *CachedSource) HSKCEK(ctx context.Context, chipSerial string) (*CACert, 
 	c.mu.Unlock()
 	return hsk, cek, nil
 }
+
+// ErrEvidenceCertsWithChipLists: chip allow/deny lists cannot be enforced
+// with the HSK+CEK the evidence carries.
+var ErrEvidenceCertsWithChipLists = errors.New("the policy's allow_chips/deny_chips need HSK+CEK looked up by chip serial (an offline directory or the KDS); with the pair the evidence carries, the serial is the evidence's own claim")
+
+// SelectCertSource is where a relying party (the CA, the link's clients,
+// the verifier) gets a reporting chip's HSK+CEK, one of:
+//
+//   - dir: the offline directory (DirSource), looked up by chip serial;
+//   - kds: HYGON's KDS at that URL, looked up by chip serial, cached a day;
+//   - fromEvidence: the pair the evidence carries (returned as nil: the
+//     caller uses the evidence's pair).
+//
+// With neither dir nor fromEvidence it is the KDS (DefaultKDS if kds is
+// empty). The chip serial in a report is not covered by the firmware's
+// signature (only by a MAC whose key the report carries): with the pair
+// taken from the evidence a forged serial passes, so a policy with chip
+// allow/deny lists is refused in that mode. Looked up by serial, a forged
+// one finds no CEK that signed the report.
+func SelectCertSource(dir, kds string, fromEvidence bool, policy *AppraisalPolicy) (CertSource, error) {
+	switch {
+	case fromEvidence && (dir != "" || kds != ""):
+		return nil, errors.New("the evidence's own HSK+CEK exclude an offline directory and a KDS")
+	case dir != "" && kds != "":
+		return nil, errors.New("an offline HSK+CEK directory and a KDS exclude each other")
+	case fromEvidence:
+		if policy != nil && (len(policy.AllowChips) > 0 || len(policy.DenyChips) > 0) {
+			return nil, ErrEvidenceCertsWithChipLists
+		}
+		return nil, nil
+	case dir != "":
+		if fi, err := os.Stat(filepath.Join(dir, "hsk_cek")); err != nil || !fi.IsDir() {
+			return nil, fmt.Errorf("offline HSK+CEK directory %s: no hsk_cek/<chip serial>/ in it", dir)
+		}
+		return DirSource{Dir: dir}, nil
+	default:
+		return &CachedSource{Source: HTTPSource{BaseURL: kds, Timeout: 15 * time.Second}, TTL: 24 * time.Hour}, nil
+	}
+}

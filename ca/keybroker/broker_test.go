@@ -71,7 +71,7 @@ func newSim(t testing.TB, serial string, measure [32]byte, policy uint32) *csv.S
 func newFixture(t testing.TB, store Store, smKey bool) *fixture {
 	f := &fixture{}
 	copy(f.measure[:], bytes.Repeat([]byte{0x5a}, 32))
-	f.sim = newSim(t, "SIMKB01", f.measure, 0x3)
+	f.sim = newSim(t, "SIMKB01", f.measure, 0x7)
 	dir := t.TempDir()
 	if err := f.sim.Save(dir); err != nil {
 		t.Fatal(err)
@@ -255,8 +255,8 @@ func TestRefusals(t *testing.T) {
 		c    *Client
 		want string
 	}{
-		{"unapproved measurement (the host's own image)", f.client(newSimSaved(t, f, other, 0x3)), csv.ReasonMeasurement},
-		{"debuggable CVM", f.client(newSimSaved(t, f, f.measure, 0x2)), csv.ReasonDebug},
+		{"unapproved measurement (the host's own image)", f.client(newSimSaved(t, f, other, 0x7)), csv.ReasonMeasurement},
+		{"debuggable CVM", f.client(newSimSaved(t, f, f.measure, 0x6)), csv.ReasonDebug},
 		{"host swaps the ephemeral key in transit", &Client{KB: direct{b: f.broker, onReq: func(r *capb.ReleaseKeysRequest) {
 			k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 			pub, _ := k.PublicKey.ECDH()

@@ -124,18 +124,11 @@ Options:
 	// with the HSK/CEK sent along, a forged serial (MAC recomputed)
 	// would pass chip lists and the "report from another backend" check.
 	// Looked up by serial, a forged one finds no CEK that verifies.
-	switch {
-	case *evidenceCerts && (*certDir != "" || *kds != ""):
-		return errors.New("--evidence-certs excludes --cert-dir and --kds")
-	case *evidenceCerts:
-		if len(policy.AllowChips) > 0 || len(policy.DenyChips) > 0 {
-			return errors.New("--evidence-certs: the policy's allow_chips/deny_chips need HSK+CEK looked up by chip serial (--cert-dir or --kds); with the pair the evidence carries, the serial is the evidence's own claim")
-		}
+	if opts.CSVCerts, err = csv.SelectCertSource(*certDir, *kds, *evidenceCerts, policy); err != nil {
+		return fmt.Errorf("HSK+CEK source (--cert-dir, --kds, --evidence-certs): %w", err)
+	}
+	if *evidenceCerts {
 		log.Warn("--evidence-certs: HSK+CEK taken from the evidence (they must still chain to a trusted root); the chip serial is not checked")
-	case *certDir != "":
-		opts.CSVCerts = csv.DirSource{Dir: *certDir}
-	default:
-		opts.CSVCerts = &csv.CachedSource{Source: csv.HTTPSource{BaseURL: *kds, Timeout: 15 * time.Second}, TTL: 24 * time.Hour}
 	}
 	switch {
 	case len(crlURLs) > 0 && *noCRL:

@@ -107,8 +107,15 @@ Options:
 		return err
 	}
 	var certs csv.CertSource
-	switch {
-	case *hskCEK != "":
+	if *hskCEK != "" {
+		if *certDir != "" || *kds != "" {
+			return errors.New("--hsk-cek excludes --cert-dir and --kds")
+		}
+		// One pair for every chip: the report's chip serial is then
+		// unchecked, so chip lists cannot be enforced.
+		if len(policy.AllowChips) > 0 || len(policy.DenyChips) > 0 {
+			return fmt.Errorf("--hsk-cek: %w", csv.ErrEvidenceCertsWithChipLists)
+		}
 		b, err := os.ReadFile(*hskCEK)
 		if err != nil {
 			return fmt.Errorf("--hsk-cek: %w", err)
@@ -118,10 +125,8 @@ Options:
 			return fmt.Errorf("--hsk-cek: %w", err)
 		}
 		certs = csv.StaticSource{HSK: hsk, CEK: cek}
-	case *certDir != "":
-		certs = csv.DirSource{Dir: *certDir}
-	default:
-		certs = &csv.CachedSource{Source: csv.HTTPSource{BaseURL: *kds}, TTL: 24 * time.Hour}
+	} else if certs, err = csv.SelectCertSource(*certDir, *kds, false, &policy.AppraisalPolicy); err != nil {
+		return fmt.Errorf("HSK+CEK source (--cert-dir, --kds): %w", err)
 	}
 	roots, err := loadOrCreateCARoots(*dir, *keyType, log)
 	if err != nil {

@@ -5,20 +5,25 @@ package main
 import (
 	"errors"
 	"flag"
-	"time"
+	"fmt"
 
 	"cvtpm/attest/csv"
 	"cvtpm/internal/attestedlink"
 )
 
-type linkFlags struct{ cert, key, policy, kds *string }
+type linkFlags struct {
+	cert, key, policy, certDir, kds *string
+	evidenceCerts                   *bool
+}
 
 func addLinkFlags(fs *flag.FlagSet) linkFlags {
 	return linkFlags{
-		cert:   fs.String("cert", "", "this client's link certificate (PEM, e.g. from 'cvtpm ca identity') (required)"),
-		key:    fs.String("key", "", "its private key (PEM) (required)"),
-		policy: fs.String("policy", "", "evidence policy the backend must meet (JSON: trusted roots, approved measurements, ...; see csv.AppraisalPolicy) (required)"),
-		kds:    fs.String("kds", "", "fetch the backend chip's HSK+CEK from this HYGON KDS base URL instead of trusting the pair the backend sends (either way it must chain to a trusted root)"),
+		cert:          fs.String("cert", "", "this client's link certificate (PEM, e.g. from 'cvtpm ca identity') (required)"),
+		key:           fs.String("key", "", "its private key (PEM) (required)"),
+		policy:        fs.String("policy", "", "evidence policy the backend must meet (JSON: trusted roots, approved measurements, ...; see csv.AppraisalPolicy) (required)"),
+		certDir:       fs.String("cert-dir", "", "look the backend chip's HSK+CEK up by its serial in this offline directory (hsk_cek/<serial>/hsk_cek.cert)"),
+		kds:           fs.String("kds", "", "look the backend chip's HSK+CEK up by its serial at this HYGON KDS (default "+csv.DefaultKDS+" unless --cert-dir or --evidence-certs)"),
+		evidenceCerts: fs.Bool("evidence-certs", false, "use the HSK+CEK the backend sends (the chip serial is then the backend's own claim: the policy's chip allow/deny lists are refused)"),
 	}
 }
 
@@ -27,8 +32,12 @@ func (l linkFlags) load() (attestedlink.ClientConfig, error) {
 		return attestedlink.ClientConfig{}, errors.New("--cert, --key and --policy are required (see --help)")
 	}
 	cfg, err := attestedlink.LoadClientConfig(*l.cert, *l.key, *l.policy)
-	if err == nil && *l.kds != "" {
-		cfg.Certs = &csv.CachedSource{Source: csv.HTTPSource{BaseURL: *l.kds}, TTL: 24 * time.Hour}
+	if err != nil {
+		return cfg, err
 	}
-	return cfg, err
+	// nil (the backend's own pair) only with --evidence-certs.
+	if cfg.Certs, err = csv.SelectCertSource(*l.certDir, *l.kds, *l.evidenceCerts, cfg.Policy); err != nil {
+		return cfg, fmt.Errorf("the backend chip's HSK+CEK (--cert-dir, --kds, --evidence-certs): %w", err)
+	}
+	return cfg, nil
 }

@@ -8,7 +8,7 @@ import (
 // BenchmarkCall is one small call over an attested session on loopback
 // TCP with a handler that answers at once: the link's own cost.
 func BenchmarkCall(b *testing.B) {
-	f := newFixture(b, 0x3)
+	f := newFixture(b, 0x7)
 	s, err := f.dial(b, f.addr, f.policy)
 	if err != nil {
 		b.Fatal(err)

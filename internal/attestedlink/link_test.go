@@ -157,7 +157,7 @@ func (f *fixture) dial(t testing.TB, addr string, policy *csv.AppraisalPolicy) (
 }
 
 func TestSession(t *testing.T) {
-	f := newFixture(t, 0x3) // NODBG | NOKS
+	f := newFixture(t, 0x7) // NODBG | NOKS | ES
 	s, err := f.dial(t, f.addr, f.policy)
 	if err != nil {
 		t.Fatal(err)
@@ -191,8 +191,8 @@ func TestSession(t *testing.T) {
 
 // Evidence that fails the client's policy is refused before any call.
 func TestEvidenceRefused(t *testing.T) {
-	good := newFixture(t, 0x3)
-	debug := newFixture(t, 0x2) // NODBG not set
+	good := newFixture(t, 0x7)
+	debug := newFixture(t, 0x6) // NODBG not set
 	strict := &csv.AppraisalPolicy{ApprovedMeasurements: good.policy.ApprovedMeasurements}
 	if err := strict.Compile(); err != nil {
 		t.Fatal(err)
@@ -202,7 +202,7 @@ func TestEvidenceRefused(t *testing.T) {
 
 	// A backend that answers with a report for other report_data, e.g.
 	// one relayed from another session.
-	stale := newFixture(t, 0x3)
+	stale := newFixture(t, 0x7)
 	stale.server.Evidence = providerFunc(func(ctx context.Context, rd []byte) ([]byte, error) {
 		return stale.sim.Report(ctx, make([]byte, 64))
 	})
@@ -249,7 +249,7 @@ func TestEvidenceRefused(t *testing.T) {
 
 // An unknown client certificate fails the TLS handshake.
 func TestUnknownClientRefused(t *testing.T) {
-	f := newFixture(t, 0x3)
+	f := newFixture(t, 0x7)
 	stranger := newPKI(t, "frontend-vm1") // same name, other CA
 	conn, err := net.Dial("tcp", f.addr)
 	if err != nil {
@@ -378,7 +378,7 @@ func TestManInTheMiddle(t *testing.T) {
 		}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			f := newFixture(t, 0x3)
+			f := newFixture(t, 0x7)
 			m := newMITM(t, f.addr)
 			s, err := f.dial(t, m.addr, f.policy)
 			if err != nil {

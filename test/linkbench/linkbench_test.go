@@ -48,7 +48,7 @@ func paths(b *testing.B) []path {
 		srv := testenv.StartSocket(b, impl, testenv.Options{TCP: true})
 		out = append(out, path{string(impl) + " socket", dialTCP(b, srv.TCTI())})
 	}
-	f := testenv.NewTopologyFiles(b, 0x3)
+	f := testenv.NewTopologyFiles(b, 0x7)
 	topo := testenv.StartBackend(b, f)
 	topo.Admin(b, "create", "vm1")
 	relay := topo.StartPlainRelay(b)
@@ -162,7 +162,7 @@ func BenchmarkIdleInstances(b *testing.B) {
 	if s := os.Getenv("CVTPM_BENCH_INSTANCES"); s != "" {
 		n, _ = strconv.Atoi(s)
 	}
-	f := testenv.NewTopologyFiles(b, 0x3)
+	f := testenv.NewTopologyFiles(b, 0x7)
 	topo := testenv.StartBackend(b, f)
 	abs, _ := filepath.Abs(topo.AdminSock)
 	conn, err := grpc.NewClient("unix://"+abs, grpc.WithTransportCredentials(insecure.NewCredentials()))

@@ -66,6 +66,8 @@ func Binary(tb testing.TB, impl Impl) string {
 			buildErr = err
 			return
 		}
+		// Reachable by other users: libvirt runs the swtpm symlink as tss.
+		os.Chmod(dir, 0o755)
 		built = filepath.Join(dir, "cvtpm")
 		// cvtpm-verifier beside it: `cvtpm verifier` runs it from there.
 		cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/cvtpm", "./cmd/cvtpm-verifier")

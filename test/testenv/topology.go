@@ -129,6 +129,7 @@ func (d *Daemon) Stop() {
 type TopologyFiles struct {
 	Dir       string
 	SimDir    string // CSV simulator (backend --csv-sim)
+	CertDir   string // offline HSK+CEK directory with the simulated chip's pair (clients' --cert-dir)
 	Sim       *csv.Simulator
 	Measure   [32]byte
 	Policy    string // client evidence policy trusting the simulator
@@ -141,8 +142,8 @@ type TopologyFiles struct {
 	caCert *x509.Certificate
 }
 
-// NewTopologyFiles writes a simulator whose VM policy is vmPolicy (0x3 =
-// NODBG|NOKS), a policy that approves its measurement, a link client CA
+// NewTopologyFiles writes a simulator whose VM policy is vmPolicy (0x7 =
+// NODBG|NOKS|ES, a CSV2 guest), a policy that approves its measurement, a link client CA
 // with identities, an ACL and a master key.
 func NewTopologyFiles(tb testing.TB, vmPolicy uint32) *TopologyFiles {
 	tb.Helper()
@@ -160,6 +161,13 @@ func NewTopologyFiles(tb testing.TB, vmPolicy uint32) *TopologyFiles {
 		tb.Fatal(err)
 	}
 	f.Sim = sim
+	f.CertDir = filepath.Join(dir, "kds")
+	bundle, err := os.ReadFile(filepath.Join(f.SimDir, csv.SimHSKCEKFile))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	os.MkdirAll(filepath.Join(f.CertDir, "hsk_cek", "SIMTOPO01"), 0o700)
+	writeFile(tb, filepath.Join(f.CertDir, "hsk_cek", "SIMTOPO01", "hsk_cek.cert"), bundle)
 	f.Policy = f.WritePolicy(tb, "policy.json", csv.AppraisalPolicy{
 		SimulatorRoots:       []string{filepath.Join(f.SimDir, csv.SimRootFile)},
 		ApprovedMeasurements: []string{hex.EncodeToString(f.Measure[:])},
@@ -301,6 +309,6 @@ func (t *Topology) StartGuestProxy(tb testing.TB, link, identity, instance, poli
 	c := t.Files.Certs[identity]
 	d := StartDaemon(tb, "guest proxy", []string{fmt.Sprintf("tcp:127.0.0.1:%d", port)},
 		"guest", "proxy", "--link", link, "--instance", instance, "--cert", c[0], "--key", c[1], "--policy", policy,
-		"--tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		"--cert-dir", t.Files.CertDir, "--tcp", fmt.Sprintf("127.0.0.1:%d", port))
 	return d, fmt.Sprintf("swtpm:host=127.0.0.1,port=%d", port)
 }

@@ -59,7 +59,7 @@ func peer(cn string, sim *csv.Simulator, rd, reportRD [64]byte, t *testing.T) *a
 // A bound instance serves the guest path only to the workload's own
 // evidence, and limits the host path as its binding says.
 func TestWorkloadBinding(t *testing.T) {
-	good, root := workloadSim(t, 0x77, 0x3)
+	good, root := workloadSim(t, 0x77, 0x7)
 	dir := t.TempDir()
 	aclFile := filepath.Join(dir, "acl.json")
 	os.WriteFile(aclFile, []byte(`{"clients": {"frontend": {"instances": ["*"], "capabilities": ["host"]}, "guest-vm1": {"instances": ["*"], "capabilities": ["guest"]}}}`), 0o600)
@@ -75,8 +75,8 @@ func TestWorkloadBinding(t *testing.T) {
 	}
 	access := &Access{ACL: acl, Bindings: bindings}
 	// The same chip (same root) running other workloads.
-	other := sameChip(t, good, 0x66, 0x3)
-	debug := sameChip(t, good, 0x77, 0x2)
+	other := sameChip(t, good, 0x66, 0x7)
+	debug := sameChip(t, good, 0x77, 0x6)
 	rd := attestedlink.WorkloadReportData([]byte("this session's exporter"), []byte("backend nonce"))
 	otherSession := attestedlink.WorkloadReportData([]byte("another session"), []byte("backend nonce"))
 	for _, tc := range []struct {
@@ -132,7 +132,7 @@ func sameChip(t *testing.T, good *csv.Simulator, measure byte, policy uint32) *c
 // host "boot": once the workload locks the host path, a reset is all the
 // host can do; the reset reopens it for the next boot.
 func TestHostBootLock(t *testing.T) {
-	_, root := workloadSim(t, 0x77, 0x3)
+	_, root := workloadSim(t, 0x77, 0x7)
 	s := newSupervisor(t, t.TempDir(), 1)
 	defer s.Close()
 	if _, err := s.Create(context.Background(), "vm1", CreateOptions{Binding: bindingJSON(t, root, "boot", 0x77)}); err != nil {

@@ -38,7 +38,7 @@ func newLinkFixture(t *testing.T, aclJSON string) *linkFixture {
 		t.Fatal(err)
 	}
 	measure := [32]byte{0xbe, 0xef}
-	sim.SetVM(csv.VMConfig{Version: 1, Measure: measure, Policy: 0x3})
+	sim.SetVM(csv.VMConfig{Version: 1, Measure: measure, Policy: 0x7})
 	simDir := t.TempDir()
 	sim.Save(simDir)
 	policy := &csv.AppraisalPolicy{SimulatorRoots: []string{filepath.Join(simDir, csv.SimRootFile)}, ApprovedMeasurements: []string{hex.EncodeToString(measure[:])}}
@@ -115,7 +115,7 @@ func linkCall(t *testing.T, sess *attestedlink.Session, id string, r tpmrpc.Requ
 // workload with host "none" (or "boot"). The host's old session still has
 // the full host role on it: TPM commands, reset, export of its state.
 func TestCapabilitiesNotCachedBeforeBinding(t *testing.T) {
-	_, root := workloadSim(t, 0x77, 0x3)
+	_, root := workloadSim(t, 0x77, 0x7)
 	f := newLinkFixture(t, `{"clients": {"frontend": {"instances": ["*"], "capabilities": ["host"]}}}`)
 	early := f.dial(t)
 	if r := linkCall(t, early, "vm1", tpmrpc.Request{Op: tpmrpc.OpRunning}); r.Err == "" {

@@ -16,7 +16,7 @@ import (
 // values of a boot of its choosing (or of the genuine boot, replayed, to
 // satisfy PCR policies), while the workload goes on using the same TPM.
 func TestHostResetUnderLockedWorkloadIsReported(t *testing.T) {
-	_, root := workloadSim(t, 0x77, 0x3)
+	_, root := workloadSim(t, 0x77, 0x7)
 	s := newSupervisor(t, t.TempDir(), 1)
 	defer s.Close()
 	if _, err := s.Create(context.Background(), "vm1", CreateOptions{Binding: bindingJSON(t, root, "boot", 0x77)}); err != nil {
