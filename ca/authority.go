@@ -24,7 +24,11 @@ import (
 	"cvtpm/attest/csv"
 	"cvtpm/enroll"
 	"cvtpm/internal/expiring"
+	"cvtpm/internal/logfield"
 )
+
+// MaxInstanceID is the longest instance id the CA certifies.
+const MaxInstanceID = 128
 
 // Authority satisfies the enrollment protocol's view of a CA.
 var _ enroll.CA = (*Authority)(nil)
@@ -185,6 +189,9 @@ func (a *Authority) enroll(ctx context.Context, req enroll.Request) (*x509.Certi
 	if req.InstanceID == "" || len(req.Nonce) == 0 || len(req.Report) == 0 {
 		return nil, nil, refuse(ReasonBadRequest, "instance id, nonce and report are required")
 	}
+	if len(req.InstanceID) > MaxInstanceID {
+		return nil, nil, refuse(ReasonBadRequest, fmt.Sprintf("instance id of %d bytes (at most %d)", len(req.InstanceID), MaxInstanceID))
+	}
 	ekPub, err := tpm2.Unmarshal[tpm2.TPMTPublic](req.EKPublicArea)
 	if err != nil {
 		return nil, nil, refuse(ReasonBadRequest, "EK public area: "+err.Error())
@@ -313,6 +320,9 @@ func OpenAuditFile(path string) (*AuditFile, error) {
 
 // Record appends one entry durably.
 func (l *AuditFile) Record(_ context.Context, e AuditEntry) error {
+	// What a client sent is clipped: every decision is recorded, but an
+	// unauthenticated client cannot fill the disk through it.
+	e.InstanceID, e.Detail, e.ChipSerial = logfield.Clip(e.InstanceID), logfield.Clip(e.Detail), logfield.Clip(e.ChipSerial)
 	b, err := json.Marshal(e)
 	if err != nil {
 		return err

@@ -16,6 +16,7 @@ import (
 
 	capb "cvtpm/api/ca"
 	"cvtpm/enroll"
+	"cvtpm/internal/logfield"
 )
 
 // Server exposes an Authority over gRPC (api/ca) and its roots and CRL
@@ -28,6 +29,8 @@ type Server struct {
 	// listener (cvtpm ca puts it on a 0600 unix socket): revocation must
 	// not be open to whoever can reach the enrollment port.
 	Admin bool
+
+	refusals logfield.Limiter // refusal log lines per client address
 }
 
 // Register adds the CA service to a gRPC server.
@@ -49,10 +52,15 @@ func (s *Server) Enroll(ctx context.Context, req *capb.EnrollRequest) (*capb.Enr
 	var r *Refusal
 	switch {
 	case errors.As(err, &r):
-		s.Log.Info("enrollment refused", "instance", req.GetInstanceId(), "reason", r.Reason, "detail", r.Detail)
-		return nil, status.Error(codes.PermissionDenied, r.Error())
+		// Every refusal is in the audit log; the service log gets a
+		// bounded, rate-limited line.
+		if ok, held := s.refusals.Allow(sourceOf(ctx)); ok {
+			s.Log.Info("enrollment refused", "instance", logfield.Clip(req.GetInstanceId()), "reason", r.Reason,
+				"detail", logfield.Clip(r.Detail), "from", sourceOf(ctx), "similar_lines_suppressed", held)
+		}
+		return nil, status.Error(codes.PermissionDenied, logfield.Clip(r.Error()))
 	case err != nil:
-		s.Log.Error("enrollment failed", "instance", req.GetInstanceId(), "err", err)
+		s.Log.Error("enrollment failed", "instance", logfield.Clip(req.GetInstanceId()), "err", err)
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	s.Log.Info("EK certificate issued", "instance", req.GetInstanceId(), "serial", cert.SerialNumber.Text(16))

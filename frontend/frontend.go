@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"strings"
 	"sync"
 
 	"cvtpm/internal/attestedlink"
@@ -90,54 +89,6 @@ type Relay struct {
 	// logged, so one guest cannot take the descriptors every other VM's
 	// relay and QEMU socket need (each relayed connection costs several).
 	MaxPerSource, Max int
-
-	mu     sync.Mutex
-	active map[string]int
-	total  int
-}
-
-// sourceOf names a connection's origin: its address without the port
-// (for vsock, the CID).
-func sourceOf(c net.Conn) string {
-	a := c.RemoteAddr().String()
-	if host, _, err := net.SplitHostPort(a); err == nil {
-		return host
-	}
-	if i := strings.LastIndexByte(a, ':'); i > 0 { // vsock "vm(3):1234"
-		return a[:i]
-	}
-	return a
-}
-
-// admit counts a connection from src, or refuses it.
-func (r *Relay) admit(src string) bool {
-	per, max := r.MaxPerSource, r.Max
-	if per <= 0 {
-		per = 64
-	}
-	if max <= 0 {
-		max = 4096
-	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.active == nil {
-		r.active = map[string]int{}
-	}
-	if r.active[src] >= per || r.total >= max {
-		return false
-	}
-	r.active[src]++
-	r.total++
-	return true
-}
-
-func (r *Relay) release(src string) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.active[src]--; r.active[src] <= 0 {
-		delete(r.active, src)
-	}
-	r.total--
 }
 
 // Serve relays every connection accepted on ln until ctx ends.
@@ -146,6 +97,14 @@ func (r *Relay) Serve(ctx context.Context, ln net.Listener) error {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	per, max := r.MaxPerSource, r.Max
+	if per <= 0 {
+		per = 64
+	}
+	if max <= 0 {
+		max = 4096
+	}
+	limits := &netaddr.Limits{Max: max, MaxPerSource: per, Name: "relay", Log: log}
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 	var wg sync.WaitGroup
@@ -158,16 +117,15 @@ func (r *Relay) Serve(ctx context.Context, ln net.Listener) error {
 			}
 			return fmt.Errorf("relay: accept: %w", err)
 		}
-		src := sourceOf(in)
-		if !r.admit(src) {
-			log.Warn("relay: too many connections from this source (or in all); connection refused", "from", src)
+		src := netaddr.Source(in)
+		if !limits.Admit(src) {
 			in.Close()
 			continue
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer r.release(src)
+			defer limits.Release(src)
 			defer in.Close()
 			out, err := netaddr.Dial(ctx, r.Backend)
 			if err != nil {

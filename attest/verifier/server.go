@@ -3,12 +3,15 @@ package verifier
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -27,6 +30,9 @@ type Server struct {
 // Challenge implements the gRPC API.
 func (s *Server) Challenge(ctx context.Context, _ *attestpb.ChallengeRequest) (*attestpb.ChallengeResponse, error) {
 	n, exp, err := s.Verifier.Challenge(ctx)
+	if errors.Is(err, ErrBusy) {
+		return nil, status.Error(codes.ResourceExhausted, err.Error())
+	}
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
@@ -65,7 +71,12 @@ func (s *Server) log(res *Result) {
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /challenge", func(w http.ResponseWriter, r *http.Request) {
-		resp, err := s.Challenge(r.Context(), &attestpb.ChallengeRequest{})
+		// The caller's address counts its outstanding challenges.
+		ctx := r.Context()
+		if addr, err := net.ResolveTCPAddr("tcp", r.RemoteAddr); err == nil {
+			ctx = peer.NewContext(ctx, &peer.Peer{Addr: addr})
+		}
+		resp, err := s.Challenge(ctx, &attestpb.ChallengeRequest{})
 		writeProto(w, resp, err)
 	})
 	mux.HandleFunc("POST /attest", func(w http.ResponseWriter, r *http.Request) {

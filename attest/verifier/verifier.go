@@ -11,6 +11,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -22,12 +23,14 @@ import (
 	"github.com/google/go-tpm-tools/server"
 	legacy "github.com/google/go-tpm/legacy/tpm2"
 	"github.com/google/go-tpm/tpm2"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/protobuf/proto"
 
 	attestpb "cvtpm/api/attest"
 	"cvtpm/attest/certprofile"
 	"cvtpm/attest/csv"
 	"cvtpm/attest/freshreport"
+	"cvtpm/internal/expiring"
 	"cvtpm/internal/pkisig"
 )
 
@@ -78,37 +81,52 @@ type NonceStore interface {
 	Consume(ctx context.Context, nonce []byte, now time.Time) (ok bool, reason string)
 }
 
-// memoryNonces is the in-process NonceStore.
+// memoryNonces is the in-process NonceStore: an expiry queue (no sweep),
+// at most 500,000 outstanding and 50,000 per client address, beyond which
+// Issue fails with ErrBusy.
 type memoryNonces struct {
-	mu     sync.Mutex
-	nonces map[string]time.Time
+	once  sync.Once
+	ttl   time.Duration
+	now   func() time.Time
+	table *expiring.Table[struct{}]
 }
 
-func (m *memoryNonces) Issue(_ context.Context, nonce []byte, exp time.Time) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	now := time.Now()
-	for k, e := range m.nonces {
-		if now.After(e) {
-			delete(m.nonces, k)
-		}
-	}
-	m.nonces[string(nonce)] = exp
-	return nil
+// ErrBusy: too many outstanding challenges (in all, or from this source).
+var ErrBusy = expiring.ErrFull
+
+func (m *memoryNonces) t() *expiring.Table[struct{}] {
+	m.once.Do(func() {
+		m.table = &expiring.Table[struct{}]{TTL: m.ttl, Max: 500_000, MaxPerSource: 50_000, Now: m.now}
+	})
+	return m.table
 }
 
-func (m *memoryNonces) Consume(_ context.Context, nonce []byte, now time.Time) (bool, string) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	exp, ok := m.nonces[string(nonce)]
-	if !ok {
+func (m *memoryNonces) Issue(ctx context.Context, nonce []byte, _ time.Time) error {
+	return m.t().Put(string(nonce), sourceOf(ctx), struct{}{})
+}
+
+func (m *memoryNonces) Consume(_ context.Context, nonce []byte, _ time.Time) (bool, string) {
+	_, ok, expired := m.t().Take(string(nonce))
+	switch {
+	case expired:
+		return false, "nonce-expired"
+	case !ok:
 		return false, "nonce-unknown-or-used"
 	}
-	delete(m.nonces, string(nonce))
-	if now.After(exp) {
-		return false, "nonce-expired"
-	}
 	return true, ""
+}
+
+// sourceOf is the client address of a call (gRPC peer, or the HTTP
+// handler's remote address put in the context the same way).
+func sourceOf(ctx context.Context) string {
+	p, ok := peer.FromContext(ctx)
+	if !ok || p.Addr == nil {
+		return ""
+	}
+	if host, _, err := net.SplitHostPort(p.Addr.String()); err == nil {
+		return host
+	}
+	return p.Addr.String()
 }
 
 // Verifier checks evidence and issues EAR tokens. It is safe for
@@ -144,7 +162,7 @@ func New(ctx context.Context, opts Options) (*Verifier, error) {
 		return nil, err
 	}
 	if opts.Nonces == nil {
-		opts.Nonces = &memoryNonces{nonces: map[string]time.Time{}}
+		opts.Nonces = &memoryNonces{ttl: opts.NonceTTL, now: opts.Now}
 	}
 	v := &Verifier{opts: opts, policy: p, trustOK: map[[32]byte]bool{}, parsed: map[[32]byte]any{}, ekMatch: map[[32]byte]any{},
 		crlOK: map[[32]byte]any{}}
@@ -272,6 +290,7 @@ func (v *Verifier) trusted(c *x509.Certificate, roots [][]byte) bool {
 			}
 			v.trustOK[key] = true
 			v.mu.Unlock()
+			v.remember(v.parsed, sha256.Sum256(c.Raw), c)
 			return true
 		}
 	}
@@ -547,17 +566,21 @@ func (v *Verifier) ekPublicMatches(area []byte, ekCert *x509.Certificate) bool {
 }
 
 // parseCert parses a certificate, reusing the result for DER already seen.
+// MaxCertificateSize bounds an EK or AK certificate in evidence: the
+// CA's are about 1 KiB; nothing larger is parsed.
+const MaxCertificateSize = 16 << 10
+
+// parseCert parses a certificate from evidence. Only certificates a
+// trusted root signed are kept parsed (trusted does that), so what an
+// unauthenticated client sends costs no memory after its call.
 func (v *Verifier) parseCert(der []byte) (*x509.Certificate, error) {
-	key := sha256.Sum256(der)
-	if c, ok := v.cached(v.parsed, key).(*x509.Certificate); ok {
+	if len(der) > MaxCertificateSize {
+		return nil, fmt.Errorf("certificate of %d bytes (at most %d)", len(der), MaxCertificateSize)
+	}
+	if c, ok := v.cached(v.parsed, sha256.Sum256(der)).(*x509.Certificate); ok {
 		return c, nil
 	}
-	c, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, err
-	}
-	v.remember(v.parsed, key, c)
-	return c, nil
+	return x509.ParseCertificate(der)
 }
 
 // cacheLimit bounds each cache; a full cache starts over.

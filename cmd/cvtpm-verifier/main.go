@@ -23,7 +23,6 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
-	"time"
 
 	"google.golang.org/grpc"
 
@@ -31,6 +30,7 @@ import (
 	"cvtpm/attest/csv"
 	"cvtpm/attest/verifier"
 	"cvtpm/internal/pkisig"
+	"cvtpm/internal/serve"
 )
 
 func main() {
@@ -174,12 +174,15 @@ Options:
 		return err
 	}
 	srv := &verifier.Server{Verifier: v, Log: log}
-	gs := grpc.NewServer()
+	// Evidence carries an event log (real firmware's can be some
+	// hundred KiB), certificates and a report: 4 MiB is ample.
+	gs := grpc.NewServer(serve.GRPCOptions(4 << 20)...)
 	attestpb.RegisterVerifierServer(gs, srv)
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		return fmt.Errorf("--listen: %w", err)
 	}
+	ln = serve.Listen(ln, "verifier gRPC", log)
 	errc := make(chan error, 2)
 	go func() { errc <- gs.Serve(ln) }()
 	var hs *http.Server
@@ -188,12 +191,10 @@ Options:
 		if err != nil {
 			return fmt.Errorf("--http: %w", err)
 		}
-		// Bounded: requests carry evidence (an event log can be some
-		// hundred KiB), no more; slow or idle clients do not hold sockets.
-		hs = &http.Server{Handler: http.MaxBytesHandler(srv.Handler(), 8<<20),
-			ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute, WriteTimeout: time.Minute,
-			IdleTimeout: time.Minute, MaxHeaderBytes: 64 << 10}
-		go func() { errc <- hs.Serve(hl) }()
+		// Bounded: requests carry evidence (JSON: base64 of the above),
+		// no more; slow or idle clients do not hold sockets.
+		hs = serve.HTTPServer(srv.Handler(), 8<<20)
+		go func() { errc <- hs.Serve(serve.Listen(hl, "verifier HTTP", log)) }()
 	}
 	log.Info("verifier serving", "grpc", ln.Addr().String(), "http", *httpAddr, "key", *keyFile+".pub.pem")
 	select {

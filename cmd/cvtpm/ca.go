@@ -36,6 +36,7 @@ import (
 	"cvtpm/attest/csv"
 	"cvtpm/ca"
 	"cvtpm/ca/keybroker"
+	"cvtpm/internal/serve"
 )
 
 func init() {
@@ -163,7 +164,9 @@ Options:
 	if err != nil {
 		return err
 	}
-	public := grpc.NewServer(grpc.Creds(credentials.NewTLS(tlsConf)))
+	// Requests are small: a CSV report (4 KiB), an EK public area or
+	// certificate, an AK's parameters.
+	public := grpc.NewServer(append(serve.GRPCOptions(256<<10), grpc.Creds(credentials.NewTLS(tlsConf)))...)
 	(&ca.Server{Authority: authority, Log: log}).Register(public)
 	if *brokerOn {
 		kb, err := newKeyBroker(ctx, *dir, *brokerKEK, store, roots.service, authority, log)
@@ -186,7 +189,7 @@ Options:
 	}
 	os.Chmod(sock, 0o600)
 	errc := make(chan error, 3)
-	go func() { errc <- public.Serve(ln) }()
+	go func() { errc <- public.Serve(serve.Listen(ln, "CA gRPC", log)) }()
 	go func() { errc <- admin.Serve(aln) }()
 	var hs *http.Server
 	httpBound := ""
@@ -198,10 +201,8 @@ Options:
 		httpBound = hl.Addr().String()
 		// Bounded: a client that trickles or idles cannot hold connections
 		// (GET only, so no body to allow for).
-		hs = &http.Server{Handler: http.MaxBytesHandler((&ca.Server{Authority: authority, Log: log}).HTTPHandler(), 64<<10),
-			ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second,
-			IdleTimeout: time.Minute, MaxHeaderBytes: 64 << 10}
-		go func() { errc <- hs.Serve(hl) }()
+		hs = serve.HTTPServer((&ca.Server{Authority: authority, Log: log}).HTTPHandler(), 64<<10)
+		go func() { errc <- hs.Serve(serve.Listen(hl, "CA HTTP", log)) }()
 	}
 	log.Info("EK CA serving", "grpc", ln.Addr().String(), "tls", "service-ca.pem", "http", httpBound, "admin", sock,
 		"fingerprint", roots.serviceFingerprint())

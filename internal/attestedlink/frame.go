@@ -139,12 +139,25 @@ func (f *framer) read(want ...byte) (frame, error) {
 	if ilen > maxInstanceLen || ilen > body {
 		return frame{}, fmt.Errorf("%w: instance id length %d", ErrProtocol, ilen)
 	}
-	if cap(f.in) < body {
-		f.in = make([]byte, body)
-	}
-	buf := f.in[:body]
-	if _, err := io.ReadFull(f.r, buf); err != nil {
-		return frame{}, fmt.Errorf("%w: frame body truncated: %v", ErrProtocol, err)
+	var buf []byte
+	if cap(f.in) < body && body > 64<<10 {
+		// A large declared length gets memory only as its bytes arrive.
+		b, err := io.ReadAll(io.LimitReader(f.r, int64(body)))
+		if err == nil && len(b) < body {
+			err = io.ErrUnexpectedEOF
+		}
+		if err != nil {
+			return frame{}, fmt.Errorf("%w: frame body truncated: %v", ErrProtocol, err)
+		}
+		buf = b
+	} else {
+		if cap(f.in) < body {
+			f.in = make([]byte, body)
+		}
+		buf = f.in[:body]
+		if _, err := io.ReadFull(f.r, buf); err != nil {
+			return frame{}, fmt.Errorf("%w: frame body truncated: %v", ErrProtocol, err)
+		}
 	}
 	f.recvSeq++
 	fr.instance, fr.payload = string(buf[:ilen]), buf[ilen:]

@@ -73,6 +73,30 @@ type Server struct {
 	// HandshakeTimeout bounds TLS handshake plus attestation; zero means
 	// 30 seconds.
 	HandshakeTimeout time.Duration
+	// MaxConns bounds the connections held at once (default 4096),
+	// MaxPerClient the sessions of one client identity (certificate
+	// common name; default 256): beyond them a connection is closed and
+	// logged, so one client (or an unauthenticated flood, which the
+	// handshake timeout also cuts) cannot take what the others need.
+	MaxConns, MaxPerClient int
+
+	limitsOnce            sync.Once
+	connLimits, perClient *netaddr.Limits
+}
+
+func (s *Server) limits() (conns, perClient *netaddr.Limits) {
+	s.limitsOnce.Do(func() {
+		max, per := s.MaxConns, s.MaxPerClient
+		if max <= 0 {
+			max = 4096
+		}
+		if per <= 0 {
+			per = 256
+		}
+		s.connLimits = &netaddr.Limits{Max: max, Name: "attested link", Log: s.log()}
+		s.perClient = &netaddr.Limits{MaxPerSource: per, Name: "attested link sessions per client identity", Log: s.log()}
+	})
+	return s.connLimits, s.perClient
 }
 
 func (s *Server) log() *slog.Logger {
@@ -107,8 +131,10 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	defer stop()
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	conns, _ := s.limits()
+	ln = conns.Listen(ln)
 	for {
-		conn, err := netaddr.Accept(ln, s.log())
+		conn, err := ln.Accept()
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
@@ -147,6 +173,11 @@ func (s *Server) ServeConn(ctx context.Context, raw net.Conn) error {
 	}
 	state := conn.ConnectionState()
 	client := state.PeerCertificates[0]
+	_, perClient := s.limits()
+	if !perClient.Admit(client.Subject.CommonName) {
+		return nil // logged by Admit (rate-limited)
+	}
+	defer perClient.Release(client.Subject.CommonName)
 	log := s.log().With("client", client.Subject.CommonName, "remote", raw.RemoteAddr().String())
 	f := newFramer(conn)
 

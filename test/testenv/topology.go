@@ -59,8 +59,21 @@ func (b *syncBuffer) String() string {
 // stopped with SIGTERM when the test ends.
 func StartDaemon(tb testing.TB, name string, waitFor []string, args ...string) *Daemon {
 	tb.Helper()
+	return StartCommand(tb, name, waitFor, append([]string{Binary(tb, Cvtpm)}, args...)...)
+}
+
+// StartLimited is StartDaemon under `prlimit --nofile=N:N`: the process
+// has at most nofile descriptors.
+func StartLimited(tb testing.TB, nofile int, name string, waitFor []string, args ...string) *Daemon {
+	tb.Helper()
+	return StartCommand(tb, name, waitFor, append([]string{"prlimit", fmt.Sprintf("--nofile=%d:%d", nofile, nofile), Binary(tb, Cvtpm)}, args...)...)
+}
+
+// StartCommand is StartDaemon for any command line (argv[0] the program).
+func StartCommand(tb testing.TB, name string, waitFor []string, argv ...string) *Daemon {
+	tb.Helper()
 	d := &Daemon{Name: name, Log: &syncBuffer{}, done: make(chan struct{})}
-	d.Cmd = exec.Command(Binary(tb, Cvtpm), args...)
+	d.Cmd = exec.Command(argv[0], argv[1:]...)
 	d.Cmd.Stdout, d.Cmd.Stderr = d.Log, d.Log
 	if err := d.Cmd.Start(); err != nil {
 		tb.Fatalf("starting %s: %v", name, err)
@@ -269,6 +282,14 @@ func (t *Topology) RestartBackend(tb testing.TB) {
 	tb.Helper()
 	t.Backend.Stop()
 	t.Backend = StartDaemon(tb, "backend", []string{t.LinkAddr, "unix:" + t.AdminSock}, t.backendArgs...)
+}
+
+// RestartBackendLimited restarts the backend with at most nofile
+// descriptors (prlimit).
+func (t *Topology) RestartBackendLimited(tb testing.TB, nofile int) {
+	tb.Helper()
+	t.Backend.Stop()
+	t.Backend = StartLimited(tb, nofile, "backend", []string{t.LinkAddr, "unix:" + t.AdminSock}, t.backendArgs...)
 }
 
 // Admin runs `cvtpm backend VERB --admin SOCK args...` and returns its output.
