@@ -50,6 +50,14 @@ func (a *Authority) AKChallenge(ctx context.Context, ekCertDER []byte, ak attest
 	if err := certprofile.CheckEK(ekCert); err != nil {
 		return "", nil, refuse(ReasonBadRequest, err.Error())
 	}
+	if now := a.now(); now.Before(ekCert.NotBefore) || now.After(ekCert.NotAfter) {
+		return "", nil, refuse(ReasonBadRequest, "the EK certificate is not valid now")
+	}
+	// A TPM's AK parameters are a few hundred bytes; a pending challenge
+	// must not hold more.
+	if len(ak.Public) > 2048 || len(ak.CreateData) > 2048 || len(ak.CreateAttestation) > 2048 || len(ak.CreateSignature) > 2048 {
+		return "", nil, refuse(ReasonBadRequest, "AK parameters larger than a TPM's")
+	}
 	if !hasCSVClaims(ekCert) {
 		return "", nil, refuse(ReasonBadRequest, "the EK certificate carries no CSV claims: it was not issued on CSV evidence")
 	}
@@ -102,6 +110,13 @@ func (a *Authority) AKCertify(ctx context.Context, id string, secret []byte) (*x
 		err = refuse(ReasonActivation, "the activated secret is wrong: the AK is not on the TPM of this EK")
 	default:
 		cert, err = a.issueAK(p)
+		// Recorded like every certificate, so that it can be revoked
+		// (and listed on the AK issuer's CRL).
+		if err == nil && a.Store != nil {
+			if perr := a.Store.PutIssued(ctx, IssuedCert{Serial: cert.SerialNumber.Text(16), InstanceID: "ak:" + p.instance, DER: cert.Raw, Issued: a.now().UTC()}); perr != nil {
+				cert, err = nil, fmt.Errorf("recording the AK certificate: %w", perr)
+			}
+		}
 	}
 	var r *Refusal
 	switch {

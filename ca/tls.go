@@ -16,6 +16,7 @@ import (
 	"net"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"cvtpm/internal/pkisig"
@@ -28,10 +29,35 @@ import (
 // then neither read nor change the roots, CRLs and certificates a client
 // receives.
 
-// ServerTLS issues a fresh TLS certificate for names (DNS names or IP
-// addresses) from service and returns the server configuration that
-// presents it with the root (TLS 1.3 only).
+// ServerTLS returns the server configuration of the CA's gRPC port (TLS
+// 1.3 only): it presents a certificate for names (DNS names or IP
+// addresses) from service, with the root, issued at start and issued
+// anew once half its validity has passed, so a CA that runs for months
+// keeps serving.
 func ServerTLS(service *Issuer, names []string, validity time.Duration) (*tls.Config, error) {
+	var mu sync.Mutex
+	cur, err := serviceCertificate(service, names, validity)
+	if err != nil {
+		return nil, err
+	}
+	return &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+			mu.Lock()
+			defer mu.Unlock()
+			if time.Now().After(cur.Leaf.NotBefore.Add(validity / 2)) {
+				next, err := serviceCertificate(service, names, validity)
+				if err != nil {
+					return cur, nil // the current one is still valid
+				}
+				cur = next
+			}
+			return cur, nil
+		},
+	}, nil
+}
+
+func serviceCertificate(service *Issuer, names []string, validity time.Duration) (*tls.Certificate, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, err
@@ -58,10 +84,7 @@ func ServerTLS(service *Issuer, names []string, validity time.Duration) (*tls.Co
 	if err != nil {
 		return nil, fmt.Errorf("signing the CA's TLS certificate: %w", err)
 	}
-	return &tls.Config{
-		MinVersion:   tls.VersionTLS13,
-		Certificates: []tls.Certificate{{Certificate: [][]byte{cert.Raw, service.DER()}, PrivateKey: key, Leaf: cert}},
-	}, nil
+	return &tls.Certificate{Certificate: [][]byte{cert.Raw, service.DER()}, PrivateKey: key, Leaf: cert}, nil
 }
 
 // Fingerprint is the SHA-256 of a root certificate (DER), in hex.

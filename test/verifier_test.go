@@ -372,6 +372,21 @@ func TestCombinedVerifier(t *testing.T) {
 	if s := res.Submods["cvtpm-vtpm"]; s.Status != verifier.StatusContraindicated || !slices.Contains(s.Reasons, "ek-certificate-revoked") {
 		t.Fatalf("revoked EK: %+v", s)
 	}
+	// And an AK certificate revoked on its own issuer's CRL (/crl/ak).
+	n = challenge()
+	ev1 := e.gather(t, "vm1", n)
+	att := &tpmtoolspb.Attestation{}
+	if err := proto.Unmarshal(ev1.TpmAttestation, att); err != nil {
+		t.Fatal(err)
+	}
+	akCert, _ := x509.ParseCertificate(att.AkCert)
+	testenv.Run(t, nil, testenv.Binary(t, testenv.Cvtpm), "ca", "revoke", "--dir", e.caDir, akCert.SerialNumber.Text(16))
+	if res, err = v.Verify(ctx, n, ev1); err != nil {
+		t.Fatal(err)
+	}
+	if s := res.Submods["cvtpm-vtpm"]; s.Status != verifier.StatusContraindicated || !slices.Contains(s.Reasons, "ak-certificate-revoked") {
+		t.Fatalf("revoked AK: %+v", s)
+	}
 }
 
 // selfIssued makes a certificate for the same key as certDER, signed by a

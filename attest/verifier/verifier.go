@@ -139,17 +139,23 @@ type Verifier struct {
 	crlIssuers []*x509.Certificate
 	csv        *csv.Verifier // one, so its chain caches serve every request
 
-	mu      sync.Mutex
-	trustOK map[[32]byte]bool // SHA-256 of certificates found signed by a CA root
-	parsed  map[[32]byte]any  // SHA-256 of DER -> *x509.Certificate
-	ekMatch map[[32]byte]any  // SHA-256(EK public area || EK certificate) -> true
-	crlOK   map[[32]byte]any  // SHA-256 of CRLs found signed by a CA root -> true
+	mu       sync.Mutex
+	trustOK  map[[32]byte]bool // SHA-256 of certificates found signed by a CA root
+	parsed   map[[32]byte]any  // SHA-256 of DER -> *x509.Certificate
+	ekMatch  map[[32]byte]any  // SHA-256(EK public area || EK certificate) -> true
+	crlOK    map[[32]byte]any  // SHA-256 of CRL || root found signing it -> true
+	crlFloor pkisig.CRLFloor   // the newest CRL number seen per issuer
 }
 
 // New returns a Verifier.
 func New(ctx context.Context, opts Options) (*Verifier, error) {
 	if len(opts.EKRoots) == 0 || len(opts.AKRoots) == 0 || opts.CSV == nil || opts.Signer == nil {
 		return nil, errors.New("verifier: EKRoots, AKRoots, CSV policy and Signer are required")
+	}
+	// With the HSK+CEK the evidence carries, the chip serial is the
+	// evidence's own claim: chip lists would be bypassed.
+	if opts.CSVCerts == nil && (len(opts.CSV.AllowChips) > 0 || len(opts.CSV.DenyChips) > 0) {
+		return nil, fmt.Errorf("verifier: %w", csv.ErrEvidenceCertsWithChipLists)
 	}
 	if opts.NonceTTL == 0 {
 		opts.NonceTTL = 5 * time.Minute
@@ -447,7 +453,19 @@ func certifiesEK(ak, ek *x509.Certificate) bool {
 }
 
 func (v *Verifier) revoked(ctx context.Context, c *x509.Certificate) (bool, error) {
-	// Each source is one issuer's list; c is looked up in its issuer's.
+	// The list must be signed by the root that signed c (a root of the
+	// same name from another CA does not count), and be no older than
+	// one of that root already seen.
+	var root *x509.Certificate
+	for _, r := range v.crlIssuers {
+		if c.CheckSignatureFrom(r) == nil {
+			root = r
+			break
+		}
+	}
+	if root == nil {
+		return false, fmt.Errorf("the root that issued %q cannot check CRLs (SM2 roots are beyond crypto/x509)", c.Issuer.CommonName)
+	}
 	var lastErr error
 	for _, src := range v.opts.CRLs {
 		crl, err := src.CRL(ctx)
@@ -458,24 +476,21 @@ func (v *Verifier) revoked(ctx context.Context, c *x509.Certificate) (bool, erro
 		if crl == nil || !bytes.Equal(crl.RawIssuer, c.RawIssuer) {
 			continue
 		}
+		key := sha256.Sum256(append(slices.Clone(crl.Raw), root.Raw...))
+		if v.cached(v.crlOK, key) == nil {
+			if crl.CheckSignatureFrom(root) != nil {
+				lastErr = fmt.Errorf("a CRL named %q is not signed by the root that issued the certificate", c.Issuer.CommonName)
+				continue
+			}
+			v.remember(v.crlOK, key, true)
+		}
+		if err := v.crlFloor.Check(crl); err != nil {
+			return false, err
+		}
 		// A CRL past its NextUpdate may be an old copy replayed to hide
 		// a revocation.
 		if now := v.opts.Now(); !crl.NextUpdate.IsZero() && now.After(crl.NextUpdate) {
 			return false, fmt.Errorf("the CRL of %q expired at %s", c.Issuer.CommonName, crl.NextUpdate.UTC().Format(time.RFC3339))
-		}
-		key := sha256.Sum256(crl.Raw)
-		if v.cached(v.crlOK, key) == nil {
-			ok := false
-			for _, root := range v.crlIssuers {
-				if bytes.Equal(root.RawSubject, c.RawIssuer) && crl.CheckSignatureFrom(root) == nil {
-					ok = true
-					break
-				}
-			}
-			if !ok {
-				return false, fmt.Errorf("the CRL of %q is not signed by a trusted root", c.Issuer.CommonName)
-			}
-			v.remember(v.crlOK, key, true)
 		}
 		for _, r := range crl.RevokedCertificateEntries {
 			if r.SerialNumber.Cmp(c.SerialNumber) == 0 {

@@ -225,7 +225,12 @@ func TestRevoked(t *testing.T) {
 	akRoot, _ := x509.ParseCertificate(v.opts.AKRoots[0])
 	otherKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	later, earlier := time.Now().Add(time.Hour), time.Now().Add(-time.Minute)
-	ek := &x509.Certificate{SerialNumber: big.NewInt(7), RawIssuer: root.RawSubject, Issuer: root.Subject}
+	ekDER, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{SerialNumber: big.NewInt(7), NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)},
+		root, &otherKey.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ek, _ := x509.ParseCertificate(ekDER)
 	for _, tc := range []struct {
 		name    string
 		crl     *x509.RevocationList
@@ -235,7 +240,7 @@ func TestRevoked(t *testing.T) {
 		{"not listed", makeCRL(t, root, key, later, 1, 2), false, ""},
 		{"listed", makeCRL(t, root, key, later, 1, 7), true, ""},
 		{"expired", makeCRL(t, root, key, earlier, 7), false, "expired"},
-		{"forged under the issuer's name", makeCRL(t, root, otherKey, later), false, "not signed by a trusted root"},
+		{"forged under the issuer's name", makeCRL(t, root, otherKey, later), false, "not signed by the root that issued"},
 		// The AK issuer's CRL says nothing about EK certificates.
 		{"only another issuer's CRL", makeCRL(t, akRoot, key, later, 7), false, "no CRL of the issuer"},
 	} {

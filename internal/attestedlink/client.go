@@ -80,6 +80,10 @@ func dial(ctx context.Context, raw net.Conn, cfg ClientConfig) (*Session, error)
 	if cfg.Policy == nil {
 		return nil, errors.New("attested link: no appraisal policy configured")
 	}
+	// With the backend's own HSK+CEK, its chip serial is its own claim.
+	if cfg.Certs == nil && (len(cfg.Policy.AllowChips) > 0 || len(cfg.Policy.DenyChips) > 0) {
+		return nil, fmt.Errorf("attested link: %w", csv.ErrEvidenceCertsWithChipLists)
+	}
 	timeout := cfg.HandshakeTimeout
 	if timeout == 0 {
 		timeout = 30 * time.Second

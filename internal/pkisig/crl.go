@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"io"
+	"math/big"
 	"net/http"
 	"sync"
 	"time"
@@ -81,4 +82,32 @@ func (h HTTPCRL) CRL(ctx context.Context) (*x509.RevocationList, error) {
 		return nil, fmt.Errorf("fetching the CRL: %w", err)
 	}
 	return x509.ParseRevocationList(der)
+}
+
+// CRLFloor remembers the highest CRL number seen per issuer and refuses
+// an older list: a relay (the host, for a backend) could otherwise keep
+// serving the list from before a revocation until its NextUpdate. Safe
+// for concurrent use; the zero value is ready.
+type CRLFloor struct {
+	mu   sync.Mutex
+	seen map[string]*big.Int
+}
+
+// Check accepts crl, which must already be known to be signed by its
+// issuer, unless a newer list of the same issuer was seen before.
+func (f *CRLFloor) Check(crl *x509.RevocationList) error {
+	if crl.Number == nil {
+		return fmt.Errorf("the CRL of %q has no CRL number: its age cannot be told", crl.Issuer.CommonName)
+	}
+	key := string(crl.RawIssuer) + "\x00" + string(crl.AuthorityKeyId)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.seen == nil {
+		f.seen = map[string]*big.Int{}
+	}
+	if prev := f.seen[key]; prev != nil && crl.Number.Cmp(prev) < 0 {
+		return fmt.Errorf("the CRL of %q is number %v, older than number %v already seen (replayed?): refused until a current one is at hand", crl.Issuer.CommonName, crl.Number, prev)
+	}
+	f.seen[key] = new(big.Int).Set(crl.Number)
+	return nil
 }

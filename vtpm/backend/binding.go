@@ -60,6 +60,11 @@ func ParseBinding(b []byte) (*Binding, error) {
 	if err := bd.Workload.Compile(); err != nil {
 		return nil, fmt.Errorf("workload binding: %w", err)
 	}
+	// The workload's HSK+CEK come with its evidence (the backend looks
+	// nothing up by serial), so its chip serial is its own claim.
+	if len(bd.Workload.AllowChips) > 0 || len(bd.Workload.DenyChips) > 0 {
+		return nil, fmt.Errorf("workload binding: %w", csv.ErrEvidenceCertsWithChipLists)
+	}
 	bd.digest = sha256.Sum256(b)
 	return &bd, nil
 }

@@ -21,9 +21,11 @@ type ClientRevocation struct {
 	// Issuers are the link client CA certificates (--client-ca).
 	Issuers []*x509.Certificate
 
-	mu      sync.Mutex
-	last    *x509.RevocationList
-	revoked map[string]bool // serials of last, checked
+	mu       sync.Mutex
+	last     *x509.RevocationList
+	revoked  map[string]bool            // serials of last
+	signedBy map[*x509.Certificate]bool // issuers whose signature on last was checked
+	floor    pkisig.CRLFloor
 }
 
 // Check returns an error if cert is revoked or the CRL cannot vouch for it.
@@ -34,15 +36,28 @@ func (r *ClientRevocation) Check(ctx context.Context, cert *x509.Certificate) er
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	// The list must be the one of the CA that issued this certificate:
+	// another --client-ca's CRL says nothing about it.
+	issuer := r.issuerOf(cert)
+	if issuer == nil {
+		return fmt.Errorf("client certificate %q: no --client-ca certificate issued it", cert.Subject.CommonName)
+	}
 	if crl != r.last {
-		if err := r.checkSignature(crl); err != nil {
-			return err
-		}
-		r.last, r.revoked = crl, map[string]bool{}
+		r.last, r.revoked, r.signedBy = nil, map[string]bool{}, map[*x509.Certificate]bool{}
 		for _, e := range crl.RevokedCertificateEntries {
 			r.revoked[e.SerialNumber.String()] = true
 		}
 	}
+	if !r.signedBy[issuer] {
+		if err := crl.CheckSignatureFrom(issuer); err != nil {
+			return fmt.Errorf("the CRL at hand (of %q) is not the CRL of %q, which issued client certificate %q: clients are refused until it is", crl.Issuer.CommonName, issuer.Subject.CommonName, cert.Subject.CommonName)
+		}
+		if err := r.floor.Check(crl); err != nil {
+			return err
+		}
+		r.signedBy[issuer] = true
+	}
+	r.last = crl
 	if !crl.NextUpdate.IsZero() && time.Now().After(crl.NextUpdate) {
 		return fmt.Errorf("the link CA's CRL is stale (next update was due %s): clients are refused until a fresh one is at hand", crl.NextUpdate.UTC().Format(time.RFC3339))
 	}
@@ -52,11 +67,11 @@ func (r *ClientRevocation) Check(ctx context.Context, cert *x509.Certificate) er
 	return nil
 }
 
-func (r *ClientRevocation) checkSignature(crl *x509.RevocationList) error {
+func (r *ClientRevocation) issuerOf(cert *x509.Certificate) *x509.Certificate {
 	for _, iss := range r.Issuers {
-		if crl.CheckSignatureFrom(iss) == nil {
-			return nil
+		if cert.CheckSignatureFrom(iss) == nil {
+			return iss
 		}
 	}
-	return fmt.Errorf("the link CA's CRL is not signed by a --client-ca certificate")
+	return nil
 }
