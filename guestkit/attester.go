@@ -15,7 +15,9 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	attestpb "cvtpm/api/attest"
+	"cvtpm/attest/csv"
 	"cvtpm/attest/freshreport"
+	"cvtpm/attest/workload"
 )
 
 // AKCertifier is the EK CA's AK certification (ca.Client satisfies it).
@@ -37,6 +39,14 @@ type Attester struct {
 	// EventLog is the TCG event log of the boot (from
 	// /sys/kernel/security/tpm0/binary_bios_measurements).
 	EventLog []byte
+	// Workload, if set, is this workload VM's own CSV firmware
+	// (/dev/csv-guest, or the simulator): the evidence then carries its
+	// report bound to the nonce and the AK (attest/workload), the
+	// workload leg.
+	Workload csv.ReportProvider
+	// WorkloadHSKCEK is that chip's HSK||CEK, sent along for verifiers
+	// that take the pair from the evidence (optional).
+	WorkloadHSKCEK []byte
 }
 
 // Gather creates an ECC AK, has the CA certify it, quotes every active
@@ -114,8 +124,16 @@ func (a *Attester) Gather(ctx context.Context, nonce []byte) (*attestpb.Evidence
 	if err != nil {
 		return nil, fmt.Errorf("fresh CSV report from the backend: %w", err)
 	}
-	return &attestpb.Evidence{TpmAttestation: raw, EkChain: [][]byte{ekCert.Raw}, InstanceId: res.Instance,
-		EkPublic: res.EKPublic, CsvReport: report, CsvHskCek: hskCEK}, nil
+	ev := &attestpb.Evidence{TpmAttestation: raw, EkChain: [][]byte{ekCert.Raw}, InstanceId: res.Instance,
+		EkPublic: res.EKPublic, CsvReport: report, CsvHskCek: hskCEK}
+	if a.Workload != nil {
+		rd := workload.ReportData(nonce, params.Public)
+		if ev.WorkloadReport, err = a.Workload.Report(ctx, rd[:]); err != nil {
+			return nil, fmt.Errorf("this workload VM's CSV report: %w", err)
+		}
+		ev.WorkloadHskCek = a.WorkloadHSKCEK
+	}
+	return ev, nil
 }
 
 // channel adapts a go-tpm transport to go-attestation's command channel:

@@ -103,21 +103,32 @@ say "the host relayed $(stat -c %s "$work/relay.bytes") bytes and the secret is 
 if grep -rqa "$secret" "$work/backend"; then say "!! the secret is visible in the state files"; exit 1; fi
 say "nor is it in any of the instance's state files (sealed)."
 
-step "7. Attest: the guest proves what it runs, and that its vTPM lives in the approved CVM"
+step "7. Attest: one verdict for the workload VM, its vTPM, and the CVM that hosts the vTPM"
+# The workload VM is a CSV guest too (simulated: its own chip and image).
+workload_measure=$(printf 'tenant workload image v3' | sha256sum | cut -d' ' -f1)
+"$BIN" csv simulate --out "$work/workload-csv" --chip SIMCHIP0042 --measure "$workload_measure" --policy 0x7 >/dev/null
+mkdir -p "$work/kds/hsk_cek/SIMCHIP0042" && cp "$work/workload-csv/hsk_cek.cert" "$work/kds/hsk_cek/SIMCHIP0042/"
+cat > "$work/workload-policy.json" <<JSON
+{"simulator_roots": ["$work/workload-csv/hrk.cert"], "approved_measurements": ["$workload_measure"]}
+JSON
 "$BIN" verifier --ek-root "$work/ca/ca.pem" --ak-root "$work/ca/ak-ca.pem" --crl "http://$ca_http/crl" --crl "http://$ca_http/crl/ak" --policy "$work/policy.json" --cert-dir "$work/kds" \
+  --workload-policy "$work/workload-policy.json" --require-workload \
   --key "$work/verifier.key" --listen 127.0.0.1:0 --http "" 2> "$work/verifier.log" &
 pids+=($!)
 wait_log "$work/verifier.log" 'verifier serving'
 verifier=$(sed -n 's/.*grpc=\([^ ]*\).*/\1/p' "$work/verifier.log" | head -1)
-say "verifier at $verifier (trusts the CA's EK and AK roots and their CRLs, and the CSV policy of step 1)"
+say "verifier at $verifier: trusts the CA's EK and AK roots and their CRLs, the backend policy of step 1,"
+say "and a workload policy: the workload VM (chip SIMCHIP0042) must run image $workload_measure."
 "$BIN" guest measure --tpm "unix:$work/vm1-tpm.sock" --event-log "$work/guest-events.log" "demo bootloader" "demo app v1" | sed 's/^/   /'
 guest_attest() {
   "$BIN" guest attest --tpm "unix:$work/vm1-tpm.sock" --ca "$ca_addr" --ca-fingerprint "$ca_fp" --verifier "$verifier" \
-    --event-log "$work/guest-events.log" --verifier-key "$work/verifier.key.pub.pem" 2>&1 | sed 's/^/   /'
+    --event-log "$work/guest-events.log" --verifier-key "$work/verifier.key.pub.pem" \
+    --workload-evidence --workload-csv-sim "$work/workload-csv" 2>&1 | grep -v 'CSV SIMULATOR' | sed 's/^/   /'
 }
 guest_attest
-say "(one nonce for everything: the quote by a CA-certified AK, and a fresh CSV report the backend"
-say " made for this nonce and this EK; 'warning' only because the CSV evidence is simulated)"
+say "(one nonce for everything: the quote by a CA-certified AK, a fresh CSV report the backend made"
+say " for this nonce and this EK, and the workload VM's own report for this nonce and this AK;"
+say " 'warning' only because the CSV evidence is simulated)"
 say "now PCR 16 is extended behind the event log's back, and the guest attests again:"
 tpm2_pcrextend 16:sha256=$(printf 'unlogged code' | sha256sum | cut -d' ' -f1)
 guest_attest || true

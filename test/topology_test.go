@@ -220,6 +220,29 @@ func TestFreshReportCommand(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer tpm.Close()
+	// Listed as the Linux kernel enumerates commands (what /dev/tpmrm0
+	// passes): TPM_PT_TOTAL_COMMANDS entries from TPM2_CC_FIRST, the
+	// vendor command among them.
+	props, err := (tpm2.GetCapability{Capability: tpm2.TPMCapTPMProperties, Property: 0x129, PropertyCount: 1}).Execute(tpm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp, _ := props.CapabilityData.Data.TPMProperties()
+	total := tp.TPMProperty[0].Value
+	cmds, err := (tpm2.GetCapability{Capability: tpm2.TPMCapCommands, Property: 0x11f, PropertyCount: total}).Execute(tpm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cca, _ := cmds.CapabilityData.Data.Command()
+	listed := false
+	for _, a := range cca.CommandAttributes {
+		if uint32(a.CommandIndex) == 0x0101 && a.V {
+			listed = true
+		}
+	}
+	if uint32(len(cca.CommandAttributes)) != total || !listed {
+		t.Fatalf("TPM_PT_TOTAL_COMMANDS %d, %d commands listed, vendor command 0x20000101 among them: %v", total, len(cca.CommandAttributes), listed)
+	}
 	nonce := []byte("verifier nonce 0123456789abcdef")
 	report, hskCEK, res, err := freshreport.Get(tpm, nonce, 0x81010001)
 	if err != nil {

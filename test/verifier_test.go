@@ -37,6 +37,7 @@ import (
 	"cvtpm/attest/ear"
 	"cvtpm/attest/freshreport"
 	"cvtpm/attest/verifier"
+	"cvtpm/attest/workload"
 	"cvtpm/ca"
 	"cvtpm/guestkit"
 	"cvtpm/internal/tpmsock"
@@ -549,4 +550,131 @@ func TestInteropVerifiers(t *testing.T) {
 		t.Fatalf("verified %d events, want 2", len(events))
 	}
 	_ = ctx
+}
+
+// The workload leg: the workload VM's own CSV report, bound to the nonce
+// and the AK, in the same verdict as the vTPM's quote and its backend's
+// report. One refusal per way it can be wrong, each named in the EAR
+// token's csv-workload submodule.
+func TestWorkloadLeg(t *testing.T) {
+	e := startAttestEnv(t, "vm1")
+	ctx := context.Background()
+	dir := t.TempDir()
+	workloadMeasure := [32]byte{0x3c, 0x3c}
+	newWorkload := func(name string, measure [32]byte, policy uint32) *csv.Simulator {
+		s, err := csv.NewSimulator(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.SetVM(csv.VMConfig{Version: 1, Measure: measure, Policy: policy}); err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	good := newWorkload("SIMWORK01", workloadMeasure, 0x7)
+	root := filepath.Join(dir, "workload-hrk.cert")
+	os.WriteFile(root, good.HRK.Marshal(), 0o600)
+	newVerifier := func(p *csv.AppraisalPolicy, require bool) *verifier.Verifier {
+		if err := p.Compile(); err != nil {
+			t.Fatal(err)
+		}
+		platform := &csv.AppraisalPolicy{SimulatorRoots: []string{filepath.Join(e.files.SimDir, csv.SimRootFile)},
+			ApprovedMeasurements: []string{hex.EncodeToString(e.files.Measure[:])}}
+		if err := platform.Compile(); err != nil {
+			t.Fatal(err)
+		}
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		v, err := verifier.New(ctx, verifier.Options{EKRoots: [][]byte{e.caRoot.Raw}, AKRoots: [][]byte{e.akRoot.Raw}, CRLs: e.crls(),
+			CSV: platform, Workload: p, RequireWorkload: require, Signer: key})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	simPolicy := &csv.AppraisalPolicy{SimulatorRoots: []string{root}, ApprovedMeasurements: []string{hex.EncodeToString(workloadMeasure[:])}}
+	v := newVerifier(simPolicy, true)
+	realOnly := newVerifier(&csv.AppraisalPolicy{ApprovedMeasurements: []string{hex.EncodeToString(workloadMeasure[:])}}, true)
+	otherImage := newVerifier(&csv.AppraisalPolicy{SimulatorRoots: []string{root}, ApprovedMeasurements: []string{strings.Repeat("77", 32)}}, true)
+	gather := func(n []byte, w *csv.Simulator) *attestpb.Evidence {
+		a := &guestkit.Attester{TPM: e.tpms["vm1"], CA: ca.Client{C: capb.NewCAClient(e.caConn)}, EventLog: e.logs["vm1"].bytes()}
+		if w != nil {
+			a.Workload, a.WorkloadHSKCEK = w, csv.MarshalHSKCEK(w.HSK, w.CEK)
+		}
+		ev, err := a.Gather(ctx, n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ev
+	}
+	akPub := func(ev *attestpb.Evidence) []byte {
+		att := &tpmtoolspb.Attestation{}
+		if err := proto.Unmarshal(ev.TpmAttestation, att); err != nil {
+			t.Fatal(err)
+		}
+		return att.AkPub
+	}
+	rebind := func(ev *attestpb.Evidence, nonce, ak []byte) *attestpb.Evidence {
+		rd := workload.ReportData(nonce, ak)
+		r, err := good.Report(ctx, rd[:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		ev.WorkloadReport = r
+		return ev
+	}
+	other := gather(make([]byte, 32), nil) // another AK of the same TPM (another session)
+	for _, tc := range []struct {
+		name     string
+		v        *verifier.Verifier
+		evidence func(n []byte) *attestpb.Evidence
+		status   string
+		reason   string
+	}{
+		{"all three legs", v, func(n []byte) *attestpb.Evidence { return gather(n, good) }, verifier.StatusWarning, "simulated-csv-evidence"},
+		{"missing when required", v, func(n []byte) *attestpb.Evidence { return gather(n, nil) }, verifier.StatusContraindicated, "workload-evidence-missing"},
+		{"report for another nonce", v, func(n []byte) *attestpb.Evidence {
+			ev := gather(n, good)
+			return rebind(ev, []byte("an earlier session's nonce 0123"), akPub(ev))
+		}, verifier.StatusContraindicated, "workload-report-not-bound-to-this-nonce-and-ak"},
+		{"report for another AK", v, func(n []byte) *attestpb.Evidence {
+			return rebind(gather(n, good), n, akPub(other))
+		}, verifier.StatusContraindicated, "workload-report-not-bound-to-this-nonce-and-ak"},
+		{"debug policy", v, func(n []byte) *attestpb.Evidence {
+			// The same chip running a guest whose policy allows debugging.
+			good.SetVM(csv.VMConfig{Version: 1, Measure: workloadMeasure, Policy: 0x6})
+			defer good.SetVM(csv.VMConfig{Version: 1, Measure: workloadMeasure, Policy: 0x7})
+			return gather(n, good)
+		}, verifier.StatusContraindicated, "workload-" + csv.ReasonDebug},
+		{"unapproved workload measurement", otherImage, func(n []byte) *attestpb.Evidence { return gather(n, good) }, verifier.StatusContraindicated, "workload-" + csv.ReasonMeasurement},
+		{"simulated root when only HYGON's is trusted", realOnly, func(n []byte) *attestpb.Evidence { return gather(n, good) }, verifier.StatusContraindicated, "workload-" + csv.ReasonUntrustedRoot},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n, _, err := tc.v.Challenge(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			res, err := tc.v.Verify(ctx, n, tc.evidence(n))
+			if err != nil {
+				t.Fatal(err)
+			}
+			w, ok := res.Submods["csv-workload"]
+			if !ok || w.Status != tc.status || !slices.Contains(w.Reasons, tc.reason) {
+				t.Fatalf("csv-workload = %+v (present %v), want %s with %q\nfacts: %+v", w, ok, tc.status, tc.reason, res.Facts.Workload)
+			}
+			// The other legs are judged on their own.
+			if res.Submods["cvtpm-vtpm"].Status != verifier.StatusAffirming {
+				t.Fatalf("cvtpm-vtpm = %+v", res.Submods["cvtpm-vtpm"])
+			}
+		})
+	}
+	// Without a workload report and not required: two legs, as before.
+	two := newVerifier(simPolicy, false)
+	n, _, _ := two.Challenge(ctx)
+	res, err := two.Verify(ctx, n, gather(n, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := res.Submods["csv-workload"]; ok || len(res.Submods) != 2 {
+		t.Fatalf("no workload report, not required: %+v", res.Submods)
+	}
 }

@@ -42,9 +42,16 @@ type Evidence struct {
 	// attest/freshreport.ReportData(nonce, ek_public, instance_id).
 	CsvReport []byte `protobuf:"bytes,5,opt,name=csv_report,json=csvReport,proto3" json:"csv_report,omitempty"`
 	// The chip's HSK||CEK for csv_report.
-	CsvHskCek     []byte `protobuf:"bytes,6,opt,name=csv_hsk_cek,json=csvHskCek,proto3" json:"csv_hsk_cek,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	CsvHskCek []byte `protobuf:"bytes,6,opt,name=csv_hsk_cek,json=csvHskCek,proto3" json:"csv_hsk_cek,omitempty"`
+	// Optional, the workload leg: the workload VM's own CSV report, whose
+	// report_data is attest/workload.ReportData(nonce, the AK's public area
+	// in tpm_attestation).
+	WorkloadReport []byte `protobuf:"bytes,7,opt,name=workload_report,json=workloadReport,proto3" json:"workload_report,omitempty"`
+	// The workload chip's HSK||CEK (used only by a verifier run with
+	// --evidence-certs; otherwise looked up by the report's chip serial).
+	WorkloadHskCek []byte `protobuf:"bytes,8,opt,name=workload_hsk_cek,json=workloadHskCek,proto3" json:"workload_hsk_cek,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Evidence) Reset() {
@@ -115,6 +122,20 @@ func (x *Evidence) GetCsvReport() []byte {
 func (x *Evidence) GetCsvHskCek() []byte {
 	if x != nil {
 		return x.CsvHskCek
+	}
+	return nil
+}
+
+func (x *Evidence) GetWorkloadReport() []byte {
+	if x != nil {
+		return x.WorkloadReport
+	}
+	return nil
+}
+
+func (x *Evidence) GetWorkloadHskCek() []byte {
+	if x != nil {
+		return x.WorkloadHskCek
 	}
 	return nil
 }
@@ -308,7 +329,7 @@ var File_evidence_proto protoreflect.FileDescriptor
 
 const file_evidence_proto_rawDesc = "" +
 	"\n" +
-	"\x0eevidence.proto\x12\x0fcvtpm.attest.v1\"\xcb\x01\n" +
+	"\x0eevidence.proto\x12\x0fcvtpm.attest.v1\"\x9e\x02\n" +
 	"\bEvidence\x12'\n" +
 	"\x0ftpm_attestation\x18\x01 \x01(\fR\x0etpmAttestation\x12\x19\n" +
 	"\bek_chain\x18\x02 \x03(\fR\aekChain\x12\x1f\n" +
@@ -317,7 +338,9 @@ const file_evidence_proto_rawDesc = "" +
 	"\tek_public\x18\x04 \x01(\fR\bekPublic\x12\x1d\n" +
 	"\n" +
 	"csv_report\x18\x05 \x01(\fR\tcsvReport\x12\x1e\n" +
-	"\vcsv_hsk_cek\x18\x06 \x01(\fR\tcsvHskCek\"\x12\n" +
+	"\vcsv_hsk_cek\x18\x06 \x01(\fR\tcsvHskCek\x12'\n" +
+	"\x0fworkload_report\x18\a \x01(\fR\x0eworkloadReport\x12(\n" +
+	"\x10workload_hsk_cek\x18\b \x01(\fR\x0eworkloadHskCek\"\x12\n" +
 	"\x10ChallengeRequest\"L\n" +
 	"\x11ChallengeResponse\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\fR\x05nonce\x12!\n" +

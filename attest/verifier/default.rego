@@ -1,7 +1,9 @@
 # cvtpm's default appraisal policy. Input: the verified facts (see
 # verifier.Facts); data.reference: reference values from a JSON file, e.g.
 #   {"pcrs": {"sha256": {"16": "ab12..."}}}
-# The result is one entry per EAR submodule, with a status and reasons.
+# The result is one entry per EAR submodule, with a status and reasons:
+# cvtpm-vtpm (the quote), csv-platform (the backend hosting the vTPM) and,
+# when present or required, csv-workload (the workload VM itself).
 package cvtpm
 
 nonce_reasons contains r if {
@@ -69,7 +71,36 @@ status(reasons, warnings) := "affirming" if {
 	count(warnings) == 0
 }
 
-result := {
+# The workload leg: the workload VM's own CSV report, when it sent one or
+# the verifier requires one.
+workload_reasons contains r if {
+	workload_leg
+	some r in nonce_reasons
+}
+
+workload_reasons contains r if {
+	workload_leg
+	not input.workload.report_ok
+	r := input.workload.reason
+}
+
+workload_warnings contains "simulated-csv-evidence" if {
+	input.workload.report_ok
+	input.workload.simulated
+}
+
+workload_leg if input.workload.present
+
+workload_leg if input.workload.required
+
+base := {
 	"cvtpm-vtpm": {"status": status(vtpm_reasons, set()), "reasons": vtpm_reasons},
 	"csv-platform": {"status": status(csv_reasons, csv_warnings), "reasons": csv_reasons | csv_warnings},
 }
+
+result := object.union(base, {"csv-workload": {
+	"status": status(workload_reasons, workload_warnings),
+	"reasons": workload_reasons | workload_warnings,
+}}) if workload_leg
+
+result := base if not workload_leg

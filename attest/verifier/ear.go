@@ -33,6 +33,9 @@ func (v *Verifier) sign(nonce []byte, submods map[string]Submod, f *Facts) (stri
 		case "csv-platform":
 			sm.Evidence = map[string]any{"measurement": f.CSV.Measurement, "chip_serial": f.CSV.ChipSerial,
 				"simulated": f.CSV.Simulated, "instance": f.CSV.Instance}
+		case "csv-workload":
+			sm.Evidence = map[string]any{"present": f.Workload.Present, "measurement": f.Workload.Measurement,
+				"chip_serial": f.Workload.ChipSerial, "simulated": f.Workload.Simulated, "policy": f.Workload.Policy}
 		}
 		claims.Submods[name] = sm
 	}

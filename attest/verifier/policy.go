@@ -3,6 +3,7 @@ package verifier
 import (
 	"context"
 	_ "embed"
+	"encoding/json"
 	"fmt"
 	"sort"
 
@@ -62,6 +63,12 @@ func (f *Facts) input() ast.Value {
 			item("ek_claims_reason", str(f.CSV.EKClaimsReason)),
 			item("measurement", str(f.CSV.Measurement)), item("chip_serial", str(f.CSV.ChipSerial)),
 			item("instance", str(f.CSV.Instance)))),
+		item("workload", ast.ObjectTerm(
+			item("present", boolean(f.Workload.Present)), item("required", boolean(f.Workload.Required)),
+			item("report_ok", boolean(f.Workload.ReportOK)), item("reason", str(f.Workload.Reason)),
+			item("detail", str(f.Workload.Detail)), item("simulated", boolean(f.Workload.Simulated)),
+			item("measurement", str(f.Workload.Measurement)), item("chip_serial", str(f.Workload.ChipSerial)),
+			item("policy", ast.NumberTerm(json.Number(fmt.Sprint(f.Workload.Policy)))))),
 	)
 }
 

@@ -57,7 +57,10 @@ func run(ctx context.Context, args []string) error {
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), `Usage: cvtpm verifier --ek-root FILE --ak-root FILE --crl URL --crl URL --policy FILE --key FILE [options]
 
-Appraises evidence from 'cvtpm guest attest': the vTPM's EK and AK
+Appraises evidence from 'cvtpm guest attest' in one verdict of up to three
+legs: the vTPM's quote (cvtpm-vtpm), the CSV report of the backend hosting
+the vTPM (csv-platform) and, with --workload-policy, the workload VM's own
+CSV report (csv-workload). The vTPM's EK and AK
 certificates (from the cvtpm CA: the EK certificate must chain to --ek-root,
 its ca.pem, the AK certificate to --ak-root, its ak-ca.pem; each is looked
 up in its issuer's CRL: --crl http://CA:7080/crl --crl http://CA:7080/crl/ak),
@@ -85,6 +88,8 @@ Options:
 	})
 	noCRL := fs.Bool("no-crl", false, "run without revocation checks (revoked EK and AK certificates are then not detected)")
 	policyFile := fs.String("policy", "", "CSV evidence policy, JSON (required)")
+	workloadFile := fs.String("workload-policy", "", "CSV evidence policy (JSON, same fields as --policy) for the workload VM's own report, the verdict's third leg (csv-workload)")
+	requireWorkload := fs.Bool("require-workload", false, "refuse evidence without a workload report (needs --workload-policy)")
 	regoFile := fs.String("rego", "", "Rego appraisal policy replacing the built-in one (package cvtpm, rule result)")
 	refFile := fs.String("reference", "", "reference values for the policy (JSON)")
 	certDir := fs.String("cert-dir", "", "look the reporting chip's HSK+CEK up by its serial in this offline directory (hsk_cek/<serial>/hsk_cek.cert)")
@@ -119,11 +124,21 @@ Options:
 	if err != nil {
 		return err
 	}
-	opts := verifier.Options{EKRoots: ekRoots, AKRoots: akRoots, CSV: policy}
+	opts := verifier.Options{EKRoots: ekRoots, AKRoots: akRoots, CSV: policy, RequireWorkload: *requireWorkload}
+	if *workloadFile != "" {
+		if opts.Workload, err = csv.LoadAppraisalPolicy(*workloadFile); err != nil {
+			return fmt.Errorf("--workload-policy: %w", err)
+		}
+	} else if *requireWorkload {
+		return errors.New("--require-workload needs --workload-policy (what the workload VM's report must show)")
+	}
 	// The chip serial in a report is not authenticated by the firmware:
 	// with the HSK/CEK sent along, a forged serial (MAC recomputed)
 	// would pass chip lists and the "report from another backend" check.
 	// Looked up by serial, a forged one finds no CEK that verifies.
+	if opts.Workload != nil && *evidenceCerts && (len(opts.Workload.AllowChips) > 0 || len(opts.Workload.DenyChips) > 0) {
+		return fmt.Errorf("--workload-policy: %w", csv.ErrEvidenceCertsWithChipLists)
+	}
 	if opts.CSVCerts, err = csv.SelectCertSource(*certDir, *kds, *evidenceCerts, policy); err != nil {
 		return fmt.Errorf("HSK+CEK source (--cert-dir, --kds, --evidence-certs): %w", err)
 	}

@@ -141,16 +141,21 @@ Options:
 	if err != nil {
 		return fmt.Errorf("--client-ca: %w", err)
 	}
+	issuers, err := parsePEMCertificates(pem)
+	if err != nil {
+		return fmt.Errorf("--client-ca %s: %w", *clientCA, err)
+	}
 	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return fmt.Errorf("--client-ca %s: no PEM certificate in it", *clientCA)
+	for _, c := range issuers {
+		// A root is self-signed: garbage, a leaf or a truncated copy is
+		// refused at start, not found out at the first client.
+		if err := c.CheckSignatureFrom(c); err != nil {
+			return fmt.Errorf("--client-ca %s: %q is not a self-signed CA certificate: %w", *clientCA, c.Subject.CommonName, err)
+		}
+		pool.AddCert(c)
 	}
 	var revocation *backend.ClientRevocation
 	if *clientCRL != "" {
-		issuers, err := parsePEMCertificates(pem)
-		if err != nil {
-			return fmt.Errorf("--client-ca %s: %w", *clientCA, err)
-		}
 		revocation = &backend.ClientRevocation{Issuers: issuers,
 			CRL: &pkisig.CachedCRL{Source: pkisig.HTTPCRL{URL: *clientCRL}, MaxAge: *crlRefresh}}
 	} else {

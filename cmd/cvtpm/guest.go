@@ -95,23 +95,13 @@ Options:
 		return errors.New("--lock-host needs --workload-evidence: only the proven workload may lock the host path")
 	}
 	if *workload {
-		ev, err := csv.OpenProvider(csv.ProviderOptions{SimulatorDir: *workloadSim})
-		if err != nil {
-			return fmt.Errorf("--workload-evidence: %w", err)
+		if cfg.Workload, cfg.WorkloadHSKCEK, err = workloadEvidence(*workloadSim, *workloadHSKCEK, log); err != nil {
+			return err
 		}
-		cfg.Workload = ev
-		switch {
-		case *workloadHSKCEK != "":
-			if cfg.WorkloadHSKCEK, err = os.ReadFile(*workloadHSKCEK); err != nil {
-				return fmt.Errorf("--workload-hsk-cek: %w", err)
-			}
-		default:
-			sim, ok := ev.(*csv.Simulator)
-			if !ok {
-				return errors.New("--workload-evidence on a real CSV guest needs --workload-hsk-cek (the chip's HSK+CEK bundle)")
-			}
-			cfg.WorkloadHSKCEK = csv.MarshalHSKCEK(sim.HSK, sim.CEK)
-			log.Warn("workload evidence from the CSV SIMULATOR", "dir", *workloadSim)
+		if cfg.WorkloadHSKCEK == nil {
+			// The backend checks a bound workload's report with the pair
+			// the client sends.
+			return errors.New("--workload-evidence on a real CSV guest needs --workload-hsk-cek (the chip's HSK+CEK bundle)")
 		}
 	}
 	p := &guestkit.Proxy{Link: *linkAddr, Instance: *instance, Config: cfg, Logger: log, LockHost: *lockHost}
@@ -190,4 +180,27 @@ Options:
 	case err := <-errc:
 		return err
 	}
+}
+
+// workloadEvidence opens this workload VM's CSV firmware (/dev/csv-guest,
+// or the simulator saved in simDir) and reads its chip's HSK+CEK bundle
+// from hskCEKFile (the simulator's own pair if empty; nil on a real guest
+// without the file).
+func workloadEvidence(simDir, hskCEKFile string, log *slog.Logger) (csv.ReportProvider, []byte, error) {
+	ev, err := csv.OpenProvider(csv.ProviderOptions{SimulatorDir: simDir})
+	if err != nil {
+		return nil, nil, fmt.Errorf("--workload-evidence: %w", err)
+	}
+	if hskCEKFile != "" {
+		b, err := os.ReadFile(hskCEKFile)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--workload-hsk-cek: %w", err)
+		}
+		return ev, b, nil
+	}
+	if sim, ok := ev.(*csv.Simulator); ok {
+		log.Warn("workload evidence from the CSV SIMULATOR", "dir", simDir)
+		return ev, csv.MarshalHSKCEK(sim.HSK, sim.CEK), nil
+	}
+	return ev, nil, nil
 }

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"log/slog"
 	"os"
 	"sort"
 	"strings"
@@ -54,6 +55,9 @@ Options:
 	eventLog := fs.String("event-log", defaultEventLog, "TCG event log of this boot")
 	verifierKey := fs.String("verifier-key", "", "the verifier's public key (PEM) to check the token's signature")
 	asJSON := fs.Bool("json", false, "print the token's claims as JSON")
+	workload := fs.Bool("workload-evidence", false, "add this workload VM's own CSV report (/dev/csv-guest), bound to the nonce and the AK: the verdict's third leg")
+	workloadSim := fs.String("workload-csv-sim", "", "with --workload-evidence: the CSV simulator in DIR when /dev/csv-guest is absent (tests, demos)")
+	workloadHSKCEK := fs.String("workload-hsk-cek", "", "with --workload-evidence: this VM's chip HSK+CEK bundle, for verifiers that take it from the evidence")
 	timeout := fs.Duration("timeout", time.Minute, "give up after this long")
 	if done, err := parseFlags(fs, args); done {
 		return err
@@ -85,6 +89,13 @@ Options:
 		return fmt.Errorf("verifier challenge: %w", err)
 	}
 	a := &guestkit.Attester{TPM: tpm, CA: ca.Client{C: capb.NewCAClient(caConn)}, EventLog: logBytes}
+	if *workload {
+		if a.Workload, a.WorkloadHSKCEK, err = workloadEvidence(*workloadSim, *workloadHSKCEK, slog.New(slog.NewTextHandler(os.Stderr, nil))); err != nil {
+			return err
+		}
+	} else if *workloadSim != "" || *workloadHSKCEK != "" {
+		return errors.New("--workload-csv-sim and --workload-hsk-cek need --workload-evidence")
+	}
 	ev, err := a.Gather(ctx, ch.GetNonce())
 	if err != nil {
 		return err
@@ -117,30 +128,54 @@ Options:
 	return nil
 }
 
+// legs names the EAR submodules as a reader knows them, in the order the
+// verdict is read: the TPM, its backend, the workload VM.
+var legs = []struct{ submod, name string }{
+	{"cvtpm-vtpm", "vTPM quote"},
+	{"csv-platform", "vTPM backend (CSV)"},
+	{"csv-workload", "workload VM (CSV)"},
+}
+
 func printVerdict(result *ear.EAR, signed bool) {
-	names := make([]string, 0, len(result.Submods))
-	for n := range result.Submods {
-		names = append(names, n)
-	}
-	sort.Strings(names)
 	check := "signature not checked (no --verifier-key)"
 	if signed {
 		check = "signature verified"
 	}
 	fmt.Printf("verifier result (EAR token, %s):\n", check)
-	for _, n := range names {
-		s := result.Submods[n]
-		line := fmt.Sprintf("  %-13s %s", n, strings.ToUpper(s.Status))
-		if len(s.Reasons) > 0 {
-			line += " — " + strings.Join(s.Reasons, ", ")
+	fmt.Printf("  %-20s %-16s %s\n", "leg", "status", "reasons")
+	shown := map[string]bool{}
+	row := func(name, submod string) {
+		s, ok := result.Submods[submod]
+		if !ok {
+			return
 		}
-		fmt.Println(line)
+		shown[submod] = true
+		fmt.Printf("  %-20s %-16s %s\n", name, strings.ToUpper(s.Status), strings.Join(s.Reasons, ", "))
+	}
+	for _, l := range legs {
+		row(l.name, l.submod)
+	}
+	var others []string
+	for n := range result.Submods {
+		if !shown[n] {
+			others = append(others, n)
+		}
+	}
+	sort.Strings(others)
+	for _, n := range others { // a custom policy's submodules
+		row(n, n)
+	}
+	if _, ok := result.Submods["csv-workload"]; !ok {
+		fmt.Printf("  %-20s %-16s %s\n", legs[2].name, "-", "not sent (--workload-evidence) and not required")
+	}
+	if v := result.Submods["cvtpm-vtpm"].Evidence; v != nil {
+		fmt.Printf("  vTPM: EK certificate serial %v\n", v["ek_serial"])
 	}
 	if c := result.Submods["csv-platform"].Evidence; c != nil {
 		fmt.Printf("  backend: chip %v, measurement %v, instance %v, simulated %v\n", c["chip_serial"], c["measurement"], c["instance"], c["simulated"])
 	}
-	if v := result.Submods["cvtpm-vtpm"].Evidence; v != nil {
-		fmt.Printf("  vTPM: EK certificate serial %v\n", v["ek_serial"])
+	if w := result.Submods["csv-workload"].Evidence; w != nil && w["measurement"] != "" {
+		fmt.Printf("  workload VM: chip %v, measurement %v, simulated %v\n", w["chip_serial"], w["measurement"], w["simulated"])
 	}
 }
 

@@ -1038,6 +1038,14 @@ func (s *Supervisor) Call(ctx context.Context, id string, caps tpmrpc.Capabiliti
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q worker failed during %v (restarted from sealed state; the call may not have completed): %v", id, r.Op, err)}), nil
 	}
 	s.track(inst, r, resp)
+	if r.Op == tpmrpc.OpExecute && freshreport.IsGetCapability(r.Payload) {
+		// The vendor command this backend serves is listed with libtpms'
+		// own (the kernel's /dev/tpmrm0 passes only listed commands).
+		if p, err := tpmrpc.ParseResponse(resp); err == nil && p.Err == "" {
+			p.Payload = freshreport.AmendCapability(r.Payload, p.Payload)
+			return tpmrpc.AppendResponse(dst, p), nil
+		}
+	}
 	if r.Op == tpmrpc.OpGetState || r.Op == tpmrpc.OpSetState {
 		// State transfers are what a hostile host tries: every outcome is
 		// on record.
