@@ -47,6 +47,10 @@ type Attester struct {
 	// WorkloadHSKCEK is that chip's HSK||CEK, sent along for verifiers
 	// that take the pair from the evidence (optional).
 	WorkloadHSKCEK []byte
+	// RawTPM, if set, opens the raw device (/dev/tpmN) for the fresh
+	// report when TPM is the kernel's resource manager and refuses the
+	// vendor command (Linux before 6.3).
+	RawTPM func() (transport.TPMCloser, error)
 }
 
 // Gather creates an ECC AK, has the CA certify it, quotes every active
@@ -121,6 +125,15 @@ func (a *Attester) Gather(ctx context.Context, nonce []byte) (*attestpb.Evidence
 		return nil, err
 	}
 	report, hskCEK, res, err := freshreport.Get(a.TPM, nonce, RSAEKHandle)
+	var re *freshreport.ResponseError
+	if errors.As(err, &re) && re.RC == freshreport.RCResourceManagerCommandCode && a.RawTPM != nil {
+		raw, rerr := a.RawTPM()
+		if rerr != nil {
+			return nil, fmt.Errorf("fresh CSV report: %w; and the raw device: %v", err, rerr)
+		}
+		report, hskCEK, res, err = freshreport.Get(raw, nonce, RSAEKHandle)
+		raw.Close()
+	}
 	if err != nil {
 		return nil, fmt.Errorf("fresh CSV report from the backend: %w", err)
 	}

@@ -189,7 +189,29 @@ func TestQEMUThroughFrontend(t *testing.T) {
 	if pcr0 := got["PCR0"]; len(pcr0) != 64 || pcr0 == strings.Repeat("0", 64) {
 		t.Fatalf("PCR0 = %q: the firmware's measurements did not reach the backend's TPM", pcr0)
 	}
+	// Through /dev/tpmrm0: the kernel's resource manager passes commands
+	// the TPM lists; Linux 6.3 and later match vendor commands (the V
+	// bit) against that list, earlier kernels refuse every vendor command
+	// there (TSS2_RESMGR_TPM_RC_LAYER | TPM_RC_COMMAND_CODE), which is why
+	// guest attest falls back to /dev/tpmN.
+	wantRM := "rc00000000"
+	if kernelBefore(t, 6, 3) {
+		wantRM = fmt.Sprintf("rc%08x", freshreport.RCResourceManagerCommandCode)
+	}
+	if got["FRESHRM"] != wantRM {
+		t.Fatalf("fresh report through /dev/tpmrm0: %q, want %q", got["FRESHRM"], wantRM)
+	}
 	t.Logf("guest via frontend -> backend: PCR0=%s", got["PCR0"])
+}
+
+// kernelBefore reports whether the guest kernel (kernel(t)) is older than
+// major.minor.
+func kernelBefore(t *testing.T, major, minor int) bool {
+	var ma, mi int
+	if _, err := fmt.Sscanf(filepath.Base(kernel(t)), "vmlinuz-%d.%d", &ma, &mi); err != nil {
+		t.Fatalf("guest kernel version of %s: %v", kernel(t), err)
+	}
+	return ma < major || ma == major && mi < minor
 }
 
 type logs []fmt.Stringer

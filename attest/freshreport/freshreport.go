@@ -141,7 +141,17 @@ func AppendResponse(dst []byte, r Result) []byte {
 // ResponseError is a TPM error answer to the command.
 type ResponseError struct{ RC uint32 }
 
+// RCResourceManagerCommandCode is what the Linux kernel's resource
+// manager (/dev/tpmrmN) answers for a command code it does not find in
+// the TPM's command list: TSS2_RESMGR_TPM_RC_LAYER | TPM_RC_COMMAND_CODE.
+// Kernels before 6.3 give it for every vendor command, listed or not
+// (they compare only the low 16 bits of the code); /dev/tpmN passes it.
+const RCResourceManagerCommandCode = 0x000b0143
+
 func (e *ResponseError) Error() string {
+	if e.RC == RCResourceManagerCommandCode {
+		return "CSV report command refused by the kernel's TPM resource manager (/dev/tpmrmN passes no vendor command before Linux 6.3): use the raw device, /dev/tpmN"
+	}
 	return fmt.Sprintf("CSV report command failed: TPM response code %#x", e.RC)
 }
 

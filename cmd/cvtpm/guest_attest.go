@@ -89,6 +89,11 @@ Options:
 		return fmt.Errorf("verifier challenge: %w", err)
 	}
 	a := &guestkit.Attester{TPM: tpm, CA: ca.Client{C: capb.NewCAClient(caConn)}, EventLog: logBytes}
+	if raw, ok := strings.CutPrefix(*tpmAddr, "/dev/tpmrm"); ok {
+		// Linux before 6.3 passes no vendor command through its resource
+		// manager: the fresh report then goes through /dev/tpmN.
+		a.RawTPM = func() (transport.TPMCloser, error) { return openGuestTPM(ctx, "/dev/tpm"+raw) }
+	}
 	if *workload {
 		if a.Workload, a.WorkloadHSKCEK, err = workloadEvidence(*workloadSim, *workloadHSKCEK, slog.New(slog.NewTextHandler(os.Stderr, nil))); err != nil {
 			return err

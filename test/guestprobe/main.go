@@ -41,6 +41,26 @@ func main() {
 		}
 		fmt.Printf("CVTPM-FRESH%d: %s\n", part, hex.EncodeToString(buf[:n]))
 	}
+	// The same through the kernel's resource manager, which passes only
+	// commands the TPM lists in TPM_CAP_COMMANDS.
+	rm, err := os.OpenFile("/dev/tpmrm0", os.O_RDWR, 0)
+	if err != nil {
+		fmt.Println("CVTPM-FRESHRM: open-failed")
+		return
+	}
+	defer rm.Close()
+	cmd := freshreport.Command(freshreport.Request{Nonce: []byte(Nonce), EKHandle: 0x81010001, Part: freshreport.PartReport})
+	if _, err := rm.Write(cmd); err != nil {
+		fmt.Println("CVTPM-FRESHRM: write-failed")
+		return
+	}
+	buf := make([]byte, 8192)
+	n, err := rm.Read(buf)
+	if err != nil || n < 10 {
+		fmt.Println("CVTPM-FRESHRM: read-failed")
+		return
+	}
+	fmt.Printf("CVTPM-FRESHRM: rc%x\n", buf[6:10])
 }
 
 // printEKCert prints the SHA-256 of the RSA EK certificate in NV 0x01c00002
