@@ -175,6 +175,7 @@ func (a *Authority) Enroll(ctx context.Context, req enroll.Request) (*x509.Certi
 	default:
 		entry.Decision, entry.Reason, entry.Detail = "refused", ReasonInternalFailed, err.Error()
 	}
+	countDecision("enroll", entry)
 	if aerr := a.Audit.Record(ctx, entry); aerr != nil {
 		// An unaudited issuance must not leave the CA.
 		return nil, fmt.Errorf("recording the decision: %w", aerr)
@@ -293,8 +294,10 @@ func (a *Authority) Revoke(ctx context.Context, serial string, reason int) error
 	if err := a.Store.Revoke(ctx, serial, a.now(), reason); err != nil {
 		return fmt.Errorf("revoking %s: %w", serial, err)
 	}
-	return a.Audit.Record(ctx, AuditEntry{Time: a.now().UTC(), InstanceID: rec.InstanceID, Decision: "revoked",
-		Serial: serial, Reason: fmt.Sprintf("crl-reason-%d", reason)})
+	entry := AuditEntry{Time: a.now().UTC(), InstanceID: rec.InstanceID, Decision: "revoked",
+		Serial: serial, Reason: fmt.Sprintf("crl-reason-%d", reason)}
+	countDecision("revoke", entry)
+	return a.Audit.Record(ctx, entry)
 }
 
 // AuditFile appends decisions as JSON lines to a file, synced before

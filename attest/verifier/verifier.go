@@ -296,6 +296,7 @@ func (v *Verifier) Verify(ctx context.Context, nonce []byte, ev *attestpb.Eviden
 	if err != nil {
 		return nil, err
 	}
+	countVerdicts(submods)
 	token, err := v.sign(nonce, submods, f)
 	if err != nil {
 		return nil, err

@@ -1,6 +1,9 @@
 package keybroker
 
 import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
+
 	"bytes"
 	"context"
 	"crypto"
@@ -99,7 +102,14 @@ func (b *Broker) refuse(backend, reason, detail string) error {
 	return status.Errorf(codes.PermissionDenied, "key release refused: %s: %s", reason, detail)
 }
 
-func (b *Broker) ReleaseKeys(ctx context.Context, req *capb.ReleaseKeysRequest) (*capb.ReleaseKeysResponse, error) {
+func (b *Broker) ReleaseKeys(ctx context.Context, req *capb.ReleaseKeysRequest) (resp *capb.ReleaseKeysResponse, err error) {
+	defer func() {
+		if err == nil {
+			releases.WithLabelValues("released", "").Inc()
+		} else {
+			releases.WithLabelValues("refused", status.Code(err).String()).Inc()
+		}
+	}()
 	id, domain := req.GetBackendId(), req.GetMigrationDomain()
 	if !validName.MatchString(id) || domain != "" && !validName.MatchString(domain) {
 		return nil, status.Error(codes.InvalidArgument, "backend id and migration domain: 1-64 of [A-Za-z0-9._-], starting with a letter or digit")
@@ -303,3 +313,10 @@ func (b *Broker) kek() (cipher.AEAD, error) {
 	}
 	return cipher.NewGCM(block)
 }
+
+// releases counts key releases by decision and, for refusals, the gRPC
+// status code.
+var releases = promauto.NewCounterVec(prometheus.CounterOpts{
+	Name: "cvtpm_keybroker_releases_total",
+	Help: "Key broker releases of backend keys by decision (released, refused) and status code.",
+}, []string{"decision", "code"})

@@ -17,7 +17,6 @@ import (
 	"flag"
 	"fmt"
 	"io/fs"
-	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -29,6 +28,7 @@ import (
 	attestpb "cvtpm/api/attest"
 	"cvtpm/attest/csv"
 	"cvtpm/attest/verifier"
+	"cvtpm/internal/obs"
 	"cvtpm/internal/pkisig"
 	"cvtpm/internal/serve"
 )
@@ -97,6 +97,7 @@ Options:
 	evidenceCerts := fs.Bool("evidence-certs", false, "use the HSK+CEK sent with the evidence (the chip serial is then the evidence's own claim: chip allow/deny lists are refused)")
 	keyFile := fs.String("key", "", "EAR signing key, PKCS #8 PEM (created if missing) (required)")
 	listen := fs.String("listen", "127.0.0.1:7800", "gRPC address")
+	logFlags := obs.AddLogFlags(fs)
 	httpAddr := fs.String("http", "127.0.0.1:7801", "HTTP/JSON address ('' = off)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -111,7 +112,10 @@ Options:
 	if *ekRoot == "" || *akRoot == "" || *policyFile == "" || *keyFile == "" {
 		return errors.New("--ek-root, --ak-root, --policy and --key are required (see --help)")
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	log, err := logFlags.Logger(os.Stderr)
+	if err != nil {
+		return err
+	}
 	ekRoots, err := readCertsPEM(*ekRoot)
 	if err != nil {
 		return fmt.Errorf("--ek-root: %w", err)
@@ -193,6 +197,7 @@ Options:
 	// hundred KiB), certificates and a report: 4 MiB is ample.
 	gs := grpc.NewServer(serve.GRPCOptions(4 << 20)...)
 	attestpb.RegisterVerifierServer(gs, srv)
+	obs.RegisterHealth(gs, "cvtpm.attest.v1.Verifier")
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		return fmt.Errorf("--listen: %w", err)
@@ -208,7 +213,11 @@ Options:
 		}
 		// Bounded: requests carry evidence (JSON: base64 of the above),
 		// no more; slow or idle clients do not hold sockets.
-		hs = serve.HTTPServer(srv.Handler(), 8<<20)
+		mux := http.NewServeMux()
+		mux.Handle("/", srv.Handler())
+		mux.Handle("GET /metrics", obs.Handler(nil))
+		obs.AddHealth(mux, nil)
+		hs = serve.HTTPServer(mux, 8<<20)
 		go func() { errc <- hs.Serve(serve.Listen(hl, "verifier HTTP", log)) }()
 	}
 	log.Info("verifier serving", "grpc", ln.Addr().String(), "http", *httpAddr, "key", *keyFile+".pub.pem")

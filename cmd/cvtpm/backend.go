@@ -26,6 +26,7 @@ import (
 	"cvtpm/ca/keybroker"
 	"cvtpm/enroll"
 	"cvtpm/internal/attestedlink"
+	"cvtpm/internal/obs"
 	"cvtpm/internal/netaddr"
 	"cvtpm/internal/pkisig"
 	"cvtpm/vtpm/backend"
@@ -97,6 +98,8 @@ Options:
 	}
 	dir := fs.String("dir", "", "directory of the instances' sealed state (required)")
 	listen := fs.String("listen", "tcp:127.0.0.1:7700", "attested link address: tcp:HOST:PORT, unix:PATH or vsock:PORT")
+	logFlags := obs.AddLogFlags(fs)
+	metricsAddr := fs.String("metrics", "", "serve /metrics (Prometheus), /healthz and /readyz on this HOST:PORT ('' = off)")
 	admin := fs.String("admin", "", "management API unix socket (default DIR/admin.sock)")
 	keyFile := fs.String("key-file", "", "development: hex master key (32+ bytes) from which each instance's state key is derived")
 	keyFD := fs.Int("key-fd", -1, "development: read the hex master key from this inherited descriptor instead of --key-file")
@@ -132,7 +135,10 @@ Options:
 	if *broker != "" && *migrationKeyFile != "" {
 		return errors.New("--migration-key-file and --key-broker exclude each other: the broker releases the migration key of --migration-domain")
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	log, err := logFlags.Logger(os.Stderr)
+	if err != nil {
+		return err
+	}
 	acl, err := backend.LoadACL(*aclFile)
 	if err != nil {
 		return fmt.Errorf("--acl: %w", err)
@@ -256,6 +262,7 @@ Options:
 		return fmt.Errorf("--admin: %w", err)
 	}
 	gs := grpc.NewServer()
+	obs.RegisterHealth(gs, "cvtpm.backend.v1.Backend")
 	backendpb.RegisterInstanceManagerServer(gs, &backend.AdminServer{Supervisor: sup, Enroller: enroller})
 
 	cert, err := attestedlink.EphemeralCertificate()
@@ -274,7 +281,13 @@ Options:
 	errc := make(chan error, 2)
 	go func() { errc <- gs.Serve(aln) }()
 	go func() { errc <- link.Serve(ctx, ln) }()
-	log.Info("backend serving", "link", ln.Addr().String(), "admin", adminPath, "instances", len(sup.List()))
+	metricsBound := ""
+	if *metricsAddr != "" {
+		if metricsBound, err = obs.Serve(ctx, *metricsAddr, func(context.Context) error { return sup.Ready() }, log); err != nil {
+			return err
+		}
+	}
+	log.Info("backend serving", "link", ln.Addr().String(), "admin", adminPath, "instances", len(sup.List()), "metrics", metricsBound)
 	select {
 	case <-ctx.Done():
 		err = nil

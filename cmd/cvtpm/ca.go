@@ -37,6 +37,7 @@ import (
 	"cvtpm/ca"
 	"cvtpm/ca/keybroker"
 	"cvtpm/internal/serve"
+	"cvtpm/internal/obs"
 )
 
 func init() {
@@ -86,6 +87,7 @@ Options:
 	}
 	dir := fs.String("dir", "", "CA directory (required)")
 	listen := fs.String("listen", "127.0.0.1:7443", "gRPC enrollment API address")
+	logFlags := obs.AddLogFlags(fs)
 	httpAddr := fs.String("http", "127.0.0.1:7080", "HTTP address for the roots and CRLs (/roots.pem, /crl, /crl/ak, /crl/identity; '' = off)")
 	policyFile := fs.String("policy", "", "evidence policy file (JSON, required)")
 	hskCEK := fs.String("hsk-cek", "", "HSK+CEK bundle for every chip (simulators, tests)")
@@ -102,7 +104,10 @@ Options:
 	if *dir == "" || *policyFile == "" {
 		return errors.New("--dir and --policy are required (see --help)")
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	log, err := logFlags.Logger(os.Stderr)
+	if err != nil {
+		return err
+	}
 	policy, err := ca.LoadPolicy(*policyFile)
 	if err != nil {
 		return err
@@ -168,6 +173,7 @@ Options:
 	// certificate, an AK's parameters.
 	public := grpc.NewServer(append(serve.GRPCOptions(256<<10), grpc.Creds(credentials.NewTLS(tlsConf)))...)
 	(&ca.Server{Authority: authority, Log: log}).Register(public)
+	obs.RegisterHealth(public, "cvtpm.ca.v1.CA")
 	if *brokerOn {
 		kb, err := newKeyBroker(ctx, *dir, *brokerKEK, store, roots.service, authority, log)
 		if err != nil {
@@ -201,7 +207,11 @@ Options:
 		httpBound = hl.Addr().String()
 		// Bounded: a client that trickles or idles cannot hold connections
 		// (GET only, so no body to allow for).
-		hs = serve.HTTPServer((&ca.Server{Authority: authority, Log: log}).HTTPHandler(), 64<<10)
+		mux := http.NewServeMux()
+		mux.Handle("/", (&ca.Server{Authority: authority, Log: log}).HTTPHandler())
+		mux.Handle("GET /metrics", obs.Handler(nil))
+		obs.AddHealth(mux, func(ctx context.Context) error { _, err := store.Revoked(ctx); return err })
+		hs = serve.HTTPServer(mux, 64<<10)
 		go func() { errc <- hs.Serve(serve.Listen(hl, "CA HTTP", log)) }()
 	}
 	log.Info("EK CA serving", "grpc", ln.Addr().String(), "tls", "service-ca.pem", "http", httpBound, "admin", sock,

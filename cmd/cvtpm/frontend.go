@@ -8,13 +8,13 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"log/slog"
 	"os"
 	"strconv"
 	"strings"
 
 	"cvtpm/frontend"
 	"cvtpm/internal/netaddr"
+	"cvtpm/internal/obs"
 )
 
 func init() {
@@ -58,6 +58,8 @@ Options:
 	capture := fs.String("relay-capture", "", "append every relayed byte to FILE (debugging: shows the host sees only ciphertext)")
 	sockMode := fs.String("socket-mode", "0600", "permissions of the --vm sockets (octal; e.g. 0660 with a group QEMU runs in)")
 	link := addLinkFlags(fs)
+	logFlags := obs.AddLogFlags(fs)
+	metricsAddr := fs.String("metrics", "", "serve /metrics (Prometheus), /healthz and /readyz on this HOST:PORT ('' = off)")
 	if done, err := parseFlags(fs, args); done {
 		return err
 	}
@@ -68,7 +70,10 @@ Options:
 	if err != nil || mode > 0o777 {
 		return fmt.Errorf("--socket-mode %q: want octal permissions such as 0660", *sockMode)
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	log, err := logFlags.Logger(os.Stderr)
+	if err != nil {
+		return err
+	}
 	f := &frontend.Frontend{Backend: *backendAddr, Logger: log}
 	errc := make(chan error, len(vms)+1)
 	if len(vms) > 0 {
@@ -110,6 +115,13 @@ Options:
 		}
 		go func() { errc <- r.Serve(ctx, ln) }()
 		log.Info("relaying guest connections", "listen", ln.Addr().String(), "backend", *backendAddr)
+	}
+	if *metricsAddr != "" {
+		bound, err := obs.Serve(ctx, *metricsAddr, nil, log)
+		if err != nil {
+			return err
+		}
+		log.Info("metrics and health", "listen", bound)
 	}
 	select {
 	case <-ctx.Done():

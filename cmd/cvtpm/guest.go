@@ -15,6 +15,7 @@ import (
 
 	"cvtpm/guestkit"
 	"cvtpm/internal/netaddr"
+	"cvtpm/internal/obs"
 )
 
 func init() {
@@ -77,6 +78,7 @@ Options:
 	workloadHSKCEK := fs.String("workload-hsk-cek", "", "with --workload-evidence: this VM's chip HSK+CEK bundle (default: the simulator's)")
 	lockHost := fs.Bool("lock-host", false, "with --workload-evidence: close the host path of an instance bound with host \"boot\" until the next VM reset")
 	link := addLinkFlags(fs)
+	logFlags := obs.AddLogFlags(fs)
 	if done, err := parseFlags(fs, args); done {
 		return err
 	}
@@ -90,7 +92,10 @@ Options:
 	if err != nil {
 		return err
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	log, err := logFlags.Logger(os.Stderr)
+	if err != nil {
+		return err
+	}
 	if *lockHost && !*workload {
 		return errors.New("--lock-host needs --workload-evidence: only the proven workload may lock the host path")
 	}

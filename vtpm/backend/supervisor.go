@@ -262,6 +262,7 @@ func New(ctx context.Context, cfg Config) (*Supervisor, error) {
 			s.log.Error("instance not started", "instance", inst.id, "err", err)
 		}
 		s.instances[inst.id] = inst
+		instancesGauge.Inc()
 	}
 	s.log.Info("backend ready", "instances", len(s.instances), "dir", cfg.Dir)
 	if cfg.Anchorer != nil {
@@ -379,6 +380,15 @@ func (s *Supervisor) anchorOne(ctx context.Context, inst *instance) error {
 
 // unanchoredFor reports how long no report got through, and whether that
 // is longer than MaxUnanchored.
+// Ready reports whether the backend serves: nil, or why not (its key
+// broker has not recorded its state for too long).
+func (s *Supervisor) Ready() error {
+	if d, stale := s.unanchoredFor(); stale {
+		return fmt.Errorf("the key broker has not recorded this backend's state for %s", d.Round(time.Second))
+	}
+	return nil
+}
+
 func (s *Supervisor) unanchoredFor() (time.Duration, bool) {
 	if s.cfg.Anchorer == nil {
 		return 0, false
@@ -473,11 +483,13 @@ func (s *Supervisor) Create(ctx context.Context, id string, opts CreateOptions) 
 	inst.mu.Lock()
 	defer inst.mu.Unlock()
 	s.instances[id] = inst
+	instancesGauge.Inc()
 	s.mu.Unlock()
 	fail := func(err error) (InstanceInfo, error) {
 		inst.deleted = true
 		s.mu.Lock()
 		delete(s.instances, id)
+		instancesGauge.Dec()
 		s.mu.Unlock()
 		return InstanceInfo{}, fmt.Errorf("creating instance %q: %w", id, err)
 	}
@@ -578,6 +590,7 @@ func (s *Supervisor) Delete(ctx context.Context, id string) error {
 	inst, ok := s.instances[id]
 	if ok {
 		delete(s.instances, id)
+		instancesGauge.Dec()
 	}
 	s.mu.Unlock()
 	if !ok {
@@ -929,6 +942,7 @@ func (s *Supervisor) exited(inst *instance, w *worker, waitErr error) {
 	}
 	inst.w = nil
 	inst.restarts++
+	workerRestarts.Inc()
 	s.log.Warn("instance worker died; restarting it from its sealed state", "instance", inst.id, "pid", w.cmd.Process.Pid, "exit", fmt.Sprint(waitErr), "restarts", inst.restarts)
 	// Back off when workers keep dying right after starting, so a broken
 	// state directory does not turn into a fork loop. A worker that lived
@@ -962,6 +976,8 @@ func (s *Supervisor) Call(ctx context.Context, id string, caps tpmrpc.Capabiliti
 	if err != nil {
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: err.Error()}), nil
 	}
+	start := time.Now()
+	defer func() { calls.WithLabelValues(r.Op.String()).Observe(time.Since(start).Seconds()) }()
 	inst.mu.Lock()
 	defer inst.mu.Unlock()
 	if caps&tpmrpc.HostBoot != 0 && inst.hostLocked {
@@ -976,6 +992,7 @@ func (s *Supervisor) Call(ctx context.Context, id string, caps tpmrpc.Capabiliti
 		checked.Locality, checked.Arg = inst.locality, tpmrpc.ExecuteAtLocality
 	}
 	if err := caps.Allow(checked); err != nil {
+		refusedCalls.WithLabelValues(r.Op.String()).Inc()
 		s.log.Warn("call refused", "instance", id, "op", r.Op.String(), "reason", err)
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q: refused: %v", id, err)}), nil
 	}

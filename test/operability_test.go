@@ -1,0 +1,163 @@
+package test
+
+// Issue 12, operable daemons: the backend, the CA and the verifier show
+// their counters moving on /metrics, answer /healthz and /readyz, and
+// the standard gRPC health check; logs come as JSON on request.
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	attestpb "cvtpm/api/attest"
+	capb "cvtpm/api/ca"
+	"cvtpm/attest/csv"
+	"cvtpm/ca"
+	"cvtpm/guestkit"
+	"cvtpm/internal/tpmsock"
+	"cvtpm/test/testenv"
+)
+
+func httpGet(t *testing.T, url string) (int, string) {
+	t.Helper()
+	r, err := http.Get(url)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer r.Body.Close()
+	b, _ := io.ReadAll(r.Body)
+	return r.StatusCode, string(b)
+}
+
+// metric returns the sum of the samples of name whose labels contain
+// every one of labels (`k="v"`).
+func metric(text, name string, labels ...string) float64 {
+	sum := 0.0
+	re := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + `(\{[^}]*\})? ([0-9.e+-]+)$`)
+	for _, m := range re.FindAllStringSubmatch(text, -1) {
+		ok := true
+		for _, l := range labels {
+			ok = ok && strings.Contains(m[1], l)
+		}
+		if v, err := strconv.ParseFloat(m[2], 64); ok && err == nil {
+			sum += v
+		}
+	}
+	return sum
+}
+
+func grpcHealthy(t *testing.T, conn *grpc.ClientConn, service string) {
+	t.Helper()
+	r, err := healthpb.NewHealthClient(conn).Check(context.Background(), &healthpb.HealthCheckRequest{Service: service})
+	if err != nil || r.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("gRPC health of %q: %v %v", service, r, err)
+	}
+}
+
+func TestOperability(t *testing.T) {
+	f := testenv.NewTopologyFiles(t, 0x7)
+	c := startCAProc(t, filepath.Join(f.Dir, "ca"), f.Policy, "--hsk-cek", filepath.Join(f.SimDir, csv.SimHSKCEKFile))
+	backendMetrics := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+	topo := testenv.StartBackend(t, f, append(c.ClientFlags(), "--metrics", backendMetrics, "--log-format", "json")...)
+	topo.Admin(t, "create", "--enroll", "vm1")
+	_, tcti := topo.StartGuestProxy(t, topo.LinkAddr, "frontend", "vm1", f.Policy)
+	tpm, err := tpmsock.Dial(context.Background(), "tcp", "127.0.0.1:"+tcti[strings.LastIndex(tcti, "=")+1:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tpm.Close()
+	vAddr, vHTTP := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t)), fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+	vd := testenv.StartDaemon(t, "verifier", []string{"tcp:" + vAddr, "tcp:" + vHTTP}, "verifier",
+		"--ek-root", c.RootFile(ca.PurposeEK), "--ak-root", c.RootFile(ca.PurposeAK),
+		"--crl", c.CRLURL(ca.PurposeEK), "--crl", c.CRLURL(ca.PurposeAK), "--policy", f.Policy, "--cert-dir", f.CertDir,
+		"--key", filepath.Join(f.Dir, "verifier.key"), "--listen", vAddr, "--http", vHTTP, "--log-format", "json")
+
+	// One attestation, so every counter has something to count.
+	vconn, err := grpc.NewClient(vAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vconn.Close()
+	vc := attestpb.NewVerifierClient(vconn)
+	ctx := context.Background()
+	ch, err := vc.Challenge(ctx, &attestpb.ChallengeRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &guestkit.Attester{TPM: tpm, CA: ca.Client{C: capb.NewCAClient(c.Conn(t))}}
+	ev, err := a.Gather(ctx, ch.Nonce)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vc.Attest(ctx, &attestpb.AttestRequest{Nonce: ch.Nonce, Evidence: ev}); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, tc := range []struct {
+		name, base string
+		counters   [][]string // metric name and labels, each must be > 0
+	}{
+		{"backend", "http://" + backendMetrics, [][]string{{"cvtpm_backend_instances"}, {"cvtpm_backend_call_seconds_count", `op="execute"`}}},
+		{"CA", "http://" + c.HTTPAddr, [][]string{{"cvtpm_ca_decisions_total", `kind="enroll"`, `decision="issued"`},
+			{"cvtpm_ca_decisions_total", `kind="ak"`, `decision="issued"`}}},
+		{"verifier", "http://" + vHTTP, [][]string{{"cvtpm_verifier_verdicts_total", `submodule="cvtpm-vtpm"`, `status="affirming"`}}},
+	} {
+		code, text := httpGet(t, tc.base+"/metrics")
+		if code != 200 {
+			t.Fatalf("%s /metrics: %d", tc.name, code)
+		}
+		for _, m := range tc.counters {
+			if v := metric(text, m[0], m[1:]...); v <= 0 {
+				t.Errorf("%s: %v = %v, want > 0", tc.name, m, v)
+			}
+		}
+		for _, p := range []string{"/healthz", "/readyz"} {
+			if code, body := httpGet(t, tc.base+p); code != 200 {
+				t.Errorf("%s %s: %d %s", tc.name, p, code, body)
+			}
+		}
+	}
+	grpcHealthy(t, c.Conn(t), "cvtpm.ca.v1.CA")
+	grpcHealthy(t, vconn, "cvtpm.attest.v1.Verifier")
+	admin, err := grpc.NewClient("unix://"+topo.AdminSock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	grpcHealthy(t, admin, "")
+
+	// --log-format json: every line an object with level and msg.
+	for name, log := range map[string]string{"backend": topo.Backend.Log.String(), "verifier": vd.Log.String()} {
+		lines := 0
+		for _, l := range strings.Split(strings.TrimSpace(log), "\n") {
+			if !strings.HasPrefix(l, "{") {
+				continue // the CA fingerprint line and the like are not log lines
+			}
+			var m map[string]any
+			if err := json.Unmarshal([]byte(l), &m); err != nil || m["level"] == nil || m["msg"] == nil {
+				t.Errorf("%s log line is not a JSON record: %q", name, l)
+			}
+			lines++
+		}
+		if lines == 0 {
+			t.Errorf("%s logged no JSON lines:\n%s", name, log)
+		}
+	}
+	// A bad log level is refused, naming the flag.
+	out, err := testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), "verifier", "--log-level", "loud", "--ek-root", c.RootFile(ca.PurposeEK),
+		"--ak-root", c.RootFile(ca.PurposeAK), "--no-crl", "--policy", f.Policy, "--key", filepath.Join(f.Dir, "v2.key"))
+	if err == nil || !strings.Contains(out, "--log-level") {
+		t.Fatalf("--log-level loud: %v %s", err, out)
+	}
+}
