@@ -26,8 +26,8 @@ import (
 	"cvtpm/ca/keybroker"
 	"cvtpm/enroll"
 	"cvtpm/internal/attestedlink"
-	"cvtpm/internal/obs"
 	"cvtpm/internal/netaddr"
+	"cvtpm/internal/obs"
 	"cvtpm/internal/pkisig"
 	"cvtpm/vtpm/backend"
 )

@@ -36,8 +36,8 @@ import (
 	"cvtpm/attest/csv"
 	"cvtpm/ca"
 	"cvtpm/ca/keybroker"
-	"cvtpm/internal/serve"
 	"cvtpm/internal/obs"
+	"cvtpm/internal/serve"
 )
 
 func init() {
