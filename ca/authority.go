@@ -54,11 +54,27 @@ type Authority struct {
 	// with ErrBusy and nothing grows.
 	MaxOutstanding, MaxPerSource int
 
+	policyMu   sync.RWMutex // guards Policy and Verifier against SetPolicy
 	mu         sync.Mutex
 	tablesOnce sync.Once
 	nonces     *expiring.Table[struct{}]
 	enrolled   map[string][]byte // instance id + EK algorithm -> SHA-256 of the EK public area (store-less CA)
 	pendingAKs *expiring.Table[pendingAK]
+}
+
+// SetPolicy puts a new evidence policy in force (SIGHUP), with the CSV
+// verifier for its roots; enrollments already under way finish under the
+// policy they started with.
+func (a *Authority) SetPolicy(p *Policy, v *csv.Verifier) {
+	a.policyMu.Lock()
+	defer a.policyMu.Unlock()
+	a.Policy, a.Verifier = p, v
+}
+
+func (a *Authority) current() (*Policy, *csv.Verifier) {
+	a.policyMu.RLock()
+	defer a.policyMu.RUnlock()
+	return a.Policy, a.Verifier
 }
 
 // ErrBusy: too many outstanding challenges (in all, or from this source).
@@ -210,7 +226,8 @@ func (a *Authority) enroll(ctx context.Context, req enroll.Request) (*x509.Certi
 		return nil, nil, r
 	}
 	want := enroll.ReportData(req.Nonce, req.EKPublicArea, req.InstanceID)
-	claims, err := a.Verifier.Verify(ctx, req.Report, want[:])
+	policy, verifier := a.current()
+	claims, err := verifier.Verify(ctx, req.Report, want[:])
 	if err != nil {
 		var ce *csv.CheckError
 		switch {
@@ -222,14 +239,14 @@ func (a *Authority) enroll(ctx context.Context, req enroll.Request) (*x509.Certi
 			return nil, nil, refuse(ReasonEvidence, err.Error())
 		}
 	}
-	if r := a.Policy.appraise(claims); r != nil {
+	if r := policy.appraise(claims); r != nil {
 		return nil, claims, r
 	}
 	ekDigest := sha256.Sum256(req.EKPublicArea)
 	// An instance has one EK per algorithm (RSA and ECC); the rule
 	// applies to each.
 	slot := fmt.Sprintf("%s/%d", req.InstanceID, ekPub.Type)
-	if err := a.recordEnrollment(ctx, slot, ekDigest[:]); err != nil {
+	if err := a.recordEnrollment(ctx, slot, ekDigest[:], policy.Reenroll); err != nil {
 		if errors.Is(err, ErrReenroll) {
 			return nil, claims, refuse(ReasonReenroll, "instance "+req.InstanceID+": "+strings.TrimPrefix(err.Error(), ErrReenroll.Error()+": "))
 		}
@@ -264,14 +281,14 @@ func (a *Authority) enroll(ctx context.Context, req enroll.Request) (*x509.Certi
 // recordEnrollment applies the re-enrollment rule in the store (one
 // transaction: a restart or another replica sees it), or in memory for a
 // CA without a store.
-func (a *Authority) recordEnrollment(ctx context.Context, slot string, ekDigest []byte) error {
+func (a *Authority) recordEnrollment(ctx context.Context, slot string, ekDigest []byte, rule string) error {
 	if r, ok := a.Store.(EnrollmentRecorder); ok {
-		return r.RecordEnrollment(ctx, slot, ekDigest, a.Policy.Reenroll)
+		return r.RecordEnrollment(ctx, slot, ekDigest, rule)
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	prev, seen := a.enrolled[slot]
-	if err := applyReenroll(prev, seen, ekDigest, a.Policy.Reenroll); err != nil {
+	if err := applyReenroll(prev, seen, ekDigest, rule); err != nil {
 		return err
 	}
 	if a.enrolled == nil {

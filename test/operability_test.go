@@ -10,11 +10,17 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
+
+	"github.com/google/go-tpm/tpm2"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -23,6 +29,7 @@ import (
 	attestpb "cvtpm/api/attest"
 	capb "cvtpm/api/ca"
 	"cvtpm/attest/csv"
+	"cvtpm/attest/ear"
 	"cvtpm/ca"
 	"cvtpm/guestkit"
 	"cvtpm/internal/tpmsock"
@@ -78,7 +85,10 @@ func TestOperability(t *testing.T) {
 	}
 	defer tpm.Close()
 	vAddr, vHTTP := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t)), fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
-	vd := testenv.StartDaemon(t, "verifier", []string{"tcp:" + vAddr, "tcp:" + vHTTP}, "verifier",
+	ref := filepath.Join(f.Dir, "reference.json")
+	writeRef := func(pcr23 string) { os.WriteFile(ref, []byte(`{"pcrs": {"sha256": {"23": "`+pcr23+`"}}}`), 0o600) }
+	writeRef(strings.Repeat("00", 32)) // PCR 23 as it starts
+	vd := testenv.StartDaemon(t, "verifier", []string{"tcp:" + vAddr, "tcp:" + vHTTP}, "verifier", "--reference", ref,
 		"--ek-root", c.RootFile(ca.PurposeEK), "--ak-root", c.RootFile(ca.PurposeAK),
 		"--crl", c.CRLURL(ca.PurposeEK), "--crl", c.CRLURL(ca.PurposeAK), "--policy", f.Policy, "--cert-dir", f.CertDir,
 		"--key", filepath.Join(f.Dir, "verifier.key"), "--listen", vAddr, "--http", vHTTP, "--log-format", "json")
@@ -91,17 +101,29 @@ func TestOperability(t *testing.T) {
 	defer vconn.Close()
 	vc := attestpb.NewVerifierClient(vconn)
 	ctx := context.Background()
-	ch, err := vc.Challenge(ctx, &attestpb.ChallengeRequest{})
-	if err != nil {
-		t.Fatal(err)
+	attestOnce := func() *ear.EAR {
+		t.Helper()
+		ch, err := vc.Challenge(ctx, &attestpb.ChallengeRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		a := &guestkit.Attester{TPM: tpm, CA: ca.Client{C: capb.NewCAClient(c.Conn(t))}}
+		ev, err := a.Gather(ctx, ch.Nonce)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := vc.Attest(ctx, &attestpb.AttestRequest{Nonce: ch.Nonce, Evidence: ev})
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := ear.ReadUnverified(resp.Ear)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res
 	}
-	a := &guestkit.Attester{TPM: tpm, CA: ca.Client{C: capb.NewCAClient(c.Conn(t))}}
-	ev, err := a.Gather(ctx, ch.Nonce)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := vc.Attest(ctx, &attestpb.AttestRequest{Nonce: ch.Nonce, Evidence: ev}); err != nil {
-		t.Fatal(err)
+	if got := attestOnce().Submods["cvtpm-vtpm"]; got.Status != "affirming" {
+		t.Fatalf("first attestation: %+v", got)
 	}
 
 	for _, tc := range []struct {
@@ -154,6 +176,36 @@ func TestOperability(t *testing.T) {
 			t.Errorf("%s logged no JSON lines:\n%s", name, log)
 		}
 	}
+	// SIGHUP: new reference values take effect; a malformed file is
+	// refused and the values in force stay.
+	hup := func(d *testenv.Daemon, want string, n int) {
+		t.Helper()
+		d.Cmd.Process.Signal(syscall.SIGHUP)
+		for i := 0; strings.Count(d.Log.String(), want) < n; i++ {
+			if i > 100 {
+				t.Fatalf("no %q after SIGHUP:\n%s", want, d.Log)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	writeRef(strings.Repeat("ff", 32))
+	hup(vd, "SIGHUP: reloaded", 1)
+	if got := attestOnce().Submods["cvtpm-vtpm"]; got.Status != "contraindicated" || !slices.Contains(got.Reasons, "pcr-23-not-reference") {
+		t.Fatalf("after the reload: %+v", got)
+	}
+	os.WriteFile(ref, []byte(`{"pcr": {}}`), 0o600)
+	hup(vd, "reload refused", 1)
+	if got := attestOnce().Submods["cvtpm-vtpm"]; !slices.Contains(got.Reasons, "pcr-23-not-reference") {
+		t.Fatalf("after a refused reload: %+v", got)
+	}
+	// The backend's ACL: the "frontend" identity loses vm1 at once, also
+	// on its open session.
+	os.WriteFile(f.ACL, []byte(`{"clients": {"guest-vm1": {"instances": ["vm1"], "capabilities": ["guest"]}}}`), 0o600)
+	hup(topo.Backend, "SIGHUP: reloaded", 1)
+	if _, err := (tpm2.GetRandom{BytesRequested: 8}).Execute(tpm); err == nil {
+		t.Fatal("the frontend identity still uses vm1 after it left the ACL")
+	}
+
 	// A bad log level is refused, naming the flag.
 	out, err := testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), "verifier", "--log-level", "loud", "--ek-root", c.RootFile(ca.PurposeEK),
 		"--ak-root", c.RootFile(ca.PurposeAK), "--no-crl", "--policy", f.Policy, "--key", filepath.Join(f.Dir, "v2.key"))

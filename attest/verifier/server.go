@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync/atomic"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/peer"
@@ -23,13 +24,29 @@ import (
 // HTTP/JSON (Handler).
 type Server struct {
 	attestpb.UnimplementedVerifierServer
+	// Verifier appraises; Replace swaps in another (a reload) while
+	// calls run.
 	Verifier *Verifier
 	Log      *slog.Logger
+
+	replaced atomic.Pointer[Verifier]
+}
+
+// Replace makes v the verifier of every call from now on (SIGHUP: new
+// policies or reference values). Give v the same Nonces as the one it
+// replaces, so challenges already handed out stay valid.
+func (s *Server) Replace(v *Verifier) { s.replaced.Store(v) }
+
+func (s *Server) current() *Verifier {
+	if v := s.replaced.Load(); v != nil {
+		return v
+	}
+	return s.Verifier
 }
 
 // Challenge implements the gRPC API.
 func (s *Server) Challenge(ctx context.Context, _ *attestpb.ChallengeRequest) (*attestpb.ChallengeResponse, error) {
-	n, exp, err := s.Verifier.Challenge(ctx)
+	n, exp, err := s.current().Challenge(ctx)
 	if errors.Is(err, ErrBusy) {
 		return nil, status.Error(codes.ResourceExhausted, err.Error())
 	}
@@ -44,7 +61,7 @@ func (s *Server) Attest(ctx context.Context, req *attestpb.AttestRequest) (*atte
 	if req.GetEvidence() == nil {
 		return nil, status.Error(codes.InvalidArgument, "no evidence")
 	}
-	res, err := s.Verifier.Verify(ctx, req.GetNonce(), req.GetEvidence())
+	res, err := s.current().Verify(ctx, req.GetNonce(), req.GetEvidence())
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}

@@ -89,6 +89,15 @@ type NonceStore interface {
 	Consume(ctx context.Context, nonce []byte, now time.Time) (ok bool, reason string)
 }
 
+// NewMemoryNonces is the in-process NonceStore New uses when Options has
+// none (made here to be shared by a verifier and its replacement).
+func NewMemoryNonces(ttl time.Duration) NonceStore {
+	if ttl == 0 {
+		ttl = 5 * time.Minute
+	}
+	return &memoryNonces{ttl: ttl, now: time.Now}
+}
+
 // memoryNonces is the in-process NonceStore: an expiry queue (no sweep),
 // at most 500,000 outstanding and 50,000 per client address, beyond which
 // Issue fails with ErrBusy.

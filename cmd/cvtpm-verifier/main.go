@@ -124,18 +124,53 @@ Options:
 	if err != nil {
 		return fmt.Errorf("--ak-root: %w", err)
 	}
-	policy, err := csv.LoadAppraisalPolicy(*policyFile)
-	if err != nil {
+	// The files a SIGHUP reads again: policies, Rego, reference values.
+	loadFiles := func(o *verifier.Options) error {
+		var err error
+		if o.CSV, err = csv.LoadAppraisalPolicy(*policyFile); err != nil {
+			return err
+		}
+		o.Workload = nil
+		if *workloadFile != "" {
+			if o.Workload, err = csv.LoadAppraisalPolicy(*workloadFile); err != nil {
+				return fmt.Errorf("--workload-policy: %w", err)
+			}
+		}
+		o.Policy, o.Reference = "", nil
+		if *regoFile != "" {
+			b, err := os.ReadFile(*regoFile)
+			if err != nil {
+				return fmt.Errorf("--rego: %w", err)
+			}
+			o.Policy = string(b)
+		}
+		if *refFile != "" {
+			b, err := os.ReadFile(*refFile)
+			if err != nil {
+				return fmt.Errorf("--reference: %w", err)
+			}
+			if *regoFile == "" {
+				// The built-in policy's reference values are checked
+				// strictly: a misspelt key or a malformed value would
+				// otherwise skip the check it was meant for.
+				o.Reference, err = verifier.ParseReference(b)
+			} else {
+				err = json.Unmarshal(b, &o.Reference)
+			}
+			if err != nil {
+				return fmt.Errorf("--reference %s: %w", *refFile, err)
+			}
+		}
+		return nil
+	}
+	opts := verifier.Options{EKRoots: ekRoots, AKRoots: akRoots, RequireWorkload: *requireWorkload, Nonces: verifier.NewMemoryNonces(0)}
+	if err := loadFiles(&opts); err != nil {
 		return err
 	}
-	opts := verifier.Options{EKRoots: ekRoots, AKRoots: akRoots, CSV: policy, RequireWorkload: *requireWorkload}
-	if *workloadFile != "" {
-		if opts.Workload, err = csv.LoadAppraisalPolicy(*workloadFile); err != nil {
-			return fmt.Errorf("--workload-policy: %w", err)
-		}
-	} else if *requireWorkload {
+	if *requireWorkload && *workloadFile == "" {
 		return errors.New("--require-workload needs --workload-policy (what the workload VM's report must show)")
 	}
+	policy := opts.CSV
 	// The chip serial in a report is not authenticated by the firmware:
 	// with the HSK/CEK sent along, a forged serial (MAC recomputed)
 	// would pass chip lists and the "report from another backend" check.
@@ -161,30 +196,6 @@ Options:
 	default:
 		return errors.New("--crl URL is required, once per issuer (the CA's /crl and /crl/ak); --no-crl runs without revocation checks on purpose")
 	}
-	if *regoFile != "" {
-		b, err := os.ReadFile(*regoFile)
-		if err != nil {
-			return fmt.Errorf("--rego: %w", err)
-		}
-		opts.Policy = string(b)
-	}
-	if *refFile != "" {
-		b, err := os.ReadFile(*refFile)
-		if err != nil {
-			return fmt.Errorf("--reference: %w", err)
-		}
-		if *regoFile == "" {
-			// The built-in policy's reference values are checked
-			// strictly: a misspelt key or a malformed value would
-			// otherwise skip the check it was meant for.
-			opts.Reference, err = verifier.ParseReference(b)
-		} else {
-			err = json.Unmarshal(b, &opts.Reference)
-		}
-		if err != nil {
-			return fmt.Errorf("--reference %s: %w", *refFile, err)
-		}
-	}
 	if opts.Signer, err = loadOrCreateP256(*keyFile); err != nil {
 		return fmt.Errorf("--key: %w", err)
 	}
@@ -193,6 +204,18 @@ Options:
 		return err
 	}
 	srv := &verifier.Server{Verifier: v, Log: log}
+	obs.OnHangup(ctx, log, "--policy, --workload-policy, --rego, --reference", func() error {
+		next := opts
+		if err := loadFiles(&next); err != nil {
+			return err
+		}
+		nv, err := verifier.New(ctx, next)
+		if err != nil {
+			return err
+		}
+		srv.Replace(nv)
+		return nil
+	})
 	// Evidence carries an event log (real firmware's can be some
 	// hundred KiB), certificates and a report: 4 MiB is ample.
 	gs := grpc.NewServer(serve.GRPCOptions(4 << 20)...)

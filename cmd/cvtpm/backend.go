@@ -139,7 +139,7 @@ Options:
 	if err != nil {
 		return err
 	}
-	acl, err := backend.LoadACL(*aclFile)
+	acl, err := backend.OpenACLFile(*aclFile)
 	if err != nil {
 		return fmt.Errorf("--acl: %w", err)
 	}
@@ -281,6 +281,7 @@ Options:
 	errc := make(chan error, 2)
 	go func() { errc <- gs.Serve(aln) }()
 	go func() { errc <- link.Serve(ctx, ln) }()
+	obs.OnHangup(ctx, log, "--acl "+*aclFile, acl.Reload)
 	metricsBound := ""
 	if *metricsAddr != "" {
 		if metricsBound, err = obs.Serve(ctx, *metricsAddr, func(context.Context) error { return sup.Ready() }, log); err != nil {

@@ -214,6 +214,17 @@ Options:
 		hs = serve.HTTPServer(mux, 64<<10)
 		go func() { errc <- hs.Serve(serve.Listen(hl, "CA HTTP", log)) }()
 	}
+	obs.OnHangup(ctx, log, "--policy "+*policyFile, func() error {
+		p, err := ca.LoadPolicy(*policyFile)
+		if err != nil {
+			return err
+		}
+		if *hskCEK != "" && (len(p.AllowChips) > 0 || len(p.DenyChips) > 0) {
+			return fmt.Errorf("--hsk-cek: %w", csv.ErrEvidenceCertsWithChipLists)
+		}
+		authority.SetPolicy(p, csv.NewVerifier(csv.VerifierOptions{TrustedRoots: p.TrustedRoots(), Certs: certs}))
+		return nil
+	})
 	log.Info("EK CA serving", "grpc", ln.Addr().String(), "tls", "service-ca.pem", "http", httpBound, "admin", sock,
 		"fingerprint", roots.serviceFingerprint())
 	fmt.Fprintf(os.Stderr, "CA fingerprint (clients pin it with --ca-fingerprint): %s\n", roots.serviceFingerprint())

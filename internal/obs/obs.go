@@ -15,7 +15,10 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
+	"os/signal"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -106,4 +109,27 @@ func RegisterHealth(g *grpc.Server, services ...string) *health.Server {
 	}
 	healthpb.RegisterHealthServer(g, h)
 	return h
+}
+
+// OnHangup calls reload whenever the process receives SIGHUP, until ctx
+// ends: configuration files are read again; one that does not load is
+// refused (logged) and what is in force stays.
+func OnHangup(ctx context.Context, log *slog.Logger, what string, reload func() error) {
+	c := make(chan os.Signal, 1)
+	signal.Notify(c, syscall.SIGHUP)
+	go func() {
+		defer signal.Stop(c)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-c:
+				if err := reload(); err != nil {
+					log.Error("SIGHUP: reload refused; the configuration in force stays", "what", what, "err", err)
+				} else {
+					log.Info("SIGHUP: reloaded", "what", what)
+				}
+			}
+		}
+	}()
 }

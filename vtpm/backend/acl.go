@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"sync/atomic"
 
 	"cvtpm/attest/csv"
 	"cvtpm/vtpm/tpmrpc"
@@ -94,4 +95,34 @@ func (a *ACL) Authorize(_ context.Context, client *x509.Certificate, instance st
 		return e.caps, nil
 	}
 	return 0, fmt.Errorf("client %q is not allowed instance %q", client.Subject.CommonName, instance)
+}
+
+// ACLFile is an access list read from a file that can be read again
+// (SIGHUP): a file that does not load is refused and the list in force
+// stays. Authorisation is asked on every call, so a reload takes effect
+// at once, also for sessions already open.
+type ACLFile struct {
+	Path string
+	cur  atomic.Pointer[ACL]
+}
+
+// OpenACLFile loads path.
+func OpenACLFile(path string) (*ACLFile, error) {
+	f := &ACLFile{Path: path}
+	return f, f.Reload()
+}
+
+// Reload reads the file again; on error the current list is kept.
+func (f *ACLFile) Reload() error {
+	a, err := LoadACL(f.Path)
+	if err != nil {
+		return err
+	}
+	f.cur.Store(a)
+	return nil
+}
+
+// Authorize implements the Access's ACL with the list in force.
+func (f *ACLFile) Authorize(ctx context.Context, client *x509.Certificate, instance string) (tpmrpc.Capabilities, error) {
+	return f.cur.Load().Authorize(ctx, client, instance)
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -81,7 +82,11 @@ type Bindings interface {
 // instances the workload's own evidence and the host policy. It is the
 // backend's attestedlink.Authorizer.
 type Access struct {
-	ACL      *ACL
+	// ACL decides what each client may do (an *ACL, or an *ACLFile that
+	// SIGHUP reloads).
+	ACL interface {
+		Authorize(ctx context.Context, client *x509.Certificate, instance string) (tpmrpc.Capabilities, error)
+	}
 	Bindings Bindings
 	// Revocation, if set, refuses revoked client certificates (checked on
 	// every call against the cached CRL).
