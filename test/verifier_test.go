@@ -678,3 +678,63 @@ func TestWorkloadLeg(t *testing.T) {
 		t.Fatalf("no workload report, not required: %+v", res.Submods)
 	}
 }
+
+// `cvtpm verifier reference` turns a known-good boot's event log into
+// reference values: they equal the PCRs the verified quote shows, and the
+// verifier affirms with them; a log of another boot gives values it
+// refuses.
+func TestReferenceFromEventLog(t *testing.T) {
+	e := startAttestEnv(t, "vm1")
+	dir := t.TempDir()
+	logFile, refFile := filepath.Join(dir, "events.log"), filepath.Join(dir, "ref.json")
+	os.WriteFile(logFile, e.logs["vm1"].bytes(), 0o600)
+	testenv.Run(t, nil, testenv.Binary(t, testenv.Cvtpm), "verifier", "reference", "--event-log", logFile, "--pcrs", "16", "--out", refFile)
+	b, _ := os.ReadFile(refFile)
+	ref, err := verifier.ParseReference(b)
+	if err != nil {
+		t.Fatalf("the derived reference does not parse: %v\n%s", err, b)
+	}
+	v, _ := e.verifierWith(t, nil, ref)
+	ctx := context.Background()
+	n, _, _ := v.Challenge(ctx)
+	res, err := v.Verify(ctx, n, e.gather(t, "vm1", n))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := res.Submods["cvtpm-vtpm"]; s.Status != verifier.StatusAffirming {
+		t.Fatalf("with the reference from the log: %+v\n%s", s, b)
+	}
+	if want := res.Facts.TPM.PCRs["16"]; !strings.Contains(string(b), want) {
+		t.Fatalf("reference %s lacks the quoted PCR 16 %s", b, want)
+	}
+	// Another boot: one more component measured into PCR 16.
+	scratch := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{})
+	stpm, err := tpmsock.Dial(ctx, "unix", scratch.DataPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stpm.Close()
+	other := guestkit.NewEventLog()
+	for _, c := range []string{"cvtpm test loader vm1", "cvtpm test kernel", "an extra driver"} {
+		if err := other.Measure(stpm, 16, guestkit.EventIPL, []byte(c)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	os.WriteFile(logFile, other.Bytes(), 0o600)
+	testenv.Run(t, nil, testenv.Binary(t, testenv.Cvtpm), "verifier", "reference", "--event-log", logFile, "--pcrs", "16", "--out", refFile)
+	b, _ = os.ReadFile(refFile)
+	ref, _ = verifier.ParseReference(b)
+	v, _ = e.verifierWith(t, nil, ref)
+	n, _, _ = v.Challenge(ctx)
+	if res, err = v.Verify(ctx, n, e.gather(t, "vm1", n)); err != nil {
+		t.Fatal(err)
+	}
+	if s := res.Submods["cvtpm-vtpm"]; s.Status != verifier.StatusContraindicated || !slices.Contains(s.Reasons, "pcr-16-not-reference") {
+		t.Fatalf("with another boot's reference: %+v", s)
+	}
+	// Bad input is refused by name.
+	os.WriteFile(logFile, []byte("not an event log"), 0o600)
+	if out, err := testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), "verifier", "reference", "--event-log", logFile); err == nil || !strings.Contains(out, "event log") {
+		t.Fatalf("garbage log: %v %s", err, out)
+	}
+}

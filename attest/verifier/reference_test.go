@@ -1,8 +1,11 @@
 package verifier
 
 import (
+	"bytes"
 	"strings"
 	"testing"
+
+	"cvtpm/guestkit"
 )
 
 func TestParseReference(t *testing.T) {
@@ -24,4 +27,17 @@ func TestParseReference(t *testing.T) {
 			t.Errorf("%s: %v, want %q", tc.in, err, tc.want)
 		}
 	}
+}
+
+func FuzzReferenceFromEventLog(f *testing.F) {
+	f.Add([]byte{})
+	f.Add(guestkit.NewEventLog().Bytes()) // the crypto-agile header alone
+	f.Fuzz(func(t *testing.T, log []byte) {
+		out, err := ReferenceFromEventLog(log, nil)
+		if err == nil {
+			if _, err := ParseReference(out); err != nil && len(out) > 0 && !bytes.Contains(out, []byte(`"sha256": {}`)) {
+				t.Fatalf("a derived reference does not parse: %v\n%s", err, out)
+			}
+		}
+	})
 }

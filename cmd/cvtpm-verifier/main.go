@@ -20,6 +20,8 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strconv"
+	"strings"
 	"os/signal"
 	"syscall"
 
@@ -53,9 +55,13 @@ func run(ctx context.Context, args []string) error {
 		fmt.Println(version.String("cvtpm-verifier"))
 		return nil
 	}
+	if len(args) > 0 && args[0] == "reference" {
+		return runReference(args[1:])
+	}
 	fs := flag.NewFlagSet("cvtpm verifier", flag.ContinueOnError)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), `Usage: cvtpm verifier --ek-root FILE --ak-root FILE --crl URL --crl URL --policy FILE --key FILE [options]
+       cvtpm verifier reference --event-log FILE [--pcrs 0,1,...] [--out ref.json]
 
 Appraises evidence from 'cvtpm guest attest' in one verdict of up to three
 legs: the vTPM's quote (cvtpm-vtpm), the CSV report of the backend hosting
@@ -317,4 +323,61 @@ func loadOrCreateP256(path string) (*ecdsa.PrivateKey, error) {
 		return nil, fmt.Errorf("%s: want an ECDSA P-256 key", path)
 	}
 	return ek, nil
+}
+
+// runReference turns a known-good boot's event log into a reference file
+// for --reference.
+func runReference(args []string) error {
+	fs := flag.NewFlagSet("cvtpm verifier reference", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `Usage: cvtpm verifier reference --event-log FILE [--pcrs 0,1,...] [--out ref.json]
+
+Replays a known-good boot's TCG event log (in the guest:
+/sys/kernel/security/tpm0/binary_bios_measurements, or the log 'cvtpm guest
+measure' writes) into SHA-256 PCR values and writes them as reference values
+for 'cvtpm verifier --reference': a later boot that measures anything else
+is refused as pcr-N-not-reference.
+
+Options:
+`)
+		fs.PrintDefaults()
+	}
+	logFile := fs.String("event-log", "", "the event log of a known-good boot (required)")
+	pcrList := fs.String("pcrs", "", "comma-separated PCRs to pin (default: every PCR the log extends)")
+	out := fs.String("out", "", "write the reference file here (default: standard output)")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return errUsage
+	}
+	if *logFile == "" {
+		fmt.Fprintln(fs.Output(), "--event-log is required (see --help)")
+		return errUsage
+	}
+	log, err := os.ReadFile(*logFile)
+	if err != nil {
+		return fmt.Errorf("--event-log: %w", err)
+	}
+	var pcrs []int
+	for _, f := range strings.Split(*pcrList, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		n, err := strconv.Atoi(f)
+		if err != nil || n < 0 || n > 23 {
+			return fmt.Errorf("--pcrs %q: want PCR numbers 0-23, comma-separated", *pcrList)
+		}
+		pcrs = append(pcrs, n)
+	}
+	ref, err := verifier.ReferenceFromEventLog(log, pcrs)
+	if err != nil {
+		return fmt.Errorf("--event-log %s: %w", *logFile, err)
+	}
+	ref = append(ref, '\n')
+	if *out == "" {
+		_, err = os.Stdout.Write(ref)
+		return err
+	}
+	return os.WriteFile(*out, ref, 0o644)
 }
