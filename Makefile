@@ -19,6 +19,7 @@ build:
 	@mkdir -p bin
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/cvtpm
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/cvtpm-verifier ./cmd/cvtpm-verifier
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/cvtpm-worker ./cmd/cvtpm-worker
 
 # The full suite: unit tests, cross-component tests against the real peers
 # (tpm2-tools, swtpm-tools, QEMU), then a short run of every fuzz target.

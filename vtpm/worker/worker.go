@@ -1,0 +1,106 @@
+// Package worker is one vTPM instance of a backend, in a process of its
+// own: a libtpms TPM on sealed state, answering vtpm/tpmrpc calls from
+// the supervisor on an inherited socket. It links only the engine, the
+// state store, sealed migration and the call protocol, so that the small
+// cvtpm-worker binary (cmd/cvtpm-worker) that runs it holds little memory
+// when idle: hundreds of them run on one backend.
+package worker
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"runtime"
+	"runtime/debug"
+
+	"cvtpm/vtpm/engine"
+	"cvtpm/vtpm/migration"
+	"cvtpm/vtpm/statestore"
+	"cvtpm/vtpm/tpmrpc"
+)
+
+// ErrUsage: the flags were wrong (flag printed why).
+var ErrUsage = errors.New("usage")
+
+// Run is the worker: args are its command-line flags (see Usage).
+func Run(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("cvtpm-worker", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `Usage: cvtpm-worker --state DIR --instance ID --conn-fd N --key-fd M [--migration-key-fd K]
+                    [--cipher aes-256-gcm|sm4-gcm] [--new] [--import-swtpm]
+
+Runs one libtpms TPM whose sealed state lives in DIR and answers vtpm/tpmrpc
+calls on the inherited socket N. The hex state key is read from the
+inherited descriptor M and never appears on a command line; so is the
+backend's migration key (descriptor K), without which state never leaves
+the worker. State leaves and enters only sealed for this instance
+(vtpm/migration). 'cvtpm backend' starts one worker per instance; there is
+no reason to run it by hand.
+
+Options:
+`)
+		fs.PrintDefaults()
+	}
+	dir := fs.String("state", "", "the instance's state directory")
+	connFD := fs.Int("conn-fd", -1, "inherited socket for tpmrpc calls")
+	keyFD := fs.Int("key-fd", -1, "inherited descriptor with the hex state key")
+	cipher := fs.String("cipher", "aes-256-gcm", "state AEAD: aes-256-gcm or sm4-gcm")
+	instance := fs.String("instance", "", "the instance's id (bound into migrated state)")
+	migrationFD := fs.Int("migration-key-fd", -1, "inherited descriptor with the hex migration key")
+	isNew := fs.Bool("new", false, "the instance is being created: an empty state directory is expected")
+	minGen := fs.Uint64("min-generation", 0, "a new instance starts its state generation here (above an anchor its id had before)")
+	importSwtpm := fs.Bool("import-swtpm", false, "import swtpm's unencrypted tpm2-00.* files from the state directory (administrator's import)")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return ErrUsage
+	}
+	if *dir == "" || *connFD < 0 || *keyFD < 0 || *instance == "" {
+		return errors.New("--state, --instance, --conn-fd and --key-fd are required (see --help)")
+	}
+	// An idle instance should cost little: one P, and a small heap target.
+	runtime.GOMAXPROCS(1)
+	debug.SetGCPercent(50)
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})).With("instance", *instance)
+
+	key, err := statestore.KeyFromFD(*keyFD, "hex", *cipher)
+	if err != nil {
+		return fmt.Errorf("state key: %w", err)
+	}
+	var migrationKey *statestore.Key
+	if *migrationFD >= 0 {
+		if migrationKey, err = statestore.KeyFromFD(*migrationFD, "hex", *cipher); err != nil {
+			return fmt.Errorf("migration key: %w", err)
+		}
+	}
+	// An existing instance's state must be there: an emptied directory is
+	// the host's doing, not a new TPM.
+	store, err := statestore.Open(*dir, statestore.Options{Key: key, Lock: true, Logger: log,
+		MustExist: !*isNew && !*importSwtpm, ImportSwtpm: *importSwtpm})
+	if err != nil {
+		return fmt.Errorf("state: %w", err)
+	}
+	defer store.Close()
+	if err := store.RaiseGeneration(*minGen); err != nil {
+		return fmt.Errorf("state: %w", err)
+	}
+	eng, err := engine.New(store, log)
+	if err != nil {
+		return err
+	}
+	defer eng.Close()
+	tpm := &migration.TPM{TPM: eng, Key: migrationKey, Instance: *instance, Store: store, Logger: log}
+	// A blocking descriptor read directly: the supervisor is the only
+	// peer, and a plain read wakes faster than the netpoller. The
+	// supervisor closing its end (EOF) is the normal way to stop.
+	conn := os.NewFile(uintptr(*connFD), "tpmrpc")
+	if conn == nil {
+		return fmt.Errorf("--conn-fd %d: not a descriptor", *connFD)
+	}
+	defer conn.Close()
+	return tpmrpc.ServeConn(ctx, conn, tpm)
+}
