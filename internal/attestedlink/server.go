@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"cvtpm/attest/csv"
+	"cvtpm/internal/logfield"
 	"cvtpm/internal/netaddr"
 	"cvtpm/vtpm/tpmrpc"
 )
@@ -80,6 +81,7 @@ type Server struct {
 	// handshake timeout also cuts) cannot take what the others need.
 	MaxConns, MaxPerClient int
 
+	errorLog              logfield.Limiter // session error lines per source address
 	limitsOnce            sync.Once
 	connLimits, perClient *netaddr.Limits
 }
@@ -145,7 +147,10 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		go func() {
 			defer wg.Done()
 			if err := s.ServeConn(ctx, conn); err != nil {
-				s.log().Warn("attested link session ended with an error", "remote", conn.RemoteAddr().String(), "err", err)
+				if ok, held := s.errorLog.Allow(netaddr.Source(conn)); ok {
+					s.log().Warn("attested link session ended with an error", "remote", conn.RemoteAddr().String(), "err", err,
+						"similar_lines_suppressed", held)
+				}
 			}
 		}()
 	}

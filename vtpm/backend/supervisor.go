@@ -25,6 +25,7 @@ import (
 
 	"cvtpm/attest/csv"
 	"cvtpm/attest/freshreport"
+	"cvtpm/internal/logfield"
 	"cvtpm/vtpm/statestore"
 	"cvtpm/vtpm/tpmrpc"
 )
@@ -132,8 +133,9 @@ const (
 
 // Supervisor owns the instances and their workers.
 type Supervisor struct {
-	cfg Config
-	log *slog.Logger
+	refusalLog logfield.Limiter // "call refused" lines per instance
+	cfg        Config
+	log        *slog.Logger
 
 	mu        sync.Mutex
 	instances map[string]*instance
@@ -993,7 +995,11 @@ func (s *Supervisor) Call(ctx context.Context, id string, caps tpmrpc.Capabiliti
 	}
 	if err := caps.Allow(checked); err != nil {
 		refusedCalls.WithLabelValues(r.Op.String()).Inc()
-		s.log.Warn("call refused", "instance", id, "op", r.Op.String(), "reason", err)
+		// Counted always, logged within a rate: a caller repeating a
+		// refused call must not fill the log.
+		if ok, held := s.refusalLog.Allow(id); ok {
+			s.log.Warn("call refused", "instance", id, "op", r.Op.String(), "reason", err, "similar_lines_suppressed", held)
+		}
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q: refused: %v", id, err)}), nil
 	}
 	if inst.deleted {
