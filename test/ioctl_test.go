@@ -82,3 +82,37 @@ func TestStateBlobMigration(t *testing.T) {
 		}
 	}
 }
+
+// Migration on shared storage, as libvirt runs swtpm for it: the source
+// with --migration release-lock-outgoing, the destination on the same
+// state directory with --migration incoming. The destination starts while
+// the source holds the directory; it takes the lock only when the state
+// arrives, which works once the source has handed over its last blob and
+// not before.
+func TestSharedStorageMigration(t *testing.T) {
+	dir := t.TempDir()
+	src := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{StateDir: dir, ExtraArgs: []string{"--migration", "release-lock-outgoing"}})
+	tt := tools{tb: t, tcti: src.TCTI(), dir: t.TempDir()}
+	tt.run("tpm2_nvdefine", "0x1500040", "-C", "o", "-s", "6", "-a", "ownerread|ownerwrite")
+	os.WriteFile(tt.path("v"), []byte("shared"), 0o600)
+	tt.run("tpm2_nvwrite", "0x1500040", "-C", "o", "-i", tt.path("v"))
+
+	dst := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{StateDir: dir, NoFlags: true, ExtraArgs: []string{"--migration", "incoming"}})
+	// While the source holds the directory, the destination cannot take
+	// the state (it retries for 3 s, then fails).
+	ioctl(t, src, "--save", "volatile", tt.path("volatile"))
+	if out, err := testenv.RunErr(nil, "swtpm_ioctl", "--unix", dst.CtrlPath, "--load", "volatile", tt.path("volatile")); err == nil {
+		t.Fatalf("the destination took the state while the source held the directory: %s", out)
+	}
+	// The source hands over its last blob and releases the lock.
+	ioctl(t, src, "--save", "savestate", tt.path("savestate"))
+	ioctl(t, src, "--stop")
+	if out, err := testenv.RunErr(nil, "swtpm_ioctl", "--unix", dst.CtrlPath, "--load", "volatile", tt.path("volatile")); err != nil {
+		t.Fatalf("the destination could not take the state after the source released it: %v %s\nsource log:\n%s\ndestination log:\n%s", err, out, src.Log, dst.Log)
+	}
+	ioctl(t, dst, "-i")
+	got := testenv.Run(t, []string{"TPM2TOOLS_TCTI=" + dst.TCTI()}, "tpm2_nvread", "0x1500040", "-C", "o")
+	if got != "shared" {
+		t.Fatalf("the destination reads %q", got)
+	}
+}

@@ -67,6 +67,11 @@ type socketConfig struct {
 	mssimBind         string
 	stateDir          string
 	stateLock         bool
+	// --migration (swtpm 0.8, for migration on shared storage):
+	// incoming defers the directory lock until the state arrives (the
+	// source still holds it); release-lock-outgoing drops it once the
+	// last state blob (savestate) has been read.
+	migrationIncoming, releaseLockOutgoing bool
 	notNeedInit       bool
 	startup           string // "", "clear", "state", "deactivated", "none"
 	pidFile           string
@@ -249,7 +254,7 @@ func parseSocketArgs(args []string, getenv func(string) string) (*socketConfig, 
 	c := &socketConfig{mssimPort: -1, pidFD: -1, logFD: -1, logLevel: -1}
 	withValue := map[string]bool{
 		"server": true, "ctrl": true, "tpmstate": true, "flags": true, "pid": true, "log": true,
-		"key": true, "migration-key": true, "locality": true, "seccomp": true, "mssim": true,
+		"key": true, "migration-key": true, "migration": true, "locality": true, "seccomp": true, "mssim": true,
 		"runas": true, "chroot": true, "port": true, "fd": true,
 	}
 	short := map[string]string{"h": "help", "d": "daemon", "p": "port", "f": "fd", "r": "runas", "t": "terminate", "v": "version"}
@@ -367,6 +372,13 @@ func parseSocketArgs(args []string, getenv func(string) string) (*socketConfig, 
 			c.key, err = parseKeySpec(opt, val)
 		case "migration-key":
 			c.migrationKey, err = parseKeySpec(opt, val)
+		case "migration":
+			var m map[string]string
+			if m, err = optParams(opt, val, "incoming", "release-lock-outgoing"); err != nil {
+				break
+			}
+			_, c.migrationIncoming = m["incoming"]
+			_, c.releaseLockOutgoing = m["release-lock-outgoing"]
 		case "locality":
 			var m map[string]string
 			if m, err = optParams(opt, val, "reject-locality-4", "allow-set-locality"); err != nil {
@@ -464,6 +476,11 @@ A TPM 2.0 (libtpms) served over swtpm's control and data channels.
 --key pwdfile=F|pwdfd=N[,mode=...][,kdf=sha512|pbkdf2]
                        key sealing the state at rest
 --migration-key ...    same forms; seals state blobs sent by GET_STATEBLOB
+--migration [incoming][,release-lock-outgoing]
+                       migration on shared storage: incoming takes the state
+                       directory's lock only when the state arrives (or at
+                       INIT); release-lock-outgoing releases it once the
+                       savestate blob has been read
 --pid file=F|fd=N      write the process ID
 --log file=F|fd=N[,level=n][,prefix=S][,truncate]
 --locality reject-locality-4
@@ -502,7 +519,7 @@ func runSocket(ctx context.Context, args []string) error {
 // the features cvtpm really has.
 func printCapabilities(w io.Writer) error {
 	features := []string{"tpm-2.0", "tpm-send-command-header", "flags-opt-startup",
-		"cmdarg-seccomp", "cmdarg-print-states", "nvram-backend-dir"}
+		"cmdarg-seccomp", "cmdarg-print-states", "cmdarg-migration", "nvram-backend-dir"}
 	if sealedStateSupported {
 		features = append(features, "cmdarg-key-fd", "cmdarg-pwd-fd")
 	}
@@ -714,18 +731,23 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 	}
 	defer tpm.Close()
 
+	var served swtpmproto.TPM = tpm
+	if cfg.migrationIncoming || cfg.releaseLockOutgoing {
+		served = &migrationLocking{TPM: tpm, store: store, incoming: cfg.migrationIncoming && cfg.stateLock,
+			releaseOutgoing: cfg.releaseLockOutgoing, log: log}
+	}
 	opts := swtpmproto.Options{
 		Logger:                log,
 		FileKey:               cfg.key != nil,
 		MigrationKey:          sealer != nil,
 		RejectLocality4:       cfg.rejectLocality4,
 		TerminateOnDisconnect: cfg.terminate,
-		LockStorage:           storageLocker(store, cfg.stateLock),
+		LockStorage:           storageLocker(store, cfg.stateLock && !cfg.migrationIncoming),
 	}
 	if sealer != nil {
 		opts.Migration = sealer
 	}
-	srv := swtpmproto.New(tpm, opts)
+	srv := swtpmproto.New(served, opts)
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -868,6 +890,64 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 	srv.Wait()
 	tpm.Stop()
 	return runErr
+}
+
+// migrationLocking is the TPM as --migration has it lock its storage: an
+// incoming instance takes the directory lock when its state arrives or it
+// is initialised (retrying while the source releases it), an outgoing one
+// releases it once the savestate blob, the last QEMU reads, has been read.
+type migrationLocking struct {
+	swtpmproto.TPM
+	store           stateStore
+	incoming        bool
+	releaseOutgoing bool
+	log             *slog.Logger
+	mu              sync.Mutex
+	locked          bool
+}
+
+func (m *migrationLocking) lock() uint32 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !m.incoming || m.locked {
+		return 0
+	}
+	if err := storageLocker(m.store, false)(300); err != nil { // 3 s, as swtpm's default retries
+		m.log.Error("incoming migration: the state directory stays locked by another process", "err", err)
+		return 0x101 // TPM_RC_FAILURE
+	}
+	m.locked = true
+	return 0
+}
+
+func (m *migrationLocking) Init(flags uint32) uint32 {
+	if rc := m.lock(); rc != 0 {
+		return rc
+	}
+	return m.TPM.Init(flags)
+}
+
+func (m *migrationLocking) SetState(blobType uint32, blob []byte) uint32 {
+	if rc := m.lock(); rc != 0 {
+		return rc
+	}
+	return m.TPM.SetState(blobType, blob)
+}
+
+func (m *migrationLocking) GetState(blobType uint32) ([]byte, uint32) {
+	b, rc := m.TPM.GetState(blobType)
+	// Asked for, not necessarily there: the savestate blob exists only
+	// after TPM2_Shutdown(STATE), but QEMU asks for it last either way.
+	if blobType == 3 && m.releaseOutgoing { // PTM_BLOB_TYPE_SAVESTATE
+		if u, ok := m.store.(interface{ Unlock() error }); ok {
+			if err := u.Unlock(); err != nil {
+				m.log.Error("outgoing migration: releasing the state directory lock", "err", err)
+			} else {
+				m.log.Info("outgoing migration: state directory lock released")
+			}
+		}
+	}
+	return b, rc
 }
 
 // closerOf returns whichever of ln and c listen returned.

@@ -40,7 +40,7 @@ func openState(cfg *socketConfig, log *slog.Logger) (stateStore, swtpmproto.Blob
 	}
 	store, err := statestore.Open(cfg.stateDir, statestore.Options{
 		Key:  key,
-		Lock: cfg.stateLock,
+		Lock: cfg.stateLock && !cfg.migrationIncoming,
 		// As swtpm: a directory swtpm_setup prepared is used as it is.
 		// `cvtpm socket` runs on the operator's own machine; the backend's
 		// workers never import implicitly.
