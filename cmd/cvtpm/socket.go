@@ -61,33 +61,33 @@ type keySpec struct {
 }
 
 type socketConfig struct {
-	tpm2              bool
-	server, ctrl      *endpoint
-	mssimPort         int // -1 unset
-	mssimBind         string
-	stateDir          string
-	stateLock         bool
+	tpm2         bool
+	server, ctrl *endpoint
+	mssimPort    int // -1 unset
+	mssimBind    string
+	stateDir     string
+	stateLock    bool
 	// --migration (swtpm 0.8, for migration on shared storage):
 	// incoming defers the directory lock until the state arrives (the
 	// source still holds it); release-lock-outgoing drops it once the
 	// last state blob (savestate) has been read.
 	migrationIncoming, releaseLockOutgoing bool
-	notNeedInit       bool
-	startup           string // "", "clear", "state", "deactivated", "none"
-	pidFile           string
-	pidFD             int
-	logFile           string
-	logFD             int
-	logLevel          int
-	logPrefix         string
-	logTruncate       bool
-	key, migrationKey *keySpec
-	rejectLocality4   bool
-	printCaps         bool
-	printStates       bool
-	daemon            bool
-	terminate         bool
-	help, version     bool
+	notNeedInit                            bool
+	startup                                string // "", "clear", "state", "deactivated", "none"
+	pidFile                                string
+	pidFD                                  int
+	logFile                                string
+	logFD                                  int
+	logLevel                               int
+	logPrefix                              string
+	logTruncate                            bool
+	key, migrationKey                      *keySpec
+	rejectLocality4                        bool
+	printCaps                              bool
+	printStates                            bool
+	daemon                                 bool
+	terminate                              bool
+	help, version                          bool
 }
 
 // optParams splits swtpm's "k=v,k2,k3=v3" option value, checking keys
