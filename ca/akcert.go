@@ -127,8 +127,7 @@ func (a *Authority) AKCertify(ctx context.Context, id string, secret []byte) (*x
 	default:
 		entry.Reason, entry.Detail = ReasonInternalFailed, err.Error()
 	}
-	countDecision("ak", entry)
-	if aerr := a.Audit.Record(ctx, entry); aerr != nil {
+	if aerr := a.audit(ctx, "ak", entry); aerr != nil {
 		return nil, fmt.Errorf("recording the decision: %w", aerr)
 	}
 	return cert, err

@@ -54,12 +54,13 @@ type Authority struct {
 	// with ErrBusy and nothing grows.
 	MaxOutstanding, MaxPerSource int
 
-	policyMu   sync.RWMutex // guards Policy and Verifier against SetPolicy
-	mu         sync.Mutex
-	tablesOnce sync.Once
-	nonces     *expiring.Table[struct{}]
-	enrolled   map[string][]byte // instance id + EK algorithm -> SHA-256 of the EK public area (store-less CA)
-	pendingAKs *expiring.Table[pendingAK]
+	policyMu     sync.RWMutex     // guards Policy and Verifier against SetPolicy
+	requestAudit logfield.Limiter // pre-appraisal refusals per source
+	mu           sync.Mutex
+	tablesOnce   sync.Once
+	nonces       *expiring.Table[struct{}]
+	enrolled     map[string][]byte // instance id + EK algorithm -> SHA-256 of the EK public area (store-less CA)
+	pendingAKs   *expiring.Table[pendingAK]
 }
 
 // SetPolicy puts a new evidence policy in force (SIGHUP), with the CSV
@@ -191,8 +192,7 @@ func (a *Authority) Enroll(ctx context.Context, req enroll.Request) (*x509.Certi
 	default:
 		entry.Decision, entry.Reason, entry.Detail = "refused", ReasonInternalFailed, err.Error()
 	}
-	countDecision("enroll", entry)
-	if aerr := a.Audit.Record(ctx, entry); aerr != nil {
+	if aerr := a.audit(ctx, "enroll", entry); aerr != nil {
 		// An unaudited issuance must not leave the CA.
 		return nil, fmt.Errorf("recording the decision: %w", aerr)
 	}

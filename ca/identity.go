@@ -39,8 +39,7 @@ func (a *Authority) IssueIdentity(ctx context.Context, csr *x509.CertificateRequ
 			}
 		}
 	}
-	countDecision("identity", entry)
-	if aerr := a.Audit.Record(ctx, entry); aerr != nil {
+	if aerr := a.audit(ctx, "identity", entry); aerr != nil {
 		return nil, fmt.Errorf("recording the decision: %w", aerr)
 	}
 	return cert, err

@@ -10,6 +10,7 @@ import (
 	"sync"
 
 	"cvtpm/internal/attestedlink"
+	"cvtpm/internal/logfield"
 	"cvtpm/internal/netaddr"
 	"cvtpm/vtpm/swtpmproto"
 )
@@ -89,6 +90,8 @@ type Relay struct {
 	// logged, so one guest cannot take the descriptors every other VM's
 	// relay and QEMU socket need (each relayed connection costs several).
 	MaxPerSource, Max int
+
+	connLog logfield.Limiter
 }
 
 // Serve relays every connection accepted on ln until ctx ends.
@@ -128,12 +131,19 @@ func (r *Relay) Serve(ctx context.Context, ln net.Listener) error {
 			defer limits.Release(src)
 			defer in.Close()
 			out, err := netaddr.Dial(ctx, r.Backend)
+			// Per-connection lines within a rate per source: a guest that
+			// connects in a loop must not fill the host's log.
+			ok, held := r.connLog.Allow(src)
 			if err != nil {
-				log.Warn("relay: backend unreachable", "err", err)
+				if ok {
+					log.Warn("relay: backend unreachable", "err", err, "similar_lines_suppressed", held)
+				}
 				return
 			}
 			defer out.Close()
-			log.Info("relaying a guest connection", "from", in.RemoteAddr().String())
+			if ok {
+				log.Info("relaying a guest connection", "from", in.RemoteAddr().String(), "connections_not_logged_before", held)
+			}
 			done := make(chan struct{}, 2)
 			go func() { r.copy(out, in); done <- struct{}{} }()
 			go func() { r.copy(in, out); done <- struct{}{} }()

@@ -390,7 +390,8 @@ func TestHostileVerifier(t *testing.T) {
 
 // 30 Enroll calls with a 3 MiB instance id (refused by the gRPC message
 // limit) and 30 with a 100 KiB one (refused by the CA, recorded with the
-// id clipped) add less than 1 MiB to the audit log and the CA's log.
+// id clipped, within a rate) add less than 1 MiB to the audit log and the
+// CA's log.
 func TestHostileEnrollFlood(t *testing.T) {
 	f := testenv.NewTopologyFiles(t, 0x7)
 	c := startCAProc(t, filepath.Join(f.Dir, "ca"), f.Policy, "--hsk-cek", filepath.Join(f.SimDir, csv.SimHSKCEKFile))
@@ -433,8 +434,11 @@ func TestHostileEnrollFlood(t *testing.T) {
 			refused++
 		}
 	}
-	if refused != 30 {
-		t.Errorf("the audit log records %d refusals of the 100 KiB id, want 30 (every decision)", refused)
+	// Malformed requests (no decision about any instance) are audited
+	// within a rate per source: 10 in 10 s, the rest counted into the
+	// next one recorded.
+	if refused < 1 || refused > 10 {
+		t.Errorf("the audit log records %d refusals of the 100 KiB id, want 1-10 (rate-limited per source)", refused)
 	}
 	if _, err := client.Challenge(ctx); err != nil {
 		t.Fatalf("a good request after the storm: %v", err)

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	attestpb "cvtpm/api/attest"
+	"cvtpm/internal/logfield"
 )
 
 // Server exposes a Verifier over gRPC (attestpb.VerifierServer) and
@@ -29,7 +30,8 @@ type Server struct {
 	Verifier *Verifier
 	Log      *slog.Logger
 
-	replaced atomic.Pointer[Verifier]
+	replaced   atomic.Pointer[Verifier]
+	verdictLog logfield.Limiter
 }
 
 // Replace makes v the verifier of every call from now on (SIGHUP: new
@@ -65,15 +67,22 @@ func (s *Server) Attest(ctx context.Context, req *attestpb.AttestRequest) (*atte
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	s.log(res)
+	s.log(ctx, res)
 	return &attestpb.AttestResponse{Ear: res.Token}, nil
 }
 
-func (s *Server) log(res *Result) {
+// log writes a verdict's line, within a rate per client address (every
+// verdict is counted in the metrics): a client that attests in a loop,
+// however bogus its evidence, must not fill the log.
+func (s *Server) log(ctx context.Context, res *Result) {
 	if s.Log == nil {
 		return
 	}
-	args := []any{}
+	ok, held := s.verdictLog.Allow(sourceOf(ctx))
+	if !ok {
+		return
+	}
+	args := []any{"verdicts_not_logged_before", held}
 	for name, sm := range res.Submods {
 		args = append(args, name, fmt.Sprintf("%s %v", sm.Status, sm.Reasons))
 	}
@@ -89,15 +98,16 @@ func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /challenge", func(w http.ResponseWriter, r *http.Request) {
 		// The caller's address counts its outstanding challenges.
-		ctx := r.Context()
-		if addr, err := net.ResolveTCPAddr("tcp", r.RemoteAddr); err == nil {
-			ctx = peer.NewContext(ctx, &peer.Peer{Addr: addr})
-		}
-		resp, err := s.Challenge(ctx, &attestpb.ChallengeRequest{})
+		resp, err := s.Challenge(withPeer(r), &attestpb.ChallengeRequest{})
 		writeProto(w, resp, err)
 	})
 	mux.HandleFunc("POST /attest", func(w http.ResponseWriter, r *http.Request) {
-		body, err := io.ReadAll(io.LimitReader(r.Body, 4<<20))
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, MaxHTTPRequest))
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			http.Error(w, fmt.Sprintf("attestation request larger than %d bytes", MaxHTTPRequest), http.StatusRequestEntityTooLarge)
+			return
+		}
 		if err != nil {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
@@ -107,10 +117,24 @@ func (s *Server) Handler() http.Handler {
 			http.Error(w, "malformed attestation request: "+err.Error(), http.StatusBadRequest)
 			return
 		}
-		resp, err := s.Attest(r.Context(), &req)
+		resp, err := s.Attest(withPeer(r), &req)
 		writeProto(w, resp, err)
 	})
 	return mux
+}
+
+// MaxHTTPRequest bounds a POST /attest body (JSON: the evidence in
+// base64; gRPC takes 4 MiB of binary).
+const MaxHTTPRequest = 6 << 20
+
+// withPeer is r's context with the caller's address as a gRPC peer, so
+// that per-source bounds apply to HTTP callers too.
+func withPeer(r *http.Request) context.Context {
+	ctx := r.Context()
+	if addr, err := net.ResolveTCPAddr("tcp", r.RemoteAddr); err == nil {
+		ctx = peer.NewContext(ctx, &peer.Peer{Addr: addr})
+	}
+	return ctx
 }
 
 func writeProto(w http.ResponseWriter, m proto.Message, err error) {

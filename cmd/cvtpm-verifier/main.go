@@ -246,7 +246,7 @@ Options:
 		mux.Handle("/", srv.Handler())
 		mux.Handle("GET /metrics", obs.Handler(nil))
 		obs.AddHealth(mux, nil)
-		hs = serve.HTTPServer(mux, 8<<20)
+		hs = serve.HTTPServer(mux, verifier.MaxHTTPRequest)
 		go func() { errc <- hs.Serve(serve.Listen(hl, "verifier HTTP", log)) }()
 	}
 	log.Info("verifier serving", "grpc", ln.Addr().String(), "http", *httpAddr, "key", *keyFile+".pub.pem")

@@ -81,9 +81,10 @@ type Server struct {
 	// handshake timeout also cuts) cannot take what the others need.
 	MaxConns, MaxPerClient int
 
-	errorLog              logfield.Limiter // session error lines per source address
-	limitsOnce            sync.Once
-	connLimits, perClient *netaddr.Limits
+	errorLog                       logfield.Limiter // session error lines per source address
+	sessionLog                     logfield.Limiter // session lines per client identity
+	limitsOnce                     sync.Once
+	connLimits, perClient, pending *netaddr.Limits
 }
 
 func (s *Server) limits() (conns, perClient *netaddr.Limits) {
@@ -97,6 +98,11 @@ func (s *Server) limits() (conns, perClient *netaddr.Limits) {
 		}
 		s.connLimits = &netaddr.Limits{Max: max, Name: "attested link", Log: s.log()}
 		s.perClient = &netaddr.Limits{MaxPerSource: per, Name: "attested link sessions per client identity", Log: s.log()}
+		// Before its handshake a connection has no identity, only an
+		// address: one address may have 64 handshakes under way, so an
+		// unauthenticated flood cannot hold every slot for the 30 s a
+		// handshake may take.
+		s.pending = &netaddr.Limits{MaxPerSource: 64, Name: "attested link handshakes per source", Log: s.log()}
 	})
 	return s.connLimits, s.perClient
 }
@@ -143,10 +149,17 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 			}
 			return fmt.Errorf("attested link: accept: %w", err)
 		}
+		src := netaddr.Source(conn)
+		if !s.pending.Admit(src) {
+			conn.Close()
+			continue
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := s.ServeConn(ctx, conn); err != nil {
+			handshaken := sync.OnceFunc(func() { s.pending.Release(src) })
+			defer handshaken()
+			if err := s.serveConn(ctx, conn, handshaken); err != nil {
 				if ok, held := s.errorLog.Allow(netaddr.Source(conn)); ok {
 					s.log().Warn("attested link session ended with an error", "remote", conn.RemoteAddr().String(), "err", err,
 						"similar_lines_suppressed", held)
@@ -158,6 +171,12 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 
 // ServeConn runs one session on raw and closes it.
 func (s *Server) ServeConn(ctx context.Context, raw net.Conn) error {
+	return s.serveConn(ctx, raw, func() {})
+}
+
+// serveConn is ServeConn, calling handshaken once the TLS handshake is
+// done (or has failed).
+func (s *Server) serveConn(ctx context.Context, raw net.Conn, handshaken func()) error {
 	defer raw.Close()
 	cfg, err := s.tlsConfig()
 	if err != nil {
@@ -173,7 +192,9 @@ func (s *Server) ServeConn(ctx context.Context, raw net.Conn) error {
 	defer stop()
 	hctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	if err := conn.HandshakeContext(hctx); err != nil {
+	err = conn.HandshakeContext(hctx)
+	handshaken()
+	if err != nil {
 		return fmt.Errorf("TLS handshake: %w", err)
 	}
 	state := conn.ConnectionState()
@@ -217,7 +238,13 @@ func (s *Server) ServeConn(ctx context.Context, raw net.Conn) error {
 	}
 	peer := &Peer{Certificate: client, Checked: map[string]error{}}
 	raw.SetDeadline(time.Time{})
-	log.Info("attested link session open")
+	// Sessions are logged within a rate per client identity: a client
+	// that opens and closes them in a loop must not fill the log.
+	quiet := true
+	if ok, held := s.sessionLog.Allow(client.Subject.CommonName); ok {
+		quiet = false
+		log.Info("attested link session open", "sessions_not_logged_before", held)
+	}
 
 	authorized := map[string]tpmrpc.Capabilities{}
 	var out []byte
@@ -234,12 +261,16 @@ func (s *Server) ServeConn(ctx context.Context, raw net.Conn) error {
 				return perr
 			}
 			peer.Workload = &WorkloadEvidence{Report: bytes.Clone(report), HSKCEK: bytes.Clone(hskcek), ReportData: WorkloadReportData(exporter, backendNonce)}
-			log.Info("workload evidence received (checked when a bound instance is used)")
+			if !quiet {
+				log.Info("workload evidence received (checked when a bound instance is used)")
+			}
 			continue
 		}
 		if err != nil {
 			if errors.Is(err, io.EOF) {
-				log.Info("attested link session closed")
+				if !quiet {
+					log.Info("attested link session closed")
+				}
 				return nil
 			}
 			f.write(frameError, "", []byte(err.Error()))
@@ -254,7 +285,9 @@ func (s *Server) ServeConn(ctx context.Context, raw net.Conn) error {
 		}
 		if prev, ok := authorized[req.instance]; !ok || prev != caps {
 			authorized[req.instance] = caps
-			log.Info("instance authorised", "instance", req.instance, "capabilities", caps.String())
+			if !quiet {
+				log.Info("instance authorised", "instance", req.instance, "capabilities", caps.String())
+			}
 		}
 		out, err = s.Handler.Call(ctx, req.instance, caps, req.payload, out[:0])
 		if err != nil {

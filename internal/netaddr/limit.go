@@ -24,12 +24,13 @@ type Limits struct {
 	logged map[string]time.Time
 }
 
-// Source names a connection's origin: its address without the port (for
-// vsock, the CID).
+// Source names a connection's origin: its address without the port, an
+// IPv6 address by its /64 (the block one site gets, so one client cannot
+// pass for thousands), for vsock the CID.
 func Source(c net.Conn) string {
 	a := c.RemoteAddr().String()
 	if host, _, err := net.SplitHostPort(a); err == nil {
-		return host
+		return sourceKey(host)
 	}
 	if i := strings.LastIndexByte(a, ':'); i > 0 { // vsock "vm(3):1234"
 		return a[:i]
@@ -37,9 +38,18 @@ func Source(c net.Conn) string {
 	return a
 }
 
+// sourceKey is src, or for an IPv6 address its /64.
+func sourceKey(src string) string {
+	if ip := net.ParseIP(src); ip != nil && ip.To4() == nil {
+		return ip.Mask(net.CIDRMask(64, 128)).String() + "/64"
+	}
+	return src
+}
+
 // Admit counts a connection from src, or reports false (and logs) when a
 // cap is reached.
 func (l *Limits) Admit(src string) bool {
+	src = sourceKey(src)
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.active == nil {
@@ -63,6 +73,7 @@ func (l *Limits) Admit(src string) bool {
 
 // Release returns a connection Admit counted.
 func (l *Limits) Release(src string) {
+	src = sourceKey(src)
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.active[src]--; l.active[src] <= 0 {

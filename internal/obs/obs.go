@@ -25,6 +25,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"cvtpm/internal/serve"
 )
 
 // LogFlags are a daemon's --log-level and --log-format.
@@ -91,7 +93,7 @@ func Serve(ctx context.Context, addr string, ready func(context.Context) error, 
 	srv := &http.Server{Handler: Handler(ready), ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
 		WriteTimeout: time.Minute, IdleTimeout: time.Minute}
 	go func() {
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := srv.Serve(serve.Listen(ln, "metrics", log)); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.Error("metrics endpoint failed", "err", err)
 		}
 	}()
