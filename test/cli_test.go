@@ -191,3 +191,64 @@ func TestVersion(t *testing.T) {
 		}
 	}
 }
+
+// One grammar for every subcommand: --version prints cvtpm's version,
+// --help exits 0, a missing required flag exits 2 with one line, a bad
+// value exits 1 or 2 with one line naming the flag, and none of them
+// prints a stack trace.
+func TestCLITable(t *testing.T) {
+	bin := testenv.Binary(t, testenv.Cvtpm)
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "acl.json"), []byte(`{"clients": {}}`), 0o600)
+	os.WriteFile(filepath.Join(dir, "key"), []byte(strings.Repeat("ab", 32)+"\n"), 0o600)
+	testenv.Run(t, nil, "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+		"-keyout", filepath.Join(dir, "ca.key"), "-out", filepath.Join(dir, "ca.pem"), "-subj", "/CN=t", "-days", "1",
+		"-addext", "basicConstraints=critical,CA:TRUE")
+	commands := [][]string{{"ca"}, {"ca", "revoke"}, {"ca", "identity"}, {"ca", "fingerprint"}, {"enroll"}, {"backend"},
+		{"backend", "create"}, {"backend", "list"}, {"frontend"}, {"guest", "proxy"}, {"guest", "measure"},
+		{"verifier"}, {"verifier", "reference"}, {"csv", "verify"}, {"csv", "simulate"}}
+	run := func(args ...string) (string, int) {
+		out, err := testenv.RunErr(nil, bin, args...)
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatalf("%v: %v", args, err)
+		}
+		if strings.Contains(out, "goroutine ") || strings.Contains(out, "panic:") {
+			t.Errorf("%v printed a stack trace:\n%s", args, out)
+		}
+		return strings.TrimSpace(out), code
+	}
+	for _, c := range commands {
+		if out, code := run(append(slices.Clone(c), "--version")...); code != 0 || !strings.Contains(out, "cvtpm") {
+			t.Errorf("%v --version: exit %d, %q", c, code, out)
+		}
+		if _, code := run(append(slices.Clone(c), "--help")...); code != 0 {
+			t.Errorf("%v --help: exit %d", c, code)
+		}
+		if out, code := run(c...); code != 2 || strings.Count(out, "\n") > 0 && !strings.HasPrefix(out, "Usage") {
+			t.Errorf("%v with nothing: exit %d (want 2, one line):\n%s", c, code, out)
+		}
+	}
+	for _, tc := range []struct {
+		args []string
+		flag string
+	}{
+		{[]string{"backend", "--dir", filepath.Join(dir, "b"), "--key-file", filepath.Join(dir, "key"), "--client-ca", filepath.Join(dir, "ca.pem"),
+			"--acl", filepath.Join(dir, "acl.json"), "--cipher", "aes-128-gcm", "--listen", "tcp:127.0.0.1:0"}, "--cipher"},
+		{[]string{"backend", "--dir", filepath.Join(dir, "b"), "--key-file", filepath.Join(dir, "key"), "--client-ca", filepath.Join(dir, "key"),
+			"--acl", filepath.Join(dir, "acl.json")}, "--client-ca"},
+		{[]string{"ca", "--dir", filepath.Join(dir, "ca"), "--policy", filepath.Join(dir, "nonexistent.json")}, "policy"},
+		{[]string{"verifier", "--log-format", "yaml", "--ek-root", filepath.Join(dir, "ca.pem"), "--ak-root", filepath.Join(dir, "ca.pem"),
+			"--no-crl", "--policy", filepath.Join(dir, "acl.json"), "--key", filepath.Join(dir, "v.key")}, "--log-format"},
+		{[]string{"frontend", "--vm", "vm1=" + filepath.Join(dir, "c"), "--socket-mode", "999"}, "--socket-mode"},
+		{[]string{"csv", "simulate", "--out", filepath.Join(dir, "sim"), "--policy", "zz"}, "--policy"},
+		{[]string{"enroll", "--instance", "x", "--tpm-socket", filepath.Join(dir, "none.sock")}, "none.sock"},
+	} {
+		out, code := run(tc.args...)
+		if code != 1 && code != 2 || strings.Count(out, "\n") > 0 || !strings.Contains(out, tc.flag) {
+			t.Errorf("%v: exit %d, want 1 or 2 and one line naming %s:\n%s", tc.args, code, tc.flag, out)
+		}
+	}
+}

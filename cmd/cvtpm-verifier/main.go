@@ -51,7 +51,7 @@ func main() {
 var errUsage = errors.New("usage")
 
 func run(ctx context.Context, args []string) error {
-	if len(args) == 1 && (args[0] == "--version" || args[0] == "version") {
+	if len(args) == 1 && (args[0] == "--version" || args[0] == "-version" || args[0] == "version") {
 		fmt.Println(version.String("cvtpm-verifier"))
 		return nil
 	}
@@ -116,7 +116,8 @@ Options:
 		return errUsage
 	}
 	if *ekRoot == "" || *akRoot == "" || *policyFile == "" || *keyFile == "" {
-		return errors.New("--ek-root, --ak-root, --policy and --key are required (see --help)")
+		fmt.Fprintln(os.Stderr, "cvtpm verifier: --ek-root, --ak-root, --policy and --key are required (see --help)")
+		return errUsage
 	}
 	log, err := logFlags.Logger(os.Stderr)
 	if err != nil {
@@ -342,6 +343,10 @@ Options:
 `)
 		fs.PrintDefaults()
 	}
+	if len(args) == 1 && (args[0] == "--version" || args[0] == "-version") {
+		fmt.Println(version.String("cvtpm-verifier"))
+		return nil
+	}
 	logFile := fs.String("event-log", "", "the event log of a known-good boot (required)")
 	pcrList := fs.String("pcrs", "", "comma-separated PCRs to pin (default: every PCR the log extends)")
 	out := fs.String("out", "", "write the reference file here (default: standard output)")
@@ -352,7 +357,7 @@ Options:
 		return errUsage
 	}
 	if *logFile == "" {
-		fmt.Fprintln(fs.Output(), "--event-log is required (see --help)")
+		fmt.Fprintln(fs.Output(), "cvtpm verifier reference: --event-log is required (see --help)")
 		return errUsage
 	}
 	log, err := os.ReadFile(*logFile)

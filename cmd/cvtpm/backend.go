@@ -127,7 +127,10 @@ Options:
 		}
 	}
 	if *dir == "" || keySources != 1 || *clientCA == "" || *aclFile == "" {
-		return errors.New("--dir, one of --key-broker, --key-file and --key-fd, --client-ca and --acl are required (see --help)")
+		return usageError("--dir, one of --key-broker, --key-file and --key-fd, --client-ca and --acl are required (see --help)")
+	}
+	if *cipher != "aes-256-gcm" && *cipher != "sm4-gcm" {
+		return usageError(fmt.Sprintf("--cipher %q: want aes-256-gcm or sm4-gcm", *cipher))
 	}
 	if *broker != "" && (*brokerRoot == "" || *backendID == "") {
 		return errors.New("--key-broker needs --broker-root (the CA's service-ca.pem: it signs the broker's answers and its TLS certificate) and --backend-id")
@@ -341,11 +344,8 @@ func runBackendAdmin(ctx context.Context, verb string, args []string) error {
 			"create": "[--enroll | --incoming | --import DIR] [--bind FILE] ID", "list": "", "delete": "ID"}[verb])
 		fs.PrintDefaults()
 	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil
-		}
-		return exitError{2}
+	if done, err := parseFlagsArgs(fs, args); done {
+		return err
 	}
 	wantArgs := map[string]int{"create": 1, "list": 0, "delete": 1}[verb]
 	if *sock == "" || fs.NArg() != wantArgs {

@@ -102,7 +102,7 @@ Options:
 		return err
 	}
 	if *dir == "" || *policyFile == "" {
-		return errors.New("--dir and --policy are required (see --help)")
+		return usageError("--dir and --policy are required (see --help)")
 	}
 	log, err := logFlags.Logger(os.Stderr)
 	if err != nil {
@@ -310,7 +310,7 @@ Options:
 		return err
 	}
 	if *dir == "" {
-		return errors.New("--dir is required (see --help)")
+		return usageError("--dir is required (see --help)")
 	}
 	der, err := readCertFile(filepath.Join(*dir, "service-ca.pem"))
 	if err != nil {
@@ -428,14 +428,11 @@ func runCARevoke(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("cvtpm ca revoke", flag.ContinueOnError)
 	dir := fs.String("dir", "", "CA directory (its admin.sock is used)")
 	reason := fs.Int("reason", 0, "RFC 5280 CRLReason code (1 = keyCompromise)")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil
-		}
-		return exitError{2}
+	if done, err := parseFlagsArgs(fs, args); done {
+		return err
 	}
 	if *dir == "" || fs.NArg() != 1 {
-		return errors.New("usage: cvtpm ca revoke --dir DIR [--reason N] SERIAL")
+		return usageError("usage: cvtpm ca revoke --dir DIR [--reason N] SERIAL")
 	}
 	conn, err := dialUnix(filepath.Join(*dir, "admin.sock"))
 	if err != nil {
@@ -476,7 +473,7 @@ Options:
 		return err
 	}
 	if *dir == "" || *name == "" || *outCert == "" || *outKey == "" {
-		return errors.New("--dir, --name, --out-cert and --out-key are required (see --help)")
+		return usageError("--dir, --name, --out-cert and --out-key are required (see --help)")
 	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {

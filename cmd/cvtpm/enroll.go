@@ -4,7 +4,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"time"
@@ -48,7 +47,7 @@ Options:
 		return err
 	}
 	if *instance == "" || (*sock == "") == (*tcp == "") {
-		return errors.New("--instance and exactly one of --tpm-socket, --tpm-tcp are required (see --help)")
+		return usageError("--instance and exactly one of --tpm-socket, --tpm-tcp are required (see --help)")
 	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()

@@ -5,7 +5,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -64,7 +63,7 @@ Options:
 		return err
 	}
 	if len(vms) == 0 && *relay == "" {
-		return errors.New("nothing to do: give --vm and/or --relay (see --help)")
+		return usageError("nothing to do: give --vm and/or --relay (see --help)")
 	}
 	mode, err := strconv.ParseUint(*sockMode, 8, 32)
 	if err != nil || mode > 0o777 {

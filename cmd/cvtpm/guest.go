@@ -83,7 +83,7 @@ Options:
 		return err
 	}
 	if *linkAddr == "" || *instance == "" {
-		return errors.New("--link and --instance are required (see --help)")
+		return usageError("--link and --instance are required (see --help)")
 	}
 	if *tcp == "" && *unixPath == "" && *mssim == "" && !*vtpmProxy {
 		return errors.New("nothing to serve: give --tcp, --unix, --mssim and/or --vtpm-proxy (see --help)")

@@ -228,11 +228,8 @@ Options:
 	tpmAddr := fs.String("tpm", "/dev/tpmrm0", "the TPM: a device path, unix:PATH or tcp:HOST:PORT")
 	logFile := fs.String("event-log", "", "the event log file to append to (required)")
 	pcr := fs.Uint("pcr", 16, "PCR to extend")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil
-		}
-		return exitError{2}
+	if done, err := parseFlagsArgs(fs, args); done {
+		return err
 	}
 	if *logFile == "" || fs.NArg() == 0 || *pcr > 23 {
 		fs.Usage()

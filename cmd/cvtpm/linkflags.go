@@ -3,7 +3,6 @@ package main
 // Flags shared by the attested link's clients (frontend, guest proxy).
 
 import (
-	"errors"
 	"flag"
 	"fmt"
 
@@ -29,7 +28,7 @@ func addLinkFlags(fs *flag.FlagSet) linkFlags {
 
 func (l linkFlags) load() (attestedlink.ClientConfig, error) {
 	if *l.cert == "" || *l.key == "" || *l.policy == "" {
-		return attestedlink.ClientConfig{}, errors.New("--cert, --key and --policy are required (see --help)")
+		return attestedlink.ClientConfig{}, usageError("--cert, --key and --policy are required (see --help)")
 	}
 	cfg, err := attestedlink.LoadClientConfig(*l.cert, *l.key, *l.policy)
 	if err != nil {

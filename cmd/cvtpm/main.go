@@ -44,6 +44,12 @@ type exitError struct{ code int }
 
 func (e exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
 
+// usageError is a command line that cannot run as given (a required flag
+// missing, flags that exclude each other): one line, exit status 2.
+type usageError string
+
+func (e usageError) Error() string { return string(e) }
+
 func usage() {
 	fmt.Fprintf(os.Stderr, "Usage: cvtpm <command> [options]\n\nCommands:\n")
 	names := make([]string, 0, len(commands))
@@ -90,20 +96,38 @@ func main() {
 			os.Exit(ee.code)
 		}
 		fmt.Fprintf(os.Stderr, "cvtpm %s: %v\n", cmd.name, err)
+		var ue usageError
+		if errors.As(err, &ue) {
+			os.Exit(2)
+		}
 		os.Exit(1)
 	}
 }
 
-// parseFlags parses args and turns --help into a clean exit.
+// parseFlags parses args and turns --help into a clean exit; --version
+// prints cvtpm's version on every command. Positional arguments are
+// refused (parseFlagsArgs takes them).
 func parseFlags(fs *flag.FlagSet, args []string) (done bool, err error) {
+	if done, err := parseFlagsArgs(fs, args); done {
+		return done, err
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(fs.Output(), "unexpected arguments: %s\n", strings.Join(fs.Args(), " "))
+		return true, exitError{2}
+	}
+	return false, nil
+}
+
+// parseFlagsArgs is parseFlags for commands with positional arguments.
+func parseFlagsArgs(fs *flag.FlagSet, args []string) (done bool, err error) {
+	if len(args) == 1 && (args[0] == "--version" || args[0] == "-version") {
+		fmt.Println(version.String("cvtpm"))
+		return true, nil
+	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return true, nil
 		}
-		return true, exitError{2}
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(fs.Output(), "unexpected arguments: %s\n", strings.Join(fs.Args(), " "))
 		return true, exitError{2}
 	}
 	return false, nil
