@@ -20,6 +20,7 @@ build:
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/cvtpm
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/cvtpm-verifier ./cmd/cvtpm-verifier
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/cvtpm-worker ./cmd/cvtpm-worker
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/cvtpm-swtpm ./cmd/cvtpm-swtpm
 
 # The full suite: unit tests, cross-component tests against the real peers
 # (tpm2-tools, swtpm-tools, QEMU), then a short run of every fuzz target.

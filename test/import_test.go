@@ -77,8 +77,17 @@ func derPrefix(b []byte) []byte {
 // tpm2_createek derives. A second run with --not-overwrite keeps it, and a
 // second process on the directory is refused.
 func TestSwtpmSetupThroughSymlink(t *testing.T) {
+	// The full cvtpm, and the lean cvtpm-swtpm beside it.
+	for _, target := range []string{"cvtpm", "cvtpm-swtpm"} {
+		t.Run(target, func(t *testing.T) {
+			swtpmSetupThroughSymlink(t, filepath.Join(filepath.Dir(testenv.Binary(t, testenv.Cvtpm)), target))
+		})
+	}
+}
+
+func swtpmSetupThroughSymlink(t *testing.T, target string) {
 	bin := t.TempDir()
-	if err := os.Symlink(testenv.Binary(t, testenv.Cvtpm), filepath.Join(bin, "swtpm")); err != nil {
+	if err := os.Symlink(target, filepath.Join(bin, "swtpm")); err != nil {
 		t.Fatal(err)
 	}
 	env := []string{"PATH=" + bin + ":" + os.Getenv("PATH")}

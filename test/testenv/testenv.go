@@ -69,9 +69,9 @@ func Binary(tb testing.TB, impl Impl) string {
 		// Reachable by other users: libvirt runs the swtpm symlink as tss.
 		os.Chmod(dir, 0o755)
 		built = filepath.Join(dir, "cvtpm")
-		// cvtpm-verifier and cvtpm-worker beside it: `cvtpm verifier` and
-		// the backend run them from there.
-		cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/cvtpm", "./cmd/cvtpm-verifier", "./cmd/cvtpm-worker")
+		// cvtpm-verifier, cvtpm-worker and cvtpm-swtpm beside it:
+		// `cvtpm verifier` and the backend run the first two from there.
+		cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/cvtpm", "./cmd/cvtpm-verifier", "./cmd/cvtpm-worker", "./cmd/cvtpm-swtpm")
 		cmd.Dir = RepoRoot()
 		if out, err := cmd.CombinedOutput(); err != nil {
 			buildErr = fmt.Errorf("go build ./cmd/cvtpm ./cmd/cvtpm-verifier: %v\n%s", err, out)

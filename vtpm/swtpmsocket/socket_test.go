@@ -1,4 +1,4 @@
-package main
+package swtpmsocket
 
 import (
 	"bytes"

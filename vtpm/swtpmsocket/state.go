@@ -1,4 +1,4 @@
-package main
+package swtpmsocket
 
 // Opening the TPM's state directory for "cvtpm socket".
 
