@@ -17,7 +17,6 @@ import (
 	"flag"
 	"fmt"
 	"io/fs"
-	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -30,6 +29,7 @@ import (
 	attestpb "cvtpm/api/attest"
 	"cvtpm/attest/csv"
 	"cvtpm/attest/verifier"
+	"cvtpm/internal/netaddr"
 	"cvtpm/internal/obs"
 	"cvtpm/internal/pkisig"
 	"cvtpm/internal/serve"
@@ -102,7 +102,7 @@ Options:
 	kds := fs.String("kds", "", "look the reporting chip's HSK+CEK up by its serial at this HYGON KDS (default "+csv.DefaultKDS+" unless --cert-dir or --evidence-certs)")
 	evidenceCerts := fs.Bool("evidence-certs", false, "use the HSK+CEK sent with the evidence (the chip serial is then the evidence's own claim: chip allow/deny lists are refused)")
 	keyFile := fs.String("key", "", "EAR signing key, PKCS #8 PEM (created if missing) (required)")
-	listen := fs.String("listen", "127.0.0.1:7800", "gRPC address")
+	listen := fs.String("listen", "127.0.0.1:7800", "gRPC address: HOST:PORT, tcp:HOST:PORT or unix:PATH")
 	logFlags := obs.AddLogFlags(fs)
 	httpAddr := fs.String("http", "127.0.0.1:7801", "HTTP/JSON address ('' = off)")
 	if err := fs.Parse(args); err != nil {
@@ -228,7 +228,7 @@ Options:
 	gs := grpc.NewServer(serve.GRPCOptions(4 << 20)...)
 	attestpb.RegisterVerifierServer(gs, srv)
 	obs.RegisterHealth(gs, "cvtpm.attest.v1.Verifier")
-	ln, err := net.Listen("tcp", *listen)
+	ln, err := netaddr.Listen(*listen)
 	if err != nil {
 		return fmt.Errorf("--listen: %w", err)
 	}
@@ -237,7 +237,7 @@ Options:
 	go func() { errc <- gs.Serve(ln) }()
 	var hs *http.Server
 	if *httpAddr != "" {
-		hl, err := net.Listen("tcp", *httpAddr)
+		hl, err := netaddr.Listen(*httpAddr)
 		if err != nil {
 			return fmt.Errorf("--http: %w", err)
 		}

@@ -36,6 +36,7 @@ import (
 	"cvtpm/attest/csv"
 	"cvtpm/ca"
 	"cvtpm/ca/keybroker"
+	"cvtpm/internal/netaddr"
 	"cvtpm/internal/obs"
 	"cvtpm/internal/serve"
 )
@@ -86,7 +87,7 @@ Options:
 		fs.PrintDefaults()
 	}
 	dir := fs.String("dir", "", "CA directory (required)")
-	listen := fs.String("listen", "127.0.0.1:7443", "gRPC enrollment API address")
+	listen := fs.String("listen", "127.0.0.1:7443", "gRPC enrollment API address: HOST:PORT, tcp:HOST:PORT or unix:PATH")
 	logFlags := obs.AddLogFlags(fs)
 	httpAddr := fs.String("http", "127.0.0.1:7080", "HTTP address for the roots and CRLs (/roots.pem, /crl, /crl/ak, /crl/identity; '' = off)")
 	policyFile := fs.String("policy", "", "evidence policy file (JSON, required)")
@@ -164,7 +165,7 @@ Options:
 		Audit: audit, Store: store,
 	}
 
-	host, _, _ := net.SplitHostPort(*listen)
+	host, _, _ := net.SplitHostPort(strings.TrimPrefix(*listen, "tcp:"))
 	tlsConf, err := ca.ServerTLS(roots.service, append([]string{host}, strings.Split(*tlsNames, ",")...), 30*24*time.Hour)
 	if err != nil {
 		return err
@@ -181,7 +182,7 @@ Options:
 		}
 		kb.Register(public)
 	}
-	ln, err := net.Listen("tcp", *listen)
+	ln, err := netaddr.Listen(*listen)
 	if err != nil {
 		return fmt.Errorf("--listen: %w", err)
 	}
@@ -200,7 +201,7 @@ Options:
 	var hs *http.Server
 	httpBound := ""
 	if *httpAddr != "" {
-		hl, err := net.Listen("tcp", *httpAddr)
+		hl, err := netaddr.Listen(*httpAddr)
 		if err != nil {
 			return fmt.Errorf("--http: %w", err)
 		}

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 
 	"cvtpm/ca"
+	"cvtpm/internal/netaddr"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -17,7 +18,11 @@ import (
 // only evidence and signed results, so the channel is plaintext; what
 // matters is checked in the payloads. The CA is dialled with dialCA.
 func dialGRPC(flagName, addr string) (*grpc.ClientConn, error) {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	target, err := netaddr.GRPCTarget(addr)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", flagName, err)
+	}
+	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		return nil, fmt.Errorf("%s %s: %w", flagName, addr, err)
 	}
@@ -47,7 +52,11 @@ func dialCA(flagName, addr, fingerprint string) (*grpc.ClientConn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--ca-fingerprint: %w", err)
 	}
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(ca.ClientTLS(pin))))
+	target, err := netaddr.GRPCTarget(addr)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", flagName, err)
+	}
+	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(credentials.NewTLS(ca.ClientTLS(pin))))
 	if err != nil {
 		return nil, fmt.Errorf("%s %s: %w", flagName, addr, err)
 	}

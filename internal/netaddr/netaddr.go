@@ -1,6 +1,6 @@
 // Package netaddr turns the address strings of cvtpm's command lines into
-// listeners and connections: "unix:/path", "tcp:host:port" and
-// "vsock:port" (listen) / "vsock:cid:port" (dial). vsock is the transport
+// listeners and connections: "unix:/path", "tcp:host:port" (or a bare
+// "host:port") and "vsock:port" (listen) / "vsock:cid:port" (dial). vsock is the transport
 // between a workload VM and its host; it is kept a thin, separately named
 // case so that tests can run everything else over unix and TCP sockets.
 package netaddr
@@ -18,10 +18,38 @@ import (
 
 func split(addr string) (scheme, rest string, err error) {
 	scheme, rest, ok := strings.Cut(addr, ":")
-	if !ok || rest == "" {
-		return "", "", fmt.Errorf("address %q: want unix:PATH, tcp:HOST:PORT or vsock:[CID:]PORT", addr)
+	switch {
+	case ok && rest != "" && (scheme == "unix" || scheme == "tcp" || scheme == "vsock"):
+		return scheme, rest, nil
+	case isHostPort(addr):
+		return "tcp", addr, nil // a bare HOST:PORT is TCP, everywhere
 	}
-	return scheme, rest, nil
+	return "", "", fmt.Errorf("address %q: want unix:PATH, tcp:HOST:PORT (or HOST:PORT) or vsock:[CID:]PORT", addr)
+}
+
+func isHostPort(addr string) bool {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	_, err = strconv.ParseUint(port, 10, 16)
+	return err == nil
+}
+
+// GRPCTarget is addr as gRPC's dialer names it: "tcp:H:P" and "H:P" are
+// "H:P", "unix:PATH" stays; vsock has no gRPC resolver.
+func GRPCTarget(addr string) (string, error) {
+	scheme, rest, err := split(addr)
+	if err != nil {
+		return "", err
+	}
+	switch scheme {
+	case "tcp":
+		return rest, nil
+	case "unix":
+		return "unix:" + rest, nil
+	}
+	return "", fmt.Errorf("address %q: gRPC services are reached over tcp or unix", addr)
 }
 
 // Listen listens on addr. A unix socket left over from a previous run is
