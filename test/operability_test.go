@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -211,5 +212,63 @@ func TestOperability(t *testing.T) {
 		"--ak-root", c.RootFile(ca.PurposeAK), "--no-crl", "--policy", f.Policy, "--key", filepath.Join(f.Dir, "v2.key"))
 	if err == nil || !strings.Contains(out, "--log-level") {
 		t.Fatalf("--log-level loud: %v %s", err, out)
+	}
+}
+
+// A daemon run as its systemd unit would: flags from --config, readiness
+// on $NOTIFY_SOCKET; and every unit in contrib/systemd passes
+// `systemd-analyze verify`.
+func TestServiceUnitsAndConfig(t *testing.T) {
+	f := testenv.NewTopologyFiles(t, 0x7)
+	c := startCAProc(t, filepath.Join(f.Dir, "ca"), f.Policy, "--hsk-cek", filepath.Join(f.SimDir, csv.SimHSKCEKFile))
+	vAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+	conf := filepath.Join(f.Dir, "verifier.conf")
+	os.WriteFile(conf, []byte(fmt.Sprintf(`# as /etc/cvtpm/verifier.conf
+ek-root = %s
+ak-root = %s
+crl = %s
+crl = %s
+policy = %s
+cert-dir = %s
+key = %s
+listen = %s
+http =
+log-format = json
+`, c.RootFile(ca.PurposeEK), c.RootFile(ca.PurposeAK), c.CRLURL(ca.PurposeEK), c.CRLURL(ca.PurposeAK), f.Policy, f.CertDir,
+		filepath.Join(f.Dir, "v.key"), vAddr)), 0o600)
+	notify := filepath.Join(testenv.SockDir(t), "notify")
+	ln, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notify, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	t.Setenv("NOTIFY_SOCKET", notify)
+	testenv.StartDaemon(t, "verifier", []string{"tcp:" + vAddr}, "verifier", "--config", conf)
+	ln.SetReadDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, 64)
+	n, err := ln.Read(buf)
+	if err != nil || string(buf[:n]) != "READY=1" {
+		t.Fatalf("systemd readiness: %q %v", buf[:n], err)
+	}
+	// A misspelt setting in the file is refused by file and line.
+	os.WriteFile(conf, []byte("ek-rot = x\n"), 0o600)
+	out, err := testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), "verifier", "--config", conf)
+	if err == nil || !strings.Contains(out, "line 1") || !strings.Contains(out, "ek-rot") {
+		t.Fatalf("misspelt config: %v %s", err, out)
+	}
+	// The units.
+	analyze := testenv.Tool(t, "systemd-analyze")
+	units, _ := filepath.Glob(filepath.Join(testenv.RepoRoot(), "contrib", "systemd", "*.service"))
+	if len(units) != 4 {
+		t.Fatalf("units: %v", units)
+	}
+	dir := t.TempDir()
+	for _, u := range units {
+		b, _ := os.ReadFile(u)
+		local := filepath.Join(dir, filepath.Base(u))
+		os.WriteFile(local, []byte(strings.ReplaceAll(string(b), "/usr/local/bin/cvtpm", testenv.Binary(t, testenv.Cvtpm))), 0o644)
+		if out, err := testenv.RunErr(nil, analyze, "verify", local); err != nil {
+			t.Errorf("systemd-analyze verify %s: %v\n%s", filepath.Base(u), err, out)
+		}
 	}
 }

@@ -29,6 +29,7 @@ import (
 	attestpb "cvtpm/api/attest"
 	"cvtpm/attest/csv"
 	"cvtpm/attest/verifier"
+	"cvtpm/internal/cliconf"
 	"cvtpm/internal/netaddr"
 	"cvtpm/internal/obs"
 	"cvtpm/internal/pkisig"
@@ -105,6 +106,10 @@ Options:
 	listen := fs.String("listen", "127.0.0.1:7800", "gRPC address: HOST:PORT, tcp:HOST:PORT or unix:PATH")
 	logFlags := obs.AddLogFlags(fs)
 	httpAddr := fs.String("http", "127.0.0.1:7801", "HTTP/JSON address ('' = off)")
+	if err := cliconf.Apply(fs, args); err != nil {
+		fmt.Fprintf(os.Stderr, "cvtpm verifier: %v\n", err)
+		return errUsage
+	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
@@ -251,6 +256,9 @@ Options:
 		go func() { errc <- hs.Serve(serve.Listen(hl, "verifier HTTP", log)) }()
 	}
 	log.Info("verifier serving", "grpc", ln.Addr().String(), "http", *httpAddr, "key", *keyFile+".pub.pem")
+	if err := obs.NotifyReady(); err != nil {
+		log.Warn("systemd readiness", "err", err)
+	}
 	select {
 	case <-ctx.Done():
 		err = nil

@@ -298,6 +298,9 @@ Options:
 		}
 	}
 	log.Info("backend serving", "link", ln.Addr().String(), "admin", adminPath, "instances", len(sup.List()), "metrics", metricsBound)
+	if err := obs.NotifyReady(); err != nil {
+		log.Warn("systemd readiness", "err", err)
+	}
 	select {
 	case <-ctx.Done():
 		err = nil

@@ -228,6 +228,9 @@ Options:
 	})
 	log.Info("EK CA serving", "grpc", ln.Addr().String(), "tls", "service-ca.pem", "http", httpBound, "admin", sock,
 		"fingerprint", roots.serviceFingerprint())
+	if err := obs.NotifyReady(); err != nil {
+		log.Warn("systemd readiness", "err", err)
+	}
 	fmt.Fprintf(os.Stderr, "CA fingerprint (clients pin it with --ca-fingerprint): %s\n", roots.serviceFingerprint())
 	select {
 	case <-ctx.Done():

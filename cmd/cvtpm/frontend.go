@@ -122,6 +122,9 @@ Options:
 		}
 		log.Info("metrics and health", "listen", bound)
 	}
+	if err := obs.NotifyReady(); err != nil {
+		log.Warn("systemd readiness", "err", err)
+	}
 	select {
 	case <-ctx.Done():
 		return nil

@@ -9,6 +9,7 @@ package main
 
 import (
 	"context"
+	"cvtpm/internal/cliconf"
 	"cvtpm/internal/version"
 	"errors"
 	"flag"
@@ -123,6 +124,9 @@ func parseFlagsArgs(fs *flag.FlagSet, args []string) (done bool, err error) {
 	if len(args) == 1 && (args[0] == "--version" || args[0] == "-version") {
 		fmt.Println(version.String("cvtpm"))
 		return true, nil
+	}
+	if err := cliconf.Apply(fs, args); err != nil {
+		return true, usageError(err.Error())
 	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {

@@ -135,3 +135,22 @@ func OnHangup(ctx context.Context, log *slog.Logger, what string, reload func() 
 		}
 	}()
 }
+
+// NotifyReady tells systemd (Type=notify units) that the daemon serves:
+// "READY=1" on $NOTIFY_SOCKET, if set. Without systemd it does nothing.
+func NotifyReady() error {
+	addr := os.Getenv("NOTIFY_SOCKET")
+	if addr == "" {
+		return nil
+	}
+	if strings.HasPrefix(addr, "@") {
+		addr = "\x00" + addr[1:] // abstract namespace
+	}
+	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: addr, Net: "unixgram"})
+	if err != nil {
+		return fmt.Errorf("notifying systemd: %w", err)
+	}
+	defer c.Close()
+	_, err = c.Write([]byte("READY=1"))
+	return err
+}

@@ -1,0 +1,61 @@
+package cliconf
+
+import (
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestApply(t *testing.T) {
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "v.conf")
+	os.WriteFile(conf, []byte("# a verifier\nlisten = 127.0.0.1:9\ncrl = a\ncrl = b # two\nno-crl = false\n\nkey k.pem\n"), 0o600)
+	newFS := func() (*flag.FlagSet, *string, *[]string, *string) {
+		fs := flag.NewFlagSet("cvtpm verifier", flag.ContinueOnError)
+		listen := fs.String("listen", "", "")
+		var crls []string
+		fs.Func("crl", "", func(v string) error { crls = append(crls, v); return nil })
+		fs.Bool("no-crl", true, "")
+		key := fs.String("key", "", "")
+		return fs, listen, &crls, key
+	}
+	fs, listen, crls, key := newFS()
+	args := []string{"--config", conf, "--listen", "127.0.0.1:10"}
+	if err := Apply(fs, args); err != nil {
+		t.Fatal(err)
+	}
+	if err := fs.Parse(args); err != nil {
+		t.Fatal(err)
+	}
+	if *listen != "127.0.0.1:10" || strings.Join(*crls, ",") != "a,b" || *key != "k.pem" {
+		t.Fatalf("listen %q crls %v key %q", *listen, *crls, *key)
+	}
+	for _, tc := range []struct{ body, want string }{
+		{"listne = x\n", `line 1: "listne" is not a flag`},
+		{"no-crl = maybe\n", "line 1: no-crl"},
+		{"=x\n", "line 1: want"},
+		{"config = other\n", "do not include"},
+	} {
+		os.WriteFile(conf, []byte(tc.body), 0o600)
+		fs, _, _, _ := newFS()
+		if err := Apply(fs, []string{"--config=" + conf}); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: %v, want %q", tc.body, err, tc.want)
+		}
+	}
+	fs, _, _, _ = newFS()
+	if err := Apply(fs, []string{"--config", filepath.Join(dir, "missing")}); err == nil || !strings.Contains(err.Error(), "--config") {
+		t.Errorf("missing file: %v", err)
+	}
+}
+
+func FuzzLoad(f *testing.F) {
+	f.Add([]byte("listen = x\n# c\nkey k\n"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		fs := flag.NewFlagSet("x", flag.ContinueOnError)
+		fs.String("listen", "", "")
+		fs.Bool("b", false, "")
+		Load(fs, "f", b)
+	})
+}
