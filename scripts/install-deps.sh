@@ -11,6 +11,7 @@ pkgs=(
   openssl
   postgresql                          # the EK CA's replicated store, tested against a real server
   libvirt-daemon-system libvirt-clients   # libvirt using cvtpm as its swtpm (test/libvirt_test.go)
+  systemd                             # systemd-analyze verify of contrib/systemd (test/operability_test.go)
 )
 
 missing=()
