@@ -14,6 +14,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/pem"
+	"fmt"
 	"io"
 	"math/big"
 	"os"
@@ -29,6 +30,7 @@ import (
 	"github.com/google/go-tpm-tools/server"
 	"github.com/google/go-tpm/tpm2/transport"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/proto"
 
 	attestpb "cvtpm/api/attest"
@@ -736,5 +738,53 @@ func TestReferenceFromEventLog(t *testing.T) {
 	os.WriteFile(logFile, []byte("not an event log"), 0o600)
 	if out, err := testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), "verifier", "reference", "--event-log", logFile); err == nil || !strings.Contains(out, "event log") {
 		t.Fatalf("garbage log: %v %s", err, out)
+	}
+}
+
+// Two verifier processes behind a load balancer share their challenges in
+// PostgreSQL: a nonce handed out by one is accepted by the other, once.
+func TestVerifierReplicasShareNonces(t *testing.T) {
+	e := startAttestEnv(t, "vm1")
+	pg := testenv.StartPostgres(t)
+	var addrs []string
+	for i := range 2 {
+		addr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+		testenv.StartDaemon(t, "verifier", []string{"tcp:" + addr}, "verifier", "--postgres", pg,
+			"--ek-root", e.ca.RootFile(ca.PurposeEK), "--ak-root", e.ca.RootFile(ca.PurposeAK),
+			"--crl", e.ca.CRLURL(ca.PurposeEK), "--crl", e.ca.CRLURL(ca.PurposeAK), "--policy", e.files.Policy,
+			"--cert-dir", e.files.CertDir, "--key", filepath.Join(e.files.Dir, fmt.Sprintf("v%d.key", i)), "--listen", addr, "--http", "")
+		addrs = append(addrs, addr)
+	}
+	client := func(addr string) attestpb.VerifierClient {
+		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		return attestpb.NewVerifierClient(conn)
+	}
+	a, b := client(addrs[0]), client(addrs[1])
+	ctx := context.Background()
+	ch, err := a.Challenge(ctx, &attestpb.ChallengeRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev := e.gather(t, "vm1", ch.Nonce)
+	verdict := func(c attestpb.VerifierClient) ear.Submod {
+		resp, err := c.Attest(ctx, &attestpb.AttestRequest{Nonce: ch.Nonce, Evidence: ev})
+		if err != nil {
+			t.Fatal(err)
+		}
+		tok, err := ear.ReadUnverified(resp.Ear)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok.Submods["cvtpm-vtpm"]
+	}
+	if s := verdict(b); s.Status != verifier.StatusAffirming {
+		t.Fatalf("the other replica with the first one's nonce: %+v", s)
+	}
+	if s := verdict(a); s.Status != verifier.StatusContraindicated || !slices.Contains(s.Reasons, "nonce-unknown-or-used") {
+		t.Fatalf("the nonce used again at the first replica: %+v", s)
 	}
 }

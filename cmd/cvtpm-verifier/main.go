@@ -96,6 +96,7 @@ Options:
 	noCRL := fs.Bool("no-crl", false, "run without revocation checks (revoked EK and AK certificates are then not detected)")
 	policyFile := fs.String("policy", "", "CSV evidence policy, JSON (required)")
 	workloadFile := fs.String("workload-policy", "", "CSV evidence policy (JSON, same fields as --policy) for the workload VM's own report, the verdict's third leg (csv-workload)")
+	pgConn := fs.String("postgres", "", "keep challenges in PostgreSQL (libpq connection string), shared by verifier replicas behind a load balancer")
 	requireWorkload := fs.Bool("require-workload", false, "refuse evidence without a workload report (needs --workload-policy)")
 	regoFile := fs.String("rego", "", "Rego appraisal policy replacing the built-in one (package cvtpm, rule result)")
 	refFile := fs.String("reference", "", "reference values for the policy (JSON)")
@@ -207,6 +208,14 @@ Options:
 		log.Warn("--no-crl: revoked EK and AK certificates will not be detected")
 	default:
 		return errors.New("--crl URL is required, once per issuer (the CA's /crl and /crl/ak); --no-crl runs without revocation checks on purpose")
+	}
+	if *pgConn != "" {
+		pg, err := verifier.OpenPGNonces(ctx, *pgConn)
+		if err != nil {
+			return fmt.Errorf("--postgres: %w", err)
+		}
+		defer pg.Close()
+		opts.Nonces = pg
 	}
 	if opts.Signer, err = loadOrCreateP256(*keyFile); err != nil {
 		return fmt.Errorf("--key: %w", err)
