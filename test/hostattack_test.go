@@ -410,8 +410,16 @@ func TestMigrationWithKeyBroker(t *testing.T) {
 		t.Fatalf("the destination loaded an export older than the guest's last write:\n%s", out)
 	}
 	// Refused either at once (the source already reported its newer
-	// generation) or when the source reports it.
-	if l := dst.Backend.Log.String(); !strings.Contains(l, "has newer state than the claimed export") && !strings.Contains(l, "older than the instance's anchored generation") {
+	// generation) or when the source reports it (within its report
+	// interval, which may end after the host's call has given up).
+	saysWhy := func() bool {
+		l := dst.Backend.Log.String()
+		return strings.Contains(l, "has newer state than the claimed export") || strings.Contains(l, "older than the instance's anchored generation")
+	}
+	for deadline := time.Now().Add(10 * time.Second); !saysWhy() && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !saysWhy() {
 		t.Errorf("destination log does not say why:\n%s", dst.Backend.Log.String())
 	}
 	// The real migration: QEMU pauses the source VM, saves, loads.
