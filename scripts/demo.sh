@@ -58,10 +58,12 @@ say "every instance, 'guest-vm1' only instance vm1."
 step "4. Start the backend inside the CVM: keys from the key broker, one libtpms worker per instance, state sealed with SM4-GCM"
 "$BIN" backend --dir "$work/backend" --listen "tcp:127.0.0.1:0" --cipher sm4-gcm \
   --key-broker "$ca_addr" --broker-root "$work/ca/service-ca.pem" --backend-id backend-a --migration-domain demo \
-  --client-ca "$work/ca/identity-ca.pem" --client-crl "http://$ca_http/crl/identity" --acl "$work/acl.json" --csv-sim "$work/csv" --ca "$ca_addr" 2> "$work/backend.log" &
+  --client-ca "$work/ca/identity-ca.pem" --client-crl "http://$ca_http/crl/identity" --acl "$work/acl.json" --csv-sim "$work/csv" --ca "$ca_addr" \
+  --metrics 127.0.0.1:0 2> "$work/backend.log" &
 pids+=($!)
 wait_log "$work/backend.log" 'backend serving'
 link=$(sed -n 's/.*backend serving" link=\([^ ]*\).*/\1/p' "$work/backend.log")
+backend_metrics=$(sed -n 's/.*backend serving.* metrics=\([^ ]*\).*/\1/p' "$work/backend.log")
 say "the backend proved with a CSV report (bound to a nonce and an ephemeral key) that it runs the"
 say "approved image; the broker released its master key and the domain's migration key, wrapped to"
 say "that key and signed by the CA. No key file on the CVM's disk."
@@ -113,10 +115,11 @@ cat > "$work/workload-policy.json" <<JSON
 JSON
 "$BIN" verifier --ek-root "$work/ca/ca.pem" --ak-root "$work/ca/ak-ca.pem" --crl "http://$ca_http/crl" --crl "http://$ca_http/crl/ak" --policy "$work/policy.json" --cert-dir "$work/kds" \
   --workload-policy "$work/workload-policy.json" --require-workload \
-  --key "$work/verifier.key" --listen 127.0.0.1:0 --http "" 2> "$work/verifier.log" &
+  --key "$work/verifier.key" --listen 127.0.0.1:0 --http 127.0.0.1:0 2> "$work/verifier.log" &
 pids+=($!)
 wait_log "$work/verifier.log" 'verifier serving'
 verifier=$(sed -n 's/.*grpc=\([^ ]*\).*/\1/p' "$work/verifier.log" | head -1)
+verifier_http=$(sed -n 's/.*verifier serving.* http=\([^ ]*\).*/\1/p' "$work/verifier.log" | head -1)
 say "verifier at $verifier: trusts the CA's EK and AK roots and their CRLs, the backend policy of step 1,"
 say "and a workload policy: the workload VM (chip SIMCHIP0042) must run image $workload_measure."
 "$BIN" guest measure --tpm "unix:$work/vm1-tpm.sock" --event-log "$work/guest-events.log" "demo bootloader" "demo app v1" | sed 's/^/   /'
@@ -189,5 +192,15 @@ say "a vTPM in a CVM on a chip whose root the CA does not trust asks for an EK c
   | sed -n 's/.*desc = \(.*\)/\1/p' | cut -c1-150 | sed 's/^/     /' || true
 say "and the simulated CSV evidence is refused by a verifier that trusts only HYGON's real root:"
 "$BIN" csv verify --report "$work/csv/report.cert" --hsk-cek "$work/csv/hsk_cek.cert" 2>&1 | sed 's/^/     /' || true
+
+step "11. What an operator sees: health and the counters this run moved"
+metric() { curl -s "http://$1/metrics" | grep -E "^$2" | sed 's/^/     /'; }
+say "backend (http://$backend_metrics): /healthz $(curl -s "http://$backend_metrics/healthz"), /readyz $(curl -s "http://$backend_metrics/readyz")"
+metric "$backend_metrics" 'cvtpm_backend_(instances|worker_restarts_total|calls_refused_total)'
+metric "$backend_metrics" 'cvtpm_backend_call_seconds_count\{op="execute"\}'
+say "EK CA (http://$ca_http): /healthz $(curl -s "http://$ca_http/healthz")"
+metric "$ca_http" 'cvtpm_(ca_decisions|keybroker_releases)_total'
+say "verifier (http://$verifier_http): /healthz $(curl -s "http://$verifier_http/healthz")"
+metric "$verifier_http" 'cvtpm_verifier_verdicts_total'
 
 step "Done: everything stopped, temporary files removed."

@@ -250,11 +250,13 @@ Options:
 	errc := make(chan error, 2)
 	go func() { errc <- gs.Serve(ln) }()
 	var hs *http.Server
+	httpBound := ""
 	if *httpAddr != "" {
 		hl, err := netaddr.Listen(*httpAddr)
 		if err != nil {
 			return fmt.Errorf("--http: %w", err)
 		}
+		httpBound = hl.Addr().String()
 		// Bounded: requests carry evidence (JSON: base64 of the above),
 		// no more; slow or idle clients do not hold sockets.
 		mux := http.NewServeMux()
@@ -264,7 +266,7 @@ Options:
 		hs = serve.HTTPServer(mux, verifier.MaxHTTPRequest)
 		go func() { errc <- hs.Serve(serve.Listen(hl, "verifier HTTP", log)) }()
 	}
-	log.Info("verifier serving", "grpc", ln.Addr().String(), "http", *httpAddr, "key", *keyFile+".pub.pem")
+	log.Info("verifier serving", "grpc", ln.Addr().String(), "http", httpBound, "key", *keyFile+".pub.pem")
 	if err := obs.NotifyReady(); err != nil {
 		log.Warn("systemd readiness", "err", err)
 	}
