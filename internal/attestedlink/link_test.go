@@ -13,6 +13,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"io"
+	"log/slog"
 	"math/big"
 	"net"
 	"os"
@@ -108,6 +109,12 @@ func (f providerFunc) Report(ctx context.Context, rd []byte) ([]byte, error) { r
 
 func newFixture(t testing.TB, vmPolicy uint32) *fixture {
 	t.Helper()
+	return newFixtureLogged(t, vmPolicy, nil)
+}
+
+// newFixtureLogged is newFixture with the server logging to log (nil: none).
+func newFixtureLogged(t testing.TB, vmPolicy uint32, log *slog.Logger) *fixture {
+	t.Helper()
 	sim, err := csv.NewSimulator("SIMLINK01")
 	if err != nil {
 		t.Fatal(err)
@@ -134,6 +141,7 @@ func newFixture(t testing.TB, vmPolicy uint32) *fixture {
 		HSKCEK:     csv.MarshalHSKCEK(sim.HSK, sim.CEK),
 		Authorizer: acl{"frontend-vm1": {"vm1"}},
 		Handler:    f.handler,
+		Logger:     log,
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -3,18 +3,13 @@ package attestedlink
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
-	"encoding/hex"
 	"log/slog"
 	"net"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"cvtpm/attest/csv"
 )
 
 // syncBuf is a goroutine-safe log sink.
@@ -38,44 +33,7 @@ func (s *syncBuf) lines() int {
 // newLoggedFixture is newFixture with a server logger set before Serve.
 func newLoggedFixture(t testing.TB, log *slog.Logger) *fixture {
 	t.Helper()
-	sim, err := csv.NewSimulator("SIMLINK15")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := sim.SetVM(csv.VMConfig{Version: 1, Measure: goodMeasure, Policy: 0x7}); err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	root := filepath.Join(dir, "sim-hrk.cert")
-	os.WriteFile(root, sim.HRK.Marshal(), 0o600)
-	policy := &csv.AppraisalPolicy{SimulatorRoots: []string{root}, ApprovedMeasurements: []string{hex.EncodeToString(goodMeasure[:])}}
-	if err := policy.Compile(); err != nil {
-		t.Fatal(err)
-	}
-	p := newPKI(t, "frontend-vm1")
-	cert, err := EphemeralCertificate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := &fixture{sim: sim, pki: p, handler: &counter{n: map[string]int{}}, policy: policy}
-	f.server = &Server{
-		TLS:        &tls.Config{Certificates: []tls.Certificate{cert}, ClientCAs: p.pool},
-		Evidence:   sim,
-		HSKCEK:     csv.MarshalHSKCEK(sim.HSK, sim.CEK),
-		Authorizer: acl{"frontend-vm1": {"vm1"}},
-		Handler:    f.handler,
-		Logger:     log,
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { f.server.Serve(ctx, ln); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	f.addr = ln.Addr().String()
-	return f
+	return newFixtureLogged(t, 0x7, log)
 }
 
 // Review 15, finding 1: the link's only pre-authentication cap is the
