@@ -7,7 +7,7 @@ pkgs=(
   gcc pkg-config libtpms-dev          # the TPM engine (cgo)
   swtpm swtpm-tools                   # reference peer: swtpm, swtpm_ioctl, swtpm_setup
   tpm2-tools libtss2-tcti-swtpm0 libtss2-tcti-mssim0
-  qemu-system-x86 seabios busybox-static linux-image-amd64 cpio
+  qemu-system-x86 seabios ovmf busybox-static linux-image-amd64 cpio   # ovmf: test/realguest_test.go
   openssl curl
   postgresql                          # the EK CA's replicated store, tested against a real server
   libvirt-daemon-system libvirt-clients   # libvirt using cvtpm as its swtpm (test/libvirt_test.go)
