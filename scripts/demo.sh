@@ -128,7 +128,7 @@ guest_attest() {
     --event-log "$work/guest-events.log" --verifier-key "$work/verifier.key.pub.pem" \
     --workload-evidence --workload-csv-sim "$work/workload-csv" 2>&1 | grep -v 'CSV SIMULATOR' | sed 's/^/   /'
 }
-guest_attest
+guest_attest | tee "$work/verdict.txt"
 say "(one nonce for everything: the quote by a CA-certified AK, a fresh CSV report the backend made"
 say " for this nonce and this EK, and the workload VM's own report for this nonce and this AK;"
 say " 'warning' only because the CSV evidence is simulated)"
@@ -202,5 +202,10 @@ say "EK CA (http://$ca_http): /healthz $(curl -s "http://$ca_http/healthz")"
 metric "$ca_http" 'cvtpm_(ca_decisions|keybroker_releases)_total'
 say "verifier (http://$verifier_http): /healthz $(curl -s "http://$verifier_http/healthz")"
 metric "$verifier_http" 'cvtpm_verifier_verdicts_total'
+
+step "In one line per leg: the verdict the relying party got for the workload VM in step 7"
+sed -n '/^   *leg /,$p' "$work/verdict.txt"
+say "(EAR submodules cvtpm-vtpm, csv-platform and csv-workload of one signed token; WARNING only because"
+say " this demo's CSV evidence is simulated: nothing was refused)"
 
 step "Done: everything stopped, temporary files removed."
