@@ -76,7 +76,7 @@ step "5. The host: frontend relay. The guest: an end-to-end attested session thr
 pids+=($!)
 wait_log "$work/frontend.log" 'relaying guest connections'
 relay=$(sed -n 's/.*relaying guest connections" listen=\([^ ]*\).*/\1/p' "$work/frontend.log")
-"$BIN" guest proxy --link "tcp:$relay" --instance vm1 --cert "$work/guest-vm1.pem" --key "$work/guest-vm1.key" \
+"$BIN" guest proxy --link "tcp:$relay" --instance vm1 --tls-cert "$work/guest-vm1.pem" --tls-key "$work/guest-vm1.key" \
   --policy "$work/policy.json" --cert-dir "$work/kds" --unix "$work/vm1-tpm.sock" 2> "$work/proxy.log" &
 pids+=($!)
 wait_log "$work/proxy.log" 'guest proxy serving'
@@ -115,7 +115,7 @@ cat > "$work/workload-policy.json" <<JSON
 JSON
 "$BIN" verifier --ek-root "$work/ca/ca.pem" --ak-root "$work/ca/ak-ca.pem" --crl "http://$ca_http/crl" --crl "http://$ca_http/crl/ak" --policy "$work/policy.json" --cert-dir "$work/kds" \
   --workload-policy "$work/workload-policy.json" --require-workload \
-  --key "$work/verifier.key" --listen 127.0.0.1:0 --http 127.0.0.1:0 2> "$work/verifier.log" &
+  --token-key "$work/verifier.key" --listen 127.0.0.1:0 --http 127.0.0.1:0 2> "$work/verifier.log" &
 pids+=($!)
 wait_log "$work/verifier.log" 'verifier serving'
 verifier=$(sed -n 's/.*grpc=\([^ ]*\).*/\1/p' "$work/verifier.log" | head -1)
@@ -144,7 +144,7 @@ say "worker $pid killed; the backend restarted it: $("$BIN" backend list --admin
 say "NV 0x1500016 still reads: $(tpm2_nvread 0x1500016 -C o 2>/dev/null | tr -d '\0')"
 
 step "9. The host tries to take the instance's state, and to replace it"
-"$BIN" frontend --backend "tcp:$link" --cert "$work/frontend.pem" --key "$work/frontend.key" --policy "$work/policy.json" --cert-dir "$work/kds" \
+"$BIN" frontend --backend "tcp:$link" --tls-cert "$work/frontend.pem" --tls-key "$work/frontend.key" --policy "$work/policy.json" --cert-dir "$work/kds" \
   --vm vm1="$work/vm1.ctrl" 2> "$work/frontend-vm.log" &
 pids+=($!)
 wait_for "$work/vm1.ctrl"
@@ -175,11 +175,11 @@ say "after the VM reset the guest still reads NV 0x1500016: $(tpm2_nvread 0x1500
 step "10. Tamper: what else the system refuses, and why"
 echo "{\"approved_measurements\": [\"$measure\"]}" > "$work/real-only.json"
 say "a guest that trusts only HYGON's real root refuses this (simulated) backend before sending a command:"
-"$BIN" guest proxy --link "tcp:$relay" --instance vm1 --cert "$work/guest-vm1.pem" --key "$work/guest-vm1.key" \
+"$BIN" guest proxy --link "tcp:$relay" --instance vm1 --tls-cert "$work/guest-vm1.pem" --tls-key "$work/guest-vm1.key" \
   --policy "$work/real-only.json" --cert-dir "$work/kds" --tcp 127.0.0.1:1 2>&1 | sed 's/^/     /' | cut -c1-220 || true
 echo "{\"simulator_roots\": [\"$work/csv/hrk.cert\"], \"approved_measurements\": [\"$(printf 'other image' | sha256sum | cut -d' ' -f1)\"]}" > "$work/other.json"
 say "a guest that expects another backend image refuses it too:"
-"$BIN" guest proxy --link "tcp:$relay" --instance vm1 --cert "$work/guest-vm1.pem" --key "$work/guest-vm1.key" \
+"$BIN" guest proxy --link "tcp:$relay" --instance vm1 --tls-cert "$work/guest-vm1.pem" --tls-key "$work/guest-vm1.key" \
   --policy "$work/other.json" --cert-dir "$work/kds" --tcp 127.0.0.1:1 2>&1 | sed 's/^/     /' | cut -c1-220 || true
 "$BIN" csv simulate --out "$work/csv-other" --chip SIMCHIP0666 --measure "$measure" --policy 0x7 >/dev/null
 mkdir -p "$work/kds/hsk_cek/SIMCHIP0666" && cp "$work/csv-other/hsk_cek.cert" "$work/kds/hsk_cek/SIMCHIP0666/"

@@ -113,7 +113,7 @@ func TestVerifierStrictSettings(t *testing.T) {
 		{"malformed PCR value", `{"pcrs": {"sha256": {"16": "zz"}}}`, "not 64 hex digits", []string{"--no-crl"}},
 		{"chip lists with the evidence's own HSK+CEK", "", "need HSK+CEK looked up by chip serial", []string{"--no-crl", "--evidence-certs", "--policy", chipPolicy}},
 	} {
-		args := append([]string{"verifier", "--ek-root", root, "--ak-root", akRoot, "--policy", policy, "--key", filepath.Join(dir, "v.key"),
+		args := append([]string{"verifier", "--ek-root", root, "--ak-root", akRoot, "--policy", policy, "--token-key", filepath.Join(dir, "v.key"),
 			"--listen", "127.0.0.1:0", "--http", ""}, tc.extra...)
 		if tc.ref != "" {
 			ref := filepath.Join(dir, "ref.json")
@@ -236,14 +236,17 @@ func TestCLITable(t *testing.T) {
 		args []string
 		flag string
 	}{
-		{[]string{"backend", "--dir", filepath.Join(dir, "b"), "--key-file", filepath.Join(dir, "key"), "--client-ca", filepath.Join(dir, "ca.pem"),
+		{[]string{"backend", "--dir", filepath.Join(dir, "b"), "--master-key-file", filepath.Join(dir, "key"), "--client-ca", filepath.Join(dir, "ca.pem"),
 			"--acl", filepath.Join(dir, "acl.json"), "--cipher", "aes-128-gcm", "--listen", "tcp:127.0.0.1:0"}, "--cipher"},
-		{[]string{"backend", "--dir", filepath.Join(dir, "b"), "--key-file", filepath.Join(dir, "key"), "--client-ca", filepath.Join(dir, "key"),
+		{[]string{"backend", "--dir", filepath.Join(dir, "b"), "--master-key-file", filepath.Join(dir, "key"), "--client-ca", filepath.Join(dir, "key"),
 			"--acl", filepath.Join(dir, "acl.json")}, "--client-ca"},
 		{[]string{"ca", "--dir", filepath.Join(dir, "ca"), "--policy", filepath.Join(dir, "nonexistent.json")}, "policy"},
 		{[]string{"verifier", "--log-format", "yaml", "--ek-root", filepath.Join(dir, "ca.pem"), "--ak-root", filepath.Join(dir, "ca.pem"),
-			"--no-crl", "--policy", filepath.Join(dir, "acl.json"), "--key", filepath.Join(dir, "v.key")}, "--log-format"},
+			"--no-crl", "--policy", filepath.Join(dir, "acl.json"), "--token-key", filepath.Join(dir, "v.key")}, "--log-format"},
 		{[]string{"frontend", "--vm", "vm1=" + filepath.Join(dir, "c"), "--socket-mode", "999"}, "--socket-mode"},
+		// Renamed flags keep their old names for scripts: --key-file here.
+		{[]string{"backend", "--dir", filepath.Join(dir, "b"), "--key-file", filepath.Join(dir, "key"), "--client-ca", filepath.Join(dir, "ca.pem"),
+			"--acl", filepath.Join(dir, "acl.json"), "--cipher", "aes-128-gcm", "--listen", "tcp:127.0.0.1:0"}, "--cipher"},
 		{[]string{"csv", "simulate", "--out", filepath.Join(dir, "sim"), "--policy", "zz"}, "--policy"},
 		{[]string{"enroll", "--instance", "x", "--tpm-socket", filepath.Join(dir, "none.sock")}, "none.sock"},
 	} {

@@ -63,7 +63,7 @@ func startHostEnv(t *testing.T) *hostEnv {
 func startFrontend(t *testing.T, f *testenv.TopologyFiles, topo *testenv.Topology, instances ...string) map[string]string {
 	t.Helper()
 	ctrl := map[string]string{}
-	args := []string{"frontend", "--backend", topo.LinkAddr, "--cert", f.Certs["frontend"][0], "--key", f.Certs["frontend"][1], "--policy", f.Policy, "--cert-dir", f.CertDir}
+	args := []string{"frontend", "--backend", topo.LinkAddr, "--tls-cert", f.Certs["frontend"][0], "--tls-key", f.Certs["frontend"][1], "--policy", f.Policy, "--cert-dir", f.CertDir}
 	var addrs []string
 	for _, id := range instances {
 		ctrl[id] = filepath.Join(testenv.SockDir(t), id+".ctrl")
@@ -484,7 +484,7 @@ func TestWorkloadBindingEndToEnd(t *testing.T) {
 		port := testenv.FreePort(t)
 		c := f.Certs["guest-vm1"]
 		testenv.StartDaemon(t, "guest proxy", []string{fmt.Sprintf("tcp:127.0.0.1:%d", port)}, append([]string{"guest", "proxy",
-			"--link", topo.LinkAddr, "--instance", "vm1", "--cert", c[0], "--key", c[1], "--policy", f.Policy, "--cert-dir", f.CertDir,
+			"--link", topo.LinkAddr, "--instance", "vm1", "--tls-cert", c[0], "--tls-key", c[1], "--policy", f.Policy, "--cert-dir", f.CertDir,
 			"--tcp", fmt.Sprintf("127.0.0.1:%d", port)}, extra...)...)
 		return fmt.Sprintf("swtpm:host=127.0.0.1,port=%d", port)
 	}
@@ -539,7 +539,7 @@ func TestRevokedLinkIdentityRefused(t *testing.T) {
 	topo.Admin(t, "create", "vm1")
 	port := testenv.FreePort(t)
 	testenv.StartDaemon(t, "guest proxy", []string{fmt.Sprintf("tcp:127.0.0.1:%d", port)}, "guest", "proxy",
-		"--link", topo.LinkAddr, "--instance", "vm1", "--cert", cert, "--key", key, "--policy", f.Policy, "--cert-dir", f.CertDir, "--tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		"--link", topo.LinkAddr, "--instance", "vm1", "--tls-cert", cert, "--tls-key", key, "--policy", f.Policy, "--cert-dir", f.CertDir, "--tcp", fmt.Sprintf("127.0.0.1:%d", port))
 	env := []string{fmt.Sprintf("TPM2TOOLS_TCTI=swtpm:host=127.0.0.1,port=%d", port)}
 	testenv.RunErr(env, "tpm2_startup", "-c")
 	testenv.Run(t, env, "tpm2_getrandom", "8")

@@ -105,7 +105,7 @@ func TestHostileDescriptorFlood(t *testing.T) {
 	vAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
 	verifierD := testenv.StartLimited(t, limit, "verifier", []string{"tcp:" + vAddr}, "verifier",
 		"--ek-root", c.RootFile(ca.PurposeEK), "--ak-root", c.RootFile(ca.PurposeAK), "--no-crl", "--policy", f.Policy,
-		"--cert-dir", f.CertDir, "--key", filepath.Join(f.Dir, "verifier.key"), "--listen", vAddr, "--http", "")
+		"--cert-dir", f.CertDir, "--token-key", filepath.Join(f.Dir, "verifier.key"), "--listen", vAddr, "--http", "")
 
 	// Another VM's session, established before the floods.
 	_, vm2 := topo.StartGuestProxy(t, topo.LinkAddr, "frontend", "vm2", f.Policy)
@@ -217,7 +217,7 @@ func TestHostileControlBodies(t *testing.T) {
 	topo.Admin(t, "create", "vm1")
 	ctrl := filepath.Join(f.Dir, "vm1.ctrl")
 	front := testenv.StartDaemon(t, "frontend", []string{"unix:" + ctrl}, "frontend", "--backend", topo.LinkAddr,
-		"--cert", f.Certs["frontend"][0], "--key", f.Certs["frontend"][1], "--policy", f.Policy, "--cert-dir", f.CertDir, "--vm", "vm1="+ctrl)
+		"--tls-cert", f.Certs["frontend"][0], "--tls-key", f.Certs["frontend"][1], "--policy", f.Policy, "--cert-dir", f.CertDir, "--vm", "vm1="+ctrl)
 	sock := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{})
 	for _, tc := range []struct {
 		name string
@@ -320,7 +320,7 @@ func TestHostileVerifier(t *testing.T) {
 	vAddr, vHTTP := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t)), fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
 	d := testenv.StartDaemon(t, "verifier", []string{"tcp:" + vAddr, "tcp:" + vHTTP}, "verifier",
 		"--ek-root", c.RootFile(ca.PurposeEK), "--ak-root", c.RootFile(ca.PurposeAK), "--no-crl", "--policy", f.Policy,
-		"--cert-dir", f.CertDir, "--key", filepath.Join(f.Dir, "verifier.key"), "--listen", vAddr, "--http", vHTTP)
+		"--cert-dir", f.CertDir, "--token-key", filepath.Join(f.Dir, "verifier.key"), "--listen", vAddr, "--http", vHTTP)
 	pid := d.Cmd.Process.Pid
 	// 300 idle HTTP connections, opened first: the server must close
 	// every one within its header timeout (10 s), slack included 15 s.

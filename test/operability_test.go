@@ -92,7 +92,7 @@ func TestOperability(t *testing.T) {
 	vd := testenv.StartDaemon(t, "verifier", []string{"tcp:" + vAddr, "tcp:" + vHTTP}, "verifier", "--reference", ref,
 		"--ek-root", c.RootFile(ca.PurposeEK), "--ak-root", c.RootFile(ca.PurposeAK),
 		"--crl", c.CRLURL(ca.PurposeEK), "--crl", c.CRLURL(ca.PurposeAK), "--policy", f.Policy, "--cert-dir", f.CertDir,
-		"--key", filepath.Join(f.Dir, "verifier.key"), "--listen", vAddr, "--http", vHTTP, "--log-format", "json")
+		"--token-key", filepath.Join(f.Dir, "verifier.key"), "--listen", vAddr, "--http", vHTTP, "--log-format", "json")
 
 	// One attestation, so every counter has something to count.
 	vconn, err := grpc.NewClient(vAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -209,7 +209,7 @@ func TestOperability(t *testing.T) {
 
 	// A bad log level is refused, naming the flag.
 	out, err := testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), "verifier", "--log-level", "loud", "--ek-root", c.RootFile(ca.PurposeEK),
-		"--ak-root", c.RootFile(ca.PurposeAK), "--no-crl", "--policy", f.Policy, "--key", filepath.Join(f.Dir, "v2.key"))
+		"--ak-root", c.RootFile(ca.PurposeAK), "--no-crl", "--policy", f.Policy, "--token-key", filepath.Join(f.Dir, "v2.key"))
 	if err == nil || !strings.Contains(out, "--log-level") {
 		t.Fatalf("--log-level loud: %v %s", err, out)
 	}
@@ -230,7 +230,7 @@ crl = %s
 crl = %s
 policy = %s
 cert-dir = %s
-key = %s
+token-key = %s
 listen = %s
 http =
 log-format = json

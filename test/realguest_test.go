@@ -46,7 +46,7 @@ i=0
 while [ ! -e /dev/tpm0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 for n in 0 1 2 3 4 5 6 7 8 9; do echo "CVTPM-QEMUPCR$n: $(cat /sys/class/tpm/tpm0/pcr-sha256/$n)"; done
 echo "CVTPM-EVENTLOG: $(base64 -w 0 /sys/kernel/security/tpm0/binary_bios_measurements)"
-cvtpm guest proxy --vtpm-proxy --link {{RELAY}} --instance vm1 --cert /etc/cvtpm/guest.pem --key /etc/cvtpm/guest.key \
+cvtpm guest proxy --vtpm-proxy --link {{RELAY}} --instance vm1 --tls-cert /etc/cvtpm/guest.pem --tls-key /etc/cvtpm/guest.key \
   --policy {{POLICY}} --cert-dir {{CERTDIR}} > /tmp/proxy.log 2>&1 &
 i=0
 while [ ! -e /dev/tpmrm1 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
@@ -114,7 +114,7 @@ func TestRealGuest(t *testing.T) {
 	testenv.StartDaemon(t, "verifier", []string{"tcp:" + vAddr}, "verifier",
 		"--ek-root", c.RootFile(ca.PurposeEK), "--ak-root", c.RootFile(ca.PurposeAK), "--crl", c.CRLURL(ca.PurposeEK), "--crl", c.CRLURL(ca.PurposeAK),
 		"--policy", f.Policy, "--cert-dir", f.CertDir, "--workload-policy", workloadPolicy, "--require-workload",
-		"--key", vKey, "--listen", vAddr, "--http", vHTTP)
+		"--token-key", vKey, "--listen", vAddr, "--http", vHTTP)
 
 	// From inside the VM, the host's loopback is 10.0.2.2 (QEMU's user
 	// network); the guest's files sit at the host's paths so the policy

@@ -131,13 +131,13 @@ func TestUntrustedBackendRefused(t *testing.T) {
 			}
 			tc.policy = policy
 			out, err := testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), "guest", "proxy", "--link", tc.link, "--instance", "vm1",
-				"--cert", c[0], "--key", c[1], "--policy", tc.policy, "--cert-dir", certDir, "--tcp", "127.0.0.1:1")
+				"--tls-cert", c[0], "--tls-key", c[1], "--policy", tc.policy, "--cert-dir", certDir, "--tcp", "127.0.0.1:1")
 			if err == nil || !strings.Contains(out, tc.reason) {
 				t.Fatalf("guest proxy: err=%v, output:\n%s\nwant %q", err, out, tc.reason)
 			}
 			sock := filepath.Join(testenv.SockDir(t), "ctrl")
 			out, err = testenv.RunErr(nil, testenv.Binary(t, testenv.Cvtpm), "frontend", "--backend", tc.link,
-				"--cert", fc[0], "--key", fc[1], "--policy", tc.policy, "--cert-dir", certDir, "--vm", "vm1="+sock)
+				"--tls-cert", fc[0], "--tls-key", fc[1], "--policy", tc.policy, "--cert-dir", certDir, "--vm", "vm1="+sock)
 			if err == nil || !strings.Contains(out, tc.reason) {
 				t.Fatalf("frontend: err=%v, output:\n%s\nwant %q", err, out, tc.reason)
 			}
@@ -154,7 +154,7 @@ func TestQEMUThroughFrontend(t *testing.T) {
 	ctrl := filepath.Join(f.Dir, "vm1.ctrl")
 	fc := f.Certs["frontend"]
 	front := testenv.StartDaemon(t, "frontend", []string{"unix:" + ctrl}, "frontend", "--backend", topo.LinkAddr,
-		"--cert", fc[0], "--key", fc[1], "--policy", f.Policy, "--cert-dir", f.CertDir, "--vm", "vm1="+ctrl)
+		"--tls-cert", fc[0], "--tls-key", fc[1], "--policy", f.Policy, "--cert-dir", f.CertDir, "--vm", "vm1="+ctrl)
 	// An EK at 0x81010001 for the fresh-report command (enrollment would
 	// put it there too).
 	_, tcti := topo.StartGuestProxy(t, topo.LinkAddr, "guest-vm1", "vm1", f.Policy)

@@ -752,7 +752,7 @@ func TestVerifierReplicasShareNonces(t *testing.T) {
 		testenv.StartDaemon(t, "verifier", []string{"tcp:" + addr}, "verifier", "--postgres", pg,
 			"--ek-root", e.ca.RootFile(ca.PurposeEK), "--ak-root", e.ca.RootFile(ca.PurposeAK),
 			"--crl", e.ca.CRLURL(ca.PurposeEK), "--crl", e.ca.CRLURL(ca.PurposeAK), "--policy", e.files.Policy,
-			"--cert-dir", e.files.CertDir, "--key", filepath.Join(e.files.Dir, fmt.Sprintf("v%d.key", i)), "--listen", addr, "--http", "")
+			"--cert-dir", e.files.CertDir, "--token-key", filepath.Join(e.files.Dir, fmt.Sprintf("v%d.key", i)), "--listen", addr, "--http", "")
 		addrs = append(addrs, addr)
 	}
 	client := func(addr string) attestpb.VerifierClient {

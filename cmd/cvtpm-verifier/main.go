@@ -61,7 +61,7 @@ func run(ctx context.Context, args []string) error {
 	}
 	fs := flag.NewFlagSet("cvtpm verifier", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: cvtpm verifier --ek-root FILE --ak-root FILE --crl URL --crl URL --policy FILE --key FILE [options]
+		fmt.Fprint(fs.Output(), `Usage: cvtpm verifier --ek-root FILE --ak-root FILE --crl URL --crl URL --policy FILE --token-key FILE [options]
        cvtpm verifier reference --event-log FILE [--pcrs 0,1,...] [--out ref.json]
 
 Appraises evidence from 'cvtpm guest attest' in one verdict of up to three
@@ -76,7 +76,7 @@ all bound to one single-use nonce. The CSV half is judged by --policy (the
 same JSON as the EK CA's evidence policy: trusted roots, approved
 measurements, ...), the whole by a Rego policy (built in, or --rego) with
 reference values (--reference, e.g. {"pcrs": {"sha256": {"16": "ab.."}}}).
-The answer is an EAR token signed with --key (ECDSA P-256, created if
+The answer is an EAR token signed with --token-key (ECDSA P-256, created if
 missing; its public key is written beside it as KEY.pub.pem).
 
 APIs: gRPC cvtpm.attest.v1.Verifier on --listen; HTTP/JSON on --http
@@ -103,7 +103,8 @@ Options:
 	certDir := fs.String("cert-dir", "", "look the reporting chip's HSK+CEK up by its serial in this offline directory (hsk_cek/<serial>/hsk_cek.cert)")
 	kds := fs.String("kds", "", "look the reporting chip's HSK+CEK up by its serial at this HYGON KDS (default "+csv.DefaultKDS+" unless --cert-dir or --evidence-certs)")
 	evidenceCerts := fs.Bool("evidence-certs", false, "use the HSK+CEK sent with the evidence (the chip serial is then the evidence's own claim: chip allow/deny lists are refused)")
-	keyFile := fs.String("key", "", "EAR signing key, PKCS #8 PEM (created if missing) (required)")
+	keyFile := fs.String("token-key", "", "EAR token signing key, PKCS #8 PEM (created if missing) (required)")
+	cliconf.Alias(fs, "token-key", "key")
 	listen := fs.String("listen", "127.0.0.1:7800", "gRPC address: HOST:PORT, tcp:HOST:PORT or unix:PATH")
 	logFlags := obs.AddLogFlags(fs)
 	httpAddr := fs.String("http", "127.0.0.1:7801", "HTTP/JSON address ('' = off)")
@@ -122,7 +123,7 @@ Options:
 		return errUsage
 	}
 	if *ekRoot == "" || *akRoot == "" || *policyFile == "" || *keyFile == "" {
-		fmt.Fprintln(os.Stderr, "cvtpm verifier: --ek-root, --ak-root, --policy and --key are required (see --help)")
+		fmt.Fprintln(os.Stderr, "cvtpm verifier: --ek-root, --ak-root, --policy and --token-key are required (see --help)")
 		return errUsage
 	}
 	log, err := logFlags.Logger(os.Stderr)
@@ -218,7 +219,7 @@ Options:
 		opts.Nonces = pg
 	}
 	if opts.Signer, err = loadOrCreateP256(*keyFile); err != nil {
-		return fmt.Errorf("--key: %w", err)
+		return fmt.Errorf("--token-key: %w", err)
 	}
 	v, err := verifier.New(ctx, opts)
 	if err != nil {

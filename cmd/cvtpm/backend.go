@@ -25,6 +25,7 @@ import (
 	"cvtpm/ca"
 	"cvtpm/ca/keybroker"
 	"cvtpm/enroll"
+	"cvtpm/internal/cliconf"
 	"cvtpm/internal/attestedlink"
 	"cvtpm/internal/netaddr"
 	"cvtpm/internal/obs"
@@ -47,7 +48,7 @@ func runBackend(ctx context.Context, args []string) error {
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), `Usage: cvtpm backend --dir DIR --key-broker ADDR --broker-root service-ca.pem --backend-id ID [--migration-domain D]
                      --client-ca FILE --acl FILE [options]
-       cvtpm backend --dir DIR --key-file FILE|--key-fd N ...    (development)
+       cvtpm backend --dir DIR --master-key-file FILE|--master-key-fd N ...    (development)
        cvtpm backend create --admin SOCKET [--enroll | --incoming | --import DIR] [--bind FILE] ID
        cvtpm backend list|delete --admin SOCKET [ID]
 
@@ -86,7 +87,7 @@ broker releases its master key (every instance's state key derives from it)
 and its migration domain's key, wrapped to that ephemeral key and signed by
 the CA service root of --broker-root (also what its TLS port must present). The broker also keeps each instance's highest
 state generation: an instance whose directory is older (an old copy put
-back by the host) is refused. --key-file and --key-fd are for development:
+back by the host) is refused. --master-key-file and --master-key-fd are for development:
 the link attests the image, not where such a key came from.
 
 With --ca, "create --enroll" also creates the instance's EKs and has the EK
@@ -101,8 +102,10 @@ Options:
 	logFlags := obs.AddLogFlags(fs)
 	metricsAddr := fs.String("metrics", "", "serve /metrics (Prometheus), /healthz and /readyz on this HOST:PORT ('' = off)")
 	admin := fs.String("admin", "", "management API unix socket (default DIR/admin.sock)")
-	keyFile := fs.String("key-file", "", "development: hex master key (32+ bytes) from which each instance's state key is derived")
-	keyFD := fs.Int("key-fd", -1, "development: read the hex master key from this inherited descriptor instead of --key-file")
+	keyFile := fs.String("master-key-file", "", "development: hex master key (32+ bytes) from which each instance's state key is derived")
+	keyFD := fs.Int("master-key-fd", -1, "development: read the hex master key from this inherited descriptor instead of --master-key-file")
+	cliconf.Alias(fs, "master-key-file", "key-file")
+	cliconf.Alias(fs, "master-key-fd", "key-fd")
 	cipher := fs.String("cipher", "aes-256-gcm", "state AEAD: aes-256-gcm or sm4-gcm")
 	clientCA := fs.String("client-ca", "", "PEM file of the CA(s) that issue link client certificates (cvtpm ca: DIR/identity-ca.pem) (required)")
 	clientCRL := fs.String("client-crl", "", "URL of the link client CA's CRL (cvtpm ca: http://CA:7080/crl/identity): revoked identities are refused; no fresh CRL, no clients")
@@ -127,7 +130,7 @@ Options:
 		}
 	}
 	if *dir == "" || keySources != 1 || *clientCA == "" || *aclFile == "" {
-		return usageError("--dir, one of --key-broker, --key-file and --key-fd, --client-ca and --acl are required (see --help)")
+		return usageError("--dir, one of --key-broker, --master-key-file and --master-key-fd, --client-ca and --acl are required (see --help)")
 	}
 	if *cipher != "aes-256-gcm" && *cipher != "sm4-gcm" {
 		return usageError(fmt.Sprintf("--cipher %q: want aes-256-gcm or sm4-gcm", *cipher))
@@ -205,14 +208,14 @@ Options:
 	case *keyFD >= 0:
 		k, err := backend.MasterKeyFromFD(*keyFD)
 		if err != nil {
-			return fmt.Errorf("--key-fd: %w", err)
+			return fmt.Errorf("--master-key-fd: %w", err)
 		}
 		cfg.Keys = k
 		log.Warn("master key from a descriptor (development setup): the link attests this image, not where its key came from; use --key-broker")
 	default:
 		k, err := backend.MasterKeyFromFile(*keyFile)
 		if err != nil {
-			return fmt.Errorf("--key-file: %w", err)
+			return fmt.Errorf("--master-key-file: %w", err)
 		}
 		cfg.Keys = k
 		log.Warn("master key read from a file on the CVM's disk (development setup): whoever placed the file can open every instance's state; use --key-broker", "file", *keyFile)

@@ -28,7 +28,7 @@ func (v *vmFlag) Set(s string) error { *v = append(*v, s); return nil }
 func runFrontend(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("cvtpm frontend", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: cvtpm frontend --backend ADDR --cert FILE --key FILE --policy FILE
+		fmt.Fprint(fs.Output(), `Usage: cvtpm frontend --backend ADDR --tls-cert FILE --tls-key FILE --policy FILE
                       [--vm INSTANCE=CTRL-SOCKET ...] [--relay ADDR]
 
 Runs on the host. For each --vm it serves swtpm's control protocol on the

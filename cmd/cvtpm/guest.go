@@ -44,7 +44,7 @@ func runGuest(ctx context.Context, args []string) error {
 func runGuestProxy(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("cvtpm guest proxy", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: cvtpm guest proxy --link ADDR --instance ID --cert FILE --key FILE --policy FILE
+		fmt.Fprint(fs.Output(), `Usage: cvtpm guest proxy --link ADDR --instance ID --tls-cert FILE --tls-key FILE --policy FILE
                         [--tcp HOST:PORT] [--unix PATH] [--mssim HOST:PORT]
 
 Runs inside a workload VM. Opens an attested session to the backend through

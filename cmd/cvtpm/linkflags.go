@@ -7,6 +7,7 @@ import (
 	"fmt"
 
 	"cvtpm/attest/csv"
+	"cvtpm/internal/cliconf"
 	"cvtpm/internal/attestedlink"
 )
 
@@ -16,19 +17,22 @@ type linkFlags struct {
 }
 
 func addLinkFlags(fs *flag.FlagSet) linkFlags {
-	return linkFlags{
-		cert:          fs.String("cert", "", "this client's link certificate (PEM, e.g. from 'cvtpm ca identity') (required)"),
-		key:           fs.String("key", "", "its private key (PEM) (required)"),
+	l := linkFlags{
+		cert:          fs.String("tls-cert", "", "this client's link certificate (PEM, e.g. from 'cvtpm ca identity') (required)"),
+		key:           fs.String("tls-key", "", "its private key (PEM) (required)"),
 		policy:        fs.String("policy", "", "evidence policy the backend must meet (JSON: trusted roots, approved measurements, ...; see csv.AppraisalPolicy) (required)"),
 		certDir:       fs.String("cert-dir", "", "look the backend chip's HSK+CEK up by its serial in this offline directory (hsk_cek/<serial>/hsk_cek.cert)"),
 		kds:           fs.String("kds", "", "look the backend chip's HSK+CEK up by its serial at this HYGON KDS (default "+csv.DefaultKDS+" unless --cert-dir or --evidence-certs)"),
 		evidenceCerts: fs.Bool("evidence-certs", false, "use the HSK+CEK the backend sends (the chip serial is then the backend's own claim: the policy's chip allow/deny lists are refused)"),
 	}
+	cliconf.Alias(fs, "tls-cert", "cert")
+	cliconf.Alias(fs, "tls-key", "key")
+	return l
 }
 
 func (l linkFlags) load() (attestedlink.ClientConfig, error) {
 	if *l.cert == "" || *l.key == "" || *l.policy == "" {
-		return attestedlink.ClientConfig{}, usageError("--cert, --key and --policy are required (see --help)")
+		return attestedlink.ClientConfig{}, usageError("--tls-cert, --tls-key and --policy are required (see --help)")
 	}
 	cfg, err := attestedlink.LoadClientConfig(*l.cert, *l.key, *l.policy)
 	if err != nil {

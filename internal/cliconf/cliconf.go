@@ -88,3 +88,14 @@ func Load(fs *flag.FlagSet, path string, b []byte) error {
 	}
 	return sc.Err()
 }
+
+// Alias registers old as another name of fs's flag name (the same value),
+// so scripts and configuration files written for a renamed flag keep
+// working. Its help says which name to use.
+func Alias(fs *flag.FlagSet, name, old string) {
+	f := fs.Lookup(name)
+	if f == nil {
+		panic("cliconf.Alias: no flag " + name)
+	}
+	fs.Var(f.Value, old, "old name of --"+name+" (still accepted)")
+}

@@ -59,3 +59,16 @@ func FuzzLoad(f *testing.F) {
 		Load(fs, "f", b)
 	})
 }
+
+func TestAlias(t *testing.T) {
+	for _, args := range [][]string{{"--tls-key", "k.pem"}, {"--key", "k.pem"}} {
+		fs := flag.NewFlagSet("t", flag.ContinueOnError)
+		key := fs.String("tls-key", "", "the TLS key")
+		on := fs.Bool("evidence-certs", false, "")
+		Alias(fs, "tls-key", "key")
+		Alias(fs, "evidence-certs", "ec")
+		if err := fs.Parse(append(args, "--ec")); err != nil || *key != "k.pem" || !*on {
+			t.Errorf("%v: %v, tls-key %q, evidence-certs %v", args, err, *key, *on)
+		}
+	}
+}

@@ -269,7 +269,7 @@ func StartBackendAt(tb testing.TB, f *TopologyFiles, stateDir string, extra ...s
 	t.AdminSock = filepath.Join(t.StateDir, "admin.sock")
 	t.backendArgs = []string{"backend", "--dir", t.StateDir, "--listen", t.LinkAddr, "--client-ca", f.ClientCA, "--acl", f.ACL, "--csv-sim", f.SimDir}
 	if !slices.Contains(extra, "--key-broker") { // keys from the broker, or the development key file
-		t.backendArgs = append(t.backendArgs, "--key-file", f.MasterKey)
+		t.backendArgs = append(t.backendArgs, "--master-key-file", f.MasterKey)
 	}
 	t.backendArgs = append(t.backendArgs, extra...)
 	t.Backend = StartDaemon(tb, "backend", []string{t.LinkAddr, "unix:" + t.AdminSock}, t.backendArgs...)
@@ -329,7 +329,7 @@ func (t *Topology) StartGuestProxy(tb testing.TB, link, identity, instance, poli
 	port := FreePort(tb)
 	c := t.Files.Certs[identity]
 	d := StartDaemon(tb, "guest proxy", []string{fmt.Sprintf("tcp:127.0.0.1:%d", port)},
-		"guest", "proxy", "--link", link, "--instance", instance, "--cert", c[0], "--key", c[1], "--policy", policy,
+		"guest", "proxy", "--link", link, "--instance", instance, "--tls-cert", c[0], "--tls-key", c[1], "--policy", policy,
 		"--cert-dir", t.Files.CertDir, "--tcp", fmt.Sprintf("127.0.0.1:%d", port))
 	return d, fmt.Sprintf("swtpm:host=127.0.0.1,port=%d", port)
 }

@@ -39,7 +39,7 @@ type Config struct {
 	// Cipher is the state AEAD: "aes-256-gcm" (default) or "sm4-gcm".
 	Cipher string
 	// Worker is the command line that starts a worker; the supervisor
-	// appends --state DIR --conn-fd 3 --key-fd 4 --cipher C. Typically
+	// appends --state DIR --conn-fd 3 --state-key-fd 4 --cipher C. Typically
 	// {os.Executable(), "worker"}.
 	Worker []string
 	Logger *slog.Logger
@@ -758,7 +758,7 @@ func (s *Supervisor) startWorker(ctx context.Context, inst *instance, mode start
 	if cipher == "" {
 		cipher = "aes-256-gcm"
 	}
-	argv := append(slices.Clone(s.cfg.Worker), "--state", inst.dir, "--instance", inst.id, "--conn-fd", "3", "--key-fd", "4", "--cipher", cipher)
+	argv := append(slices.Clone(s.cfg.Worker), "--state", inst.dir, "--instance", inst.id, "--conn-fd", "3", "--state-key-fd", "4", "--cipher", cipher)
 	switch mode {
 	case startNew:
 		argv = append(argv, "--new")

@@ -29,7 +29,7 @@ var ErrUsage = errors.New("usage")
 func Run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("cvtpm-worker", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: cvtpm-worker --state DIR --instance ID --conn-fd N --key-fd M [--migration-key-fd K]
+		fmt.Fprint(fs.Output(), `Usage: cvtpm-worker --state DIR --instance ID --conn-fd N --state-key-fd M [--migration-key-fd K]
                     [--cipher aes-256-gcm|sm4-gcm] [--new] [--import-swtpm]
 
 Runs one libtpms TPM whose sealed state lives in DIR and answers vtpm/tpmrpc
@@ -46,7 +46,7 @@ Options:
 	}
 	dir := fs.String("state", "", "the instance's state directory")
 	connFD := fs.Int("conn-fd", -1, "inherited socket for tpmrpc calls")
-	keyFD := fs.Int("key-fd", -1, "inherited descriptor with the hex state key")
+	keyFD := fs.Int("state-key-fd", -1, "inherited descriptor with the hex state key")
 	cipher := fs.String("cipher", "aes-256-gcm", "state AEAD: aes-256-gcm or sm4-gcm")
 	instance := fs.String("instance", "", "the instance's id (bound into migrated state)")
 	migrationFD := fs.Int("migration-key-fd", -1, "inherited descriptor with the hex migration key")
@@ -60,7 +60,7 @@ Options:
 		return ErrUsage
 	}
 	if *dir == "" || *connFD < 0 || *keyFD < 0 || *instance == "" {
-		return errors.New("--state, --instance, --conn-fd and --key-fd are required (see --help)")
+		return errors.New("--state, --instance, --conn-fd and --state-key-fd are required (see --help)")
 	}
 	// An idle instance should cost little: one P, and a small heap target.
 	runtime.GOMAXPROCS(1)
