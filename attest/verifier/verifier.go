@@ -2,6 +2,7 @@ package verifier
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto"
 	"crypto/rand"
@@ -305,12 +306,50 @@ func (v *Verifier) Verify(ctx context.Context, nonce []byte, ev *attestpb.Eviden
 	if err != nil {
 		return nil, err
 	}
+	enforceVerifiedFacts(submods, f)
 	countVerdicts(submods)
 	token, err := v.sign(nonce, submods, f)
 	if err != nil {
 		return nil, err
 	}
 	return &Result{Token: token, Submods: submods, Facts: f}, nil
+}
+
+// enforceVerifiedFacts makes the checks done in Go binding whatever the
+// Rego policy says: a policy (the built-in one or --rego) judges
+// measurements and reference values and may add refusals, but it cannot
+// affirm a used nonce, an untrusted or revoked EK, an unbound AK, a quote
+// or report that failed verification, or a workload leg that is missing
+// when required (--require-workload) or present and unverified.
+func enforceVerifiedFacts(submods map[string]Submod, f *Facts) {
+	refuse := func(leg, reason string) {
+		s := submods[leg]
+		s.Status = StatusContraindicated
+		if !slices.Contains(s.Reasons, reason) {
+			s.Reasons = append(s.Reasons, reason)
+		}
+		submods[leg] = s
+	}
+	if !f.Nonce.OK {
+		for _, leg := range []string{"cvtpm-vtpm", "csv-platform"} {
+			refuse(leg, f.Nonce.Reason)
+		}
+	}
+	t := &f.TPM
+	for _, c := range []struct {
+		ok     bool
+		reason string
+	}{{t.EKTrusted, t.EKReason}, {!t.EKRevoked, "ek-certificate-revoked"}, {t.AKBound, t.AKReason}, {t.QuoteOK, t.QuoteReason}} {
+		if !c.ok {
+			refuse("cvtpm-vtpm", cmp.Or(c.reason, "tpm-evidence-not-verified"))
+		}
+	}
+	if !f.CSV.ReportOK {
+		refuse("csv-platform", cmp.Or(f.CSV.Reason, "csv-report-not-verified"))
+	}
+	if w := &f.Workload; (w.Required || w.Present) && !w.ReportOK {
+		refuse("csv-workload", cmp.Or(w.Reason, "workload-report-not-verified"))
+	}
 }
 
 // trusted reports whether one of roots signed c. Positive answers are

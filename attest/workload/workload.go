@@ -17,13 +17,14 @@ import (
 	"encoding/binary"
 )
 
-const label = "cvtpm workload v1"
+const label = "cvtpm workload attest v1"
 
 // ReportData is the workload report's report_data: SHA-512 over
-// "cvtpm workload v1" and the u32-length-prefixed nonce and AK public area
+// "cvtpm workload attest v1" and the u32-length-prefixed nonce and AK public area
 // (TPMT_PUBLIC). It is the one definition; the attester and the verifier
 // both call it. The label differs from enrollment's, the fresh report's
-// and the attested link's, so no report serves two purposes.
+// and the attested link's workload proof ("cvtpm workload v1"), so no
+// report serves two purposes.
 func ReportData(nonce, akPublicArea []byte) [64]byte {
 	h := sha512.New()
 	h.Write([]byte(label))

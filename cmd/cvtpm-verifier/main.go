@@ -108,14 +108,11 @@ Options:
 	listen := fs.String("listen", "127.0.0.1:7800", "gRPC address: HOST:PORT, tcp:HOST:PORT or unix:PATH")
 	logFlags := obs.AddLogFlags(fs)
 	httpAddr := fs.String("http", "127.0.0.1:7801", "HTTP/JSON address ('' = off)")
-	if err := cliconf.Apply(fs, args); err != nil {
-		fmt.Fprintf(os.Stderr, "cvtpm verifier: %v\n", err)
-		return errUsage
-	}
-	if err := fs.Parse(args); err != nil {
+	if err := cliconf.Parse(fs, args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
 		}
+		fmt.Fprintf(os.Stderr, "cvtpm verifier: %v\n", err)
 		return errUsage
 	}
 	if fs.NArg() > 0 {

@@ -4,7 +4,9 @@ package main
 
 import (
 	"context"
+	"crypto/subtle"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -32,14 +34,17 @@ const defaultEventLog = "/sys/kernel/security/tpm0/binary_bios_measurements"
 func runGuestAttest(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("cvtpm guest attest", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: cvtpm guest attest --tpm TPM --ca HOST:PORT --ca-fingerprint SHA256 --verifier HOST:PORT [options]
+		fmt.Fprint(fs.Output(), `Usage: cvtpm guest attest --tpm TPM --ca HOST:PORT --ca-fingerprint SHA256 --verifier HOST:PORT
+                          --verifier-key FILE [options]
 
 Runs inside the workload VM. Gets a nonce from the verifier, creates an ECC
 AK and has the EK CA certify it (credential activation with the enrolled
 RSA EK), quotes the SHA-256 PCRs, asks the vTPM's backend for a fresh CSV
 report bound to the same nonce and the EK (a vendor TPM command), sends it
-all to the verifier and prints the verdict. Exit status 0: every part
-affirming (or warning); 3: refused.
+all to the verifier and prints the verdict. The verdict counts only if it
+is signed by --verifier-key and answers this run (its nonce, this TPM's EK,
+issued now): the network to the verifier is the host's. Exit status 0:
+every part affirming (or warning); 3: refused; 1: no valid verdict.
 
   --tpm /dev/tpmrm0          the kernel's TPM (through QEMU and the frontend)
   --tpm unix:PATH | tcp:HOST:PORT   a guest proxy's (or any swtpm) data socket
@@ -53,7 +58,7 @@ Options:
 	caFingerprint := fs.String("ca-fingerprint", "", caFingerprintHelp+" (required)")
 	verifierAddr := fs.String("verifier", "127.0.0.1:7800", "verifier gRPC address")
 	eventLog := fs.String("event-log", defaultEventLog, "TCG event log of this boot")
-	verifierKey := fs.String("verifier-key", "", "the verifier's public key (PEM) to check the token's signature")
+	verifierKey := fs.String("verifier-key", "", "the verifier's public key (PEM, its --token-key's KEY.pub.pem): the token must be signed by it (required)")
 	asJSON := fs.Bool("json", false, "print the token's claims as JSON")
 	workload := fs.Bool("workload-evidence", false, "add this workload VM's own CSV report (/dev/csv-guest), bound to the nonce and the AK: the verdict's third leg")
 	workloadSim := fs.String("workload-csv-sim", "", "with --workload-evidence: the CSV simulator in DIR when /dev/csv-guest is absent (tests, demos)")
@@ -62,13 +67,16 @@ Options:
 	if done, err := parseFlags(fs, args); done {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(ctx, *timeout)
-	defer cancel()
-	tpm, err := openGuestTPM(ctx, *tpmAddr)
-	if err != nil {
-		return err
+	started := time.Now()
+	if *caFingerprint == "" || *verifierKey == "" {
+		return usageError("--ca-fingerprint and --verifier-key are required (see --help)")
 	}
-	defer tpm.Close()
+	// Everything the command line names is checked before the TPM or the
+	// network is touched.
+	verifierPub, err := readPublicKey(*verifierKey)
+	if err != nil {
+		return fmt.Errorf("--verifier-key: %w", err)
+	}
 	logBytes, err := os.ReadFile(*eventLog)
 	if err != nil {
 		return fmt.Errorf("--event-log: %w", err)
@@ -83,23 +91,31 @@ Options:
 		return err
 	}
 	defer vConn.Close()
-	vc := attestpb.NewVerifierClient(vConn)
-	ch, err := vc.Challenge(ctx, &attestpb.ChallengeRequest{})
-	if err != nil {
-		return fmt.Errorf("verifier challenge: %w", err)
-	}
-	a := &guestkit.Attester{TPM: tpm, CA: ca.Client{C: capb.NewCAClient(caConn)}, EventLog: logBytes}
-	if raw, ok := strings.CutPrefix(*tpmAddr, "/dev/tpmrm"); ok {
-		// Linux before 6.3 passes no vendor command through its resource
-		// manager: the fresh report then goes through /dev/tpmN.
-		a.RawTPM = func() (transport.TPMCloser, error) { return openGuestTPM(ctx, "/dev/tpm"+raw) }
-	}
+	a := &guestkit.Attester{CA: ca.Client{C: capb.NewCAClient(caConn)}, EventLog: logBytes}
 	if *workload {
 		if a.Workload, a.WorkloadHSKCEK, err = workloadEvidence(*workloadSim, *workloadHSKCEK, slog.New(slog.NewTextHandler(os.Stderr, nil))); err != nil {
 			return err
 		}
 	} else if *workloadSim != "" || *workloadHSKCEK != "" {
-		return errors.New("--workload-csv-sim and --workload-hsk-cek need --workload-evidence")
+		return usageError("--workload-csv-sim and --workload-hsk-cek need --workload-evidence")
+	}
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	tpm, err := openGuestTPM(ctx, *tpmAddr)
+	if err != nil {
+		return err
+	}
+	defer tpm.Close()
+	a.TPM = tpm
+	if raw, ok := strings.CutPrefix(*tpmAddr, "/dev/tpmrm"); ok {
+		// Linux before 6.3 passes no vendor command through its resource
+		// manager: the fresh report then goes through /dev/tpmN.
+		a.RawTPM = func() (transport.TPMCloser, error) { return openGuestTPM(ctx, "/dev/tpm"+raw) }
+	}
+	vc := attestpb.NewVerifierClient(vConn)
+	ch, err := vc.Challenge(ctx, &attestpb.ChallengeRequest{})
+	if err != nil {
+		return fmt.Errorf("verifier challenge: %w", err)
 	}
 	ev, err := a.Gather(ctx, ch.GetNonce())
 	if err != nil {
@@ -109,26 +125,54 @@ Options:
 	if err != nil {
 		return fmt.Errorf("verifier: %w", err)
 	}
-	var result *ear.EAR
-	if *verifierKey != "" {
-		pub, err := readPublicKey(*verifierKey)
-		if err != nil {
-			return fmt.Errorf("--verifier-key: %w", err)
-		}
-		if result, err = ear.Parse(resp.GetEar(), pub); err != nil {
-			return err
-		}
-	} else if result, err = ear.ReadUnverified(resp.GetEar()); err != nil {
-		return err
+	result, err := ear.Parse(resp.GetEar(), verifierPub)
+	if err != nil {
+		return fmt.Errorf("the verifier's token: %w", err)
+	}
+	// The channel to the verifier is the host's: a signed token is only an
+	// answer to this attestation if it carries this challenge's nonce and
+	// this TPM's EK, and was issued now.
+	if err := answersThis(result, ch.GetNonce(), ev, started); err != nil {
+		return fmt.Errorf("the verifier's token does not answer this attestation: %w", err)
 	}
 	if *asJSON {
 		b, _ := json.MarshalIndent(result, "", "  ")
 		fmt.Println(string(b))
 	} else {
-		printVerdict(result, *verifierKey != "")
+		printVerdict(result, true)
 	}
 	if !result.Passes() {
 		return exitError{3}
+	}
+	return nil
+}
+
+// tokenMaxSkew bounds how far a token's issue time may lie from this
+// run's, both ways (clocks of guest and verifier differ a little).
+const tokenMaxSkew = 5 * time.Minute
+
+// answersThis checks that a signed token is the verifier's answer to this
+// run: this challenge's nonce, the EK certificate this TPM sent, and an
+// issue time within this run. Without it a relay between the guest and
+// the verifier could answer with any earlier (affirming) token.
+func answersThis(t *ear.EAR, nonce []byte, ev *attestpb.Evidence, started time.Time) error {
+	want := base64.RawURLEncoding.EncodeToString(nonce)
+	if subtle.ConstantTimeCompare([]byte(t.Nonce), []byte(want)) != 1 {
+		return errors.New("it carries another challenge's nonce (a replayed token)")
+	}
+	issued := time.Unix(t.IssuedAt, 0)
+	if issued.Before(started.Add(-tokenMaxSkew)) || issued.After(time.Now().Add(tokenMaxSkew)) {
+		return fmt.Errorf("issued at %s, not during this run (%s)", issued.UTC().Format(time.RFC3339), started.UTC().Format(time.RFC3339))
+	}
+	if len(ev.GetEkChain()) == 0 {
+		return nil
+	}
+	ek, err := x509.ParseCertificate(ev.GetEkChain()[0])
+	if err != nil {
+		return nil // the verifier judged it; nothing to compare with
+	}
+	if got, _ := t.Submods["cvtpm-vtpm"].Evidence["ek_serial"].(string); got != "" && got != ek.SerialNumber.Text(16) {
+		return fmt.Errorf("it is about EK certificate %s, this TPM's is %s", got, ek.SerialNumber.Text(16))
 	}
 	return nil
 }

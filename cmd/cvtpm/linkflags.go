@@ -7,8 +7,8 @@ import (
 	"fmt"
 
 	"cvtpm/attest/csv"
-	"cvtpm/internal/cliconf"
 	"cvtpm/internal/attestedlink"
+	"cvtpm/internal/cliconf"
 )
 
 type linkFlags struct {

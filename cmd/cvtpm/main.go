@@ -125,14 +125,11 @@ func parseFlagsArgs(fs *flag.FlagSet, args []string) (done bool, err error) {
 		fmt.Println(version.String("cvtpm"))
 		return true, nil
 	}
-	if err := cliconf.Apply(fs, args); err != nil {
-		return true, usageError(err.Error())
-	}
-	if err := fs.Parse(args); err != nil {
+	if err := cliconf.Parse(fs, args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return true, nil
 		}
-		return true, exitError{2}
+		return true, usageError(err.Error())
 	}
 	return false, nil
 }

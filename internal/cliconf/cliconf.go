@@ -15,9 +15,11 @@ package cliconf
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
+	"regexp"
 	"strings"
 )
 
@@ -98,4 +100,45 @@ func Alias(fs *flag.FlagSet, name, old string) {
 		panic("cliconf.Alias: no flag " + name)
 	}
 	fs.Var(f.Value, old, "old name of --"+name+" (still accepted)")
+}
+
+var (
+	unknownFlag = regexp.MustCompile(`^flag provided but not defined: -+(.*)$`)
+	badValue    = regexp.MustCompile(`^invalid (?:boolean )?value (".*") for (?:flag )?-+([^:]*): (.*)$`)
+)
+
+// ParseError turns the flag package's parse error into one line that
+// names the flag as a user types it.
+func ParseError(err error) string {
+	msg := err.Error()
+	if m := unknownFlag.FindStringSubmatch(msg); m != nil {
+		return "unknown flag --" + m[1] + " (see --help)"
+	}
+	if m := badValue.FindStringSubmatch(msg); m != nil {
+		return "--" + m[2] + ": " + m[1] + " is not valid: " + m[3]
+	}
+	return msg + " (see --help)"
+}
+
+// Parse is Apply and fs.Parse(args) for a command line a person typed: on
+// --help it prints the usage and returns flag.ErrHelp; a bad flag or value
+// is an error of one line naming it, without the usage the flag package
+// would print after it.
+func Parse(fs *flag.FlagSet, args []string) error {
+	if err := Apply(fs, args); err != nil {
+		return err
+	}
+	out := fs.Output()
+	var buf strings.Builder
+	fs.SetOutput(&buf)
+	err := fs.Parse(args)
+	fs.SetOutput(out)
+	if errors.Is(err, flag.ErrHelp) {
+		fmt.Fprint(out, buf.String())
+		return err
+	}
+	if err != nil {
+		return errors.New(ParseError(err))
+	}
+	return nil
 }

@@ -2,6 +2,7 @@ package cliconf
 
 import (
 	"flag"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -69,6 +70,27 @@ func TestAlias(t *testing.T) {
 		Alias(fs, "evidence-certs", "ec")
 		if err := fs.Parse(append(args, "--ec")); err != nil || *key != "k.pem" || !*on {
 			t.Errorf("%v: %v, tls-key %q, evidence-certs %v", args, err, *key, *on)
+		}
+	}
+}
+
+func TestParseError(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--nope"}, "unknown flag --nope (see --help)"},
+		{[]string{"--timeout", "soon"}, `--timeout: "soon" is not valid: parse error`},
+		{[]string{"--n=x"}, `--n: "x" is not valid: parse error`},
+		{[]string{"--on=maybe"}, `--on: "maybe" is not valid: parse error`},
+	} {
+		fs := flag.NewFlagSet("t", flag.ContinueOnError)
+		fs.SetOutput(io.Discard)
+		fs.Duration("timeout", 0, "")
+		fs.Int("n", 0, "")
+		fs.Bool("on", false, "")
+		if got := ParseError(fs.Parse(tc.args)); got != tc.want {
+			t.Errorf("%v: %q, want %q", tc.args, got, tc.want)
 		}
 	}
 }
