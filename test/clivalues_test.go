@@ -33,6 +33,9 @@ func TestCLIBadValues(t *testing.T) {
 	c := startCAProc(t, filepath.Join(dir, "ca"), f.Policy, "--hsk-cek", filepath.Join(f.SimDir, "hsk_cek.cert"))
 	topo := testenv.StartBackend(t, f)
 	topo.Admin(t, "create", "vm1")
+	verifierPub := filepath.Join(dir, "verifier.pub.pem")
+	testenv.Run(t, nil, "openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", filepath.Join(dir, "verifier.key"))
+	testenv.Run(t, nil, "openssl", "pkey", "-in", filepath.Join(dir, "verifier.key"), "-pubout", "-out", verifierPub)
 	eventLog := filepath.Join(dir, "events.log")
 	os.WriteFile(eventLog, guestkit.NewEventLog().Bytes(), 0o600)
 	n := 0
@@ -78,7 +81,7 @@ func TestCLIBadValues(t *testing.T) {
 		}, []string{"text"}, false},
 		{[]string{"guest", "attest"}, func() []string {
 			return []string{"--tpm", "unix:" + filepath.Join(dir, "none.sock"), "--ca", "127.0.0.1:1", "--ca-fingerprint", c.Fingerprint,
-				"--verifier", "127.0.0.1:1", "--event-log", eventLog}
+				"--verifier", "127.0.0.1:1", "--verifier-key", verifierPub, "--event-log", eventLog}
 		}, nil, false},
 		{[]string{"verifier"}, func() []string {
 			return []string{"--ek-root", c.RootFile(ca.PurposeEK), "--ak-root", c.RootFile(ca.PurposeAK), "--no-crl", "--policy", f.Policy,

@@ -139,7 +139,7 @@ Options:
 	loadFiles := func(o *verifier.Options) error {
 		var err error
 		if o.CSV, err = csv.LoadAppraisalPolicy(*policyFile); err != nil {
-			return err
+			return fmt.Errorf("--policy: %w", err)
 		}
 		o.Workload = nil
 		if *workloadFile != "" {
@@ -401,5 +401,8 @@ Options:
 		_, err = os.Stdout.Write(ref)
 		return err
 	}
-	return os.WriteFile(*out, ref, 0o644)
+	if err := os.WriteFile(*out, ref, 0o644); err != nil {
+		return fmt.Errorf("--out: %w", err)
+	}
+	return nil
 }

@@ -141,6 +141,33 @@ Options:
 	if *broker != "" && *migrationKeyFile != "" {
 		return errors.New("--migration-key-file and --key-broker exclude each other: the broker releases the migration key of --migration-domain")
 	}
+	// Values used only later (by the key broker, by create --enroll) are
+	// checked now: the backend says it serves only when it can.
+	if *brokerRoot != "" {
+		if _, err := readCertFile(*brokerRoot); err != nil {
+			return flagError("--broker-root", err)
+		}
+	}
+	if *caFingerprint != "" {
+		if _, err := ca.ParseFingerprint(*caFingerprint); err != nil {
+			return flagError("--ca-fingerprint", err)
+		}
+	}
+	for _, a := range []struct{ flag, addr string }{{"--ca", *caAddr}, {"--key-broker", *broker}} {
+		if a.addr != "" {
+			if _, err := netaddr.GRPCTarget(a.addr); err != nil {
+				return flagError(a.flag, err)
+			}
+		}
+	}
+	if *clientCRL != "" {
+		if err := checkHTTPURL(*clientCRL); err != nil {
+			return flagError("--client-crl", err)
+		}
+	}
+	if err := os.MkdirAll(*dir, 0o700); err != nil {
+		return flagError("--dir", err)
+	}
 	log, err := logFlags.Logger(os.Stderr)
 	if err != nil {
 		return err
@@ -174,7 +201,9 @@ Options:
 		log.Warn("no --client-crl: revoked link identities are not refused")
 	}
 	evidence, err := csv.OpenProvider(csv.ProviderOptions{SimulatorDir: *simDir})
-	if err != nil {
+	if err != nil && *simDir != "" {
+		return flagError("--csv-sim", err)
+	} else if err != nil {
 		return fmt.Errorf("CSV evidence: %w", err)
 	}
 	var bundle []byte
@@ -358,7 +387,31 @@ func runBackendAdmin(ctx context.Context, verb string, args []string) error {
 		fs.Usage()
 		return exitError{2}
 	}
-	conn, err := dialUnix(*sock)
+	if verb != "create" {
+		for _, f := range []struct {
+			name string
+			set  bool
+		}{{"--enroll", *enrollEKs}, {"--incoming", *incoming}, {"--import", *importDir != ""}, {"--bind", *bind != ""}} {
+			if f.set {
+				return usageError(f.name + " applies to 'backend create' only")
+			}
+		}
+	}
+	dir := *importDir
+	if dir != "" {
+		if err := checkDir("--import", dir); err != nil {
+			return err
+		}
+		dir, _ = filepath.Abs(dir)
+	}
+	var binding []byte
+	if *bind != "" {
+		var err error
+		if binding, err = os.ReadFile(*bind); err != nil {
+			return fmt.Errorf("--bind: %w", err)
+		}
+	}
+	conn, err := dialUnix("--admin", *sock)
 	if err != nil {
 		return err
 	}
@@ -368,18 +421,6 @@ func runBackendAdmin(ctx context.Context, verb string, args []string) error {
 	defer cancel()
 	switch verb {
 	case "create":
-		dir := *importDir
-		if dir != "" {
-			if dir, err = filepath.Abs(dir); err != nil {
-				return err
-			}
-		}
-		var binding []byte
-		if *bind != "" {
-			if binding, err = os.ReadFile(*bind); err != nil {
-				return fmt.Errorf("--bind: %w", err)
-			}
-		}
 		inst, err := c.CreateInstance(ctx, &backendpb.CreateInstanceRequest{Id: fs.Arg(0), Enroll: *enrollEKs, Incoming: *incoming, ImportDir: dir, WorkloadBinding: binding})
 		if err != nil {
 			return fmt.Errorf("creating instance %q: %w", fs.Arg(0), err)

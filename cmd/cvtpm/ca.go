@@ -111,7 +111,10 @@ Options:
 	}
 	policy, err := ca.LoadPolicy(*policyFile)
 	if err != nil {
-		return err
+		return flagError("--policy", err)
+	}
+	if *brokerKEK != "" && !*brokerOn {
+		return usageError("--broker-kek needs --key-broker")
 	}
 	var certs csv.CertSource
 	if *hskCEK != "" {
@@ -137,19 +140,18 @@ Options:
 	}
 	roots, err := loadOrCreateCARoots(*dir, *keyType, log)
 	if err != nil {
-		return err
+		return flagError("--dir", err)
 	}
 	var store interface {
 		ca.Store
 		Close() error
 	}
 	if *pgConn != "" {
-		store, err = ca.OpenPGStore(ctx, *pgConn)
-	} else {
-		store, err = ca.OpenBoltStore(filepath.Join(*dir, "ca.db"))
-	}
-	if err != nil {
-		return err
+		if store, err = ca.OpenPGStore(ctx, *pgConn); err != nil {
+			return flagError("--postgres", err)
+		}
+	} else if store, err = ca.OpenBoltStore(filepath.Join(*dir, "ca.db")); err != nil {
+		return flagError("--dir", err)
 	}
 	defer store.Close()
 	audit, err := ca.OpenAuditFile(filepath.Join(*dir, "audit.jsonl"))
@@ -318,7 +320,7 @@ Options:
 	}
 	der, err := readCertFile(filepath.Join(*dir, "service-ca.pem"))
 	if err != nil {
-		return fmt.Errorf("%w (start the CA once to create it)", err)
+		return fmt.Errorf("--dir: %w (start the CA once to create it)", err)
 	}
 	fmt.Println(ca.Fingerprint(der))
 	return nil
@@ -438,7 +440,7 @@ func runCARevoke(ctx context.Context, args []string) error {
 	if *dir == "" || fs.NArg() != 1 {
 		return usageError("usage: cvtpm ca revoke --dir DIR [--reason N] SERIAL")
 	}
-	conn, err := dialUnix(filepath.Join(*dir, "admin.sock"))
+	conn, err := dialUnix("--dir", filepath.Join(*dir, "admin.sock"))
 	if err != nil {
 		return err
 	}
@@ -479,6 +481,13 @@ Options:
 	if *dir == "" || *name == "" || *outCert == "" || *outKey == "" {
 		return usageError("--dir, --name, --out-cert and --out-key are required (see --help)")
 	}
+	// Both files are new: an identity is never overwritten, nor issued
+	// and then lost to a file that cannot be written.
+	for _, f := range []struct{ flag, path string }{{"--out-cert", *outCert}, {"--out-key", *outKey}} {
+		if err := checkNewFile(f.flag, f.path); err != nil {
+			return err
+		}
+	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return err
@@ -487,7 +496,7 @@ Options:
 	if err != nil {
 		return err
 	}
-	conn, err := dialUnix(filepath.Join(*dir, "admin.sock"))
+	conn, err := dialUnix("--dir", filepath.Join(*dir, "admin.sock"))
 	if err != nil {
 		return err
 	}
@@ -525,11 +534,11 @@ func newKeyBroker(ctx context.Context, dir, kekFile string, store ca.Store, serv
 	}
 	b, err := os.ReadFile(kekFile)
 	if err != nil {
-		return nil, fmt.Errorf("key broker KEK: %w", err)
+		return nil, fmt.Errorf("--broker-kek: %w", err)
 	}
 	kek, err := hex.DecodeString(strings.TrimSpace(string(b)))
 	if err != nil || len(kek) != 32 {
-		return nil, fmt.Errorf("key broker KEK %s: want 32 bytes in hex", kekFile)
+		return nil, fmt.Errorf("--broker-kek %s: want 32 bytes in hex", kekFile)
 	}
 	var kbStore keybroker.Store
 	switch st := store.(type) {

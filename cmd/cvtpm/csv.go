@@ -231,7 +231,7 @@ Options:
 		sim, err = csv.NewSimulator(*chip)
 	}
 	if err != nil {
-		return bad("%v", err)
+		return bad("--out: %v", err)
 	}
 	vm := sim.VM()
 	vm.Version, vm.Policy = *version, uint32(pol)
@@ -249,7 +249,7 @@ Options:
 		return bad("%v", err)
 	}
 	if err := sim.Save(*out); err != nil {
-		return bad("%v", err)
+		return bad("--out: %v", err)
 	}
 	rep, err := sim.Report(ctx, rd)
 	if err != nil {

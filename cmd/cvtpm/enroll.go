@@ -49,19 +49,10 @@ Options:
 	if *instance == "" || (*sock == "") == (*tcp == "") {
 		return usageError("--instance and exactly one of --tpm-socket, --tpm-tcp are required (see --help)")
 	}
-	ctx, cancel := context.WithTimeout(ctx, *timeout)
-	defer cancel()
-	network, addr := "unix", *sock
-	if *tcp != "" {
-		network, addr = "tcp", *tcp
-	}
-	tpm, err := tpmsock.Dial(ctx, network, addr)
-	if err != nil {
-		return err
-	}
-	defer tpm.Close()
 	evidence, err := csv.OpenProvider(csv.ProviderOptions{SimulatorDir: *simDir})
-	if err != nil {
+	if err != nil && *simDir != "" {
+		return flagError("--csv-sim", err)
+	} else if err != nil {
 		return fmt.Errorf("CSV evidence: %w", err)
 	}
 	conn, err := dialCA("--ca", *caAddr, *caFingerprint)
@@ -69,6 +60,17 @@ Options:
 		return err
 	}
 	defer conn.Close()
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	network, addr, tpmFlag := "unix", *sock, "--tpm-socket"
+	if *tcp != "" {
+		network, addr, tpmFlag = "tcp", *tcp, "--tpm-tcp"
+	}
+	tpm, err := tpmsock.Dial(ctx, network, addr)
+	if err != nil {
+		return flagError(tpmFlag, err)
+	}
+	defer tpm.Close()
 	client := &enroll.Client{TPM: tpm, CA: ca.Client{C: capb.NewCAClient(conn)}, Evidence: evidence, InstanceID: *instance}
 	results, err := client.Enroll(ctx, enroll.DefaultSlots)
 	for _, r := range results {

@@ -65,6 +65,12 @@ Options:
 	if len(vms) == 0 && *relay == "" {
 		return usageError("nothing to do: give --vm and/or --relay (see --help)")
 	}
+	if err := netaddr.Check(*backendAddr); err != nil {
+		return flagError("--backend", err)
+	}
+	if *capture != "" && *relay == "" {
+		return usageError("--relay-capture needs --relay")
+	}
 	mode, err := strconv.ParseUint(*sockMode, 8, 32)
 	if err != nil || mode > 0o777 {
 		return fmt.Errorf("--socket-mode %q: want octal permissions such as 0660", *sockMode)

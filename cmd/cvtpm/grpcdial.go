@@ -4,6 +4,7 @@ package main
 
 import (
 	"fmt"
+	"os"
 	"path/filepath"
 
 	"cvtpm/ca"
@@ -30,7 +31,12 @@ func dialGRPC(flagName, addr string) (*grpc.ClientConn, error) {
 }
 
 // dialUnix connects to an admin socket; its 0600 mode is the access check.
-func dialUnix(path string) (*grpc.ClientConn, error) {
+// flagName is the flag that named it (or its directory), for the error
+// when no daemon listens there.
+func dialUnix(flagName, path string) (*grpc.ClientConn, error) {
+	if st, err := os.Stat(path); err != nil || st.Mode()&os.ModeSocket == 0 {
+		return nil, fmt.Errorf("%s: no daemon's admin socket at %s: is it running with this setting?", flagName, path)
+	}
 	abs, err := filepath.Abs(path)
 	if err != nil {
 		return nil, err

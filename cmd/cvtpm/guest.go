@@ -88,6 +88,15 @@ Options:
 	if *tcp == "" && *unixPath == "" && *mssim == "" && !*vtpmProxy {
 		return errors.New("nothing to serve: give --tcp, --unix, --mssim and/or --vtpm-proxy (see --help)")
 	}
+	if err := netaddr.Check(*linkAddr); err != nil {
+		return flagError("--link", err)
+	}
+	if *lockHost && !*workload {
+		return usageError("--lock-host needs --workload-evidence: only the proven workload may lock the host path")
+	}
+	if !*workload && (*workloadSim != "" || *workloadHSKCEK != "") {
+		return usageError("--workload-csv-sim and --workload-hsk-cek need --workload-evidence")
+	}
 	cfg, err := link.load()
 	if err != nil {
 		return err
@@ -95,9 +104,6 @@ Options:
 	log, err := logFlags.Logger(os.Stderr)
 	if err != nil {
 		return err
-	}
-	if *lockHost && !*workload {
-		return errors.New("--lock-host needs --workload-evidence: only the proven workload may lock the host path")
 	}
 	if *workload {
 		if cfg.Workload, cfg.WorkloadHSKCEK, err = workloadEvidence(*workloadSim, *workloadHSKCEK, log); err != nil {
@@ -193,7 +199,9 @@ Options:
 // without the file).
 func workloadEvidence(simDir, hskCEKFile string, log *slog.Logger) (csv.ReportProvider, []byte, error) {
 	ev, err := csv.OpenProvider(csv.ProviderOptions{SimulatorDir: simDir})
-	if err != nil {
+	if err != nil && simDir != "" {
+		return nil, nil, flagError("--workload-csv-sim", err)
+	} else if err != nil {
 		return nil, nil, fmt.Errorf("--workload-evidence: %w", err)
 	}
 	if hskCEKFile != "" {

@@ -229,18 +229,20 @@ func printVerdict(result *ear.EAR, signed bool) {
 }
 
 func openGuestTPM(ctx context.Context, addr string) (transport.TPMCloser, error) {
+	var t transport.TPMCloser
+	var err error
 	switch {
 	case strings.HasPrefix(addr, "unix:"):
-		return tpmsock.Dial(ctx, "unix", strings.TrimPrefix(addr, "unix:"))
+		t, err = tpmsock.Dial(ctx, "unix", strings.TrimPrefix(addr, "unix:"))
 	case strings.HasPrefix(addr, "tcp:"):
-		return tpmsock.Dial(ctx, "tcp", strings.TrimPrefix(addr, "tcp:"))
+		t, err = tpmsock.Dial(ctx, "tcp", strings.TrimPrefix(addr, "tcp:"))
 	default:
-		t, err := linuxtpm.Open(addr)
-		if err != nil {
-			return nil, fmt.Errorf("--tpm %s: %w", addr, err)
-		}
-		return t, nil
+		t, err = linuxtpm.Open(addr)
 	}
+	if err != nil {
+		return nil, fmt.Errorf("--tpm %s: %w", addr, err)
+	}
+	return t, nil
 }
 
 func readPublicKey(path string) (any, error) {
@@ -275,7 +277,10 @@ Options:
 	if done, err := parseFlagsArgs(fs, args); done {
 		return err
 	}
-	if *logFile == "" || fs.NArg() == 0 || *pcr > 23 {
+	if *pcr > 23 {
+		return usageError(fmt.Sprintf("--pcr %d: a PCR is 0-23", *pcr))
+	}
+	if *logFile == "" || fs.NArg() == 0 {
 		fs.Usage()
 		return exitError{2}
 	}

@@ -5,6 +5,7 @@ package main
 import (
 	"flag"
 	"fmt"
+	"os"
 
 	"cvtpm/attest/csv"
 	"cvtpm/internal/attestedlink"
@@ -34,9 +35,17 @@ func (l linkFlags) load() (attestedlink.ClientConfig, error) {
 	if *l.cert == "" || *l.key == "" || *l.policy == "" {
 		return attestedlink.ClientConfig{}, usageError("--tls-cert, --tls-key and --policy are required (see --help)")
 	}
+	for _, f := range []struct{ flag, path string }{{"--tls-cert", *l.cert}, {"--tls-key", *l.key}} {
+		if _, err := os.ReadFile(f.path); err != nil {
+			return attestedlink.ClientConfig{}, flagError(f.flag, err)
+		}
+	}
+	if _, err := csv.LoadAppraisalPolicy(*l.policy); err != nil {
+		return attestedlink.ClientConfig{}, flagError("--policy", err)
+	}
 	cfg, err := attestedlink.LoadClientConfig(*l.cert, *l.key, *l.policy)
 	if err != nil {
-		return cfg, err
+		return cfg, flagError("--tls-cert, --tls-key", err)
 	}
 	// nil (the backend's own pair) only with --evidence-certs.
 	if cfg.Certs, err = csv.SelectCertSource(*l.certDir, *l.kds, *l.evidenceCerts, cfg.Policy); err != nil {

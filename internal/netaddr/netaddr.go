@@ -36,6 +36,14 @@ func isHostPort(addr string) bool {
 	return err == nil
 }
 
+// Check reports whether addr is in the one address syntax every cvtpm
+// flag takes (unix:PATH, tcp:HOST:PORT, HOST:PORT, vsock:[CID:]PORT),
+// so a command can refuse a bad one before it starts.
+func Check(addr string) error {
+	_, _, err := split(addr)
+	return err
+}
+
 // GRPCTarget is addr as gRPC's dialer names it: "tcp:H:P" and "H:P" are
 // "H:P", "unix:PATH" stays; vsock has no gRPC resolver.
 func GRPCTarget(addr string) (string, error) {
