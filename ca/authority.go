@@ -78,6 +78,13 @@ func (a *Authority) current() (*Policy, *csv.Verifier) {
 	return a.Policy, a.Verifier
 }
 
+// EvidencePolicy is the CSV part of the policy in force and its verifier:
+// what the key broker beside the CA judges backends by.
+func (a *Authority) EvidencePolicy() (*csv.AppraisalPolicy, *csv.Verifier) {
+	p, v := a.current()
+	return &p.AppraisalPolicy, v
+}
+
 // ErrBusy: too many outstanding challenges (in all, or from this source).
 var ErrBusy = expiring.ErrFull
 

@@ -32,9 +32,10 @@ import (
 // Broker is the key broker service.
 type Broker struct {
 	capb.UnimplementedKeyBrokerServer
-	// Policy decides which evidence earns keys (the CA's evidence policy).
-	Policy   *csv.AppraisalPolicy
-	Verifier *csv.Verifier
+	// Evidence gives the policy that decides which evidence earns keys and
+	// the CSV verifier for its roots, as in force now: the CA's, which a
+	// SIGHUP replaces (a measurement withdrawn there earns no more keys).
+	Evidence func() (*csv.AppraisalPolicy, *csv.Verifier)
 	// Signer is the CA key; backends trust its certificate.
 	Signer crypto.Signer
 	Store  Store
@@ -125,7 +126,8 @@ func (b *Broker) ReleaseKeys(ctx context.Context, req *capb.ReleaseKeysRequest) 
 		return nil, b.refuse(id, "nonce", err.Error())
 	}
 	rd := ReportData(req.GetNonce(), id, domain, req.GetEphemeralPublic(), req.GetCipher())
-	claims, err := b.Verifier.Verify(ctx, req.GetCsvReport(), rd[:])
+	policy, verifier := b.Evidence()
+	claims, err := verifier.Verify(ctx, req.GetCsvReport(), rd[:])
 	if err != nil {
 		var ce *csv.CheckError
 		if errors.As(err, &ce) && ce.Check == csv.CheckReportData {
@@ -133,7 +135,7 @@ func (b *Broker) ReleaseKeys(ctx context.Context, req *capb.ReleaseKeysRequest) 
 		}
 		return nil, b.refuse(id, csv.ReasonEvidence, err.Error())
 	}
-	if e := b.Policy.Appraise(claims); e != nil {
+	if e := policy.Appraise(claims); e != nil {
 		return nil, b.refuse(id, e.Reason, e.Detail)
 	}
 	// A backend id belongs to one migration domain: a host that restarts

@@ -83,8 +83,9 @@ func newFixture(t testing.TB, store Store, smKey bool) *fixture {
 	}
 	kek := make([]byte, 32)
 	rand.Read(kek)
-	f.broker = &Broker{Policy: f.approved, Store: store, KEK: kek,
-		Verifier: csv.NewVerifier(csv.VerifierOptions{TrustedRoots: f.approved.TrustedRoots(), Certs: csv.StaticSource{HSK: f.sim.HSK, CEK: f.sim.CEK}})}
+	verifier := csv.NewVerifier(csv.VerifierOptions{TrustedRoots: f.approved.TrustedRoots(), Certs: csv.StaticSource{HSK: f.sim.HSK, CEK: f.sim.CEK}})
+	f.broker = &Broker{Store: store, KEK: kek,
+		Evidence: func() (*csv.AppraisalPolicy, *csv.Verifier) { return f.approved, verifier }}
 	if smKey {
 		k, _ := sm2.GenerateKey(rand.Reader)
 		f.broker.Signer, f.rootPub = k, &k.PublicKey
@@ -312,4 +313,24 @@ func mustEph(t *testing.T) []byte {
 	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	pub, _ := k.PublicKey.ECDH()
 	return pub.Bytes()
+}
+
+// The broker judges each request by the policy in force at that moment
+// (the CA's, which a SIGHUP replaces): a measurement the operator
+// withdraws earns no more keys, without a restart.
+func TestPolicyInForce(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t, boltStore(t), false)
+	c := f.client(f.sim)
+	if _, err := c.Release(ctx, "backend-a", "prod", "aes-256-gcm"); err != nil {
+		t.Fatal(err)
+	}
+	withdrawn := &csv.AppraisalPolicy{SimulatorRoots: f.approved.SimulatorRoots, ApprovedMeasurements: []string{strings.Repeat("77", 32)}}
+	if err := withdrawn.Compile(); err != nil {
+		t.Fatal(err)
+	}
+	f.approved = withdrawn
+	if _, err := c.Release(ctx, "backend-a", "prod", "aes-256-gcm"); err == nil || !strings.Contains(err.Error(), csv.ReasonMeasurement) {
+		t.Fatalf("release after the measurement was withdrawn: %v", err)
+	}
 }

@@ -557,7 +557,7 @@ func newKeyBroker(ctx context.Context, dir, kekFile string, store ca.Store, serv
 		signer = service.SM2.Key
 	}
 	log.Info("key broker enabled: backends' keys are released on CSV evidence that passes the policy")
-	return &keybroker.Broker{Policy: &authority.Policy.AppraisalPolicy, Verifier: authority.Verifier, Signer: signer,
+	return &keybroker.Broker{Evidence: authority.EvidencePolicy, Signer: signer,
 		Store: kbStore, KEK: kek, Log: log}, nil
 }
 
