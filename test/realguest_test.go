@@ -119,7 +119,9 @@ func TestRealGuest(t *testing.T) {
 	// From inside the VM, the host's loopback is 10.0.2.2 (QEMU's user
 	// network); the guest's files sit at the host's paths so the policy
 	// files' own paths hold.
-	guestAddr := func(a string) string { return strings.Replace(strings.TrimPrefix(a, "tcp:"), "127.0.0.1", "10.0.2.2", 1) }
+	guestAddr := func(a string) string {
+		return strings.Replace(strings.TrimPrefix(a, "tcp:"), "127.0.0.1", "10.0.2.2", 1)
+	}
 	initScript := strings.NewReplacer(
 		"{{RELAY}}", "tcp:"+guestAddr(relay), "{{POLICY}}", f.Policy, "{{CERTDIR}}", f.CertDir,
 		"{{CA}}", guestAddr(c.Addr), "{{CAFP}}", c.Fingerprint, "{{VERIFIER}}", guestAddr(vAddr),
