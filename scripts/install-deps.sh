@@ -8,7 +8,7 @@ pkgs=(
   swtpm swtpm-tools                   # reference peer: swtpm, swtpm_ioctl, swtpm_setup
   tpm2-tools libtss2-tcti-swtpm0 libtss2-tcti-mssim0
   qemu-system-x86 seabios ovmf busybox-static linux-image-amd64 cpio   # ovmf: test/realguest_test.go
-  openssl curl
+  openssl curl git
   postgresql                          # the EK CA's replicated store, tested against a real server
   libvirt-daemon-system libvirt-clients   # libvirt using cvtpm as its swtpm (test/libvirt_test.go)
   systemd                             # systemd-analyze verify of contrib/systemd (test/operability_test.go)

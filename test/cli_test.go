@@ -248,7 +248,7 @@ func TestCLITable(t *testing.T) {
 		{[]string{"backend", "--dir", filepath.Join(dir, "b"), "--key-file", filepath.Join(dir, "key"), "--client-ca", filepath.Join(dir, "ca.pem"),
 			"--acl", filepath.Join(dir, "acl.json"), "--cipher", "aes-128-gcm", "--listen", "tcp:127.0.0.1:0"}, "--cipher"},
 		{[]string{"csv", "simulate", "--out", filepath.Join(dir, "sim"), "--policy", "zz"}, "--policy"},
-		{[]string{"enroll", "--instance", "x", "--tpm-socket", filepath.Join(dir, "none.sock")}, "none.sock"},
+		{[]string{"enroll", "--instance", "x", "--tpm-socket", filepath.Join(dir, "none.sock")}, "--csv-sim"},
 	} {
 		out, code := run(tc.args...)
 		if code != 1 && code != 2 || strings.Count(out, "\n") > 0 || !strings.Contains(out, tc.flag) {

@@ -204,7 +204,7 @@ Options:
 	if err != nil && *simDir != "" {
 		return flagError("--csv-sim", err)
 	} else if err != nil {
-		return fmt.Errorf("CSV evidence: %w", err)
+		return fmt.Errorf("CSV evidence: %w (outside a CSV guest: --csv-sim DIR)", err)
 	}
 	var bundle []byte
 	switch {

@@ -53,7 +53,7 @@ Options:
 	if err != nil && *simDir != "" {
 		return flagError("--csv-sim", err)
 	} else if err != nil {
-		return fmt.Errorf("CSV evidence: %w", err)
+		return fmt.Errorf("CSV evidence: %w (outside a CSV guest: --csv-sim DIR)", err)
 	}
 	conn, err := dialCA("--ca", *caAddr, *caFingerprint)
 	if err != nil {
