@@ -20,6 +20,9 @@ import (
 	"sort"
 	"strings"
 	"syscall"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // command is one subcommand of cvtpm. Each lives in its own file and
@@ -96,13 +99,53 @@ func main() {
 		if errors.As(err, &ee) {
 			os.Exit(ee.code)
 		}
-		fmt.Fprintf(os.Stderr, "cvtpm %s: %v\n", cmd.name, err)
+		fmt.Fprintf(os.Stderr, "cvtpm %s: %s\n", cmd.name, plainError(err))
 		var ue usageError
 		if errors.As(err, &ue) {
 			os.Exit(2)
 		}
 		os.Exit(1)
 	}
+}
+
+// plainError is err as one line a person reads: a gRPC status inside it
+// loses the "rpc error: code = ... desc = connection error: desc =
+// "transport: ..."" layers and says what the code means.
+func plainError(err error) string {
+	msg := err.Error()
+	var se interface{ GRPCStatus() *status.Status }
+	i := strings.Index(msg, "rpc error: ")
+	if !errors.As(err, &se) || i < 0 {
+		return msg
+	}
+	st := se.GRPCStatus()
+	desc := st.Message()
+	if st.Code() == codes.Unavailable {
+		desc = strings.TrimPrefix(desc, "connection error: desc = ")
+		desc = strings.Trim(desc, `"`)
+		desc = strings.TrimPrefix(desc, "transport: ")
+		desc = strings.TrimPrefix(desc, "Error while dialing: ")
+		return msg[:i] + "unreachable (" + desc + "): is the service running at that address?"
+	}
+	what, ok := codeWords[st.Code()]
+	if !ok {
+		what = strings.ToLower(st.Code().String())
+	}
+	return msg[:i] + desc + " (" + what + ")"
+}
+
+// codeWords says what a gRPC status code means to the person who ran the
+// command.
+var codeWords = map[codes.Code]string{
+	codes.PermissionDenied:   "refused",
+	codes.FailedPrecondition: "refused",
+	codes.Unauthenticated:    "not authenticated",
+	codes.InvalidArgument:    "rejected as invalid",
+	codes.NotFound:           "not found",
+	codes.AlreadyExists:      "already exists",
+	codes.ResourceExhausted:  "busy: try again later",
+	codes.DeadlineExceeded:   "timed out",
+	codes.Internal:           "the service failed",
 }
 
 // parseFlags parses args and turns --help into a clean exit; --version
