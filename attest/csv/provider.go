@@ -46,26 +46,15 @@ func OpenProvider(opts ProviderOptions) (ReportProvider, error) {
 		return nil, ErrNoDevice
 	}
 	s, err := LoadSimulator(opts.SimulatorDir)
-	if err == nil {
-		return s, nil
+	if errors.Is(err, os.ErrNotExist) {
+		// Never a new chip behind a typo: a simulated chip is made on
+		// purpose, and the policies that trust it name its root.
+		return nil, fmt.Errorf("no CSV simulator in %s (make one with 'cvtpm csv simulate --out %s')", opts.SimulatorDir, opts.SimulatorDir)
 	}
-	if !errors.Is(err, os.ErrNotExist) {
-		return nil, err
-	}
-	s, err = NewSimulator("SIM" + randomSerialSuffix())
 	if err != nil {
 		return nil, err
 	}
-	if err := s.Save(opts.SimulatorDir); err != nil {
-		return nil, err
-	}
 	return s, nil
-}
-
-func randomSerialSuffix() string {
-	var b [5]byte
-	_, _ = randReader.Read(b[:])
-	return fmt.Sprintf("%X", b[:])
 }
 
 // Device asks the CSV firmware for reports through /dev/csv-guest.

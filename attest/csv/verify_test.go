@@ -7,6 +7,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -318,6 +319,14 @@ func TestSimulatorSaveLoad(t *testing.T) {
 	}
 	if s, ok := p.(*Simulator); !ok || s.ChipSerial != "SIMCHIP3" {
 		t.Errorf("OpenProvider gave %T, want the saved simulator", p)
+	}
+	// A directory with no simulator (a typo) is an error, not a new chip.
+	typo := filepath.Join(t.TempDir(), "csv-simm")
+	if _, err := OpenProvider(ProviderOptions{DevicePath: filepath.Join(dir, "no-device"), SimulatorDir: typo}); err == nil || !strings.Contains(err.Error(), "cvtpm csv simulate") {
+		t.Errorf("OpenProvider with an empty simulator directory: %v", err)
+	}
+	if _, err := os.Stat(typo); err == nil {
+		t.Errorf("OpenProvider created %s", typo)
 	}
 }
 
