@@ -18,6 +18,20 @@ var defaultPolicy string
 // DefaultPolicy is the built-in Rego appraisal policy.
 func DefaultPolicy() string { return defaultPolicy }
 
+// appraiser turns the verified facts into one verdict per EAR submodule.
+type appraiser interface {
+	eval(ctx context.Context, f *Facts) (map[string]Submod, error)
+}
+
+// newAppraiser is the built-in policy (in its compiled Go form) when
+// module is empty, else the operator's Rego module.
+func newAppraiser(ctx context.Context, module string, reference map[string]any) (appraiser, error) {
+	if module == "" {
+		return newBuiltinPolicy(reference)
+	}
+	return compilePolicy(ctx, module, reference)
+}
+
 type regoPolicy struct{ query rego.PreparedEvalQuery }
 
 func compilePolicy(ctx context.Context, module string, reference map[string]any) (*regoPolicy, error) {

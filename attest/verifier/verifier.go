@@ -151,7 +151,7 @@ func sourceOf(ctx context.Context) string {
 // concurrent use.
 type Verifier struct {
 	opts   Options
-	policy *regoPolicy
+	policy appraiser
 	// crlIssuers are the CA roots crypto/x509 can parse, for checking CRL
 	// signatures (SM2 roots are beyond it).
 	crlIssuers []*x509.Certificate
@@ -165,6 +165,7 @@ type Verifier struct {
 	parsed   map[[32]byte]any  // SHA-256 of DER -> *x509.Certificate
 	ekMatch  map[[32]byte]any  // SHA-256(EK public area || EK certificate) -> true
 	crlOK    map[[32]byte]any  // SHA-256 of CRL || root found signing it -> true
+	issuer   map[[32]byte]any  // SHA-256 of a certificate -> the root (of crlIssuers) that signed it
 	crlFloor pkisig.CRLFloor   // the newest CRL number seen per issuer
 }
 
@@ -188,7 +189,7 @@ func New(ctx context.Context, opts Options) (*Verifier, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	p, err := compilePolicy(ctx, opts.Policy, opts.Reference)
+	p, err := newAppraiser(ctx, opts.Policy, opts.Reference)
 	if err != nil {
 		return nil, err
 	}
@@ -196,7 +197,7 @@ func New(ctx context.Context, opts Options) (*Verifier, error) {
 		opts.Nonces = &memoryNonces{ttl: opts.NonceTTL, now: opts.Now}
 	}
 	v := &Verifier{opts: opts, policy: p, trustOK: map[[32]byte]bool{}, parsed: map[[32]byte]any{}, ekMatch: map[[32]byte]any{},
-		crlOK: map[[32]byte]any{}}
+		crlOK: map[[32]byte]any{}, issuer: map[[32]byte]any{}}
 	for _, der := range append(slices.Clone(opts.EKRoots), opts.AKRoots...) {
 		if root, err := x509.ParseCertificate(der); err == nil {
 			v.crlIssuers = append(v.crlIssuers, root)
@@ -547,11 +548,17 @@ func (v *Verifier) revoked(ctx context.Context, c *x509.Certificate) (bool, erro
 	// The list must be signed by the root that signed c (a root of the
 	// same name from another CA does not count), and be no older than
 	// one of that root already seen.
-	var root *x509.Certificate
+	// Which root signed c is looked up once per certificate: the same EK
+	// and AK certificates come back with every attestation.
+	certKey := sha256.Sum256(c.Raw)
+	root, _ := v.cached(v.issuer, certKey).(*x509.Certificate)
 	for _, r := range v.crlIssuers {
+		if root != nil {
+			break
+		}
 		if c.CheckSignatureFrom(r) == nil {
 			root = r
-			break
+			v.remember(v.issuer, certKey, r)
 		}
 	}
 	if root == nil {
