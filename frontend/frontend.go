@@ -13,6 +13,7 @@ import (
 	"cvtpm/internal/logfield"
 	"cvtpm/internal/netaddr"
 	"cvtpm/vtpm/swtpmproto"
+	"cvtpm/vtpm/tpmrpc"
 )
 
 // Frontend serves VMs' TPMs from instances on one backend.
@@ -44,23 +45,44 @@ func (f *Frontend) Dial(ctx context.Context) (*attestedlink.Session, error) {
 	return s, nil
 }
 
-// ServeVM serves one VM's TPM on ctrl, the unix socket QEMU's
-// tpm-emulator chardev connects to (swtpm's control protocol, with the data
-// channel passed by CMD_SET_DATAFD). Commands go to instance over an
-// attested session, which is opened (and the backend's evidence checked)
-// before ServeVM accepts anything.
-func (f *Frontend) ServeVM(ctx context.Context, instance string, ctrl net.Listener) error {
+// VM is one instance opened for a VM's TPM: the backend attested, the
+// instance there and this frontend allowed to use it.
+type VM struct {
+	Instance string
+	tpm      *tpmrpc.Client
+	caller   *attestedlink.InstanceCaller
+	log      *slog.Logger
+}
+
+// OpenVM attests the backend and asks it once for the instance's state,
+// so that an instance that does not exist, or that this frontend's
+// identity may not use, is an error at start-up and not at the VM's boot.
+func (f *Frontend) OpenVM(ctx context.Context, instance string) (*VM, error) {
 	log := f.log().With("instance", instance)
 	tpm, caller := attestedlink.RemoteTPM(instance, f.Dial, log)
-	defer caller.Close()
 	s, err := caller.Connect(ctx)
 	if err != nil {
-		return err
+		caller.Close()
+		return nil, err
 	}
 	c := s.Claims()
 	log.Info("backend attested", "measurement", fmt.Sprintf("%x", []byte(c.Measure)), "chip", c.ChipSerial, "simulated", c.Simulated, "root", c.Root.Name)
-	srv := swtpmproto.New(tpm, swtpmproto.Options{
-		Logger: log,
+	tpm.Running()
+	if err := tpm.Err(); err != nil {
+		caller.Close()
+		return nil, fmt.Errorf("instance %q: %w", instance, err)
+	}
+	return &VM{Instance: instance, tpm: tpm, caller: caller, log: log}, nil
+}
+
+// Close ends the VM's session with the backend.
+func (v *VM) Close() error { return v.caller.Close() }
+
+// Serve serves the swtpm control channel on ctrl (QEMU's -chardev
+// socket), the data channel through CMD_SET_DATAFD, until ctx ends.
+func (v *VM) Serve(ctx context.Context, ctrl net.Listener) error {
+	srv := swtpmproto.New(v.tpm, swtpmproto.Options{
+		Logger: v.log,
 		// QEMU locks the state storage on a migration's destination. The
 		// state lives in the backend, whose worker holds the instance's
 		// directory lock for as long as it runs: nothing to do here.
@@ -72,6 +94,19 @@ func (f *Frontend) ServeVM(ctx context.Context, instance string, ctrl net.Listen
 		MigrationKey: true,
 	})
 	return srv.ServeControl(ctx, ctrl)
+}
+
+// ServeVM serves one VM's TPM on ctrl, the unix socket QEMU's
+// tpm-emulator chardev connects to (swtpm's control protocol, with the data
+// channel passed by CMD_SET_DATAFD): OpenVM, then Serve. Commands go to
+// instance over an attested session, opened and checked before serving.
+func (f *Frontend) ServeVM(ctx context.Context, instance string, ctrl net.Listener) error {
+	vm, err := f.OpenVM(ctx, instance)
+	if err != nil {
+		return err
+	}
+	defer vm.Close()
+	return vm.Serve(ctx, ctrl)
 }
 
 // Relay passes guestkit connections to the backend as opaque bytes: the

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-tpm/tpm2"
 
@@ -324,5 +325,32 @@ func TestBackendRestartUnderGuestProxy(t *testing.T) {
 	testenv.Run(t, env, "tpm2_startup", "-c")
 	if got := testenv.Run(t, env, "tpm2_nvread", "0x1500018", "-C", "o", "-s", "26"); got != "survives a backend restart" {
 		t.Fatalf("NV after the backend restart: %q", got)
+	}
+}
+
+// The frontend checks each --vm before it serves: an instance the backend
+// does not have, or one its identity may not use, ends it at start with
+// one line naming the --vm, instead of "serving" and failing at the VM's
+// boot.
+func TestFrontendChecksInstancesAtStart(t *testing.T) {
+	f := testenv.NewTopologyFiles(t, 0x7)
+	topo := testenv.StartBackend(t, f)
+	topo.Admin(t, "create", "vm1")
+	bin := testenv.Binary(t, testenv.Cvtpm)
+	for _, tc := range []struct{ identity, instance, want string }{
+		{"frontend", "nosuchvm", "nosuchvm"},
+		{"guest-vm2", "vm1", `client "guest-vm2" may not use instance "vm1"`},
+	} {
+		c := f.Certs[tc.identity]
+		ctrl := filepath.Join(testenv.SockDir(t), tc.instance+".ctrl")
+		out, code, timedOut := runBriefly(bin, []string{"frontend", "--backend", topo.LinkAddr, "--tls-cert", c[0], "--tls-key", c[1],
+			"--policy", f.Policy, "--cert-dir", f.CertDir, "--vm", tc.instance + "=" + ctrl}, 10*time.Second)
+		msg := errorLines(out)
+		if timedOut || code != 1 || len(msg) != 1 || !strings.Contains(msg[0], "--vm "+tc.instance) || !strings.Contains(msg[0], tc.want) {
+			t.Errorf("frontend as %s for %s: exit %d (still running: %v), want 1 and one line naming --vm and %q:\n%s", tc.identity, tc.instance, code, timedOut, tc.want, out)
+		}
+		if strings.Contains(out, "serving a VM's TPM") {
+			t.Errorf("frontend as %s for %s said it was serving:\n%s", tc.identity, tc.instance, out)
+		}
 	}
 }

@@ -90,8 +90,16 @@ Options:
 		for _, vm := range vms {
 			instance, sock, ok := strings.Cut(vm, "=")
 			if !ok || instance == "" || sock == "" {
-				return fmt.Errorf("--vm %q: want INSTANCE=CTRL-SOCKET", vm)
+				return usageError(fmt.Sprintf("--vm %q: want INSTANCE=CTRL-SOCKET", vm))
 			}
+			// Attest the backend and check the instance before QEMU may
+			// connect: a missing instance or an identity the backend's ACL
+			// does not allow fails at start, not at the VM's boot.
+			opened, err := f.OpenVM(ctx, instance)
+			if err != nil {
+				return fmt.Errorf("--vm %s: %w", vm, err)
+			}
+			defer opened.Close()
 			ln, err := netaddr.Listen("unix:" + sock)
 			if err != nil {
 				return fmt.Errorf("--vm %s: %w", vm, err)
@@ -99,8 +107,7 @@ Options:
 			if err := os.Chmod(sock, os.FileMode(mode)); err != nil {
 				return fmt.Errorf("--socket-mode: %w", err)
 			}
-			// Attest before QEMU may connect: fail at start, not at boot.
-			go func() { errc <- f.ServeVM(ctx, instance, ln) }()
+			go func() { errc <- opened.Serve(ctx, ln) }()
 			log.Info("serving a VM's TPM", "instance", instance, "ctrl", sock)
 		}
 	}
