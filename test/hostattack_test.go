@@ -391,7 +391,6 @@ func TestMigrationWithKeyBroker(t *testing.T) {
 	dst := testenv.StartBackendAt(t, f, filepath.Join(f.Dir, "state-b"), brokerArgs(addr, root, "backend-b")...)
 	src.Admin(t, "create", "vm1")
 	sctrl := startFrontend(t, f, src, "vm1")["vm1"]
-	dctrl := startFrontend(t, f, dst, "vm1")["vm1"]
 	_, tcti := src.StartGuestProxy(t, src.LinkAddr, "guest-vm1", "vm1", f.Policy)
 	e := &hostEnv{dir: t.TempDir(), secret: []byte("first secret"), password: "pw"}
 	e.guest = tools{tb: t, tcti: tcti, dir: e.dir}
@@ -405,6 +404,8 @@ func TestMigrationWithKeyBroker(t *testing.T) {
 	e.guest.run("tpm2_nvwrite", secretIndex, "-P", e.password, "-i", e.guest.path("secret"))
 
 	dst.Admin(t, "create", "--incoming", "vm1")
+	// The destination's frontend serves an instance that exists.
+	dctrl := startFrontend(t, f, dst, "vm1")["vm1"]
 	mustHostIoctl(t, dctrl, "--stop")
 	if out, err := hostIoctl(dctrl, "--load", "permanent", old); err == nil {
 		t.Fatalf("the destination loaded an export older than the guest's last write:\n%s", out)
