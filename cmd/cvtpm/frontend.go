@@ -29,7 +29,8 @@ func runFrontend(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("cvtpm frontend", flag.ContinueOnError)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), `Usage: cvtpm frontend --backend ADDR --tls-cert FILE --tls-key FILE --policy FILE
-                      [--vm INSTANCE=CTRL-SOCKET ...] [--relay ADDR]
+                      --vm INSTANCE=CTRL-SOCKET [--vm ...] [--relay ADDR]
+       cvtpm frontend --backend ADDR --relay ADDR      (a relay alone needs no identity)
 
 Runs on the host. For each --vm it serves swtpm's control protocol on the
 unix socket CTRL-SOCKET, which is what QEMU's tpm-emulator uses:
