@@ -139,7 +139,7 @@ Options:
 		b, _ := json.MarshalIndent(result, "", "  ")
 		fmt.Println(string(b))
 	} else {
-		printVerdict(result, true)
+		printVerdict(result)
 	}
 	if !result.Passes() {
 		return exitError{3}
@@ -185,12 +185,8 @@ var legs = []struct{ submod, name string }{
 	{"csv-workload", "workload VM (CSV)"},
 }
 
-func printVerdict(result *ear.EAR, signed bool) {
-	check := "signature not checked (no --verifier-key)"
-	if signed {
-		check = "signature verified"
-	}
-	fmt.Printf("verifier result (EAR token, %s):\n", check)
+func printVerdict(result *ear.EAR) {
+	fmt.Printf("verifier result (EAR token, signature verified):\n")
 	fmt.Printf("  %-20s %-16s %s\n", "leg", "status", "reasons")
 	shown := map[string]bool{}
 	row := func(name, submod string) {
@@ -217,10 +213,12 @@ func printVerdict(result *ear.EAR, signed bool) {
 	if _, ok := result.Submods["csv-workload"]; !ok {
 		fmt.Printf("  %-20s %-16s %s\n", legs[2].name, "-", "not sent (--workload-evidence) and not required")
 	}
-	if v := result.Submods["cvtpm-vtpm"].Evidence; v != nil {
+	// What was verified; a leg whose evidence did not verify has nothing
+	// to show but its reasons above.
+	if v := result.Submods["cvtpm-vtpm"].Evidence; v != nil && v["ek_serial"] != "" && v["ek_serial"] != nil {
 		fmt.Printf("  vTPM: EK certificate serial %v\n", v["ek_serial"])
 	}
-	if c := result.Submods["csv-platform"].Evidence; c != nil {
+	if c := result.Submods["csv-platform"].Evidence; c != nil && c["measurement"] != "" && c["measurement"] != nil {
 		fmt.Printf("  backend: chip %v, measurement %v, instance %v, simulated %v\n", c["chip_serial"], c["measurement"], c["instance"], c["simulated"])
 	}
 	if w := result.Submods["csv-workload"].Evidence; w != nil && w["measurement"] != "" {
