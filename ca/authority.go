@@ -85,6 +85,13 @@ func (a *Authority) EvidencePolicy() (*csv.AppraisalPolicy, *csv.Verifier) {
 	return &p.AppraisalPolicy, v
 }
 
+// ErrBadReason: a revocation reason RFC 5280 does not define.
+var ErrBadReason = errors.New("not a CRLReason code")
+
+// ValidCRLReason reports whether r is an RFC 5280 CRLReason: 0
+// (unspecified) to 10 (aACompromise), 7 being unused.
+func ValidCRLReason(r int) bool { return r >= 0 && r <= 10 && r != 7 }
+
 // ErrBusy: too many outstanding challenges (in all, or from this source).
 var ErrBusy = expiring.ErrFull
 
@@ -308,6 +315,9 @@ func (a *Authority) recordEnrollment(ctx context.Context, slot string, ekDigest 
 // Revoke revokes an issued certificate (serial in hex) with an RFC 5280
 // reason code; the next CRL lists it. The decision is audited.
 func (a *Authority) Revoke(ctx context.Context, serial string, reason int) error {
+	if !ValidCRLReason(reason) {
+		return fmt.Errorf("%w: %d (RFC 5280: 0-10, not 7)", ErrBadReason, reason)
+	}
 	if a.Store == nil {
 		return errors.New("this CA keeps no certificate store")
 	}

@@ -281,6 +281,12 @@ func TestRevocationSurvivesRestart(t *testing.T) {
 	if err := f.auth.Revoke(ctx, "abcdef", 1); !errors.Is(err, ErrUnknownSerial) {
 		t.Fatalf("revoking an unknown serial: %v", err)
 	}
+	// Only reasons RFC 5280 defines are published.
+	for _, r := range []int{-1, 7, 11, 99} {
+		if err := f.auth.Revoke(ctx, serial, r); !errors.Is(err, ErrBadReason) {
+			t.Errorf("revoking with reason %d: %v", r, err)
+		}
+	}
 	st.Close()
 
 	st, err = OpenBoltStore(dbPath) // restart

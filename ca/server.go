@@ -87,6 +87,9 @@ func (s *Server) Revoke(ctx context.Context, req *capb.RevokeRequest) (*capb.Rev
 		if errors.Is(err, ErrUnknownSerial) {
 			return nil, status.Error(codes.NotFound, err.Error())
 		}
+		if errors.Is(err, ErrBadReason) {
+			return nil, status.Error(codes.InvalidArgument, err.Error())
+		}
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	s.Log.Info("certificate revoked", "serial", req.GetSerial(), "reason", req.GetReason())

@@ -440,6 +440,9 @@ func runCARevoke(ctx context.Context, args []string) error {
 	if *dir == "" || fs.NArg() != 1 {
 		return usageError("usage: cvtpm ca revoke --dir DIR [--reason N] SERIAL")
 	}
+	if !ca.ValidCRLReason(*reason) {
+		return usageError(fmt.Sprintf("--reason %d: an RFC 5280 CRLReason is 0-10 (not 7), e.g. 1 keyCompromise", *reason))
+	}
 	conn, err := dialUnix("--dir", filepath.Join(*dir, "admin.sock"))
 	if err != nil {
 		return err
