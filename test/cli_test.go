@@ -306,3 +306,29 @@ func TestREADMEFlags(t *testing.T) {
 		}
 	}
 }
+
+// One daemon per directory: a second CA or backend given a directory in
+// use stops, exit 1, naming the directory and the holder's PID (before:
+// the CA waited 5 s on its database and said "timeout").
+func TestDirectoryInUse(t *testing.T) {
+	bin := testenv.Binary(t, testenv.Cvtpm)
+	f := testenv.NewTopologyFiles(t, 0x7)
+	c := startCAProc(t, filepath.Join(f.Dir, "ca"), f.Policy, "--hsk-cek", filepath.Join(f.SimDir, "hsk_cek.cert"))
+	topo := testenv.StartBackend(t, f)
+	for _, tc := range []struct {
+		what string
+		pid  int
+		args []string
+	}{
+		{"CA directory " + c.Dir, c.Cmd.Process.Pid, []string{"ca", "--dir", c.Dir, "--policy", f.Policy, "--hsk-cek", filepath.Join(f.SimDir, "hsk_cek.cert"),
+			"--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"}},
+		{"backend directory " + topo.StateDir, topo.Backend.Cmd.Process.Pid, []string{"backend", "--dir", topo.StateDir, "--master-key-file", f.MasterKey,
+			"--client-ca", f.ClientCA, "--acl", f.ACL, "--csv-sim", f.SimDir, "--listen", "tcp:127.0.0.1:0"}},
+	} {
+		out, code, timedOut := runBriefly(bin, tc.args, 10*time.Second)
+		want := fmt.Sprintf("%s is in use by PID %d", tc.what, tc.pid)
+		if timedOut || code != 1 || !strings.Contains(out, want) {
+			t.Errorf("second %s: exit %d (still running: %v), want 1 saying %q:\n%s", tc.args[0], code, timedOut, want, out)
+		}
+	}
+}

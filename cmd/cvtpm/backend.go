@@ -27,6 +27,7 @@ import (
 	"cvtpm/enroll"
 	"cvtpm/internal/attestedlink"
 	"cvtpm/internal/cliconf"
+	"cvtpm/internal/dirlock"
 	"cvtpm/internal/netaddr"
 	"cvtpm/internal/obs"
 	"cvtpm/internal/pkisig"
@@ -168,6 +169,13 @@ Options:
 	if err := os.MkdirAll(*dir, 0o700); err != nil {
 		return flagError("--dir", err)
 	}
+	// One backend per directory: a second one stops here and says who
+	// holds it (each instance's worker locks its own directory as well).
+	lock, err := dirlock.Take(*dir)
+	if err != nil {
+		return flagError("--dir", fmt.Errorf("backend directory %w", err))
+	}
+	defer lock.Release()
 	log, err := logFlags.Logger(os.Stderr)
 	if err != nil {
 		return err

@@ -36,6 +36,7 @@ import (
 	"cvtpm/attest/csv"
 	"cvtpm/ca"
 	"cvtpm/ca/keybroker"
+	"cvtpm/internal/dirlock"
 	"cvtpm/internal/netaddr"
 	"cvtpm/internal/obs"
 	"cvtpm/internal/serve"
@@ -138,6 +139,16 @@ Options:
 	} else if certs, err = csv.SelectCertSource(*certDir, *kds, false, &policy.AppraisalPolicy); err != nil {
 		return fmt.Errorf("HSK+CEK source (--cert-dir, --kds): %w", err)
 	}
+	// One CA per directory (its admin socket, audit log and database):
+	// a second one stops here and says who holds it.
+	if err := os.MkdirAll(*dir, 0o700); err != nil {
+		return flagError("--dir", err)
+	}
+	lock, err := dirlock.Take(*dir)
+	if err != nil {
+		return flagError("--dir", fmt.Errorf("CA directory %w", err))
+	}
+	defer lock.Release()
 	roots, err := loadOrCreateCARoots(*dir, *keyType, log)
 	if err != nil {
 		return flagError("--dir", err)

@@ -28,12 +28,10 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"strconv"
-	"strings"
 	"sync"
 
+	"cvtpm/internal/dirlock"
 	"cvtpm/vtpm/swtpmblob"
-	"golang.org/x/sys/unix"
 )
 
 const manifestName = "manifest"
@@ -59,13 +57,13 @@ type Options struct {
 
 // Store is one TPM's state directory. It is safe for concurrent use.
 type Store struct {
-	dir    string
-	key    *Key
-	log    *slog.Logger
-	mu     sync.Mutex
-	gen    uint64                   // highest generation written or seen
-	blobs  map[string]manifestEntry // what the manifest records
-	lockFD int
+	dir   string
+	key   *Key
+	log   *slog.Logger
+	mu    sync.Mutex
+	gen   uint64                   // highest generation written or seen
+	blobs map[string]manifestEntry // what the manifest records
+	lock  *dirlock.Lock
 }
 
 type manifestEntry struct {
@@ -86,7 +84,7 @@ func Open(dir string, opts Options) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
-	s := &Store{dir: dir, key: opts.Key, log: log, blobs: map[string]manifestEntry{}, lockFD: -1}
+	s := &Store{dir: dir, key: opts.Key, log: log, blobs: map[string]manifestEntry{}}
 	if opts.Lock {
 		if err := s.Lock(); err != nil {
 			return nil, err
@@ -422,29 +420,18 @@ func syncDir(dir string) error {
 func (s *Store) Lock() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.lockFD >= 0 {
+	if s.lock != nil {
 		return nil
 	}
-	p := filepath.Join(s.dir, ".lock")
-	fd, err := unix.Open(p, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC, 0o600)
-	if err != nil {
-		return fmt.Errorf("locking state directory: %w", &fs.PathError{Op: "open", Path: p, Err: err})
+	l, err := dirlock.Take(s.dir)
+	var inUse *dirlock.InUseError
+	switch {
+	case errors.As(err, &inUse):
+		return fmt.Errorf("state directory %s is in use by %s", s.dir, inUse.Holder)
+	case err != nil:
+		return fmt.Errorf("locking state directory: %w", err)
 	}
-	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		unix.Close(fd)
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			holder := "another process"
-			if b, err := os.ReadFile(p); err == nil && len(strings.TrimSpace(string(b))) > 0 {
-				holder = "PID " + strings.TrimSpace(string(b))
-			}
-			return fmt.Errorf("state directory %s is in use by %s", s.dir, holder)
-		}
-		return fmt.Errorf("locking state directory %s: %w", s.dir, err)
-	}
-	// Who holds it, for the next one who asks.
-	unix.Ftruncate(fd, 0)
-	unix.Pwrite(fd, []byte(strconv.Itoa(os.Getpid())+"\n"), 0)
-	s.lockFD = fd
+	s.lock = l
 	return nil
 }
 
@@ -452,11 +439,8 @@ func (s *Store) Lock() error {
 func (s *Store) Unlock() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.lockFD < 0 {
-		return nil
-	}
-	err := unix.Close(s.lockFD)
-	s.lockFD = -1
+	err := s.lock.Release()
+	s.lock = nil
 	return err
 }
 

@@ -1,0 +1,46 @@
+package dirlock
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// A second holder is refused at once with the first one's PID; after
+// Release the directory can be taken again. flock locks belong to open
+// file descriptions, so a second Take in this process conflicts too.
+func TestTake(t *testing.T) {
+	dir := t.TempDir()
+	l, err := Take(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = Take(dir)
+	var inUse *InUseError
+	if !errors.As(err, &inUse) || inUse.Holder != fmt.Sprintf("PID %d", os.Getpid()) {
+		t.Fatalf("second Take: %v", err)
+	}
+	if !strings.Contains(err.Error(), dir+" is in use by PID ") {
+		t.Fatalf("message: %q", err)
+	}
+	// flock(1) from another process sees the lock held too.
+	if flock, err := exec.LookPath("flock"); err == nil {
+		if out, err := exec.Command(flock, "-n", dir+"/"+FileName, "true").CombinedOutput(); err == nil {
+			t.Fatalf("another process took the lock: %s", out)
+		}
+	}
+	if err := l.Release(); err != nil {
+		t.Fatal(err)
+	}
+	l2, err := Take(dir)
+	if err != nil {
+		t.Fatalf("Take after Release: %v", err)
+	}
+	l2.Release()
+	if _, err := Take(dir + "/missing/sub"); err == nil {
+		t.Fatal("Take of a missing directory")
+	}
+}
