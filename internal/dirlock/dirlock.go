@@ -34,7 +34,10 @@ type Lock struct{ fd int }
 // lock file. The lock lasts until Release or the process's exit.
 func Take(dir string) (*Lock, error) {
 	p := filepath.Join(dir, FileName)
-	fd, err := unix.Open(p, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC, 0o600)
+	// Not through a symlink: whoever can write the directory (the host,
+	// for a backend's disk) must not make a root daemon truncate and
+	// write another file.
+	fd, err := unix.Open(p, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return nil, &fs.PathError{Op: "open", Path: p, Err: err}
 	}

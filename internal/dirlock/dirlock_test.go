@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -42,5 +43,21 @@ func TestTake(t *testing.T) {
 	l2.Release()
 	if _, err := Take(dir + "/missing/sub"); err == nil {
 		t.Fatal("Take of a missing directory")
+	}
+}
+
+// A .lock planted as a symlink is refused, and its target left alone.
+func TestTakeRefusesSymlink(t *testing.T) {
+	dir, victim := t.TempDir(), filepath.Join(t.TempDir(), "victim")
+	os.WriteFile(victim, []byte("keep me"), 0o600)
+	if err := os.Symlink(victim, filepath.Join(dir, FileName)); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := Take(dir); err == nil {
+		l.Release()
+		t.Fatal("Take followed a symlinked lock file")
+	}
+	if b, _ := os.ReadFile(victim); string(b) != "keep me" {
+		t.Fatalf("the symlink's target was written: %q", b)
 	}
 }
