@@ -161,7 +161,7 @@ func TestRealGuest(t *testing.T) {
 		"-display", "none", "-monitor", "none", "-no-reboot", "-serial", "file:"+serial,
 		"-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+ovmfCode,
 		"-drive", "if=pflash,format=raw,unit=1,file="+vars,
-		"-kernel", kernel(t), "-initrd", initrd, "-append", "console=ttyS0 panic=-1 quiet",
+		"-kernel", kernel(t), "-initrd", initrd, "-append", kernelCmdline,
 		"-netdev", "user,id=net0", "-device", "e1000e,netdev=net0",
 		"-chardev", "socket,id=chrtpm,path="+ctrl,
 		"-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-crb,tpmdev=tpm0")
@@ -244,7 +244,13 @@ func TestRealGuest(t *testing.T) {
 	}
 	logFile, refFile := filepath.Join(dir, "boot.log"), filepath.Join(dir, "ref.json")
 	os.WriteFile(logFile, eventLog, 0o600)
-	testenv.Run(t, nil, bin, "verifier", "reference", "--event-log", logFile, "--pcrs", "0,1,2,3,4,5,6,7,9", "--out", refFile)
+	// The log holds digests only: the operator checks it is the boot of
+	// this command line and initrd before pinning its PCRs.
+	testenv.Run(t, nil, bin, "verifier", "reference", "--event-log", logFile, "--pcrs", "0,1,2,3,4,5,6,7,9", "--out", refFile,
+		"--kernel-cmdline", kernelCmdline+" initrd=initrd", "--initrd", initrd)
+	if out, err := testenv.RunErr(nil, bin, "verifier", "reference", "--event-log", logFile, "--kernel-cmdline", kernelCmdline+" init=/bin/sh initrd=initrd"); err == nil || !strings.Contains(out, "--kernel-cmdline") {
+		t.Errorf("reference from this boot's log for another command line: %v\n%s", err, out)
+	}
 	b, _ := os.ReadFile(refFile)
 	ref, err := verifier.ParseReference(b)
 	if err != nil {
@@ -257,6 +263,9 @@ func TestRealGuest(t *testing.T) {
 		}
 	}
 }
+
+// kernelCmdline is the guest's command line (OVMF appends " initrd=initrd").
+const kernelCmdline = "console=ttyS0 panic=-1 quiet"
 
 type guestAttestation struct {
 	rc, out, err string

@@ -3,11 +3,14 @@ package verifier
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
+	"unicode/utf16"
 
 	"github.com/google/go-attestation/attest"
 )
@@ -110,3 +113,74 @@ func ReferenceFromEventLog(log []byte, pcrs []int) ([]byte, error) {
 
 // evNoAction is EV_NO_ACTION: an event that extends nothing.
 const evNoAction = 3
+
+// The Linux EFI stub (5.19 and later) measures what it loads into PCR 9 as
+// EV_EVENT_TAG events (TCG_PCClientTaggedEvent: tag id, size, description)
+// whose SHA-256 digest is of the thing itself: the command line as UTF-16LE
+// with its NUL, and the initrd file.
+const (
+	evEventTag            = 6
+	tagLinuxLoadOptions   = 0x8F3B22ED
+	tagLinuxInitrd        = 0x8F3B22EC
+	linuxKernelMeasurePCR = 9
+)
+
+// ErrNotMeasured: the log has no such measurement (another bootloader, or
+// a kernel older than 5.19).
+var ErrNotMeasured = errors.New("not measured in the event log")
+
+// linuxTagged returns the SHA-256 digest of the Linux EFI stub's tagged
+// event tag in log.
+func linuxTagged(log []byte, tag uint32) ([]byte, error) {
+	el, err := attest.ParseEventLog(log)
+	if err != nil {
+		return nil, fmt.Errorf("event log: %w", err)
+	}
+	var found []byte
+	for _, e := range el.Events(attest.HashSHA256) {
+		if e.Index != linuxKernelMeasurePCR || e.Type != evEventTag || len(e.Data) < 8 || binary.LittleEndian.Uint32(e.Data) != tag {
+			continue
+		}
+		if found != nil {
+			return nil, fmt.Errorf("event log: two Linux EFI stub events with tag %#x in PCR %d", tag, linuxKernelMeasurePCR)
+		}
+		found = e.Digest
+	}
+	if found == nil {
+		return nil, ErrNotMeasured
+	}
+	return found, nil
+}
+
+// CheckKernelCmdline reports whether the known-good log measured exactly
+// this kernel command line (as the firmware passed it: OVMF's direct
+// kernel boot appends " initrd=initrd"), so an operator knows what the
+// reference values stand for. The log holds only its digest.
+func CheckKernelCmdline(log []byte, cmdline string) error {
+	got, err := linuxTagged(log, tagLinuxLoadOptions)
+	if err != nil {
+		return fmt.Errorf("kernel command line: %w", err)
+	}
+	buf := make([]byte, 0, 2*len(cmdline)+2)
+	for _, c := range utf16.Encode([]rune(cmdline)) {
+		buf = binary.LittleEndian.AppendUint16(buf, c)
+	}
+	want := sha256.Sum256(append(buf, 0, 0))
+	if !bytes.Equal(got, want[:]) {
+		return fmt.Errorf("the kernel command line measured in PCR %d is not %q", linuxKernelMeasurePCR, cmdline)
+	}
+	return nil
+}
+
+// CheckInitrd reports whether the known-good log measured exactly this
+// initrd.
+func CheckInitrd(log, initrd []byte) error {
+	got, err := linuxTagged(log, tagLinuxInitrd)
+	if err != nil {
+		return fmt.Errorf("initrd: %w", err)
+	}
+	if want := sha256.Sum256(initrd); !bytes.Equal(got, want[:]) {
+		return fmt.Errorf("the initrd measured in PCR %d is another (SHA-256 %x)", linuxKernelMeasurePCR, got)
+	}
+	return nil
+}

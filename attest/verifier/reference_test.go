@@ -2,6 +2,8 @@ package verifier
 
 import (
 	"bytes"
+	"errors"
+	"os"
 	"strings"
 	"testing"
 
@@ -32,7 +34,16 @@ func TestParseReference(t *testing.T) {
 func FuzzReferenceFromEventLog(f *testing.F) {
 	f.Add([]byte{})
 	f.Add(guestkit.NewEventLog().Bytes()) // the crypto-agile header alone
+	if real, err := os.ReadFile("testdata/ovmf-direct-boot.log"); err == nil {
+		f.Add(real)
+	}
 	f.Fuzz(func(t *testing.T, log []byte) {
+		// The kernel checks read the same log: no panic, a match only
+		// for what was measured.
+		if CheckKernelCmdline(log, "x") == nil {
+			t.Fatal(`a log measured the command line "x"`)
+		}
+		CheckInitrd(log, nil)
 		out, err := ReferenceFromEventLog(log, nil)
 		if err == nil {
 			if _, err := ParseReference(out); err != nil && len(out) > 0 && !bytes.Contains(out, []byte(`"sha256": {}`)) {
@@ -40,4 +51,32 @@ func FuzzReferenceFromEventLog(f *testing.F) {
 			}
 		}
 	})
+}
+
+// A real OVMF direct kernel boot's log names the command line it measured
+// (testdata/README.md says which boot).
+func TestCheckKernelCmdline(t *testing.T) {
+	log, err := os.ReadFile("testdata/ovmf-direct-boot.log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := CheckKernelCmdline(log, "console=ttyS0 panic=-1 quiet initrd=initrd"); err != nil {
+		t.Fatal(err)
+	}
+	for _, other := range []string{"console=ttyS0 panic=-1 quiet", "console=ttyS0 panic=-1 quiet initrd=initrd init=/bin/sh", ""} {
+		if err := CheckKernelCmdline(log, other); err == nil || !strings.Contains(err.Error(), "is not") {
+			t.Errorf("command line %q: %v", other, err)
+		}
+	}
+	if err := CheckInitrd(log, []byte("not the initrd")); err == nil {
+		t.Error("another initrd matched")
+	}
+	// A log without the stub's events (cvtpm guest measure's) says so.
+	if _, err := linuxTagged(guestkit.NewEventLog().Bytes(), tagLinuxLoadOptions); !errors.Is(err, ErrNotMeasured) {
+		t.Errorf("a log without kernel measurements: %v", err)
+	}
+	// And the reference values of that boot replay from it.
+	if _, err := ReferenceFromEventLog(log, []int{0, 1, 2, 3, 4, 5, 6, 7, 9}); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -349,12 +349,19 @@ func runReference(args []string) error {
 	fs := flag.NewFlagSet("cvtpm verifier reference", flag.ContinueOnError)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), `Usage: cvtpm verifier reference --event-log FILE [--pcrs 0,1,...] [--out ref.json]
+                                 [--kernel-cmdline TEXT] [--initrd FILE]
 
 Replays a known-good boot's TCG event log (in the guest:
 /sys/kernel/security/tpm0/binary_bios_measurements, or the log 'cvtpm guest
 measure' writes) into SHA-256 PCR values and writes them as reference values
 for 'cvtpm verifier --reference': a later boot that measures anything else
-is refused as pcr-N-not-reference.
+in those PCRs is refused as pcr-N-not-reference.
+
+The log holds only digests. --kernel-cmdline and --initrd check, before
+anything is written, that the boot measured exactly this command line and
+initrd (the Linux EFI stub's events in PCR 9; OVMF's direct kernel boot
+appends " initrd=initrd" to the command line), so the reference values are
+known to stand for them.
 
 Options:
 `)
@@ -367,10 +374,13 @@ Options:
 	logFile := fs.String("event-log", "", "the event log of a known-good boot (required)")
 	pcrList := fs.String("pcrs", "", "comma-separated PCRs to pin (default: every PCR the log extends)")
 	out := fs.String("out", "", "write the reference file here (default: standard output)")
-	if err := fs.Parse(args); err != nil {
+	cmdline := fs.String("kernel-cmdline", "", "check that the log measured this kernel command line (as the firmware passed it)")
+	initrd := fs.String("initrd", "", "check that the log measured this initrd file")
+	if err := cliconf.Parse(fs, args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
 		}
+		fmt.Fprintf(os.Stderr, "cvtpm verifier reference: %v\n", err)
 		return errUsage
 	}
 	if *logFile == "" {
@@ -391,6 +401,22 @@ Options:
 			return fmt.Errorf("--pcrs %q: want PCR numbers 0-23, comma-separated", *pcrList)
 		}
 		pcrs = append(pcrs, n)
+	}
+	cmdlineSet := false
+	fs.Visit(func(f *flag.Flag) { cmdlineSet = cmdlineSet || f.Name == "kernel-cmdline" })
+	if cmdlineSet {
+		if err := verifier.CheckKernelCmdline(log, *cmdline); err != nil {
+			return fmt.Errorf("--kernel-cmdline: %w", err)
+		}
+	}
+	if *initrd != "" {
+		b, err := os.ReadFile(*initrd)
+		if err != nil {
+			return fmt.Errorf("--initrd: %w", err)
+		}
+		if err := verifier.CheckInitrd(log, b); err != nil {
+			return fmt.Errorf("--initrd %s: %w", *initrd, err)
+		}
 	}
 	ref, err := verifier.ReferenceFromEventLog(log, pcrs)
 	if err != nil {
