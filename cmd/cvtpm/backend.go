@@ -27,7 +27,6 @@ import (
 	"cvtpm/enroll"
 	"cvtpm/internal/attestedlink"
 	"cvtpm/internal/cliconf"
-	"cvtpm/internal/dirlock"
 	"cvtpm/internal/netaddr"
 	"cvtpm/internal/obs"
 	"cvtpm/internal/pkisig"
@@ -166,14 +165,11 @@ Options:
 			return flagError("--client-crl", err)
 		}
 	}
-	if err := os.MkdirAll(*dir, 0o700); err != nil {
-		return flagError("--dir", err)
-	}
-	// One backend per directory: a second one stops here and says who
-	// holds it (each instance's worker locks its own directory as well).
-	lock, err := dirlock.Take(*dir)
+	// One backend per directory (each instance's worker locks its own
+	// directory as well).
+	lock, err := ownDir(*dir, "backend directory")
 	if err != nil {
-		return flagError("--dir", fmt.Errorf("backend directory %w", err))
+		return err
 	}
 	defer lock.Release()
 	log, err := logFlags.Logger(os.Stderr)

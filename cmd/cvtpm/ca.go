@@ -36,7 +36,6 @@ import (
 	"cvtpm/attest/csv"
 	"cvtpm/ca"
 	"cvtpm/ca/keybroker"
-	"cvtpm/internal/dirlock"
 	"cvtpm/internal/netaddr"
 	"cvtpm/internal/obs"
 	"cvtpm/internal/serve"
@@ -139,14 +138,10 @@ Options:
 	} else if certs, err = csv.SelectCertSource(*certDir, *kds, false, &policy.AppraisalPolicy); err != nil {
 		return fmt.Errorf("HSK+CEK source (--cert-dir, --kds): %w", err)
 	}
-	// One CA per directory (its admin socket, audit log and database):
-	// a second one stops here and says who holds it.
-	if err := os.MkdirAll(*dir, 0o700); err != nil {
-		return flagError("--dir", err)
-	}
-	lock, err := dirlock.Take(*dir)
+	// One CA per directory (its admin socket, audit log and database).
+	lock, err := ownDir(*dir, "CA directory")
 	if err != nil {
-		return flagError("--dir", fmt.Errorf("CA directory %w", err))
+		return err
 	}
 	defer lock.Release()
 	roots, err := loadOrCreateCARoots(*dir, *keyType, log)

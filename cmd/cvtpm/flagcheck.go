@@ -10,6 +10,8 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+
+	"cvtpm/internal/dirlock"
 )
 
 // flagError names the flag a bad value came from.
@@ -62,4 +64,18 @@ func checkHTTPURL(s string) error {
 		return fmt.Errorf("%q: want an http:// or https:// URL", s)
 	}
 	return nil
+}
+
+// ownDir makes a daemon's --dir (mode 0700) and takes its lock, so that a
+// second daemon on it stops at once saying who holds it; what names the
+// directory in that message ("CA directory").
+func ownDir(dir, what string) (*dirlock.Lock, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, flagError("--dir", err)
+	}
+	lock, err := dirlock.Take(dir)
+	if err != nil {
+		return nil, flagError("--dir", fmt.Errorf("%s %w", what, err))
+	}
+	return lock, nil
 }
