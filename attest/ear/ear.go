@@ -8,10 +8,15 @@ package ear
 
 import (
 	"crypto"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 
 	"github.com/go-jose/go-jose/v4"
+
+	attestpb "cvtpm/api/attest"
 )
 
 // Profile is the eat_profile of EAR tokens.
@@ -30,7 +35,34 @@ type EAR struct {
 	IssuedAt   int64             `json:"iat"`
 	VerifierID map[string]string `json:"ear.verifier-id"`
 	Nonce      string            `json:"eat_nonce"`
-	Submods    map[string]Submod `json:"submods"`
+	// EvidenceDigest is EvidenceDigest of the evidence this verdict
+	// judged: the attester checks it is the evidence it sent, not other
+	// evidence a relay sent for the same nonce.
+	EvidenceDigest string            `json:"cvtpm.evidence-sha256,omitempty"`
+	Submods        map[string]Submod `json:"submods"`
+}
+
+// EvidenceDigest is the hex SHA-256 over every field of ev, in field
+// order, each u32-length-prefixed (repeated fields: a count, then each):
+// one definition for the verifier that signs it and the attester that
+// compares it, independent of protobuf's encoding.
+func EvidenceDigest(ev *attestpb.Evidence) string {
+	h := sha256.New()
+	field := func(b []byte) {
+		h.Write(binary.BigEndian.AppendUint32(nil, uint32(len(b))))
+		h.Write(b)
+	}
+	h.Write([]byte("cvtpm evidence v1"))
+	field(ev.GetTpmAttestation())
+	h.Write(binary.BigEndian.AppendUint32(nil, uint32(len(ev.GetEkChain()))))
+	for _, c := range ev.GetEkChain() {
+		field(c)
+	}
+	for _, b := range [][]byte{[]byte(ev.GetInstanceId()), ev.GetEkPublic(), ev.GetCsvReport(), ev.GetCsvHskCek(),
+		ev.GetWorkloadReport(), ev.GetWorkloadHskCek()} {
+		field(b)
+	}
+	return hex.EncodeToString(h.Sum(nil))
 }
 
 // Submod is one submodule of the result.

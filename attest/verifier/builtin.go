@@ -2,6 +2,7 @@ package verifier
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"slices"
 	"strings"
@@ -17,15 +18,24 @@ type builtinPolicy struct {
 }
 
 func newBuiltinPolicy(reference map[string]any) (*builtinPolicy, error) {
+	// Through JSON, as OPA reads data.reference: Go maps of any type give
+	// the same values, and a shape the policy cannot read is an error,
+	// never a reference silently ignored.
+	b, err := json.Marshal(reference)
+	if err != nil {
+		return nil, fmt.Errorf("reference values: %w", err)
+	}
+	var ref struct {
+		PCRs map[string]json.RawMessage `json:"pcrs"`
+	}
+	if err := json.Unmarshal(b, &ref); err != nil {
+		return nil, fmt.Errorf("reference values: %w (want {\"pcrs\": {\"sha256\": {\"16\": \"<hex>\"}}})", err)
+	}
 	p := &builtinPolicy{reference: map[string]string{}}
-	pcrs, _ := reference["pcrs"].(map[string]any)
-	bank, _ := pcrs["sha256"].(map[string]any)
-	for i, v := range bank {
-		s, ok := v.(string)
-		if !ok {
-			return nil, fmt.Errorf("reference values: pcrs.sha256.%s is %T, want a hex string", i, v)
+	if bank, ok := ref.PCRs["sha256"]; ok {
+		if err := json.Unmarshal(bank, &p.reference); err != nil {
+			return nil, fmt.Errorf("reference values: pcrs.sha256: %w (want index -> hex string)", err)
 		}
-		p.reference[i] = s
 	}
 	return p, nil
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"errors"
 
+	attestpb "cvtpm/api/attest"
 	"cvtpm/attest/ear"
 )
 
@@ -15,15 +16,16 @@ const (
 	StatusContraindicated = ear.StatusContraindicated
 )
 
-func (v *Verifier) sign(nonce []byte, submods map[string]Submod, f *Facts) (string, error) {
+func (v *Verifier) sign(nonce []byte, submods map[string]Submod, f *Facts, ev *attestpb.Evidence) (string, error) {
 	if _, ok := v.opts.Signer.Public().(*ecdsa.PublicKey); !ok {
 		return "", errors.New("EAR signer: want an ECDSA P-256 key")
 	}
 	claims := &ear.EAR{
 		Profile: ear.Profile, IssuedAt: v.opts.Now().Unix(),
-		VerifierID: map[string]string{"developer": "cvtpm", "build": "cvtpm verifier"},
-		Nonce:      base64.RawURLEncoding.EncodeToString(nonce),
-		Submods:    map[string]ear.Submod{},
+		VerifierID:     map[string]string{"developer": "cvtpm", "build": "cvtpm verifier"},
+		Nonce:          base64.RawURLEncoding.EncodeToString(nonce),
+		EvidenceDigest: ear.EvidenceDigest(ev),
+		Submods:        map[string]ear.Submod{},
 	}
 	for name, s := range submods {
 		sm := ear.Submod{Status: s.Status, PolicyID: "cvtpm/default-v1", Reasons: s.Reasons}

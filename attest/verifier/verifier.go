@@ -309,7 +309,7 @@ func (v *Verifier) Verify(ctx context.Context, nonce []byte, ev *attestpb.Eviden
 	}
 	enforceVerifiedFacts(submods, f)
 	countVerdicts(submods)
-	token, err := v.sign(nonce, submods, f)
+	token, err := v.sign(nonce, submods, f, ev)
 	if err != nil {
 		return nil, err
 	}

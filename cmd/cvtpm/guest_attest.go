@@ -160,6 +160,12 @@ func answersThis(t *ear.EAR, nonce []byte, ev *attestpb.Evidence, started time.T
 	if subtle.ConstantTimeCompare([]byte(t.Nonce), []byte(want)) != 1 {
 		return errors.New("it carries another challenge's nonce (a replayed token)")
 	}
+	// The verdict is about the evidence the verifier received: it must be
+	// the evidence this run sent, not other evidence (its workload leg
+	// stripped, another quote) a relay sent with this nonce.
+	if t.EvidenceDigest != ear.EvidenceDigest(ev) {
+		return errors.New("it judged other evidence than this TPM sent (changed on the way to the verifier)")
+	}
 	issued := time.Unix(t.IssuedAt, 0)
 	if issued.Before(started.Add(-tokenMaxSkew)) || issued.After(time.Now().Add(tokenMaxSkew)) {
 		return fmt.Errorf("issued at %s, not during this run (%s)", issued.UTC().Format(time.RFC3339), started.UTC().Format(time.RFC3339))

@@ -41,6 +41,13 @@ func Take(dir string) (*Lock, error) {
 	if err != nil {
 		return nil, &fs.PathError{Op: "open", Path: p, Err: err}
 	}
+	// Only a lock file of its own: not a hard link the directory's writer
+	// made to a file elsewhere on the disk (the PID goes into it below).
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || st.Nlink != 1 {
+		unix.Close(fd)
+		return nil, fmt.Errorf("%s: not a plain lock file (a link or special file placed there?): refused", p)
+	}
 	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		unix.Close(fd)
 		if errors.Is(err, unix.EWOULDBLOCK) {

@@ -61,3 +61,21 @@ func TestTakeRefusesSymlink(t *testing.T) {
 		t.Fatalf("the symlink's target was written: %q", b)
 	}
 }
+
+// A .lock that is a hard link to another file is refused, and that file
+// left alone.
+func TestTakeRefusesHardLink(t *testing.T) {
+	dir := t.TempDir()
+	victim := filepath.Join(dir, "acl.json")
+	os.WriteFile(victim, []byte("keep me"), 0o600)
+	if err := os.Link(victim, filepath.Join(dir, FileName)); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := Take(dir); err == nil {
+		l.Release()
+		t.Fatal("Take used a hard-linked lock file")
+	}
+	if b, _ := os.ReadFile(victim); string(b) != "keep me" {
+		t.Fatalf("the linked file was written: %q", b)
+	}
+}
