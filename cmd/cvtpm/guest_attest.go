@@ -43,7 +43,8 @@ RSA EK), quotes the SHA-256 PCRs, asks the vTPM's backend for a fresh CSV
 report bound to the same nonce and the EK (a vendor TPM command), sends it
 all to the verifier and prints the verdict. The verdict counts only if it
 is signed by --verifier-key and answers this run (its nonce, this TPM's EK,
-issued now): the network to the verifier is the host's. Exit status 0:
+the digest of the evidence sent, issued now): the network to the verifier is
+the host's. Exit status 0:
 every part affirming (or warning); 3: refused; 1: no valid verdict.
 
   --tpm /dev/tpmrm0          the kernel's TPM (through QEMU and the frontend)
@@ -130,8 +131,8 @@ Options:
 		return fmt.Errorf("the verifier's token: %w", err)
 	}
 	// The channel to the verifier is the host's: a signed token is only an
-	// answer to this attestation if it carries this challenge's nonce and
-	// this TPM's EK, and was issued now.
+	// answer to this attestation if it carries this challenge's nonce, the
+	// digest of the evidence sent and this TPM's EK, and was issued now.
 	if err := answersThis(result, ch.GetNonce(), ev, started); err != nil {
 		return fmt.Errorf("the verifier's token does not answer this attestation: %w", err)
 	}
@@ -152,8 +153,8 @@ Options:
 const tokenMaxSkew = 5 * time.Minute
 
 // answersThis checks that a signed token is the verifier's answer to this
-// run: this challenge's nonce, the EK certificate this TPM sent, and an
-// issue time within this run. Without it a relay between the guest and
+// run: this challenge's nonce, the evidence this run sent, the EK
+// certificate this TPM sent, and an issue time within this run. Without it a relay between the guest and
 // the verifier could answer with any earlier (affirming) token.
 func answersThis(t *ear.EAR, nonce []byte, ev *attestpb.Evidence, started time.Time) error {
 	want := base64.RawURLEncoding.EncodeToString(nonce)
