@@ -10,7 +10,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"strings"
 	"sync"
@@ -19,12 +18,11 @@ import (
 	"github.com/emmansun/gmsm/sm3"
 	"github.com/google/go-tpm/tpm2"
 
-	"google.golang.org/grpc/peer"
-
 	"cvtpm/attest/csv"
 	"cvtpm/enroll"
 	"cvtpm/internal/expiring"
 	"cvtpm/internal/logfield"
+	"cvtpm/internal/serve"
 )
 
 // MaxInstanceID is the longest instance id the CA certifies.
@@ -109,18 +107,9 @@ func (a *Authority) tables() {
 	})
 }
 
-// sourceOf is the client address of a gRPC call ("" in process): each
-// source gets its share of the outstanding challenges.
-func sourceOf(ctx context.Context) string {
-	p, ok := peer.FromContext(ctx)
-	if !ok || p.Addr == nil {
-		return ""
-	}
-	if host, _, err := net.SplitHostPort(p.Addr.String()); err == nil {
-		return host
-	}
-	return p.Addr.String()
-}
+// sourceOf is the client address of a call: each source gets its share
+// of the outstanding challenges.
+var sourceOf = serve.PeerSource
 
 // Auditor records decisions; AuditFile is the durable one.
 type Auditor interface {

@@ -12,7 +12,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -24,7 +23,6 @@ import (
 	"github.com/google/go-tpm-tools/server"
 	legacy "github.com/google/go-tpm/legacy/tpm2"
 	"github.com/google/go-tpm/tpm2"
-	"google.golang.org/grpc/peer"
 	"google.golang.org/protobuf/proto"
 
 	attestpb "cvtpm/api/attest"
@@ -34,6 +32,7 @@ import (
 	"cvtpm/attest/workload"
 	"cvtpm/internal/expiring"
 	"cvtpm/internal/pkisig"
+	"cvtpm/internal/serve"
 )
 
 // CRLSource supplies one issuer's current CRL.
@@ -134,18 +133,9 @@ func (m *memoryNonces) Consume(_ context.Context, nonce []byte, _ time.Time) (bo
 	return true, ""
 }
 
-// sourceOf is the client address of a call (gRPC peer, or the HTTP
-// handler's remote address put in the context the same way).
-func sourceOf(ctx context.Context) string {
-	p, ok := peer.FromContext(ctx)
-	if !ok || p.Addr == nil {
-		return ""
-	}
-	if host, _, err := net.SplitHostPort(p.Addr.String()); err == nil {
-		return host
-	}
-	return p.Addr.String()
-}
+// sourceOf is the client address of a call: each source gets its share
+// of the outstanding challenges.
+var sourceOf = serve.PeerSource
 
 // Verifier checks evidence and issues EAR tokens. It is safe for
 // concurrent use.

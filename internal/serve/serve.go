@@ -5,6 +5,7 @@
 package serve
 
 import (
+	"context"
 	"log/slog"
 	"net"
 	"net/http"
@@ -12,6 +13,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/peer"
 
 	"cvtpm/internal/netaddr"
 )
@@ -57,4 +59,18 @@ func HTTPServer(h http.Handler, maxBody int64) *http.Server {
 	return &http.Server{Handler: http.MaxBytesHandler(h, maxBody),
 		ReadHeaderTimeout: ReadHeaderTimeout, ReadTimeout: 30 * time.Second, WriteTimeout: time.Minute,
 		IdleTimeout: IdleTimeout, MaxHeaderBytes: 64 << 10}
+}
+
+// PeerSource is the client address of a call as the limits count it (the
+// gRPC peer's host, or what an HTTP handler put in the context the same
+// way); "" in process.
+func PeerSource(ctx context.Context) string {
+	p, ok := peer.FromContext(ctx)
+	if !ok || p.Addr == nil {
+		return ""
+	}
+	if host, _, err := net.SplitHostPort(p.Addr.String()); err == nil {
+		return host
+	}
+	return p.Addr.String()
 }
