@@ -4,7 +4,7 @@
 set -euo pipefail
 
 pkgs=(
-  gcc pkg-config libtpms-dev          # the TPM engine (cgo)
+  gcc pkg-config libtpms-dev libssl-dev   # the TPM engine (cgo; libtpms.a and libcrypto.a, linked statically)
   swtpm swtpm-tools                   # reference peer: swtpm, swtpm_ioctl, swtpm_setup
   tpm2-tools libtss2-tcti-swtpm0 libtss2-tcti-mssim0
   qemu-system-x86 seabios ovmf busybox-static linux-image-amd64 cpio   # ovmf: test/realguest_test.go

@@ -1,7 +1,6 @@
 package engine
 
 /*
-#cgo pkg-config: libtpms
 #include <stdint.h>
 #include <stdlib.h>
 */
