@@ -598,11 +598,39 @@ func (r *resultTable) print(w io.Writer) {
 	if m, err := benchPinMode(); err == nil {
 		fmt.Fprintf(w, "latency benchmarks pinned: CVTPM_BENCH_PIN=%s (same: client and servers share one CPU; cross: different CPUs)\n", m)
 	}
-	fmt.Fprintf(w, "%-36s %14s %14s %7s\n", "measurement", "cvtpm", "swtpm", "ratio")
+	fmt.Fprintf(w, "%-36s %14s %14s %7s  %s\n", "measurement", "cvtpm", "swtpm", "ratio", "goal (issue 13)")
 	for _, l := range labels {
 		row := r.rows[l]
-		fmt.Fprintf(w, "%-36s %10.2f %-3s %10.2f %-3s %7.2f\n", l, row.cvVal, unitShort(row.unit), row.swVal, unitShort(row.unit), row.ratio)
+		fmt.Fprintf(w, "%-36s %10.2f %-3s %10.2f %-3s %7.2f  %s\n", l, row.cvVal, unitShort(row.unit), row.swVal, unitShort(row.unit), row.ratio, goalOf(l, row.ratio))
 	}
+}
+
+// goals are issue 13's targets for the cvtpm/swtpm ratio: small commands
+// at most 1.05 (idle and under load), swtpm's own ground (a connection per
+// command, start, idle memory) at or below swtpm.
+var goals = map[string]float64{
+	"GetRandom(8) raw bytes, unix":                   1.05,
+	"GetRandom(8) go-tpm, unix":                      1.05,
+	"GetRandom(8) go-tpm, tcp":                       1.05,
+	"GetRandom(8) raw bytes, unix, 2 busy processes": 1.05,
+	"PCR_Extend sha256":                              1.05,
+	"GetRandom(8) conn/command, unix":                1.00,
+	"start to listening (median)":                    1.00,
+	"start to first response (median)":               1.00,
+	"idle RSS anonymous (RssAnon)":                   1.00,
+	"idle RSS (VmRSS, process tree)":                 1.00,
+}
+
+// goalOf says the goal for a row and whether ratio meets it.
+func goalOf(label string, ratio float64) string {
+	g, ok := goals[label]
+	if !ok {
+		return "-"
+	}
+	if ratio <= g {
+		return fmt.Sprintf("<= %.2f met", g)
+	}
+	return fmt.Sprintf("<= %.2f NOT MET", g)
 }
 
 func unitShort(unit string) string {

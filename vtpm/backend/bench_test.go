@@ -2,6 +2,7 @@ package backend
 
 import (
 	"context"
+	"path/filepath"
 	"testing"
 
 	"github.com/google/go-tpm/tpm2"
@@ -11,10 +12,11 @@ import (
 )
 
 // BenchmarkSupervisorGetRandom is one small command from the supervisor
-// to a worker process and back: the backend's share of the attested path.
+// to a worker process (the lean cvtpm-worker beside cvtpm) and back: the
+// backend's share of the attested path.
 func BenchmarkSupervisorGetRandom(b *testing.B) {
 	keys, _ := NewMasterKey(bytesOf(1, 32))
-	s, err := New(context.Background(), Config{Dir: b.TempDir(), Keys: keys, Worker: []string{testenv.Binary(b, testenv.Cvtpm), "worker"}})
+	s, err := New(context.Background(), Config{Dir: b.TempDir(), Keys: keys, Worker: []string{filepath.Join(filepath.Dir(testenv.Binary(b, testenv.Cvtpm)), "cvtpm-worker")}})
 	if err != nil {
 		b.Fatal(err)
 	}
