@@ -598,10 +598,10 @@ func (r *resultTable) print(w io.Writer) {
 	if m, err := benchPinMode(); err == nil {
 		fmt.Fprintf(w, "latency benchmarks pinned: CVTPM_BENCH_PIN=%s (same: client and servers share one CPU; cross: different CPUs)\n", m)
 	}
-	fmt.Fprintf(w, "%-36s %14s %14s %7s  %s\n", "measurement", "cvtpm", "swtpm", "ratio", "goal (issue 13)")
+	fmt.Fprintf(w, "%-48s %14s %14s %7s  %s\n", "measurement", "cvtpm", "swtpm", "ratio", "goal (issue 13)")
 	for _, l := range labels {
 		row := r.rows[l]
-		fmt.Fprintf(w, "%-36s %10.2f %-3s %10.2f %-3s %7.2f  %s\n", l, row.cvVal, unitShort(row.unit), row.swVal, unitShort(row.unit), row.ratio, goalOf(l, row.ratio))
+		fmt.Fprintf(w, "%-48s %10.2f %-3s %10.2f %-3s %7.2f  %s\n", l, row.cvVal, unitShort(row.unit), row.swVal, unitShort(row.unit), row.ratio, goalOf(l, row.ratio))
 	}
 }
 

@@ -226,6 +226,74 @@ func BenchmarkIdleInstances(b *testing.B) {
 	perCreate := created.Seconds() / float64(n) * 1e3
 	fmt.Printf("%d idle instances in one backend: %.2f MiB per instance proportional (PSS, workers and the backend's share%s; %.2f MiB anonymous; RSS %.1f MiB counts the shared binary once per worker); created in %.1f s (%.1f ms each%s); %d CPUs\n",
 		n, mib(pss), meets(mib(pss), idleInstanceGoalMiB, "MiB"), mib(anon), mib(rss), created.Seconds(), perCreate, meets(perCreate, createGoalMs, "ms"), runtime.NumCPU())
+	if n > 0 {
+		if bd, err := memoryBreakdown(int(resp.Instances[0].Pid)); err == nil {
+			fmt.Printf("one idle worker (pid %d), by owner:\n%s", resp.Instances[0].Pid, bd)
+		}
+	}
+}
+
+// memoryBreakdown sorts one idle worker's mappings (/proc/PID/smaps) into
+// what holds them, in KiB: anonymous pages by owner, file pages by PSS.
+func memoryBreakdown(pid int) (string, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/smaps", pid))
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+	kib := map[string]int64{}
+	var owner, prevName string
+	var pss, anon int64
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) >= 5 && strings.Contains(fields[0], "-") && !strings.HasSuffix(fields[0], ":") {
+			start, _ := strconv.ParseUint(strings.SplitN(fields[0], "-", 2)[0], 16, 64)
+			name := ""
+			if len(fields) >= 6 {
+				name = fields[5]
+			}
+			switch {
+			case name == "[heap]" || (name == "" && start >= 0x700000000000 && start%(64<<20) == 0):
+				// the main arena, or a 64 MiB-aligned glibc thread arena
+				owner = "C heap (malloc: libtpms, OpenSSL)"
+			case name == exe || (name == "" && prevName == exe):
+				owner = "binary data and bss (libtpms, OpenSSL, Go globals)"
+			case name != "":
+				owner = "shared libraries (libc, loader), private pages"
+			case start < 0x700000000000:
+				owner = "Go heap"
+			default:
+				owner = "Go runtime metadata and thread stacks"
+			}
+			prevName = name
+			continue
+		}
+		if len(fields) >= 2 && (fields[0] == "Anonymous:" || fields[0] == "Pss:") {
+			v, _ := strconv.ParseInt(fields[1], 10, 64)
+			if fields[0] == "Pss:" {
+				pss += v
+			} else {
+				kib[owner] += v
+				anon += v
+			}
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return "", err
+	}
+	kib["file pages, this worker's proportional share (binary code, libc)"] = pss - anon
+	keys := make([]string, 0, len(kib))
+	for k := range kib {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool { return kib[keys[i]] > kib[keys[j]] })
+	var b strings.Builder
+	for _, k := range keys {
+		fmt.Fprintf(&b, "  %5d KiB  %s\n", kib[k], k)
+	}
+	return b.String(), nil
 }
 
 // memOf reads a process's /proc/PID/smaps_rollup (values in bytes).
