@@ -12,16 +12,12 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"cvtpm/attest/csv"
 	"cvtpm/attest/freshreport"
@@ -150,6 +146,8 @@ type Supervisor struct {
 	// migrationKey opens envelopes to check their generation before a
 	// claim (the worker opens them again to load them).
 	migrationKey *statestore.Key
+	// spares is the worker started ahead of need (spawn.go).
+	spares spares
 }
 
 type instance struct {
@@ -175,13 +173,6 @@ type instance struct {
 	locality    uint8  // the TPM's current locality (set-locality)
 	startedUp   bool   // TPM2_Startup succeeded since the last init
 	lastErr     error
-}
-
-type worker struct {
-	cmd    *exec.Cmd
-	conn   *os.File
-	caller *tpmrpc.ConnCaller
-	done   chan struct{}
 }
 
 var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
@@ -267,6 +258,7 @@ func New(ctx context.Context, cfg Config) (*Supervisor, error) {
 		instancesGauge.Inc()
 	}
 	s.log.Info("backend ready", "instances", len(s.instances), "dir", cfg.Dir)
+	go s.refillSpare()
 	if cfg.Anchorer != nil {
 		s.mu.Lock()
 		s.anchorOK = time.Now() // the keys and anchors were just released
@@ -674,6 +666,7 @@ func (s *Supervisor) lookup(id string) *instance {
 // Close stops every worker. Their state is already on disk; their last
 // generations are anchored first.
 func (s *Supervisor) Close() {
+	s.closeSpares()
 	if s.stopAnchor != nil {
 		s.stopAnchor()
 		<-s.anchorDone
@@ -740,30 +733,16 @@ func (s *Supervisor) startWorker(ctx context.Context, inst *instance, mode start
 	if err != nil {
 		return fmt.Errorf("state key: %w", err)
 	}
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("socketpair: %w", err)
-	}
-	// Both ends stay blocking: a call wakes its reader directly instead of
-	// through the netpoller, which is most of a small command's cost. An
-	// idle instance holds no thread: nobody reads its socket between calls.
-	conn, child := os.NewFile(uintptr(fds[0]), "worker-conn"), os.NewFile(uintptr(fds[1]), "worker-conn")
-	keyR, keyW, err := os.Pipe()
-	if err != nil {
-		child.Close()
-		conn.Close()
-		return fmt.Errorf("key pipe: %w", err)
-	}
 	cipher := s.cfg.Cipher
 	if cipher == "" {
 		cipher = "aes-256-gcm"
 	}
-	argv := append(slices.Clone(s.cfg.Worker), "--state", inst.dir, "--instance", inst.id, "--conn-fd", "3", "--state-key-fd", "4", "--cipher", cipher)
+	args := []string{"--state", inst.dir, "--instance", inst.id, "--cipher", cipher}
 	switch mode {
 	case startNew:
-		argv = append(argv, "--new")
+		args = append(args, "--new")
 	case startImport:
-		argv = append(argv, "--import-swtpm")
+		args = append(args, "--import-swtpm")
 	}
 	s.mu.Lock()
 	floor := s.seen[inst.id]
@@ -771,62 +750,28 @@ func (s *Supervisor) startWorker(ctx context.Context, inst *instance, mode start
 	if mode != startExisting && floor > 0 {
 		// The id had an instance before: the new one's generations start
 		// above that one's anchor.
-		argv = append(argv, "--min-generation", fmt.Sprint(floor))
+		args = append(args, "--min-generation", fmt.Sprint(floor))
 	}
-	extra := []*os.File{child, keyR}
-	var migR, migW *os.File
-	if s.cfg.MigrationKey != nil {
-		if migR, migW, err = os.Pipe(); err != nil {
-			child.Close()
-			conn.Close()
-			keyR.Close()
-			keyW.Close()
-			return fmt.Errorf("migration key pipe: %w", err)
-		}
-		extra = append(extra, migR)
-		argv = append(argv, "--migration-key-fd", "5")
-	}
-	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.ExtraFiles = extra
-	stderr := &lastLine{w: os.Stderr}
-	cmd.Stderr = stderr
-	cmd.Env = append(os.Environ(), "CVTPM_INSTANCE="+inst.id)
-	// Workers die with the supervisor, never outlive it holding state.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	err = cmd.Start()
-	// Only the worker may hold its ends: otherwise its death would not
-	// show as EOF on conn.
-	child.Close()
-	keyR.Close()
-	if migR != nil {
-		migR.Close()
+	sp := s.takeSpare()
+	if sp != nil {
+		err = sp.sendFlags(args)
+	} else {
+		sp, err = s.spawn(args, false)
 	}
 	if err != nil {
-		keyW.Close()
-		if migW != nil {
-			migW.Close()
+		clear(key)
+		if sp != nil {
+			sp.discard()
 		}
-		conn.Close()
-		return fmt.Errorf("starting worker: %w", err)
+		return err
 	}
-	// The pipe holds far more than a key: write and close without waiting.
-	_, werr := keyW.Write([]byte(hex.EncodeToString(key)))
-	keyW.Close()
+	w, stderr := sp.w, sp.stderr
+	w.owner.Store(inst)
+	werr := sp.sendKeys([]byte(hex.EncodeToString(key)), []byte(hex.EncodeToString(s.cfg.MigrationKey)))
 	clear(key)
-	if migW != nil {
-		if _, err := migW.Write([]byte(hex.EncodeToString(s.cfg.MigrationKey))); err != nil && werr == nil {
-			werr = err
-		}
-		migW.Close()
-	}
-	w := &worker{cmd: cmd, conn: conn, caller: tpmrpc.NewConnCaller(conn), done: make(chan struct{})}
-	go func() {
-		err := cmd.Wait()
-		close(w.done)
-		s.exited(inst, w, err)
-	}()
 	if werr != nil {
-		cmd.Process.Kill()
+		w.owner.Store(nil)
+		w.cmd.Process.Kill()
 		<-w.done
 		return fmt.Errorf("passing the state key: %w", werr)
 	}
@@ -841,7 +786,7 @@ func (s *Supervisor) startWorker(ctx context.Context, inst *instance, mode start
 		// A worker that cannot be brought up is not left running (nor
 		// restarted by exited): the next call or a restart retries.
 		inst.w = nil
-		cmd.Process.Kill()
+		w.cmd.Process.Kill()
 		<-w.done
 		if why := stderr.String(); why != "" && !errors.Is(err, ErrRolledBack) {
 			// The worker's own last word (e.g. its state was refused)

@@ -11,10 +11,12 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"runtime"
 	"runtime/debug"
+	"strings"
 
 	"cvtpm/vtpm/engine"
 	"cvtpm/vtpm/migration"
@@ -31,6 +33,7 @@ func Run(ctx context.Context, args []string) error {
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), `Usage: cvtpm-worker --state DIR --instance ID --conn-fd N --state-key-fd M [--migration-key-fd K]
                     [--cipher aes-256-gcm|sm4-gcm] [--new] [--import-swtpm]
+       cvtpm-worker --spare --conn-fd N --state-key-fd M [--migration-key-fd K]
 
 Runs one libtpms TPM whose sealed state lives in DIR and answers vtpm/tpmrpc
 calls on the inherited socket N. The hex state key is read from the
@@ -53,13 +56,38 @@ Options:
 	isNew := fs.Bool("new", false, "the instance is being created: an empty state directory is expected")
 	minGen := fs.Uint64("min-generation", 0, "a new instance starts its state generation here (above an anchor its id had before)")
 	importSwtpm := fs.Bool("import-swtpm", false, "import swtpm's unencrypted tpm2-00.* files from the state directory (administrator's import)")
+	spare := fs.Bool("spare", false, "started ahead of need: read the other flags (--state, --instance, ...) from the socket --conn-fd, as one message, before anything else")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
 		}
 		return ErrUsage
 	}
-	if *dir == "" || *connFD < 0 || *keyFD < 0 || *instance == "" {
+	if *connFD < 0 {
+		return errors.New("--conn-fd is required (see --help)")
+	}
+	conn := os.NewFile(uintptr(*connFD), "tpmrpc")
+	if conn == nil {
+		return fmt.Errorf("--conn-fd %d: not a descriptor", *connFD)
+	}
+	// conn is not closed on return: it closes when the process exits,
+	// after the error that ended it is written, so the supervisor (which
+	// ends the worker when conn breaks) gets to read why.
+	if *spare {
+		// The supervisor sends this worker's instance when it needs one;
+		// until then the worker has started and holds nothing.
+		more, err := readFlags(conn)
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil // the supervisor ended without using it
+			}
+			return fmt.Errorf("reading the instance's flags: %w", err)
+		}
+		if err := fs.Parse(more); err != nil || fs.NArg() > 0 {
+			return fmt.Errorf("the instance's flags %q: %v", more, err)
+		}
+	}
+	if *dir == "" || *keyFD < 0 || *instance == "" {
 		return errors.New("--state, --instance, --conn-fd and --state-key-fd are required (see --help)")
 	}
 	// An idle instance should cost little: one P, and a small heap target.
@@ -97,10 +125,18 @@ Options:
 	// A blocking descriptor read directly: the supervisor is the only
 	// peer, and a plain read wakes faster than the netpoller. The
 	// supervisor closing its end (EOF) is the normal way to stop.
-	conn := os.NewFile(uintptr(*connFD), "tpmrpc")
-	if conn == nil {
-		return fmt.Errorf("--conn-fd %d: not a descriptor", *connFD)
-	}
-	defer conn.Close()
 	return tpmrpc.ServeConn(ctx, conn, tpm)
+}
+
+// readFlags reads a spare's flags: one tpmrpc-framed message holding them
+// separated by NUL bytes.
+func readFlags(r io.Reader) ([]string, error) {
+	msg, err := tpmrpc.ReadMessage(r, nil)
+	if err != nil {
+		return nil, err
+	}
+	if len(msg) == 0 {
+		return nil, nil
+	}
+	return strings.Split(string(msg), "\x00"), nil
 }
