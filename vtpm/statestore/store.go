@@ -52,7 +52,14 @@ type Options struct {
 	// known to exist, a host that deleted its files would otherwise get a
 	// fresh TPM in its place.
 	MustExist bool
-	Logger    *slog.Logger
+	// DeferManifest writes a new sealed store's manifest with its first
+	// blob (Save writes the manifest after every blob) instead of at
+	// Open. A backend creating an instance sets it, saving a synced write:
+	// a crash before the first blob then leaves a directory that a later
+	// Open with MustExist refuses, which is what an unfinished creation
+	// should be.
+	DeferManifest bool
+	Logger        *slog.Logger
 }
 
 // Store is one TPM's state directory. It is safe for concurrent use.
@@ -133,7 +140,7 @@ func (s *Store) checkOrigin(opts Options) error {
 	case s.key != nil && opts.MustExist:
 		return fmt.Errorf("%s: %w: the sealed state is missing (deleted?); refusing to start a new TPM in its place", s.dir, ErrNoManifest)
 	}
-	if s.key != nil && s.gen == 0 && len(s.blobs) == 0 {
+	if s.key != nil && s.gen == 0 && len(s.blobs) == 0 && !opts.DeferManifest {
 		s.mu.Lock()
 		defer s.mu.Unlock()
 		return s.writeManifest()

@@ -241,6 +241,43 @@ func TestMissingManifest(t *testing.T) {
 	}
 }
 
+// A backend creating an instance defers the new store's manifest to the
+// first blob: until then the directory is not a store, and a later Open of
+// it as an existing instance is refused like an emptied one.
+func TestDeferManifest(t *testing.T) {
+	key := mustKey(t, "", 6)
+	unfinished := t.TempDir()
+	s, err := Open(unfinished, Options{Key: key, DeferManifest: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if _, err := os.Stat(filepath.Join(unfinished, "cvtpm.manifest")); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("deferred manifest written at Open: %v", err)
+	}
+	if _, err := Open(unfinished, Options{Key: key, MustExist: true}); !errors.Is(err, ErrNoManifest) {
+		t.Fatalf("an unfinished creation reopened as an instance: %v", err)
+	}
+
+	dir := t.TempDir()
+	s, err = Open(dir, Options{Key: key, DeferManifest: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Save("permall", []byte("one")); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s, err = Open(dir, Options{Key: key, MustExist: true})
+	if err != nil {
+		t.Fatalf("reopening after the first blob: %v", err)
+	}
+	defer s.Close()
+	if b, err := s.Load("permall"); err != nil || string(b) != "one" {
+		t.Fatalf("permall after reopening: %q, %v", b, err)
+	}
+}
+
 func TestRaiseGeneration(t *testing.T) {
 	key := mustKey(t, "", 5)
 	dir := t.TempDir()

@@ -19,6 +19,7 @@ import (
 	"strings"
 
 	"cvtpm/vtpm/engine"
+	"cvtpm/vtpm/engine/memstore"
 	"cvtpm/vtpm/migration"
 	"cvtpm/vtpm/statestore"
 	"cvtpm/vtpm/tpmrpc"
@@ -66,6 +67,10 @@ Options:
 	if *connFD < 0 {
 		return errors.New("--conn-fd is required (see --help)")
 	}
+	// An idle instance should cost little: one P, and a small heap target.
+	// (A spare sets this while it waits, not while its instance starts.)
+	runtime.GOMAXPROCS(1)
+	debug.SetGCPercent(50)
 	conn := os.NewFile(uintptr(*connFD), "tpmrpc")
 	if conn == nil {
 		return fmt.Errorf("--conn-fd %d: not a descriptor", *connFD)
@@ -76,6 +81,7 @@ Options:
 	if *spare {
 		// The supervisor sends this worker's instance when it needs one;
 		// until then the worker has started and holds nothing.
+		warmUp()
 		more, err := readFlags(conn)
 		if err != nil {
 			if errors.Is(err, io.EOF) {
@@ -90,9 +96,6 @@ Options:
 	if *dir == "" || *keyFD < 0 || *instance == "" {
 		return errors.New("--state, --instance, --conn-fd and --state-key-fd are required (see --help)")
 	}
-	// An idle instance should cost little: one P, and a small heap target.
-	runtime.GOMAXPROCS(1)
-	debug.SetGCPercent(50)
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})).With("instance", *instance)
 
 	key, err := statestore.KeyFromFD(*keyFD, "hex", *cipher)
@@ -108,7 +111,7 @@ Options:
 	// An existing instance's state must be there: an emptied directory is
 	// the host's doing, not a new TPM.
 	store, err := statestore.Open(*dir, statestore.Options{Key: key, Lock: true, Logger: log,
-		MustExist: !*isNew && !*importSwtpm, ImportSwtpm: *importSwtpm})
+		MustExist: !*isNew && !*importSwtpm, ImportSwtpm: *importSwtpm, DeferManifest: *isNew})
 	if err != nil {
 		return fmt.Errorf("state: %w", err)
 	}
@@ -139,4 +142,18 @@ func readFlags(r io.Reader) ([]string, error) {
 		return nil, nil
 	}
 	return strings.Split(string(msg), "\x00"), nil
+}
+
+// warmUp makes and ends a throwaway TPM on an in-memory store, with no
+// instance's key or state: a process's first libtpms manufacture costs
+// about 4 ms of page faults and OpenSSL set-up, the next ones 0.1 ms, and
+// a spare pays that while it waits rather than while an instance is
+// being created.
+func warmUp() {
+	eng, err := engine.New(memstore.New(), nil)
+	if err != nil {
+		return
+	}
+	eng.Init(0)
+	eng.Close()
 }
