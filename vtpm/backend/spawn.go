@@ -157,6 +157,7 @@ type spares struct {
 	ready   *spawned
 	filling bool
 	closed  bool
+	refills sync.WaitGroup // refillSpare calls under way, so Close can wait for them
 }
 
 // takeSpare returns the spare worker, if one is ready and alive, and
@@ -187,20 +188,24 @@ func (s *Supervisor) refillSpare() {
 		return
 	}
 	s.spares.filling = true
+	s.spares.refills.Add(1)
+	defer s.spares.refills.Done()
 	s.spares.mu.Unlock()
 	sp, err := s.spawn(nil, true)
 	s.spares.mu.Lock()
-	defer s.spares.mu.Unlock()
 	s.spares.filling = false
 	if err != nil {
+		s.spares.mu.Unlock()
 		s.log.Warn("could not start a spare worker; instances start without one", "err", err)
 		return
 	}
 	if s.spares.closed {
-		go sp.discard()
+		s.spares.mu.Unlock()
+		sp.discard()
 		return
 	}
 	s.spares.ready = sp
+	s.spares.mu.Unlock()
 }
 
 // closeSpares ends the spare worker for good.
@@ -213,4 +218,5 @@ func (s *Supervisor) closeSpares() {
 	if sp != nil {
 		sp.discard()
 	}
+	s.spares.refills.Wait() // a spare being started ends with it
 }

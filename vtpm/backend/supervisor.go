@@ -741,6 +741,13 @@ func (s *Supervisor) startWorker(ctx context.Context, inst *instance, mode start
 	switch mode {
 	case startNew:
 		args = append(args, "--new")
+		if inst.tpmRunning {
+			// restore initialises the TPM at once, and its first blob
+			// writes the manifest. An incoming instance writes nothing
+			// until its state arrives: its manifest is written at once,
+			// so that a restart before then finds a store.
+			args = append(args, "--defer-manifest")
+		}
 	case startImport:
 		args = append(args, "--import-swtpm")
 	}
@@ -752,33 +759,44 @@ func (s *Supervisor) startWorker(ctx context.Context, inst *instance, mode start
 		// above that one's anchor.
 		args = append(args, "--min-generation", fmt.Sprint(floor))
 	}
-	sp := s.takeSpare()
-	if sp != nil {
-		err = sp.sendFlags(args)
-	} else {
-		sp, err = s.spawn(args, false)
-	}
-	if err != nil {
-		clear(key)
-		if sp != nil {
-			sp.discard()
+	defer clear(key)
+	if sp := s.takeSpare(); sp != nil {
+		err := s.bringUp(ctx, inst, sp, args, key, floor)
+		if err == nil {
+			return nil
 		}
+		// The spare may have died a moment before it was taken (it was
+		// not reaped yet): a worker started now gets the same chance.
+		s.log.Debug("the spare worker could not take the instance; starting a worker for it", "instance", inst.id, "err", err)
+	}
+	sp, err := s.spawn(args, false)
+	if err != nil {
 		return err
+	}
+	return s.bringUp(ctx, inst, sp, args, key, floor)
+}
+
+// bringUp gives a started worker its instance (a spare its flags), its
+// keys, and brings its TPM back to where the clients left it.
+func (s *Supervisor) bringUp(ctx context.Context, inst *instance, sp *spawned, args []string, key []byte, floor uint64) error {
+	if sp.spare {
+		if err := sp.sendFlags(args); err != nil {
+			sp.discard()
+			return fmt.Errorf("passing the instance to the spare worker: %w", err)
+		}
 	}
 	w, stderr := sp.w, sp.stderr
 	w.owner.Store(inst)
-	werr := sp.sendKeys([]byte(hex.EncodeToString(key)), []byte(hex.EncodeToString(s.cfg.MigrationKey)))
-	clear(key)
-	if werr != nil {
+	if err := sp.sendKeys([]byte(hex.EncodeToString(key)), []byte(hex.EncodeToString(s.cfg.MigrationKey))); err != nil {
 		w.owner.Store(nil)
 		w.cmd.Process.Kill()
 		<-w.done
-		return fmt.Errorf("passing the state key: %w", werr)
+		return fmt.Errorf("passing the state key: %w", err)
 	}
 	inst.w = w
 	inst.lastStart = time.Now()
 	inst.locality = 0 // a new libtpms starts at locality 0
-	err = s.restore(ctx, inst)
+	err := s.restore(ctx, inst)
 	if err == nil && floor > 0 {
 		err = s.checkNotRolledBack(ctx, inst, floor)
 	}

@@ -57,6 +57,7 @@ Options:
 	isNew := fs.Bool("new", false, "the instance is being created: an empty state directory is expected")
 	minGen := fs.Uint64("min-generation", 0, "a new instance starts its state generation here (above an anchor its id had before)")
 	importSwtpm := fs.Bool("import-swtpm", false, "import swtpm's unencrypted tpm2-00.* files from the state directory (administrator's import)")
+	deferManifest := fs.Bool("defer-manifest", false, "with --new: the new store's manifest is written with its first blob (the TPM is initialised right away), not at once")
 	spare := fs.Bool("spare", false, "started ahead of need: read the other flags (--state, --instance, ...) from the socket --conn-fd, as one message, before anything else")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -111,7 +112,7 @@ Options:
 	// An existing instance's state must be there: an emptied directory is
 	// the host's doing, not a new TPM.
 	store, err := statestore.Open(*dir, statestore.Options{Key: key, Lock: true, Logger: log,
-		MustExist: !*isNew && !*importSwtpm, ImportSwtpm: *importSwtpm, DeferManifest: *isNew})
+		MustExist: !*isNew && !*importSwtpm, ImportSwtpm: *importSwtpm, DeferManifest: *isNew && *deferManifest})
 	if err != nil {
 		return fmt.Errorf("state: %w", err)
 	}
