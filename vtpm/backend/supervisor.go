@@ -787,6 +787,15 @@ func (s *Supervisor) bringUp(ctx context.Context, inst *instance, sp *spawned, a
 	}
 	w, stderr := sp.w, sp.stderr
 	w.owner.Store(inst)
+	select {
+	case <-w.done:
+		// It exited before it had an owner, so its exit was reported to
+		// nobody; from here on, an exit reaches exited.
+		w.owner.Store(nil)
+		sp.discard()
+		return fmt.Errorf("the worker exited before it was given instance %s: %s", inst.id, stderr.String())
+	default:
+	}
 	if err := sp.sendKeys([]byte(hex.EncodeToString(key)), []byte(hex.EncodeToString(s.cfg.MigrationKey))); err != nil {
 		w.owner.Store(nil)
 		w.cmd.Process.Kill()
