@@ -16,8 +16,6 @@ import (
 
 	tpmtoolspb "github.com/google/go-tpm-tools/proto/attest"
 	"github.com/google/go-tpm-tools/server"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/proto"
 
 	attestpb "cvtpm/api/attest"
@@ -25,7 +23,6 @@ import (
 	"cvtpm/attest/ear"
 	"cvtpm/attest/verifier"
 	"cvtpm/ca"
-	"cvtpm/test/testenv"
 )
 
 // anyNonce accepts every nonce, so one piece of evidence can be verified
@@ -117,21 +114,7 @@ const verifierCostGoal = 2.5
 // the database's, not the TPM's.
 func BenchmarkVerifierReplicas(b *testing.B) {
 	e := startAttestEnv(b, "vm1")
-	pg := testenv.StartPostgres(b)
-	var clients []attestpb.VerifierClient
-	for i := range 2 {
-		addr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(b))
-		testenv.StartDaemon(b, "verifier", []string{"tcp:" + addr}, "verifier", "--postgres", pg,
-			"--ek-root", e.ca.RootFile(ca.PurposeEK), "--ak-root", e.ca.RootFile(ca.PurposeAK),
-			"--crl", e.ca.CRLURL(ca.PurposeEK), "--crl", e.ca.CRLURL(ca.PurposeAK), "--policy", e.files.Policy,
-			"--cert-dir", e.files.CertDir, "--token-key", filepath.Join(e.files.Dir, fmt.Sprintf("v%d.key", i)), "--listen", addr, "--http", "")
-		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { conn.Close() })
-		clients = append(clients, attestpb.NewVerifierClient(conn))
-	}
+	clients := startVerifierReplicas(b, e, 2)
 	const n = 300
 	ctx := context.Background()
 	run := func(replicas int) float64 {

@@ -741,29 +741,34 @@ func TestReferenceFromEventLog(t *testing.T) {
 	}
 }
 
+// startVerifierReplicas starts n `cvtpm verifier` processes keeping their
+// challenges in one PostgreSQL (started here) and returns a client of each.
+func startVerifierReplicas(tb testing.TB, e *attestEnv, n int) []attestpb.VerifierClient {
+	tb.Helper()
+	pg := testenv.StartPostgres(tb)
+	var clients []attestpb.VerifierClient
+	for i := range n {
+		addr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(tb))
+		testenv.StartDaemon(tb, "verifier", []string{"tcp:" + addr}, "verifier", "--postgres", pg,
+			"--ek-root", e.ca.RootFile(ca.PurposeEK), "--ak-root", e.ca.RootFile(ca.PurposeAK),
+			"--crl", e.ca.CRLURL(ca.PurposeEK), "--crl", e.ca.CRLURL(ca.PurposeAK), "--policy", e.files.Policy,
+			"--cert-dir", e.files.CertDir, "--token-key", filepath.Join(e.files.Dir, fmt.Sprintf("v%d.key", i)), "--listen", addr, "--http", "")
+		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			tb.Fatal(err)
+		}
+		tb.Cleanup(func() { conn.Close() })
+		clients = append(clients, attestpb.NewVerifierClient(conn))
+	}
+	return clients
+}
+
 // Two verifier processes behind a load balancer share their challenges in
 // PostgreSQL: a nonce handed out by one is accepted by the other, once.
 func TestVerifierReplicasShareNonces(t *testing.T) {
 	e := startAttestEnv(t, "vm1")
-	pg := testenv.StartPostgres(t)
-	var addrs []string
-	for i := range 2 {
-		addr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
-		testenv.StartDaemon(t, "verifier", []string{"tcp:" + addr}, "verifier", "--postgres", pg,
-			"--ek-root", e.ca.RootFile(ca.PurposeEK), "--ak-root", e.ca.RootFile(ca.PurposeAK),
-			"--crl", e.ca.CRLURL(ca.PurposeEK), "--crl", e.ca.CRLURL(ca.PurposeAK), "--policy", e.files.Policy,
-			"--cert-dir", e.files.CertDir, "--token-key", filepath.Join(e.files.Dir, fmt.Sprintf("v%d.key", i)), "--listen", addr, "--http", "")
-		addrs = append(addrs, addr)
-	}
-	client := func(addr string) attestpb.VerifierClient {
-		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { conn.Close() })
-		return attestpb.NewVerifierClient(conn)
-	}
-	a, b := client(addrs[0]), client(addrs[1])
+	replicas := startVerifierReplicas(t, e, 2)
+	a, b := replicas[0], replicas[1]
 	ctx := context.Background()
 	ch, err := a.Challenge(ctx, &attestpb.ChallengeRequest{})
 	if err != nil {
