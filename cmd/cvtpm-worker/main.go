@@ -18,9 +18,14 @@ import (
 )
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := worker.Run(ctx, os.Args[1:])
-	stop()
+	// The supervisor ends a worker by closing its socket, after it has
+	// asked for the state generation it anchors on the way out; a Ctrl-C
+	// or a service manager's SIGTERM sent to the whole process group must
+	// not end the workers first. Ignored, not caught: catching a signal
+	// costs an idle worker two more threads (Go's signal watcher is a
+	// goroutine locked to its own thread).
+	signal.Ignore(os.Interrupt, syscall.SIGTERM)
+	err := worker.Run(context.Background(), os.Args[1:])
 	switch {
 	case errors.Is(err, worker.ErrUsage):
 		os.Exit(2)

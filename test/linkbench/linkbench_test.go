@@ -208,7 +208,7 @@ func BenchmarkIdleInstances(b *testing.B) {
 	// The backend and every process it started: the instances' workers
 	// and the spare one started ahead of need.
 	backend := topo.Backend.Cmd.Process.Pid
-	pids := append([]int{backend}, childrenOf(backend)...)
+	pids := append([]int{backend}, testenv.ChildrenOf(backend)...)
 	if len(pids) < n+1 {
 		b.Fatalf("%d processes under the backend for %d instances", len(pids), n)
 	}
@@ -313,21 +313,6 @@ func memoryBreakdown(pid int) (string, error) {
 		fmt.Fprintf(&b, "  %5d KiB  %s\n", kib[k], k)
 	}
 	return b.String(), nil
-}
-
-// childrenOf lists the PIDs of pid's children (every thread's list).
-func childrenOf(pid int) []int {
-	files, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
-	var out []int
-	for _, f := range files {
-		b, _ := os.ReadFile(f)
-		for _, field := range strings.Fields(string(b)) {
-			if c, err := strconv.Atoi(field); err == nil {
-				out = append(out, c)
-			}
-		}
-	}
-	return out
 }
 
 // memOf reads a process's /proc/PID/smaps_rollup (values in bytes).

@@ -411,3 +411,19 @@ func RunErr(env []string, path string, args ...string) (string, error) {
 	}
 	return stdout.String(), nil
 }
+
+// ChildrenOf lists the PIDs of pid's children (every thread's list), e.g.
+// a backend's instance workers and its spare worker.
+func ChildrenOf(pid int) []int {
+	files, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	var out []int
+	for _, f := range files {
+		b, _ := os.ReadFile(f)
+		for _, field := range strings.Fields(string(b)) {
+			if c, err := strconv.Atoi(field); err == nil {
+				out = append(out, c)
+			}
+		}
+	}
+	return out
+}

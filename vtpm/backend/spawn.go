@@ -86,6 +86,7 @@ func (s *Supervisor) spawn(args []string, spare bool) (*spawned, error) {
 	argv = append(argv, args...)
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.ExtraFiles = extra
+	cmd.Env = append(os.Environ(), "GOMAXPROCS=1")
 	stderr := &lastLine{w: os.Stderr}
 	cmd.Stderr = stderr
 	// Workers die with the supervisor, never outlive it holding state.
