@@ -39,8 +39,9 @@ demo: deps build
 # symlink) against swtpm, then start and memory of the full `cvtpm socket`;
 # CSV report verification next to a bare SM2 verify, CA enrollments with 64
 # concurrent clients, key releases; the attested path beside its hops (the
-# link alone, supervisor -> worker); idle instances; the combined verifier
-# on 1 and 2 CPUs and its replicas on PostgreSQL.
+# link alone, supervisor -> worker, and each process by a path without it);
+# idle instances; the combined verifier on 1 and 2 CPUs and its replicas on
+# PostgreSQL.
 bench: deps build
 	CVTPM_BIN=$(CURDIR)/bin/cvtpm-swtpm $(GO) test -run '^$$' -bench . -benchtime 2000x -count 1 ./test/bench/ | tee bench.txt
 	@echo "== the full binary, bin/cvtpm socket ==" | tee -a bench.txt

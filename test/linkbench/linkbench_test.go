@@ -3,7 +3,9 @@ package linkbench
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -19,8 +21,12 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	backendpb "cvtpm/api/backend"
+	"cvtpm/attest/csv"
+	"cvtpm/internal/attestedlink"
+	"cvtpm/internal/netaddr"
 	"cvtpm/internal/tpmsock"
 	"cvtpm/test/testenv"
+	"cvtpm/vtpm/tpmrpc"
 )
 
 // path is one way to reach a TPM.
@@ -41,7 +47,11 @@ func dialTCP(b *testing.B, tcti string) transport.TPMCloser {
 }
 
 // paths starts swtpm, cvtpm and the attested topology, each over TCP.
-func paths(b *testing.B) []path {
+// With hops it adds two shorter attested paths that take one process off
+// the full one at a time, so the differences price each hop: the guest
+// proxy straight to the backend (no relay), and the link client in this
+// process straight to the backend (no guest proxy either).
+func paths(b *testing.B, hops bool) []path {
 	b.Helper()
 	var out []path
 	for _, impl := range testenv.Both {
@@ -58,8 +68,58 @@ func paths(b *testing.B) []path {
 		b.Fatal(err)
 	}
 	out = append(out, path{"attested (proxy->relay->backend)", t})
+	if !hops {
+		return out
+	}
+	_, tcti = topo.StartGuestProxy(b, topo.LinkAddr, "guest-vm1", "vm1", f.Policy)
+	out = append(out, path{"proxy->backend", dialTCP(b, tcti)})
+	out = append(out, path{"link client->backend", linkClient(b, topo, "guest-vm1", "vm1")})
 	return out
 }
+
+// linkClient is the attested link's client in this process, a go-tpm
+// transport to one instance of the backend.
+func linkClient(b *testing.B, topo *testenv.Topology, identity, instance string) transport.TPMCloser {
+	b.Helper()
+	c := topo.Files.Certs[identity]
+	cert, err := tls.LoadX509KeyPair(c[0], c[1])
+	if err != nil {
+		b.Fatal(err)
+	}
+	policy, err := csv.LoadAppraisalPolicy(topo.Files.Policy)
+	if err != nil {
+		b.Fatal(err)
+	}
+	dial := func(ctx context.Context) (*attestedlink.Session, error) {
+		conn, err := netaddr.Dial(ctx, topo.LinkAddr)
+		if err != nil {
+			return nil, err
+		}
+		return attestedlink.Dial(ctx, conn, attestedlink.ClientConfig{Certificate: cert, Policy: policy})
+	}
+	tpm, caller := attestedlink.RemoteTPM(instance, dial, nil)
+	if _, err := caller.Connect(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { caller.Close() })
+	return rpcTPM{tpm, caller}
+}
+
+// rpcTPM adapts a tpmrpc client to go-tpm's transport.
+type rpcTPM struct {
+	c      *tpmrpc.Client
+	closer io.Closer
+}
+
+func (t rpcTPM) Send(cmd []byte) ([]byte, error) {
+	resp := t.c.Execute(nil, cmd)
+	if err := t.c.Err(); err != nil {
+		return nil, err
+	}
+	return resp, nil
+}
+
+func (t rpcTPM) Close() error { return t.closer.Close() }
 
 // alternate runs op on every path in turn, in blocks, so drift of the
 // machine's speed hits all alike; it reports the median per-op time.
@@ -117,17 +177,23 @@ func meets(v, g float64, unit string) string {
 }
 
 func BenchmarkAttestedGetRandom(b *testing.B) {
-	ps := paths(b)
+	ps := paths(b, true)
 	b.ResetTimer()
 	med := alternate(b, ps, func(t transport.TPM) error {
 		_, err := (tpm2.GetRandom{BytesRequested: 8}).Execute(t)
 		return err
 	})
 	report(b, "GetRandom(8)", ps, med, meets(us(med[2]-med[1]), attestedGoalUs, "us added"))
+	full, noRelay, inProcess, direct := med[2], med[3], med[4], med[1]
+	fmt.Printf("  the attested path's hops, same run (differences of medians):\n"+
+		"    relay (host, a byte pump)                     %+8.1f us  (proxy->relay->backend %.1f - proxy->backend %.1f)\n"+
+		"    guest proxy process (swtpm protocol, link)    %+8.1f us  (proxy->backend - link client->backend %.1f)\n"+
+		"    backend: link, supervisor -> worker, engine   %+8.1f us  (link client->backend - cvtpm socket %.1f); see BenchmarkCall and BenchmarkSupervisorGetRandom below\n",
+		us(full-noRelay), us(full), us(noRelay), us(noRelay-inProcess), us(inProcess), us(inProcess-direct), us(direct))
 }
 
 func BenchmarkAttestedQuoteECC(b *testing.B) {
-	ps := paths(b)
+	ps := paths(b, false)
 	keys := make([]*tpm2.AuthHandle, len(ps))
 	for i, p := range ps {
 		k, err := signingKey(p.tpm)
