@@ -15,6 +15,10 @@ var (
 		Name: "cvtpm_backend_worker_restarts_total",
 		Help: "Instance workers restarted after they died.",
 	})
+	workersStarted = promauto.NewCounter(prometheus.CounterOpts{
+		Name: "cvtpm_backend_worker_processes_started_total",
+		Help: "Worker processes started: for instances' starts and restarts, and spares started ahead of need.",
+	})
 	calls = promauto.NewHistogramVec(prometheus.HistogramOpts{
 		Name:    "cvtpm_backend_call_seconds",
 		Help:    "Calls to instances by operation (execute, the swtpm control operations), with their latency.",

@@ -94,6 +94,7 @@ func (s *Supervisor) spawn(args []string, spare bool) (*spawned, error) {
 	if err := cmd.Start(); err != nil {
 		return fail(fmt.Errorf("starting worker: %w", err))
 	}
+	workersStarted.Inc()
 	// Only the worker may hold its ends: otherwise its death would not
 	// show as EOF on conn.
 	child.Close()

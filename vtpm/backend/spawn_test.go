@@ -2,9 +2,14 @@ package backend
 
 import (
 	"context"
+	"os"
+	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	dto "github.com/prometheus/client_model/go"
 )
 
 // readySpare waits until the supervisor has a spare worker and returns its PID.
@@ -73,4 +78,53 @@ func TestSpareWorker(t *testing.T) {
 	if alive(last) {
 		t.Errorf("the spare worker %d outlived the supervisor's Close", last)
 	}
+}
+
+// A worker that refuses its instance for the instance's own sake (here:
+// its sealed state is gone) is not tried again with a fresh worker; only
+// a spare that died without a word is.
+func TestRefusedInstanceNotRetried(t *testing.T) {
+	s := newSupervisor(t, t.TempDir(), 1)
+	t.Cleanup(s.Close)
+	info, err := s.Create(context.Background(), "vm1", CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	readySpare(t, s)
+	blobs, _ := filepath.Glob(filepath.Join(s.lookup("vm1").dir, "cvtpm.*"))
+	if len(blobs) == 0 {
+		t.Fatal("vm1 has no sealed state files")
+	}
+	for _, f := range blobs {
+		os.Remove(f)
+	}
+	before := counterValue(t, workersStarted)
+	syscall.Kill(info.PID, syscall.SIGKILL)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		i, _ := s.Info("vm1")
+		if i.Restarts > 0 && i.PID == 0 && i.Error != "" {
+			if !strings.Contains(i.Error, "missing") {
+				t.Errorf("vm1's restart failed with %q, want the worker's refusal of the missing state", i.Error)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("vm1 was not refused within 10 s: %+v", i)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	readySpare(t, s) // the spare taken by the restart is replaced
+	if started := counterValue(t, workersStarted) - before; started != 1 {
+		t.Errorf("%v workers started for one refused restart, want 1 (the next spare): the refusal was retried", started)
+	}
+}
+
+func counterValue(t *testing.T, c interface{ Write(*dto.Metric) error }) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
 }

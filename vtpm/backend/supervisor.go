@@ -762,11 +762,15 @@ func (s *Supervisor) startWorker(ctx context.Context, inst *instance, mode start
 	defer clear(key)
 	if sp := s.takeSpare(); sp != nil {
 		err := s.bringUp(ctx, inst, sp, args, key, floor)
-		if err == nil {
-			return nil
+		var refused *workerRefusal
+		if err == nil || errors.As(err, &refused) || errors.Is(err, ErrRolledBack) {
+			// Up, or refused for the instance's own sake (its state, its
+			// anchor): a fresh worker would be refused alike.
+			return err
 		}
-		// The spare may have died a moment before it was taken (it was
-		// not reaped yet): a worker started now gets the same chance.
+		// The spare died without a word, perhaps a moment before it was
+		// taken (it was not reaped yet): a worker started now gets the
+		// same chance.
 		s.log.Debug("the spare worker could not take the instance; starting a worker for it", "instance", inst.id, "err", err)
 	}
 	sp, err := s.spawn(args, false)
@@ -818,12 +822,18 @@ func (s *Supervisor) bringUp(ctx context.Context, inst *instance, sp *spawned, a
 		if why := stderr.String(); why != "" && !errors.Is(err, ErrRolledBack) {
 			// The worker's own last word (e.g. its state was refused)
 			// says more than the broken socket.
-			return errors.New(why)
+			return &workerRefusal{why}
 		}
 		return err
 	}
 	return nil
 }
+
+// workerRefusal is a worker's own reason for not taking its instance
+// (the last line it wrote), e.g. sealed state that is missing or forged.
+type workerRefusal struct{ reason string }
+
+func (e *workerRefusal) Error() string { return e.reason }
 
 // ErrRolledBack: an instance's state is older than its anchor.
 var ErrRolledBack = errors.New("state rolled back")
