@@ -300,6 +300,7 @@ func BenchmarkIdleInstances(b *testing.B) {
 			fmt.Printf("one idle worker (pid %d), by owner:\n%s", resp.Instances[0].Pid, bd)
 		}
 	}
+	worn(b, topo, resp.Instances)
 	// Back to back, each creation above also paid for starting the next
 	// spare worker on the same CPUs. One creation on a backend that is not
 	// already creating, the usual case:
@@ -316,6 +317,64 @@ func BenchmarkIdleInstances(b *testing.B) {
 	one := float64(single[len(single)/2].Microseconds()) / 1e3
 	b.ReportMetric(one, "ms-to-create-one")
 	fmt.Printf("one creation on an otherwise idle backend (median of 10, the admin API's round trip included): %.1f ms%s\n", one, meets(one, createGoalMs, "ms"))
+}
+
+// worn measures idle instances that have worked first, as a guest's boot
+// and use make them: a fresh worker has touched only what its start
+// needed, and every heap page a worker touches later stays its own until
+// a collection, which an idle worker's small heap rarely reaches. Some of
+// the instances each run TPM2_Startup, wornCommands PCR_Extends and
+// wornNVWrites NV_DefineSpaces (each a sealed write of the TPM's
+// permanent state); their workers' PSS is then set beside the fresh ones'.
+func worn(b *testing.B, topo *testenv.Topology, insts []*backendpb.Instance) {
+	const (
+		instances    = 10
+		wornCommands = 1000
+		wornNVWrites = 20
+	)
+	if len(insts) < 2*instances {
+		return
+	}
+	extend := tpm2.PCRExtend{PCRHandle: tpm2.AuthHandle{Handle: 16, Auth: tpm2.PasswordAuth(nil)},
+		Digests: tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{{HashAlg: tpm2.TPMAlgSHA256, Digest: make([]byte, 32)}}}}
+	for _, inst := range insts[:instances] {
+		t := linkClient(b, topo, "frontend", inst.Id)
+		if _, err := (tpm2.Startup{StartupType: tpm2.TPMSUClear}).Execute(t); err != nil {
+			b.Fatalf("%s: %v", inst.Id, err)
+		}
+		for i := range wornCommands {
+			if _, err := extend.Execute(t); err != nil {
+				b.Fatalf("%s: %v", inst.Id, err)
+			}
+			if i%(wornCommands/wornNVWrites) == 0 {
+				pub := tpm2.TPMSNVPublic{NVIndex: tpm2.TPMHandle(0x01500000 + i), NameAlg: tpm2.TPMAlgSHA256,
+					Attributes: tpm2.TPMANV{OwnerWrite: true, OwnerRead: true, NoDA: true, NT: tpm2.TPMNTOrdinary}, DataSize: 64}
+				if _, err := (tpm2.NVDefineSpace{AuthHandle: tpm2.TPMRHOwner, PublicInfo: tpm2.New2B(pub)}).Execute(t); err != nil {
+					b.Fatalf("%s: %v", inst.Id, err)
+				}
+			}
+		}
+		t.Close()
+	}
+	time.Sleep(2 * time.Second)
+	pss := func(set []*backendpb.Instance) float64 {
+		var sum int64
+		for _, inst := range set {
+			m, err := memOf(int(inst.Pid))
+			if err != nil {
+				b.Fatal(err)
+			}
+			sum += m["Pss"]
+		}
+		return float64(sum) / float64(len(set)) / (1 << 20)
+	}
+	wornPSS, freshPSS := pss(insts[:instances]), pss(insts[instances:2*instances])
+	b.ReportMetric(wornPSS, "worn-worker-PSS-MiB")
+	fmt.Printf("a worker after TPM2_Startup, %d PCR_Extends and %d NV_DefineSpaces (sealed writes), idle: %.2f MiB PSS, against %.2f MiB for a fresh one (%+.0f KiB; mean of %d each)\n",
+		wornCommands, wornNVWrites, wornPSS, freshPSS, (wornPSS-freshPSS)*1024, instances)
+	if bd, err := memoryBreakdown(int(insts[0].Pid)); err == nil {
+		fmt.Printf("one such worker (pid %d), by owner:\n%s", insts[0].Pid, bd)
+	}
 }
 
 // memoryBreakdown sorts one idle worker's mappings (/proc/PID/smaps) into

@@ -43,7 +43,9 @@ func cvtpmGoLoad(data **C.uchar, length *C.uint32_t, name *C.char) C.uint32_t {
 func cvtpmGoStore(data *C.uchar, length C.uint32_t, name *C.char) C.uint32_t {
 	t := active
 	n := C.GoString(name)
-	b := C.GoBytes(unsafe.Pointer(data), C.int(length))
+	// Storage.Save does not keep the slice (see Storage): no Go copy of
+	// every blob libtpms writes.
+	b := unsafe.Slice((*byte)(unsafe.Pointer(data)), int(length))
 	if err := t.store.Save(n, b); err != nil {
 		t.log.Error("saving TPM state blob failed", "blob", n, "err", err)
 		return rcFail

@@ -33,6 +33,7 @@ import (
 
 // Storage is where libtpms' blobs live; statestore.Store satisfies it.
 // Load must return an error matching fs.ErrNotExist for a missing blob.
+// Save must not keep data after it returns: it may be libtpms' own memory.
 type Storage interface {
 	Load(name string) ([]byte, error)
 	Save(name string, data []byte) error
@@ -343,9 +344,9 @@ func (t *TPM) storeVolatile() uint32 {
 	if rc := C.TPMLIB_VolatileAll_Store(&buf, &n); rc != 0 {
 		return uint32(rc)
 	}
-	b := C.GoBytes(unsafe.Pointer(buf), C.int(n))
+	err := t.store.Save(BlobVolatile, unsafe.Slice((*byte)(unsafe.Pointer(buf)), int(n)))
 	C.free(unsafe.Pointer(buf))
-	if err := t.store.Save(BlobVolatile, b); err != nil {
+	if err != nil {
 		t.log.Error("saving the volatile state failed", "err", err)
 		return RCFail
 	}

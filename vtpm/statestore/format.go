@@ -8,6 +8,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 )
 
 // On-disk layout of one state file (all integers big-endian):
@@ -64,8 +65,13 @@ type header struct {
 	keyID      [8]byte
 }
 
-func (h *header) marshal() []byte {
-	b := make([]byte, headerLen)
+func (h *header) marshal() []byte { return h.appendTo(nil) }
+
+// appendTo appends the header to dst.
+func (h *header) appendTo(dst []byte) []byte {
+	dst = slices.Grow(dst, headerLen)
+	b := dst[len(dst) : len(dst)+headerLen]
+	clear(b)
 	copy(b, magic[:])
 	binary.BigEndian.PutUint16(b[8:], formatVersion)
 	binary.BigEndian.PutUint16(b[10:], uint16(h.cipher))
@@ -74,7 +80,7 @@ func (h *header) marshal() []byte {
 	binary.BigEndian.PutUint32(b[24:], h.payloadLen)
 	copy(b[28:40], h.nonce[:])
 	copy(b[40:48], h.keyID[:])
-	return b
+	return dst[:len(dst)+headerLen]
 }
 
 func parseHeader(b []byte) (header, error) {
@@ -111,10 +117,16 @@ func parseHeader(b []byte) (header, error) {
 
 // seal frames plain as a state file for blob id with generation gen.
 func seal(k *Key, blobID uint16, gen uint64, plain []byte) ([]byte, error) {
+	return sealTo(nil, k, blobID, gen, plain)
+}
+
+// sealTo is seal appending the file to dst[:0], so that a store can reuse
+// one buffer for every file it writes.
+func sealTo(dst []byte, k *Key, blobID uint16, gen uint64, plain []byte) ([]byte, error) {
 	h := header{blobID: blobID, generation: gen}
 	if k == nil {
 		h.payloadLen = uint32(len(plain) + checksumLen)
-		out := append(h.marshal(), plain...)
+		out := append(h.appendTo(dst[:0]), plain...)
 		sum := sha256.Sum256(out)
 		return append(out, sum[:]...), nil
 	}
@@ -128,7 +140,7 @@ func seal(k *Key, blobID uint16, gen uint64, plain []byte) ([]byte, error) {
 		return nil, fmt.Errorf("drawing a nonce: %w", err)
 	}
 	h.payloadLen = uint32(len(plain) + aead.Overhead())
-	hdr := h.marshal()
+	hdr := h.appendTo(dst[:0])
 	return aead.Seal(hdr, h.nonce[:], plain, hdr), nil
 }
 

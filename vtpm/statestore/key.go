@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"sync"
 
 	"cvtpm/internal/gcm"
 )
@@ -51,6 +52,9 @@ type Key struct {
 	// NoteMappedMode records that a swtpm CBC mode was mapped to GCM, so
 	// the caller can tell the operator.
 	NoteMappedMode string
+
+	mu    sync.Mutex
+	aeads map[uint16]cipher.AEAD // per blob id, derived once (aeadFor)
 }
 
 // String and LogValue keep key material out of logs and error messages.
@@ -90,15 +94,32 @@ func NewKey(raw []byte, mode string) (*Key, error) {
 	return k, nil
 }
 
-// aeadFor derives the AEAD for one blob id.
+// aeadFor returns the AEAD for one blob id, derived once per Key: a
+// worker seals its state at every write to the TPM's NV, and deriving the
+// key and building the cipher each time was most of the garbage an
+// instance's worker made (it holds the master key anyway). There are a
+// handful of blob ids, so the cache stays small.
 func (k *Key) aeadFor(blobID uint16) (cipher.AEAD, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if a, ok := k.aeads[blobID]; ok {
+		return a, nil
+	}
 	name := cipherNames[k.cipher]
 	info := fmt.Sprintf("cvtpm statestore v1 %s blob %d", name, blobID)
 	sub, err := hkdf.Key(sha256.New, k.master, nil, info, gcm.KeySize(name))
 	if err != nil {
 		return nil, fmt.Errorf("deriving the blob key: %w", err)
 	}
-	return gcm.New(name, sub)
+	a, err := gcm.New(name, sub)
+	if err != nil {
+		return nil, err
+	}
+	if k.aeads == nil {
+		k.aeads = map[uint16]cipher.AEAD{}
+	}
+	k.aeads[blobID] = a
+	return a, nil
 }
 
 // KeyFromBytes decodes key file contents in swtpm's formats: "hex" (the

@@ -30,6 +30,8 @@ import (
 	"sort"
 	"sync"
 
+	"golang.org/x/sys/unix"
+
 	"cvtpm/internal/dirlock"
 	"cvtpm/vtpm/swtpmblob"
 )
@@ -71,6 +73,8 @@ type Store struct {
 	gen   uint64                   // highest generation written or seen
 	blobs map[string]manifestEntry // what the manifest records
 	lock  *dirlock.Lock
+	buf   []byte // the file being written, reused from one write to the next
+	dirFD int    // the directory, open for writeFile and syncDir; -1 once closed
 }
 
 type manifestEntry struct {
@@ -91,7 +95,11 @@ func Open(dir string, opts Options) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
-	s := &Store{dir: dir, key: opts.Key, log: log, blobs: map[string]manifestEntry{}}
+	dirFD, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("state directory %s: %w", dir, err)
+	}
+	s := &Store{dir: dir, dirFD: dirFD, key: opts.Key, log: log, blobs: map[string]manifestEntry{}}
 	if opts.Lock {
 		if err := s.Lock(); err != nil {
 			return nil, err
@@ -148,7 +156,10 @@ func (s *Store) checkOrigin(opts Options) error {
 	return nil
 }
 
-func (s *Store) path(name string) string { return filepath.Join(s.dir, "cvtpm."+name) }
+func (s *Store) path(name string) string { return filepath.Join(s.dir, fileName(name)) }
+
+// fileName is a blob's file name in the state directory.
+func fileName(name string) string { return "cvtpm." + name }
 
 func blobID(name string) (uint16, error) {
 	id, ok := blobIDs[name]
@@ -269,11 +280,12 @@ func (s *Store) Save(name string, data []byte) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	gen := s.gen + 1
-	b, err := seal(s.key, id, gen, data)
+	b, err := sealTo(s.buf, s.key, id, gen, data)
+	s.buf = b
 	if err != nil {
 		return fmt.Errorf("sealing %s: %w", name, err)
 	}
-	if err := writeAtomic(s.dir, s.path(name), b); err != nil {
+	if err := s.writeFile(fileName(name), b); err != nil {
 		return err
 	}
 	s.gen = gen
@@ -302,7 +314,7 @@ func (s *Store) Delete(name string) error {
 	if err := os.Remove(s.path(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("deleting state blob %s: %w", name, err)
 	}
-	return syncDir(s.dir)
+	return s.syncDir()
 }
 
 // RaiseGeneration makes the store's generation at least gen (recorded in
@@ -329,11 +341,12 @@ func (s *Store) Generation() uint64 {
 }
 
 func (s *Store) writeManifest() error {
-	b, err := seal(s.key, blobIDs[manifestName], s.gen, marshalManifest(s.blobs))
+	b, err := sealTo(s.buf, s.key, blobIDs[manifestName], s.gen, marshalManifest(s.blobs))
+	s.buf = b
 	if err != nil {
 		return fmt.Errorf("sealing the manifest: %w", err)
 	}
-	return writeAtomic(s.dir, s.path(manifestName), b)
+	return s.writeFile(fileName(manifestName), b)
 }
 
 // Manifest payload: entries of u16 blob id, u64 generation, u8 present.
@@ -377,47 +390,71 @@ func parseManifest(b []byte) (map[string]manifestEntry, error) {
 	return m, nil
 }
 
-// writeAtomic replaces path with b: temp file in the same directory, fsync,
-// rename, directory fsync.
-func writeAtomic(dir, path string, b []byte) error {
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*.tmp")
+// writeFile replaces the blob file name ("cvtpm.permall", ...) with b: a
+// temporary file beside it, fsync, rename, fsync of the directory. It uses
+// system calls on the directory descriptor the store keeps open, because
+// a worker writes its state at every write to the TPM's NV: os.CreateTemp,
+// os.Rename and opening the directory to sync it left about 2 KiB of
+// garbage each time, which an idle worker then holds. The temporary name
+// is fixed (one per blob file): a stale one, from a crash or planted on
+// the disk, is removed first, and the new one is created exclusively and
+// never through a symbolic link.
+func (s *Store) writeFile(name string, b []byte) error {
+	path := filepath.Join(s.dir, name)
+	if s.dirFD < 0 {
+		return fmt.Errorf("writing %s: the store is closed", path)
+	}
+	tmp := "." + name + ".tmp"
+	if err := unix.Unlinkat(s.dirFD, tmp, 0); err != nil && err != unix.ENOENT {
+		return fmt.Errorf("writing %s: removing a stale %s: %w", path, tmp, err)
+	}
+	fd, err := unix.Openat(s.dirFD, tmp, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
-	done := false
-	defer func() {
-		if !done {
-			tmp.Close()
-			os.Remove(tmp.Name())
+	err = writeAll(fd, b)
+	if err == nil {
+		if err = unix.Fsync(fd); err != nil {
+			err = fmt.Errorf("syncing: %w", err)
 		}
-	}()
-	if err := tmp.Chmod(0o600); err != nil {
+	}
+	if cerr := unix.Close(fd); err == nil && cerr != nil {
+		err = cerr
+	}
+	if err == nil {
+		if err = unix.Renameat(s.dirFD, tmp, s.dirFD, name); err != nil {
+			err = fmt.Errorf("replacing it: %w", err)
+		}
+	}
+	if err != nil {
+		unix.Unlinkat(s.dirFD, tmp, 0)
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
-	if _, err := tmp.Write(b); err != nil {
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	if err := tmp.Sync(); err != nil {
-		return fmt.Errorf("syncing %s: %w", path, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("replacing %s: %w", path, err)
-	}
-	done = true
-	return syncDir(dir)
+	return s.syncDir()
 }
 
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("syncing state directory: %w", err)
+// writeAll writes b to fd, through short writes and interruptions.
+func writeAll(fd int, b []byte) error {
+	for len(b) > 0 {
+		n, err := unix.Write(fd, b)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		b = b[n:]
 	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("syncing state directory: %w", err)
+	return nil
+}
+
+// syncDir makes the directory's entries (a rename, a removal) durable.
+func (s *Store) syncDir() error {
+	if s.dirFD < 0 {
+		return fmt.Errorf("syncing state directory %s: the store is closed", s.dir)
+	}
+	if err := unix.Fsync(s.dirFD); err != nil {
+		return fmt.Errorf("syncing state directory %s: %w", s.dir, err)
 	}
 	return nil
 }
@@ -451,5 +488,15 @@ func (s *Store) Unlock() error {
 	return err
 }
 
-// Close releases the lock. Every Save is already durable.
-func (s *Store) Close() error { return s.Unlock() }
+// Close releases the lock and the directory. Every Save is already
+// durable.
+func (s *Store) Close() error {
+	err := s.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.dirFD >= 0 {
+		unix.Close(s.dirFD)
+		s.dirFD = -1
+	}
+	return err
+}

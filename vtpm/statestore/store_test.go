@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -517,5 +518,71 @@ func BenchmarkLoad(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// An instance's worker seals its state at every write to the TPM's NV, and
+// an idle worker holds every heap page it ever touched until a collection
+// (which a small heap rarely reaches): a Save must not make garbage in
+// proportion to the blob, nor build its cipher again. The ciphertext goes
+// through one buffer the store keeps.
+func TestSaveMakesLittleGarbage(t *testing.T) {
+	for _, mode := range []string{"aes-256-gcm", "sm4-gcm"} {
+		t.Run(mode, func(t *testing.T) {
+			s := mustOpen(t, t.TempDir(), mustKey(t, mode, 7))
+			blob := bytes.Repeat([]byte{0x5a}, 16<<10)
+			if err := s.Save("permall", blob); err != nil { // sizes the buffer
+				t.Fatal(err)
+			}
+			const saves = 20
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			for range saves {
+				if err := s.Save("permall", blob); err != nil {
+					t.Fatal(err)
+				}
+			}
+			runtime.ReadMemStats(&after)
+			perSave := (after.TotalAlloc - before.TotalAlloc) / saves
+			t.Logf("%d bytes allocated per Save of a 16 KiB blob", perSave)
+			if perSave > 1536 {
+				t.Errorf("one Save of a 16 KiB blob allocates %d bytes, want at most 1.5 KiB", perSave)
+			}
+			got, err := s.Load("permall")
+			if err != nil || !bytes.Equal(got, blob) {
+				t.Fatalf("Load after the saves: %v", err)
+			}
+		})
+	}
+}
+
+// A temporary file the host planted in the state directory (on the disk
+// it gives the CVM) is removed, not written through: a symbolic link in
+// place of a blob's temporary name does not redirect the sealed write.
+func TestPlantedTemporaryFile(t *testing.T) {
+	dir := t.TempDir()
+	s := mustOpen(t, dir, mustKey(t, "aes-256-gcm", 7))
+	outside := filepath.Join(t.TempDir(), "victim")
+	if err := os.WriteFile(outside, []byte("untouched"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(outside, filepath.Join(dir, ".cvtpm.permall.tmp")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, ".cvtpm.manifest.tmp"), []byte("stale"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Save("permall", []byte("state")); err != nil {
+		t.Fatalf("Save with planted temporary files: %v", err)
+	}
+	if b, _ := os.ReadFile(outside); string(b) != "untouched" {
+		t.Errorf("the symlink's target was written: %q", b)
+	}
+	if got, err := s.Load("permall"); err != nil || string(got) != "state" {
+		t.Errorf("Load: %q, %v", got, err)
+	}
+	left, _ := filepath.Glob(filepath.Join(dir, ".*.tmp"))
+	if len(left) != 0 {
+		t.Errorf("temporary files left: %v", left)
 	}
 }
