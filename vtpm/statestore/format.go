@@ -56,6 +56,16 @@ var blobIDs = map[string]uint16{
 	"savestate":     3,
 }
 
+// storeBlobID says whether id names one of a store's files (blobIDs).
+func storeBlobID(id uint16) bool {
+	for _, v := range blobIDs {
+		if v == id {
+			return true
+		}
+	}
+	return false
+}
+
 type header struct {
 	cipher     cipherID
 	blobID     uint16

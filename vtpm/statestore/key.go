@@ -100,6 +100,10 @@ func NewKey(raw []byte, mode string) (*Key, error) {
 // instance's worker made (it holds the master key anyway). There are a
 // handful of blob ids, so the cache stays small.
 func (k *Key) aeadFor(blobID uint16) (cipher.AEAD, error) {
+	// Only the ids this package seals with are kept: open derives the
+	// AEAD for the id in a header before it is authenticated, and a forger
+	// must not grow the cache by inventing ids.
+	cache := blobID == migrationBlobID || storeBlobID(blobID)
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if a, ok := k.aeads[blobID]; ok {
@@ -114,6 +118,9 @@ func (k *Key) aeadFor(blobID uint16) (cipher.AEAD, error) {
 	a, err := gcm.New(name, sub)
 	if err != nil {
 		return nil, err
+	}
+	if !cache {
+		return a, nil
 	}
 	if k.aeads == nil {
 		k.aeads = map[uint16]cipher.AEAD{}

@@ -20,7 +20,9 @@
 package statestore
 
 import (
+	"crypto/rand"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -75,6 +77,10 @@ type Store struct {
 	lock  *dirlock.Lock
 	buf   []byte // the file being written, reused from one write to the next
 	dirFD int    // the directory, open for writeFile and syncDir; -1 once closed
+	// tmpSuffix ends this store's temporary file names: random per Open,
+	// so that nothing planted in the directory beforehand, and no other
+	// writer, can sit at the name a write is about to create.
+	tmpSuffix string
 }
 
 type manifestEntry struct {
@@ -99,9 +105,12 @@ func Open(dir string, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("state directory %s: %w", dir, err)
 	}
-	s := &Store{dir: dir, dirFD: dirFD, key: opts.Key, log: log, blobs: map[string]manifestEntry{}}
+	var tag [4]byte
+	rand.Read(tag[:])
+	s := &Store{dir: dir, dirFD: dirFD, tmpSuffix: "." + hex.EncodeToString(tag[:]) + ".tmp", key: opts.Key, log: log, blobs: map[string]manifestEntry{}}
 	if opts.Lock {
 		if err := s.Lock(); err != nil {
+			s.Close()
 			return nil, err
 		}
 	}
@@ -396,18 +405,14 @@ func parseManifest(b []byte) (map[string]manifestEntry, error) {
 // a worker writes its state at every write to the TPM's NV: os.CreateTemp,
 // os.Rename and opening the directory to sync it left about 2 KiB of
 // garbage each time, which an idle worker then holds. The temporary name
-// is fixed (one per blob file): a stale one, from a crash or planted on
-// the disk, is removed first, and the new one is created exclusively and
-// never through a symbolic link.
+// carries the store's random suffix and is created exclusively, never
+// through a symbolic link.
 func (s *Store) writeFile(name string, b []byte) error {
 	path := filepath.Join(s.dir, name)
 	if s.dirFD < 0 {
 		return fmt.Errorf("writing %s: the store is closed", path)
 	}
-	tmp := "." + name + ".tmp"
-	if err := unix.Unlinkat(s.dirFD, tmp, 0); err != nil && err != unix.ENOENT {
-		return fmt.Errorf("writing %s: removing a stale %s: %w", path, tmp, err)
-	}
+	tmp := "." + name + s.tmpSuffix
 	fd, err := unix.Openat(s.dirFD, tmp, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)

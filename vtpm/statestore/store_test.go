@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 
@@ -556,22 +557,24 @@ func TestSaveMakesLittleGarbage(t *testing.T) {
 	}
 }
 
-// A temporary file the host planted in the state directory (on the disk
-// it gives the CVM) is removed, not written through: a symbolic link in
-// place of a blob's temporary name does not redirect the sealed write.
+// Files the host planted in the state directory (on the disk it gives the
+// CVM) at temporary names are neither written through nor in the way: a
+// store's temporary names carry a random suffix drawn at Open, and are
+// created exclusively, never through a symbolic link.
 func TestPlantedTemporaryFile(t *testing.T) {
 	dir := t.TempDir()
-	s := mustOpen(t, dir, mustKey(t, "aes-256-gcm", 7))
 	outside := filepath.Join(t.TempDir(), "victim")
 	if err := os.WriteFile(outside, []byte("untouched"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Symlink(outside, filepath.Join(dir, ".cvtpm.permall.tmp")); err != nil {
+	planted := []string{filepath.Join(dir, ".cvtpm.manifest.tmp"), filepath.Join(dir, ".cvtpm.permall.tmp")}
+	if err := os.Symlink(outside, planted[1]); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(dir, ".cvtpm.manifest.tmp"), []byte("stale"), 0o600); err != nil {
+	if err := os.WriteFile(planted[0], []byte("stale"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	s := mustOpen(t, dir, mustKey(t, "aes-256-gcm", 7))
 	if err := s.Save("permall", []byte("state")); err != nil {
 		t.Fatalf("Save with planted temporary files: %v", err)
 	}
@@ -582,7 +585,7 @@ func TestPlantedTemporaryFile(t *testing.T) {
 		t.Errorf("Load: %q, %v", got, err)
 	}
 	left, _ := filepath.Glob(filepath.Join(dir, ".*.tmp"))
-	if len(left) != 0 {
-		t.Errorf("temporary files left: %v", left)
+	if !slices.Equal(left, planted) {
+		t.Errorf("temporary files after the save: %v, want only the planted %v", left, planted)
 	}
 }
