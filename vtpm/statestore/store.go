@@ -25,6 +25,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -180,7 +181,7 @@ func blobID(name string) (uint16, error) {
 
 // load reads the manifest and checks every blob against it.
 func (s *Store) load() error {
-	b, err := os.ReadFile(s.path(manifestName))
+	b, err := readRegular(s.path(manifestName))
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 	case err != nil:
@@ -216,7 +217,7 @@ func (s *Store) load() error {
 func (s *Store) importSwtpm() error {
 	for _, name := range []string{"permall", "volatilestate", "savestate"} {
 		src := filepath.Join(s.dir, "tpm2-00."+name)
-		raw, err := os.ReadFile(src)
+		raw, err := readRegular(src)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
@@ -245,7 +246,7 @@ func (s *Store) read(name string) ([]byte, uint64, error) {
 	}
 	p := s.path(name)
 	entry, listed := s.blobs[name]
-	b, err := os.ReadFile(p)
+	b, err := readRegular(p)
 	if errors.Is(err, fs.ErrNotExist) {
 		if listed && entry.present {
 			return nil, 0, fmt.Errorf("%s: %w: missing, but the manifest records generation %d", p, ErrRolledBack, entry.gen)
@@ -436,6 +437,38 @@ func (s *Store) writeFile(name string, b []byte) error {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
 	return s.syncDir()
+}
+
+// readRegular reads a state file, refusing anything but a regular file:
+// a FIFO planted in the directory would otherwise block the read for
+// ever, and a device or a directory is no state either.
+func readRegular(path string) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%w: %s is not a regular file (%v)", ErrFormat, path, fi.Mode().Type())
+	}
+	b := make([]byte, 0, fi.Size())
+	for {
+		n, err := f.Read(b[len(b):cap(b)])
+		b = b[:len(b)+n]
+		if err == io.EOF {
+			return b, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		if len(b) == cap(b) {
+			b = append(b, 0)[:len(b)] // it grew since the stat
+		}
+	}
 }
 
 // writeAll writes b to fd, through short writes and interruptions.

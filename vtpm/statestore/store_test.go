@@ -10,7 +10,9 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"cvtpm/vtpm/swtpmblob"
 )
@@ -587,5 +589,42 @@ func TestPlantedTemporaryFile(t *testing.T) {
 	left, _ := filepath.Glob(filepath.Join(dir, ".*.tmp"))
 	if !slices.Equal(left, planted) {
 		t.Errorf("temporary files after the save: %v, want only the planted %v", left, planted)
+	}
+}
+
+// A FIFO planted at a state file's name is refused at Open with an error
+// naming it, not read (which would block for ever).
+func TestPlantedFIFO(t *testing.T) {
+	for _, name := range []string{"cvtpm.manifest", "cvtpm.permall"} {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			k := mustKey(t, "aes-256-gcm", 7)
+			s := mustOpen(t, dir, k)
+			if err := s.Save("permall", []byte("state")); err != nil {
+				t.Fatal(err)
+			}
+			s.Close()
+			p := filepath.Join(dir, name)
+			os.Remove(p)
+			if err := syscall.Mkfifo(p, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan error, 1)
+			go func() {
+				s, err := Open(dir, Options{Key: k})
+				if err == nil {
+					s.Close()
+				}
+				done <- err
+			}()
+			select {
+			case err := <-done:
+				if err == nil || !strings.Contains(err.Error(), "not a regular file") || !strings.Contains(err.Error(), name) {
+					t.Errorf("Open with a FIFO at %s: %v, want a refusal naming it", name, err)
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatalf("Open with a FIFO at %s hangs", name)
+			}
+		})
 	}
 }
