@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -45,6 +46,10 @@ type worker struct {
 	// owner is the instance the worker serves once it has been given
 	// one; its exit is then reported to the supervisor (exited).
 	owner atomic.Pointer[instance]
+	// hung kills the worker when a call takes longer than CallTimeout:
+	// armed for each call (calls are serialised by the instance's lock),
+	// one timer for the worker's life rather than one per TPM command.
+	hung *time.Timer
 }
 
 // spawn starts a worker with args after the configured command line.
@@ -103,6 +108,8 @@ func (s *Supervisor) spawn(args []string, spare bool) (*spawned, error) {
 		migR.Close()
 	}
 	w := &worker{cmd: cmd, conn: conn, caller: tpmrpc.NewConnCaller(conn), done: make(chan struct{})}
+	w.hung = time.AfterFunc(time.Hour, func() { cmd.Process.Kill() })
+	w.hung.Stop()
 	go func() {
 		err := cmd.Wait()
 		close(w.done)

@@ -10,6 +10,9 @@ import (
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
+
+	"cvtpm/test/testenv"
+	"cvtpm/vtpm/tpmrpc"
 )
 
 // readySpare waits until the supervisor has a spare worker and returns its PID.
@@ -128,3 +131,55 @@ func counterValue(t *testing.T, c interface{ Write(*dto.Metric) error }) float64
 	}
 	return m.GetCounter().GetValue()
 }
+
+// A worker that stops answering (here: stopped with SIGSTOP) is killed
+// after CallTimeout, the call fails, and the next call runs on a restarted
+// worker; a call that answers in time leaves the worker alone.
+func TestHungWorkerKilled(t *testing.T) {
+	keys, err := NewMasterKey(bytesOf(1, 32))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(context.Background(), Config{Dir: t.TempDir(), Keys: keys, CallTimeout: 300 * time.Millisecond,
+		Worker: []string{testenv.Binary(t, testenv.Cvtpm), "worker"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	info, err := s.Create(context.Background(), "vm1", CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tpm := tpmOf(s, "vm1")
+	for range 3 { // the timer is re-armed per call, and stopped when it answers
+		if resp := tpm.Execute(nil, startupClear); len(resp) < 10 {
+			t.Fatalf("TPM2_Startup: %x (%v)", resp, tpm.Err())
+		}
+	}
+	time.Sleep(500 * time.Millisecond)
+	if i, _ := s.Info("vm1"); i.PID != info.PID {
+		t.Fatalf("a worker that answered in time was replaced: PID %d -> %d", info.PID, i.PID)
+	}
+	syscall.Kill(info.PID, syscall.SIGSTOP)
+	start := time.Now()
+	r := call(t, s, "vm1", tpmrpc.Roles["host"], tpmrpc.Request{Op: tpmrpc.OpExecute, Payload: startupClear})
+	if took := time.Since(start); r.Err == "" || took > 5*time.Second {
+		t.Fatalf("call to a stopped worker: %+v after %v, want an error after about 300 ms", r, took)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if i, _ := s.Info("vm1"); i.PID != 0 && i.PID != info.PID {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the hung worker was not replaced")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if r := call(t, s, "vm1", tpmrpc.Roles["host"], tpmrpc.Request{Op: tpmrpc.OpExecute, Payload: getRandom8}); r.Err != "" {
+		t.Fatalf("after the restart: %+v", r)
+	}
+}
+
+// getRandom8 is TPM2_GetRandom of 8 bytes.
+var getRandom8 = []byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 8}

@@ -1033,9 +1033,9 @@ func (s *Supervisor) Call(ctx context.Context, id string, caps tpmrpc.Capabiliti
 	// The worker socket has no deadlines: a worker that hangs is killed,
 	// which ends the call with EOF.
 	w := inst.w
-	hung := time.AfterFunc(s.cfg.CallTimeout, func() { w.cmd.Process.Kill() })
+	w.hung.Reset(s.cfg.CallTimeout)
 	resp, err := w.caller.Call(ctx, req)
-	hung.Stop()
+	w.hung.Stop()
 	if err != nil {
 		// The worker died or hung: make sure it is gone; exited restarts it.
 		inst.w.cmd.Process.Kill()

@@ -99,22 +99,31 @@ func ServeConn(ctx context.Context, conn io.ReadWriter, tpm swtpmproto.TPM) erro
 type ConnCaller struct {
 	mu   sync.Mutex
 	conn io.ReadWriteCloser
-	out  []byte
-	in   []byte
+	// deadlines is conn when it honours deadlines (a net.Conn); nil for a
+	// blocking *os.File, whose SetDeadline always fails.
+	deadlines deadliner
+	out       []byte
+	in        []byte
 }
 
 // NewConnCaller returns a Caller that sends requests on conn, a net.Conn
 // or a blocking *os.File. Only a net.Conn honours the context's deadline;
 // with a file, the owner bounds calls by other means (the backend kills a
 // worker that does not answer in time).
-func NewConnCaller(conn io.ReadWriteCloser) *ConnCaller { return &ConnCaller{conn: conn} }
+func NewConnCaller(conn io.ReadWriteCloser) *ConnCaller {
+	c := &ConnCaller{conn: conn}
+	if d, ok := conn.(deadliner); ok && d.SetDeadline(time.Time{}) == nil {
+		c.deadlines = d
+	}
+	return c
+}
 
 // Call implements Caller. On a timeout the connection is no longer usable
 // (a late answer would be taken for the next call's), so it is closed.
 func (c *ConnCaller) Call(ctx context.Context, req []byte) ([]byte, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if d, ok := c.conn.(deadliner); ok {
+	if d := c.deadlines; d != nil {
 		if dl, ok := ctx.Deadline(); ok {
 			d.SetDeadline(dl)
 		}
