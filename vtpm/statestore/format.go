@@ -125,6 +125,9 @@ func parseHeader(b []byte) (header, error) {
 	return h, nil
 }
 
+// gcmOverhead is the AEADs' tag length (AES-GCM and SM4-GCM alike).
+const gcmOverhead = 16
+
 // seal frames plain as a state file for blob id with generation gen.
 func seal(k *Key, blobID uint16, gen uint64, plain []byte) ([]byte, error) {
 	return sealTo(nil, k, blobID, gen, plain)
@@ -133,6 +136,10 @@ func seal(k *Key, blobID uint16, gen uint64, plain []byte) ([]byte, error) {
 // sealTo is seal appending the file to dst[:0], so that a store can reuse
 // one buffer for every file it writes.
 func sealTo(dst []byte, k *Key, blobID uint16, gen uint64, plain []byte) ([]byte, error) {
+	// Grown as append grows, not to the exact size: the TPM's state grows
+	// by a few bytes with each NV index or object it keeps, and an exact
+	// fit would make every such write allocate the whole file again.
+	dst = slices.Grow(dst[:0], headerLen+len(plain)+max(checksumLen, gcmOverhead))
 	h := header{blobID: blobID, generation: gen}
 	if k == nil {
 		h.payloadLen = uint32(len(plain) + checksumLen)
