@@ -534,7 +534,8 @@ func TestSaveMakesLittleGarbage(t *testing.T) {
 		t.Run(mode, func(t *testing.T) {
 			s := mustOpen(t, t.TempDir(), mustKey(t, mode, 7))
 			blob := bytes.Repeat([]byte{0x5a}, 16<<10)
-			blob = slices.Grow(blob, 4096)                  // the test's own growth allocates nothing
+			// Room for the growth below: the test itself allocates nothing.
+			blob = slices.Grow(blob, 4096)
 			if err := s.Save("permall", blob); err != nil { // sizes the buffer
 				t.Fatal(err)
 			}
