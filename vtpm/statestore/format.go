@@ -75,8 +75,6 @@ type header struct {
 	keyID      [8]byte
 }
 
-func (h *header) marshal() []byte { return h.appendTo(nil) }
-
 // appendTo appends the header to dst.
 func (h *header) appendTo(dst []byte) []byte {
 	dst = slices.Grow(dst, headerLen)
