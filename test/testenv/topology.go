@@ -106,6 +106,20 @@ func StartCommand(tb testing.TB, name string, waitFor []string, argv ...string) 
 	return d
 }
 
+// Logged waits up to 5 s for the daemon's log to contain want. A line
+// the daemon wrote before it answered a call may still be in the pipe
+// from its stderr when the caller's test looks.
+func (d *Daemon) Logged(want string) bool {
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if strings.Contains(d.Log.String(), want) {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+	}
+}
+
 // Exited reports whether the process has ended.
 func (d *Daemon) Exited() bool {
 	select {
