@@ -55,11 +55,19 @@ func TestLeanBinaries(t *testing.T) {
 }
 
 // TestIdleWorkerThreads holds an idle instance's worker (and the spare
-// started ahead of need) to what keeps it at issue 13's 1.5 MiB: four
-// threads at most, because the Go runtime starts with one P
-// (GOMAXPROCS=1 in its environment from the start, not only set in main,
-// when extra threads and caches already exist) and no signal watcher
-// thread. SIGINT and SIGTERM are ignored instead: the supervisor ends its
+// started ahead of need) to what keeps it at issue 13's 1.5 MiB: the Go
+// runtime starts with one P (GOMAXPROCS=1 in its environment from the
+// start, not only set in main, when extra threads and caches already
+// exist) and no signal watcher thread, so it has at most five threads:
+// the one blocked reading the supervisor's socket, sysmon, and the idle
+// ones left by the runtime handing its P on while the instance started
+// (cgo calls into libtpms, state file writes). How many of those remain
+// depends on timing: 84 workers measured on 2 cores, idle and beside
+// three busy loops, had 4 threads (70) or 5 (14), never more; a bound of
+// four failed about one run in three. The bound does not tell one P from
+// two (workers started with GOMAXPROCS=2 had 4-5 threads as well): the
+// environment check below does. SIGINT and SIGTERM are ignored
+// instead of caught: the supervisor ends its
 // workers by closing their sockets, after it has read the state
 // generations it anchors on the way out, so a Ctrl-C or a service
 // manager's SIGTERM to the whole group must not end them first.
@@ -92,8 +100,8 @@ func TestIdleWorkerThreads(t *testing.T) {
 				ignored, _ = strconv.ParseUint(strings.TrimSpace(v), 16, 64)
 			}
 		}
-		if threads == 0 || threads > 4 {
-			t.Errorf("worker %d has %d threads, want 1-4", pid, threads)
+		if threads == 0 || threads > 5 {
+			t.Errorf("worker %d has %d threads, want 1-5", pid, threads)
 		}
 		for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGTERM} {
 			if ignored&(1<<(sig-1)) == 0 {
