@@ -15,7 +15,7 @@ import (
 // server down instead of ending it. Other errors (ln closed: net.ErrClosed)
 // are returned.
 func Accept(ln net.Listener, log *slog.Logger) (net.Conn, error) {
-	var pause time.Duration
+	var pause AcceptPause
 	for {
 		c, err := ln.Accept()
 		if err == nil {
@@ -24,17 +24,30 @@ func Accept(ln net.Listener, log *slog.Logger) (net.Conn, error) {
 		if !Temporary(err) {
 			return nil, err
 		}
-		if pause == 0 {
-			pause = 5 * time.Millisecond
-		} else {
-			pause = min(2*pause, time.Second)
-		}
-		if log != nil {
-			log.Warn("accept failed; retrying", "listener", ln.Addr().String(), "err", err, "pause", pause)
-		}
-		time.Sleep(pause)
+		pause.Wait(log, ln.Addr().String(), err)
 	}
 }
+
+// AcceptPause is Accept's pause between retries, for servers that accept
+// on a listener's descriptor themselves: Wait logs the error and sleeps
+// 5 ms, then twice as long each time up to 1 s; Reset after a success.
+type AcceptPause struct{ d time.Duration }
+
+// Wait logs err (log may be nil) and sleeps for the next pause.
+func (p *AcceptPause) Wait(log *slog.Logger, listener string, err error) {
+	if p.d == 0 {
+		p.d = 5 * time.Millisecond
+	} else {
+		p.d = min(2*p.d, time.Second)
+	}
+	if log != nil {
+		log.Warn("accept failed; retrying", "listener", listener, "err", err, "pause", p.d)
+	}
+	time.Sleep(p.d)
+}
+
+// Reset starts the pauses over after an accepted connection.
+func (p *AcceptPause) Reset() { p.d = 0 }
 
 // Temporary reports whether an accept error passes: running out of
 // descriptors, buffers or memory, an aborted connection, a timeout.

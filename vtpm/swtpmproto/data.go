@@ -61,7 +61,12 @@ func ParseFrame(b []byte, maxCmd int) (f Frame, need int, err error) {
 // ServeData serves the data channel on ln until ctx ends. Each connection
 // may carry any number of commands (swtpm keeps the connection unless
 // --server ...,disconnect); with disconnect, it is closed after one.
+// Connections are served concurrently; a connection's first command is
+// answered on the accepting goroutine (inline.go).
 func (s *Server) ServeData(ctx context.Context, ln net.Listener, disconnect bool) error {
+	if ok, err := s.serveDataInline(ctx, ln, disconnect); ok {
+		return err
+	}
 	return s.serve(ctx, ln, func(ctx context.Context, c net.Conn) {
 		s.handleDataConn(ctx, c, disconnect)
 	})
@@ -69,10 +74,16 @@ func (s *Server) ServeData(ctx context.Context, ln net.Listener, disconnect bool
 
 // HandleData serves data-channel commands on rw until EOF or error.
 func (s *Server) HandleData(ctx context.Context, rw io.ReadWriter, once bool) {
-	maxCmd := s.maxCommandSize() + prefixLen
 	bufs := s.buffers.Get().(*connBuffers)
+	s.handleData(ctx, rw, once, bufs, bufs.in[:0])
+}
+
+// handleData is HandleData with bufs taken from the pool and the first
+// bytes of the stream already in in (which is bufs.in's storage).
+func (s *Server) handleData(ctx context.Context, rw io.ReadWriter, once bool, bufs *connBuffers, in []byte) {
+	maxCmd := s.maxCommandSize() + prefixLen
 	defer s.buffers.Put(bufs)
-	in, out := bufs.in[:0], bufs.out[:0]
+	out := bufs.out[:0]
 	defer func() { bufs.in, bufs.out = in[:0], out[:0] }()
 	for ctx.Err() == nil {
 		f, err := readFrame(rw, &in, maxCmd)

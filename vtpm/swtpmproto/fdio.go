@@ -122,6 +122,7 @@ type lazyConn struct {
 	ctx   context.Context
 	c     net.Conn
 	f     fdConn
+	owned *ownedFD
 	fast  bool
 	reads int
 	stop  func() bool
@@ -130,9 +131,9 @@ type lazyConn struct {
 func (l *lazyConn) Read(b []byte) (int, error) {
 	if !l.fast && l.reads >= 2 {
 		if f, ok := blockingFD(l.c); ok {
-			l.f, l.fast = f, true
+			l.f, l.owned, l.fast = f, &ownedFD{fd: f.fd}, true
 			// Closing c would not wake a read blocked on the duplicate; shutdown does.
-			l.stop = context.AfterFunc(l.ctx, func() { syscall.Shutdown(f.fd, syscall.SHUT_RDWR) })
+			l.stop = context.AfterFunc(l.ctx, l.owned.shutdown)
 		}
 	}
 	l.reads++
@@ -152,7 +153,7 @@ func (l *lazyConn) Write(b []byte) (int, error) {
 func (l *lazyConn) close() {
 	if l.fast {
 		l.stop()
-		syscall.Close(l.f.fd)
+		l.owned.close()
 	}
 }
 
@@ -162,10 +163,7 @@ func (s *Server) handleDataConn(ctx context.Context, c net.Conn, once bool) {
 	l := &lazyConn{ctx: ctx, c: c}
 	defer l.close()
 	s.HandleData(ctx, l, once)
-	if s.opts.TerminateOnDisconnect && ctx.Err() == nil {
-		s.log.Info("data client disconnected; terminating (--terminate)")
-		s.requestShutdown()
-	}
+	s.dataConnEnded(ctx)
 }
 
 // rawRead is read(2) without the runtime's syscall bookkeeping. A read

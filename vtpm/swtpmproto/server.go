@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 )
 
 // TPM is what the servers need from a TPM. *engine.TPM satisfies it; a
@@ -75,7 +76,8 @@ type Server struct {
 	once       sync.Once
 	conns      sync.WaitGroup
 
-	buffers    sync.Pool // *connBuffers
+	handOffs   atomic.Uint64 // data connections moved off the accepting goroutine (inline.go)
+	buffers    sync.Pool     // *connBuffers
 	maxCmdOnce sync.Once
 	maxCmd     int
 }

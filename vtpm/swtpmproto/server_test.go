@@ -71,8 +71,11 @@ func swtpmServer(t *testing.T) (ctrlPath, dataPath string) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	for range 200 { // wait for the socket to appear
-		if _, err := os.Stat(ctrlPath); err == nil {
+	// Wait until swtpm listens: its socket file appears at bind(), a moment
+	// before listen(), and a connect in between is refused.
+	for range 500 {
+		if c, err := net.Dial("unix", ctrlPath); err == nil {
+			c.Close()
 			return ctrlPath, dataPath
 		}
 		time.Sleep(10 * time.Millisecond)
