@@ -93,6 +93,9 @@ func (s *Server) handleData(ctx context.Context, rw io.ReadWriter, once bool, bu
 			}
 			return
 		}
+		if ctx.Err() != nil { // stopped while the command arrived
+			return
+		}
 		out = s.answer(out[:0], in, f)
 		if _, err := rw.Write(out); err != nil {
 			s.log.Debug("data channel write failed", "err", err)

@@ -9,6 +9,8 @@ import (
 	"os"
 	"sync"
 	"syscall"
+	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -22,52 +24,76 @@ import (
 // accepting goroutine, getsockname and an epoll registration for the new
 // socket, a new goroutine (and, with idle Ps, a thread woken to run it), and
 // a second park in the netpoller until the client closed: about twice
-// swtpm's poll/accept/read/write/read/close. serveDataInline accepts on the
-// listener's descriptor itself, so the netpoller waits for the listener
-// only, and answers a connection's first command on the accepting
-// goroutine with blocking reads bounded by the receive timeout
-// (fastReadWindow). A connection that closes after its answer never leaves
-// that goroutine; one that keeps talking, or is slow to send or to close,
-// is handed to a goroutine of its own (the blocking-descriptor connection
-// of fdio.go), so one client delays another's accept by at most a few
-// bounded reads.
+// swtpm's poll/accept/read/write/read/close. serveDataInline accepts on a
+// duplicate of the listener's descriptor, so the netpoller waits for the
+// listener only, and answers a connection's first command on the accepting
+// goroutine. Its waits there are ppoll(2) calls on the connection and the
+// listener together, in a normal (P-releasing) system call with a
+// high-resolution timeout: the inline phase ends after inlineBudget, or as
+// soon as another connection is waiting, and the connection is handed to a
+// goroutine of its own (the blocking-descriptor connection of fdio.go). A
+// connection that closes after its answer never leaves the accepting
+// goroutine; a silent or trickling one delays others by nothing while they
+// queue, and by at most inlineBudget otherwise.
 
-// maxInlineReads bounds the reads the accepting goroutine spends on a
-// connection's first command before handing it off: a client that trickles
-// its command byte by byte cannot hold the listener for longer than this
-// many receive timeouts.
-const maxInlineReads = 4
+// inlineBudget bounds the time the accepting goroutine waits for one
+// connection's bytes (its first command, then its close). SO_RCVTIMEO is
+// not used for this: the kernel rounds it up to whole scheduler ticks
+// (8 ms measured for 2 ms on this project's VMs).
+const inlineBudget = 2 * time.Millisecond
 
 // errHandOff ends the inline phase: the connection continues on a
 // goroutine of its own.
 var errHandOff = errors.New("serve the connection on its own goroutine")
 
+// listenerCheck is how often an idle accept loop checks whether its
+// listener was closed (ServeData's callers stop it with ctx; a closed
+// listener ends it too, as it always did).
+const listenerCheck = 500 * time.Millisecond
+
 // serveDataInline is ServeData on a listener whose descriptor it can
 // accept on; ok is false (and nothing was done) for any other listener.
 func (s *Server) serveDataInline(ctx context.Context, ln net.Listener, once bool) (ok bool, err error) {
-	lnFile, err := listenerFile(ln)
+	lnFile, lfd, err := listenerFile(ln)
 	if err != nil {
 		return false, nil
 	}
+	// Only this goroutine closes lnFile, so lfd stays this listener's
+	// number while connections are polled with it. A stop wakes the wait
+	// through the deadline.
 	defer lnFile.Close()
 	raw, err := lnFile.SyscallConn()
 	if err != nil {
 		return false, nil
 	}
+	lnRaw, err := ln.(syscall.Conn).SyscallConn()
+	if err != nil {
+		return false, nil
+	}
 	tcp := ln.Addr().Network() == "tcp"
-	stop := context.AfterFunc(ctx, func() { lnFile.Close(); ln.Close() })
+	stop := context.AfterFunc(ctx, func() { lnFile.SetReadDeadline(time.Unix(1, 0)); ln.Close() })
 	defer stop()
 	var pause netaddr.AcceptPause
 	for {
+		lnFile.SetReadDeadline(time.Now().Add(listenerCheck))
+		if ctx.Err() != nil {
+			return true, nil
+		}
 		fd, acceptErr := -1, error(nil)
 		err := raw.Read(func(lfd uintptr) bool {
-			// Without SOCK_NONBLOCK: the connection is read with blocking,
-			// time-bounded reads and never joins the netpoller unless idle.
+			// Without SOCK_NONBLOCK: a handed-off connection is read with
+			// blocking, time-bounded reads (fdio.go).
 			fd, _, acceptErr = syscall.Accept4(int(lfd), syscall.SOCK_CLOEXEC)
 			return acceptErr != syscall.EAGAIN
 		})
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			if ctx.Err() != nil || lnRaw.Control(func(uintptr) {}) != nil {
+				return true, nil // stopped, or ln closed
+			}
+			continue
+		}
 		if err != nil {
-			if ctx.Err() != nil || errors.Is(err, os.ErrClosed) {
+			if ctx.Err() != nil {
 				return true, nil
 			}
 			return true, fmt.Errorf("accept on %s: %w", ln.Addr(), err)
@@ -80,71 +106,63 @@ func (s *Server) serveDataInline(ctx context.Context, ln net.Listener, once bool
 			continue
 		}
 		pause.Reset()
-		if err := prepareAccepted(fd, tcp); err != nil {
-			s.log.Debug("data connection refused", "err", err)
-			syscall.Close(fd)
-			continue
+		if tcp {
+			// Answers go out at once, as net sets for its connections.
+			syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
 		}
 		s.conns.Add(1) // Wait covers commands run here too
-		s.serveFirstCommand(ctx, fd, once)
+		s.serveFirstCommand(ctx, fd, lfd, once)
 		s.conns.Done()
 	}
 }
 
 // listenerFile is a duplicate of ln's descriptor as an *os.File, whose
 // SyscallConn, unlike a listener's, can wait in the netpoller for a
-// connection to accept.
-func listenerFile(ln net.Listener) (*os.File, error) {
+// connection to accept, and the duplicate's number.
+func listenerFile(ln net.Listener) (*os.File, int, error) {
 	sc, ok := ln.(syscall.Conn)
 	if !ok {
-		return nil, errors.New("listener has no descriptor")
+		return nil, -1, errors.New("listener has no descriptor")
 	}
 	raw, err := sc.SyscallConn()
 	if err != nil {
-		return nil, err
+		return nil, -1, err
 	}
 	dup, dupErr := -1, error(nil)
 	if err := raw.Control(func(fd uintptr) {
 		dup, dupErr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
 	}); err != nil {
-		return nil, err
+		return nil, -1, err
 	}
 	if dupErr != nil {
-		return nil, dupErr
+		return nil, -1, dupErr
 	}
 	// The duplicate shares the listener's O_NONBLOCK, so os.NewFile
 	// registers it with the netpoller.
-	return os.NewFile(uintptr(dup), "data listener"), nil
-}
-
-// prepareAccepted bounds a blocking read on an accepted connection by the
-// receive timeout and, on TCP, sends answers without delay (as net does).
-func prepareAccepted(fd int, tcp bool) error {
-	tv := syscall.Timeval{Usec: fastReadWindow}
-	if err := syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &tv); err != nil {
-		return err
-	}
-	if tcp {
-		return syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
-	}
-	return nil
+	return os.NewFile(uintptr(dup), "data listener"), dup, nil
 }
 
 // serveFirstCommand answers fd's first command on the calling goroutine and
 // closes fd when the client closes right after; otherwise fd, with any
-// bytes already read, goes to a goroutine of its own.
-func (s *Server) serveFirstCommand(ctx context.Context, fd int, once bool) {
+// bytes already read, goes to a goroutine of its own. lfd is the listener,
+// polled beside fd so that a waiting connection ends the inline phase.
+func (s *Server) serveFirstCommand(ctx context.Context, fd, lfd int, once bool) {
 	bufs := s.buffers.Get().(*connBuffers)
 	in := bufs.in[:0]
-	f, err := readFrame(&inlineReader{fd: fd}, &in, s.maxCommandSize()+prefixLen)
+	r := &inlineReader{fd: fd, lfd: lfd, deadline: time.Now().Add(inlineBudget)}
+	f, err := readFrame(r, &in, s.maxCommandSize()+prefixLen)
 	if errors.Is(err, errHandOff) {
-		s.handOff(ctx, fd, once, bufs, in)
+		s.handOff(ctx, fd, once, bufs, in, len(in) == 0)
 		return
 	}
 	if err != nil {
 		if !errors.Is(err, io.EOF) {
 			s.log.Debug("data channel closed", "err", err)
 		}
+		s.endInline(ctx, fd, bufs, in)
+		return
+	}
+	if ctx.Err() != nil { // stopped while the command arrived
 		s.endInline(ctx, fd, bufs, in)
 		return
 	}
@@ -160,21 +178,25 @@ func (s *Server) serveFirstCommand(ctx context.Context, fd int, once bool) {
 		s.endInline(ctx, fd, bufs, in)
 		return
 	}
-	if n == 0 {
-		// A connection-per-command client closes now: wait (bounded) for it.
-		m, err := (&inlineReader{fd: fd}).Read(in[:cap(in)])
-		switch {
-		case errors.Is(err, io.EOF):
-			s.endInline(ctx, fd, bufs, in)
-			return
-		case err != nil && !errors.Is(err, errHandOff):
-			s.log.Debug("data channel closed", "err", err)
-			s.endInline(ctx, fd, bufs, in)
-			return
-		}
-		in = in[:m]
+	if n > 0 { // pipelined
+		s.handOff(ctx, fd, once, bufs, in, false)
+		return
 	}
-	s.handOff(ctx, fd, once, bufs, in)
+	// A connection-per-command client closes now: wait (bounded) for it.
+	// It has not closed yet (it is reading the answer), so poll first.
+	r.deadline, r.pollFirst = time.Now().Add(inlineBudget), true
+	m, err := r.Read(in[:cap(in)])
+	switch {
+	case errors.Is(err, io.EOF):
+		s.endInline(ctx, fd, bufs, in)
+	case errors.Is(err, errHandOff):
+		s.handOff(ctx, fd, once, bufs, in, true)
+	case err != nil:
+		s.log.Debug("data channel closed", "err", err)
+		s.endInline(ctx, fd, bufs, in)
+	default:
+		s.handOff(ctx, fd, once, bufs, in[:m], false)
+	}
 }
 
 // endInline closes a connection served inline.
@@ -186,19 +208,45 @@ func (s *Server) endInline(ctx context.Context, fd int, bufs *connBuffers, in []
 }
 
 // handOff serves fd, whose first bytes are in, on a goroutine of its own
-// with blocking reads (idle waits in the netpoller) until it closes.
-func (s *Server) handOff(ctx context.Context, fd int, once bool, bufs *connBuffers, in []byte) {
+// with blocking reads (idle waits in the netpoller) until it closes. An
+// idle connection (nothing arrived within the inline phase) starts in the
+// netpoller rather than in a blocking read.
+func (s *Server) handOff(ctx context.Context, fd int, once bool, bufs *connBuffers, in []byte, idle bool) {
+	tv := syscall.Timeval{Usec: fastReadWindow}
+	if err := syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &tv); err != nil {
+		s.log.Debug("data connection dropped", "err", err)
+		s.endInline(ctx, fd, bufs, in)
+		return
+	}
 	s.handOffs.Add(1)
 	s.conns.Add(1)
 	go func() {
 		defer s.conns.Done()
 		conn := &ownedFD{fd: fd}
 		stop := context.AfterFunc(ctx, conn.shutdown)
-		s.handleData(ctx, fdConn{fd: fd}, once, bufs, in)
+		var rw io.ReadWriter = fdConn{fd: fd}
+		if idle {
+			rw = &idleFirst{fdConn: fdConn{fd: fd}}
+		}
+		s.handleData(ctx, rw, once, bufs, in)
 		stop()
 		conn.close()
 		s.dataConnEnded(ctx)
 	}()
+}
+
+// idleFirst is an fdConn whose first read waits in the netpoller.
+type idleFirst struct {
+	fdConn
+	waited bool
+}
+
+func (c *idleFirst) Read(b []byte) (int, error) {
+	if !c.waited {
+		c.waited = true
+		return c.waitRead(b)
+	}
+	return c.fdConn.Read(b)
 }
 
 // dataConnEnded applies --terminate when a data connection ends by itself.
@@ -209,20 +257,24 @@ func (s *Server) dataConnEnded(ctx context.Context) {
 	}
 }
 
-// inlineReader reads a blocking descriptor for the inline phase: a read
-// that times out, or one beyond maxInlineReads, ends it with errHandOff.
+// inlineReader reads a connection in the inline phase: without blocking,
+// waiting in ppoll until deadline; a wait that times out or sees another
+// connection waiting on lfd ends it with errHandOff.
 type inlineReader struct {
-	fd    int
-	reads int
+	fd, lfd   int
+	deadline  time.Time
+	pollFirst bool // the next read waits first (the peer is known not to have written)
 }
 
 func (r *inlineReader) Read(b []byte) (int, error) {
-	if r.reads == maxInlineReads {
-		return 0, errHandOff
-	}
-	r.reads++
 	for {
-		n, err := rawRead(r.fd, b)
+		if r.pollFirst {
+			r.pollFirst = false
+			if err := r.wait(); err != nil {
+				return 0, err
+			}
+		}
+		n, err := recvNow(r.fd, b)
 		switch err {
 		case nil:
 			if n == 0 && len(b) > 0 {
@@ -232,11 +284,51 @@ func (r *inlineReader) Read(b []byte) (int, error) {
 		case syscall.EINTR:
 			continue
 		case syscall.EAGAIN:
-			return 0, errHandOff
+			r.pollFirst = true
 		default:
 			return 0, err
 		}
 	}
+}
+
+// wait returns nil once fd is readable (or has hung up), errHandOff when
+// the deadline passes or a connection waits on lfd.
+func (r *inlineReader) wait() error {
+	for {
+		left := time.Until(r.deadline)
+		if left <= 0 {
+			return errHandOff
+		}
+		fds := [2]unix.PollFd{{Fd: int32(r.fd), Events: unix.POLLIN}, {Fd: int32(r.lfd), Events: unix.POLLIN}}
+		ts := unix.NsecToTimespec(left.Nanoseconds())
+		n, err := unix.Ppoll(fds[:], &ts, nil)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return err
+		case n == 0:
+			return errHandOff
+		case fds[0].Revents != 0:
+			return nil
+		default:
+			return errHandOff // another connection waits
+		}
+	}
+}
+
+// recvNow is recv(2) with MSG_DONTWAIT: it never blocks, so it needs none
+// of the runtime's system call bookkeeping.
+func recvNow(fd int, b []byte) (int, error) {
+	var p unsafe.Pointer
+	if len(b) > 0 {
+		p = unsafe.Pointer(unsafe.SliceData(b))
+	}
+	n, _, e := syscall.RawSyscall6(syscall.SYS_RECVFROM, uintptr(fd), uintptr(p), uintptr(len(b)), syscall.MSG_DONTWAIT, 0, 0)
+	if e != 0 {
+		return 0, e
+	}
+	return int(n), nil
 }
 
 // ownedFD is a descriptor that one goroutine closes while another may shut

@@ -1,0 +1,265 @@
+package swtpmproto
+
+import (
+	"context"
+	"errors"
+	"net"
+	"path/filepath"
+	"runtime"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"cvtpm/vtpm/engine"
+)
+
+// stopWatchTPM is a TPM that records commands executed after stopped is set.
+type stopWatchTPM struct {
+	TPM
+	stopped atomic.Bool
+	late    atomic.Int32
+}
+
+func (s *stopWatchTPM) Execute(dst, cmd []byte) []byte {
+	if s.stopped.Load() {
+		s.late.Add(1)
+	}
+	return s.TPM.Execute(dst, cmd)
+}
+
+func (s *stopWatchTPM) ExecuteAt(dst, cmd []byte, loc uint8) []byte {
+	if s.stopped.Load() {
+		s.late.Add(1)
+	}
+	return s.TPM.ExecuteAt(dst, cmd, loc)
+}
+
+// Regression tests from an adversarial review of the inline data path
+// (inline.go): each reproduced a finding against its first version.
+
+// reviewServer serves the data channel of a started engine on a new
+// listener of network ("unix" or "tcp").
+func reviewServer(t *testing.T, network string, opts Options) (srv *Server, tpm *stopWatchTPM, ln net.Listener, cancel context.CancelFunc, done <-chan error) {
+	t.Helper()
+	eng, err := engine.New(newMem(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rc := eng.Init(0); rc != 0 {
+		t.Fatalf("init: 0x%x", rc)
+	}
+	eng.Execute(nil, tpm2StartupClr)
+	t.Cleanup(eng.Close) // runs last
+	tpm = &stopWatchTPM{TPM: eng}
+	srv, ln, cancel, done = reviewServe(t, tpm, network, opts)
+	return srv, tpm, ln, cancel, done
+}
+
+// reviewServe serves the data channel of tpm on a new listener.
+func reviewServe(t *testing.T, tpm TPM, network string, opts Options) (srv *Server, ln net.Listener, cancel context.CancelFunc, done <-chan error) {
+	t.Helper()
+	srv = New(tpm, opts)
+	addr := "127.0.0.1:0"
+	if network == "unix" {
+		addr = filepath.Join(t.TempDir(), "data")
+	}
+	ln, err := net.Listen(network, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	served := make(chan struct{})
+	go func() { errc <- srv.ServeData(ctx, ln, false); close(served) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-served:
+		case <-time.After(5 * time.Second):
+			t.Error("cleanup: ServeData did not return 5 s after cancel")
+		}
+		srv.Wait()
+	})
+	return srv, ln, cancel, errc
+}
+
+// Finding 1: the first version spent a receive timeout (8 ms, finding 5)
+// on every silent connection before it accepted the next, so a local
+// client that queued N silent connections delayed every other client by
+// N x 8 ms. The inline phase now ends as soon as another connection waits.
+func TestReviewSilentConnectionsStallListener(t *testing.T) {
+	_, _, ln, _, _ := reviewServer(t, "unix", Options{})
+	path := ln.Addr().String()
+	getRandomOn(t, path) // warm up
+	var held []net.Conn
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	for range 500 {
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, c)
+	}
+	start := time.Now()
+	getRandomOn(t, path)
+	// Stalled for inlineBudget on each, it would wait 500 x 2 ms = 1 s;
+	// served, 0.1 s here (0.25 s under -race on a loaded machine).
+	if d := time.Since(start); d > 500*time.Millisecond {
+		t.Errorf("a client queued behind 500 silent connections (no bytes sent) waited %v for GetRandom", d)
+	}
+}
+
+// Finding 2: a command whose last bytes arrived after the server's context
+// ended was still executed and answered (the inline phase did not check
+// ctx before answering; handleData had the same, narrower, race).
+func TestReviewInlineCommandRunsAfterStop(t *testing.T) {
+	_, tpm, _, _, _ := reviewServer(t, "unix", Options{})
+	const tries = 50
+	answered := 0
+	for range tries {
+		srv, ln, cancel, done := reviewServe(t, tpm, "unix", Options{})
+		c, err := net.Dial("unix", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write(tpm2GetRandom8[:len(tpm2GetRandom8)-1])
+		time.Sleep(300 * time.Microsecond) // accepted, first bytes read, waiting for the rest
+		tpm.stopped.Store(true)
+		cancel()
+		time.Sleep(time.Millisecond) // the server has had 1 ms to notice the stop
+		c.Write(tpm2GetRandom8[len(tpm2GetRandom8)-1:])
+		c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		buf := make([]byte, 64)
+		n, _ := c.Read(buf)
+		c.Close()
+		<-done
+		srv.Wait()
+		if n > 0 {
+			answered++
+		}
+		tpm.stopped.Store(false)
+	}
+	if late := tpm.late.Load(); late > 0 {
+		t.Errorf("%d of %d commands completed after cancel were executed (%d answered to the client)", late, tries, answered)
+	}
+}
+
+// Finding 3: closing the listener did not end ServeData in the first
+// version, and the duplicate descriptor kept a TCP port accepting and
+// answering after ln.Close(). ServeData returns nil on a closed listener,
+// as ServeControl does.
+func TestReviewListenerCloseEndsServeData(t *testing.T) {
+	_, _, ln, _, done := reviewServer(t, "tcp", Options{})
+	addr := ln.Addr().String()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dataRoundTrip(t, c, tpm2GetRandom8)
+	c.Close()
+	ln.Close()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("ServeData after ln.Close: %v", err)
+		}
+	case <-time.After(2 * time.Second):
+		t.Errorf("ServeData still running 2 s after its listener was closed")
+	}
+	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+		c.SetReadDeadline(time.Now().Add(time.Second))
+		c.Write(tpm2GetRandom8)
+		n, rerr := c.Read(make([]byte, 64))
+		c.Close()
+		t.Errorf("closed listener's port still accepts connections (answer %d bytes, %v)", n, rerr)
+	} else if !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Logf("dial after close: %v", err)
+	}
+}
+
+// Finding 4: with GOMAXPROCS=1 every silent connection froze the whole
+// process (control channel, timers, every other goroutine) for two
+// receive timeouts in the first version: the inline read and then the
+// handed-off goroutine's first read blocked in RawSyscall holding the only
+// P. The inline phase now waits in ppoll (a system call that gives up the
+// P) and an idle handed-off connection starts in the netpoller.
+func TestReviewGOMAXPROCS1SilentClientsFreezeProcess(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	_, _, ln, _, _ := reviewServer(t, "unix", Options{})
+	path := ln.Addr().String()
+	getRandomOn(t, path)
+	var maxGap atomic.Int64
+	stop := make(chan struct{})
+	probed := make(chan struct{})
+	go func() {
+		defer close(probed)
+		last := time.Now()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			time.Sleep(200 * time.Microsecond)
+			now := time.Now()
+			if g := int64(now.Sub(last)); g > maxGap.Load() {
+				maxGap.Store(g)
+			}
+			last = now
+		}
+	}()
+	var held []net.Conn
+	for range 20 {
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, c)
+		time.Sleep(5 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond)
+	close(stop)
+	<-probed
+	for _, c := range held {
+		c.Close()
+	}
+	if g := time.Duration(maxGap.Load()); g > 5*time.Millisecond {
+		t.Errorf("GOMAXPROCS=1: a goroutine sleeping 200 us was not run for %v while a client opened 20 silent data connections", g)
+	}
+}
+
+// Finding 5 (cause of 1 and 4): SO_RCVTIMEO is kept in jiffies and rounded
+// up, so a 2 ms receive timeout is ~8 ms on a HZ=250 kernel (20 ms on
+// HZ=100). The inline phase waits with ppoll's high-resolution timeout
+// instead: a silent connection ends it within about inlineBudget.
+func TestReviewReadWindow(t *testing.T) {
+	pair := func() [2]int {
+		fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { syscall.Close(fds[0]); syscall.Close(fds[1]) })
+		return fds
+	}
+	conn, quietListener := pair(), pair()
+	var worst time.Duration
+	for range 10 {
+		start := time.Now()
+		r := &inlineReader{fd: conn[0], lfd: quietListener[0], deadline: start.Add(inlineBudget)}
+		n, err := r.Read(make([]byte, 16))
+		if d := time.Since(start); d > worst {
+			worst = d
+		}
+		if n != 0 || !errors.Is(err, errHandOff) {
+			t.Fatalf("silent read: %d, %v", n, err)
+		}
+	}
+	if worst > 3*inlineBudget {
+		t.Errorf("a read on a silent connection held the accepting goroutine for %v; inlineBudget is %v", worst, inlineBudget)
+	}
+}
