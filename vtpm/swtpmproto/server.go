@@ -6,6 +6,9 @@
 //
 // Each connection is served on its own goroutine, which calls the TPM
 // directly: no per-command hand-off, and per-connection buffers are reused.
+// A data connection's first command is answered on the accepting goroutine
+// (inline.go), so a client that opens a connection per command, as
+// tpm2-tss's swtpm TCTI does, costs no goroutine at all.
 package swtpmproto
 
 import (
