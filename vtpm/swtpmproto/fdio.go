@@ -74,19 +74,54 @@ func (f fdConn) waitRead(b []byte) (int, error) {
 	return n, err
 }
 
+// Write sends without blocking (MSG_DONTWAIT); when the client does not
+// read and its socket buffer is full, it waits in the netpoller (waitWrite)
+// rather than in write(2), which would pin an OS thread per such client.
 func (f fdConn) Write(b []byte) (int, error) {
 	total := 0
 	for total < len(b) {
-		n, err := syscall.Write(f.fd, b[total:])
-		if err == syscall.EINTR {
-			continue
-		}
-		if err != nil {
+		n, err := sendNow(f.fd, b[total:])
+		switch err {
+		case nil:
+			total += n
+		case syscall.EINTR:
+		case syscall.EAGAIN:
+			n, err := f.waitWrite(b[total:])
+			return total + n, err
+		default:
 			return total, err
 		}
-		total += n
 	}
 	return total, nil
+}
+
+// sendNow is send(2) with MSG_DONTWAIT (and MSG_NOSIGNAL: a closed peer
+// is an EPIPE error, not a signal); it never blocks.
+func sendNow(fd int, b []byte) (int, error) {
+	n, _, e := syscall.RawSyscall6(syscall.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(unsafe.SliceData(b))), uintptr(len(b)),
+		syscall.MSG_DONTWAIT|syscall.MSG_NOSIGNAL, 0, 0)
+	if e != 0 {
+		return 0, e
+	}
+	return int(n), nil
+}
+
+// waitWrite writes b through a temporary netpoller registration, as
+// waitRead reads.
+func (f fdConn) waitWrite(b []byte) (int, error) {
+	d, err := syscall.Dup(f.fd)
+	if err != nil {
+		return 0, err
+	}
+	file := os.NewFile(uintptr(d), "write-wait")
+	nc, err := net.FileConn(file)
+	file.Close()
+	if err != nil {
+		return 0, err
+	}
+	defer syscall.SetNonblock(f.fd, false)
+	defer nc.Close()
+	return nc.Write(b)
 }
 
 // blockingFD duplicates c's descriptor in blocking mode with a bounded

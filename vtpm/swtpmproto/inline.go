@@ -74,8 +74,17 @@ func (s *Server) serveDataInline(ctx context.Context, ln net.Listener, once bool
 	stop := context.AfterFunc(ctx, func() { lnFile.SetReadDeadline(time.Unix(1, 0)); ln.Close() })
 	defer stop()
 	var pause netaddr.AcceptPause
+	nextCheck := time.Now().Add(listenerCheck)
 	for {
-		lnFile.SetReadDeadline(time.Now().Add(listenerCheck))
+		// The closed-listener check runs on a fixed schedule, so a client
+		// that keeps connecting cannot put it off.
+		if now := time.Now(); !now.Before(nextCheck) {
+			if lnRaw.Control(func(uintptr) {}) != nil {
+				return true, nil // ln closed
+			}
+			nextCheck = now.Add(listenerCheck)
+		}
+		lnFile.SetReadDeadline(nextCheck)
 		if ctx.Err() != nil {
 			return true, nil
 		}
@@ -87,10 +96,7 @@ func (s *Server) serveDataInline(ctx context.Context, ln net.Listener, once bool
 			return acceptErr != syscall.EAGAIN
 		})
 		if errors.Is(err, os.ErrDeadlineExceeded) {
-			if ctx.Err() != nil || lnRaw.Control(func(uintptr) {}) != nil {
-				return true, nil // stopped, or ln closed
-			}
-			continue
+			continue // stopped, or time to check ln
 		}
 		if err != nil {
 			if ctx.Err() != nil {
@@ -184,7 +190,7 @@ func (s *Server) serveFirstCommand(ctx context.Context, fd, lfd int, once bool) 
 	}
 	// A connection-per-command client closes now: wait (bounded) for it.
 	// It has not closed yet (it is reading the answer), so poll first.
-	r.deadline, r.pollFirst = time.Now().Add(inlineBudget), true
+	r.deadline, r.pollFirst, r.reads = time.Now().Add(inlineBudget), true, 0
 	m, err := r.Read(in[:cap(in)])
 	switch {
 	case errors.Is(err, io.EOF):
@@ -218,35 +224,41 @@ func (s *Server) handOff(ctx context.Context, fd int, once bool, bufs *connBuffe
 		s.endInline(ctx, fd, bufs, in)
 		return
 	}
+	if idle {
+		// Nothing to carry over: wait in the netpoller as a net.Conn (one
+		// descriptor while the client stays silent), as every connection
+		// did before the inline phase (lazyConn).
+		s.buffers.Put(bufs)
+		f := os.NewFile(uintptr(fd), "data connection")
+		c, err := net.FileConn(f) // a duplicate, non-blocking, in the netpoller
+		f.Close()
+		if err != nil {
+			s.log.Debug("data connection dropped", "err", err)
+			s.dataConnEnded(ctx)
+			return
+		}
+		s.handOffs.Add(1)
+		s.conns.Add(1)
+		go func() {
+			defer s.conns.Done()
+			defer c.Close()
+			unblock := context.AfterFunc(ctx, func() { c.Close() })
+			defer unblock()
+			s.handleDataConn(ctx, c, once)
+		}()
+		return
+	}
 	s.handOffs.Add(1)
 	s.conns.Add(1)
 	go func() {
 		defer s.conns.Done()
 		conn := &ownedFD{fd: fd}
 		stop := context.AfterFunc(ctx, conn.shutdown)
-		var rw io.ReadWriter = fdConn{fd: fd}
-		if idle {
-			rw = &idleFirst{fdConn: fdConn{fd: fd}}
-		}
-		s.handleData(ctx, rw, once, bufs, in)
+		s.handleData(ctx, fdConn{fd: fd}, once, bufs, in)
 		stop()
 		conn.close()
 		s.dataConnEnded(ctx)
 	}()
-}
-
-// idleFirst is an fdConn whose first read waits in the netpoller.
-type idleFirst struct {
-	fdConn
-	waited bool
-}
-
-func (c *idleFirst) Read(b []byte) (int, error) {
-	if !c.waited {
-		c.waited = true
-		return c.waitRead(b)
-	}
-	return c.fdConn.Read(b)
 }
 
 // dataConnEnded applies --terminate when a data connection ends by itself.
@@ -264,9 +276,15 @@ type inlineReader struct {
 	fd, lfd   int
 	deadline  time.Time
 	pollFirst bool // the next read waits first (the peer is known not to have written)
+	reads     int  // reads that returned bytes
 }
 
 func (r *inlineReader) Read(b []byte) (int, error) {
+	// A command that needs more than one read is arriving in pieces: it
+	// goes on on its own goroutine as soon as another connection waits.
+	if r.reads > 0 && listenerWaiting(r.lfd) && !peerClosed(r.fd) {
+		return 0, errHandOff
+	}
 	for {
 		if r.pollFirst {
 			r.pollFirst = false
@@ -274,12 +292,16 @@ func (r *inlineReader) Read(b []byte) (int, error) {
 				return 0, err
 			}
 		}
+		if !r.deadline.After(time.Now()) {
+			return 0, errHandOff // a client trickling its bytes
+		}
 		n, err := recvNow(r.fd, b)
 		switch err {
 		case nil:
 			if n == 0 && len(b) > 0 {
 				return 0, io.EOF
 			}
+			r.reads++
 			return n, nil
 		case syscall.EINTR:
 			continue
@@ -307,14 +329,34 @@ func (r *inlineReader) wait() error {
 			continue
 		case err != nil:
 			return err
-		case n == 0:
+		case n == 0: // out of time
 			return errHandOff
-		case fds[0].Revents != 0:
-			return nil
+		case fds[1].Revents != 0: // another connection waits
+			if fds[0].Revents != 0 && peerClosed(r.fd) {
+				return nil // let the read see the end: closing here is cheaper
+			}
+			return errHandOff
 		default:
-			return errHandOff // another connection waits
+			return nil
 		}
 	}
+}
+
+// listenerWaiting reports whether a connection waits on lfd (a ppoll
+// that does not wait).
+func listenerWaiting(lfd int) bool {
+	fds := [1]unix.PollFd{{Fd: int32(lfd), Events: unix.POLLIN}}
+	var zero unix.Timespec
+	n, err := unix.Ppoll(fds[:], &zero, nil)
+	return err == nil && n > 0
+}
+
+// peerClosed reports whether fd's next read is the end of the stream.
+func peerClosed(fd int) bool {
+	var b [1]byte
+	n, _, e := syscall.RawSyscall6(syscall.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), 1,
+		syscall.MSG_DONTWAIT|syscall.MSG_PEEK, 0, 0)
+	return e == 0 && n == 0
 }
 
 // recvNow is recv(2) with MSG_DONTWAIT: it never blocks, so it needs none
