@@ -54,24 +54,36 @@ func (f fdConn) Read(b []byte) (int, error) {
 // waitRead parks in the netpoller until data arrives (the connection went
 // idle), then returns to blocking reads.
 func (f fdConn) waitRead(b []byte) (int, error) {
-	d, err := syscall.Dup(f.fd)
+	nc, done, err := f.inPoller()
 	if err != nil {
 		return 0, err
 	}
-	file := os.NewFile(uintptr(d), "idle-wait")
-	nc, err := net.FileConn(file) // registers a further duplicate, non-blocking
-	file.Close()
-	if err != nil {
-		return 0, err
-	}
-	// O_NONBLOCK belongs to the shared open file description: restore it.
-	defer syscall.SetNonblock(f.fd, false)
-	defer nc.Close()
+	defer done()
 	n, err := nc.Read(b)
 	if err == io.EOF {
 		return 0, errEOF
 	}
 	return n, err
+}
+
+// inPoller registers a duplicate of f's descriptor with the netpoller for
+// one wait; done closes it and puts the descriptor back in blocking mode.
+func (f fdConn) inPoller() (nc net.Conn, done func(), err error) {
+	d, err := syscall.Dup(f.fd)
+	if err != nil {
+		return nil, nil, err
+	}
+	file := os.NewFile(uintptr(d), "poller-wait")
+	nc, err = net.FileConn(file) // a further duplicate, non-blocking
+	file.Close()
+	if err != nil {
+		return nil, nil, err
+	}
+	return nc, func() {
+		nc.Close()
+		// O_NONBLOCK belongs to the shared open file description: restore it.
+		syscall.SetNonblock(f.fd, false)
+	}, nil
 }
 
 // Write sends without blocking (MSG_DONTWAIT); when the client does not
@@ -109,18 +121,11 @@ func sendNow(fd int, b []byte) (int, error) {
 // waitWrite writes b through a temporary netpoller registration, as
 // waitRead reads.
 func (f fdConn) waitWrite(b []byte) (int, error) {
-	d, err := syscall.Dup(f.fd)
+	nc, done, err := f.inPoller()
 	if err != nil {
 		return 0, err
 	}
-	file := os.NewFile(uintptr(d), "write-wait")
-	nc, err := net.FileConn(file)
-	file.Close()
-	if err != nil {
-		return 0, err
-	}
-	defer syscall.SetNonblock(f.fd, false)
-	defer nc.Close()
+	defer done()
 	return nc.Write(b)
 }
 

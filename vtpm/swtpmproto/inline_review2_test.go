@@ -76,7 +76,6 @@ func TestReview2ClosedListenerKeptAliveByClient(t *testing.T) {
 	}
 }
 
-
 // R2-2: inlineReader.wait checks the connection before the listener, so
 // while a client keeps its own connection readable at each ppoll (a steady
 // stream of bytes of a large command) the inline phase does not end when
