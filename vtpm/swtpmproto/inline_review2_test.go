@@ -84,15 +84,7 @@ func TestReview2ClosedListenerKeptAliveByClient(t *testing.T) {
 // the listener, a waiting listener wins in ppoll, and every read checks
 // the deadline.
 func TestReview2TrickleIgnoresWaitingListener(t *testing.T) {
-	pair := func() [2]int {
-		fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { syscall.Close(fds[0]); syscall.Close(fds[1]) })
-		return fds
-	}
-	conn, waiting := pair(), pair()
+	conn, waiting := socketPair(t), socketPair(t)
 	syscall.Write(waiting[1], []byte{1}) // "another connection waits": lfd is readable throughout
 	// A command announcing 4096 bytes, its body trickled in 1-byte writes.
 	hdr := []byte{0x80, 0x01, 0, 0, 0x10, 0, 0, 0, 0x01, 0x7b}
@@ -319,11 +311,5 @@ func TestReview2SoundSignalsAndReset(t *testing.T) {
 	}
 	close(stop)
 	wg.Wait()
-	cancel()
-	<-done
-	srv.Wait()
-	time.Sleep(50 * time.Millisecond)
-	if after := openFDs(t); after > before {
-		t.Errorf("%d descriptors before, %d after", before, after)
-	}
+	stopAndCountFDs(t, srv, cancel, done, before)
 }

@@ -238,15 +238,7 @@ func TestReviewGOMAXPROCS1SilentClientsFreezeProcess(t *testing.T) {
 // HZ=100). The inline phase waits with ppoll's high-resolution timeout
 // instead: a silent connection ends it within about inlineBudget.
 func TestReviewReadWindow(t *testing.T) {
-	pair := func() [2]int {
-		fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { syscall.Close(fds[0]); syscall.Close(fds[1]) })
-		return fds
-	}
-	conn, quietListener := pair(), pair()
+	conn, quietListener := socketPair(t), socketPair(t)
 	var worst time.Duration
 	for range 10 {
 		start := time.Now()
@@ -262,4 +254,16 @@ func TestReviewReadWindow(t *testing.T) {
 	if worst > 3*inlineBudget {
 		t.Errorf("a read on a silent connection held the accepting goroutine for %v; inlineBudget is %v", worst, inlineBudget)
 	}
+}
+
+// socketPair is a connected pair of unix stream sockets, closed when the
+// test ends.
+func socketPair(t *testing.T) [2]int {
+	t.Helper()
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fds[0]); syscall.Close(fds[1]) })
+	return fds
 }

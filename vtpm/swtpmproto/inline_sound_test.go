@@ -154,13 +154,7 @@ func TestSoundEchoStress(t *testing.T) {
 				}()
 			}
 			wg.Wait()
-			cancel()
-			<-done
-			srv.Wait()
-			time.Sleep(50 * time.Millisecond)
-			if after := openFDs(t); after > before {
-				t.Errorf("%d descriptors before, %d after", before, after)
-			}
+			stopAndCountFDs(t, srv, cancel, done, before)
 		})
 	}
 }
@@ -345,5 +339,18 @@ func TestSoundTCPKeepAlive(t *testing.T) {
 	t.Logf("server fd %d, listener SO_KEEPALIVE=%d, conn TCP_KEEPIDLE=%d", fd, lnOn, idle)
 	if on, err := syscall.GetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_KEEPALIVE); err != nil || on == 0 {
 		t.Errorf("server side of a kept TCP data connection: SO_KEEPALIVE=%d (%v), want on as net.Listener's Accept sets it", on, err)
+	}
+}
+
+// stopAndCountFDs stops the server and checks that the process holds no
+// more descriptors than before it started.
+func stopAndCountFDs(t *testing.T, srv *Server, cancel context.CancelFunc, done chan struct{}, before int) {
+	t.Helper()
+	cancel()
+	<-done
+	srv.Wait()
+	time.Sleep(50 * time.Millisecond)
+	if after := openFDs(t); after > before {
+		t.Errorf("%d descriptors before, %d after", before, after)
 	}
 }

@@ -6,42 +6,17 @@ import (
 	"encoding/binary"
 	"io"
 	"net"
-	"path/filepath"
 	"runtime"
 	"testing"
 	"time"
-
-	"cvtpm/vtpm/engine"
 )
 
 // startedServer is a Server on a real, started engine serving the data
-// channel on a unix socket, with Options opts.
+// channel on a unix socket, with Options opts (reviewServer's, by path).
 func startedServer(t *testing.T, opts Options) (srv *Server, dataPath string, cancel context.CancelFunc, done <-chan error) {
 	t.Helper()
-	tpm, err := engine.New(newMem(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if rc := tpm.Init(0); rc != 0 {
-		t.Fatalf("init: 0x%x", rc)
-	}
-	tpm.Execute(nil, tpm2StartupClr)
-	srv = New(tpm, opts)
-	dataPath = filepath.Join(t.TempDir(), "data")
-	ln, err := net.Listen("unix", dataPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	errc, served := make(chan error, 1), make(chan struct{})
-	go func() { errc <- srv.ServeData(ctx, ln, false); close(served) }()
-	t.Cleanup(func() {
-		cancel()
-		<-served // the accepting goroutine runs commands too
-		srv.Wait()
-		tpm.Close()
-	})
-	return srv, dataPath, cancel, errc
+	srv, _, ln, cancel, done := reviewServer(t, "unix", opts)
+	return srv, ln.Addr().String(), cancel, done
 }
 
 // getRandomOn dials path, sends GetRandom(8) and checks the answer.
