@@ -218,12 +218,6 @@ func (s *Server) endInline(ctx context.Context, fd int, bufs *connBuffers, in []
 // idle connection (nothing arrived within the inline phase) starts in the
 // netpoller rather than in a blocking read.
 func (s *Server) handOff(ctx context.Context, fd int, once bool, bufs *connBuffers, in []byte, idle bool) {
-	tv := syscall.Timeval{Usec: fastReadWindow}
-	if err := syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &tv); err != nil {
-		s.log.Debug("data connection dropped", "err", err)
-		s.endInline(ctx, fd, bufs, in)
-		return
-	}
 	if idle {
 		// Nothing to carry over: wait in the netpoller as a net.Conn (one
 		// descriptor while the client stays silent), as every connection
@@ -246,6 +240,14 @@ func (s *Server) handOff(ctx context.Context, fd int, once bool, bufs *connBuffe
 			defer unblock()
 			s.handleDataConn(ctx, c, once)
 		}()
+		return
+	}
+	// fdConn's blocking reads are bounded by the receive timeout (lazyConn
+	// sets its own when it switches).
+	tv := syscall.Timeval{Usec: fastReadWindow}
+	if err := syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &tv); err != nil {
+		s.log.Debug("data connection dropped", "err", err)
+		s.endInline(ctx, fd, bufs, in)
 		return
 	}
 	s.handOffs.Add(1)
