@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"cvtpm/internal/confine"
 	"encoding/pem"
 	"errors"
 	"flag"
@@ -119,6 +120,7 @@ Options:
 	brokerRoot := fs.String("broker-root", "", "the CA's service root (its DIR/service-ca.pem): it signs the key broker's answers and the CA's TLS certificate")
 	backendID := fs.String("backend-id", "", "this backend's name at the key broker (whose master key, whose anchors)")
 	migrationDomain := fs.String("migration-domain", "", "the key broker's migration domain: backends of one domain can migrate instances between them")
+	workerSeccomp := fs.String("worker-seccomp", "kill", "what a worker's system call outside its seccomp list gets: kill (the worker; it is restarted from its sealed state) or log (allowed and logged by the kernel, audit type 1326: only to find what a new platform needs)")
 	migrationKeyFile := fs.String("migration-key-file", "", "hex migration key (32 bytes) shared by the backends an instance may migrate between; without it state never leaves this backend")
 	if done, err := parseFlags(fs, args); done {
 		return err
@@ -275,6 +277,16 @@ Options:
 	if lean := filepath.Join(filepath.Dir(exe), "cvtpm-worker"); isExecutable(lean) {
 		cfg.Worker = []string{lean}
 	}
+	// Workers run libtpms on commands from the host and the guests: each
+	// is confined to what serving its instance takes (internal/confine).
+	mode, err := confine.ParseMode(*workerSeccomp)
+	if err != nil {
+		return fmt.Errorf("--worker-seccomp: %w", err)
+	}
+	if mode == confine.ModeLog {
+		log.Warn("workers run with --worker-seccomp log: a system call outside their list is logged, not refused (not for production)")
+	}
+	cfg.Worker = append(cfg.Worker, "--seccomp", string(mode))
 	sup, err := backend.New(ctx, cfg)
 	if err != nil {
 		return err

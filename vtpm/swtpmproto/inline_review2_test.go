@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -104,15 +105,18 @@ func TestReview2TrickleIgnoresWaitingListener(t *testing.T) {
 			}
 		}()
 	}
-	var worst time.Duration
+	// The median, not the worst: with the fault every try holds the whole
+	// budget, while one try of a correct reader can lose a scheduler slice
+	// on a loaded machine (1.07 ms seen under the full suite).
+	var held []time.Duration
 	for range 20 {
 		start := time.Now()
 		r := &inlineReader{fd: conn[0], lfd: waiting[0], deadline: start.Add(inlineBudget)}
 		in := make([]byte, 0, 4105)
 		_, err := readFrame(r, &in, 4096+prefixLen)
 		d := time.Since(start)
-		if err == errHandOff && d > worst {
-			worst = d
+		if err == errHandOff {
+			held = append(held, d)
 		}
 		// drain and restart with a fresh header for the next try
 		for {
@@ -123,8 +127,12 @@ func TestReview2TrickleIgnoresWaitingListener(t *testing.T) {
 		}
 		syscall.Write(conn[1], hdr)
 	}
-	if worst > inlineBudget/2 {
-		t.Errorf("with another connection waiting on the listener, a trickling connection held the inline phase for %v (inlineBudget %v)", worst, inlineBudget)
+	if len(held) < 10 {
+		t.Fatalf("only %d of 20 tries handed the connection off", len(held))
+	}
+	slices.Sort(held)
+	if med := held[len(held)/2]; med > inlineBudget/2 {
+		t.Errorf("with another connection waiting on the listener, a trickling connection held the inline phase for %v (median of %d; inlineBudget %v)", med, len(held), inlineBudget)
 	}
 }
 

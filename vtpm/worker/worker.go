@@ -18,6 +18,7 @@ import (
 	"runtime/debug"
 	"strings"
 
+	"cvtpm/internal/confine"
 	"cvtpm/vtpm/engine"
 	"cvtpm/vtpm/engine/memstore"
 	"cvtpm/vtpm/migration"
@@ -41,8 +42,11 @@ calls on the inherited socket N. The hex state key is read from the
 inherited descriptor M and never appears on a command line; so is the
 backend's migration key (descriptor K), without which state never leaves
 the worker. State leaves and enters only sealed for this instance
-(vtpm/migration). 'cvtpm backend' starts one worker per instance; there is
-no reason to run it by hand.
+(vtpm/migration). Once it has started, the worker keeps only the system
+calls that serving its instance takes (internal/confine): no new sockets or
+connections, no ioctl, no exec, no signals or ptrace to other processes.
+'cvtpm backend' starts one worker per instance; there is no reason to run
+it by hand.
 
 Options:
 `)
@@ -58,6 +62,7 @@ Options:
 	minGen := fs.Uint64("min-generation", 0, "a new instance starts its state generation here (above an anchor its id had before)")
 	importSwtpm := fs.Bool("import-swtpm", false, "import swtpm's unencrypted tpm2-00.* files from the state directory (administrator's import)")
 	deferManifest := fs.Bool("defer-manifest", false, "with --new: the new store's manifest is written with its first blob (the TPM is initialised right away), not at once")
+	seccompMode := fs.String("seccomp", string(confine.ModeKill), "what a system call outside the worker's list gets once it serves: kill (the process) or log (allowed, logged by the kernel; for finding what a new platform needs)")
 	spare := fs.Bool("spare", false, "started ahead of need: read the other flags (--state, --instance, ...) from the socket --conn-fd, as one message, before anything else")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -67,6 +72,10 @@ Options:
 	}
 	if *connFD < 0 {
 		return errors.New("--conn-fd is required (see --help)")
+	}
+	mode, err := confine.ParseMode(*seccompMode)
+	if err != nil {
+		return fmt.Errorf("--seccomp: %w", err)
 	}
 	// An idle instance should cost little: one P, and a small heap target.
 	// (A spare sets this while it waits, not while its instance starts.)
@@ -126,6 +135,14 @@ Options:
 	}
 	defer eng.Close()
 	tpm := &migration.TPM{TPM: eng, Key: migrationKey, Instance: *instance, Store: store, Logger: log}
+	// From here on the worker runs commands that the host and the guest
+	// send: it keeps only the system calls serving them takes.
+	if err := confine.Worker(mode); err != nil {
+		if !errors.Is(err, confine.ErrUnsupported) {
+			return err
+		}
+		log.Warn("this worker runs without a seccomp filter (there is none for this platform)")
+	}
 	// A blocking descriptor read directly: the supervisor is the only
 	// peer, and a plain read wakes faster than the netpoller. The
 	// supervisor closing its end (EOF) is the normal way to stop.

@@ -1,0 +1,292 @@
+package confine
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/net/bpf"
+	"golang.org/x/sys/unix"
+)
+
+// The filter cannot be removed once installed, so each case runs in a
+// child: this test binary again, with CONFINE_CHILD naming what to do
+// after installing the filter.
+func TestMain(m *testing.M) {
+	if what := os.Getenv("CONFINE_CHILD"); what != "" {
+		os.Exit(child(what))
+	}
+	os.Exit(m.Run())
+}
+
+// child installs the worker's filter and then does what; it returns 0 if
+// what completed (a refused call kills it with SIGSYS first).
+func child(what string) int {
+	mode := ModeKill
+	if os.Getenv("CONFINE_MODE") == "log" {
+		mode = ModeLog
+	}
+	dir := os.Getenv("CONFINE_DIR")
+	ppid := os.Getppid() // before the filter, which refuses getppid
+	if what == "int80-unfiltered" {
+		if err := int80Getpid(); err != nil {
+			return 2
+		}
+		return 0
+	}
+	if err := Worker(mode); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 3
+	}
+	if what != "serve" {
+		// The marker shows that the refused call is this one, not one
+		// the runtime made before it.
+		fmt.Fprintln(os.Stderr, "calling", what)
+	}
+	var err error
+	switch what {
+	case "serve":
+		err = serveLikeAWorker(dir)
+	case "socket":
+		_, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0)
+	case "connect":
+		// A unix socket the test listens on: the worker's way out to the
+		// key broker or any other process.
+		var c net.Conn
+		c, err = net.Dial("unix", filepath.Join(dir, "sock"))
+		if err == nil {
+			c.Close()
+		}
+	case "ioctl":
+		// How a CSV report is asked of /dev/csv-guest.
+		_, err = unix.IoctlGetInt(0, unix.TIOCGPGRP)
+	case "exec":
+		err = syscall.Exec("/bin/true", []string{"true"}, nil)
+	case "kill-parent":
+		err = syscall.Kill(ppid, 0)
+	case "ptrace":
+		err = unix.PtraceAttach(ppid)
+	case "process_vm_readv":
+		_, err = unix.ProcessVMReadv(ppid, []unix.Iovec{{Base: new(byte), Len: 1}}, []unix.RemoteIovec{{Base: 0x1000, Len: 1}}, 0)
+	case "int80":
+		// The 32-bit ABI of a 64-bit process, a classic way around a
+		// filter written for one ABI.
+		err = int80Getpid()
+	default:
+		err = fmt.Errorf("unknown case %q", what)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, what+":", err)
+		return 2
+	}
+	return 0
+}
+
+// serveLikeAWorker does what a worker does after start-up: state files
+// written and renamed through a directory descriptor and synced, threads,
+// timers, a garbage collection, randomness, its own signals.
+func serveLikeAWorker(dir string) error {
+	d, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(d)
+	for i := range 3 {
+		fd, err := unix.Openat(d, "blob.tmp", unix.O_WRONLY|unix.O_CREAT|unix.O_TRUNC|unix.O_CLOEXEC, 0o600)
+		if err != nil {
+			return err
+		}
+		b := make([]byte, 16<<10)
+		rand.Read(b)
+		if _, err := unix.Write(fd, b); err != nil {
+			return err
+		}
+		if err := unix.Fsync(fd); err != nil {
+			return err
+		}
+		unix.Close(fd)
+		if err := unix.Renameat(d, "blob.tmp", d, fmt.Sprintf("blob%d", i)); err != nil {
+			return err
+		}
+	}
+	if err := unix.Fsync(d); err != nil {
+		return err
+	}
+	if _, err := os.ReadDir(dir); err != nil {
+		return err
+	}
+	if err := os.Remove(filepath.Join(dir, "blob0")); err != nil {
+		return err
+	}
+	// New OS threads (locked goroutines force them), the scheduler's
+	// preemption signals, timers and a collection.
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			runtime.LockOSThread()
+			end := time.Now().Add(30 * time.Millisecond)
+			for x := 0; time.Now().Before(end); x++ {
+				_ = make([]byte, 64<<10)
+			}
+		}()
+	}
+	wg.Wait()
+	runtime.GC()
+	time.Sleep(time.Millisecond)
+	// The process's own signals.
+	if err := syscall.Kill(os.Getpid(), 0); err != nil {
+		return err
+	}
+	// The inherited socket: a socketpair made before the filter would be
+	// the supervisor's; stdout stands in for it.
+	_, err = os.Stdout.Write([]byte("served\n"))
+	return err
+}
+
+func runChild(t *testing.T, what, mode string) (*exec.Cmd, string, error) {
+	t.Helper()
+	dir := t.TempDir()
+	ln, err := net.Listen("unix", filepath.Join(dir, "sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "CONFINE_CHILD="+what, "CONFINE_DIR="+dir, "CONFINE_MODE="+mode)
+	out, err := cmd.CombinedOutput()
+	return cmd, string(out), err
+}
+
+func TestWorkerFilter(t *testing.T) {
+	if runtime.GOOS != "linux" || runtime.GOARCH != "amd64" {
+		t.Skip("the worker's filter is for linux/amd64")
+	}
+	t.Run("serve", func(t *testing.T) {
+		_, out, err := runChild(t, "serve", "kill")
+		if err != nil {
+			t.Fatalf("what a worker does was refused: %v\n%s", err, out)
+		}
+		if out != "served\n" {
+			t.Fatalf("output %q", out)
+		}
+	})
+	for _, what := range []string{"socket", "connect", "ioctl", "exec", "kill-parent", "ptrace", "process_vm_readv", "int80"} {
+		t.Run(what, func(t *testing.T) {
+			if what == "int80" {
+				if _, _, err := runChild(t, "int80-unfiltered", ""); err != nil {
+					t.Skip("this kernel has no 32-bit system-call ABI (IA32 emulation off): nothing to get around the filter with")
+				}
+			}
+			cmd, out, err := runChild(t, what, "kill")
+			var exit *exec.ExitError
+			if !errors.As(err, &exit) {
+				t.Fatalf("%s was not refused (err %v): %s", what, err, out)
+			}
+			ws := cmd.ProcessState.Sys().(syscall.WaitStatus)
+			if !ws.Signaled() || ws.Signal() != syscall.SIGSYS {
+				t.Fatalf("%s: want death by SIGSYS, got %v: %s", what, cmd.ProcessState, out)
+			}
+			if out != "calling "+what+"\n" {
+				t.Fatalf("%s: killed before it was called: %q", what, out)
+			}
+		})
+	}
+	// Log mode refuses nothing: the call goes through (and the kernel logs it).
+	t.Run("log mode", func(t *testing.T) {
+		_, out, err := runChild(t, "connect", "log")
+		if err != nil {
+			t.Fatalf("log mode refused a call: %v: %s", err, out)
+		}
+	})
+}
+
+func TestParseMode(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		want Mode
+		err  bool
+	}{{"kill", ModeKill, false}, {"log", ModeLog, false}, {"none", "", true}, {"", "", true}, {"KILL", "", true}} {
+		got, err := ParseMode(c.in)
+		if (err != nil) != c.err || got != c.want {
+			t.Errorf("ParseMode(%q) = %q, %v", c.in, got, err)
+		}
+	}
+}
+
+// TestWorkerFilterProgram runs the filter's program on seccomp_data in
+// x/net/bpf's interpreter: every case, including those the machine cannot
+// produce (the 32-bit ABI is off on some kernels).
+func TestWorkerFilterProgram(t *testing.T) {
+	const pid = 4242
+	vm, err := bpf.NewVM(workerFilter(unix.SECCOMP_RET_KILL_PROCESS, pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// data is struct seccomp_data. The interpreter loads words big-endian
+	// where the kernel loads them in the machine's order, so each 32-bit
+	// word is written big-endian here.
+	data := func(arch, nr uint32, arg0 uint64) []byte {
+		b := make([]byte, 64)
+		binary.BigEndian.PutUint32(b[0:], nr)
+		binary.BigEndian.PutUint32(b[4:], arch)
+		binary.BigEndian.PutUint32(b[16:], uint32(arg0))
+		binary.BigEndian.PutUint32(b[20:], uint32(arg0>>32))
+		return b
+	}
+	const x86_64, i386 = unix.AUDIT_ARCH_X86_64, unix.AUDIT_ARCH_I386
+	for _, c := range []struct {
+		name      string
+		arch, nr  uint32
+		arg0      uint64
+		wantAllow bool
+	}{
+		{"read", x86_64, unix.SYS_READ, 3, true},
+		{"write", x86_64, unix.SYS_WRITE, 3, true},
+		{"openat", x86_64, unix.SYS_OPENAT, 0, true},
+		{"clone3 (glibc's thread start)", x86_64, unix.SYS_CLONE3, 0, true},
+		{"tgkill to itself", x86_64, unix.SYS_TGKILL, pid, true},
+		{"kill to itself", x86_64, unix.SYS_KILL, pid, true},
+		{"kill to another process", x86_64, unix.SYS_KILL, pid + 1, false},
+		{"kill to its process group", x86_64, unix.SYS_KILL, 0, false},
+		{"kill to every process", x86_64, unix.SYS_KILL, 1<<64 - 1, false},
+		{"tgkill with upper bits set", x86_64, unix.SYS_TGKILL, 1<<32 | pid, false},
+		{"tkill (any thread by id)", x86_64, unix.SYS_TKILL, pid, false},
+		{"socket", x86_64, unix.SYS_SOCKET, 2, false},
+		{"connect", x86_64, unix.SYS_CONNECT, 3, false},
+		{"ioctl", x86_64, unix.SYS_IOCTL, 3, false},
+		{"execve", x86_64, unix.SYS_EXECVE, 0, false},
+		{"ptrace", x86_64, unix.SYS_PTRACE, 0, false},
+		{"process_vm_readv", x86_64, unix.SYS_PROCESS_VM_READV, 1, false},
+		{"pidfd_getfd", x86_64, unix.SYS_PIDFD_GETFD, 0, false},
+		{"io_uring_setup", x86_64, unix.SYS_IO_URING_SETUP, 0, false},
+		{"bpf", x86_64, unix.SYS_BPF, 0, false},
+		{"a call number no kernel has yet", x86_64, 1000, 0, false},
+		{"read through the i386 ABI", i386, 3, 3, false},
+		{"read through the x32 ABI", x86_64, 0x40000000 | unix.SYS_READ, 3, false},
+	} {
+		got, err := vm.Run(data(c.arch, c.nr, c.arg0))
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if allowed := uint32(got) == unix.SECCOMP_RET_ALLOW; allowed != c.wantAllow {
+			t.Errorf("%s: filter returned %#x, want allowed=%v", c.name, got, c.wantAllow)
+		}
+	}
+	// The other mode only changes what a refusal is.
+	vm, _ = bpf.NewVM(workerFilter(unix.SECCOMP_RET_LOG, pid))
+	if got, _ := vm.Run(data(x86_64, unix.SYS_SOCKET, 2)); uint32(got) != unix.SECCOMP_RET_LOG {
+		t.Errorf("log mode: socket gets %#x, want SECCOMP_RET_LOG", got)
+	}
+}
