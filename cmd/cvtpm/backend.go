@@ -270,6 +270,12 @@ Options:
 	if err != nil {
 		return err
 	}
+	// The supervisor holds every instance's key: processes of its user
+	// without CAP_SYS_PTRACE (its workers, internal/confine) must not read
+	// its memory or reopen its descriptors through /proc.
+	if err := confine.NotDumpable(); err != nil {
+		return fmt.Errorf("making the backend non-dumpable: %w", err)
+	}
 	// The lean worker binary beside cvtpm when there is one (make build
 	// puts it there): an idle instance then costs a fraction of what the
 	// full cvtpm binary does.

@@ -63,6 +63,9 @@ func Worker(mode Mode) error {
 	if runtime.GOOS != "linux" || runtime.GOARCH != "amd64" {
 		return ErrUnsupported
 	}
+	if err := checkEarly(); err != nil {
+		return err
+	}
 	refuse := uint32(unix.SECCOMP_RET_KILL_PROCESS)
 	if mode == ModeLog {
 		refuse = unix.SECCOMP_RET_LOG
@@ -83,8 +86,14 @@ func Worker(mode Mode) error {
 	}
 	// TSYNC: every thread the process already has, not only this one (new
 	// threads inherit the filter).
-	if _, _, e := unix.RawSyscall(unix.SYS_SECCOMP, unix.SECCOMP_SET_MODE_FILTER, unix.SECCOMP_FILTER_FLAG_TSYNC, uintptr(unsafe.Pointer(&fprog))); e != 0 {
+	r, _, e := unix.RawSyscall(unix.SYS_SECCOMP, unix.SECCOMP_SET_MODE_FILTER, unix.SECCOMP_FILTER_FLAG_TSYNC, uintptr(unsafe.Pointer(&fprog)))
+	if e != 0 {
 		return fmt.Errorf("installing the worker's seccomp filter: %w", e)
+	}
+	if r != 0 {
+		// TSYNC's failure is not an errno: the id of a thread that could
+		// not take the filter, and then no thread has it.
+		return fmt.Errorf("installing the worker's seccomp filter: thread %d could not take it", r)
 	}
 	return nil
 }
@@ -93,7 +102,7 @@ func Worker(mode Mode) error {
 // (the Go runtime, glibc's thread start for cgo, libtpms with OpenSSL, the
 // state store), checked by running the whole test suite with ModeLog and
 // an empty kernel log of refusals. The busiest come first: the filter
-// tries them in order.
+// tries them in order. Calls whose arguments decide are in workerFilter.
 var workerSyscalls = []uint32{
 	// The inherited socket to the supervisor (read and written as a
 	// blocking file), and the netpoller's own descriptors. No socket,
@@ -103,7 +112,7 @@ var workerSyscalls = []uint32{
 	unix.SYS_EPOLL_PWAIT, unix.SYS_EPOLL_WAIT, unix.SYS_EPOLL_CTL, unix.SYS_EPOLL_CREATE1, unix.SYS_EVENTFD2, unix.SYS_PIPE2,
 	unix.SYS_READV, unix.SYS_WRITEV, unix.SYS_RECVFROM, unix.SYS_RECVMSG, unix.SYS_SENDTO, unix.SYS_SENDMSG,
 	unix.SYS_SHUTDOWN, unix.SYS_GETSOCKOPT, unix.SYS_SETSOCKOPT, unix.SYS_GETSOCKNAME, unix.SYS_GETPEERNAME,
-	unix.SYS_POLL, unix.SYS_PPOLL, unix.SYS_CLOSE, unix.SYS_FCNTL, unix.SYS_DUP, unix.SYS_DUP3,
+	unix.SYS_POLL, unix.SYS_PPOLL, unix.SYS_CLOSE, unix.SYS_DUP, unix.SYS_DUP3,
 	// The state directory (opened relative to its descriptor) and its
 	// files. No ioctl: it is how the CSV guest device is asked for
 	// reports.
@@ -113,75 +122,167 @@ var workerSyscalls = []uint32{
 	unix.SYS_READLINKAT, unix.SYS_FACCESSAT, unix.SYS_FACCESSAT2,
 	// Memory.
 	unix.SYS_MMAP, unix.SYS_MUNMAP, unix.SYS_MPROTECT, unix.SYS_MADVISE, unix.SYS_MREMAP, unix.SYS_BRK,
-	// Threads (the Go runtime's, and glibc's for cgo, which tries clone3
-	// first), time.
-	unix.SYS_CLONE, unix.SYS_CLONE3, unix.SYS_SET_ROBUST_LIST, unix.SYS_RSEQ, unix.SYS_SET_TID_ADDRESS,
+	// Threads (clone is checked below), time.
+	unix.SYS_SET_ROBUST_LIST, unix.SYS_RSEQ, unix.SYS_SET_TID_ADDRESS,
 	unix.SYS_SCHED_GETAFFINITY, unix.SYS_GETTID, unix.SYS_GETPID, unix.SYS_EXIT, unix.SYS_EXIT_GROUP,
 	unix.SYS_CLOCK_NANOSLEEP, unix.SYS_CLOCK_GETTIME, unix.SYS_CLOCK_GETRES, unix.SYS_GETTIMEOFDAY, unix.SYS_RESTART_SYSCALL,
 	// Signals: handlers and masks; sending only to this process (below).
 	unix.SYS_RT_SIGACTION, unix.SYS_RT_SIGPROCMASK, unix.SYS_RT_SIGRETURN, unix.SYS_SIGALTSTACK,
-	// Randomness (OpenSSL seeds libtpms' RNG) and limits.
-	unix.SYS_GETRANDOM, unix.SYS_PRLIMIT64, unix.SYS_GETRLIMIT, unix.SYS_UNAME,
+	// Randomness (OpenSSL seeds libtpms' RNG), limits.
+	unix.SYS_GETRANDOM, unix.SYS_GETRLIMIT, unix.SYS_UNAME,
 }
 
-// workerSelfSignals may be called only with the worker's own pid as first
-// argument: the Go runtime preempts its threads with tgkill and re-raises
-// fatal signals with kill, both to itself.
-var workerSelfSignals = []uint32{unix.SYS_TGKILL, unix.SYS_KILL}
+// workerFcntls are the fcntl commands a worker uses (descriptor flags,
+// status flags, duplicates, locks). Not F_SETOWN, F_SETOWN_EX or F_SETSIG:
+// with O_ASYNC they make the kernel signal any process of the user, around
+// the kill check; not leases or directory notifications either.
+var workerFcntls = []uint32{
+	unix.F_DUPFD, unix.F_DUPFD_CLOEXEC, unix.F_GETFD, unix.F_SETFD, unix.F_GETFL,
+	unix.F_GETLK, unix.F_SETLK, unix.F_SETLKW, unix.F_OFD_GETLK, unix.F_OFD_SETLK, unix.F_OFD_SETLKW,
+}
 
-// Offsets into struct seccomp_data, which the filter reads.
+// cloneNamespaces are the clone flags that make new namespaces (and reach
+// the kernel code behind them).
+const cloneNamespaces = unix.CLONE_NEWNS | unix.CLONE_NEWCGROUP | unix.CLONE_NEWUTS | unix.CLONE_NEWIPC |
+	unix.CLONE_NEWUSER | unix.CLONE_NEWPID | unix.CLONE_NEWNET | unix.CLONE_NEWTIME
+
+// Offsets into struct seccomp_data, which the filter reads. Arguments are
+// 64 bits, little-endian: low half first.
 const (
 	offNr         = 0
 	offArch       = 4
-	offArg0Low    = 16 // args[0], little-endian
-	offArg0High   = 20
 	x32SyscallBit = 0x40000000
 )
 
+func offArgLow(n uint32) uint32  { return 16 + 8*n }
+func offArgHigh(n uint32) uint32 { return 16 + 8*n + 4 }
+
 // workerFilter is the classic BPF program: the x86-64 ABI only (no i386,
-// no x32), the listed calls, kill and tgkill to pid only; refuse for
-// everything else.
+// no x32), the listed calls, and these with their arguments checked:
+//
+//   - kill and tgkill to pid only (the Go runtime preempts its threads
+//     with tgkill and re-raises fatal signals with kill, both to itself);
+//   - prlimit64 on the process itself (pid 0) only;
+//   - fcntl with a listed command, or F_SETFL without O_ASYNC;
+//   - clone of a thread (CLONE_THREAD) without new namespaces: no new
+//     process, which the backend's kill of the worker would not reach;
+//   - clone3, whose flags sit in memory the filter cannot read, fails with
+//     ENOSYS, on which glibc starts its thread with clone.
+//
+// Everything else gets refuse.
 func workerFilter(refuse, pid uint32) []bpf.Instruction {
-	// Layout: header (4), one jump per listed call, one per self-signal
-	// call, refuse (the default), the pid check (4), allow, and a refuse
-	// the check jumps to (classic BPF jumps only forward).
-	n, m := len(workerSyscalls), len(workerSelfSignals)
-	refuseAt := 4 + n + m
-	checkAt := refuseAt + 1
-	allowAt := checkAt + 4
-	refuseEnd := allowAt + 1
-	p := make([]bpf.Instruction, 0, refuseEnd+1)
-	// skip is the offset of a jump at instruction i to target.
-	skip := func(i, target int) uint8 {
-		d := target - i - 1
-		if d < 0 || d > 255 {
-			panic(fmt.Sprintf("confine: a jump of %d instructions does not fit classic BPF", d))
+	var b builder
+	b.load(offArch)
+	b.jumpUnless(unix.AUDIT_ARCH_X86_64, "refuse")
+	b.load(offNr)
+	b.add(bpf.JumpIf{Cond: bpf.JumpGreaterOrEqual, Val: x32SyscallBit}, "refuse", "")
+	for _, nr := range workerSyscalls {
+		b.jumpIf(nr, "allow")
+	}
+	b.jumpIf(unix.SYS_KILL, "self")
+	b.jumpIf(unix.SYS_TGKILL, "self")
+	b.jumpIf(unix.SYS_PRLIMIT64, "this process")
+	b.jumpIf(unix.SYS_FCNTL, "fcntl")
+	b.jumpIf(unix.SYS_CLONE, "clone")
+	b.jumpIf(unix.SYS_CLONE3, "enosys")
+	b.ret(refuse)
+
+	// The whole 64-bit first argument must be pid (or 0): the kernel reads
+	// a pid_t from the low half, but a caller has no reason to set the
+	// upper bits.
+	b.label("self")
+	b.load(offArgHigh(0))
+	b.jumpUnless(0, "refuse")
+	b.load(offArgLow(0))
+	b.jumpIf(pid, "allow")
+	b.ret(refuse)
+
+	b.label("this process")
+	b.load(offArgHigh(0))
+	b.jumpUnless(0, "refuse")
+	b.load(offArgLow(0))
+	b.jumpIf(0, "allow")
+	b.ret(refuse)
+
+	b.label("fcntl")
+	b.load(offArgHigh(1))
+	b.jumpUnless(0, "refuse")
+	b.load(offArgLow(1))
+	for _, cmd := range workerFcntls {
+		b.jumpIf(cmd, "allow")
+	}
+	b.jumpUnless(unix.F_SETFL, "refuse")
+	b.load(offArgLow(2))
+	b.add(bpf.JumpIf{Cond: bpf.JumpBitsSet, Val: unix.O_ASYNC}, "refuse", "allow")
+
+	b.label("clone")
+	b.load(offArgLow(0))
+	b.add(bpf.JumpIf{Cond: bpf.JumpBitsSet, Val: unix.CLONE_THREAD}, "", "refuse")
+	b.add(bpf.JumpIf{Cond: bpf.JumpBitsSet, Val: cloneNamespaces}, "refuse", "allow")
+
+	b.label("enosys")
+	b.ret(unix.SECCOMP_RET_ERRNO | uint32(unix.ENOSYS))
+	b.label("refuse")
+	b.ret(refuse)
+	b.label("allow")
+	b.ret(unix.SECCOMP_RET_ALLOW)
+	return b.assemble()
+}
+
+// builder writes a classic BPF program with jumps to named labels, which
+// assemble resolves (classic BPF jumps only forward, at most 255).
+type builder struct {
+	prog   []bpf.Instruction
+	jumps  map[int][2]string // instruction -> true and false targets ("" = next)
+	labels map[string]int
+}
+
+func (b *builder) add(in bpf.Instruction, ifTrue, ifFalse string) {
+	if b.jumps == nil {
+		b.jumps = map[int][2]string{}
+	}
+	if ifTrue != "" || ifFalse != "" {
+		b.jumps[len(b.prog)] = [2]string{ifTrue, ifFalse}
+	}
+	b.prog = append(b.prog, in)
+}
+
+func (b *builder) load(off uint32) { b.add(bpf.LoadAbsolute{Off: off, Size: 4}, "", "") }
+func (b *builder) ret(v uint32)    { b.add(bpf.RetConstant{Val: v}, "", "") }
+
+// jumpIf goes to label when the loaded word equals v.
+func (b *builder) jumpIf(v uint32, label string) {
+	b.add(bpf.JumpIf{Cond: bpf.JumpEqual, Val: v}, label, "")
+}
+
+// jumpUnless goes to label when the loaded word is not v.
+func (b *builder) jumpUnless(v uint32, label string) {
+	b.add(bpf.JumpIf{Cond: bpf.JumpEqual, Val: v}, "", label)
+}
+
+func (b *builder) label(name string) {
+	if b.labels == nil {
+		b.labels = map[string]int{}
+	}
+	b.labels[name] = len(b.prog)
+}
+
+func (b *builder) assemble() []bpf.Instruction {
+	skip := func(from int, label string) uint8 {
+		if label == "" {
+			return 0
+		}
+		to, ok := b.labels[label]
+		d := to - from - 1
+		if !ok || d < 0 || d > 255 {
+			panic(fmt.Sprintf("confine: jump from %d to %q (%d) does not fit classic BPF", from, label, to))
 		}
 		return uint8(d)
 	}
-	p = append(p,
-		bpf.LoadAbsolute{Off: offArch, Size: 4},
-		bpf.JumpIf{Cond: bpf.JumpEqual, Val: unix.AUDIT_ARCH_X86_64, SkipFalse: skip(1, refuseAt)},
-		bpf.LoadAbsolute{Off: offNr, Size: 4},
-		bpf.JumpIf{Cond: bpf.JumpGreaterOrEqual, Val: x32SyscallBit, SkipTrue: skip(3, refuseAt)},
-	)
-	for _, nr := range workerSyscalls {
-		p = append(p, bpf.JumpIf{Cond: bpf.JumpEqual, Val: nr, SkipTrue: skip(len(p), allowAt)})
+	for i, t := range b.jumps {
+		j := b.prog[i].(bpf.JumpIf)
+		j.SkipTrue, j.SkipFalse = skip(i, t[0]), skip(i, t[1])
+		b.prog[i] = j
 	}
-	for _, nr := range workerSelfSignals {
-		p = append(p, bpf.JumpIf{Cond: bpf.JumpEqual, Val: nr, SkipTrue: skip(len(p), checkAt)})
-	}
-	p = append(p,
-		bpf.RetConstant{Val: refuse},
-		// The whole 64-bit argument must be pid: the kernel reads a pid_t
-		// from the low half, so a check of the low half alone would do,
-		// but a caller has no reason to set the upper bits.
-		bpf.LoadAbsolute{Off: offArg0Low, Size: 4},
-		bpf.JumpIf{Cond: bpf.JumpEqual, Val: pid, SkipFalse: skip(checkAt+1, refuseEnd)},
-		bpf.LoadAbsolute{Off: offArg0High, Size: 4},
-		bpf.JumpIf{Cond: bpf.JumpEqual, Val: 0, SkipFalse: skip(checkAt+3, refuseEnd)},
-		bpf.RetConstant{Val: unix.SECCOMP_RET_ALLOW},
-		bpf.RetConstant{Val: refuse},
-	)
-	return p
+	return b.prog
 }

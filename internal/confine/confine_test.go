@@ -48,7 +48,7 @@ func child(what string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 3
 	}
-	if what != "serve" {
+	if what != "serve" && what != "mounts" {
 		// The marker shows that the refused call is this one, not one
 		// the runtime made before it.
 		fmt.Fprintln(os.Stderr, "calling", what)
@@ -78,6 +78,8 @@ func child(what string) int {
 		err = unix.PtraceAttach(ppid)
 	case "process_vm_readv":
 		_, err = unix.ProcessVMReadv(ppid, []unix.Iovec{{Base: new(byte), Len: 1}}, []unix.RemoteIovec{{Base: 0x1000, Len: 1}}, 0)
+	case "mounts":
+		err = mountsIsolated(dir)
 	case "int80":
 		// The 32-bit ABI of a 64-bit process, a classic way around a
 		// filter written for one ABI.
@@ -155,6 +157,33 @@ func serveLikeAWorker(dir string) error {
 	return err
 }
 
+// workerCommand runs this test binary as a worker would be run: with
+// --conn-fd, so that it gives up its capabilities and, as root, its view
+// of every mount but stateRoot before Go starts (early_linux.go).
+func workerCommand(stateRoot string) *exec.Cmd {
+	return exec.Command(os.Args[0], "-test.run=^$", "--", "--conn-fd", "--state-root", stateRoot)
+}
+
+// mountsIsolated checks, from inside a root worker, that it can write only
+// below its state root, and that /proc, /sys and /dev show nothing.
+func mountsIsolated(stateRoot string) error {
+	if err := os.WriteFile(filepath.Join(stateRoot, "inside"), []byte("x"), 0o600); err != nil {
+		return fmt.Errorf("writing inside the state root: %w", err)
+	}
+	outside := filepath.Join(filepath.Dir(stateRoot), fmt.Sprintf("outside-%d", os.Getpid()))
+	if err := os.WriteFile(outside, []byte("x"), 0o600); !errors.Is(err, syscall.EROFS) {
+		os.Remove(outside)
+		return fmt.Errorf("writing outside the state root: %v, want EROFS", err)
+	}
+	for _, p := range []string{"/proc/self/status", "/proc/1/root/etc/hostname", "/proc/sys/kernel/core_pattern", "/sys/kernel/uevent_helper", "/dev/null"} {
+		if f, err := os.OpenFile(p, os.O_RDONLY, 0); err == nil {
+			f.Close()
+			return fmt.Errorf("%s is still there", p)
+		}
+	}
+	return nil
+}
+
 func runChild(t *testing.T, what, mode string) (*exec.Cmd, string, error) {
 	t.Helper()
 	dir := t.TempDir()
@@ -163,7 +192,7 @@ func runChild(t *testing.T, what, mode string) (*exec.Cmd, string, error) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd := workerCommand(dir)
 	cmd.Env = append(os.Environ(), "CONFINE_CHILD="+what, "CONFINE_DIR="+dir, "CONFINE_MODE="+mode)
 	out, err := cmd.CombinedOutput()
 	return cmd, string(out), err
@@ -212,6 +241,22 @@ func TestWorkerFilter(t *testing.T) {
 	})
 }
 
+// A root worker's view of the file system: writable only below its state
+// root, with /proc, /sys and /dev empty (uid 0 without capabilities could
+// otherwise still write root's files, sysctls and block devices, and reach
+// other processes' roots through /proc/PID/root).
+func TestWorkerMountsIsolated(t *testing.T) {
+	if runtime.GOOS != "linux" || runtime.GOARCH != "amd64" {
+		t.Skip("the worker's confinement is for linux/amd64")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("a worker isolates its mounts only when it runs as root")
+	}
+	if _, out, err := runChild(t, "mounts", "kill"); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+}
+
 func TestParseMode(t *testing.T) {
 	for _, c := range []struct {
 		in   string
@@ -237,12 +282,14 @@ func TestWorkerFilterProgram(t *testing.T) {
 	// data is struct seccomp_data. The interpreter loads words big-endian
 	// where the kernel loads them in the machine's order, so each 32-bit
 	// word is written big-endian here.
-	data := func(arch, nr uint32, arg0 uint64) []byte {
+	data := func(arch, nr uint32, args ...uint64) []byte {
 		b := make([]byte, 64)
 		binary.BigEndian.PutUint32(b[0:], nr)
 		binary.BigEndian.PutUint32(b[4:], arch)
-		binary.BigEndian.PutUint32(b[16:], uint32(arg0))
-		binary.BigEndian.PutUint32(b[20:], uint32(arg0>>32))
+		for i, a := range args {
+			binary.BigEndian.PutUint32(b[16+8*i:], uint32(a))
+			binary.BigEndian.PutUint32(b[20+8*i:], uint32(a>>32))
+		}
 		return b
 	}
 	const x86_64, i386 = unix.AUDIT_ARCH_X86_64, unix.AUDIT_ARCH_I386
@@ -251,38 +298,60 @@ func TestWorkerFilterProgram(t *testing.T) {
 		arch, nr  uint32
 		arg0      uint64
 		wantAllow bool
+		more      []uint64 // arguments 1 and on
 	}{
-		{"read", x86_64, unix.SYS_READ, 3, true},
-		{"write", x86_64, unix.SYS_WRITE, 3, true},
-		{"openat", x86_64, unix.SYS_OPENAT, 0, true},
-		{"clone3 (glibc's thread start)", x86_64, unix.SYS_CLONE3, 0, true},
-		{"tgkill to itself", x86_64, unix.SYS_TGKILL, pid, true},
-		{"kill to itself", x86_64, unix.SYS_KILL, pid, true},
-		{"kill to another process", x86_64, unix.SYS_KILL, pid + 1, false},
-		{"kill to its process group", x86_64, unix.SYS_KILL, 0, false},
-		{"kill to every process", x86_64, unix.SYS_KILL, 1<<64 - 1, false},
-		{"tgkill with upper bits set", x86_64, unix.SYS_TGKILL, 1<<32 | pid, false},
-		{"tkill (any thread by id)", x86_64, unix.SYS_TKILL, pid, false},
-		{"socket", x86_64, unix.SYS_SOCKET, 2, false},
-		{"connect", x86_64, unix.SYS_CONNECT, 3, false},
-		{"ioctl", x86_64, unix.SYS_IOCTL, 3, false},
-		{"execve", x86_64, unix.SYS_EXECVE, 0, false},
-		{"ptrace", x86_64, unix.SYS_PTRACE, 0, false},
-		{"process_vm_readv", x86_64, unix.SYS_PROCESS_VM_READV, 1, false},
-		{"pidfd_getfd", x86_64, unix.SYS_PIDFD_GETFD, 0, false},
-		{"io_uring_setup", x86_64, unix.SYS_IO_URING_SETUP, 0, false},
-		{"bpf", x86_64, unix.SYS_BPF, 0, false},
-		{"a call number no kernel has yet", x86_64, 1000, 0, false},
-		{"read through the i386 ABI", i386, 3, 3, false},
-		{"read through the x32 ABI", x86_64, 0x40000000 | unix.SYS_READ, 3, false},
+		{"read", x86_64, unix.SYS_READ, 3, true, nil},
+		{"write", x86_64, unix.SYS_WRITE, 3, true, nil},
+		{"openat", x86_64, unix.SYS_OPENAT, 0, true, nil},
+		{"tgkill to itself", x86_64, unix.SYS_TGKILL, pid, true, nil},
+		{"kill to itself", x86_64, unix.SYS_KILL, pid, true, nil},
+		{"kill to another process", x86_64, unix.SYS_KILL, pid + 1, false, nil},
+		{"kill to its process group", x86_64, unix.SYS_KILL, 0, false, nil},
+		{"kill to every process", x86_64, unix.SYS_KILL, 1<<64 - 1, false, nil},
+		{"tgkill with upper bits set", x86_64, unix.SYS_TGKILL, 1<<32 | pid, false, nil},
+		{"tkill (any thread by id)", x86_64, unix.SYS_TKILL, pid, false, nil},
+		{"socket", x86_64, unix.SYS_SOCKET, 2, false, nil},
+		{"connect", x86_64, unix.SYS_CONNECT, 3, false, nil},
+		{"ioctl", x86_64, unix.SYS_IOCTL, 3, false, nil},
+		{"execve", x86_64, unix.SYS_EXECVE, 0, false, nil},
+		{"ptrace", x86_64, unix.SYS_PTRACE, 0, false, nil},
+		{"process_vm_readv", x86_64, unix.SYS_PROCESS_VM_READV, 1, false, nil},
+		{"pidfd_getfd", x86_64, unix.SYS_PIDFD_GETFD, 0, false, nil},
+		{"io_uring_setup", x86_64, unix.SYS_IO_URING_SETUP, 0, false, nil},
+		{"bpf", x86_64, unix.SYS_BPF, 0, false, nil},
+		{"a call number no kernel has yet", x86_64, 1000, 0, false, nil},
+		{"prlimit64 of itself", x86_64, unix.SYS_PRLIMIT64, 0, true, nil},
+		{"prlimit64 of another process", x86_64, unix.SYS_PRLIMIT64, pid + 1, false, nil},
+		{"prlimit64 of itself by pid", x86_64, unix.SYS_PRLIMIT64, pid, false, nil},
+		{"fcntl F_GETFL", x86_64, unix.SYS_FCNTL, 3, true, []uint64{unix.F_GETFL}},
+		{"fcntl F_SETFD", x86_64, unix.SYS_FCNTL, 3, true, []uint64{unix.F_SETFD, unix.FD_CLOEXEC}},
+		{"fcntl F_SETFL O_NONBLOCK", x86_64, unix.SYS_FCNTL, 3, true, []uint64{unix.F_SETFL, unix.O_NONBLOCK}},
+		{"fcntl F_SETFL O_ASYNC", x86_64, unix.SYS_FCNTL, 3, false, []uint64{unix.F_SETFL, unix.O_NONBLOCK | unix.O_ASYNC}},
+		{"fcntl F_SETOWN", x86_64, unix.SYS_FCNTL, 3, false, []uint64{unix.F_SETOWN, 1}},
+		{"fcntl F_SETOWN_EX", x86_64, unix.SYS_FCNTL, 3, false, []uint64{unix.F_SETOWN_EX, 0}},
+		{"fcntl F_SETSIG", x86_64, unix.SYS_FCNTL, 3, false, []uint64{unix.F_SETSIG, 9}},
+		{"fcntl F_SETLEASE", x86_64, unix.SYS_FCNTL, 3, false, []uint64{unix.F_SETLEASE, 1}},
+		{"fcntl F_GETFL with upper bits", x86_64, unix.SYS_FCNTL, 3, false, []uint64{1<<32 | unix.F_GETFL}},
+		{"clone of a Go runtime thread", x86_64, unix.SYS_CLONE, unix.CLONE_VM | unix.CLONE_FS | unix.CLONE_FILES | unix.CLONE_SIGHAND | unix.CLONE_SYSVSEM | unix.CLONE_THREAD, true, nil},
+		{"clone of a glibc thread", x86_64, unix.SYS_CLONE, unix.CLONE_VM | unix.CLONE_FS | unix.CLONE_FILES | unix.CLONE_SIGHAND | unix.CLONE_THREAD | unix.CLONE_SYSVSEM | unix.CLONE_SETTLS | unix.CLONE_PARENT_SETTID | unix.CLONE_CHILD_CLEARTID, true, nil},
+		{"clone of a process (fork)", x86_64, unix.SYS_CLONE, uint64(unix.SIGCHLD), false, nil},
+		{"clone of a thread in a new user namespace", x86_64, unix.SYS_CLONE, unix.CLONE_VM | unix.CLONE_SIGHAND | unix.CLONE_THREAD | unix.CLONE_NEWUSER, false, nil},
+		{"clone of a process in new namespaces", x86_64, unix.SYS_CLONE, unix.CLONE_NEWUSER | unix.CLONE_NEWNET | unix.CLONE_NEWNS | uint64(unix.SIGCHLD), false, nil},
+		{"read through the i386 ABI", i386, 3, 3, false, nil},
+		{"read through the x32 ABI", x86_64, 0x40000000 | unix.SYS_READ, 3, false, nil},
 	} {
-		got, err := vm.Run(data(c.arch, c.nr, c.arg0))
+		got, err := vm.Run(data(c.arch, c.nr, append([]uint64{c.arg0}, c.more...)...))
 		if err != nil {
 			t.Fatalf("%s: %v", c.name, err)
 		}
 		if allowed := uint32(got) == unix.SECCOMP_RET_ALLOW; allowed != c.wantAllow {
 			t.Errorf("%s: filter returned %#x, want allowed=%v", c.name, got, c.wantAllow)
 		}
+	}
+	// clone3 fails with ENOSYS (glibc then starts its threads with clone),
+	// whatever the mode.
+	if got, _ := vm.Run(data(x86_64, unix.SYS_CLONE3, 0)); uint32(got) != unix.SECCOMP_RET_ERRNO|uint32(unix.ENOSYS) {
+		t.Errorf("clone3: filter returned %#x, want ERRNO(ENOSYS)", got)
 	}
 	// The other mode only changes what a refusal is.
 	vm, _ = bpf.NewVM(workerFilter(unix.SECCOMP_RET_LOG, pid))

@@ -47,6 +47,20 @@ func TestWorkersAreConfined(t *testing.T) {
 		if got := procStatus(t, info.PID, "NoNewPrivs"); got != "1" {
 			t.Errorf("%s: worker %d has NoNewPrivs %s, want 1", id, info.PID, got)
 		}
+		for _, f := range []string{"CapEff", "CapPrm", "CapBnd", "CapAmb"} {
+			if got := procStatus(t, info.PID, f); strings.Trim(got, "0") != "" {
+				t.Errorf("%s: worker %d has %s %s, want none", id, info.PID, f, got)
+			}
+		}
+		if os.Geteuid() == 0 {
+			// A root worker has a mount namespace of its own (read-only
+			// but for the state root; no /proc, /sys or /dev).
+			mine, _ := os.Readlink("/proc/self/ns/mnt")
+			its, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", info.PID))
+			if err != nil || its == mine {
+				t.Errorf("%s: worker %d shares the backend's mount namespace (%s, %v)", id, info.PID, its, err)
+			}
+		}
 	}
 	before, _ := s.Info("vm1")
 	caps := tpmrpc.Roles["host"]
@@ -82,3 +96,40 @@ func TestWorkersAreConfined(t *testing.T) {
 type tpmFunc func([]byte) []byte
 
 func (f tpmFunc) Send(cmd []byte) ([]byte, error) { return f(cmd), nil }
+
+// The migration key stays in the supervisor: a worker (which runs libtpms
+// on the host's commands) is given neither the key nor a descriptor to
+// read it from, and what it exports leaves the backend only sealed
+// (TestMigrationBetweenBackends checks the envelopes).
+func TestWorkerNeverHoldsMigrationKey(t *testing.T) {
+	s := newMigratingSupervisor(t, t.TempDir(), 1, 2)
+	info, err := s.Create(context.Background(), "vm1", CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", info.PID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(cmdline), "migration") {
+		t.Errorf("worker command line names a migration key: %q", cmdline)
+	}
+	// Descriptors the worker holds: stdio, its socket, the state key's pipe
+	// (read and closed at start) and what it opens itself (its state
+	// directory and lock, the runtime's epoll). No second pipe.
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", info.PID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pipes := 0
+	for _, fd := range fds {
+		if target, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", info.PID, fd.Name())); err == nil && strings.HasPrefix(target, "pipe:") {
+			pipes++
+		}
+	}
+	// stdout and stderr may be pipes (the test harness's and the
+	// supervisor's); a key pipe left open would be one more.
+	if pipes > 2 {
+		t.Errorf("worker holds %d pipes: a key pipe was left open", pipes)
+	}
+}

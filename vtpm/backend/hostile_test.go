@@ -167,6 +167,9 @@ func TestMigrationBetweenBackends(t *testing.T) {
 		{"another backend's state (other migration key)", "sealed for another instance, or by a backend with another migration key", otherPerm},
 		{"plaintext libtpms state", "not a state blob sealed by a cvtpm backend", plain},
 		{"garbage", "not a state blob sealed by a cvtpm backend", []byte(strings.Repeat("\xa5", 1000))},
+		// What the supervisor hands its worker after opening an envelope
+		// (generation and blob in the clear) is never taken from a caller.
+		{"the worker's own plain state message", "not a state blob sealed by a cvtpm backend", tpmrpc.AppendPlainState(nil, 1<<40, plain)},
 	} {
 		if r := load(engine.StatePermanent, tc.blob); !strings.Contains(r.Err, tc.want) {
 			t.Errorf("%s: %+v, want %q", tc.name, r, tc.want)

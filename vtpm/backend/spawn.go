@@ -31,10 +31,10 @@ import (
 
 // spawned is a worker process that has not been given its keys yet.
 type spawned struct {
-	w          *worker
-	keyW, migW *os.File // write ends of the key pipes (migW nil without a migration key)
-	stderr     *lastLine
-	spare      bool // its flags go over the socket (sendFlags)
+	w      *worker
+	keyW   *os.File // write end of the state key's pipe
+	stderr *lastLine
+	spare  bool // its flags go over the socket (sendFlags)
 }
 
 // worker is one running worker process.
@@ -74,17 +74,10 @@ func (s *Supervisor) spawn(args []string, spare bool) (*spawned, error) {
 		return fail(fmt.Errorf("key pipe: %w", err))
 	}
 	toClose = append(toClose, keyR, keyW)
-	argv := append(slices.Clone(s.cfg.Worker), "--conn-fd", "3", "--state-key-fd", "4")
+	// --state-root: a worker started as root can write nowhere else
+	// (internal/confine).
+	argv := append(slices.Clone(s.cfg.Worker), "--conn-fd", "3", "--state-key-fd", "4", "--state-root", s.cfg.Dir)
 	extra := []*os.File{child, keyR}
-	var migR, migW *os.File
-	if s.cfg.MigrationKey != nil {
-		if migR, migW, err = os.Pipe(); err != nil {
-			return fail(fmt.Errorf("migration key pipe: %w", err))
-		}
-		toClose = append(toClose, migR, migW)
-		extra = append(extra, migR)
-		argv = append(argv, "--migration-key-fd", "5")
-	}
 	if spare {
 		argv = append(argv, "--spare")
 	}
@@ -104,9 +97,6 @@ func (s *Supervisor) spawn(args []string, spare bool) (*spawned, error) {
 	// show as EOF on conn.
 	child.Close()
 	keyR.Close()
-	if migR != nil {
-		migR.Close()
-	}
 	w := &worker{cmd: cmd, conn: conn, caller: tpmrpc.NewConnCaller(conn), done: make(chan struct{})}
 	w.hung = time.AfterFunc(time.Hour, func() { cmd.Process.Kill() })
 	w.hung.Stop()
@@ -117,7 +107,7 @@ func (s *Supervisor) spawn(args []string, spare bool) (*spawned, error) {
 			s.exited(inst, w, err)
 		}
 	}()
-	return &spawned{w: w, keyW: keyW, migW: migW, stderr: stderr, spare: spare}, nil
+	return &spawned{w: w, keyW: keyW, stderr: stderr, spare: spare}, nil
 }
 
 // sendFlags gives a spare the flags that name its instance: one message
@@ -134,27 +124,19 @@ func (sp *spawned) sendFlags(args []string) error {
 	return err
 }
 
-// sendKeys writes the state key (and the migration key) into their pipes
-// and closes them; the pipes hold far more than a key, so this does not
-// wait for the worker.
-func (sp *spawned) sendKeys(stateKey, migrationKey []byte) error {
+// sendKey writes the state key into its pipe and closes it; the pipe
+// holds far more than a key, so this does not wait for the worker. (The
+// migration key stays in the supervisor, which seals and opens migrated
+// state: a worker never holds it.)
+func (sp *spawned) sendKey(stateKey []byte) error {
 	_, err := sp.keyW.Write(stateKey)
 	sp.keyW.Close()
-	if sp.migW != nil {
-		if _, merr := sp.migW.Write(migrationKey); merr != nil && err == nil {
-			err = merr
-		}
-		sp.migW.Close()
-	}
 	return err
 }
 
 // discard ends a worker that never got an instance.
 func (sp *spawned) discard() {
 	sp.keyW.Close()
-	if sp.migW != nil {
-		sp.migW.Close()
-	}
 	sp.w.conn.Close()
 	sp.w.cmd.Process.Kill()
 	<-sp.w.done

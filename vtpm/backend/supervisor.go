@@ -143,8 +143,8 @@ type Supervisor struct {
 	anchorOK   time.Time // the last report the Anchorer accepted
 	stopAnchor context.CancelFunc
 	anchorDone chan struct{}
-	// migrationKey opens envelopes to check their generation before a
-	// claim (the worker opens them again to load them).
+	// migrationKey seals the state that leaves an instance and opens what
+	// enters it (transfer.go); workers never hold it.
 	migrationKey *statestore.Key
 	// spares is the worker started ahead of need (spawn.go).
 	spares spares
@@ -201,6 +201,14 @@ func New(ctx context.Context, cfg Config) (*Supervisor, error) {
 	if cfg.CallTimeout == 0 {
 		cfg.CallTimeout = 2 * time.Minute
 	}
+	// Absolute: a worker started as root keeps this directory writable in
+	// a mount namespace of its own (internal/confine), and resolves it
+	// before anything else.
+	dir, err := filepath.Abs(cfg.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("backend: %w", err)
+	}
+	cfg.Dir = dir
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("backend: %w", err)
 	}
@@ -402,37 +410,6 @@ func (s *Supervisor) claimTimeout() time.Duration {
 		return s.cfg.ClaimTimeout
 	}
 	return 30 * time.Second
-}
-
-// transferBlobs names the state blobs by swtpm's numbering.
-var transferBlobs = map[uint64]string{1: "permall", 2: "volatilestate", 3: "savestate"}
-
-// claim checks migrated state (an envelope under the migration key) and
-// takes the instance over at the key broker before the worker loads it:
-// state older than the instance's anchor (an export the host kept) is
-// refused. Called with inst.mu held.
-func (s *Supervisor) claim(ctx context.Context, inst *instance, r tpmrpc.Request) error {
-	if s.migrationKey == nil {
-		return nil // the worker refuses it: no migration key
-	}
-	name, ok := transferBlobs[r.Arg]
-	if !ok {
-		return nil // the worker names the bad blob type
-	}
-	_, gen, err := s.migrationKey.OpenTransfer(inst.id, name, r.Payload)
-	if err != nil {
-		return nil // the worker refuses it with the reason
-	}
-	cctx, cancel := context.WithTimeout(ctx, s.claimTimeout())
-	defer cancel()
-	if err := s.cfg.Anchorer.Claim(cctx, inst.id, gen); err != nil {
-		return fmt.Errorf("%s state refused: the key broker does not let this backend take the instance over at generation %d: %w", name, gen, err)
-	}
-	inst.incoming = false
-	s.mu.Lock()
-	s.seen[inst.id] = max(s.seen[inst.id], gen)
-	s.mu.Unlock()
-	return nil
 }
 
 // generation asks inst's worker for its state generation. Called with
@@ -800,7 +777,7 @@ func (s *Supervisor) bringUp(ctx context.Context, inst *instance, sp *spawned, a
 		return fmt.Errorf("the worker exited before it was given instance %s: %s", inst.id, stderr.String())
 	default:
 	}
-	if err := sp.sendKeys([]byte(hex.EncodeToString(key)), []byte(hex.EncodeToString(s.cfg.MigrationKey))); err != nil {
+	if err := sp.sendKey([]byte(hex.EncodeToString(key))); err != nil {
 		w.owner.Store(nil)
 		w.cmd.Process.Kill()
 		<-w.done
@@ -1013,34 +990,15 @@ func (s *Supervisor) Call(ctx context.Context, id string, caps tpmrpc.Capabiliti
 			return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q is not running: %v", id, err)}), nil
 		}
 	}
-	if s.cfg.Anchorer != nil && (r.Op == tpmrpc.OpGetState || r.Op == tpmrpc.OpSetState) {
-		// With a key broker, state leaves only at the anchored generation,
-		// and enters only if it is not older than the anchor.
-		var err error
-		if r.Op == tpmrpc.OpGetState {
-			err = s.anchorOne(ctx, inst)
-		} else {
-			err = s.claim(ctx, inst, r)
-		}
-		if err != nil {
-			s.log.Warn("state transfer refused", "instance", id, "op", r.Op.String(), "blob", r.Arg, "reason", err)
-			return tpmrpc.AppendResponse(dst, tpmrpc.Response{RC: rcFail, Err: err.Error()}), nil
-		}
+	if r.Op == tpmrpc.OpGetState || r.Op == tpmrpc.OpSetState {
+		return tpmrpc.AppendResponse(dst, s.transfer(ctx, inst, r)), nil
 	}
 	if r.Op == tpmrpc.OpExecute && freshreport.IsCommand(r.Payload) {
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Payload: s.freshReport(ctx, inst, r.Payload)}), nil
 	}
-	// The worker socket has no deadlines: a worker that hangs is killed,
-	// which ends the call with EOF.
-	w := inst.w
-	w.hung.Reset(s.cfg.CallTimeout)
-	resp, err := w.caller.Call(ctx, req)
-	w.hung.Stop()
+	resp, err := s.callWorker(ctx, inst, r.Op, req)
 	if err != nil {
-		// The worker died or hung: make sure it is gone; exited restarts it.
-		inst.w.cmd.Process.Kill()
-		s.log.Warn("instance worker failed during a call", "instance", id, "op", r.Op.String(), "err", err)
-		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q worker failed during %v (restarted from sealed state; the call may not have completed): %v", id, r.Op, err)}), nil
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: err.Error()}), nil
 	}
 	s.track(inst, r, resp)
 	if r.Op == tpmrpc.OpExecute && freshreport.IsGetCapability(r.Payload) {
@@ -1051,16 +1009,80 @@ func (s *Supervisor) Call(ctx context.Context, id string, caps tpmrpc.Capabiliti
 			return tpmrpc.AppendResponse(dst, p), nil
 		}
 	}
-	if r.Op == tpmrpc.OpGetState || r.Op == tpmrpc.OpSetState {
-		// State transfers are what a hostile host tries: every outcome is
-		// on record.
-		if p, err := tpmrpc.ParseResponse(resp); err == nil && p.Err != "" {
-			s.log.Warn("state transfer refused", "instance", id, "op", r.Op.String(), "blob", r.Arg, "reason", p.Err)
-		} else {
-			s.log.Info("state transfer", "instance", id, "op", r.Op.String(), "blob", r.Arg)
+	return append(dst, resp...), nil
+}
+
+// transfer performs get-state or set-state: state leaves sealed by the
+// supervisor and enters opened by it (transfer.go), and with a key broker
+// it leaves only at the anchored generation and enters only if it is not
+// older than the anchor. State transfers are what a hostile host tries:
+// every outcome is on record. Called with inst.mu held and a worker
+// running.
+func (s *Supervisor) transfer(ctx context.Context, inst *instance, r tpmrpc.Request) (resp tpmrpc.Response) {
+	defer func() {
+		if resp.Err != "" {
+			s.log.Warn("state transfer refused", "instance", inst.id, "op", r.Op.String(), "blob", r.Arg, "reason", resp.Err)
+		} else if resp.RC == 0 {
+			s.log.Info("state transfer", "instance", inst.id, "op", r.Op.String(), "blob", r.Arg)
+		}
+	}()
+	refuse := func(err error) tpmrpc.Response { return tpmrpc.Response{RC: rcFail, Err: err.Error()} }
+	name, err := s.transferName(r)
+	if err != nil {
+		return refuse(err)
+	}
+	var req []byte
+	switch r.Op {
+	case tpmrpc.OpGetState:
+		if s.cfg.Anchorer != nil {
+			if err := s.anchorOne(ctx, inst); err != nil {
+				return refuse(err)
+			}
+		}
+		req = tpmrpc.AppendRequest(nil, tpmrpc.Request{Op: tpmrpc.OpGetState, Arg: r.Arg})
+	case tpmrpc.OpSetState:
+		var gen uint64
+		if req, gen, err = s.openIncoming(inst, name, r); err != nil {
+			return refuse(err)
+		}
+		defer clear(req)
+		if s.cfg.Anchorer != nil && len(r.Payload) > 0 {
+			if err := s.claim(ctx, inst, name, gen); err != nil {
+				return refuse(err)
+			}
 		}
 	}
-	return append(dst, resp...), nil
+	out, err := s.callWorker(ctx, inst, r.Op, req)
+	if err != nil {
+		return tpmrpc.Response{Err: err.Error()}
+	}
+	if r.Op == tpmrpc.OpGetState {
+		return s.sealOutgoing(inst, name, out)
+	}
+	p, err := tpmrpc.ParseResponse(out)
+	if err != nil {
+		return tpmrpc.Response{RC: rcFail, Err: fmt.Sprintf("reading the worker's answer: %v", err)}
+	}
+	return tpmrpc.Response{RC: p.RC, Err: p.Err}
+}
+
+// callWorker sends req to inst's worker and returns its encoded answer,
+// which is valid until the next call. The worker socket has no deadlines:
+// a worker that hangs past CallTimeout is killed, which ends the call with
+// EOF. A worker that died or hung is made sure to be gone (exited restarts
+// it), and the error says so. Called with inst.mu held and a worker
+// running.
+func (s *Supervisor) callWorker(ctx context.Context, inst *instance, op tpmrpc.Op, req []byte) ([]byte, error) {
+	w := inst.w
+	w.hung.Reset(s.cfg.CallTimeout)
+	resp, err := w.caller.Call(ctx, req)
+	w.hung.Stop()
+	if err != nil {
+		w.cmd.Process.Kill()
+		s.log.Warn("instance worker failed during a call", "instance", inst.id, "op", op.String(), "err", err)
+		return nil, fmt.Errorf("instance %q worker failed during %v (restarted from sealed state; the call may not have completed): %w", inst.id, op, err)
+	}
+	return resp, nil
 }
 
 // TPM response codes the backend itself answers with.

@@ -1,26 +1,27 @@
-// Package migration lets an instance's TPM state leave its backend only
-// sealed, and come back only if an attested backend sealed it for this very
-// instance and it is not older than the state it replaces.
+// Package migration is the worker's half of moving an instance's TPM
+// state between backends: state leaves a backend only sealed, and comes
+// back only if an attested backend sealed it for this very instance and
+// it is not older than the state it replaces.
 //
 // QEMU migrates a TPM with swtpm's CMD_GET_STATEBLOB / CMD_SET_STATEBLOB,
 // through the host. In a confidential backend the host must neither read
 // that state (it holds the seeds, every key, NV secrets and their
-// passwords) nor load state of its own making. TPM wraps the instance's
-// engine so that state calls on the link carry only envelopes sealed with
-// the backend's migration key (statestore.Key.SealTransfer): the key is
-// derived per instance, and each envelope binds the blob type and the
-// instance's state generation when it was taken. Loading
+// passwords) nor load state of its own making. The backend's supervisor
+// holds the migration key and seals what leaves (statestore.Key.SealTransfer:
+// an envelope bound to the instance, the blob type and the state generation
+// when it was taken) and opens what arrives, refusing anything that is not
+// such an envelope for this instance. The worker, which runs libtpms on
+// commands the host and the guest send, never holds that key: a worker
+// taken over through a libtpms bug cannot open or forge other instances'
+// migrations. TPM, here, wraps the instance's engine so that on the
+// worker's socketpair state calls carry tpmrpc plain state messages
+// (generation and blob), and loading
 //
-//   - refuses anything that is not such an envelope (plaintext swtpm state,
-//     garbage), an envelope for another instance or from a backend with
-//     another migration key, and one older than the state the instance
-//     had when loading began (a replay);
+//   - refuses state older than the state the instance had when loading
+//     began (a replay);
 //   - hands the blob to libtpms, which checks it before anything is stored;
-//   - raises the instance's generation to the envelope's, so the state it
+//   - raises the instance's generation to the blob's, so the state it
 //     replaced can never be loaded back.
-//
-// The backend worker is the only user: plaintext state never leaves its
-// process.
 package migration
 
 import (
@@ -30,7 +31,6 @@ import (
 	"sync"
 
 	"cvtpm/vtpm/engine"
-	"cvtpm/vtpm/statestore"
 	"cvtpm/vtpm/swtpmproto"
 	"cvtpm/vtpm/tpmrpc"
 )
@@ -42,30 +42,24 @@ type Generations interface {
 	RaiseGeneration(gen uint64) error
 }
 
-// TPM is an instance's TPM whose state transfers are sealed. Every other
-// call goes to the embedded TPM unchanged.
+// TPM is an instance's TPM whose state transfers carry generations for
+// the supervisor to seal. Every other call goes to the embedded TPM
+// unchanged.
 type TPM struct {
 	swtpmproto.TPM
-	// Key is the backend's migration key; nil means state never leaves
-	// this backend (and none is accepted).
-	Key      *statestore.Key
-	Instance string
-	Store    Generations
-	Logger   *slog.Logger
+	Store  Generations
+	Logger *slog.Logger
 
 	mu      sync.Mutex
 	loading bool   // a SetState since the last Init
 	floor   uint64 // the generation when loading began
 }
 
-// ErrNoMigrationKey: this backend holds no migration key.
-var ErrNoMigrationKey = errors.New("this backend has no migration key: state cannot leave or enter it")
-
 // ErrNoBlob: the instance has no such state blob (no savestate, as a rule);
 // swtpm answers TPM_RETRY, and so does the backend.
 var ErrNoBlob = fmt.Errorf("%w (TPM_RETRY)", tpmrpc.ErrNoState)
 
-// ErrOlder: the envelope is older than the instance's state.
+// ErrOlder: the state is older than the instance's state.
 var ErrOlder = errors.New("state blob is not newer than the instance's state (replay refused)")
 
 // Init ends a loading sequence.
@@ -76,14 +70,13 @@ func (t *TPM) Init(flags uint32) uint32 {
 	return t.TPM.Init(flags)
 }
 
-// ExportState returns blob blobType (swtpm's numbering) sealed for transfer.
+// ExportState returns blob blobType (swtpm's numbering) with the
+// instance's generation, as a tpmrpc plain state message, for the
+// supervisor to seal.
 func (t *TPM) ExportState(blobType uint32) ([]byte, error) {
 	name := engine.StateName(blobType)
 	if name == "" {
 		return nil, fmt.Errorf("unknown state blob type %d", blobType)
-	}
-	if t.Key == nil {
-		return nil, ErrNoMigrationKey
 	}
 	plain, rc := t.TPM.GetState(blobType)
 	if rc == engine.RCRetry {
@@ -92,25 +85,19 @@ func (t *TPM) ExportState(blobType uint32) ([]byte, error) {
 	if rc != 0 {
 		return nil, fmt.Errorf("reading the %s state: TPM result %#x", name, rc)
 	}
-	gen := t.Store.Generation()
-	env, err := t.Key.SealTransfer(t.Instance, name, gen, plain)
+	msg := tpmrpc.AppendPlainState(nil, t.Store.Generation(), plain)
 	clear(plain)
-	if err != nil {
-		return nil, fmt.Errorf("sealing the %s state: %w", name, err)
-	}
-	t.log().Info("state sealed for migration", "blob", name, "generation", gen)
-	return env, nil
+	return msg, nil
 }
 
-// ImportState opens an envelope and, if it passes every check, hands the
-// blob to the stopped TPM for its next Init.
-func (t *TPM) ImportState(blobType uint32, env []byte) error {
+// ImportState takes a tpmrpc plain state message (the supervisor opened
+// the envelope it came in) and, if it is newer than the instance's state,
+// hands the blob to the stopped TPM for its next Init. An empty msg drops
+// a volatile or saved state.
+func (t *TPM) ImportState(blobType uint32, msg []byte) error {
 	name := engine.StateName(blobType)
 	if name == "" {
 		return fmt.Errorf("unknown state blob type %d", blobType)
-	}
-	if t.Key == nil {
-		return ErrNoMigrationKey
 	}
 	if t.TPM.Running() {
 		return errors.New("the TPM is running: stop it before loading state")
@@ -120,7 +107,7 @@ func (t *TPM) ImportState(blobType uint32, env []byte) error {
 	if !t.loading {
 		t.loading, t.floor = true, t.Store.Generation()
 	}
-	if len(env) == 0 {
+	if len(msg) == 0 {
 		// QEMU sends an empty blob for one the source did not have. Dropping
 		// volatile or saved state is what a reset does anyway; the
 		// permanent state (seeds, NV) is never dropped this way.
@@ -132,11 +119,8 @@ func (t *TPM) ImportState(blobType uint32, env []byte) error {
 		}
 		return nil
 	}
-	plain, gen, err := t.Key.OpenTransfer(t.Instance, name, env)
+	gen, plain, err := tpmrpc.ParsePlainState(msg)
 	if err != nil {
-		if errors.Is(err, statestore.ErrNotTransfer) {
-			return fmt.Errorf("%s state refused: %w; plaintext or host-made state is never loaded through the host path (an administrator imports swtpm state with 'cvtpm backend create --import')", name, err)
-		}
 		return fmt.Errorf("%s state refused: %w", name, err)
 	}
 	defer clear(plain)

@@ -193,7 +193,10 @@ func TestReviewGOMAXPROCS1SilentClientsFreezeProcess(t *testing.T) {
 	_, _, ln, _, _ := reviewServer(t, "unix", Options{})
 	path := ln.Addr().String()
 	getRandomOn(t, path)
-	var maxGap atomic.Int64
+	// The fault froze the process once per silent connection (8-32 ms
+	// each); a loaded machine can delay the sleeper a few milliseconds now
+	// and then. So count the long gaps rather than take the longest.
+	var maxGap, longGaps atomic.Int64
 	stop := make(chan struct{})
 	probed := make(chan struct{})
 	go func() {
@@ -207,8 +210,12 @@ func TestReviewGOMAXPROCS1SilentClientsFreezeProcess(t *testing.T) {
 			}
 			time.Sleep(200 * time.Microsecond)
 			now := time.Now()
-			if g := int64(now.Sub(last)); g > maxGap.Load() {
+			g := int64(now.Sub(last))
+			if g > maxGap.Load() {
 				maxGap.Store(g)
+			}
+			if g > int64(5*time.Millisecond) {
+				longGaps.Add(1)
 			}
 			last = now
 		}
@@ -228,8 +235,8 @@ func TestReviewGOMAXPROCS1SilentClientsFreezeProcess(t *testing.T) {
 	for _, c := range held {
 		c.Close()
 	}
-	if g := time.Duration(maxGap.Load()); g > 5*time.Millisecond {
-		t.Errorf("GOMAXPROCS=1: a goroutine sleeping 200 us was not run for %v while a client opened 20 silent data connections", g)
+	if n := longGaps.Load(); n >= 5 {
+		t.Errorf("GOMAXPROCS=1: a goroutine sleeping 200 us was held up over 5 ms %d times (longest %v) while a client opened 20 silent data connections", n, time.Duration(maxGap.Load()))
 	}
 }
 

@@ -168,6 +168,11 @@ func FuzzParseMessages(f *testing.F) {
 			}
 		}
 		ReadMessage(bytes.NewReader(b), nil)
+		if gen, blob, err := ParsePlainState(b); err == nil {
+			if !bytes.Equal(AppendPlainState(nil, gen, blob), b) {
+				t.Fatal("plain state message does not re-encode to its input")
+			}
+		}
 	})
 }
 

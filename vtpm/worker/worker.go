@@ -33,16 +33,15 @@ var ErrUsage = errors.New("usage")
 func Run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("cvtpm-worker", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: cvtpm-worker --state DIR --instance ID --conn-fd N --state-key-fd M [--migration-key-fd K]
-                    [--cipher aes-256-gcm|sm4-gcm] [--new] [--import-swtpm]
-       cvtpm-worker --spare --conn-fd N --state-key-fd M [--migration-key-fd K]
+		fmt.Fprint(fs.Output(), `Usage: cvtpm-worker --state DIR --instance ID --conn-fd N --state-key-fd M
+                    [--cipher aes-256-gcm|sm4-gcm] [--new] [--import-swtpm] [--seccomp kill|log]
+       cvtpm-worker --spare --conn-fd N --state-key-fd M
 
 Runs one libtpms TPM whose sealed state lives in DIR and answers vtpm/tpmrpc
 calls on the inherited socket N. The hex state key is read from the
-inherited descriptor M and never appears on a command line; so is the
-backend's migration key (descriptor K), without which state never leaves
-the worker. State leaves and enters only sealed for this instance
-(vtpm/migration). Once it has started, the worker keeps only the system
+inherited descriptor M and never appears on a command line. The worker
+never holds the backend's migration key: its state leaves and enters the
+backend sealed for this instance by the supervisor (vtpm/migration). Once it has started, the worker keeps only the system
 calls that serving its instance takes (internal/confine): no new sockets or
 connections, no ioctl, no exec, no signals or ptrace to other processes.
 'cvtpm backend' starts one worker per instance; there is no reason to run
@@ -53,11 +52,11 @@ Options:
 		fs.PrintDefaults()
 	}
 	dir := fs.String("state", "", "the instance's state directory")
+	fs.String("state-root", "", "the directory that holds every instance's state (the backend's --dir): a worker started as root can write nowhere else (read before Go starts, internal/confine)")
 	connFD := fs.Int("conn-fd", -1, "inherited socket for tpmrpc calls")
 	keyFD := fs.Int("state-key-fd", -1, "inherited descriptor with the hex state key")
 	cipher := fs.String("cipher", "aes-256-gcm", "state AEAD: aes-256-gcm or sm4-gcm")
 	instance := fs.String("instance", "", "the instance's id (bound into migrated state)")
-	migrationFD := fs.Int("migration-key-fd", -1, "inherited descriptor with the hex migration key")
 	isNew := fs.Bool("new", false, "the instance is being created: an empty state directory is expected")
 	minGen := fs.Uint64("min-generation", 0, "a new instance starts its state generation here (above an anchor its id had before)")
 	importSwtpm := fs.Bool("import-swtpm", false, "import swtpm's unencrypted tpm2-00.* files from the state directory (administrator's import)")
@@ -112,12 +111,6 @@ Options:
 	if err != nil {
 		return fmt.Errorf("state key: %w", err)
 	}
-	var migrationKey *statestore.Key
-	if *migrationFD >= 0 {
-		if migrationKey, err = statestore.KeyFromFD(*migrationFD, "hex", *cipher); err != nil {
-			return fmt.Errorf("migration key: %w", err)
-		}
-	}
 	// An existing instance's state must be there: an emptied directory is
 	// the host's doing, not a new TPM.
 	store, err := statestore.Open(*dir, statestore.Options{Key: key, Lock: true, Logger: log,
@@ -134,7 +127,7 @@ Options:
 		return err
 	}
 	defer eng.Close()
-	tpm := &migration.TPM{TPM: eng, Key: migrationKey, Instance: *instance, Store: store, Logger: log}
+	tpm := &migration.TPM{TPM: eng, Store: store, Logger: log}
 	// From here on the worker runs commands that the host and the guest
 	// send: it keeps only the system calls serving them takes.
 	if err := confine.Worker(mode); err != nil {
