@@ -1,18 +1,26 @@
-// Package confine narrows what a vTPM worker process may ask of the
-// kernel once it has set itself up, with a seccomp filter.
+// Package confine takes from a vTPM worker process what it does not need
+// to serve its instance, so that code running in it cannot reach further.
 //
 // A worker runs libtpms on TPM commands that the host (through its
-// frontend) and the guest send. A memory-safety bug in libtpms would give
-// whoever sent the command the worker's rights, and without confinement
-// those are the backend's own: the same user, the CSV guest device (whose
-// reports make the key broker release every instance's key), the network,
-// and signals to the supervisor. The filter leaves a worker what serving
-// its one instance takes (its inherited socket, its state directory's
-// files, memory, threads, time) and kills the process on anything else:
-// no new sockets or connections, no ioctl (so no CSV reports), no exec, no
-// ptrace or reads of other processes' memory, no signals to other
-// processes, no other system-call ABI (32-bit or x32). The supervisor logs
-// the death and restarts the worker from its sealed state.
+// frontend) and the guest send, and on state read from a disk the host
+// holds. A memory-safety bug in libtpms would give whoever sent the bytes
+// the worker's rights, and without confinement those are the backend's
+// own: the same user (root, in the shipped unit), the CSV guest device
+// (whose reports make the key broker release every instance's key), the
+// network, the supervisor's memory and every other process of the user.
+//
+// Two steps. Before the Go runtime starts (early_linux.go, a C
+// constructor in any process started with --conn-fd), a worker running as
+// root takes a mount namespace in which it can write only below the
+// backend's state directory and sees no /proc, /sys or /dev; then every
+// worker becomes non-dumpable and drops every capability. Once it has its
+// flags and key, Worker checks that and installs a seccomp filter that
+// leaves what serving takes (its inherited socket, its state directory's
+// files, memory, threads, time) and kills the process on anything else: no
+// new sockets or connections, no ioctl (so no CSV reports), no exec, no
+// ptrace, signals or limits for other processes, no new processes or
+// namespaces, no other system-call ABI (32-bit or x32). The supervisor
+// logs the death and restarts the worker from its sealed state.
 //
 // The list is an allow-list: a system call not named here, including one
 // added to a future kernel, is refused. ModeLog lets every call through and
@@ -56,9 +64,10 @@ func ParseMode(s string) (Mode, error) {
 // linux/amd64, the platform of HYGON CSV).
 var ErrUnsupported = errors.New("confine: no seccomp filter for this platform")
 
-// Worker installs the worker's filter on every thread of the process. It
-// cannot be undone. Call it after start-up (flags read, keys read, state
-// opened, libtpms initialised) and before the first command.
+// Worker checks what the worker gave up before Go started (early_linux.go)
+// and installs the worker's filter on every thread of the process. It
+// cannot be undone. Call it once the worker has its flags and its key,
+// before it reads state or a command.
 func Worker(mode Mode) error {
 	if runtime.GOOS != "linux" || runtime.GOARCH != "amd64" {
 		return ErrUnsupported
@@ -98,9 +107,9 @@ func Worker(mode Mode) error {
 	return nil
 }
 
-// workerSyscalls is what a worker serving its instance does after start-up
-// (the Go runtime, glibc's thread start for cgo, libtpms with OpenSSL, the
-// state store), checked by running the whole test suite with ModeLog and
+// workerSyscalls is what a worker does from opening its state on (the Go
+// runtime, glibc's thread start for cgo, libtpms with OpenSSL, the state
+// store), checked by running the whole test suite with ModeLog and
 // an empty kernel log of refusals. The busiest come first: the filter
 // tries them in order. Calls whose arguments decide are in workerFilter.
 var workerSyscalls = []uint32{

@@ -281,27 +281,36 @@ func TestReviewConfineProcPidMem(t *testing.T) {
 	t.Errorf("confined worker opened /proc/%d/mem of an unconfined process: %s; victim: %q (exit %v)", pid, strings.TrimSpace(out), rest, victim.ProcessState)
 }
 
-// A confined worker kills any process of its user (the supervisor, every
-// other instance's worker) with fcntl(F_SETOWN, F_SETSIG=SIGKILL, O_ASYNC).
-func TestReviewConfineSignalViaFSetown(t *testing.T) {
-	reviewSkip(t)
-	victim := exec.Command("sleep", "30")
+// attackOtherProcess starts victim, runs the attacker case what against
+// it, and returns the attacker's output, whether it completed, and how the
+// victim ended within wait (nil: still running).
+func attackOtherProcess(t *testing.T, what string, wait time.Duration, victim *exec.Cmd) (string, bool, *os.ProcessState) {
+	t.Helper()
 	if err := victim.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { victim.Process.Kill() })
-	out, ok := runAttacker(t, "setown", fmt.Sprint("REVIEW_VICTIM=", victim.Process.Pid))
+	out, ok := runAttacker(t, what, fmt.Sprint("REVIEW_VICTIM=", victim.Process.Pid))
 	if !ok {
-		return // stopped
+		return out, false, nil // stopped
 	}
 	done := make(chan struct{})
 	go func() { victim.Wait(); close(done) }()
 	select {
 	case <-done:
-	case <-time.After(3 * time.Second):
+		return out, true, victim.ProcessState
+	case <-time.After(wait):
+		return out, true, nil
 	}
-	if ok && victim.ProcessState != nil {
-		t.Errorf("confined worker sent SIGKILL to process %d through F_SETOWN/F_SETSIG: victim ended %v (%s)", victim.Process.Pid, victim.ProcessState, out)
+}
+
+// A confined worker kills any process of its user (the supervisor, every
+// other instance's worker) with fcntl(F_SETOWN, F_SETSIG=SIGKILL, O_ASYNC).
+func TestReviewConfineSignalViaFSetown(t *testing.T) {
+	reviewSkip(t)
+	out, ok, ended := attackOtherProcess(t, "setown", 3*time.Second, exec.Command("sleep", "30"))
+	if ok && ended != nil {
+		t.Errorf("confined worker sent SIGKILL to another process through F_SETOWN/F_SETSIG: victim ended %v (%s)", ended, out)
 	}
 }
 
@@ -309,23 +318,9 @@ func TestReviewConfineSignalViaFSetown(t *testing.T) {
 // with a pid): RLIMIT_CPU 1 s kills it; RLIMIT_NOFILE 0 starves it.
 func TestReviewConfinePrlimitOtherProcess(t *testing.T) {
 	reviewSkip(t)
-	victim := exec.Command("sh", "-c", "while :; do :; done")
-	if err := victim.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { victim.Process.Kill() })
-	out, ok := runAttacker(t, "prlimit", fmt.Sprint("REVIEW_VICTIM=", victim.Process.Pid))
-	if !ok {
-		return // stopped
-	}
-	done := make(chan struct{})
-	go func() { victim.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-	}
+	out, ok, ended := attackOtherProcess(t, "prlimit", 5*time.Second, exec.Command("sh", "-c", "while :; do :; done"))
 	if ok {
-		t.Errorf("confined worker set RLIMIT_CPU of process %d: victim ended %v (%s)", victim.Process.Pid, victim.ProcessState, out)
+		t.Errorf("confined worker set RLIMIT_CPU of another process: victim ended %v (%s)", ended, out)
 	}
 }
 

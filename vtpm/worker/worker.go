@@ -41,8 +41,11 @@ Runs one libtpms TPM whose sealed state lives in DIR and answers vtpm/tpmrpc
 calls on the inherited socket N. The hex state key is read from the
 inherited descriptor M and never appears on a command line. The worker
 never holds the backend's migration key: its state leaves and enters the
-backend sealed for this instance by the supervisor (vtpm/migration). Once it has started, the worker keeps only the system
-calls that serving its instance takes (internal/confine): no new sockets or
+backend sealed for this instance by the supervisor (vtpm/migration).
+Before anything else the worker drops every capability and turns
+non-dumpable, and as root it sees only its --state-root writable and no
+/proc, /sys or /dev; once it has its key it keeps only the system calls
+that serving its instance takes (internal/confine): no new sockets or
 connections, no ioctl, no exec, no signals or ptrace to other processes.
 'cvtpm backend' starts one worker per instance; there is no reason to run
 it by hand.
@@ -111,6 +114,15 @@ Options:
 	if err != nil {
 		return fmt.Errorf("state key: %w", err)
 	}
+	// From here on the worker reads state from a disk the host holds and
+	// runs commands that the host and the guest send (libtpms parses both):
+	// it keeps only the system calls serving them takes.
+	if err := confine.Worker(mode); err != nil {
+		if !errors.Is(err, confine.ErrUnsupported) {
+			return err
+		}
+		log.Warn("this worker runs without a seccomp filter (there is none for this platform)")
+	}
 	// An existing instance's state must be there: an emptied directory is
 	// the host's doing, not a new TPM.
 	store, err := statestore.Open(*dir, statestore.Options{Key: key, Lock: true, Logger: log,
@@ -128,14 +140,6 @@ Options:
 	}
 	defer eng.Close()
 	tpm := &migration.TPM{TPM: eng, Store: store, Logger: log}
-	// From here on the worker runs commands that the host and the guest
-	// send: it keeps only the system calls serving them takes.
-	if err := confine.Worker(mode); err != nil {
-		if !errors.Is(err, confine.ErrUnsupported) {
-			return err
-		}
-		log.Warn("this worker runs without a seccomp filter (there is none for this platform)")
-	}
 	// A blocking descriptor read directly: the supervisor is the only
 	// peer, and a plain read wakes faster than the netpoller. The
 	// supervisor closing its end (EOF) is the normal way to stop.
