@@ -10,10 +10,11 @@
 // network, the supervisor's memory and every other process of the user.
 //
 // Two steps. Before the Go runtime starts (early_linux.go, a C
-// constructor in any process started with --conn-fd), a worker running as
-// root takes a mount namespace in which it can write only below the
-// backend's state directory and sees no /proc, /sys or /dev; then every
-// worker becomes non-dumpable and drops every capability. Once it has its
+// constructor in any process started with --conn-fd), a worker closes
+// the descriptors it inherited but its own, moves into a mount namespace
+// whose root holds the backend's state directory and nothing else (in a
+// user namespace of its own if it is not root), becomes non-dumpable and
+// drops every capability. Once it has its
 // flags and key, Worker checks that and installs a seccomp filter that
 // leaves what serving takes (its inherited socket, its state directory's
 // files, memory, threads, time) and kills the process on anything else: no

@@ -3,6 +3,10 @@ package confine
 /*
 #define _GNU_SOURCE
 #include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
 #include <fcntl.h>
 #include <sched.h>
 #include <stdint.h>
@@ -14,46 +18,109 @@ package confine
 #include <linux/capability.h>
 #include <linux/securebits.h>
 
-// struct mount_attr and its flags (linux/mount.h, which clashes with
-// glibc's sys/mount.h in some versions).
+// Structures and flags of the mount API (linux/mount.h and
+// linux/openat2.h clash with glibc's headers in some versions).
 struct cvtpm_mount_attr {
 	uint64_t attr_set, attr_clr, propagation, userns_fd;
 };
-#define CVTPM_MOUNT_ATTR_RDONLY 0x00000001
+struct cvtpm_open_how {
+	uint64_t flags, mode, resolve;
+};
 #define CVTPM_MOUNT_ATTR_NOSUID 0x00000002
 #define CVTPM_MOUNT_ATTR_NODEV 0x00000004
 #define CVTPM_AT_RECURSIVE 0x8000
+#define CVTPM_OPEN_TREE_CLONE 1
+#define CVTPM_MOVE_MOUNT_F_EMPTY_PATH 0x00000004
+#define CVTPM_RESOLVE_NO_MAGICLINKS 0x02
+#define CVTPM_RESOLVE_NO_SYMLINKS 0x04
 
 // What the constructor did, for Go to check (checkEarly): 0 done, or the
-// errno of the step that failed; -1 not attempted (not a worker, or not
-// root: a worker of another user has none of root's files to write).
+// errno of the step that failed; -1 not attempted (not a worker).
 static int cvtpm_mounts_errno = -1;
 static const char *cvtpm_mounts_step = "";
 
-static int cvtpm_fail(const char *step) {
+static void cvtpm_fail(const char *step) {
 	cvtpm_mounts_step = step;
 	cvtpm_mounts_errno = errno ? errno : EINVAL;
-	return -1;
 }
 
-static int cvtpm_setattr(const char *path, uint64_t set, uint64_t clr) {
-	struct cvtpm_mount_attr attr;
-	memset(&attr, 0, sizeof attr);
-	attr.attr_set = set;
-	attr.attr_clr = clr;
-	return syscall(SYS_mount_setattr, AT_FDCWD, path, CVTPM_AT_RECURSIVE, &attr, sizeof attr);
+// cvtpm_mkdirs creates base + path, component by component.
+static int cvtpm_mkdirs(const char *base, const char *path) {
+	char buf[4096];
+	if (strlen(base) + strlen(path) + 2 >= sizeof buf) {
+		errno = ENAMETOOLONG;
+		return -1;
+	}
+	strcpy(buf, base);
+	for (const char *p = path; *p;) {
+		while (*p == '/') {
+			p++;
+		}
+		if (!*p) {
+			break;
+		}
+		const char *e = strchr(p, '/');
+		size_t n = e ? (size_t)(e - p) : strlen(p), l = strlen(buf);
+		buf[l] = '/';
+		memcpy(buf + l + 1, p, n);
+		buf[l + 1 + n] = 0;
+		if (mkdir(buf, 0755) != 0 && errno != EEXIST) {
+			return -1;
+		}
+		p += n;
+	}
+	return 0;
 }
 
-// A root worker gets a mount namespace of its own in which the whole tree
-// is read-only, without devices or set-uid programs, except the backend's
-// state directory (--state-root), and /proc, /sys and /dev are empty: uid
-// 0 without capabilities could otherwise still write root's files
-// (configuration, binaries, sysctls, block devices) and reach other
-// processes' roots through /proc/PID/root.
+// cvtpm_write_file writes s to path (the user namespace's maps).
+static int cvtpm_write_file(const char *path, const char *s) {
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0) {
+		return -1;
+	}
+	ssize_t n = write(fd, s, strlen(s));
+	close(fd);
+	return n == (ssize_t)strlen(s) ? 0 : -1;
+}
+
+// cvtpm_enter_userns gives a worker that does not run as root the right
+// to build its mount namespace: a user namespace in which its own uid and
+// gid are mapped to themselves (nothing more: it gains no access to
+// anything outside) and it holds capabilities until it drops them below.
+static int cvtpm_enter_userns(void) {
+	char map[64];
+	unsigned uid = (unsigned)geteuid(), gid = (unsigned)getegid();
+	if (unshare(CLONE_NEWUSER) != 0) {
+		return -1;
+	}
+	snprintf(map, sizeof map, "%u %u 1", uid, uid);
+	if (cvtpm_write_file("/proc/self/uid_map", map) != 0 || cvtpm_write_file("/proc/self/setgroups", "deny") != 0) {
+		return -1;
+	}
+	snprintf(map, sizeof map, "%u %u 1", gid, gid);
+	return cvtpm_write_file("/proc/self/gid_map", map);
+}
+
+// A worker gets a mount namespace whose root is an empty, read-only
+// tmpfs holding one thing: the backend's state directory (--state-root),
+// at its own path, writable, without devices or set-uid programs. Nothing
+// else of the file system is there: uid 0 without capabilities could
+// otherwise still read and write root's files (keys, configuration,
+// binaries), sysctls and FIFOs of root daemons (/run/initctl), and reach
+// other processes' roots through /proc/PID/root. The state root must be an
+// absolute path without symlinks: one the host could plant (on the disk it
+// provides) must not choose what the worker sees.
 static void cvtpm_isolate_mounts(const char *state_root) {
 	errno = 0;
-	if (state_root == NULL || state_root[0] != '/') {
-		cvtpm_fail("--state-root (an absolute path) is required");
+	char real[4096];
+	if (state_root == NULL || state_root[0] != '/' || strcmp(state_root, "/") == 0 ||
+		realpath(state_root, real) == NULL || strcmp(real, state_root) != 0) {
+		errno = EINVAL;
+		cvtpm_fail("--state-root must be an absolute directory path other than / and without symlinks");
+		return;
+	}
+	if (geteuid() != 0 && cvtpm_enter_userns() != 0) {
+		cvtpm_fail("a user namespace, for a worker that does not run as root (are unprivileged user namespaces disabled?)");
 		return;
 	}
 	if (unshare(CLONE_NEWNS) != 0) {
@@ -65,28 +132,79 @@ static void cvtpm_isolate_mounts(const char *state_root) {
 		cvtpm_fail("making the mounts private");
 		return;
 	}
-	// The state root stays writable: a mount of its own first, so that the
-	// recursive read-only below can be lifted on it alone.
-	if (mount(state_root, state_root, NULL, MS_BIND | MS_REC, NULL) != 0) {
-		cvtpm_fail("bind-mounting the state root");
+	// Opened in the new namespace (open_tree clones only mounts of the
+	// caller's), refusing a symlink anywhere on the path.
+	struct cvtpm_open_how how = {O_PATH | O_DIRECTORY | O_CLOEXEC, 0, CVTPM_RESOLVE_NO_SYMLINKS | CVTPM_RESOLVE_NO_MAGICLINKS};
+	int sfd = syscall(SYS_openat2, AT_FDCWD, state_root, &how, sizeof how);
+	if (sfd < 0) {
+		cvtpm_fail("opening the state root (openat2, Linux 5.6)");
 		return;
 	}
-	if (cvtpm_setattr("/", CVTPM_MOUNT_ATTR_RDONLY | CVTPM_MOUNT_ATTR_NOSUID | CVTPM_MOUNT_ATTR_NODEV, 0) != 0) {
-		cvtpm_fail("making every mount read-only (mount_setattr, Linux 5.12)");
+	int tree = syscall(SYS_open_tree, sfd, "", CVTPM_OPEN_TREE_CLONE | O_CLOEXEC | AT_EMPTY_PATH | CVTPM_AT_RECURSIVE);
+	if (tree < 0) {
+		cvtpm_fail("cloning the state root's mount (open_tree, Linux 5.2)");
 		return;
 	}
-	if (cvtpm_setattr(state_root, CVTPM_MOUNT_ATTR_NOSUID | CVTPM_MOUNT_ATTR_NODEV, CVTPM_MOUNT_ATTR_RDONLY) != 0) {
-		cvtpm_fail("making the state root writable again");
+	struct cvtpm_mount_attr attr;
+	memset(&attr, 0, sizeof attr);
+	attr.attr_set = CVTPM_MOUNT_ATTR_NOSUID | CVTPM_MOUNT_ATTR_NODEV;
+	if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH | CVTPM_AT_RECURSIVE, &attr, sizeof attr) != 0) {
+		cvtpm_fail("nosuid and nodev on the state root (mount_setattr, Linux 5.12)");
 		return;
 	}
-	const char *hide[] = {"/proc", "/sys", "/dev"};
-	for (int i = 0; i < 3; i++) {
-		if (mount("none", hide[i], "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555") != 0) {
-			cvtpm_fail(hide[i]);
-			return;
-		}
+	// The new root: a tmpfs over the state root's path (the clone above
+	// is not under it), with the path's directories and the state root
+	// moved to the same path inside.
+	if (mount("tmpfs", state_root, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=0755") != 0) {
+		cvtpm_fail("mounting the new root");
+		return;
 	}
+	char target[4096], old[4096];
+	snprintf(target, sizeof target, "%s%s", state_root, state_root);
+	snprintf(old, sizeof old, "%s/.oldroot", state_root);
+	if (cvtpm_mkdirs(state_root, state_root) != 0 || cvtpm_mkdirs(state_root, "/.oldroot") != 0) {
+		cvtpm_fail("making the new root's directories");
+		return;
+	}
+	if (syscall(SYS_move_mount, tree, "", AT_FDCWD, target, CVTPM_MOVE_MOUNT_F_EMPTY_PATH) != 0) {
+		cvtpm_fail("placing the state root in the new root (move_mount)");
+		return;
+	}
+	if (syscall(SYS_pivot_root, state_root, old) != 0 || chdir("/") != 0) {
+		cvtpm_fail("pivot_root");
+		return;
+	}
+	if (umount2("/.oldroot", MNT_DETACH) != 0 || rmdir("/.oldroot") != 0) {
+		cvtpm_fail("letting go of the old root");
+		return;
+	}
+	if (mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) {
+		cvtpm_fail("making the new root read-only");
+		return;
+	}
+	close(tree);
+	close(sfd);
 	cvtpm_mounts_errno = 0;
+}
+
+// cvtpm_close_inherited closes every descriptor above stderr but the
+// worker's socket and key pipe: one the backend was given without
+// close-on-exec and passed on (a directory, say) would name a mount
+// outside the worker's namespace.
+static void cvtpm_close_inherited(int keep1, int keep2) {
+	int lo = keep1 < keep2 ? keep1 : keep2, hi = keep1 < keep2 ? keep2 : keep1;
+	unsigned int from = 3;
+	int keep[2] = {lo, hi};
+	for (int i = 0; i < 2; i++) {
+		if (keep[i] < 3) {
+			continue;
+		}
+		if ((unsigned int)keep[i] > from) {
+			syscall(SYS_close_range, from, (unsigned int)keep[i] - 1, 0);
+		}
+		from = (unsigned int)keep[i] + 1;
+	}
+	syscall(SYS_close_range, from, ~0U, 0);
 }
 
 // A worker (any process started with --conn-fd, the worker's one required
@@ -100,11 +218,18 @@ static void cvtpm_isolate_mounts(const char *state_root) {
 // threads: done here, while the process has one, it holds for every thread
 // the runtime starts later. Go checks the outcome in Worker.
 __attribute__((constructor)) static void cvtpm_confine_worker_early(int argc, char **argv, char **envp) {
-	int worker = 0;
+	int worker = 0, conn_fd = -1, key_fd = -1;
 	const char *state_root = NULL;
 	for (int i = 1; i < argc && argv != NULL && argv[i] != NULL; i++) {
 		if (strcmp(argv[i], "--conn-fd") == 0) {
 			worker = 1;
+			if (i + 1 < argc && argv[i + 1] != NULL && argv[i + 1][0] >= '0' && argv[i + 1][0] <= '9') {
+				conn_fd = atoi(argv[i + 1]);
+			}
+		}
+		if (strcmp(argv[i], "--state-key-fd") == 0 && i + 1 < argc && argv[i + 1] != NULL &&
+			argv[i + 1][0] >= '0' && argv[i + 1][0] <= '9') {
+			key_fd = atoi(argv[i + 1]);
 		}
 		if (strcmp(argv[i], "--state-root") == 0 && i + 1 < argc) {
 			state_root = argv[i + 1];
@@ -115,9 +240,8 @@ __attribute__((constructor)) static void cvtpm_confine_worker_early(int argc, ch
 	if (!worker) {
 		return;
 	}
-	if (geteuid() == 0) {
-		cvtpm_isolate_mounts(state_root);
-	}
+	cvtpm_close_inherited(conn_fd, key_fd);
+	cvtpm_isolate_mounts(state_root);
 	prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 	// Needs CAP_SETPCAP, so before the capabilities go; fails harmlessly
 	// for a worker that never had any.
@@ -141,7 +265,6 @@ import "C"
 
 import (
 	"fmt"
-	"os"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -165,14 +288,15 @@ func checkEarly() error {
 			return fmt.Errorf("the worker kept capabilities (effective %#x, permitted %#x)", d.Effective, d.Permitted)
 		}
 	}
+	// The mount namespace comes first: without it (or the user namespace
+	// a worker that is not root builds it in) the bounding set may not
+	// have been droppable either.
+	if e := C.cvtpm_mounts_result(); e != 0 {
+		return fmt.Errorf("the worker could not isolate its view of the file system (%s): %w", C.GoString(C.cvtpm_mounts_failed_step()), syscall.Errno(e))
+	}
 	for c := range 64 {
 		if in, err := unix.PrctlRetInt(unix.PR_CAPBSET_READ, uintptr(c), 0, 0, 0); err == nil && in == 1 {
 			return fmt.Errorf("the worker kept capability %d in its bounding set", c)
-		}
-	}
-	if os.Geteuid() == 0 {
-		if e := C.cvtpm_mounts_result(); e != 0 {
-			return fmt.Errorf("the worker runs as root and could not isolate its mounts (%s): %w", C.GoString(C.cvtpm_mounts_failed_step()), syscall.Errno(e))
 		}
 	}
 	return nil

@@ -52,14 +52,15 @@ func TestWorkersAreConfined(t *testing.T) {
 				t.Errorf("%s: worker %d has %s %s, want none", id, info.PID, f, got)
 			}
 		}
-		if os.Geteuid() == 0 {
-			// A root worker has a mount namespace of its own (read-only
-			// but for the state root; no /proc, /sys or /dev).
-			mine, _ := os.Readlink("/proc/self/ns/mnt")
-			its, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", info.PID))
-			if err != nil || its == mine {
-				t.Errorf("%s: worker %d shares the backend's mount namespace (%s, %v)", id, info.PID, its, err)
-			}
+		// A mount namespace of its own, whose root holds the state
+		// directory and nothing else.
+		mine, _ := os.Readlink("/proc/self/ns/mnt")
+		its, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", info.PID))
+		if err != nil || its == mine {
+			t.Errorf("%s: worker %d shares the backend's mount namespace (%s, %v)", id, info.PID, its, err)
+		}
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d/root/etc", info.PID)); err == nil {
+			t.Errorf("%s: worker %d sees /etc", id, info.PID)
 		}
 	}
 	before, _ := s.Info("vm1")

@@ -74,7 +74,7 @@ func (s *Supervisor) spawn(args []string, spare bool) (*spawned, error) {
 		return fail(fmt.Errorf("key pipe: %w", err))
 	}
 	toClose = append(toClose, keyR, keyW)
-	// --state-root: a worker started as root can write nowhere else
+	// --state-root: the only part of the file system a worker sees
 	// (internal/confine).
 	argv := append(slices.Clone(s.cfg.Worker), "--conn-fd", "3", "--state-key-fd", "4", "--state-root", s.cfg.Dir)
 	extra := []*os.File{child, keyR}

@@ -212,6 +212,13 @@ func New(ctx context.Context, cfg Config) (*Supervisor, error) {
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("backend: %w", err)
 	}
+	// Workers see the state directory, and nothing else, at this path
+	// (internal/confine), and refuse one with a symlink on it: a symlink
+	// the host could plant (on the disk it provides) must not choose what
+	// they see. Said here, once, rather than by every worker.
+	if real, err := filepath.EvalSymlinks(cfg.Dir); err != nil || real != cfg.Dir || cfg.Dir == "/" {
+		return nil, fmt.Errorf("backend: the state directory %s must be given as a path without symlinks, other than / (it resolves to %s)", cfg.Dir, real)
+	}
 	s := &Supervisor{cfg: cfg, log: cfg.Logger, instances: map[string]*instance{}, seen: map[string]uint64{}}
 	for id, g := range cfg.Anchors {
 		s.seen[id] = g
@@ -415,7 +422,7 @@ func (s *Supervisor) claimTimeout() time.Duration {
 // generation asks inst's worker for its state generation. Called with
 // inst.mu held and a worker running.
 func (s *Supervisor) generation(ctx context.Context, inst *instance) (uint64, error) {
-	out, err := inst.w.caller.Call(ctx, tpmrpc.AppendRequest(nil, tpmrpc.Request{Op: tpmrpc.OpGeneration}))
+	out, err := s.callWorker(ctx, inst, tpmrpc.OpGeneration, tpmrpc.AppendRequest(nil, tpmrpc.Request{Op: tpmrpc.OpGeneration}))
 	if err != nil {
 		return 0, err
 	}
@@ -870,7 +877,7 @@ func (s *Supervisor) restore(ctx context.Context, inst *instance) error {
 		return nil
 	}
 	c := tpmrpc.NewClient(callerFunc(func(ctx context.Context, req []byte) ([]byte, error) {
-		return inst.w.caller.Call(ctx, req)
+		return s.callWorker(ctx, inst, tpmrpc.OpInit, req)
 	}), tpmrpc.ClientOptions{Timeout: s.cfg.CallTimeout})
 	if rc := c.Init(0); rc != 0 {
 		return fmt.Errorf("initialising the TPM: result %#x: %v", rc, c.Err())
@@ -1067,11 +1074,12 @@ func (s *Supervisor) transfer(ctx context.Context, inst *instance, r tpmrpc.Requ
 }
 
 // callWorker sends req to inst's worker and returns its encoded answer,
-// which is valid until the next call. The worker socket has no deadlines:
-// a worker that hangs past CallTimeout is killed, which ends the call with
-// EOF. A worker that died or hung is made sure to be gone (exited restarts
-// it), and the error says so. Called with inst.mu held and a worker
-// running.
+// which is valid until the next call. Every call to a worker goes through
+// here: the worker socket has no deadlines, so a worker that hangs past
+// CallTimeout (one taken over can stop itself) is killed, which ends the
+// call with EOF, instead of holding its instance's lock for good. A worker
+// that died or hung is made sure to be gone (exited restarts it), and the
+// error says so. Called with inst.mu held and a worker running.
 func (s *Supervisor) callWorker(ctx context.Context, inst *instance, op tpmrpc.Op, req []byte) ([]byte, error) {
 	w := inst.w
 	w.hung.Reset(s.cfg.CallTimeout)
@@ -1108,7 +1116,7 @@ func (s *Supervisor) freshReport(ctx context.Context, inst *instance, cmd []byte
 	// TPM2_ReadPublic(ekHandle) on the instance itself: the report binds
 	// the EK that this TPM really holds.
 	readPublic := binary.BigEndian.AppendUint32([]byte{0x80, 0x01, 0, 0, 0, 14, 0, 0, 0x01, 0x73}, req.EKHandle)
-	out, err := inst.w.caller.Call(ctx, tpmrpc.AppendRequest(nil, tpmrpc.Request{Op: tpmrpc.OpExecute, Payload: readPublic}))
+	out, err := s.callWorker(ctx, inst, tpmrpc.OpExecute, tpmrpc.AppendRequest(nil, tpmrpc.Request{Op: tpmrpc.OpExecute, Payload: readPublic}))
 	if err != nil {
 		return tpmError(rcFailure)
 	}

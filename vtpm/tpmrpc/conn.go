@@ -131,7 +131,11 @@ func (c *ConnCaller) Call(ctx context.Context, req []byte) ([]byte, error) {
 		defer stop()
 	}
 	c.out = appendFramed(c.out[:0], req)
-	if _, err := c.conn.Write(c.out); err != nil {
+	_, err := c.conn.Write(c.out)
+	// Requests can carry secrets (state in the clear on a worker's socket,
+	// NV data, imported keys): none stays in the buffer until the next call.
+	clear(c.out)
+	if err != nil {
 		c.conn.Close()
 		return nil, err
 	}

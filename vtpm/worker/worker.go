@@ -42,9 +42,9 @@ calls on the inherited socket N. The hex state key is read from the
 inherited descriptor M and never appears on a command line. The worker
 never holds the backend's migration key: its state leaves and enters the
 backend sealed for this instance by the supervisor (vtpm/migration).
-Before anything else the worker drops every capability and turns
-non-dumpable, and as root it sees only its --state-root writable and no
-/proc, /sys or /dev; once it has its key it keeps only the system calls
+Before anything else the worker moves into a mount namespace that holds
+its --state-root and nothing else, drops every capability and turns
+non-dumpable; once it has its key it keeps only the system calls
 that serving its instance takes (internal/confine): no new sockets or
 connections, no ioctl, no exec, no signals or ptrace to other processes.
 'cvtpm backend' starts one worker per instance; there is no reason to run
@@ -55,7 +55,7 @@ Options:
 		fs.PrintDefaults()
 	}
 	dir := fs.String("state", "", "the instance's state directory")
-	fs.String("state-root", "", "the directory that holds every instance's state (the backend's --dir): a worker started as root can write nowhere else (read before Go starts, internal/confine)")
+	fs.String("state-root", "", "the directory that holds every instance's state (the backend's --dir), an absolute path without symlinks: the only part of the file system the worker sees (read before Go starts, internal/confine)")
 	connFD := fs.Int("conn-fd", -1, "inherited socket for tpmrpc calls")
 	keyFD := fs.Int("state-key-fd", -1, "inherited descriptor with the hex state key")
 	cipher := fs.String("cipher", "aes-256-gcm", "state AEAD: aes-256-gcm or sm4-gcm")
