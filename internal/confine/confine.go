@@ -89,6 +89,11 @@ func Worker(mode Mode) error {
 		filter[i] = unix.SockFilter{Code: in.Op, Jt: in.Jt, Jf: in.Jf, K: in.K}
 	}
 	fprog := unix.SockFprog{Len: uint16(len(filter)), Filter: &filter[0]}
+	// no_new_privs belongs to a thread, and the kernel asks it of the
+	// thread that installs the filter: both calls on one thread (TSYNC
+	// then sets it on the others).
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	// No privileges gained through exec from here on: the kernel's
 	// condition for an unprivileged process to install a filter.
 	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {

@@ -243,6 +243,9 @@ __attribute__((constructor)) static void cvtpm_confine_worker_early(int argc, ch
 	cvtpm_close_inherited(conn_fd, key_fd);
 	cvtpm_isolate_mounts(state_root);
 	prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+	// Every thread started from here inherits it (the seccomp filter
+	// needs it; it belongs to threads).
+	prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
 	// Needs CAP_SETPCAP, so before the capabilities go; fails harmlessly
 	// for a worker that never had any.
 	prctl(PR_SET_SECUREBITS, SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP |
