@@ -7,6 +7,7 @@ package confine
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <fcntl.h>
 #include <sched.h>
 #include <stdint.h>
@@ -145,12 +146,20 @@ static void cvtpm_isolate_mounts(const char *state_root) {
 		cvtpm_fail("cloning the state root's mount (open_tree, Linux 5.2)");
 		return;
 	}
+	// nosuid and nodev on the state root: mount_setattr (Linux 5.12) on the
+	// whole clone; on an older kernel, a remount of its top mount once it
+	// is in place (below). CVTPM_CONFINE_OLD_KERNEL takes that way on any
+	// kernel, for its test.
 	struct cvtpm_mount_attr attr;
 	memset(&attr, 0, sizeof attr);
 	attr.attr_set = CVTPM_MOUNT_ATTR_NOSUID | CVTPM_MOUNT_ATTR_NODEV;
-	if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH | CVTPM_AT_RECURSIVE, &attr, sizeof attr) != 0) {
-		cvtpm_fail("nosuid and nodev on the state root (mount_setattr, Linux 5.12)");
-		return;
+	int remount = getenv("CVTPM_CONFINE_OLD_KERNEL") != NULL;
+	if (!remount && syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH | CVTPM_AT_RECURSIVE, &attr, sizeof attr) != 0) {
+		if (errno != ENOSYS) {
+			cvtpm_fail("nosuid and nodev on the state root (mount_setattr)");
+			return;
+		}
+		remount = 1;
 	}
 	// The new root: a tmpfs over the state root's path (the clone above
 	// is not under it), with the path's directories and the state root
@@ -169,6 +178,25 @@ static void cvtpm_isolate_mounts(const char *state_root) {
 	if (syscall(SYS_move_mount, tree, "", AT_FDCWD, target, CVTPM_MOVE_MOUNT_F_EMPTY_PATH) != 0) {
 		cvtpm_fail("placing the state root in the new root (move_mount)");
 		return;
+	}
+	if (remount) {
+		// A remount sets every flag anew: keep those the mount has (a user
+		// namespace may not clear them).
+		struct statvfs sv;
+		if (statvfs(target, &sv) != 0) {
+			cvtpm_fail("reading the state root's mount flags");
+			return;
+		}
+		unsigned long flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV;
+		if (sv.f_flag & ST_RDONLY) flags |= MS_RDONLY;
+		if (sv.f_flag & ST_NOEXEC) flags |= MS_NOEXEC;
+		if (sv.f_flag & ST_NOATIME) flags |= MS_NOATIME;
+		if (sv.f_flag & ST_NODIRATIME) flags |= MS_NODIRATIME;
+		if (sv.f_flag & ST_RELATIME) flags |= MS_RELATIME;
+		if (mount(NULL, target, NULL, flags, NULL) != 0) {
+			cvtpm_fail("nosuid and nodev on the state root (remount)");
+			return;
+		}
 	}
 	if (syscall(SYS_pivot_root, state_root, old) != 0 || chdir("/") != 0) {
 		cvtpm_fail("pivot_root");
@@ -191,6 +219,20 @@ static void cvtpm_isolate_mounts(const char *state_root) {
 // worker's socket and key pipe: one the backend was given without
 // close-on-exec and passed on (a directory, say) would name a mount
 // outside the worker's namespace.
+static void cvtpm_close_range(unsigned int from, unsigned int to) {
+	if (syscall(SYS_close_range, from, to, 0) == 0) {
+		return;
+	}
+	// Before Linux 5.9: one by one, up to the descriptor limit.
+	long max = sysconf(_SC_OPEN_MAX);
+	if (max < 0 || max > 1 << 20) {
+		max = 1 << 20;
+	}
+	for (unsigned int fd = from; fd <= to && fd < (unsigned int)max; fd++) {
+		close(fd);
+	}
+}
+
 static void cvtpm_close_inherited(int keep1, int keep2) {
 	int lo = keep1 < keep2 ? keep1 : keep2, hi = keep1 < keep2 ? keep2 : keep1;
 	unsigned int from = 3;
@@ -200,11 +242,11 @@ static void cvtpm_close_inherited(int keep1, int keep2) {
 			continue;
 		}
 		if ((unsigned int)keep[i] > from) {
-			syscall(SYS_close_range, from, (unsigned int)keep[i] - 1, 0);
+			cvtpm_close_range(from, (unsigned int)keep[i] - 1);
 		}
 		from = (unsigned int)keep[i] + 1;
 	}
-	syscall(SYS_close_range, from, ~0U, 0);
+	cvtpm_close_range(from, ~0U);
 }
 
 // A worker (any process started with --conn-fd, the worker's one required
