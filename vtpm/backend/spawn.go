@@ -85,7 +85,7 @@ func (s *Supervisor) spawn(args []string, spare bool) (*spawned, error) {
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.ExtraFiles = extra
 	cmd.Env = append(os.Environ(), "GOMAXPROCS=1")
-	stderr := &lastLine{w: os.Stderr}
+	stderr := &lastLine{}
 	cmd.Stderr = stderr
 	// Workers die with the supervisor, never outlive it holding state.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -98,6 +98,9 @@ func (s *Supervisor) spawn(args []string, spare bool) (*spawned, error) {
 	child.Close()
 	keyR.Close()
 	w := &worker{cmd: cmd, conn: conn, caller: tpmrpc.NewConnCaller(conn), done: make(chan struct{})}
+	stderr.mu.Lock()
+	stderr.log = func(line string) { s.workerSaid(w, line) }
+	stderr.mu.Unlock()
 	w.hung = time.AfterFunc(time.Hour, func() { cmd.Process.Kill() })
 	w.hung.Stop()
 	go func() {

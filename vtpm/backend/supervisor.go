@@ -8,13 +8,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -24,6 +24,8 @@ import (
 	"cvtpm/internal/logfield"
 	"cvtpm/vtpm/statestore"
 	"cvtpm/vtpm/tpmrpc"
+
+	"golang.org/x/sys/unix"
 )
 
 // Config configures a Supervisor.
@@ -130,6 +132,7 @@ const (
 // Supervisor owns the instances and their workers.
 type Supervisor struct {
 	refusalLog logfield.Limiter // "call refused" lines per instance
+	workerLog  logfield.Limiter // lines workers write, per worker
 	cfg        Config
 	log        *slog.Logger
 
@@ -313,27 +316,7 @@ func (s *Supervisor) anchorNow(ctx context.Context) {
 		insts = append(insts, i)
 	}
 	s.mu.Unlock()
-	gens := map[string]uint64{}
-	for _, inst := range insts {
-		// An instance busy with a long command (an RSA key generation)
-		// is reported next round: the report is also the heartbeat that
-		// keeps every instance serving, and must not wait for one.
-		if !inst.mu.TryLock() {
-			continue
-		}
-		if inst.w != nil && !inst.deleted && !inst.incoming {
-			if g, err := s.generation(ctx, inst); err == nil {
-				s.mu.Lock()
-				s.seen[inst.id] = max(s.seen[inst.id], g)
-				// Reported even when unchanged: a migration claim for
-				// this instance completes when its owner reports that
-				// it is still at the claimed generation.
-				gens[inst.id] = g
-				s.mu.Unlock()
-			}
-		}
-		inst.mu.Unlock()
-	}
+	gens := s.collectGenerations(ctx, insts, min(anchorRoundWait, s.maxUnanchored()/4))
 	// Sent even when there is nothing to report: it is also the heartbeat
 	// that keeps the instances serving (MaxUnanchored).
 	moved, err := s.cfg.Anchorer.Anchor(ctx, gens)
@@ -351,6 +334,62 @@ func (s *Supervisor) anchorNow(ctx context.Context) {
 			inst.mu.Unlock()
 		}
 	}
+}
+
+// anchorRoundWait bounds how long a round of anchoring waits for the
+// workers' generations: the round is also the heartbeat that keeps every
+// instance serving (MaxUnanchored), so one slow worker (a taken-over one
+// can answer late on purpose) must not hold it up.
+const anchorRoundWait = 500 * time.Millisecond
+
+// collectGenerations asks every running instance's worker for its state
+// generation, all at once, and returns those that answered within wait.
+// An instance busy with a long command (an RSA key generation) or a worker
+// slower than wait is reported next round.
+func (s *Supervisor) collectGenerations(ctx context.Context, insts []*instance, wait time.Duration) map[string]uint64 {
+	type answer struct {
+		id  string
+		gen uint64
+	}
+	answers := make(chan answer, len(insts)) // late answers are dropped, never block
+	asked := 0
+	for _, inst := range insts {
+		if !inst.mu.TryLock() {
+			continue
+		}
+		if inst.w == nil || inst.deleted || inst.incoming {
+			inst.mu.Unlock()
+			continue
+		}
+		asked++
+		go func() {
+			defer inst.mu.Unlock()
+			if g, err := s.generation(ctx, inst); err == nil {
+				s.mu.Lock()
+				s.seen[inst.id] = max(s.seen[inst.id], g)
+				s.mu.Unlock()
+				answers <- answer{inst.id, g}
+			} else {
+				answers <- answer{id: ""}
+			}
+		}()
+	}
+	gens := map[string]uint64{}
+	deadline := time.After(wait)
+	for range asked {
+		select {
+		case a := <-answers:
+			if a.id != "" {
+				// Reported even when unchanged: a migration claim for
+				// this instance completes when its owner reports that
+				// it is still at the claimed generation.
+				gens[a.id] = a.gen
+			}
+		case <-deadline:
+			return gens
+		}
+	}
+	return gens
 }
 
 // markMoved stops a stale copy of an instance that another backend owns
@@ -398,14 +437,18 @@ func (s *Supervisor) Ready() error {
 	return nil
 }
 
+func (s *Supervisor) maxUnanchored() time.Duration {
+	if s.cfg.MaxUnanchored == 0 {
+		return 10 * time.Second
+	}
+	return s.cfg.MaxUnanchored
+}
+
 func (s *Supervisor) unanchoredFor() (time.Duration, bool) {
 	if s.cfg.Anchorer == nil {
 		return 0, false
 	}
-	limit := s.cfg.MaxUnanchored
-	if limit == 0 {
-		limit = 10 * time.Second
-	}
+	limit := s.maxUnanchored()
 	s.mu.Lock()
 	d := time.Since(s.anchorOK)
 	s.mu.Unlock()
@@ -484,8 +527,18 @@ func (s *Supervisor) Create(ctx context.Context, id string, opts CreateOptions) 
 	if err := os.Mkdir(inst.dir, 0o700); err != nil {
 		return fail(err)
 	}
+	// The new directory's files are written through its descriptor,
+	// refusing symlinks: a worker sees the state directory (and may
+	// rename in it), and could move a symlink the host left on its disk
+	// into place between the mkdir and a write by path.
+	idir, err := newInstanceDir(inst.dir)
+	if err != nil {
+		os.RemoveAll(inst.dir)
+		return fail(err)
+	}
+	defer idir.Close()
 	if opts.Binding != nil {
-		if err := os.WriteFile(filepath.Join(inst.dir, bindingFile), opts.Binding, 0o600); err != nil {
+		if err := idir.create(bindingFile, opts.Binding); err != nil {
 			os.RemoveAll(inst.dir)
 			return fail(err)
 		}
@@ -493,14 +546,14 @@ func (s *Supervisor) Create(ctx context.Context, id string, opts CreateOptions) 
 	inc := make([]byte, 16)
 	rand.Read(inc)
 	inst.incarnation = hex.EncodeToString(inc)
-	if err := os.WriteFile(filepath.Join(inst.dir, incarnationFile), []byte(inst.incarnation+"\n"), 0o600); err != nil {
+	if err := idir.create(incarnationFile, []byte(inst.incarnation+"\n")); err != nil {
 		os.RemoveAll(inst.dir)
 		return fail(err)
 	}
 	mode := startNew
 	if opts.ImportDir != "" {
 		mode = startImport
-		if err := copySwtpmState(opts.ImportDir, inst.dir); err != nil {
+		if err := copySwtpmState(opts.ImportDir, idir); err != nil {
 			os.RemoveAll(inst.dir)
 			return fail(err)
 		}
@@ -508,7 +561,7 @@ func (s *Supervisor) Create(ctx context.Context, id string, opts CreateOptions) 
 	if opts.Incoming {
 		inst.tpmRunning, inst.incoming = false, true
 	}
-	err := s.start(ctx, inst, mode)
+	err = s.start(ctx, inst, mode)
 	if mode == startImport {
 		// The worker sealed what it imported; plaintext copies go.
 		removeSwtpmState(inst.dir)
@@ -535,7 +588,7 @@ const incarnationFile = "incarnation"
 // swtpmStateFiles are the files swtpm_setup and swtpm write.
 var swtpmStateFiles = []string{"tpm2-00.permall", "tpm2-00.volatilestate", "tpm2-00.savestate"}
 
-func copySwtpmState(from, to string) error {
+func copySwtpmState(from string, to *instanceDir) error {
 	n := 0
 	for _, name := range swtpmStateFiles {
 		b, err := os.ReadFile(filepath.Join(from, name))
@@ -545,7 +598,7 @@ func copySwtpmState(from, to string) error {
 		if err != nil {
 			return fmt.Errorf("importing swtpm state: %w", err)
 		}
-		if err := os.WriteFile(filepath.Join(to, name), b, 0o600); err != nil {
+		if err := to.create(name, b); err != nil {
 			return fmt.Errorf("importing swtpm state: %w", err)
 		}
 		n++
@@ -555,6 +608,37 @@ func copySwtpmState(from, to string) error {
 	}
 	return nil
 }
+
+// instanceDir is a new instance's directory, held open: its files are
+// created through the descriptor, never through a symlink.
+type instanceDir struct{ fd int }
+
+func newInstanceDir(dir string) (*instanceDir, error) {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening %s: %w", dir, err)
+	}
+	return &instanceDir{fd: fd}, nil
+}
+
+// create writes a new file (it must not exist, not even as a symlink).
+func (d *instanceDir) create(name string, b []byte) error {
+	fd, err := unix.Openat(d.fd, name, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return fmt.Errorf("creating %s: %w", name, err)
+	}
+	f := os.NewFile(uintptr(fd), name)
+	_, err = f.Write(b)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("writing %s: %w", name, err)
+	}
+	return nil
+}
+
+func (d *instanceDir) Close() error { return unix.Close(d.fd) }
 
 func removeSwtpmState(dir string) {
 	for _, name := range swtpmStateFiles {
@@ -836,29 +920,50 @@ func (s *Supervisor) checkNotRolledBack(ctx context.Context, inst *instance, flo
 	return nil
 }
 
-// lastLine passes a worker's stderr on and keeps its last line.
+// lastLine passes a worker's stderr on to the backend's log, a record per
+// line with the line quoted (a worker taken over through a libtpms bug
+// must not write records that read as the backend's own, nor flood the
+// log: see workerSaid), and keeps its last line.
 type lastLine struct {
-	w    io.Writer
 	mu   sync.Mutex
+	log  func(line string) // nil until the worker is started
 	line []byte
 }
 
 func (l *lastLine) Write(b []byte) (int, error) {
 	l.mu.Lock()
-	if t := bytes.TrimRight(b, "\n"); len(t) > 0 {
-		if i := bytes.LastIndexByte(t, '\n'); i >= 0 {
-			t = t[i+1:]
+	defer l.mu.Unlock()
+	for _, t := range bytes.Split(bytes.TrimRight(b, "\n"), []byte("\n")) {
+		if len(t) == 0 {
+			continue
 		}
-		l.line = append(l.line[:0], t[:min(len(t), 1024)]...)
+		t = t[:min(len(t), 1024)]
+		l.line = append(l.line[:0], t...)
+		if l.log != nil {
+			l.log(string(t))
+		}
 	}
-	l.mu.Unlock()
-	return l.w.Write(b)
+	return len(b), nil
 }
 
 func (l *lastLine) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return strings.TrimPrefix(string(l.line), "cvtpm worker: ")
+}
+
+// workerSaid logs a line a worker wrote, within a rate per worker.
+func (s *Supervisor) workerSaid(w *worker, line string) {
+	pid := w.cmd.Process.Pid
+	ok, held := s.workerLog.Allow(strconv.Itoa(pid))
+	if !ok {
+		return
+	}
+	id := ""
+	if inst := w.owner.Load(); inst != nil {
+		id = inst.id
+	}
+	s.log.Warn("worker output", "instance", id, "pid", pid, "line", line, "similar_lines_suppressed", held)
 }
 
 // quickDeath: a worker that dies sooner than this after starting did not
