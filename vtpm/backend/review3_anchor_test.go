@@ -36,18 +36,10 @@ func TestReview3SlowGenerationStopsEveryInstance(t *testing.T) {
 	t.Setenv("REVIEW3_DELAY", (callTimeout * 8 / 10).String())
 
 	broker := newFakeBroker(t)
-	keys, err := NewMasterKey(bytesOf(1, 32))
-	if err != nil {
-		t.Fatal(err)
-	}
 	owned, moved := broker.owned(t, "a")
-	s, err := New(context.Background(), Config{Dir: dir, Keys: keys, Worker: []string{os.Args[0]},
+	s := testBinarySupervisor(t, Config{Dir: dir,
 		MigrationKey: bytesOf(9, 32), Anchors: owned, Moved: moved, Anchorer: broker.view(t, "a"),
 		AnchorInterval: 20 * time.Millisecond, MaxUnanchored: 300 * time.Millisecond, CallTimeout: callTimeout})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Close)
 	ctx := context.Background()
 	info1, err := s.Create(ctx, "vm1", CreateOptions{})
 	if err != nil {

@@ -68,14 +68,7 @@ func TestReview3WorkerForgesBackendLog(t *testing.T) {
 			}
 		}
 	}()
-	keys, err := NewMasterKey(bytesOf(1, 32))
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := New(context.Background(), Config{Dir: dir, Keys: keys, Worker: []string{os.Args[0]}, CallTimeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := testBinarySupervisor(t, Config{Dir: dir, CallTimeout: 5 * time.Second})
 	ctx := context.Background()
 	for _, id := range []string{"vm1", "vm2"} {
 		if _, err := s.Create(ctx, id, CreateOptions{}); err != nil {

@@ -81,15 +81,7 @@ func TestReview3WorkerMovesHostSymlinkIntoNewInstance(t *testing.T) {
 	t.Setenv("REVIEW3_CTL", ctl)
 	t.Setenv("REVIEW3_EVIL_ID", "vm1")
 	t.Setenv("REVIEW3_TARGET_ID", "vm9")
-	keys, err := NewMasterKey(bytesOf(1, 32))
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := New(context.Background(), Config{Dir: dir, Keys: keys, Worker: []string{os.Args[0]}, CallTimeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Close)
+	s := testBinarySupervisor(t, Config{Dir: dir, CallTimeout: 5 * time.Second})
 	ctx := context.Background()
 	if _, err := s.Create(ctx, "vm1", CreateOptions{}); err != nil {
 		t.Fatal(err)

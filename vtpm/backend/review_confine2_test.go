@@ -5,12 +5,13 @@ package backend
 // CallTimeout timer (w.hung) and kills a worker that does not answer, but
 // the supervisor's other calls to a worker (freshReport's
 // TPM2_ReadPublic, generation for anchorOne and checkNotRolledBack,
-// restore) call inst.w.caller.Call directly: the socket is a blocking
-// *os.File, so neither the timer nor the context bounds them, and the
-// supervisor waits forever with the instance's lock held.
+// restore) called inst.w.caller.Call directly: the socket is a blocking
+// *os.File, so neither the timer nor the context bounded them, and the
+// supervisor waited forever with the instance's lock held (fixed: every
+// call goes through callWorker).
 //
-// The workers are this test binary: init runs the real worker
-// (vtpm/worker.Run, real filter) plus an "attacker" goroutine that, once
+// The workers are this test binary (testworker_test.go: the real
+// worker.Run and its filter) plus an "attacker" goroutine that, once
 // the filter is on and the test asks (a file named after its pid), stops
 // its own process with SIGSTOP (kill to its own pid is on the allow-list).
 
@@ -19,28 +20,13 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"syscall"
 	"testing"
 	"time"
 
 	"cvtpm/attest/freshreport"
 	"cvtpm/vtpm/tpmrpc"
-	vtpmworker "cvtpm/vtpm/worker"
 )
-
-func init() {
-	dir := os.Getenv("REVIEW2_HANG_DIR")
-	if dir == "" || !slices.Contains(os.Args, "--conn-fd") {
-		return
-	}
-	go review2Stopper(dir)
-	if err := vtpmworker.Run(context.Background(), os.Args[1:]); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	os.Exit(0)
-}
 
 func review2Stopper(dir string) {
 	trigger := filepath.Join(dir, fmt.Sprintf("stop-%d", os.Getpid()))
@@ -66,15 +52,8 @@ func TestReview2StoppedWorkerHoldsInstanceForever(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Setenv("REVIEW2_HANG_DIR", evil)
-	keys, err := NewMasterKey(bytesOf(1, 32))
-	if err != nil {
-		t.Fatal(err)
-	}
 	const timeout = 300 * time.Millisecond
-	s, err := New(context.Background(), Config{Dir: dir, Keys: keys, Worker: []string{os.Args[0]}, CallTimeout: timeout})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := testBinarySupervisor(t, Config{Dir: dir, CallTimeout: timeout})
 	ctx := context.Background()
 	info, err := s.Create(ctx, "vm1", CreateOptions{})
 	if err != nil {

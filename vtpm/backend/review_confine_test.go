@@ -2,13 +2,13 @@ package backend
 
 // Review test (fixed): a worker taken over after its seccomp filter is
 // installed stole the next instance's state key from the spare worker's
-// key pipe, reopened through /proc/<spare>/fd/4. Workers are now
-// non-dumpable and without capabilities from their first instruction
-// (internal/confine/early_linux.go), so the reopening is refused.
+// key pipe, reopened through /proc/<spare>/fd/4. Workers now see no /proc,
+// and are non-dumpable and without capabilities from their first
+// instruction (internal/confine/early_linux.go), so the reopening fails.
 //
-// The workers here are this test binary: init runs the real worker
-// (vtpm/worker.Run, which installs the real filter) plus, in the worker
-// serving vm1 only, an "attacker" goroutine that waits until the filter is
+// The workers here are this test binary (testworker_test.go: the real
+// worker.Run and its filter) plus, in the worker serving vm1 only, an
+// "attacker" goroutine that waits until the filter is
 // on (Seccomp: 2) and then does what code execution gained through a
 // libtpms bug could do with the allowed system calls.
 
@@ -18,7 +18,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -27,21 +26,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"cvtpm/vtpm/tpmrpc"
-	vtpmworker "cvtpm/vtpm/worker"
 )
-
-func init() {
-	dir := os.Getenv("REVIEW_EVIL_WORKER_DIR")
-	if dir == "" || !slices.Contains(os.Args, "--conn-fd") {
-		return
-	}
-	go reviewEvil(dir)
-	if err := vtpmworker.Run(context.Background(), os.Args[1:]); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	os.Exit(0)
-}
 
 func reviewConfined() bool {
 	b, _ := os.ReadFile("/proc/self/status")
@@ -139,11 +124,7 @@ func TestReviewConfinedWorkerStealsSpareKey(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := New(context.Background(), Config{Dir: dir, Keys: keys, Worker: []string{os.Args[0]}, MigrationKey: bytesOf(2, 32)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Close)
+	s := testBinarySupervisor(t, Config{Dir: dir, Keys: keys, MigrationKey: bytesOf(2, 32)})
 	ctx := context.Background()
 	if _, err := s.Create(ctx, "vm1", CreateOptions{}); err != nil {
 		t.Fatal(err)
