@@ -3,6 +3,7 @@ package guestkit
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 
@@ -26,9 +27,15 @@ type Proxy struct {
 	// LockHost closes the host path of an instance bound with host
 	// "boot" once connected (the session must carry workload evidence).
 	LockHost bool
+	// Direct, if set, is the cipher (gcm.AES256 or gcm.SM4) of a second
+	// attested session that the backend hands to the instance's worker:
+	// ordinary TPM commands then skip the backend's supervisor. Empty:
+	// every call goes through the supervisor.
+	Direct string
 
 	tpm    *tpmrpc.Client
 	caller *attestedlink.InstanceCaller
+	closer io.Closer // caller, or the DirectCaller around it
 	srv    *swtpmproto.Server
 }
 
@@ -47,7 +54,14 @@ func (p *Proxy) Connect(ctx context.Context) (*csv.Claims, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	p.tpm, p.caller = attestedlink.RemoteTPM(p.Instance, p.dial, log)
+	if p.Direct != "" {
+		var dc *attestedlink.DirectCaller
+		p.tpm, dc = attestedlink.RemoteTPMDirect(p.Instance, p.Direct, p.dial, log)
+		p.caller, p.closer = dc.Supervisor, dc
+	} else {
+		p.tpm, p.caller = attestedlink.RemoteTPM(p.Instance, p.dial, log)
+		p.closer = p.caller
+	}
 	s, err := p.caller.Connect(ctx)
 	if err != nil {
 		return nil, err
@@ -83,8 +97,8 @@ func (p *Proxy) ServeMssim(ctx context.Context, command, platform net.Listener) 
 
 // Close ends the attested session.
 func (p *Proxy) Close() error {
-	if p.caller == nil {
+	if p.closer == nil {
 		return nil
 	}
-	return p.caller.Close()
+	return p.closer.Close()
 }

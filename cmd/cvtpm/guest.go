@@ -14,6 +14,7 @@ import (
 	"strconv"
 
 	"cvtpm/guestkit"
+	"cvtpm/internal/gcm"
 	"cvtpm/internal/netaddr"
 	"cvtpm/internal/obs"
 )
@@ -77,6 +78,7 @@ Options:
 	workloadSim := fs.String("workload-csv-sim", "", "with --workload-evidence: the CSV simulator in DIR when /dev/csv-guest is absent (tests, demos)")
 	workloadHSKCEK := fs.String("workload-hsk-cek", "", "with --workload-evidence: this VM's chip HSK+CEK bundle (default: the simulator's)")
 	lockHost := fs.Bool("lock-host", false, "with --workload-evidence: close the host path of an instance bound with host \"boot\" until the next VM reset")
+	direct := fs.String("direct", gcm.AES256, "ordinary TPM commands go through a second attested session that the backend hands to the instance's worker, sealed with this cipher ("+gcm.AES256+" or "+gcm.SM4+"), skipping the backend's supervisor; \"off\": everything through the supervisor")
 	link := addLinkFlags(fs)
 	logFlags := obs.AddLogFlags(fs)
 	if done, err := parseFlags(fs, args); done {
@@ -90,6 +92,13 @@ Options:
 	}
 	if err := netaddr.Check(*linkAddr); err != nil {
 		return flagError("--link", err)
+	}
+	switch *direct {
+	case "off":
+		*direct = ""
+	case gcm.AES256, gcm.SM4:
+	default:
+		return flagError("--direct", fmt.Errorf("%q: want %s, %s or off", *direct, gcm.AES256, gcm.SM4))
 	}
 	if *lockHost && !*workload {
 		return usageError("--lock-host needs --workload-evidence: only the proven workload may lock the host path")
@@ -115,7 +124,7 @@ Options:
 			return errors.New("--workload-evidence on a real CSV guest needs --workload-hsk-cek (the chip's HSK+CEK bundle)")
 		}
 	}
-	p := &guestkit.Proxy{Link: *linkAddr, Instance: *instance, Config: cfg, Logger: log, LockHost: *lockHost}
+	p := &guestkit.Proxy{Link: *linkAddr, Instance: *instance, Config: cfg, Logger: log, LockHost: *lockHost, Direct: *direct}
 	claims, err := p.Connect(ctx)
 	if err != nil {
 		return err

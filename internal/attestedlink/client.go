@@ -58,6 +58,7 @@ func (e *EvidenceError) Unwrap() error { return e.Err }
 // After any error the session is closed and every later call fails.
 type Session struct {
 	conn   *tls.Conn
+	raw    net.Conn // under conn: a direct session goes on without TLS
 	claims *csv.Claims
 
 	mu  sync.Mutex
@@ -158,7 +159,7 @@ func dial(ctx context.Context, raw net.Conn, cfg ClientConfig) (*Session, error)
 		}
 	}
 	raw.SetDeadline(time.Time{})
-	return &Session{conn: conn, claims: claims, f: f}, nil
+	return &Session{conn: conn, raw: raw, claims: claims, f: f}, nil
 }
 
 // splitEvidence splits len|report|len|HSK+CEK[|len|nonce].

@@ -124,6 +124,9 @@ func (s *Server) tlsConfig() (*tls.Config, error) {
 	cfg := s.TLS.Clone()
 	cfg.MinVersion = tls.VersionTLS13
 	cfg.ClientAuth = tls.RequireAndVerifyClientCert
+	// Sessions are not resumed; and no ticket may follow the records a
+	// direct session's hand-off ends TLS with.
+	cfg.SessionTicketsDisabled = true
 	return cfg, nil
 }
 
@@ -249,7 +252,20 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, handshaken func())
 	authorized := map[string]tpmrpc.Capabilities{}
 	var out []byte
 	for first := true; ; first = false {
-		req, err := f.read(frameRequest, frameWorkload)
+		req, err := f.read(frameRequest, frameWorkload, frameDirect)
+		if err == nil && req.typ == frameDirect {
+			if len(authorized) > 0 {
+				f.write(frameError, "", []byte("a direct session must be asked for before any request"))
+				return fmt.Errorf("%w: direct session asked for after a request", ErrProtocol)
+			}
+			if err := s.handOff(ctx, raw, f, peer, state.ExportKeyingMaterial, req); err != nil {
+				return err
+			}
+			if !quiet {
+				log.Info("attested link session handed to the instance's worker", "instance", req.instance)
+			}
+			return nil
+		}
 		if err == nil && req.typ == frameWorkload {
 			if !first {
 				f.write(frameError, "", []byte("workload evidence must come before any request"))

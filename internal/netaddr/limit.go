@@ -1,10 +1,12 @@
 package netaddr
 
 import (
+	"fmt"
 	"log/slog"
 	"net"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -111,6 +113,16 @@ func (ll *limitedListener) Accept() (net.Conn, error) {
 type limitedConn struct {
 	net.Conn
 	release func()
+}
+
+// SyscallConn gives the socket's descriptor (the backend hands a link
+// session's socket to a worker, internal/attestedlink).
+func (c *limitedConn) SyscallConn() (syscall.RawConn, error) {
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return nil, fmt.Errorf("%T has no descriptor", c.Conn)
+	}
+	return sc.SyscallConn()
 }
 
 func (c *limitedConn) Close() error {

@@ -24,6 +24,10 @@ var (
 		Help:    "Calls to instances by operation (execute, the swtpm control operations), with their latency.",
 		Buckets: []float64{25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 0.1, 0.5, 2.5},
 	}, []string{"op"})
+	directSessions = promauto.NewGauge(prometheus.GaugeOpts{
+		Name: "cvtpm_backend_direct_sessions",
+		Help: "Attested link sessions handed to instances' workers (direct sessions) and still open.",
+	})
 	refusedCalls = promauto.NewCounterVec(prometheus.CounterOpts{
 		Name: "cvtpm_backend_calls_refused_total",
 		Help: "Calls refused for the caller's capabilities, by operation.",

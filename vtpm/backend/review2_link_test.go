@@ -25,10 +25,12 @@ import (
 // linkFixture is a backend (supervisor, ACL, workload bindings) serving
 // the attested link, and a client identity the ACL names "frontend".
 type linkFixture struct {
-	s      *Supervisor
-	addr   string
-	client tls.Certificate
-	policy *csv.AppraisalPolicy
+	s       *Supervisor
+	addr    string
+	aclFile string
+	acl     *ACLFile
+	client  tls.Certificate
+	policy  *csv.AppraisalPolicy
 }
 
 func newLinkFixture(t *testing.T, aclJSON string) *linkFixture {
@@ -60,7 +62,7 @@ func newLinkFixture(t *testing.T, aclJSON string) *linkFixture {
 
 	aclFile := filepath.Join(t.TempDir(), "acl.json")
 	os.WriteFile(aclFile, []byte(aclJSON), 0o600)
-	acl, err := LoadACL(aclFile)
+	acl, err := OpenACLFile(aclFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -77,7 +79,7 @@ func newLinkFixture(t *testing.T, aclJSON string) *linkFixture {
 	done := make(chan struct{})
 	go func() { srv.Serve(ctx, ln); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
-	return &linkFixture{s: s, addr: ln.Addr().String(), client: tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, policy: policy}
+	return &linkFixture{s: s, addr: ln.Addr().String(), aclFile: aclFile, acl: acl, client: tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, policy: policy}
 }
 
 func (f *linkFixture) dial(t *testing.T) *attestedlink.Session {

@@ -151,6 +151,7 @@ type Supervisor struct {
 	migrationKey *statestore.Key
 	// spares is the worker started ahead of need (spawn.go).
 	spares spares
+	direct directState // direct.go
 }
 
 type instance struct {
@@ -176,6 +177,7 @@ type instance struct {
 	locality    uint8  // the TPM's current locality (set-locality)
 	startedUp   bool   // TPM2_Startup succeeded since the last init
 	lastErr     error
+	direct      []*directSession // sessions handed to the worker (direct.go)
 }
 
 var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
@@ -734,6 +736,7 @@ func (s *Supervisor) lookup(id string) *instance {
 // Close stops every worker. Their state is already on disk; their last
 // generations are anchored first.
 func (s *Supervisor) Close() {
+	s.stopDirectLoop()
 	s.closeSpares()
 	if s.stopAnchor != nil {
 		s.stopAnchor()
@@ -1073,17 +1076,8 @@ func (s *Supervisor) Call(ctx context.Context, id string, caps tpmrpc.Capabiliti
 		}
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q: refused: %v", id, err)}), nil
 	}
-	if inst.deleted {
-		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q was deleted", id)}), nil
-	}
-	if inst.movedTo != "" {
-		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: inst.lastErr.Error()}), nil
-	}
-	if d, stale := s.unanchoredFor(); stale {
-		// Fail closed: writes the broker has not recorded could be rolled
-		// back by whoever holds the disk, and a superseded session means
-		// another CVM runs as this backend.
-		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q: the key broker has not recorded this backend's state for %s (unreachable, or another CVM runs as this backend): refusing to serve until it does", id, d.Round(time.Second))}), nil
+	if err := s.serving(inst); err != nil {
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: err.Error()}), nil
 	}
 	if r.Op == tpmrpc.OpLockHost {
 		inst.hostLocked, inst.lockBroken = true, false
@@ -1187,8 +1181,14 @@ func (s *Supervisor) transfer(ctx context.Context, inst *instance, r tpmrpc.Requ
 // error says so. Called with inst.mu held and a worker running.
 func (s *Supervisor) callWorker(ctx context.Context, inst *instance, op tpmrpc.Op, req []byte) ([]byte, error) {
 	w := inst.w
+	return s.callWorkerWith(inst, op, func() ([]byte, error) { return w.caller.Call(ctx, req) })
+}
+
+// callWorkerWith is callWorker with the call made by call (on inst.w).
+func (s *Supervisor) callWorkerWith(inst *instance, op tpmrpc.Op, call func() ([]byte, error)) ([]byte, error) {
+	w := inst.w
 	w.hung.Reset(s.cfg.CallTimeout)
-	resp, err := w.caller.Call(ctx, req)
+	resp, err := call()
 	w.hung.Stop()
 	if err != nil {
 		w.cmd.Process.Kill()

@@ -48,12 +48,22 @@ const (
 	// OpLockHost: the workload closes the host path of an instance bound
 	// with host "boot" until the next reset (CapLock).
 	OpLockHost
+	// OpDirectAttach gives the worker a direct session (internal/
+	// directlink): the socket comes with the message (SCM_RIGHTS), Arg is
+	// the session's id, Payload its grant (AppendDirectGrant). The
+	// backend's own call: no link caller may make it.
+	OpDirectAttach
+	// OpDirectSync renews the worker's serving lease and ends the direct
+	// sessions the supervisor names (AppendDirectSync); the answer's
+	// payload lists the sessions still open. The backend's own call.
+	OpDirectSync
 	opEnd
 )
 
 var opNames = [...]string{"", "init", "stop", "running", "execute", "set-locality", "established",
 	"reset-established", "hash-start", "hash-data", "hash-end", "cancel", "store-volatile",
-	"set-buffer-size", "info", "get-state", "set-state", "max-command-size", "generation", "lock-host"}
+	"set-buffer-size", "info", "get-state", "set-state", "max-command-size", "generation", "lock-host",
+	"direct-attach", "direct-sync"}
 
 func (o Op) String() string {
 	if o > 0 && o < opEnd {

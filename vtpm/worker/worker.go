@@ -140,10 +140,13 @@ Options:
 	}
 	defer eng.Close()
 	tpm := &migration.TPM{TPM: eng, Store: store, Logger: log}
-	// A blocking descriptor read directly: the supervisor is the only
-	// peer, and a plain read wakes faster than the netpoller. The
-	// supervisor closing its end (EOF) is the normal way to stop.
-	return tpmrpc.ServeConn(ctx, conn, tpm)
+	// One thread waits in ppoll on the supervisor's socket and the direct
+	// sessions (serve.go): a blocking wait wakes faster than the
+	// netpoller. The supervisor closing its end (EOF) is the normal way
+	// to stop.
+	err = newServer(tpm, eng.Locality, int(conn.Fd()), log).run()
+	runtime.KeepAlive(conn)
+	return err
 }
 
 // readFlags reads a spare's flags: one tpmrpc-framed message holding them

@@ -1,0 +1,288 @@
+package backend
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"syscall"
+	"time"
+
+	"cvtpm/internal/attestedlink"
+	"cvtpm/vtpm/tpmrpc"
+)
+
+// Direct sessions (internal/attestedlink, direct.go): the supervisor
+// authorises a guest's attested session, then hands its socket and keys
+// to the instance's worker, which serves its plain TPM commands without
+// the supervisor on the path. What stays here is what a worker must not
+// decide alone: who may have a session (the Authorizer, asked again
+// every directSyncInterval so that ACL reloads, revocations, binding
+// changes and deletions reach sessions already handed over), and the
+// lease that makes the worker stop serving when the key broker has not
+// recorded this backend's state (anchoring) for too long.
+
+// directSyncInterval is how often handed-over sessions are authorised
+// again and the workers' leases renewed: the longest a revoked client
+// keeps a direct session.
+const directSyncInterval = time.Second
+
+// maxDirectPerInstance bounds the direct sessions of one instance (a
+// guest proxy holds one); the worker enforces the same bound.
+const maxDirectPerInstance = 8
+
+// directSession is the supervisor's record of one handed-over session.
+type directSession struct {
+	id          uint64
+	w           *worker // the worker that holds it; gone with it
+	caps        tpmrpc.Capabilities
+	client      string
+	reauthorize func(ctx context.Context) (tpmrpc.Capabilities, error)
+}
+
+// directState is the supervisor's side of direct sessions.
+type directState struct {
+	nextID   uint64 // under Supervisor.mu
+	loopOnce sync.Once
+	stop     chan struct{}
+	done     chan struct{}
+}
+
+// HandOff implements attestedlink.DirectHandler: it gives an authorised
+// session of instance h.Instance to the instance's worker.
+func (s *Supervisor) HandOff(ctx context.Context, h *attestedlink.DirectHandoff) error {
+	inst := s.lookup(h.Instance)
+	if inst == nil {
+		return fmt.Errorf("no instance %q on this backend", h.Instance)
+	}
+	if h.Caps&tpmrpc.HostBoot != 0 {
+		// Its rights change when the workload locks the host path, which
+		// only the supervisor sees.
+		return errors.New("the host path of a bound instance is served by the supervisor only")
+	}
+	if h.Caps&tpmrpc.CapCommand == 0 {
+		return errors.New("the session may not send TPM commands")
+	}
+	sc, ok := h.Conn.(syscall.Conn)
+	if !ok {
+		return errors.New("the session's connection cannot be handed over")
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("the session's connection: %w", err)
+	}
+	inst.mu.Lock()
+	defer inst.mu.Unlock()
+	if err := s.serving(inst); err != nil {
+		return err
+	}
+	if h.Caps&tpmrpc.CapLock != 0 && inst.lockBroken {
+		return fmt.Errorf("instance %q: the host reset the TPM after the workload locked it (lock again after a reboot)", inst.id)
+	}
+	if inst.w == nil {
+		if err := s.start(ctx, inst, startExisting); err != nil {
+			return fmt.Errorf("instance %q is not running: %w", inst.id, err)
+		}
+	}
+	inst.pruneDirect()
+	if len(inst.direct) >= maxDirectPerInstance {
+		return fmt.Errorf("instance %q already has %d direct sessions", inst.id, len(inst.direct))
+	}
+	lease, err := s.lease()
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.direct.nextID++
+	id := s.direct.nextID
+	s.mu.Unlock()
+	grant := tpmrpc.AppendDirectGrant(nil, tpmrpc.DirectGrant{Caps: h.Caps, Lease: lease, Keys: h.Keys})
+	req := tpmrpc.AppendRequest(nil, tpmrpc.Request{Op: tpmrpc.OpDirectAttach, Arg: id, Payload: grant})
+	clear(grant)
+	defer clear(req)
+	var out []byte
+	var callErr error
+	if err := raw.Control(func(fd uintptr) {
+		w := inst.w
+		out, callErr = s.callWorkerWith(inst, tpmrpc.OpDirectAttach, func() ([]byte, error) {
+			return w.caller.CallPassing(ctx, req, int(fd))
+		})
+	}); err != nil {
+		return fmt.Errorf("the session's connection: %w", err)
+	}
+	if callErr != nil {
+		return callErr
+	}
+	if p, err := tpmrpc.ParseResponse(out); err != nil || p.Err != "" {
+		return fmt.Errorf("the instance's worker refused the session: %v%s", err, p.Err)
+	}
+	inst.direct = append(inst.direct, &directSession{id: id, w: inst.w, caps: h.Caps, client: h.Client, reauthorize: h.Reauthorize})
+	directSessions.Inc()
+	s.direct.loopOnce.Do(s.startDirectLoop)
+	if err := h.Accept(); err != nil {
+		s.endDirect(ctx, inst, []uint64{id})
+		return fmt.Errorf("confirming the direct session: %w", err)
+	}
+	s.log.Info("direct session handed to the instance's worker", "instance", inst.id, "client", h.Client, "session", id)
+	return nil
+}
+
+// serving returns nil if inst may serve calls now, or why not, in the
+// words Call answers with. Called with inst.mu held.
+func (s *Supervisor) serving(inst *instance) error {
+	if inst.deleted {
+		return fmt.Errorf("instance %q was deleted", inst.id)
+	}
+	if inst.movedTo != "" {
+		return inst.lastErr
+	}
+	if d, stale := s.unanchoredFor(); stale {
+		// Fail closed: writes the broker has not recorded could be rolled
+		// back by whoever holds the disk, and a superseded session means
+		// another CVM runs as this backend.
+		return fmt.Errorf("instance %q: the key broker has not recorded this backend's state for %s (unreachable, or another CVM runs as this backend): refusing to serve until it does", inst.id, d.Round(time.Second))
+	}
+	return nil
+}
+
+// lease is how long from now a worker may serve direct calls: until the
+// supervisor itself would stop serving for want of an anchor.
+func (s *Supervisor) lease() (time.Duration, error) {
+	if s.cfg.Anchorer == nil {
+		return tpmrpc.LeaseUnbounded, nil
+	}
+	s.mu.Lock()
+	left := s.maxUnanchored() - time.Since(s.anchorOK)
+	s.mu.Unlock()
+	if left <= 0 {
+		return 0, errors.New("the key broker has not recorded this backend's state recently: refusing to serve until it does")
+	}
+	return left, nil
+}
+
+// pruneDirect forgets sessions held by a worker that is gone. Called with
+// inst.mu held.
+func (i *instance) pruneDirect() {
+	i.direct = slices.DeleteFunc(i.direct, func(d *directSession) bool {
+		if d.w != i.w || d.w == nil {
+			directSessions.Dec()
+			return true
+		}
+		return false
+	})
+}
+
+func (s *Supervisor) startDirectLoop() {
+	s.direct.stop, s.direct.done = make(chan struct{}), make(chan struct{})
+	go s.directLoop()
+}
+
+// stopDirectLoop ends the loop, if it runs. Called by Close.
+func (s *Supervisor) stopDirectLoop() {
+	s.direct.loopOnce.Do(func() {}) // no loop starts after this
+	if s.direct.stop != nil {
+		close(s.direct.stop)
+		<-s.direct.done
+	}
+}
+
+func (s *Supervisor) directLoop() {
+	defer close(s.direct.done)
+	t := time.NewTicker(directSyncInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.direct.stop:
+			return
+		case <-t.C:
+		}
+		s.mu.Lock()
+		insts := make([]*instance, 0, len(s.instances))
+		for _, i := range s.instances {
+			insts = append(insts, i)
+		}
+		s.mu.Unlock()
+		var wg sync.WaitGroup
+		for _, inst := range insts {
+			inst.mu.Lock()
+			n := len(inst.direct)
+			inst.mu.Unlock()
+			if n == 0 {
+				continue
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				ctx, cancel := context.WithTimeout(context.Background(), directSyncInterval)
+				defer cancel()
+				s.syncDirect(ctx, inst)
+			}()
+		}
+		wg.Wait()
+	}
+}
+
+// syncDirect authorises inst's direct sessions again, ends those no
+// longer authorised as they were, and renews the worker's lease.
+func (s *Supervisor) syncDirect(ctx context.Context, inst *instance) {
+	inst.mu.Lock()
+	sessions := slices.Clone(inst.direct)
+	inst.mu.Unlock()
+	var end []uint64
+	for _, d := range sessions {
+		// Asked without the instance's lock: an Authorizer may fetch a
+		// CRL. A session whose rights changed in any way ends; its client
+		// asks again and gets the new ones.
+		caps, err := d.reauthorize(ctx)
+		if err != nil || caps != d.caps {
+			why := fmt.Sprint(err)
+			if err == nil {
+				why = fmt.Sprintf("its rights changed to %v", caps)
+			}
+			s.log.Info("direct session ended: the client is no longer authorised as it was", "instance", inst.id, "client", d.client, "session", d.id, "why", why)
+			end = append(end, d.id)
+		}
+	}
+	s.endDirect(ctx, inst, end)
+}
+
+// endDirect ends the sessions named, renews the lease, and forgets
+// sessions the worker no longer has. A worker that is not serving for
+// any reason (deleted, moved, unanchored) ends them all.
+func (s *Supervisor) endDirect(ctx context.Context, inst *instance, end []uint64) {
+	inst.mu.Lock()
+	defer inst.mu.Unlock()
+	inst.pruneDirect()
+	if len(inst.direct) == 0 {
+		return
+	}
+	lease, err := s.lease()
+	if err != nil || s.serving(inst) != nil {
+		lease, end = 0, nil
+		for _, d := range inst.direct {
+			end = append(end, d.id)
+		}
+	}
+	req := tpmrpc.AppendRequest(nil, tpmrpc.Request{Op: tpmrpc.OpDirectSync, Payload: tpmrpc.AppendDirectSync(nil, lease, end)})
+	out, err := s.callWorker(ctx, inst, tpmrpc.OpDirectSync, req)
+	if err != nil {
+		return // the worker is gone, and its sessions with it
+	}
+	p, err := tpmrpc.ParseResponse(out)
+	if err != nil || p.Err != "" {
+		s.log.Warn("the instance's worker did not renew its direct sessions", "instance", inst.id, "err", fmt.Sprint(err, p.Err))
+		return
+	}
+	live, err := tpmrpc.ParseSessionIDs(p.Payload)
+	if err != nil {
+		return
+	}
+	inst.direct = slices.DeleteFunc(inst.direct, func(d *directSession) bool {
+		if slices.Contains(live, d.id) {
+			return false
+		}
+		directSessions.Dec()
+		return true
+	})
+}

@@ -1,0 +1,121 @@
+package tpmrpc
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math"
+	"time"
+
+	"cvtpm/internal/directlink"
+)
+
+// DirectGrant is what the supervisor tells a worker of a direct session
+// it hands over (OpDirectAttach): what the session's client may do, how
+// long the worker may serve before the supervisor renews that, and the
+// session's keys. The keys never cross any socket but the worker's own.
+type DirectGrant struct {
+	Caps Capabilities
+	// Lease is how long from now the worker may serve direct calls
+	// (LeaseUnbounded: the backend has no key broker to keep up with).
+	Lease time.Duration
+	Keys  directlink.Keys
+}
+
+// LeaseUnbounded is the lease of a backend without a key broker.
+const LeaseUnbounded = time.Duration(math.MaxInt64)
+
+// AppendDirectGrant appends g's encoding: caps u32 | lease ns i64 |
+// cipher len u8 + name | key len u8 + client-to-server | key len u8 +
+// server-to-client.
+func AppendDirectGrant(dst []byte, g DirectGrant) []byte {
+	dst = binary.BigEndian.AppendUint32(dst, uint32(g.Caps))
+	dst = binary.BigEndian.AppendUint64(dst, uint64(max(g.Lease, 0)))
+	for _, b := range [][]byte{[]byte(g.Keys.Cipher), g.Keys.ClientToServer, g.Keys.ServerToClient} {
+		dst = append(dst, byte(len(b)))
+		dst = append(dst, b...)
+	}
+	return dst
+}
+
+// ParseDirectGrant decodes a grant; the keys are copies.
+func ParseDirectGrant(b []byte) (DirectGrant, error) {
+	if len(b) < 12 {
+		return DirectGrant{}, fmt.Errorf("%w: direct grant is %d bytes", ErrMalformed, len(b))
+	}
+	g := DirectGrant{Caps: Capabilities(binary.BigEndian.Uint32(b)), Lease: time.Duration(binary.BigEndian.Uint64(b[4:]) & math.MaxInt64)}
+	b = b[12:]
+	var parts [3][]byte
+	for i := range parts {
+		if len(b) < 1 || len(b) < 1+int(b[0]) {
+			return DirectGrant{}, fmt.Errorf("%w: direct grant truncated", ErrMalformed)
+		}
+		parts[i] = append([]byte(nil), b[1:1+int(b[0])]...)
+		b = b[1+int(b[0]):]
+	}
+	if len(b) != 0 {
+		return DirectGrant{}, fmt.Errorf("%w: %d stray bytes after the direct grant", ErrMalformed, len(b))
+	}
+	g.Keys = directlink.Keys{Cipher: string(parts[0]), ClientToServer: parts[1], ServerToClient: parts[2]}
+	return g, nil
+}
+
+// AppendDirectSync appends an OpDirectSync payload: lease ns i64, then
+// the ids of the sessions to end (u64 each).
+func AppendDirectSync(dst []byte, lease time.Duration, end []uint64) []byte {
+	dst = binary.BigEndian.AppendUint64(dst, uint64(max(lease, 0)))
+	return AppendSessionIDs(dst, end)
+}
+
+// ParseDirectSync decodes an OpDirectSync payload.
+func ParseDirectSync(b []byte) (time.Duration, []uint64, error) {
+	if len(b) < 8 {
+		return 0, nil, fmt.Errorf("%w: direct sync is %d bytes", ErrMalformed, len(b))
+	}
+	ids, err := ParseSessionIDs(b[8:])
+	return time.Duration(binary.BigEndian.Uint64(b) & math.MaxInt64), ids, err
+}
+
+// AppendSessionIDs appends ids, u64 each.
+func AppendSessionIDs(dst []byte, ids []uint64) []byte {
+	for _, id := range ids {
+		dst = binary.BigEndian.AppendUint64(dst, id)
+	}
+	return dst
+}
+
+// ParseSessionIDs decodes a list of session ids.
+func ParseSessionIDs(b []byte) ([]uint64, error) {
+	if len(b)%8 != 0 {
+		return nil, fmt.Errorf("%w: session id list of %d bytes", ErrMalformed, len(b))
+	}
+	ids := make([]uint64, 0, len(b)/8)
+	for ; len(b) > 0; b = b[8:] {
+		ids = append(ids, binary.BigEndian.Uint64(b))
+	}
+	return ids, nil
+}
+
+// TPM command codes that a direct session does not carry: the backend's
+// supervisor answers or follows them (restart replay of TPM2_Startup,
+// the CSV report vendor command, the command list it amends), so clients
+// send them through it.
+const (
+	ccStartup       = 0x144
+	ccGetCapability = 0x17a
+	ccVendorBit     = 1 << 29
+)
+
+// DirectEligible returns nil if r may go through a direct session (a
+// plain Execute of an ordinary TPM command), or why not. The client
+// routes by it and the worker refuses by it.
+func DirectEligible(r Request) error {
+	if r.Op != OpExecute || r.Arg != 0 {
+		return fmt.Errorf("%v does not go through a direct session", r.Op)
+	}
+	if len(r.Payload) >= 10 {
+		if cc := binary.BigEndian.Uint32(r.Payload[6:10]); cc == ccStartup || cc == ccGetCapability || cc&ccVendorBit != 0 {
+			return fmt.Errorf("TPM command %#x does not go through a direct session", cc)
+		}
+	}
+	return nil
+}

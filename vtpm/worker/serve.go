@@ -1,0 +1,372 @@
+package worker
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"slices"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"cvtpm/internal/directlink"
+	"cvtpm/vtpm/swtpmproto"
+	"cvtpm/vtpm/tpmrpc"
+)
+
+// maxDirect bounds the direct sessions one worker serves at once (a guest
+// proxy holds one); the supervisor keeps every other session on itself.
+const maxDirect = 8
+
+// directWriteTimeout ends a direct session whose client does not take its
+// answer: the worker serves one call at a time, and a client that stops
+// reading must not hold up the supervisor's calls.
+const directWriteTimeout = time.Second
+
+// server answers the supervisor's calls on its socket and, between them,
+// the calls of the direct sessions it was given (internal/directlink):
+// one thread waits in ppoll on all of them, so a command from either
+// wakes the worker once, and libtpms is only ever called from here.
+type server struct {
+	tpm swtpmproto.TPM
+	// locality is the TPM's current locality, which direct calls are
+	// checked at (as the supervisor checks its callers').
+	locality func() uint8
+	sup      int // the supervisor's socket (blocking)
+	log      *slog.Logger
+
+	sessions   []*direct
+	leaseUntil time.Time
+	pending    []int // descriptors received and not yet attached
+	in, out    []byte
+	rec        []byte // a sealed answer
+	oob        []byte
+}
+
+// direct is one direct session: a guest's attested link session that the
+// supervisor handed over after authorising it.
+type direct struct {
+	id     uint64
+	fd     int // non-blocking
+	caps   tpmrpc.Capabilities
+	open   *directlink.Opener
+	seal   *directlink.Sealer
+	buf    []byte // received bytes not yet a whole record
+	closed bool
+}
+
+func newServer(tpm swtpmproto.TPM, locality func() uint8, sup int, log *slog.Logger) *server {
+	return &server{tpm: tpm, locality: locality, sup: sup, log: log, oob: make([]byte, unix.CmsgSpace(4*4))}
+}
+
+// run serves until the supervisor closes its end (nil) or the socket
+// fails.
+func (s *server) run() error {
+	var pfds []unix.PollFd
+	for {
+		pfds = append(pfds[:0], unix.PollFd{Fd: int32(s.sup), Events: unix.POLLIN})
+		for _, d := range s.sessions {
+			pfds = append(pfds, unix.PollFd{Fd: int32(d.fd), Events: unix.POLLIN})
+		}
+		if _, err := unix.Ppoll(pfds, nil, nil); err != nil {
+			if err == unix.EINTR {
+				continue
+			}
+			return fmt.Errorf("waiting for calls: %w", err)
+		}
+		for i, d := range s.sessions {
+			if pfds[i+1].Revents != 0 {
+				s.serveDirect(d)
+			}
+		}
+		if pfds[0].Revents != 0 {
+			if err := s.serveSupervisor(); err != nil {
+				if errors.Is(err, io.EOF) {
+					return nil
+				}
+				return err
+			}
+		}
+		s.sessions = slices.DeleteFunc(s.sessions, func(d *direct) bool { return d.closed })
+	}
+}
+
+// Read reads the supervisor's socket, keeping the descriptors that come
+// with the bytes (OpDirectAttach) for the call that names them.
+func (s *server) Read(p []byte) (int, error) {
+	for {
+		n, oobn, flags, _, err := unix.Recvmsg(s.sup, p, s.oob, unix.MSG_CMSG_CLOEXEC)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return 0, err
+		}
+		if oobn > 0 {
+			if msgs, err := unix.ParseSocketControlMessage(s.oob[:oobn]); err == nil {
+				for _, m := range msgs {
+					if fds, err := unix.ParseUnixRights(&m); err == nil {
+						s.pending = append(s.pending, fds...)
+					}
+				}
+			}
+			if flags&unix.MSG_CTRUNC != 0 {
+				return 0, errors.New("descriptors from the supervisor were truncated")
+			}
+		}
+		if n == 0 {
+			return 0, io.EOF
+		}
+		return n, nil
+	}
+}
+
+// serveSupervisor answers one call of the supervisor.
+func (s *server) serveSupervisor() error {
+	msg, err := tpmrpc.ReadMessage(s, s.in)
+	if err != nil {
+		return err
+	}
+	s.in = msg[:0]
+	s.out = append(s.out[:0], 0, 0, 0, 0)
+	op := tpmrpc.Op(0)
+	if len(msg) > 0 {
+		op = tpmrpc.Op(msg[0])
+	}
+	switch op {
+	case tpmrpc.OpDirectAttach:
+		s.out = tpmrpc.AppendResponse(s.out, s.attach(msg))
+	case tpmrpc.OpDirectSync:
+		s.out = tpmrpc.AppendResponse(s.out, s.sync(msg))
+	case tpmrpc.OpInit, tpmrpc.OpStop, tpmrpc.OpGetState, tpmrpc.OpSetState:
+		// A reset or a state transfer ends the direct sessions before it
+		// runs, in this one thread: no guest command runs on the TPM the
+		// host just reset (a workload that locked the host path must be
+		// told, which the supervisor does when its client reconnects), or
+		// on state that is leaving.
+		s.endAll(op.String())
+		fallthrough
+	default:
+		s.out = tpmrpc.Handle(s.tpm, msg, s.out)
+	}
+	s.closePending()
+	binary.BigEndian.PutUint32(s.out, uint32(len(s.out)-4))
+	for b := s.out; len(b) > 0; {
+		n, err := unix.Write(s.sup, b)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		b = b[n:]
+	}
+	return nil
+}
+
+func (s *server) closePending() {
+	for _, fd := range s.pending {
+		unix.Close(fd)
+	}
+	s.pending = s.pending[:0]
+}
+
+// attach takes the direct session the supervisor hands over.
+func (s *server) attach(msg []byte) tpmrpc.Response {
+	r, err := tpmrpc.ParseRequest(msg)
+	if err != nil {
+		return tpmrpc.Response{Err: err.Error()}
+	}
+	if len(s.pending) != 1 {
+		return tpmrpc.Response{Err: fmt.Sprintf("a direct session comes with one socket, not %d", len(s.pending))}
+	}
+	if n := s.open(); n >= maxDirect {
+		return tpmrpc.Response{Err: fmt.Sprintf("this instance already serves %d direct sessions", n)}
+	}
+	g, err := tpmrpc.ParseDirectGrant(r.Payload)
+	if err != nil {
+		return tpmrpc.Response{Err: err.Error()}
+	}
+	defer g.Keys.Wipe()
+	d := &direct{id: r.Arg, caps: g.Caps}
+	if d.open, err = directlink.NewOpener(g.Keys.Cipher, g.Keys.ClientToServer); err != nil {
+		return tpmrpc.Response{Err: err.Error()}
+	}
+	if d.seal, err = directlink.NewSealer(g.Keys.Cipher, g.Keys.ServerToClient); err != nil {
+		return tpmrpc.Response{Err: err.Error()}
+	}
+	if err := unix.SetNonblock(s.pending[0], true); err != nil {
+		return tpmrpc.Response{Err: fmt.Sprintf("direct session socket: %v", err)}
+	}
+	d.fd = s.pending[0]
+	s.pending = s.pending[:0]
+	s.leaseUntil = time.Now().Add(g.Lease)
+	s.sessions = append(s.sessions, d)
+	return tpmrpc.Response{}
+}
+
+func (s *server) open() int {
+	n := 0
+	for _, d := range s.sessions {
+		if !d.closed {
+			n++
+		}
+	}
+	return n
+}
+
+// sync renews the lease, ends the sessions named, and lists those open.
+func (s *server) sync(msg []byte) tpmrpc.Response {
+	r, err := tpmrpc.ParseRequest(msg)
+	if err != nil {
+		return tpmrpc.Response{Err: err.Error()}
+	}
+	lease, end, err := tpmrpc.ParseDirectSync(r.Payload)
+	if err != nil {
+		return tpmrpc.Response{Err: err.Error()}
+	}
+	s.leaseUntil = time.Now().Add(lease)
+	var open []uint64
+	for _, d := range s.sessions {
+		if slices.Contains(end, d.id) {
+			s.end(d, "ended by the supervisor")
+		}
+		if !d.closed {
+			open = append(open, d.id)
+		}
+	}
+	return tpmrpc.Response{Payload: tpmrpc.AppendSessionIDs(nil, open)}
+}
+
+func (s *server) endAll(why string) {
+	for _, d := range s.sessions {
+		s.end(d, why)
+	}
+}
+
+func (s *server) end(d *direct, why string) {
+	if d.closed {
+		return
+	}
+	// Told, sealed, before the socket closes (directlink.AppendEnd): a
+	// command the client sends meanwhile was not run, and it may send it
+	// again on a new session. One attempt, without waiting.
+	if rec, err := directlink.AppendEnd(d.seal, s.rec[:0]); err == nil {
+		unix.Write(d.fd, rec)
+		s.rec = rec[:0]
+	}
+	s.closeDirect(d, why)
+}
+
+// closeDirect closes d without telling its client (which is gone).
+func (s *server) closeDirect(d *direct, why string) {
+	if d.closed {
+		return
+	}
+	d.closed = true
+	unix.Close(d.fd)
+	clear(d.buf)
+	d.buf = nil
+	s.log.Debug("direct session ended", "session", d.id, "why", why)
+}
+
+// serveDirect reads what a direct session sent and answers every whole
+// record in it. Anything that does not open ends the session: the host
+// relays these bytes and may alter them.
+func (s *server) serveDirect(d *direct) {
+	for !d.closed {
+		if len(d.buf) == cap(d.buf) {
+			d.buf = slices.Grow(d.buf, 4096)
+		}
+		n, err := unix.Read(d.fd, d.buf[len(d.buf):cap(d.buf)])
+		if err == unix.EINTR {
+			continue
+		}
+		if err == unix.EAGAIN {
+			return
+		}
+		if err != nil || n == 0 {
+			s.closeDirect(d, "the client closed it")
+			return
+		}
+		d.buf = d.buf[:len(d.buf)+n]
+		for !d.closed {
+			rec, rest, ok, err := directlink.Split(d.buf)
+			if err != nil {
+				s.end(d, err.Error())
+				return
+			}
+			if !ok {
+				break
+			}
+			msg, err := d.open.Open(rec)
+			if err != nil {
+				s.end(d, err.Error())
+				return
+			}
+			s.out = s.directCall(d, msg, s.out[:0])
+			clear(rec)
+			d.buf = d.buf[:copy(d.buf, rest)]
+			s.rec, err = d.seal.Seal(s.rec[:0], s.out)
+			clear(s.out)
+			if err != nil {
+				s.end(d, err.Error())
+				return
+			}
+			s.writeDirect(d, s.rec)
+		}
+	}
+}
+
+// directCall performs one call of a direct session, or refuses it with
+// the reason, and appends the encoded response to dst.
+func (s *server) directCall(d *direct, msg, dst []byte) []byte {
+	r, err := tpmrpc.ParseRequest(msg)
+	if err != nil {
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: err.Error()})
+	}
+	if err := tpmrpc.DirectEligible(r); err != nil {
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: err.Error() + ": send it through the backend's supervisor"})
+	}
+	if time.Now().After(s.leaseUntil) {
+		// The supervisor renews the lease while the key broker records
+		// this backend's state; it refuses its own callers in the same
+		// case, with the same words.
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: "the key broker has not recorded this backend's state recently (unreachable, or another CVM runs as this backend): refusing to serve until it does"})
+	}
+	// Checked at the locality the last set-locality left, perhaps the
+	// host's, exactly as the supervisor checks a plain Execute.
+	checked := tpmrpc.Request{Op: tpmrpc.OpExecute, Locality: s.locality(), Arg: tpmrpc.ExecuteAtLocality, Payload: r.Payload}
+	if err := d.caps.Allow(checked); err != nil {
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("refused: %v", err)})
+	}
+	return tpmrpc.Handle(s.tpm, msg, dst)
+}
+
+// writeDirect sends rec to a direct session, waiting at most
+// directWriteTimeout for a client that does not read.
+func (s *server) writeDirect(d *direct, rec []byte) {
+	deadline := time.Now().Add(directWriteTimeout)
+	for len(rec) > 0 {
+		n, err := unix.Write(d.fd, rec)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			left := time.Until(deadline)
+			if left <= 0 {
+				s.closeDirect(d, "the client does not take its answers")
+				return
+			}
+			ts := unix.NsecToTimespec(left.Nanoseconds())
+			unix.Ppoll([]unix.PollFd{{Fd: int32(d.fd), Events: unix.POLLOUT}}, &ts, nil)
+			continue
+		case err != nil:
+			s.closeDirect(d, err.Error())
+			return
+		}
+		rec = rec[n:]
+	}
+}
