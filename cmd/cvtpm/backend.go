@@ -344,7 +344,17 @@ Options:
 	errc := make(chan error, 2)
 	go func() { errc <- gs.Serve(aln) }()
 	go func() { errc <- link.Serve(ctx, ln) }()
-	obs.OnHangup(ctx, log, "--acl "+*aclFile, acl.Reload)
+	obs.OnHangup(ctx, log, "--acl "+*aclFile, func() error {
+		if err := acl.Reload(); err != nil {
+			return err
+		}
+		// Sessions handed to workers are authorised again before the
+		// reload is reported, as calls through the supervisor are.
+		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		sup.ReauthorizeDirect(rctx)
+		return nil
+	})
 	metricsBound := ""
 	if *metricsAddr != "" {
 		if metricsBound, err = obs.Serve(ctx, *metricsAddr, func(context.Context) error { return sup.Ready() }, log); err != nil {

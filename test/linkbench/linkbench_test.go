@@ -23,6 +23,7 @@ import (
 	backendpb "cvtpm/api/backend"
 	"cvtpm/attest/csv"
 	"cvtpm/internal/attestedlink"
+	"cvtpm/internal/gcm"
 	"cvtpm/internal/netaddr"
 	"cvtpm/internal/tpmsock"
 	"cvtpm/test/testenv"
@@ -73,13 +74,19 @@ func paths(b *testing.B, hops bool) []path {
 	}
 	_, tcti = topo.StartGuestProxy(b, topo.LinkAddr, "guest-vm1", "vm1", f.Policy)
 	out = append(out, path{"proxy->backend", dialTCP(b, tcti)})
-	out = append(out, path{"link client->backend", linkClient(b, topo, "guest-vm1", "vm1")})
+	out = append(out, path{"link client->backend", linkClient(b, topo, "guest-vm1", "vm1", true)})
+	// The same two ends with every command through the backend's
+	// supervisor (no direct session), as before direct sessions.
+	_, tcti = topo.StartGuestProxy(b, relay, "guest-vm1", "vm1", f.Policy, "--direct", "off")
+	out = append(out, path{"attested, via the supervisor", dialTCP(b, tcti)})
+	out = append(out, path{"link client->backend, via the supervisor", linkClient(b, topo, "guest-vm1", "vm1", false)})
 	return out
 }
 
 // linkClient is the attested link's client in this process, a go-tpm
-// transport to one instance of the backend.
-func linkClient(b *testing.B, topo *testenv.Topology, identity, instance string) transport.TPMCloser {
+// transport to one instance of the backend; with direct, its commands go
+// through a direct session with the instance's worker.
+func linkClient(b *testing.B, topo *testenv.Topology, identity, instance string, direct bool) transport.TPMCloser {
 	b.Helper()
 	c := topo.Files.Certs[identity]
 	cert, err := tls.LoadX509KeyPair(c[0], c[1])
@@ -96,6 +103,11 @@ func linkClient(b *testing.B, topo *testenv.Topology, identity, instance string)
 			return nil, err
 		}
 		return attestedlink.Dial(ctx, conn, attestedlink.ClientConfig{Certificate: cert, Policy: policy})
+	}
+	if direct {
+		tpm, caller := attestedlink.RemoteTPMDirect(instance, gcm.AES256, dial, nil)
+		b.Cleanup(func() { caller.Close() })
+		return rpcTPM{tpm, caller}
 	}
 	tpm, caller := attestedlink.RemoteTPM(instance, dial, nil)
 	if _, err := caller.Connect(context.Background()); err != nil {
@@ -192,15 +204,21 @@ func BenchmarkAttestedGetRandom(b *testing.B) {
 		return err
 	})
 	report(b, "GetRandom(8)", ps, med, meets(us(med[2]-med[1]), attestedGoalUs, "us added"))
-	full, noRelay, inProcess, direct := med[2], med[3], med[4], med[1]
+	full, noRelay, inProcess, socket := med[2], med[3], med[4], med[1]
+	viaSup, viaSupInProcess := med[5], med[6]
+	b.ReportMetric(us(viaSup-socket), "added-via-supervisor-us")
 	if warmUp(b) {
 		return
 	}
-	fmt.Printf("  the attested path's hops, same run (differences of medians):\n"+
+	fmt.Printf("  the attested path's hops, same run (differences of medians); commands go through a direct session with the instance's worker:\n"+
 		"    relay (host, a byte pump)                     %+8.1f us  (proxy->relay->backend %.1f - proxy->backend %.1f)\n"+
 		"    guest proxy process (swtpm protocol, link)    %+8.1f us  (proxy->backend - link client->backend %.1f)\n"+
-		"    backend: link, supervisor -> worker, engine   %+8.1f us  (link client->backend - cvtpm socket %.1f); see BenchmarkCall and BenchmarkSupervisorGetRandom below\n",
-		us(full-noRelay), us(full), us(noRelay), us(noRelay-inProcess), us(inProcess), us(inProcess-direct), us(direct))
+		"    backend: direct-session records, worker       %+8.1f us  (link client->backend - cvtpm socket %.1f)\n"+
+		"  the same path with every command through the backend's supervisor (guest proxy --direct off):\n"+
+		"    attested, via the supervisor                  %8.1f us  (added %+.1f us)\n"+
+		"    the supervisor hop (TLS, supervisor->worker)  %+8.1f us  (link client via the supervisor %.1f - link client direct); see BenchmarkCall and BenchmarkSupervisorGetRandom below\n",
+		us(full-noRelay), us(full), us(noRelay), us(noRelay-inProcess), us(inProcess), us(inProcess-socket), us(socket),
+		us(viaSup), us(viaSup-socket), us(viaSupInProcess-inProcess), us(viaSupInProcess))
 }
 
 func BenchmarkAttestedQuoteECC(b *testing.B) {
@@ -349,7 +367,7 @@ func worn(b *testing.B, topo *testenv.Topology, insts []*backendpb.Instance) {
 	extend := tpm2.PCRExtend{PCRHandle: tpm2.AuthHandle{Handle: 16, Auth: tpm2.PasswordAuth(nil)},
 		Digests: tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{{HashAlg: tpm2.TPMAlgSHA256, Digest: make([]byte, 32)}}}}
 	for _, inst := range insts[:instances] {
-		t := linkClient(b, topo, "frontend", inst.Id)
+		t := linkClient(b, topo, "frontend", inst.Id, false)
 		if _, err := (tpm2.Startup{StartupType: tpm2.TPMSUClear}).Execute(t); err != nil {
 			b.Fatalf("%s: %v", inst.Id, err)
 		}

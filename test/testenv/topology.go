@@ -338,12 +338,12 @@ func (t *Topology) startRelay(tb testing.TB, extra ...string) string {
 
 // StartGuestProxy runs `cvtpm guest proxy` for instance as identity, over
 // link, serving the swtpm protocol on a TCP port pair; it returns the TCTI.
-func (t *Topology) StartGuestProxy(tb testing.TB, link, identity, instance, policy string) (*Daemon, string) {
+func (t *Topology) StartGuestProxy(tb testing.TB, link, identity, instance, policy string, extra ...string) (*Daemon, string) {
 	tb.Helper()
 	port := FreePort(tb)
 	c := t.Files.Certs[identity]
-	d := StartDaemon(tb, "guest proxy", []string{fmt.Sprintf("tcp:127.0.0.1:%d", port)},
-		"guest", "proxy", "--link", link, "--instance", instance, "--tls-cert", c[0], "--tls-key", c[1], "--policy", policy,
-		"--cert-dir", t.Files.CertDir, "--tcp", fmt.Sprintf("127.0.0.1:%d", port))
+	args := append([]string{"guest", "proxy", "--link", link, "--instance", instance, "--tls-cert", c[0], "--tls-key", c[1], "--policy", policy,
+		"--cert-dir", t.Files.CertDir, "--tcp", fmt.Sprintf("127.0.0.1:%d", port)}, extra...)
+	d := StartDaemon(tb, "guest proxy", []string{fmt.Sprintf("tcp:127.0.0.1:%d", port)}, args...)
 	return d, fmt.Sprintf("swtpm:host=127.0.0.1,port=%d", port)
 }

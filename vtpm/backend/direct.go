@@ -47,6 +47,7 @@ type directState struct {
 	loopOnce sync.Once
 	stop     chan struct{}
 	done     chan struct{}
+	syncs    sync.WaitGroup // rounds of syncDirect under way
 }
 
 // HandOff implements attestedlink.DirectHandler: it gives an authorised
@@ -185,6 +186,7 @@ func (s *Supervisor) stopDirectLoop() {
 		close(s.direct.stop)
 		<-s.direct.done
 	}
+	s.direct.syncs.Wait()
 }
 
 func (s *Supervisor) directLoop() {
@@ -197,30 +199,51 @@ func (s *Supervisor) directLoop() {
 			return
 		case <-t.C:
 		}
-		s.mu.Lock()
-		insts := make([]*instance, 0, len(s.instances))
-		for _, i := range s.instances {
-			insts = append(insts, i)
-		}
-		s.mu.Unlock()
-		var wg sync.WaitGroup
-		for _, inst := range insts {
-			inst.mu.Lock()
-			n := len(inst.direct)
-			inst.mu.Unlock()
-			if n == 0 {
-				continue
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				ctx, cancel := context.WithTimeout(context.Background(), directSyncInterval)
-				defer cancel()
-				s.syncDirect(ctx, inst)
-			}()
-		}
-		wg.Wait()
+		s.syncAll()
 	}
+}
+
+// syncAll starts a syncDirect round on every instance with direct
+// sessions whose last round is over: a slow instance (a long TPM command,
+// a CRL fetch) delays its own revocations only.
+func (s *Supervisor) syncAll() {
+	for _, inst := range s.snapshot() {
+		inst.mu.Lock()
+		n := len(inst.direct)
+		inst.mu.Unlock()
+		if n == 0 || !inst.directSyncing.CompareAndSwap(false, true) {
+			continue
+		}
+		s.direct.syncs.Add(1)
+		go func() {
+			defer s.direct.syncs.Done()
+			defer inst.directSyncing.Store(false)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*directSyncInterval)
+			defer cancel()
+			s.syncDirect(ctx, inst)
+		}()
+	}
+}
+
+// ReauthorizeDirect authorises every direct session again now and waits
+// (at most until ctx ends) for the rounds: for an ACL reload, so that it
+// takes effect at once on sessions handed to workers too.
+func (s *Supervisor) ReauthorizeDirect(ctx context.Context) {
+	var wg sync.WaitGroup
+	for _, inst := range s.snapshot() {
+		inst.mu.Lock()
+		n := len(inst.direct)
+		inst.mu.Unlock()
+		if n == 0 {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.syncDirect(ctx, inst)
+		}()
+	}
+	wg.Wait()
 }
 
 // syncDirect authorises inst's direct sessions again, ends those no

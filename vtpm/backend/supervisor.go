@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"cvtpm/attest/csv"
@@ -178,6 +179,8 @@ type instance struct {
 	startedUp   bool   // TPM2_Startup succeeded since the last init
 	lastErr     error
 	direct      []*directSession // sessions handed to the worker (direct.go)
+	// directSyncing: a round of syncDirect is under way (not under mu).
+	directSyncing atomic.Bool
 }
 
 var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
@@ -312,12 +315,7 @@ func (s *Supervisor) anchorLoop(ctx context.Context) {
 // anchorNow asks every running worker for its generation and reports
 // them to the Anchorer.
 func (s *Supervisor) anchorNow(ctx context.Context) {
-	s.mu.Lock()
-	insts := make([]*instance, 0, len(s.instances))
-	for _, i := range s.instances {
-		insts = append(insts, i)
-	}
-	s.mu.Unlock()
+	insts := s.snapshot()
 	gens := s.collectGenerations(ctx, insts, min(anchorRoundWait, s.maxUnanchored()/4))
 	// Sent even when there is nothing to report: it is also the heartbeat
 	// that keeps the instances serving (MaxUnanchored).
@@ -673,12 +671,7 @@ func (s *Supervisor) Delete(ctx context.Context, id string) error {
 
 // List describes the instances, sorted by id.
 func (s *Supervisor) List() []InstanceInfo {
-	s.mu.Lock()
-	insts := make([]*instance, 0, len(s.instances))
-	for _, i := range s.instances {
-		insts = append(insts, i)
-	}
-	s.mu.Unlock()
+	insts := s.snapshot()
 	out := make([]InstanceInfo, 0, len(insts))
 	for _, i := range insts {
 		i.mu.Lock()
@@ -725,6 +718,17 @@ func (s *Supervisor) Binding(id string) *Binding {
 		return inst.binding // set at creation or start, never changed
 	}
 	return nil
+}
+
+// snapshot lists the instances (for rounds over all of them).
+func (s *Supervisor) snapshot() []*instance {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	insts := make([]*instance, 0, len(s.instances))
+	for _, i := range s.instances {
+		insts = append(insts, i)
+	}
+	return insts
 }
 
 func (s *Supervisor) lookup(id string) *instance {
@@ -1019,6 +1023,12 @@ func (s *Supervisor) exited(inst *instance, w *worker, waitErr error) {
 	inst.w = nil
 	inst.restarts++
 	workerRestarts.Inc()
+	if inst.hostLocked {
+		// The restart resets the TPM's volatile state (restore) under the
+		// running workload, as a host reset would: it is told, and the
+		// host path stays locked.
+		inst.lockBroken = true
+	}
 	s.log.Warn("instance worker died; restarting it from its sealed state", "instance", inst.id, "pid", w.cmd.Process.Pid, "exit", fmt.Sprint(waitErr), "restarts", inst.restarts)
 	// Back off when workers keep dying right after starting, so a broken
 	// state directory does not turn into a fork loop. A worker that lived
@@ -1089,7 +1099,7 @@ func (s *Supervisor) Call(ctx context.Context, id string, caps tpmrpc.Capabiliti
 		// remaining right): the workload's PCRs and sessions are gone and
 		// whatever the host did since is not its boot. It is told, every
 		// time, until it locks again after its own (re)boot.
-		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q: the host reset the TPM after the workload locked it; the TPM's volatile state is not the workload's any more (lock again after a reboot)", id)}), nil
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("instance %q: the host reset the TPM after the workload locked it (or its worker restarted); the TPM's volatile state is not the workload's any more (lock again after a reboot)", id)}), nil
 	}
 	if inst.w == nil {
 		if err := s.start(ctx, inst, startExisting); err != nil {

@@ -62,24 +62,27 @@ func newServer(tpm swtpmproto.TPM, locality func() uint8, sup int, log *slog.Log
 }
 
 // run serves until the supervisor closes its end (nil) or the socket
-// fails.
+// fails. The supervisor comes first, and a direct session gets one call
+// per round: a client that pipelines its records must not hold the
+// supervisor's calls (a host reset, a revocation, the lease) off, nor
+// the other sessions.
 func (s *server) run() error {
 	var pfds []unix.PollFd
+	zero := unix.NsecToTimespec(0)
 	for {
 		pfds = append(pfds[:0], unix.PollFd{Fd: int32(s.sup), Events: unix.POLLIN})
+		var timeout *unix.Timespec
 		for _, d := range s.sessions {
 			pfds = append(pfds, unix.PollFd{Fd: int32(d.fd), Events: unix.POLLIN})
+			if d.whole() {
+				timeout = &zero // a call is waiting already
+			}
 		}
-		if _, err := unix.Ppoll(pfds, nil, nil); err != nil {
+		if _, err := unix.Ppoll(pfds, timeout, nil); err != nil {
 			if err == unix.EINTR {
 				continue
 			}
 			return fmt.Errorf("waiting for calls: %w", err)
-		}
-		for i, d := range s.sessions {
-			if pfds[i+1].Revents != 0 {
-				s.serveDirect(d)
-			}
 		}
 		if pfds[0].Revents != 0 {
 			if err := s.serveSupervisor(); err != nil {
@@ -87,6 +90,13 @@ func (s *server) run() error {
 					return nil
 				}
 				return err
+			}
+		}
+		// Only the sessions polled: the supervisor may just have attached
+		// another.
+		for i, d := range s.sessions[:len(pfds)-1] {
+			if !d.closed && (pfds[i+1].Revents != 0 || d.whole()) {
+				s.serveDirect(d)
 			}
 		}
 		s.sessions = slices.DeleteFunc(s.sessions, func(d *direct) bool { return d.closed })
@@ -138,6 +148,7 @@ func (s *server) serveSupervisor() error {
 	switch op {
 	case tpmrpc.OpDirectAttach:
 		s.out = tpmrpc.AppendResponse(s.out, s.attach(msg))
+		clear(msg) // the session's keys
 	case tpmrpc.OpDirectSync:
 		s.out = tpmrpc.AppendResponse(s.out, s.sync(msg))
 	case tpmrpc.OpInit, tpmrpc.OpStop, tpmrpc.OpGetState, tpmrpc.OpSetState:
@@ -272,19 +283,25 @@ func (s *server) closeDirect(d *direct, why string) {
 	s.log.Debug("direct session ended", "session", d.id, "why", why)
 }
 
-// serveDirect reads what a direct session sent and answers every whole
-// record in it. Anything that does not open ends the session: the host
-// relays these bytes and may alter them.
+// whole reports whether d holds a whole record already received.
+func (d *direct) whole() bool {
+	if d.closed {
+		return false
+	}
+	_, _, ok, err := directlink.Split(d.buf)
+	return ok || err != nil
+}
+
+// serveDirect answers one record of a direct session, reading once if it
+// holds none whole. Anything that does not open ends the session: the
+// host relays these bytes and may alter them.
 func (s *server) serveDirect(d *direct) {
-	for !d.closed {
+	if !d.whole() {
 		if len(d.buf) == cap(d.buf) {
 			d.buf = slices.Grow(d.buf, 4096)
 		}
 		n, err := unix.Read(d.fd, d.buf[len(d.buf):cap(d.buf)])
-		if err == unix.EINTR {
-			continue
-		}
-		if err == unix.EAGAIN {
+		if err == unix.EINTR || err == unix.EAGAIN {
 			return
 		}
 		if err != nil || n == 0 {
@@ -292,32 +309,31 @@ func (s *server) serveDirect(d *direct) {
 			return
 		}
 		d.buf = d.buf[:len(d.buf)+n]
-		for !d.closed {
-			rec, rest, ok, err := directlink.Split(d.buf)
-			if err != nil {
-				s.end(d, err.Error())
-				return
-			}
-			if !ok {
-				break
-			}
-			msg, err := d.open.Open(rec)
-			if err != nil {
-				s.end(d, err.Error())
-				return
-			}
-			s.out = s.directCall(d, msg, s.out[:0])
-			clear(rec)
-			d.buf = d.buf[:copy(d.buf, rest)]
-			s.rec, err = d.seal.Seal(s.rec[:0], s.out)
-			clear(s.out)
-			if err != nil {
-				s.end(d, err.Error())
-				return
-			}
-			s.writeDirect(d, s.rec)
-		}
 	}
+	rec, rest, ok, err := directlink.Split(d.buf)
+	if err != nil {
+		s.end(d, err.Error())
+		return
+	}
+	if !ok {
+		return
+	}
+	msg, err := d.open.Open(rec)
+	if err != nil {
+		s.end(d, err.Error())
+		return
+	}
+	s.out = s.directCall(d, msg, s.out[:0])
+	clear(rec)
+	d.buf = d.buf[:copy(d.buf, rest)]
+	s.rec, err = d.seal.Seal(s.rec[:0], s.out)
+	clear(s.out)
+	if err != nil {
+		// The call ran: the client must not be told it did not.
+		s.closeDirect(d, err.Error())
+		return
+	}
+	s.writeDirect(d, s.rec)
 }
 
 // directCall performs one call of a direct session, or refuses it with
