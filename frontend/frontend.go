@@ -12,6 +12,7 @@ import (
 	"cvtpm/internal/attestedlink"
 	"cvtpm/internal/logfield"
 	"cvtpm/internal/netaddr"
+	"cvtpm/internal/sockmap"
 	"cvtpm/vtpm/swtpmproto"
 	"cvtpm/vtpm/tpmrpc"
 )
@@ -125,6 +126,10 @@ type Relay struct {
 	// logged, so one guest cannot take the descriptors every other VM's
 	// relay and QEMU socket need (each relayed connection costs several).
 	MaxPerSource, Max int
+	// Joiner, if set, forwards pairs of TCP connections in the kernel
+	// (internal/sockmap) instead of copying them through this process;
+	// other connections, and all of them when Tap is set, are copied.
+	Joiner *sockmap.Joiner
 
 	connLog logfield.Limiter
 }
@@ -178,6 +183,14 @@ func (r *Relay) Serve(ctx context.Context, ln net.Listener) error {
 			defer out.Close()
 			if ok {
 				log.Info("relaying a guest connection", "from", in.RemoteAddr().String(), "connections_not_logged_before", held)
+			}
+			if r.Joiner != nil && r.Tap == nil {
+				// The backend speaks only after the guest (TLS), as Join
+				// requires; nothing has been forwarded yet.
+				err := r.Joiner.Join(ctx, in, out)
+				if !errors.Is(err, sockmap.ErrUnsupported) {
+					return
+				}
 			}
 			done := make(chan struct{}, 2)
 			go func() { r.copy(out, in); done <- struct{}{} }()

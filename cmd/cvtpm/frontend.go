@@ -14,6 +14,7 @@ import (
 	"cvtpm/frontend"
 	"cvtpm/internal/netaddr"
 	"cvtpm/internal/obs"
+	"cvtpm/internal/sockmap"
 )
 
 func init() {
@@ -56,6 +57,7 @@ Options:
 	relay := fs.String("relay", "", "accept guestkit connections here (vsock:PORT, tcp:HOST:PORT or unix:PATH) and relay them")
 	perSource := fs.Int("relay-per-source", 64, "relay at most this many connections at once from one guest (source address); more are closed and logged")
 	capture := fs.String("relay-capture", "", "append every relayed byte to FILE (debugging: shows the host sees only ciphertext)")
+	relayJoin := fs.String("relay-join", "auto", "forward relayed TCP connections in the kernel (a BPF sockmap; needs root): auto (when the kernel allows it, else copy) or off")
 	sockMode := fs.String("socket-mode", "0600", "permissions of the --vm sockets (octal; e.g. 0660 with a group QEMU runs in)")
 	link := addLinkFlags(fs)
 	logFlags := obs.AddLogFlags(fs)
@@ -71,6 +73,9 @@ Options:
 	}
 	if *capture != "" && *relay == "" {
 		return usageError("--relay-capture needs --relay")
+	}
+	if *relayJoin != "auto" && *relayJoin != "off" {
+		return flagError("--relay-join", fmt.Errorf("%q: want auto or off", *relayJoin))
 	}
 	mode, err := strconv.ParseUint(*sockMode, 8, 32)
 	if err != nil || mode > 0o777 {
@@ -126,8 +131,17 @@ Options:
 			defer fcap.Close()
 			r.Tap = fcap
 		}
+		forwarding := "copied by this process"
+		if *relayJoin == "auto" && r.Tap == nil {
+			if j, err := sockmap.New(); err != nil {
+				log.Info("relayed connections are copied by this process: no kernel join", "why", err)
+			} else {
+				defer j.Close()
+				r.Joiner, forwarding = j, "joined in the kernel (TCP to TCP)"
+			}
+		}
 		go func() { errc <- r.Serve(ctx, ln) }()
-		log.Info("relaying guest connections", "listen", ln.Addr().String(), "backend", *backendAddr)
+		log.Info("relaying guest connections", "listen", ln.Addr().String(), "backend", *backendAddr, "forwarding", forwarding)
 	}
 	if *metricsAddr != "" {
 		bound, err := obs.Serve(ctx, *metricsAddr, nil, log)
