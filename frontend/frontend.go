@@ -127,8 +127,9 @@ type Relay struct {
 	// relay and QEMU socket need (each relayed connection costs several).
 	MaxPerSource, Max int
 	// Joiner, if set, forwards pairs of TCP connections in the kernel
-	// (internal/sockmap) instead of copying them through this process;
-	// other connections, and all of them when Tap is set, are copied.
+	// (internal/sockmap) instead of copying them through this process,
+	// without TCP's backpressure (see there); other connections, and all
+	// of them when Tap is set, are copied.
 	Joiner *sockmap.Joiner
 
 	connLog logfield.Limiter

@@ -57,7 +57,7 @@ Options:
 	relay := fs.String("relay", "", "accept guestkit connections here (vsock:PORT, tcp:HOST:PORT or unix:PATH) and relay them")
 	perSource := fs.Int("relay-per-source", 64, "relay at most this many connections at once from one guest (source address); more are closed and logged")
 	capture := fs.String("relay-capture", "", "append every relayed byte to FILE (debugging: shows the host sees only ciphertext)")
-	relayJoin := fs.String("relay-join", "auto", "forward relayed TCP connections in the kernel (a BPF sockmap; needs root): auto (when the kernel allows it, else copy) or off")
+	relayJoin := fs.String("relay-join", "off", "on: forward relayed TCP connections in the kernel (a BPF sockmap; needs root), which takes the relay's wake-ups off the attested path but gives up TCP's backpressure: a guest that sends without reading makes the host's kernel queue without bound (see internal/sockmap); off: copy through this process")
 	sockMode := fs.String("socket-mode", "0600", "permissions of the --vm sockets (octal; e.g. 0660 with a group QEMU runs in)")
 	link := addLinkFlags(fs)
 	logFlags := obs.AddLogFlags(fs)
@@ -74,8 +74,14 @@ Options:
 	if *capture != "" && *relay == "" {
 		return usageError("--relay-capture needs --relay")
 	}
-	if *relayJoin != "auto" && *relayJoin != "off" {
-		return flagError("--relay-join", fmt.Errorf("%q: want auto or off", *relayJoin))
+	if *relayJoin != "on" && *relayJoin != "off" {
+		return flagError("--relay-join", fmt.Errorf("%q: want on or off", *relayJoin))
+	}
+	if *relayJoin == "on" && *relay == "" {
+		return usageError("--relay-join needs --relay")
+	}
+	if *relayJoin == "on" && *capture != "" {
+		return usageError("--relay-join on and --relay-capture exclude each other: joined bytes do not pass through this process")
 	}
 	mode, err := strconv.ParseUint(*sockMode, 8, 32)
 	if err != nil || mode > 0o777 {
@@ -132,13 +138,13 @@ Options:
 			r.Tap = fcap
 		}
 		forwarding := "copied by this process"
-		if *relayJoin == "auto" && r.Tap == nil {
-			if j, err := sockmap.New(); err != nil {
-				log.Info("relayed connections are copied by this process: no kernel join", "why", err)
-			} else {
-				defer j.Close()
-				r.Joiner, forwarding = j, "joined in the kernel (TCP to TCP)"
+		if *relayJoin == "on" {
+			j, err := sockmap.New()
+			if err != nil {
+				return fmt.Errorf("--relay-join on: %w", err)
 			}
+			defer j.Close()
+			r.Joiner, forwarding = j, "joined in the kernel (TCP to TCP; others copied)"
 		}
 		go func() { errc <- r.Serve(ctx, ln) }()
 		log.Info("relaying guest connections", "listen", ln.Addr().String(), "backend", *backendAddr, "forwarding", forwarding)

@@ -25,6 +25,7 @@ import (
 	"cvtpm/internal/attestedlink"
 	"cvtpm/internal/gcm"
 	"cvtpm/internal/netaddr"
+	"cvtpm/internal/sockmap"
 	"cvtpm/internal/tpmsock"
 	"cvtpm/test/testenv"
 	"cvtpm/vtpm/tpmrpc"
@@ -80,7 +81,24 @@ func paths(b *testing.B, hops bool) []path {
 	_, tcti = topo.StartGuestProxy(b, relay, "guest-vm1", "vm1", f.Policy, "--direct", "off")
 	out = append(out, path{"attested, via the supervisor", dialTCP(b, tcti)})
 	out = append(out, path{"link client->backend, via the supervisor", linkClient(b, topo, "guest-vm1", "vm1", false)})
+	// The relay joined in the kernel (--relay-join on, root only).
+	if sockmapAvailable() {
+		joined := topo.StartPlainRelay(b, "--relay-join", "on")
+		_, tcti = topo.StartGuestProxy(b, joined, "guest-vm1", "vm1", f.Policy)
+		out = append(out, path{"attested, relay joined in the kernel", dialTCP(b, tcti)})
+	}
 	return out
+}
+
+// sockmapAvailable says whether this process may join connections in the
+// kernel (as the relay would).
+func sockmapAvailable() bool {
+	j, err := sockmap.New()
+	if err != nil {
+		return false
+	}
+	j.Close()
+	return true
 }
 
 // linkClient is the attested link's client in this process, a go-tpm
@@ -219,6 +237,16 @@ func BenchmarkAttestedGetRandom(b *testing.B) {
 		"    the supervisor hop (TLS, supervisor->worker)  %+8.1f us  (link client via the supervisor %.1f - link client direct); see BenchmarkCall and BenchmarkSupervisorGetRandom below\n",
 		us(full-noRelay), us(full), us(noRelay), us(noRelay-inProcess), us(inProcess), us(inProcess-socket), us(socket),
 		us(viaSup), us(viaSup-socket), us(viaSupInProcess-inProcess), us(viaSupInProcess))
+	if len(med) > 7 {
+		joined := med[7]
+		b.ReportMetric(us(joined-socket), "added-relay-joined-us")
+		fmt.Printf("  with the relay joined in the kernel (cvtpm frontend --relay-join on; gives up TCP backpressure, see internal/sockmap):\n"+
+			"    attested path                                 %8.1f us  (added %+.1f us%s)\n"+
+			"    relay                                         %+8.1f us  (joined - proxy->backend)\n",
+			us(joined), us(joined-socket), meets(us(joined-socket), attestedGoalUs, "us added"), us(joined-noRelay))
+	} else {
+		fmt.Println("  the relay joined in the kernel: not measured (needs root and sockmap)")
+	}
 }
 
 func BenchmarkAttestedQuoteECC(b *testing.B) {

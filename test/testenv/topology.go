@@ -324,10 +324,11 @@ func (t *Topology) StartRelay(tb testing.TB) (addr, capture string) {
 	return t.startRelay(tb, "--relay-capture", capture), capture
 }
 
-// StartPlainRelay runs the relay as in production, without a capture.
-func (t *Topology) StartPlainRelay(tb testing.TB) string {
+// StartPlainRelay runs the relay as in production, without a capture,
+// with extra flags (e.g. --relay-join on).
+func (t *Topology) StartPlainRelay(tb testing.TB, extra ...string) string {
 	tb.Helper()
-	return t.startRelay(tb)
+	return t.startRelay(tb, extra...)
 }
 
 func (t *Topology) startRelay(tb testing.TB, extra ...string) string {
