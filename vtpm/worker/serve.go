@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"slices"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -43,6 +44,8 @@ type server struct {
 	in, out    []byte
 	rec        []byte // a sealed answer
 	oob        []byte
+	hdr        unix.Msghdr
+	iov        unix.Iovec
 }
 
 // direct is one direct session: a guest's attested link session that the
@@ -104,17 +107,28 @@ func (s *server) run() error {
 }
 
 // Read reads the supervisor's socket, keeping the descriptors that come
-// with the bytes (OpDirectAttach) for the call that names them.
+// with the bytes (OpDirectAttach) for the call that names them. recvmsg
+// is called with a header kept in s: x/sys's Recvmsg allocates per call,
+// and an idle worker keeps every heap page its calls ever touched.
 func (s *server) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
 	for {
-		n, oobn, flags, _, err := unix.Recvmsg(s.sup, p, s.oob, unix.MSG_CMSG_CLOEXEC)
-		if err == unix.EINTR {
+		s.iov.Base = &p[0]
+		s.iov.SetLen(len(p))
+		s.hdr = unix.Msghdr{Iov: &s.iov, Control: &s.oob[0]}
+		s.hdr.SetIovlen(1)
+		s.hdr.SetControllen(len(s.oob))
+		r, _, e := unix.Syscall(unix.SYS_RECVMSG, uintptr(s.sup), uintptr(unsafe.Pointer(&s.hdr)), unix.MSG_CMSG_CLOEXEC)
+		s.iov.Base = nil
+		if e == unix.EINTR {
 			continue
 		}
-		if err != nil {
-			return 0, err
+		if e != 0 {
+			return 0, e
 		}
-		if oobn > 0 {
+		if oobn := int(s.hdr.Controllen); oobn > 0 {
 			if msgs, err := unix.ParseSocketControlMessage(s.oob[:oobn]); err == nil {
 				for _, m := range msgs {
 					if fds, err := unix.ParseUnixRights(&m); err == nil {
@@ -122,14 +136,14 @@ func (s *server) Read(p []byte) (int, error) {
 					}
 				}
 			}
-			if flags&unix.MSG_CTRUNC != 0 {
+			if s.hdr.Flags&unix.MSG_CTRUNC != 0 {
 				return 0, errors.New("descriptors from the supervisor were truncated")
 			}
 		}
-		if n == 0 {
+		if r == 0 {
 			return 0, io.EOF
 		}
-		return n, nil
+		return int(r), nil
 	}
 }
 
