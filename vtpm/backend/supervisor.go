@@ -1291,6 +1291,14 @@ func (s *Supervisor) track(inst *instance, r tpmrpc.Request, resp []byte) {
 			inst.locality = r.Locality
 		}
 	case tpmrpc.OpExecute:
+		if r.Arg&tpmrpc.ExecuteAtLocality != 0 {
+			// The locality stays set after the command (vtpm/engine
+			// ExecuteAt, as swtpm's TPM_SEND_COMMAND prefix): the next
+			// caller's plain commands are checked at it.
+			if p, err := tpmrpc.ParseResponse(resp); err == nil && p.Err == "" {
+				inst.locality = r.Locality
+			}
+		}
 		if len(r.Payload) >= 10 && binary.BigEndian.Uint32(r.Payload[6:10]) == 0x144 {
 			if p, err := tpmrpc.ParseResponse(resp); err == nil && p.Err == "" && responseCode(p.Payload) == 0 {
 				inst.startedUp = true
