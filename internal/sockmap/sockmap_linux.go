@@ -108,8 +108,8 @@ func sideOf(c net.Conn) (*side, error) {
 	return s, serr
 }
 
-// Join forwards between first and second in the kernel until both
-// directions have ended, then returns; the caller closes both. It must
+// Join forwards between first and second in the kernel until either
+// side ends, then closes both and returns. It must
 // be called before any byte was forwarded, and second must not speak
 // before first (a TLS server behind a relay does not): second joins
 // first, and its bytes would be dropped in the moment before first
@@ -159,11 +159,13 @@ func (j *Joiner) Join(ctx context.Context, first, second net.Conn) error {
 		second.SetReadDeadline(time.Now())
 	})
 	defer stop()
-	var wg sync.WaitGroup
+	// As the copying relay does, the pair ends when either side ends: a
+	// side's end reaches the other (a half-close) after the kernel has had
+	// drainWait to send what it still holds, then both close.
+	ended := make(chan struct{}, 2)
 	for _, d := range [][2]*side{{a, b}, {b, a}} {
-		wg.Add(1)
 		go func() {
-			defer wg.Done()
+			defer func() { ended <- struct{}{} }()
 			var one [1]byte
 			n, err := d[0].conn.Read(one[:])
 			if n > 0 || (err != nil && !errors.Is(err, unix.EPIPE) && !isEOF(err)) {
@@ -175,12 +177,13 @@ func (j *Joiner) Join(ctx context.Context, first, second net.Conn) error {
 			time.Sleep(drainWait)
 			if cw, ok := d[1].conn.(interface{ CloseWrite() error }); ok {
 				cw.CloseWrite()
-			} else {
-				d[1].conn.Close()
 			}
 		}()
 	}
-	wg.Wait()
+	<-ended
+	first.Close()
+	second.Close()
+	<-ended
 	return nil
 }
 

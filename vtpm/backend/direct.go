@@ -73,26 +73,55 @@ func (s *Supervisor) HandOff(ctx context.Context, h *attestedlink.DirectHandoff)
 	if err != nil {
 		return fmt.Errorf("the session's connection: %w", err)
 	}
+	id, err := s.attachDirect(ctx, inst, h, raw)
+	if err != nil {
+		return err
+	}
+	// Confirmed without the instance's lock, and within a deadline: the
+	// write goes to a socket the host relays, which may never take it.
+	h.Conn.SetWriteDeadline(time.Now().Add(acceptTimeout))
+	err = h.Accept()
+	h.Conn.SetWriteDeadline(time.Time{})
+	if err != nil {
+		s.endDirect(ctx, inst, []uint64{id})
+		return fmt.Errorf("confirming the direct session: %w", err)
+	}
+	s.log.Info("direct session handed to the instance's worker", "instance", inst.id, "client", h.Client, "session", id)
+	return nil
+}
+
+// acceptTimeout bounds the confirmation of a hand-off.
+const acceptTimeout = 10 * time.Second
+
+// attachDirect gives h's socket and keys to inst's worker and records the
+// session; it returns the session's id.
+func (s *Supervisor) attachDirect(ctx context.Context, inst *instance, h *attestedlink.DirectHandoff, raw syscall.RawConn) (uint64, error) {
 	inst.mu.Lock()
 	defer inst.mu.Unlock()
 	if err := s.serving(inst); err != nil {
-		return err
+		return 0, err
 	}
 	if h.Caps&tpmrpc.CapLock != 0 && inst.lockBroken {
-		return fmt.Errorf("instance %q: the host reset the TPM after the workload locked it (lock again after a reboot)", inst.id)
+		return 0, fmt.Errorf("instance %q: the host reset the TPM after the workload locked it (lock again after a reboot)", inst.id)
+	}
+	// Asked again under the lock: an ACL reload that came after the link
+	// server asked is either seen here, or reaches this session through
+	// ReauthorizeDirect, which takes the lock after it.
+	if caps, err := h.Reauthorize(ctx); err != nil || caps != h.Caps {
+		return 0, fmt.Errorf("the client's rights changed during the hand-off (%v)", err)
 	}
 	if inst.w == nil {
 		if err := s.start(ctx, inst, startExisting); err != nil {
-			return fmt.Errorf("instance %q is not running: %w", inst.id, err)
+			return 0, fmt.Errorf("instance %q is not running: %w", inst.id, err)
 		}
 	}
 	inst.pruneDirect()
 	if len(inst.direct) >= maxDirectPerInstance {
-		return fmt.Errorf("instance %q already has %d direct sessions", inst.id, len(inst.direct))
+		return 0, fmt.Errorf("instance %q already has %d direct sessions", inst.id, len(inst.direct))
 	}
 	lease, err := s.lease()
 	if err != nil {
-		return err
+		return 0, err
 	}
 	s.mu.Lock()
 	s.direct.nextID++
@@ -110,23 +139,18 @@ func (s *Supervisor) HandOff(ctx context.Context, h *attestedlink.DirectHandoff)
 			return w.caller.CallPassing(ctx, req, int(fd))
 		})
 	}); err != nil {
-		return fmt.Errorf("the session's connection: %w", err)
+		return 0, fmt.Errorf("the session's connection: %w", err)
 	}
 	if callErr != nil {
-		return callErr
+		return 0, callErr
 	}
 	if p, err := tpmrpc.ParseResponse(out); err != nil || p.Err != "" {
-		return fmt.Errorf("the instance's worker refused the session: %v%s", err, p.Err)
+		return 0, fmt.Errorf("the instance's worker refused the session: %v%s", err, p.Err)
 	}
 	inst.direct = append(inst.direct, &directSession{id: id, w: inst.w, caps: h.Caps, client: h.Client, reauthorize: h.Reauthorize})
 	directSessions.Inc()
 	s.direct.loopOnce.Do(s.startDirectLoop)
-	if err := h.Accept(); err != nil {
-		s.endDirect(ctx, inst, []uint64{id})
-		return fmt.Errorf("confirming the direct session: %w", err)
-	}
-	s.log.Info("direct session handed to the instance's worker", "instance", inst.id, "client", h.Client, "session", id)
-	return nil
+	return id, nil
 }
 
 // serving returns nil if inst may serve calls now, or why not, in the
@@ -231,12 +255,9 @@ func (s *Supervisor) syncAll() {
 func (s *Supervisor) ReauthorizeDirect(ctx context.Context) {
 	var wg sync.WaitGroup
 	for _, inst := range s.snapshot() {
-		inst.mu.Lock()
-		n := len(inst.direct)
-		inst.mu.Unlock()
-		if n == 0 {
-			continue
-		}
+		// Every instance, also those without direct sessions: syncDirect
+		// takes the instance's lock, so a hand-off under way is recorded
+		// (and then authorised again here) or sees the new rights itself.
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
