@@ -24,6 +24,11 @@ type Frontend struct {
 	// Link is this frontend's identity and its evidence policy.
 	Link   attestedlink.ClientConfig
 	Logger *slog.Logger
+	// Direct, if set, is the cipher of a second session per VM that the
+	// backend hands to the instance's worker, which then serves QEMU's
+	// ordinary TPM commands without the backend's supervisor (control
+	// operations still go through it). Empty: everything through it.
+	Direct string
 }
 
 func (f *Frontend) log() *slog.Logger {
@@ -51,7 +56,7 @@ func (f *Frontend) Dial(ctx context.Context) (*attestedlink.Session, error) {
 type VM struct {
 	Instance string
 	tpm      *tpmrpc.Client
-	caller   *attestedlink.InstanceCaller
+	closer   io.Closer // the InstanceCaller, or the DirectCaller around it
 	log      *slog.Logger
 }
 
@@ -60,24 +65,34 @@ type VM struct {
 // identity may not use, is an error at start-up and not at the VM's boot.
 func (f *Frontend) OpenVM(ctx context.Context, instance string) (*VM, error) {
 	log := f.log().With("instance", instance)
-	tpm, caller := attestedlink.RemoteTPM(instance, f.Dial, log)
+	var tpm *tpmrpc.Client
+	var caller *attestedlink.InstanceCaller
+	var closer io.Closer
+	if f.Direct != "" {
+		var dc *attestedlink.DirectCaller
+		tpm, dc = attestedlink.RemoteTPMDirect(instance, f.Direct, f.Dial, log)
+		caller, closer = dc.Supervisor, dc
+	} else {
+		tpm, caller = attestedlink.RemoteTPM(instance, f.Dial, log)
+		closer = caller
+	}
 	s, err := caller.Connect(ctx)
 	if err != nil {
-		caller.Close()
+		closer.Close()
 		return nil, err
 	}
 	c := s.Claims()
 	log.Info("backend attested", "measurement", fmt.Sprintf("%x", []byte(c.Measure)), "chip", c.ChipSerial, "simulated", c.Simulated, "root", c.Root.Name)
 	tpm.Running()
 	if err := tpm.Err(); err != nil {
-		caller.Close()
+		closer.Close()
 		return nil, fmt.Errorf("instance %q: %w", instance, err)
 	}
-	return &VM{Instance: instance, tpm: tpm, caller: caller, log: log}, nil
+	return &VM{Instance: instance, tpm: tpm, closer: closer, log: log}, nil
 }
 
-// Close ends the VM's session with the backend.
-func (v *VM) Close() error { return v.caller.Close() }
+// Close ends the VM's sessions with the backend.
+func (v *VM) Close() error { return v.closer.Close() }
 
 // Serve serves the swtpm control channel on ctrl (QEMU's -chardev
 // socket), the data channel through CMD_SET_DATAFD, until ctx ends.

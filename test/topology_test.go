@@ -190,6 +190,15 @@ func TestQEMUThroughFrontend(t *testing.T) {
 	if pcr0 := got["PCR0"]; len(pcr0) != 64 || pcr0 == strings.Repeat("0", 64) {
 		t.Fatalf("PCR0 = %q: the firmware's measurements did not reach the backend's TPM", pcr0)
 	}
+	// QEMU's ordinary commands went through a direct session with the
+	// instance's worker (the frontend's --direct default).
+	handed := false
+	for _, l := range strings.Split(topo.Backend.Log.String(), "\n") {
+		handed = handed || strings.Contains(l, "direct session handed to the instance's worker") && strings.Contains(l, "frontend")
+	}
+	if !handed {
+		t.Fatalf("the frontend's session was not handed to the worker:\n%s", topo.Backend.Log)
+	}
 	// Through /dev/tpmrm0: the kernel's resource manager passes commands
 	// the TPM lists; Linux 6.3 and later match vendor commands (the V
 	// bit) against that list, earlier kernels refuse every vendor command

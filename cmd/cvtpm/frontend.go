@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"cvtpm/frontend"
+	"cvtpm/internal/gcm"
 	"cvtpm/internal/netaddr"
 	"cvtpm/internal/obs"
 	"cvtpm/internal/sockmap"
@@ -57,6 +58,7 @@ Options:
 	relay := fs.String("relay", "", "accept guestkit connections here (vsock:PORT, tcp:HOST:PORT or unix:PATH) and relay them")
 	perSource := fs.Int("relay-per-source", 64, "relay at most this many connections at once from one guest (source address); more are closed and logged")
 	capture := fs.String("relay-capture", "", "append every relayed byte to FILE (debugging: shows the host sees only ciphertext)")
+	direct := fs.String("direct", gcm.AES256, "QEMU's ordinary TPM commands go through a second attested session per VM that the backend hands to the instance's worker, sealed with this cipher ("+gcm.AES256+" or "+gcm.SM4+"), skipping the backend's supervisor; \"off\": everything through the supervisor")
 	relayJoin := fs.String("relay-join", "off", "on: forward relayed TCP connections in the kernel (a BPF sockmap; needs root), which takes the relay's wake-ups off the attested path but gives up TCP's backpressure: a guest that sends without reading makes the host's kernel queue without bound (see internal/sockmap); off: copy through this process")
 	sockMode := fs.String("socket-mode", "0600", "permissions of the --vm sockets (octal; e.g. 0660 with a group QEMU runs in)")
 	link := addLinkFlags(fs)
@@ -73,6 +75,13 @@ Options:
 	}
 	if *capture != "" && *relay == "" {
 		return usageError("--relay-capture needs --relay")
+	}
+	switch *direct {
+	case "off":
+		*direct = ""
+	case gcm.AES256, gcm.SM4:
+	default:
+		return flagError("--direct", fmt.Errorf("%q: want %s, %s or off", *direct, gcm.AES256, gcm.SM4))
 	}
 	if *relayJoin != "on" && *relayJoin != "off" {
 		return flagError("--relay-join", fmt.Errorf("%q: want on or off", *relayJoin))
@@ -91,7 +100,7 @@ Options:
 	if err != nil {
 		return err
 	}
-	f := &frontend.Frontend{Backend: *backendAddr, Logger: log}
+	f := &frontend.Frontend{Backend: *backendAddr, Logger: log, Direct: *direct}
 	errc := make(chan error, len(vms)+1)
 	if len(vms) > 0 {
 		cfg, err := link.load()

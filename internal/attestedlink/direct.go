@@ -240,9 +240,10 @@ type DirectCaller struct {
 	Cipher string
 	Logger *slog.Logger
 
-	mu      sync.Mutex
-	direct  *DirectSession
-	retryAt time.Time
+	mu       sync.Mutex
+	direct   *DirectSession
+	retryAt  time.Time
+	refusals int
 }
 
 // directRetry is how long a refused direct session is not asked for again.
@@ -267,7 +268,13 @@ func (c *DirectCaller) Call(ctx context.Context, req []byte) ([]byte, error) {
 			if c.direct, err = c.dialDirect(ctx); err != nil {
 				c.retryAt = time.Now().Add(directRetry)
 				if c.Logger != nil {
-					c.Logger.Warn("no direct session with the instance's worker: commands go through the backend's supervisor", "instance", c.Supervisor.Instance, "err", err, "retry_in", directRetry)
+					// Once at warning level: a backend may refuse for good
+					// (the host path of an instance bound with host "boot").
+					level := slog.LevelWarn
+					if c.refusals++; c.refusals > 1 {
+						level = slog.LevelDebug
+					}
+					c.Logger.Log(ctx, level, "no direct session with the instance's worker: commands go through the backend's supervisor", "instance", c.Supervisor.Instance, "err", err, "retry_in", directRetry)
 				}
 			}
 		}
