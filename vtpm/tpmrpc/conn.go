@@ -139,6 +139,12 @@ func (c *ConnCaller) Call(ctx context.Context, req []byte) ([]byte, error) {
 		c.conn.Close()
 		return nil, err
 	}
+	return c.reply()
+}
+
+// reply reads the answer to the request just sent; on failure the
+// connection is closed (its framing is lost).
+func (c *ConnCaller) reply() ([]byte, error) {
 	msg, err := ReadMessage(c.conn, c.in)
 	if err != nil {
 		c.conn.Close()

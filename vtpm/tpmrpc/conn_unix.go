@@ -42,11 +42,5 @@ func (c *ConnCaller) CallPassing(ctx context.Context, req []byte, fd int) ([]byt
 		c.conn.Close()
 		return nil, fmt.Errorf("passing a descriptor: %w", serr)
 	}
-	msg, err := ReadMessage(c.conn, c.in)
-	if err != nil {
-		c.conn.Close()
-		return nil, err
-	}
-	c.in = msg[:0]
-	return msg, nil
+	return c.reply()
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"slices"
 	"time"
 	"unsafe"
@@ -35,7 +36,8 @@ type server struct {
 	// locality is the TPM's current locality, which direct calls are
 	// checked at (as the supervisor checks its callers').
 	locality func() uint8
-	sup      int // the supervisor's socket (blocking)
+	sup      int      // the supervisor's socket (blocking)
+	supFile  *os.File // the same, to write to
 	log      *slog.Logger
 
 	sessions   []*direct
@@ -60,8 +62,8 @@ type direct struct {
 	closed bool
 }
 
-func newServer(tpm swtpmproto.TPM, locality func() uint8, sup int, log *slog.Logger) *server {
-	return &server{tpm: tpm, locality: locality, sup: sup, log: log, oob: make([]byte, unix.CmsgSpace(4*4))}
+func newServer(tpm swtpmproto.TPM, locality func() uint8, sup *os.File, log *slog.Logger) *server {
+	return &server{tpm: tpm, locality: locality, sup: int(sup.Fd()), supFile: sup, log: log, oob: make([]byte, unix.CmsgSpace(4*4))}
 }
 
 // run serves until the supervisor closes its end (nil) or the socket
@@ -178,17 +180,8 @@ func (s *server) serveSupervisor() error {
 	}
 	s.closePending()
 	binary.BigEndian.PutUint32(s.out, uint32(len(s.out)-4))
-	for b := s.out; len(b) > 0; {
-		n, err := unix.Write(s.sup, b)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return err
-		}
-		b = b[n:]
-	}
-	return nil
+	_, err = s.supFile.Write(s.out) // blocking: whole, through interruptions
+	return err
 }
 
 func (s *server) closePending() {

@@ -144,7 +144,7 @@ Options:
 	// sessions (serve.go): a blocking wait wakes faster than the
 	// netpoller. The supervisor closing its end (EOF) is the normal way
 	// to stop.
-	err = newServer(tpm, eng.Locality, int(conn.Fd()), log).run()
+	err = newServer(tpm, eng.Locality, conn, log).run()
 	runtime.KeepAlive(conn)
 	return err
 }
