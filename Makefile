@@ -51,7 +51,7 @@ bench: deps build
 	$(GO) test -run '^$$' -bench ChallengeOutstanding -benchtime 200000x -count 1 ./ca/ | tee -a bench.txt
 	$(GO) test -run '^$$' -bench LoadOutstanding -benchtime 1x -count 1 ./ca/ | tee -a bench.txt
 	$(GO) test -run '^$$' -bench Release -benchtime 1000x -count 1 ./ca/keybroker/ | tee -a bench.txt
-	CVTPM_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench Attested -benchtime 2000x -count 1 ./test/linkbench/ | tee -a bench.txt
+	CVTPM_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench 'Attested|HostPath' -benchtime 2000x -count 1 ./test/linkbench/ | tee -a bench.txt
 	@echo "== hops of the attested path: the link alone (one process), supervisor -> worker process ==" | tee -a bench.txt
 	$(GO) test -run '^$$' -bench Call -benchtime 3000x -count 1 ./internal/attestedlink/ | tee -a bench.txt
 	CVTPM_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench SupervisorGetRandom -benchtime 3000x -count 1 ./vtpm/backend/ | tee -a bench.txt

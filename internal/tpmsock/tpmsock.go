@@ -34,6 +34,10 @@ func Dial(ctx context.Context, network, addr string) (*Conn, error) {
 	return &Conn{c: c}, nil
 }
 
+// New is a Conn on c, an open data connection (e.g. the socket a client
+// passed with CMD_SET_DATAFD).
+func New(c net.Conn) *Conn { return &Conn{c: c} }
+
 // Send writes one command and reads its whole response.
 func (t *Conn) Send(cmd []byte) ([]byte, error) {
 	t.c.SetDeadline(time.Now().Add(2 * time.Minute))

@@ -4,8 +4,10 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -17,6 +19,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -516,4 +519,75 @@ func memOf(pid int) (map[string]int64, error) {
 		out[k] = kb << 10
 	}
 	return out, sc.Err()
+}
+
+// hostPath is QEMU's side of a frontend serving one VM: the control
+// socket, and a data channel handed over with CMD_SET_DATAFD, as QEMU's
+// tpm-emulator backend does.
+func hostPath(b *testing.B, ctrl string) transport.TPMCloser {
+	b.Helper()
+	c, err := net.Dial("unix", ctrl)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { c.Close() })
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer unix.Close(pair[1])
+	const cmdSetDataFD = 0x10
+	if _, _, err := c.(*net.UnixConn).WriteMsgUnix(binary.BigEndian.AppendUint32(nil, cmdSetDataFD), unix.UnixRights(pair[1]), nil); err != nil {
+		b.Fatal(err)
+	}
+	var res [4]byte
+	if _, err := io.ReadFull(c, res[:]); err != nil || binary.BigEndian.Uint32(res[:]) != 0 {
+		b.Fatalf("CMD_SET_DATAFD: % x, %v", res, err)
+	}
+	f := os.NewFile(uintptr(pair[0]), "tpm-data")
+	data, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		b.Fatal(err)
+	}
+	t := tpmsock.New(data)
+	b.Cleanup(func() { t.Close() })
+	return t
+}
+
+// BenchmarkHostPathGetRandom prices QEMU's path (QEMU -> frontend ->
+// backend -> worker) with and without direct sessions, beside a cvtpm
+// and a swtpm socket.
+func BenchmarkHostPathGetRandom(b *testing.B) {
+	var ps []path
+	for _, impl := range testenv.Both {
+		srv := testenv.StartSocket(b, impl, testenv.Options{TCP: true})
+		ps = append(ps, path{string(impl) + " socket", dialTCP(b, srv.TCTI())})
+	}
+	f := testenv.NewTopologyFiles(b, 0x7)
+	topo := testenv.StartBackend(b, f)
+	topo.Admin(b, "create", "vm1")
+	fc := f.Certs["frontend"]
+	for _, mode := range []string{"aes-256-gcm", "off"} {
+		ctrl := filepath.Join(f.Dir, "vm1-"+mode+".ctrl")
+		testenv.StartDaemon(b, "frontend", []string{"unix:" + ctrl}, "frontend", "--backend", topo.LinkAddr,
+			"--tls-cert", fc[0], "--tls-key", fc[1], "--policy", f.Policy, "--cert-dir", f.CertDir, "--vm", "vm1="+ctrl, "--direct", mode)
+		ps = append(ps, path{"QEMU's path, --direct " + mode, hostPath(b, ctrl)})
+	}
+	if _, err := (tpm2.Startup{StartupType: tpm2.TPMSUClear}).Execute(ps[2].tpm); err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	med := alternate(b, ps, func(t transport.TPM) error {
+		_, err := (tpm2.GetRandom{BytesRequested: 8}).Execute(t)
+		return err
+	})
+	sw, socket, direct, viaSup := med[0], med[1], med[2], med[3]
+	b.ReportMetric(us(direct-socket), "added-direct-us")
+	b.ReportMetric(us(viaSup-socket), "added-via-supervisor-us")
+	if warmUp(b) {
+		return
+	}
+	fmt.Printf("GetRandom(8), QEMU's path (frontend -> backend): swtpm %.1f us | cvtpm socket %.1f us | direct session %.1f us (added %+.1f) | through the supervisor %.1f us (added %+.1f)\n",
+		us(sw), us(socket), us(direct), us(direct-socket), us(viaSup), us(viaSup-socket))
 }
