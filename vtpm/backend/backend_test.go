@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -24,11 +25,18 @@ import (
 
 func newSupervisor(t *testing.T, dir string, master byte) *Supervisor {
 	t.Helper()
+	return newSupervisorLogging(t, dir, master, nil)
+}
+
+// newSupervisorLogging is newSupervisor with its log sent to log (nil:
+// the default).
+func newSupervisorLogging(t *testing.T, dir string, master byte, log *slog.Logger) *Supervisor {
+	t.Helper()
 	keys, err := NewMasterKey(bytesOf(master, 32))
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := New(context.Background(), Config{Dir: dir, Keys: keys, Worker: []string{testenv.Binary(t, testenv.Cvtpm), "worker"}})
+	s, err := New(context.Background(), Config{Dir: dir, Keys: keys, Worker: []string{testenv.Binary(t, testenv.Cvtpm), "worker"}, Logger: log})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -318,15 +318,35 @@ func (s *Supervisor) endDirect(ctx context.Context, inst *instance, end []uint64
 		s.log.Warn("the instance's worker did not renew its direct sessions", "instance", inst.id, "err", fmt.Sprint(err, p.Err))
 		return
 	}
-	live, err := tpmrpc.ParseSessionIDs(p.Payload)
+	reply, err := tpmrpc.ParseDirectSyncReply(p.Payload)
 	if err != nil {
+		s.log.Warn("the instance's worker answered a direct sync with bytes it should not", "instance", inst.id, "err", err)
 		return
 	}
+	s.logDirectRefusals(inst, reply.Refusals)
 	inst.direct = slices.DeleteFunc(inst.direct, func(d *directSession) bool {
-		if slices.Contains(live, d.id) {
+		if slices.Contains(reply.Open, d.id) {
 			return false
 		}
 		directSessions.Dec()
 		return true
 	})
+}
+
+// logDirectRefusals counts and logs the calls inst's worker refused on
+// its direct sessions, as the supervisor does its own callers' (under
+// the same rate limit): an operator sees a guest's refused commands
+// whichever way they came. Under inst.mu.
+func (s *Supervisor) logDirectRefusals(inst *instance, refusals []tpmrpc.DirectRefusal) {
+	for _, r := range refusals {
+		refusedCalls.WithLabelValues(tpmrpc.OpExecute.String()).Add(float64(r.Calls))
+		client := ""
+		if i := slices.IndexFunc(inst.direct, func(d *directSession) bool { return d.id == r.Session }); i >= 0 {
+			client = inst.direct[i].client
+		}
+		if ok, held := s.refusalLog.Allow(inst.id); ok {
+			s.log.Warn("call refused", "instance", inst.id, "op", tpmrpc.OpExecute.String(), "reason", r.Reason,
+				"client", client, "direct_session", r.Session, "calls", r.Calls, "similar_lines_suppressed", held)
+		}
+	}
 }

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	dto "github.com/prometheus/client_model/go"
+	"log/slog"
 	"net"
 	"os"
 	"strings"
@@ -104,7 +106,12 @@ func (f *linkFixture) dialAt(ctx context.Context, addr string) (*attestedlink.Se
 // ACL gives, and a relay the guest's sessions go through.
 func directFixture(t *testing.T, role string) (*linkFixture, *tapRelay, *tpmrpc.Client) {
 	t.Helper()
-	f := newLinkFixture(t, `{"clients": {"frontend": {"instances": ["vm1"], "capabilities": ["`+role+`"]}}}`)
+	return directFixtureLogging(t, role, nil)
+}
+
+func directFixtureLogging(t *testing.T, role string, log *slog.Logger) (*linkFixture, *tapRelay, *tpmrpc.Client) {
+	t.Helper()
+	f := newLinkFixtureLogging(t, `{"clients": {"frontend": {"instances": ["vm1"], "capabilities": ["`+role+`"]}}}`, log)
 	if _, err := f.s.Create(context.Background(), "vm1", CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -243,6 +250,81 @@ func TestDirectSessionChecksLocalityAndOperation(t *testing.T) {
 	}
 	if rc := responseRC(t, resp); rc != 0 {
 		t.Fatalf("GetRandom at locality 0: %#x", rc)
+	}
+}
+
+// lockedBuffer is a log sink that goroutines may share.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// refusedExecutes reads cvtpm_backend_calls_refused_total{op="execute"}.
+func refusedExecutes(t *testing.T) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := refusedCalls.WithLabelValues(tpmrpc.OpExecute.String()).Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
+}
+
+// A command the worker refuses on a direct session is counted in
+// cvtpm_backend_calls_refused_total and logged by the supervisor, as a
+// refusal of its own callers is: the supervisor never sees the command,
+// so the worker reports it at the next sync.
+func TestDirectSessionRefusalsAreCountedAndLogged(t *testing.T) {
+	var logged lockedBuffer
+	f, relay, host := directFixtureLogging(t, "guest", slog.New(slog.NewTextHandler(&logged, nil)))
+	d := openDirect(t, f, relay.addr, gcm.AES256)
+	getRandom := marshalCommand(t, tpm2.GetRandom{BytesRequested: 8})
+	before := refusedExecutes(t)
+	if rc := host.SetLocality(4); rc != 0 {
+		t.Fatalf("host set-locality 4: %#x", rc)
+	}
+	for range 3 {
+		if resp, err := directExecute(d, getRandom); err != nil || !strings.Contains(resp.Err, "locality 4") {
+			t.Fatalf("command at the host's locality 4 through a guest's direct session: %+v, %v", resp, err)
+		}
+	}
+	host.SetLocality(0)
+	deadline := time.Now().Add(5 * directSyncInterval)
+	for refusedExecutes(t)-before < 3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("refusals counted: %v, want 3; log:\n%s", refusedExecutes(t)-before, logged.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	line := ""
+	for _, l := range strings.Split(logged.String(), "\n") {
+		if strings.Contains(l, "call refused") {
+			line = l
+		}
+	}
+	for _, want := range []string{"instance=vm1", "client=frontend", "direct_session=", "calls=3", "locality 4"} {
+		if !strings.Contains(line, want) {
+			t.Errorf("the refusal's log line %q lacks %q", line, want)
+		}
+	}
+	// Served afterwards, and not counted again.
+	if resp, err := directExecute(d, getRandom); err != nil || responseRC(t, resp) != 0 {
+		t.Fatalf("GetRandom at locality 0: %+v, %v", resp, err)
+	}
+	time.Sleep(2 * directSyncInterval)
+	if n := refusedExecutes(t) - before; n != 3 {
+		t.Errorf("refusals counted after a served command and two syncs: %v, want 3", n)
 	}
 }
 

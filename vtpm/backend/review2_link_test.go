@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/hex"
+	"log/slog"
 	"math/big"
 	"net"
 	"os"
@@ -34,6 +35,13 @@ type linkFixture struct {
 }
 
 func newLinkFixture(t *testing.T, aclJSON string) *linkFixture {
+	t.Helper()
+	return newLinkFixtureLogging(t, aclJSON, nil)
+}
+
+// newLinkFixtureLogging is newLinkFixture with the supervisor's log sent
+// to log.
+func newLinkFixtureLogging(t *testing.T, aclJSON string, log *slog.Logger) *linkFixture {
 	t.Helper()
 	sim, err := csv.NewSimulator("SIMBACKEND")
 	if err != nil {
@@ -66,7 +74,7 @@ func newLinkFixture(t *testing.T, aclJSON string) *linkFixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := newSupervisor(t, t.TempDir(), 1)
+	s := newSupervisorLogging(t, t.TempDir(), 1, log)
 	t.Cleanup(s.Close)
 	cert, _ := attestedlink.EphemeralCertificate()
 	srv := &attestedlink.Server{TLS: &tls.Config{Certificates: []tls.Certificate{cert}, ClientCAs: pool}, Evidence: sim,

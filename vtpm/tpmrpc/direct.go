@@ -75,6 +75,67 @@ func ParseDirectSync(b []byte) (time.Duration, []uint64, error) {
 	return time.Duration(binary.BigEndian.Uint64(b) & math.MaxInt64), ids, err
 }
 
+// DirectRefusal counts the calls a worker refused on one direct session
+// since its last OpDirectSync: the supervisor, which never sees them,
+// counts and logs them as it does its own refusals.
+type DirectRefusal struct {
+	Session uint64
+	Calls   uint32
+	Reason  string // why the last of them was refused
+}
+
+// DirectSyncReply is a worker's answer to OpDirectSync: the sessions it
+// still holds, and what it refused since the last one (sessions that
+// ended meanwhile included).
+type DirectSyncReply struct {
+	Open     []uint64
+	Refusals []DirectRefusal
+}
+
+// maxRefusalReason bounds a reason on the wire (a u8 length).
+const maxRefusalReason = 255
+
+// AppendDirectSyncReply appends r's encoding: open count u16 | ids u64
+// each | then, per refusal, session u64 | calls u32 | reason len u8 +
+// reason (cut to 255 bytes).
+func AppendDirectSyncReply(dst []byte, r DirectSyncReply) []byte {
+	dst = binary.BigEndian.AppendUint16(dst, uint16(len(r.Open)))
+	dst = AppendSessionIDs(dst, r.Open)
+	for _, f := range r.Refusals {
+		dst = binary.BigEndian.AppendUint64(dst, f.Session)
+		dst = binary.BigEndian.AppendUint32(dst, f.Calls)
+		reason := f.Reason[:min(len(f.Reason), maxRefusalReason)]
+		dst = append(dst, byte(len(reason)))
+		dst = append(dst, reason...)
+	}
+	return dst
+}
+
+// ParseDirectSyncReply decodes a worker's answer to OpDirectSync.
+func ParseDirectSyncReply(b []byte) (DirectSyncReply, error) {
+	if len(b) < 2 {
+		return DirectSyncReply{}, fmt.Errorf("%w: direct sync reply is %d bytes", ErrMalformed, len(b))
+	}
+	n := int(binary.BigEndian.Uint16(b))
+	if len(b) < 2+8*n {
+		return DirectSyncReply{}, fmt.Errorf("%w: direct sync reply names %d open sessions in %d bytes", ErrMalformed, n, len(b)-2)
+	}
+	open, _ := ParseSessionIDs(b[2 : 2+8*n])
+	r := DirectSyncReply{Open: open}
+	for b = b[2+8*n:]; len(b) > 0; {
+		if len(b) < 13 || len(b) < 13+int(b[12]) {
+			return DirectSyncReply{}, fmt.Errorf("%w: direct sync reply: refusal %d truncated", ErrMalformed, len(r.Refusals))
+		}
+		r.Refusals = append(r.Refusals, DirectRefusal{
+			Session: binary.BigEndian.Uint64(b),
+			Calls:   binary.BigEndian.Uint32(b[8:]),
+			Reason:  string(b[13 : 13+int(b[12])]),
+		})
+		b = b[13+int(b[12]):]
+	}
+	return r, nil
+}
+
 // AppendSessionIDs appends ids, u64 each.
 func AppendSessionIDs(dst []byte, ids []uint64) []byte {
 	for _, id := range ids {

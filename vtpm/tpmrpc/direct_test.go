@@ -3,6 +3,7 @@ package tpmrpc
 import (
 	"bytes"
 	"encoding/binary"
+	"slices"
 	"testing"
 	"time"
 
@@ -33,6 +34,36 @@ func TestDirectEligible(t *testing.T) {
 	} {
 		if err := DirectEligible(c.r); (err == nil) != c.ok {
 			t.Errorf("%s: DirectEligible = %v, want eligible %v", c.name, err, c.ok)
+		}
+	}
+}
+
+func TestDirectSyncReply(t *testing.T) {
+	long := string(bytes.Repeat([]byte{'x'}, 300))
+	for _, c := range []struct {
+		name string
+		in   DirectSyncReply
+		want DirectSyncReply
+	}{
+		{"nothing open", DirectSyncReply{}, DirectSyncReply{}},
+		{"open sessions only", DirectSyncReply{Open: []uint64{4, 7}}, DirectSyncReply{Open: []uint64{4, 7}}},
+		{"a refusal on a session that ended", DirectSyncReply{Open: []uint64{4}, Refusals: []DirectRefusal{{Session: 5, Calls: 2, Reason: "refused: locality 4"}}},
+			DirectSyncReply{Open: []uint64{4}, Refusals: []DirectRefusal{{Session: 5, Calls: 2, Reason: "refused: locality 4"}}}},
+		{"a reason longer than 255 bytes is cut", DirectSyncReply{Refusals: []DirectRefusal{{Session: 1, Calls: 1, Reason: long}}},
+			DirectSyncReply{Refusals: []DirectRefusal{{Session: 1, Calls: 1, Reason: long[:255]}}}},
+	} {
+		b := AppendDirectSyncReply(nil, c.in)
+		got, err := ParseDirectSyncReply(b)
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if !slices.Equal(got.Open, c.want.Open) || !slices.Equal(got.Refusals, c.want.Refusals) {
+			t.Errorf("%s: round trip %+v, want %+v", c.name, got, c.want)
+		}
+		for n := range len(b) {
+			if _, err := ParseDirectSyncReply(b[:n]); err == nil && n < len(b) && (n < 2+8*len(c.in.Open) || len(c.in.Refusals) > 0 && n > 2+8*len(c.in.Open)) {
+				t.Errorf("%s: a reply cut to %d of %d bytes parsed", c.name, n, len(b))
+			}
 		}
 	}
 }
@@ -77,6 +108,7 @@ func TestDirectGrantRoundTrip(t *testing.T) {
 func FuzzParseDirect(f *testing.F) {
 	f.Add(AppendDirectGrant(nil, DirectGrant{Caps: CapCommand, Lease: time.Second, Keys: directlink.Keys{Cipher: "aes-256-gcm", ClientToServer: make([]byte, 32), ServerToClient: make([]byte, 32)}}))
 	f.Add(AppendDirectSync(nil, time.Second, []uint64{1, 2}))
+	f.Add(AppendDirectSyncReply(nil, DirectSyncReply{Open: []uint64{1}, Refusals: []DirectRefusal{{Session: 2, Calls: 3, Reason: "refused"}}}))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		if g, err := ParseDirectGrant(b); err == nil {
 			if len(b) >= 12 && b[4]&0x80 == 0 && !bytes.Equal(AppendDirectGrant(nil, g), b) {
@@ -86,6 +118,11 @@ func FuzzParseDirect(f *testing.F) {
 		if lease, ids, err := ParseDirectSync(b); err == nil && b[0]&0x80 == 0 {
 			if !bytes.Equal(AppendDirectSync(nil, lease, ids), b) {
 				t.Fatalf("sync %x re-encodes differently", b)
+			}
+		}
+		if r, err := ParseDirectSyncReply(b); err == nil {
+			if !bytes.Equal(AppendDirectSyncReply(nil, r), b) {
+				t.Fatalf("sync reply %x re-encodes differently", b)
 			}
 		}
 	})

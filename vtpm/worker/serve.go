@@ -42,12 +42,15 @@ type server struct {
 
 	sessions   []*direct
 	leaseUntil time.Time
-	pending    []int // descriptors received and not yet attached
-	in, out    []byte
-	rec        []byte // a sealed answer
-	oob        []byte
-	hdr        unix.Msghdr
-	iov        unix.Iovec
+	// refusals are the calls refused since the last OpDirectSync, which
+	// reports them to the supervisor (one entry per session).
+	refusals []tpmrpc.DirectRefusal
+	pending  []int // descriptors received and not yet attached
+	in, out  []byte
+	rec      []byte // a sealed answer
+	oob      []byte
+	hdr      unix.Msghdr
+	iov      unix.Iovec
 }
 
 // direct is one direct session: a guest's attested link session that the
@@ -246,16 +249,30 @@ func (s *server) sync(msg []byte) tpmrpc.Response {
 		return tpmrpc.Response{Err: err.Error()}
 	}
 	s.leaseUntil = time.Now().Add(lease)
-	var open []uint64
+	reply := tpmrpc.DirectSyncReply{Refusals: s.refusals}
 	for _, d := range s.sessions {
 		if slices.Contains(end, d.id) {
 			s.end(d, "ended by the supervisor")
 		}
 		if !d.closed {
-			open = append(open, d.id)
+			reply.Open = append(reply.Open, d.id)
 		}
 	}
-	return tpmrpc.Response{Payload: tpmrpc.AppendSessionIDs(nil, open)}
+	s.refusals = nil
+	return tpmrpc.Response{Payload: tpmrpc.AppendDirectSyncReply(nil, reply)}
+}
+
+// refuse answers a direct call with why it was refused, and keeps the
+// refusal for the supervisor to count and log at the next sync.
+func (s *server) refuse(d *direct, why string, dst []byte) []byte {
+	i := slices.IndexFunc(s.refusals, func(r tpmrpc.DirectRefusal) bool { return r.Session == d.id })
+	if i < 0 {
+		s.refusals = append(s.refusals, tpmrpc.DirectRefusal{Session: d.id})
+		i = len(s.refusals) - 1
+	}
+	s.refusals[i].Calls++
+	s.refusals[i].Reason = why
+	return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: why})
 }
 
 func (s *server) endAll(why string) {
@@ -348,22 +365,22 @@ func (s *server) serveDirect(d *direct) {
 func (s *server) directCall(d *direct, msg, dst []byte) []byte {
 	r, err := tpmrpc.ParseRequest(msg)
 	if err != nil {
-		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: err.Error()})
+		return s.refuse(d, err.Error(), dst)
 	}
 	if err := tpmrpc.DirectEligible(r); err != nil {
-		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: err.Error() + ": send it through the backend's supervisor"})
+		return s.refuse(d, err.Error()+": send it through the backend's supervisor", dst)
 	}
 	if time.Now().After(s.leaseUntil) {
 		// The supervisor renews the lease while the key broker records
 		// this backend's state; it refuses its own callers in the same
 		// case, with the same words.
-		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: "the key broker has not recorded this backend's state recently (unreachable, or another CVM runs as this backend): refusing to serve until it does"})
+		return s.refuse(d, "the key broker has not recorded this backend's state recently (unreachable, or another CVM runs as this backend): refusing to serve until it does", dst)
 	}
 	// Checked at the locality the last set-locality left, perhaps the
 	// host's, exactly as the supervisor checks a plain Execute.
 	checked := tpmrpc.Request{Op: tpmrpc.OpExecute, Locality: s.locality(), Arg: tpmrpc.ExecuteAtLocality, Payload: r.Payload}
 	if err := d.caps.Allow(checked); err != nil {
-		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: fmt.Sprintf("refused: %v", err)})
+		return s.refuse(d, fmt.Sprintf("refused: %v", err), dst)
 	}
 	return tpmrpc.Handle(s.tpm, msg, dst)
 }
