@@ -57,7 +57,7 @@ type Attester struct {
 // PCR bank (SHA-256, and SHA-1 if present) with nonce, and fetches a fresh CSV report of the backend bound to the
 // same nonce and the EK (attest/freshreport).
 func (a *Attester) Gather(ctx context.Context, nonce []byte) (*attestpb.Evidence, error) {
-	tpm, err := attest.OpenTPM(&attest.OpenConfig{CommandChannel: newChannel(a.TPM)})
+	tpm, err := OpenAttestTPM(a.TPM)
 	if err != nil {
 		return nil, fmt.Errorf("opening the TPM: %w", err)
 	}
@@ -147,6 +147,13 @@ func (a *Attester) Gather(ctx context.Context, nonce []byte) (*attestpb.Evidence
 		ev.WorkloadHskCek = a.WorkloadHSKCEK
 	}
 	return ev, nil
+}
+
+// OpenAttestTPM opens go-attestation's TPM (EKs, AKs, quotes, PCRs) on a
+// go-tpm transport: Proxy.TPM's in-process link, a guest proxy's socket
+// (internal/tpmsock), or /dev/tpmrm0. Closing it leaves t open.
+func OpenAttestTPM(t transport.TPM) (*attest.TPM, error) {
+	return attest.OpenTPM(&attest.OpenConfig{CommandChannel: newChannel(t)})
 }
 
 // channel adapts a go-tpm transport to go-attestation's command channel:

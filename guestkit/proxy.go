@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"net"
 
+	"github.com/google/go-tpm/tpm2/transport"
+
 	"cvtpm/attest/csv"
 	"cvtpm/internal/attestedlink"
 	"cvtpm/internal/netaddr"
@@ -74,6 +76,21 @@ func (p *Proxy) Connect(ctx context.Context) (*csv.Claims, error) {
 	}
 	p.srv = swtpmproto.New(p.tpm, swtpmproto.Options{Logger: log})
 	return s.Claims(), nil
+}
+
+// TPM is the instance as a go-tpm transport in this process, for a Go
+// agent in the guest (go-tpm, go-attestation through
+// attest.OpenConfig.CommandChannel, the Attester): its commands take the
+// same attested, end-to-end encrypted session as the served sockets'
+// (a direct session with the instance's worker when Direct is set), with
+// no proxy process and no local socket in between, one wake-up of a
+// process less per command. Valid after Connect, until Close; safe for
+// concurrent use (commands are serialised).
+func (p *Proxy) TPM() transport.TPM {
+	if p.tpm == nil {
+		return nil // not connected
+	}
+	return p.tpm
 }
 
 // ServeData serves the swtpm data channel (raw TPM commands) on ln.

@@ -84,11 +84,15 @@ func paths(b *testing.B, hops bool) []path {
 	_, tcti = topo.StartGuestProxy(b, relay, "guest-vm1", "vm1", f.Policy, "--direct", "off")
 	out = append(out, path{"attested, via the supervisor", dialTCP(b, tcti)})
 	out = append(out, path{"link client->backend, via the supervisor", linkClient(b, topo, "guest-vm1", "vm1", false)})
+	// A Go agent in the guest with the link in its own process
+	// (guestkit.Proxy.TPM), no guest proxy: through the copying relay.
+	out = append(out, path{"link client->relay->backend", linkClientVia(b, topo, relay, "guest-vm1", "vm1", true)})
 	// The relay joined in the kernel (--relay-join on, root only).
 	if sockmapAvailable() {
 		joined := topo.StartPlainRelay(b, "--relay-join", "on")
 		_, tcti = topo.StartGuestProxy(b, joined, "guest-vm1", "vm1", f.Policy)
 		out = append(out, path{"attested, relay joined in the kernel", dialTCP(b, tcti)})
+		out = append(out, path{"link client->joined relay->backend", linkClientVia(b, topo, joined, "guest-vm1", "vm1", true)})
 	}
 	return out
 }
@@ -109,6 +113,12 @@ func sockmapAvailable() bool {
 // through a direct session with the instance's worker.
 func linkClient(b *testing.B, topo *testenv.Topology, identity, instance string, direct bool) transport.TPMCloser {
 	b.Helper()
+	return linkClientVia(b, topo, topo.LinkAddr, identity, instance, direct)
+}
+
+// linkClientVia is linkClient dialling link (a relay, or the backend).
+func linkClientVia(b *testing.B, topo *testenv.Topology, link, identity, instance string, direct bool) transport.TPMCloser {
+	b.Helper()
 	c := topo.Files.Certs[identity]
 	cert, err := tls.LoadX509KeyPair(c[0], c[1])
 	if err != nil {
@@ -119,7 +129,7 @@ func linkClient(b *testing.B, topo *testenv.Topology, identity, instance string,
 		b.Fatal(err)
 	}
 	dial := func(ctx context.Context) (*attestedlink.Session, error) {
-		conn, err := netaddr.Dial(ctx, topo.LinkAddr)
+		conn, err := netaddr.Dial(ctx, link)
 		if err != nil {
 			return nil, err
 		}
@@ -193,8 +203,8 @@ func report(b *testing.B, label string, ps []path, med []time.Duration, goal str
 	if warmUp(b) {
 		return
 	}
-	fmt.Printf("%-28s swtpm %8.1f us | cvtpm socket %8.1f us | attested path %8.1f us | added by the attested path %+8.1f us (%.2fx swtpm)%s\n",
-		label, us(sw), us(cv), us(at), us(at-cv), float64(at)/float64(sw), goal)
+	fmt.Printf("%-28s swtpm %8.1f us | cvtpm socket %8.1f us | attested path %8.1f us | added by the attested path %+8.1f us (%.2fx swtpm)%s; %s\n",
+		label, us(sw), us(cv), us(at), us(at-cv), float64(at)/float64(sw), goal, placement())
 }
 
 func us(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e3 }
@@ -240,13 +250,21 @@ func BenchmarkAttestedGetRandom(b *testing.B) {
 		"    the supervisor hop (TLS, supervisor->worker)  %+8.1f us  (link client via the supervisor %.1f - link client direct); see BenchmarkCall and BenchmarkSupervisorGetRandom below\n",
 		us(full-noRelay), us(full), us(noRelay), us(noRelay-inProcess), us(inProcess), us(inProcess-socket), us(socket),
 		us(viaSup), us(viaSup-socket), us(viaSupInProcess-inProcess), us(viaSupInProcess))
-	if len(med) > 7 {
-		joined := med[7]
+	agent := med[7]
+	b.ReportMetric(us(agent-socket), "added-agent-us")
+	fmt.Printf("  a Go agent with the link in its own process (guestkit.Proxy.TPM; no guest proxy process):\n"+
+		"    through the relay                             %8.1f us  (added %+.1f us%s)\n",
+		us(agent), us(agent-socket), meets(us(agent-socket), attestedGoalUs, "us added"))
+	if len(med) > 8 {
+		joined, agentJoined := med[8], med[9]
+		b.ReportMetric(us(agentJoined-socket), "added-agent-relay-joined-us")
 		b.ReportMetric(us(joined-socket), "added-relay-joined-us")
 		fmt.Printf("  with the relay joined in the kernel (cvtpm frontend --relay-join on; gives up TCP backpressure, see internal/sockmap):\n"+
 			"    attested path                                 %8.1f us  (added %+.1f us%s)\n"+
 			"    relay                                         %+8.1f us  (joined - proxy->backend)\n",
 			us(joined), us(joined-socket), meets(us(joined-socket), attestedGoalUs, "us added"), us(joined-noRelay))
+		fmt.Printf("    a Go agent through the joined relay           %8.1f us  (added %+.1f us%s)\n",
+			us(agentJoined), us(agentJoined-socket), meets(us(agentJoined-socket), attestedGoalUs, "us added"))
 	} else {
 		fmt.Println("  the relay joined in the kernel: not measured (needs root and sockmap)")
 	}
