@@ -1,6 +1,12 @@
-// Package linkbench measures what the attested path costs (issue 4): a
+// Package linkbench measures what the attested path costs (issue 13): a
 // small command and an ECC quote through guest proxy -> frontend relay ->
 // backend -> worker, beside a direct cvtpm socket and swtpm in the same
-// run, and the memory of many idle instances in one backend. Run it with
-// `make bench`.
+// run, with a breakdown per hop, the path of a Go agent that holds the
+// link in its own process (guestkit.Proxy.TPM), QEMU's path through the
+// frontend, and the memory of many idle instances in one backend.
+//
+// CVTPM_BENCH_PIN=same runs the bench process and everything it starts
+// on one CPU (pin_test.go), as test/bench runs its client and servers;
+// unset or off, nothing is pinned. `make bench` runs the latencies both
+// ways and the memory benchmark unpinned.
 package linkbench
