@@ -55,9 +55,9 @@ bench: deps build
 	CVTPM_BENCH_PIN=same CVTPM_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench 'Attested|HostPath' -benchtime 2000x -count 1 ./test/linkbench/ | tee -a bench.txt
 	@echo "== the attested path, unpinned (each hop may wake the other CPU) ==" | tee -a bench.txt
 	CVTPM_BENCH_PIN=off CVTPM_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench 'AttestedGetRandom|HostPath' -benchtime 2000x -count 1 ./test/linkbench/ | tee -a bench.txt
-	@echo "== hops of the attested path: the link alone (one process), supervisor -> worker process ==" | tee -a bench.txt
+	@echo "== hops of the attested path: the link alone (one process); supervisor -> worker process; a direct session, link client -> worker process ==" | tee -a bench.txt
 	$(GO) test -run '^$$' -bench Call -benchtime 3000x -count 1 ./internal/attestedlink/ | tee -a bench.txt
-	CVTPM_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench SupervisorGetRandom -benchtime 3000x -count 1 ./vtpm/backend/ | tee -a bench.txt
+	CVTPM_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench 'SupervisorGetRandom|DirectSessionGetRandom' -benchtime 3000x -count 1 ./vtpm/backend/ | tee -a bench.txt
 	CVTPM_BENCH_PIN=off CVTPM_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench IdleInstances -benchtime 1x -count 1 -timeout 20m ./test/linkbench/ | tee -a bench.txt
 	CVTPM_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench AttestationVerify -benchtime 1x -count 1 -cpu 1,2 ./test/ | tee -a bench.txt
 	CVTPM_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench VerifierReplicas -benchtime 1x -count 1 ./test/ | tee -a bench.txt

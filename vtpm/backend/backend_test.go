@@ -30,7 +30,7 @@ func newSupervisor(t *testing.T, dir string, master byte) *Supervisor {
 
 // newSupervisorLogging is newSupervisor with its log sent to log (nil:
 // the default).
-func newSupervisorLogging(t *testing.T, dir string, master byte, log *slog.Logger) *Supervisor {
+func newSupervisorLogging(t testing.TB, dir string, master byte, log *slog.Logger) *Supervisor {
 	t.Helper()
 	keys, err := NewMasterKey(bytesOf(master, 32))
 	if err != nil {

@@ -123,7 +123,7 @@ func directFixtureLogging(t *testing.T, role string, log *slog.Logger) (*linkFix
 	return f, startTapRelay(t, f.addr), host
 }
 
-func openDirect(t *testing.T, f *linkFixture, addr, cipher string) *attestedlink.DirectSession {
+func openDirect(t testing.TB, f *linkFixture, addr, cipher string) *attestedlink.DirectSession {
 	t.Helper()
 	ctx := context.Background()
 	sess, err := f.dialAt(ctx, addr)
@@ -149,7 +149,7 @@ func directExecute(d *attestedlink.DirectSession, cmd []byte) (tpmrpc.Response, 
 }
 
 // marshalCommand is cmd's TPM command bytes.
-func marshalCommand[C tpm2.Command[R, *R], R any](t *testing.T, cmd C) []byte {
+func marshalCommand[C tpm2.Command[R, *R], R any](t testing.TB, cmd C) []byte {
 	t.Helper()
 	var rec recordingTPM
 	cmd.Execute(&rec)

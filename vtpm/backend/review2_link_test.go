@@ -34,14 +34,14 @@ type linkFixture struct {
 	policy  *csv.AppraisalPolicy
 }
 
-func newLinkFixture(t *testing.T, aclJSON string) *linkFixture {
+func newLinkFixture(t testing.TB, aclJSON string) *linkFixture {
 	t.Helper()
 	return newLinkFixtureLogging(t, aclJSON, nil)
 }
 
 // newLinkFixtureLogging is newLinkFixture with the supervisor's log sent
 // to log.
-func newLinkFixtureLogging(t *testing.T, aclJSON string, log *slog.Logger) *linkFixture {
+func newLinkFixtureLogging(t testing.TB, aclJSON string, log *slog.Logger) *linkFixture {
 	t.Helper()
 	sim, err := csv.NewSimulator("SIMBACKEND")
 	if err != nil {
