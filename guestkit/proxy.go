@@ -56,25 +56,32 @@ func (p *Proxy) Connect(ctx context.Context) (*csv.Claims, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	var tpm *tpmrpc.Client
+	var caller *attestedlink.InstanceCaller
+	var closer io.Closer
 	if p.Direct != "" {
 		var dc *attestedlink.DirectCaller
-		p.tpm, dc = attestedlink.RemoteTPMDirect(p.Instance, p.Direct, p.dial, log)
-		p.caller, p.closer = dc.Supervisor, dc
+		tpm, dc = attestedlink.RemoteTPMDirect(p.Instance, p.Direct, p.dial, log)
+		caller, closer = dc.Supervisor, dc
 	} else {
-		p.tpm, p.caller = attestedlink.RemoteTPM(p.Instance, p.dial, log)
-		p.closer = p.caller
+		tpm, caller = attestedlink.RemoteTPM(p.Instance, p.dial, log)
+		closer = caller
 	}
-	s, err := p.caller.Connect(ctx)
+	s, err := caller.Connect(ctx)
 	if err != nil {
+		closer.Close()
 		return nil, err
 	}
 	if p.LockHost {
-		if err := p.tpm.LockHost(); err != nil {
+		if err := tpm.LockHost(); err != nil {
+			closer.Close()
 			return nil, fmt.Errorf("locking the host path: %w", err)
 		}
 		log.Info("host path locked until the next VM reset", "instance", p.Instance)
 	}
-	p.srv = swtpmproto.New(p.tpm, swtpmproto.Options{Logger: log})
+	// Only a proxy that connected has a TPM to hand out.
+	p.tpm, p.caller, p.closer = tpm, caller, closer
+	p.srv = swtpmproto.New(tpm, swtpmproto.Options{Logger: log})
 	return s.Claims(), nil
 }
 
@@ -84,8 +91,9 @@ func (p *Proxy) Connect(ctx context.Context) (*csv.Claims, error) {
 // same attested, end-to-end encrypted session as the served sockets'
 // (a direct session with the instance's worker when Direct is set), with
 // no proxy process and no local socket in between, one wake-up of a
-// process less per command. Valid after Connect, until Close; safe for
-// concurrent use (commands are serialised).
+// process less per command. Nil until Connect has succeeded; after Close
+// its commands fail (nothing dials again). Safe for concurrent use
+// (commands are serialised); call it after Connect has returned.
 func (p *Proxy) TPM() transport.TPM {
 	if p.tpm == nil {
 		return nil // not connected

@@ -253,7 +253,12 @@ type InstanceCaller struct {
 
 	mu      sync.Mutex
 	session *Session
+	closed  bool
 }
+
+// ErrCallerClosed is the error of a call after Close: a closed caller does
+// not dial again.
+var ErrCallerClosed = fmt.Errorf("attested link: the caller is closed: %w", net.ErrClosed)
 
 // Call implements tpmrpc.Caller.
 func (c *InstanceCaller) Call(ctx context.Context, req []byte) ([]byte, error) {
@@ -269,10 +274,12 @@ func (c *InstanceCaller) Call(ctx context.Context, req []byte) ([]byte, error) {
 	return resp, err
 }
 
-// Close closes the current session.
+// Close closes the current session; later calls fail with
+// ErrCallerClosed instead of attesting a new one.
 func (c *InstanceCaller) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.closed = true
 	if c.session != nil {
 		err := c.session.Close()
 		c.session = nil
@@ -299,6 +306,9 @@ func (c *InstanceCaller) Connect(ctx context.Context) (*Session, error) {
 
 // connectLocked attests a session if there is none; c.mu is held.
 func (c *InstanceCaller) connectLocked(ctx context.Context) (*Session, error) {
+	if c.closed {
+		return nil, ErrCallerClosed
+	}
 	if c.session == nil {
 		s, err := c.Dial(ctx)
 		if err != nil {

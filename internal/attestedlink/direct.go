@@ -244,6 +244,7 @@ type DirectCaller struct {
 	direct   *DirectSession
 	retryAt  time.Time
 	refusals int
+	closed   bool
 }
 
 // directRetry is how long a refused direct session is not asked for again.
@@ -257,6 +258,9 @@ func (c *DirectCaller) Call(ctx context.Context, req []byte) ([]byte, error) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.closed {
+		return nil, ErrCallerClosed
+	}
 	for try := 0; ; try++ {
 		if c.direct != nil && c.direct.ended() {
 			// Ended by the worker between calls (a VM reset, a revocation,
@@ -303,9 +307,10 @@ func (c *DirectCaller) dialDirect(ctx context.Context) (*DirectSession, error) {
 	return s.Direct(ctx, c.Supervisor.Instance, c.Cipher)
 }
 
-// Close ends both sessions.
+// Close ends both sessions; later calls fail with ErrCallerClosed.
 func (c *DirectCaller) Close() error {
 	c.mu.Lock()
+	c.closed = true
 	if c.direct != nil {
 		c.direct.Close()
 		c.direct = nil

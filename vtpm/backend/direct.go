@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"cvtpm/internal/attestedlink"
+	"cvtpm/internal/logfield"
 	"cvtpm/vtpm/tpmrpc"
 )
 
@@ -48,6 +49,9 @@ type directState struct {
 	stop     chan struct{}
 	done     chan struct{}
 	syncs    sync.WaitGroup // rounds of syncDirect under way
+	// workerLog limits the lines about what a worker answered a sync,
+	// per instance: a worker taken over must not fill the log.
+	workerLog logfield.Limiter
 }
 
 // HandOff implements attestedlink.DirectHandler: it gives an authorised
@@ -315,12 +319,12 @@ func (s *Supervisor) endDirect(ctx context.Context, inst *instance, end []uint64
 	}
 	p, err := tpmrpc.ParseResponse(out)
 	if err != nil || p.Err != "" {
-		s.log.Warn("the instance's worker did not renew its direct sessions", "instance", inst.id, "err", fmt.Sprint(err, p.Err))
+		s.warnWorker(inst, "the instance's worker did not renew its direct sessions", "err", logfield.Clip(fmt.Sprint(err, p.Err)))
 		return
 	}
 	reply, err := tpmrpc.ParseDirectSyncReply(p.Payload)
 	if err != nil {
-		s.log.Warn("the instance's worker answered a direct sync with bytes it should not", "instance", inst.id, "err", err)
+		s.warnWorker(inst, "the instance's worker answered a direct sync with bytes it should not", "err", err)
 		return
 	}
 	s.logDirectRefusals(inst, reply.Refusals)
@@ -337,16 +341,38 @@ func (s *Supervisor) endDirect(ctx context.Context, inst *instance, end []uint64
 // its direct sessions, as the supervisor does its own callers' (under
 // the same rate limit): an operator sees a guest's refused commands
 // whichever way they came. Under inst.mu.
+//
+// The reply comes from the worker, which runs libtpms on guest input: a
+// worker taken over could report what it likes. Only sessions this
+// supervisor handed to this instance count, each once per sync, and at
+// most maxRefusalsPerSync calls each (a worker serves far fewer in the
+// second between syncs), so that it cannot drive the counter all
+// instances share past where another instance's refusals still show.
 func (s *Supervisor) logDirectRefusals(inst *instance, refusals []tpmrpc.DirectRefusal) {
+	var seen []uint64
 	for _, r := range refusals {
-		refusedCalls.WithLabelValues(tpmrpc.OpExecute.String()).Add(float64(r.Calls))
-		client := ""
-		if i := slices.IndexFunc(inst.direct, func(d *directSession) bool { return d.id == r.Session }); i >= 0 {
-			client = inst.direct[i].client
+		i := slices.IndexFunc(inst.direct, func(d *directSession) bool { return d.id == r.Session })
+		if i < 0 || slices.Contains(seen, r.Session) {
+			s.warnWorker(inst, "the instance's worker reported refusals on a session it was not given (or twice)", "direct_session", r.Session)
+			continue
 		}
+		seen = append(seen, r.Session)
+		calls := min(r.Calls, maxRefusalsPerSync)
+		refusedCalls.WithLabelValues(tpmrpc.OpExecute.String()).Add(float64(calls))
 		if ok, held := s.refusalLog.Allow(inst.id); ok {
 			s.log.Warn("call refused", "instance", inst.id, "op", tpmrpc.OpExecute.String(), "reason", r.Reason,
-				"client", client, "direct_session", r.Session, "calls", r.Calls, "similar_lines_suppressed", held)
+				"client", inst.direct[i].client, "direct_session", r.Session, "calls", calls, "similar_lines_suppressed", held)
 		}
 	}
 }
+
+// warnWorker logs what inst's worker answered wrongly, within a rate.
+func (s *Supervisor) warnWorker(inst *instance, msg string, args ...any) {
+	if ok, held := s.direct.workerLog.Allow(inst.id); ok {
+		s.log.Warn(msg, append([]any{"instance", inst.id, "similar_lines_suppressed", held}, args...)...)
+	}
+}
+
+// maxRefusalsPerSync bounds the refusals counted for one direct session
+// in one sync.
+const maxRefusalsPerSync = 1 << 20

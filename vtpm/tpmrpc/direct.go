@@ -95,6 +95,12 @@ type DirectSyncReply struct {
 // maxRefusalReason bounds a reason on the wire (a u8 length).
 const maxRefusalReason = 255
 
+// MaxDirectSyncSessions bounds the sessions a sync reply may name, open
+// or with refusals: a worker holds at most a few (the supervisor hands an
+// instance's worker at most 8 before a sync prunes them), and a reply
+// naming more is not a worker's honest answer.
+const MaxDirectSyncSessions = 64
+
 // AppendDirectSyncReply appends r's encoding: open count u16 | ids u64
 // each | then, per refusal, session u64 | calls u32 | reason len u8 +
 // reason (cut to 255 bytes).
@@ -117,12 +123,18 @@ func ParseDirectSyncReply(b []byte) (DirectSyncReply, error) {
 		return DirectSyncReply{}, fmt.Errorf("%w: direct sync reply is %d bytes", ErrMalformed, len(b))
 	}
 	n := int(binary.BigEndian.Uint16(b))
+	if n > MaxDirectSyncSessions {
+		return DirectSyncReply{}, fmt.Errorf("%w: direct sync reply names %d open sessions, more than %d", ErrMalformed, n, MaxDirectSyncSessions)
+	}
 	if len(b) < 2+8*n {
 		return DirectSyncReply{}, fmt.Errorf("%w: direct sync reply names %d open sessions in %d bytes", ErrMalformed, n, len(b)-2)
 	}
 	open, _ := ParseSessionIDs(b[2 : 2+8*n])
 	r := DirectSyncReply{Open: open}
 	for b = b[2+8*n:]; len(b) > 0; {
+		if len(r.Refusals) == MaxDirectSyncSessions {
+			return DirectSyncReply{}, fmt.Errorf("%w: direct sync reply has more than %d refusal entries", ErrMalformed, MaxDirectSyncSessions)
+		}
 		if len(b) < 13 || len(b) < 13+int(b[12]) {
 			return DirectSyncReply{}, fmt.Errorf("%w: direct sync reply: refusal %d truncated", ErrMalformed, len(r.Refusals))
 		}

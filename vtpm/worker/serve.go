@@ -262,8 +262,10 @@ func (s *server) sync(msg []byte) tpmrpc.Response {
 	return tpmrpc.Response{Payload: tpmrpc.AppendDirectSyncReply(nil, reply)}
 }
 
-// refuse answers a direct call with why it was refused, and keeps the
-// refusal for the supervisor to count and log at the next sync.
+// refuse answers a direct call that the session's capabilities do not
+// allow, and keeps the refusal for the supervisor to count and log at the
+// next sync, as it counts its own callers' (cvtpm_backend_calls_refused_total
+// counts refusals for the caller's rights, not malformed or misrouted calls).
 func (s *server) refuse(d *direct, why string, dst []byte) []byte {
 	i := slices.IndexFunc(s.refusals, func(r tpmrpc.DirectRefusal) bool { return r.Session == d.id })
 	if i < 0 {
@@ -365,16 +367,16 @@ func (s *server) serveDirect(d *direct) {
 func (s *server) directCall(d *direct, msg, dst []byte) []byte {
 	r, err := tpmrpc.ParseRequest(msg)
 	if err != nil {
-		return s.refuse(d, err.Error(), dst)
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: err.Error()})
 	}
 	if err := tpmrpc.DirectEligible(r); err != nil {
-		return s.refuse(d, err.Error()+": send it through the backend's supervisor", dst)
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: err.Error() + ": send it through the backend's supervisor"})
 	}
 	if time.Now().After(s.leaseUntil) {
 		// The supervisor renews the lease while the key broker records
 		// this backend's state; it refuses its own callers in the same
 		// case, with the same words.
-		return s.refuse(d, "the key broker has not recorded this backend's state recently (unreachable, or another CVM runs as this backend): refusing to serve until it does", dst)
+		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: "the key broker has not recorded this backend's state recently (unreachable, or another CVM runs as this backend): refusing to serve until it does"})
 	}
 	// Checked at the locality the last set-locality left, perhaps the
 	// host's, exactly as the supervisor checks a plain Execute.
