@@ -76,12 +76,9 @@ Options:
 	if *capture != "" && *relay == "" {
 		return usageError("--relay-capture needs --relay")
 	}
-	switch *direct {
-	case "off":
-		*direct = ""
-	case gcm.AES256, gcm.SM4:
-	default:
-		return flagError("--direct", fmt.Errorf("%q: want %s, %s or off", *direct, gcm.AES256, gcm.SM4))
+	cipher, err := directCipher(*direct)
+	if err != nil {
+		return err
 	}
 	if *relayJoin != "on" && *relayJoin != "off" {
 		return flagError("--relay-join", fmt.Errorf("%q: want on or off", *relayJoin))
@@ -100,7 +97,7 @@ Options:
 	if err != nil {
 		return err
 	}
-	f := &frontend.Frontend{Backend: *backendAddr, Logger: log, Direct: *direct}
+	f := &frontend.Frontend{Backend: *backendAddr, Logger: log, Direct: cipher}
 	errc := make(chan error, len(vms)+1)
 	if len(vms) > 0 {
 		cfg, err := link.load()

@@ -93,12 +93,9 @@ Options:
 	if err := netaddr.Check(*linkAddr); err != nil {
 		return flagError("--link", err)
 	}
-	switch *direct {
-	case "off":
-		*direct = ""
-	case gcm.AES256, gcm.SM4:
-	default:
-		return flagError("--direct", fmt.Errorf("%q: want %s, %s or off", *direct, gcm.AES256, gcm.SM4))
+	cipher, err := directCipher(*direct)
+	if err != nil {
+		return err
 	}
 	if *lockHost && !*workload {
 		return usageError("--lock-host needs --workload-evidence: only the proven workload may lock the host path")
@@ -124,7 +121,7 @@ Options:
 			return errors.New("--workload-evidence on a real CSV guest needs --workload-hsk-cek (the chip's HSK+CEK bundle)")
 		}
 	}
-	p := &guestkit.Proxy{Link: *linkAddr, Instance: *instance, Config: cfg, Logger: log, LockHost: *lockHost, Direct: *direct}
+	p := &guestkit.Proxy{Link: *linkAddr, Instance: *instance, Config: cfg, Logger: log, LockHost: *lockHost, Direct: cipher}
 	claims, err := p.Connect(ctx)
 	if err != nil {
 		return err

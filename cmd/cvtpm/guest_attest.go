@@ -26,6 +26,9 @@ import (
 	"cvtpm/attest/ear"
 	"cvtpm/ca"
 	"cvtpm/guestkit"
+	"cvtpm/internal/attestedlink"
+	"cvtpm/internal/gcm"
+	"cvtpm/internal/netaddr"
 	"cvtpm/internal/tpmsock"
 )
 
@@ -49,6 +52,13 @@ every part affirming (or warning); 3: refused; 1: no valid verdict.
 
   --tpm /dev/tpmrm0          the kernel's TPM (through QEMU and the frontend)
   --tpm unix:PATH | tcp:HOST:PORT   a guest proxy's (or any swtpm) data socket
+  --link ADDR --instance ID --tls-cert FILE --tls-key FILE --policy FILE
+                             no guest proxy: attest the backend through the
+                             host's relay (vsock:2:PORT in a VM) and use the
+                             instance over the attested link from this
+                             process (as 'cvtpm guest proxy' would; with
+                             --workload-evidence the session proves the
+                             workload VM too)
 
 Options:
 `)
@@ -65,8 +75,42 @@ Options:
 	workloadSim := fs.String("workload-csv-sim", "", "with --workload-evidence: the CSV simulator in DIR when /dev/csv-guest is absent (tests, demos)")
 	workloadHSKCEK := fs.String("workload-hsk-cek", "", "with --workload-evidence: this VM's chip HSK+CEK bundle, for verifiers that take it from the evidence")
 	timeout := fs.Duration("timeout", time.Minute, "give up after this long")
+	linkAddr := fs.String("link", "", "instead of --tpm: the relay (or backend) address of the attested link, vsock:CID:PORT, tcp:HOST:PORT or unix:PATH")
+	instance := fs.String("instance", "", "with --link: the backend instance (required with --link)")
+	direct := fs.String("direct", gcm.AES256, "with --link: ordinary TPM commands through a session the backend hands to the instance's worker, sealed with this cipher ("+gcm.AES256+" or "+gcm.SM4+"); \"off\": everything through the supervisor")
+	link := addLinkFlags(fs)
 	if done, err := parseFlags(fs, args); done {
 		return err
+	}
+	tpmGiven, linkOnly := false, ""
+	fs.Visit(func(f *flag.Flag) {
+		switch f.Name {
+		case "tpm":
+			tpmGiven = true
+		case "instance", "direct", "tls-cert", "cert", "tls-key", "key", "policy", "cert-dir", "kds", "evidence-certs":
+			linkOnly = f.Name
+		}
+	})
+	cipher, err := directCipher(*direct)
+	if err != nil {
+		return err
+	}
+	var linkCfg attestedlink.ClientConfig
+	switch {
+	case *linkAddr == "" && linkOnly != "":
+		return usageError("--" + linkOnly + " needs --link")
+	case *linkAddr != "" && tpmGiven:
+		return usageError("give --tpm or --link, not both")
+	case *linkAddr != "":
+		if *instance == "" {
+			return usageError("--link needs --instance")
+		}
+		if err := netaddr.Check(*linkAddr); err != nil {
+			return flagError("--link", err)
+		}
+		if linkCfg, err = link.load(); err != nil {
+			return err
+		}
 	}
 	started := time.Now()
 	if *caFingerprint == "" || *verifierKey == "" {
@@ -102,13 +146,22 @@ Options:
 	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
-	tpm, err := openGuestTPM(ctx, *tpmAddr)
+	var tpm transport.TPMCloser
+	if *linkAddr != "" {
+		// The session proves the workload VM with the same report
+		// provider as the evidence's workload leg.
+		linkCfg.Workload, linkCfg.WorkloadHSKCEK = a.Workload, a.WorkloadHSKCEK
+		tpm, err = openLinkTPM(ctx, &guestkit.Proxy{Link: *linkAddr, Instance: *instance, Config: linkCfg, Direct: cipher,
+			Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	} else {
+		tpm, err = openGuestTPM(ctx, *tpmAddr)
+	}
 	if err != nil {
 		return err
 	}
 	defer tpm.Close()
 	a.TPM = tpm
-	if raw, ok := strings.CutPrefix(*tpmAddr, "/dev/tpmrm"); ok {
+	if raw, ok := strings.CutPrefix(*tpmAddr, "/dev/tpmrm"); ok && *linkAddr == "" {
 		// Linux before 6.3 passes no vendor command through its resource
 		// manager: the fresh report then goes through /dev/tpmN.
 		a.RawTPM = func() (transport.TPMCloser, error) { return openGuestTPM(ctx, "/dev/tpm"+raw) }
@@ -249,6 +302,22 @@ func openGuestTPM(ctx context.Context, addr string) (transport.TPMCloser, error)
 	}
 	return t, nil
 }
+
+// openLinkTPM connects p (attesting the backend) and returns its TPM: the
+// instance over the attested link in this process, closed with p.
+func openLinkTPM(ctx context.Context, p *guestkit.Proxy) (transport.TPMCloser, error) {
+	if _, err := p.Connect(ctx); err != nil {
+		return nil, fmt.Errorf("--link %s: %w", p.Link, err)
+	}
+	return linkTPM{p.TPM(), p}, nil
+}
+
+type linkTPM struct {
+	transport.TPM
+	p *guestkit.Proxy
+}
+
+func (t linkTPM) Close() error { return t.p.Close() }
 
 func readPublicKey(path string) (any, error) {
 	b, err := os.ReadFile(path)

@@ -10,6 +10,7 @@ import (
 	"cvtpm/attest/csv"
 	"cvtpm/internal/attestedlink"
 	"cvtpm/internal/cliconf"
+	"cvtpm/internal/gcm"
 )
 
 type linkFlags struct {
@@ -52,4 +53,17 @@ func (l linkFlags) load() (attestedlink.ClientConfig, error) {
 		return cfg, fmt.Errorf("the backend chip's HSK+CEK (--cert-dir, --kds, --evidence-certs): %w", err)
 	}
 	return cfg, nil
+}
+
+// directCipher is the value of a --direct flag: the cipher of the session
+// handed to the instance's worker, or "" for "off" (everything through
+// the backend's supervisor).
+func directCipher(v string) (string, error) {
+	switch v {
+	case "off":
+		return "", nil
+	case gcm.AES256, gcm.SM4:
+		return v, nil
+	}
+	return "", flagError("--direct", fmt.Errorf("%q: want %s, %s or off", v, gcm.AES256, gcm.SM4))
 }
