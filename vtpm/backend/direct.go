@@ -327,6 +327,10 @@ func (s *Supervisor) endDirect(ctx context.Context, inst *instance, end []uint64
 		s.warnWorker(inst, "the instance's worker answered a direct sync with bytes it should not", "err", err)
 		return
 	}
+	// As refusals (below), bounded: what a worker taken over reports must
+	// not drive the counters all instances share.
+	directCalls.Add(float64(min(reply.Calls, maxDirectCallsPerSync)))
+	directCallSeconds.Add(min(reply.Busy, maxDirectBusyPerSync).Seconds())
 	s.logDirectRefusals(inst, reply.Refusals)
 	inst.direct = slices.DeleteFunc(inst.direct, func(d *directSession) bool {
 		if slices.Contains(reply.Open, d.id) {
@@ -374,5 +378,11 @@ func (s *Supervisor) warnWorker(inst *instance, msg string, args ...any) {
 }
 
 // maxRefusalsPerSync bounds the refusals counted for one direct session
-// in one sync.
-const maxRefusalsPerSync = 1 << 20
+// in one sync; maxDirectCallsPerSync and maxDirectBusyPerSync the calls
+// and time counted for one worker (one thread: it cannot be busy for
+// much longer than the time between two syncs).
+const (
+	maxRefusalsPerSync    = 1 << 20
+	maxDirectCallsPerSync = 1 << 20
+	maxDirectBusyPerSync  = 5 * directSyncInterval
+)

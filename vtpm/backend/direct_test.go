@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	dto "github.com/prometheus/client_model/go"
 	"log/slog"
 	"net"
 	"os"
@@ -274,11 +273,7 @@ func (b *lockedBuffer) String() string {
 // refusedExecutes reads cvtpm_backend_calls_refused_total{op="execute"}.
 func refusedExecutes(t *testing.T) float64 {
 	t.Helper()
-	var m dto.Metric
-	if err := refusedCalls.WithLabelValues(tpmrpc.OpExecute.String()).Write(&m); err != nil {
-		t.Fatal(err)
-	}
-	return m.GetCounter().GetValue()
+	return counterValue(t, refusedCalls.WithLabelValues(tpmrpc.OpExecute.String()))
 }
 
 // A command the worker refuses on a direct session is counted in
@@ -291,6 +286,7 @@ func TestDirectSessionRefusalsAreCountedAndLogged(t *testing.T) {
 	d := openDirect(t, f, relay.addr, gcm.AES256)
 	getRandom := marshalCommand(t, tpm2.GetRandom{BytesRequested: 8})
 	before := refusedExecutes(t)
+	callsBefore, secondsBefore := counterValue(t, directCalls), counterValue(t, directCallSeconds)
 	if rc := host.SetLocality(4); rc != 0 {
 		t.Fatalf("host set-locality 4: %#x", rc)
 	}
@@ -325,6 +321,14 @@ func TestDirectSessionRefusalsAreCountedAndLogged(t *testing.T) {
 	time.Sleep(2 * directSyncInterval)
 	if n := refusedExecutes(t) - before; n != 3 {
 		t.Errorf("refusals counted after a served command and two syncs: %v, want 3", n)
+	}
+	// Every call the worker answered is counted, with its time: the
+	// supervisor's own call metrics never see them.
+	if n := counterValue(t, directCalls) - callsBefore; n != 4 {
+		t.Errorf("cvtpm_backend_direct_calls_total grew by %v, want 4 (3 refused, 1 served)", n)
+	}
+	if d := counterValue(t, directCallSeconds) - secondsBefore; d <= 0 || d > 1 {
+		t.Errorf("cvtpm_backend_direct_call_seconds_total grew by %v s for 4 calls", d)
 	}
 }
 

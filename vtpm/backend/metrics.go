@@ -28,6 +28,14 @@ var (
 		Name: "cvtpm_backend_direct_sessions",
 		Help: "Attested link sessions handed to instances' workers (direct sessions) and still open.",
 	})
+	directCalls = promauto.NewCounter(prometheus.CounterOpts{
+		Name: "cvtpm_backend_direct_calls_total",
+		Help: "Calls that instances' workers answered on direct sessions (reported by each worker every second; the supervisor does not see them).",
+	})
+	directCallSeconds = promauto.NewCounter(prometheus.CounterOpts{
+		Name: "cvtpm_backend_direct_call_seconds_total",
+		Help: "Time instances' workers spent answering calls on direct sessions, from a whole record received to its answer written: divided by cvtpm_backend_direct_calls_total, their mean latency in the backend.",
+	})
 	refusedCalls = promauto.NewCounterVec(prometheus.CounterOpts{
 		Name: "cvtpm_backend_calls_refused_total",
 		Help: "Calls refused for the caller's capabilities, by operation.",

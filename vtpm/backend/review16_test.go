@@ -5,7 +5,9 @@ import (
 	"context"
 	"encoding/binary"
 	"log/slog"
+	"math"
 	"net"
+	"slices"
 	"testing"
 	"time"
 
@@ -51,7 +53,8 @@ func TestReview16CompromisedWorkerInflatesSharedRefusalCounter(t *testing.T) {
 	}
 
 	// The reply as the review wrote it: ~80,000 entries. Refused whole now.
-	huge := binary.BigEndian.AppendUint16(nil, 1)
+	lying := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint32(nil, ^uint32(0)), math.MaxInt64) // calls, busy
+	huge := binary.BigEndian.AppendUint16(slices.Clone(lying), 1)
 	huge = binary.BigEndian.AppendUint64(huge, 1)
 	for len(huge)+13 <= tpmrpc.MaxMessage-tpmrpc.ResponseHeaderSize {
 		huge = binary.BigEndian.AppendUint64(huge, uint64(len(huge)))
@@ -64,7 +67,7 @@ func TestReview16CompromisedWorkerInflatesSharedRefusalCounter(t *testing.T) {
 	// The worst a reply within bounds can do: its own session 1 with
 	// 2^32-1 refusals, then the same session again and sessions it was
 	// never given, each with 2^32-1.
-	payload := binary.BigEndian.AppendUint16(nil, 1)
+	payload := binary.BigEndian.AppendUint16(slices.Clone(lying), 1)
 	payload = binary.BigEndian.AppendUint64(payload, 1) // its one real session stays open
 	entries := 0
 	for entries < tpmrpc.MaxDirectSyncSessions {
@@ -87,8 +90,16 @@ func TestReview16CompromisedWorkerInflatesSharedRefusalCounter(t *testing.T) {
 	directSessions.Inc()
 
 	before := refusedExecutes(t)
+	callsBefore, secondsBefore := counterValue(t, directCalls), counterValue(t, directCallSeconds)
 	s.endDirect(context.Background(), inst, nil) // one round of the direct loop
 	added := refusedExecutes(t) - before
+	// The calls and time it claims to have answered are bounded too.
+	if n := counterValue(t, directCalls) - callsBefore; n > maxDirectCallsPerSync {
+		t.Errorf("one sync counted %v direct calls", n)
+	}
+	if d := counterValue(t, directCallSeconds) - secondsBefore; d > maxDirectBusyPerSync.Seconds() {
+		t.Errorf("one sync counted %v s of direct calls", d)
+	}
 	t.Logf("one sync of a worker lying about its refusals added %.4g to the shared counter (%d entries)", added, entries)
 	if added > maxRefusalsPerSync {
 		t.Errorf("one sync counted +%.4g refusals: more than %d for its one session", added, maxRefusalsPerSync)

@@ -84,10 +84,17 @@ type DirectRefusal struct {
 	Reason  string // why the last of them was refused
 }
 
-// DirectSyncReply is a worker's answer to OpDirectSync: the sessions it
-// still holds, and what it refused since the last one (sessions that
-// ended meanwhile included).
+// DirectSyncReply is a worker's answer to OpDirectSync: what it answered
+// on its direct sessions since the last one, the sessions it still holds,
+// and what it refused since the last one (sessions that ended meanwhile
+// included).
 type DirectSyncReply struct {
+	// Calls is how many calls the worker answered on direct sessions, and
+	// Busy the time it spent on them (a whole record received to its
+	// answer written): the supervisor, which does not see them, exports
+	// both.
+	Calls    uint32
+	Busy     time.Duration
 	Open     []uint64
 	Refusals []DirectRefusal
 }
@@ -101,10 +108,12 @@ const maxRefusalReason = 255
 // naming more is not a worker's honest answer.
 const MaxDirectSyncSessions = 64
 
-// AppendDirectSyncReply appends r's encoding: open count u16 | ids u64
-// each | then, per refusal, session u64 | calls u32 | reason len u8 +
-// reason (cut to 255 bytes).
+// AppendDirectSyncReply appends r's encoding: calls u32 | busy ns u64 |
+// open count u16 | ids u64 each | then, per refusal, session u64 | calls
+// u32 | reason len u8 + reason (cut to 255 bytes).
 func AppendDirectSyncReply(dst []byte, r DirectSyncReply) []byte {
+	dst = binary.BigEndian.AppendUint32(dst, r.Calls)
+	dst = binary.BigEndian.AppendUint64(dst, uint64(max(r.Busy, 0)))
 	dst = binary.BigEndian.AppendUint16(dst, uint16(len(r.Open)))
 	dst = AppendSessionIDs(dst, r.Open)
 	for _, f := range r.Refusals {
@@ -119,9 +128,11 @@ func AppendDirectSyncReply(dst []byte, r DirectSyncReply) []byte {
 
 // ParseDirectSyncReply decodes a worker's answer to OpDirectSync.
 func ParseDirectSyncReply(b []byte) (DirectSyncReply, error) {
-	if len(b) < 2 {
+	if len(b) < 14 {
 		return DirectSyncReply{}, fmt.Errorf("%w: direct sync reply is %d bytes", ErrMalformed, len(b))
 	}
+	calls, busy := binary.BigEndian.Uint32(b), time.Duration(binary.BigEndian.Uint64(b[4:])&math.MaxInt64)
+	b = b[12:]
 	n := int(binary.BigEndian.Uint16(b))
 	if n > MaxDirectSyncSessions {
 		return DirectSyncReply{}, fmt.Errorf("%w: direct sync reply names %d open sessions, more than %d", ErrMalformed, n, MaxDirectSyncSessions)
@@ -130,7 +141,7 @@ func ParseDirectSyncReply(b []byte) (DirectSyncReply, error) {
 		return DirectSyncReply{}, fmt.Errorf("%w: direct sync reply names %d open sessions in %d bytes", ErrMalformed, n, len(b)-2)
 	}
 	open, _ := ParseSessionIDs(b[2 : 2+8*n])
-	r := DirectSyncReply{Open: open}
+	r := DirectSyncReply{Calls: calls, Busy: busy, Open: open}
 	for b = b[2+8*n:]; len(b) > 0; {
 		if len(r.Refusals) == MaxDirectSyncSessions {
 			return DirectSyncReply{}, fmt.Errorf("%w: direct sync reply has more than %d refusal entries", ErrMalformed, MaxDirectSyncSessions)

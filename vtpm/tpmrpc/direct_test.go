@@ -47,6 +47,7 @@ func TestDirectSyncReply(t *testing.T) {
 	}{
 		{"nothing open", DirectSyncReply{}, DirectSyncReply{}},
 		{"open sessions only", DirectSyncReply{Open: []uint64{4, 7}}, DirectSyncReply{Open: []uint64{4, 7}}},
+		{"calls answered", DirectSyncReply{Calls: 12, Busy: 340 * time.Microsecond, Open: []uint64{4}}, DirectSyncReply{Calls: 12, Busy: 340 * time.Microsecond, Open: []uint64{4}}},
 		{"a refusal on a session that ended", DirectSyncReply{Open: []uint64{4}, Refusals: []DirectRefusal{{Session: 5, Calls: 2, Reason: "refused: locality 4"}}},
 			DirectSyncReply{Open: []uint64{4}, Refusals: []DirectRefusal{{Session: 5, Calls: 2, Reason: "refused: locality 4"}}}},
 		{"a reason longer than 255 bytes is cut", DirectSyncReply{Refusals: []DirectRefusal{{Session: 1, Calls: 1, Reason: long}}},
@@ -57,11 +58,11 @@ func TestDirectSyncReply(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", c.name, err)
 		}
-		if !slices.Equal(got.Open, c.want.Open) || !slices.Equal(got.Refusals, c.want.Refusals) {
+		if got.Calls != c.want.Calls || got.Busy != c.want.Busy || !slices.Equal(got.Open, c.want.Open) || !slices.Equal(got.Refusals, c.want.Refusals) {
 			t.Errorf("%s: round trip %+v, want %+v", c.name, got, c.want)
 		}
 		for n := range len(b) {
-			if _, err := ParseDirectSyncReply(b[:n]); err == nil && n < len(b) && (n < 2+8*len(c.in.Open) || len(c.in.Refusals) > 0 && n > 2+8*len(c.in.Open)) {
+			if _, err := ParseDirectSyncReply(b[:n]); err == nil && n < len(b) && (n < 14+8*len(c.in.Open) || len(c.in.Refusals) > 0 && n > 14+8*len(c.in.Open)) {
 				t.Errorf("%s: a reply cut to %d of %d bytes parsed", c.name, n, len(b))
 			}
 		}
@@ -120,7 +121,7 @@ func FuzzParseDirect(f *testing.F) {
 				t.Fatalf("sync %x re-encodes differently", b)
 			}
 		}
-		if r, err := ParseDirectSyncReply(b); err == nil {
+		if r, err := ParseDirectSyncReply(b); err == nil && b[4]&0x80 == 0 {
 			if !bytes.Equal(AppendDirectSyncReply(nil, r), b) {
 				t.Fatalf("sync reply %x re-encodes differently", b)
 			}

@@ -43,8 +43,11 @@ type server struct {
 	sessions   []*direct
 	leaseUntil time.Time
 	// refusals are the calls refused since the last OpDirectSync, which
-	// reports them to the supervisor (one entry per session).
+	// reports them to the supervisor (one entry per session), with the
+	// calls answered and the time they took.
 	refusals []tpmrpc.DirectRefusal
+	calls    uint32
+	busy     time.Duration
 	pending  []int // descriptors received and not yet attached
 	in, out  []byte
 	rec      []byte // a sealed answer
@@ -249,7 +252,8 @@ func (s *server) sync(msg []byte) tpmrpc.Response {
 		return tpmrpc.Response{Err: err.Error()}
 	}
 	s.leaseUntil = time.Now().Add(lease)
-	reply := tpmrpc.DirectSyncReply{Refusals: s.refusals}
+	reply := tpmrpc.DirectSyncReply{Calls: s.calls, Busy: s.busy, Refusals: s.refusals}
+	s.calls, s.busy = 0, 0
 	for _, d := range s.sessions {
 		if slices.Contains(end, d.id) {
 			s.end(d, "ended by the supervisor")
@@ -344,11 +348,13 @@ func (s *server) serveDirect(d *direct) {
 	if !ok {
 		return
 	}
+	start := time.Now()
 	msg, err := d.open.Open(rec)
 	if err != nil {
 		s.end(d, err.Error())
 		return
 	}
+	defer func() { s.calls, s.busy = s.calls+1, s.busy+time.Since(start) }()
 	s.out = s.directCall(d, msg, s.out[:0])
 	clear(rec)
 	d.buf = d.buf[:copy(d.buf, rest)]
