@@ -65,7 +65,15 @@ func TestReview16ProxyTPMAfterCloseAndFailedConnect(t *testing.T) {
 	handed := func() int {
 		return strings.Count(topo.Backend.Log.String(), "direct session handed to the instance's worker")
 	}
+	// The backend logs a hand-off after it confirmed it to the client,
+	// which may already have run its command: wait for the line.
+	for deadline := time.Now().Add(5 * time.Second); handed() == 0 && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
 	n := handed()
+	if n != 1 {
+		t.Fatalf("%d direct sessions handed over for one Proxy, want 1", n)
+	}
 	if err := p.Close(); err != nil {
 		t.Fatal(err)
 	}
