@@ -24,6 +24,7 @@ import (
 	"strings"
 	"syscall"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 
 	attestpb "cvtpm/api/attest"
@@ -122,6 +123,13 @@ Options:
 	if *ekRoot == "" || *akRoot == "" || *policyFile == "" || *keyFile == "" {
 		fmt.Fprintln(os.Stderr, "cvtpm verifier: --ek-root, --ak-root, --policy and --token-key are required (see --help)")
 		return errUsage
+	}
+	// It holds the token signing key: processes of its user without
+	// CAP_SYS_PTRACE must not read its memory (/proc/PID/mem, ptrace) and
+	// a crash must not write it to a core file. (internal/confine's
+	// NotDumpable would link the worker's constructor into this binary.)
+	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
+		return fmt.Errorf("making the verifier non-dumpable: %w", err)
 	}
 	log, err := logFlags.Logger(os.Stderr)
 	if err != nil {

@@ -36,6 +36,7 @@ import (
 	"cvtpm/attest/csv"
 	"cvtpm/ca"
 	"cvtpm/ca/keybroker"
+	"cvtpm/internal/confine"
 	"cvtpm/internal/netaddr"
 	"cvtpm/internal/obs"
 	"cvtpm/internal/serve"
@@ -104,6 +105,12 @@ Options:
 	}
 	if *dir == "" || *policyFile == "" {
 		return usageError("--dir and --policy are required (see --help)")
+	}
+	// It holds the CAs' signing keys and, with --key-broker, every backend's keys: processes of its user without CAP_SYS_PTRACE must
+	// not read its memory (/proc/PID/mem, ptrace), nor a crash write it
+	// to a core file.
+	if err := confine.NotDumpable(); err != nil {
+		return fmt.Errorf("making the process non-dumpable: %w", err)
 	}
 	log, err := logFlags.Logger(os.Stderr)
 	if err != nil {

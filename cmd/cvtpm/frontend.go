@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"cvtpm/frontend"
+	"cvtpm/internal/confine"
 	"cvtpm/internal/gcm"
 	"cvtpm/internal/netaddr"
 	"cvtpm/internal/obs"
@@ -69,6 +70,12 @@ Options:
 	}
 	if len(vms) == 0 && *relay == "" {
 		return usageError("nothing to do: give --vm and/or --relay (see --help)")
+	}
+	// It holds its link identity's key and the sessions' keys: processes of its user without CAP_SYS_PTRACE must
+	// not read its memory (/proc/PID/mem, ptrace), nor a crash write it
+	// to a core file.
+	if err := confine.NotDumpable(); err != nil {
+		return fmt.Errorf("making the process non-dumpable: %w", err)
 	}
 	if err := netaddr.Check(*backendAddr); err != nil {
 		return flagError("--backend", err)

@@ -14,6 +14,7 @@ import (
 	"strconv"
 
 	"cvtpm/guestkit"
+	"cvtpm/internal/confine"
 	"cvtpm/internal/gcm"
 	"cvtpm/internal/netaddr"
 	"cvtpm/internal/obs"
@@ -86,6 +87,12 @@ Options:
 	}
 	if *linkAddr == "" || *instance == "" {
 		return usageError("--link and --instance are required (see --help)")
+	}
+	// It holds the link identity's key and the sessions' keys: processes of its user without CAP_SYS_PTRACE must
+	// not read its memory (/proc/PID/mem, ptrace), nor a crash write it
+	// to a core file.
+	if err := confine.NotDumpable(); err != nil {
+		return fmt.Errorf("making the process non-dumpable: %w", err)
 	}
 	if *tcp == "" && *unixPath == "" && *mssim == "" && !*vtpmProxy {
 		return errors.New("nothing to serve: give --tcp, --unix, --mssim and/or --vtpm-proxy (see --help)")
