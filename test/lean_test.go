@@ -1,6 +1,7 @@
 package test
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"cvtpm/internal/tpmsock"
 	"cvtpm/test/testenv"
 )
 
@@ -118,5 +120,57 @@ func TestIdleWorkerThreads(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 	if list := topo.Admin(t, "list"); !strings.Contains(list, fmt.Sprint(worker)) {
 		t.Errorf("after SIGTERM, worker %d is gone from backend list:\n%s", worker, list)
+	}
+}
+
+// `cvtpm socket` runs the drop-in binary beside it (bin/cvtpm-swtpm) in
+// its own process (an exec: same PID, arguments and descriptors), so a
+// vTPM started as `cvtpm socket` holds the drop-in's memory rather than
+// the full binary's; CVTPM_SOCKET_LEAN=off keeps it in cvtpm. Either way
+// it serves.
+func TestSocketRunsTheLeanBinary(t *testing.T) {
+	bin := testenv.Binary(t, testenv.Cvtpm)
+	if _, err := os.Stat(filepath.Join(filepath.Dir(bin), "cvtpm-swtpm")); err != nil {
+		t.Skipf("no cvtpm-swtpm beside %s", bin)
+	}
+	for _, c := range []struct {
+		env  string
+		want string
+	}{
+		{"", "cvtpm-swtpm"},
+		{"CVTPM_SOCKET_LEAN=off", "cvtpm"},
+	} {
+		dir := t.TempDir()
+		sock := filepath.Join(dir, "tpm.sock")
+		cmd := exec.Command(bin, "socket", "--tpm2", "--tpmstate", "dir="+dir, "--flags", "not-need-init,startup-clear",
+			"--server", "type=unixio,path="+sock, "--ctrl", "type=unixio,path="+sock+".ctrl")
+		cmd.Env = append(os.Environ(), c.env)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		var conn interface{ Close() error }
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+			tpm, err := tpmsock.Dial(context.Background(), "unix", sock)
+			if err == nil {
+				conn = tpm
+				if _, err := tpm.Send([]byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 8}); err != nil {
+					t.Errorf("%q: GetRandom: %v", c.env, err)
+				}
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%q: cvtpm socket does not serve: %v", c.env, err)
+			}
+		}
+		exe, err := os.Readlink("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/exe")
+		conn.Close()
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if filepath.Base(exe) != c.want {
+			t.Errorf("%q: cvtpm socket runs %s, want %s", c.env, exe, c.want)
+		}
 	}
 }

@@ -5,6 +5,9 @@ package main
 import (
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
+	"syscall"
 
 	"cvtpm/vtpm/swtpmsocket"
 )
@@ -17,7 +20,24 @@ func init() {
 	})
 }
 
+// leanSocketEnv, set to "off", keeps "cvtpm socket" in this binary.
+const leanSocketEnv = "CVTPM_SOCKET_LEAN"
+
 func runSocket(ctx context.Context, args []string) error {
+	// The same server in bin/cvtpm-swtpm (built beside cvtpm) holds half
+	// the memory for as long as the VM runs: this binary's gRPC, database
+	// and CA code would stay resident in every vTPM process. The exec
+	// keeps the PID, the arguments, the environment and every inherited
+	// descriptor (QEMU's and libvirt's fd=, clientfd=).
+	if os.Getenv(leanSocketEnv) != "off" {
+		if exe, err := os.Executable(); err == nil {
+			lean := filepath.Join(filepath.Dir(exe), "cvtpm-swtpm")
+			if fi, err := os.Stat(lean); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
+				syscall.Exec(lean, append([]string{lean, "socket"}, args...), os.Environ())
+				// Only an exec that failed returns: serve from here.
+			}
+		}
+	}
 	err := swtpmsocket.Run(ctx, args)
 	var e swtpmsocket.ExitError
 	if errors.As(err, &e) {
