@@ -44,7 +44,7 @@ demo: deps build
 # PostgreSQL.
 bench: deps build
 	CVTPM_BIN=$(CURDIR)/bin/cvtpm-swtpm $(GO) test -run '^$$' -bench . -benchtime 2000x -count 1 ./test/bench/ | tee bench.txt
-	@echo "== the full binary, bin/cvtpm socket ==" | tee -a bench.txt
+	@echo "== bin/cvtpm socket (the full binary, which execs bin/cvtpm-swtpm) ==" | tee -a bench.txt
 	CVTPM_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench 'StartToListening|IdleRSS' -benchtime 20x -count 1 ./test/bench/ | tee -a bench.txt
 	$(GO) test -run '^$$' -bench 'VerifyReport|SM2Verify' -count 1 ./attest/csv/ | tee -a bench.txt
 	$(GO) test -run '^$$' -bench Enroll -benchtime 2000x -count 1 ./ca/ | tee -a bench.txt
