@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
@@ -124,6 +125,13 @@ Options:
 	migrationKeyFile := fs.String("migration-key-file", "", "hex migration key (32 bytes) shared by the backends an instance may migrate between; without it state never leaves this backend")
 	if done, err := parseFlags(fs, args); done {
 		return err
+	}
+	// The supervisor holds every instance's key: processes of its user
+	// without CAP_SYS_PTRACE (its workers, internal/confine) must not read
+	// its memory or reopen its descriptors through /proc, from before the
+	// first key is read (a key source may block: a FIFO, the broker).
+	if err := confine.NotDumpable(); err != nil {
+		return fmt.Errorf("making the backend non-dumpable: %w", err)
 	}
 	keySources := 0
 	for _, set := range []bool{*keyFile != "", *keyFD >= 0, *broker != ""} {
@@ -270,17 +278,11 @@ Options:
 	if err != nil {
 		return err
 	}
-	// The supervisor holds every instance's key: processes of its user
-	// without CAP_SYS_PTRACE (its workers, internal/confine) must not read
-	// its memory or reopen its descriptors through /proc.
-	if err := confine.NotDumpable(); err != nil {
-		return fmt.Errorf("making the backend non-dumpable: %w", err)
-	}
 	// The lean worker binary beside cvtpm when there is one (make build
 	// puts it there): an idle instance then costs a fraction of what the
 	// full cvtpm binary does.
 	cfg.Worker = []string{exe, "worker"}
-	if lean := filepath.Join(filepath.Dir(exe), "cvtpm-worker"); isExecutable(lean) {
+	if lean, ok := trustedSibling("cvtpm-worker"); ok {
 		cfg.Worker = []string{lean}
 	}
 	// Workers run libtpms on commands from the host and the guests: each
@@ -544,7 +546,29 @@ func parsePEMCertificates(b []byte) ([]*x509.Certificate, error) {
 	return out, nil
 }
 
-func isExecutable(path string) bool {
+// trustedSibling returns the path of the program name beside this
+// executable (make build puts cvtpm-worker, cvtpm-swtpm and
+// cvtpm-verifier there) if it is one cvtpm may run: a regular executable
+// file owned by root or by this executable's owner, which no one else may
+// write. In a directory others may add files to (a sticky /tmp), a file
+// planted there would otherwise run as whoever runs cvtpm.
+func trustedSibling(name string) (string, bool) {
+	exe, err := os.Executable()
+	if err != nil {
+		return "", false
+	}
+	self, err := os.Stat(exe)
+	if err != nil {
+		return "", false
+	}
+	path := filepath.Join(filepath.Dir(exe), name)
 	fi, err := os.Stat(path)
-	return err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0
+	if err != nil || !fi.Mode().IsRegular() || fi.Mode()&0o111 == 0 || fi.Mode()&0o022 != 0 {
+		return "", false
+	}
+	owner, selfOwner := fi.Sys().(*syscall.Stat_t), self.Sys().(*syscall.Stat_t)
+	if owner == nil || selfOwner == nil || owner.Uid != 0 && owner.Uid != selfOwner.Uid {
+		return "", false
+	}
+	return path, true
 }

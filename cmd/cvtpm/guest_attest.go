@@ -27,6 +27,7 @@ import (
 	"cvtpm/ca"
 	"cvtpm/guestkit"
 	"cvtpm/internal/attestedlink"
+	"cvtpm/internal/confine"
 	"cvtpm/internal/gcm"
 	"cvtpm/internal/netaddr"
 	"cvtpm/internal/tpmsock"
@@ -81,6 +82,12 @@ Options:
 	link := addLinkFlags(fs)
 	if done, err := parseFlags(fs, args); done {
 		return err
+	}
+	// With --link it holds the link identity's key and the sessions'
+	// keys, as the guest proxy does; it is non-dumpable for the same
+	// reason (before any key is read).
+	if err := confine.NotDumpable(); err != nil {
+		return fmt.Errorf("making the process non-dumpable: %w", err)
 	}
 	tpmGiven, linkOnly := false, ""
 	fs.Visit(func(f *flag.Flag) {
@@ -140,6 +147,11 @@ Options:
 	if *workload {
 		if a.Workload, a.WorkloadHSKCEK, err = workloadEvidence(*workloadSim, *workloadHSKCEK, slog.New(slog.NewTextHandler(os.Stderr, nil))); err != nil {
 			return err
+		}
+		if *linkAddr != "" && a.WorkloadHSKCEK == nil {
+			// As the guest proxy: the backend checks a bound workload's
+			// report with the pair the session sends.
+			return errors.New("--workload-evidence with --link on a real CSV guest needs --workload-hsk-cek (the chip's HSK+CEK bundle)")
 		}
 	} else if *workloadSim != "" || *workloadHSKCEK != "" {
 		return usageError("--workload-csv-sim and --workload-hsk-cek need --workload-evidence")

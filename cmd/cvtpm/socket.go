@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"os"
-	"path/filepath"
 	"syscall"
 
 	"cvtpm/vtpm/swtpmsocket"
@@ -30,12 +29,9 @@ func runSocket(ctx context.Context, args []string) error {
 	// keeps the PID, the arguments, the environment and every inherited
 	// descriptor (QEMU's and libvirt's fd=, clientfd=).
 	if os.Getenv(leanSocketEnv) != "off" {
-		if exe, err := os.Executable(); err == nil {
-			lean := filepath.Join(filepath.Dir(exe), "cvtpm-swtpm")
-			if fi, err := os.Stat(lean); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
-				syscall.Exec(lean, append([]string{lean, "socket"}, args...), os.Environ())
-				// Only an exec that failed returns: serve from here.
-			}
+		if lean, ok := trustedSibling("cvtpm-swtpm"); ok {
+			syscall.Exec(lean, append([]string{lean, "socket"}, args...), os.Environ())
+			// Only an exec that failed returns: serve from here.
 		}
 	}
 	err := swtpmsocket.Run(ctx, args)

@@ -22,9 +22,10 @@ func runVerifier(_ context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	path := filepath.Join(filepath.Dir(exe), "cvtpm-verifier")
-	if _, err := os.Stat(path); err != nil {
-		return errors.New("the verifier is the separate binary cvtpm-verifier, expected beside cvtpm at " + path + " ('make build' builds both)")
+	path, ok := trustedSibling("cvtpm-verifier")
+	if !ok {
+		return errors.New("the verifier is the separate binary cvtpm-verifier, expected beside cvtpm at " + filepath.Join(filepath.Dir(exe), "cvtpm-verifier") +
+			", executable, owned by root or by cvtpm's owner and writable by no one else ('make build' builds both)")
 	}
 	err = syscall.Exec(path, append([]string{path}, args...), os.Environ())
 	return fmt.Errorf("running %s: %w", path, err)
