@@ -24,6 +24,22 @@ import (
 	"cvtpm/test/testenv"
 )
 
+// linkConfig is the attested link's client configuration of identity
+// (a certificate the topology's client CA issued) with its policy.
+func linkConfig(t *testing.T, f *testenv.TopologyFiles, identity string) attestedlink.ClientConfig {
+	t.Helper()
+	c := f.Certs[identity]
+	cert, err := tls.LoadX509KeyPair(c[0], c[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	policy, err := csv.LoadAppraisalPolicy(f.Policy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return attestedlink.ClientConfig{Certificate: cert, Policy: policy}
+}
+
 // A Go agent in the guest uses its vTPM with the attested link in its
 // own process (guestkit.Proxy.TPM), through the host's relay and a
 // direct session with the instance's worker, no guest proxy process in
@@ -34,19 +50,9 @@ func TestGoAgentWithTheLinkInProcess(t *testing.T) {
 	topo := testenv.StartBackend(t, f)
 	topo.Admin(t, "create", "vm1")
 	relay := topo.StartPlainRelay(t)
-	c := f.Certs["guest-vm1"]
-	cert, err := tls.LoadX509KeyPair(c[0], c[1])
-	if err != nil {
-		t.Fatal(err)
-	}
-	policy, err := csv.LoadAppraisalPolicy(f.Policy)
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	p := &guestkit.Proxy{Link: relay, Instance: "vm1", Direct: gcm.SM4,
-		Config: attestedlink.ClientConfig{Certificate: cert, Policy: policy}}
+	p := &guestkit.Proxy{Link: relay, Instance: "vm1", Direct: gcm.SM4, Config: linkConfig(t, f, "guest-vm1")}
 	if p.TPM() != nil {
 		t.Fatal("a proxy that has not connected hands out a TPM")
 	}

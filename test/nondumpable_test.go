@@ -14,22 +14,6 @@ import (
 	"cvtpm/test/testenv"
 )
 
-// asNobody is argv run as uid and gid 65534 without supplementary groups
-// (and so without capabilities).
-func asNobody(argv ...string) []string {
-	return append([]string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"}, argv...)
-}
-
-// environReadable says whether a process of uid 65534 without
-// capabilities may read /proc/PID/environ: the kernel lets the same user
-// read a dumpable process's, and refuses a non-dumpable one's (the same
-// check guards /proc/PID/mem and ptrace).
-func environReadable(pid int) (bool, string) {
-	argv := asNobody("cat", "/proc/"+strconv.Itoa(pid)+"/environ")
-	out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
-	return err == nil, string(out)
-}
-
 // The daemons that hold keys make themselves non-dumpable at start, as the
 // backend does: a process of their user without CAP_SYS_PTRACE cannot read
 // their memory, descriptors or environment through /proc, nor attach to
@@ -45,7 +29,7 @@ func TestKeyHoldingDaemonsAreNotDumpable(t *testing.T) {
 	if _, err := exec.LookPath("setpriv"); err != nil {
 		t.Skip("setpriv (util-linux) is not installed")
 	}
-	control := exec.Command(asNobody("sleep", "30")[0], asNobody("sleep", "30")[1:]...)
+	control := exec.Command(testenv.AsNobody("sleep", "30")[0], testenv.AsNobody("sleep", "30")[1:]...)
 	if err := control.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -56,7 +40,7 @@ func TestKeyHoldingDaemonsAreNotDumpable(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if ok, out := environReadable(control.Process.Pid); !ok {
+	if ok, out := testenv.EnvironReadableByNobody(control.Process.Pid); !ok {
 		t.Skipf("this machine refuses a dumpable process's /proc/PID/environ to its own user: %s", out)
 	}
 
@@ -82,19 +66,19 @@ func TestKeyHoldingDaemonsAreNotDumpable(t *testing.T) {
 	port := func() string { return fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t)) }
 
 	caAddr, caHTTP := port(), port()
-	caD := testenv.StartCommand(t, "ca", []string{"tcp:" + caAddr, "tcp:" + caHTTP}, asNobody(bin, "ca", "--dir", filepath.Join(own, "ca"),
+	caD := testenv.StartCommand(t, "ca", []string{"tcp:" + caAddr, "tcp:" + caHTTP}, testenv.AsNobody(bin, "ca", "--dir", filepath.Join(own, "ca"),
 		"--policy", policy, "--hsk-cek", hskCEK, "--listen", caAddr, "--http", caHTTP)...)
 	vAddr := port()
-	verifier := testenv.StartCommand(t, "verifier", []string{"tcp:" + vAddr}, asNobody(bin, "verifier", "--ek-root", ekRoot, "--ak-root", akRoot,
+	verifier := testenv.StartCommand(t, "verifier", []string{"tcp:" + vAddr}, testenv.AsNobody(bin, "verifier", "--ek-root", ekRoot, "--ak-root", akRoot,
 		"--crl", e.ca.CRLURL(ca.PurposeEK), "--crl", e.ca.CRLURL(ca.PurposeAK), "--policy", policy, "--cert-dir", certDir,
 		"--token-key", filepath.Join(own, "verifier.key"), "--listen", vAddr, "--http", "")...)
 	proxyAddr := port()
-	proxy := testenv.StartCommand(t, "guest proxy", []string{"tcp:" + proxyAddr}, asNobody(bin, "guest", "proxy", "--link", e.topo.LinkAddr,
+	proxy := testenv.StartCommand(t, "guest proxy", []string{"tcp:" + proxyAddr}, testenv.AsNobody(bin, "guest", "proxy", "--link", e.topo.LinkAddr,
 		"--instance", "vm1", "--tls-cert", cert, "--tls-key", key, "--policy", policy, "--cert-dir", certDir, "--tcp", proxyAddr)...)
 	relayAddr := "tcp:" + port()
-	relay := testenv.StartCommand(t, "frontend relay", []string{relayAddr}, asNobody(bin, "frontend", "--backend", e.topo.LinkAddr, "--relay", relayAddr)...)
+	relay := testenv.StartCommand(t, "frontend relay", []string{relayAddr}, testenv.AsNobody(bin, "frontend", "--backend", e.topo.LinkAddr, "--relay", relayAddr)...)
 	for _, d := range []*testenv.Daemon{caD, verifier, proxy, relay} {
-		if ok, _ := environReadable(d.Cmd.Process.Pid); ok {
+		if ok, _ := testenv.EnvironReadableByNobody(d.Cmd.Process.Pid); ok {
 			t.Errorf("%s (pid %d) is dumpable: another process of its user read its /proc/PID/environ", d.Name, d.Cmd.Process.Pid)
 		}
 	}

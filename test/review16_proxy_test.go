@@ -2,16 +2,13 @@ package test
 
 import (
 	"context"
-	"crypto/tls"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
 
-	"cvtpm/attest/csv"
 	"cvtpm/guestkit"
-	"cvtpm/internal/attestedlink"
 	"cvtpm/internal/gcm"
 	"cvtpm/test/testenv"
 )
@@ -28,21 +25,13 @@ func TestReview16ProxyTPMAfterCloseAndFailedConnect(t *testing.T) {
 	topo := testenv.StartBackend(t, f)
 	topo.Admin(t, "create", "vm1")
 	relay := topo.StartPlainRelay(t)
-	c := f.Certs["guest-vm1"]
-	cert, err := tls.LoadX509KeyPair(c[0], c[1])
-	if err != nil {
-		t.Fatal(err)
-	}
-	policy, err := csv.LoadAppraisalPolicy(f.Policy)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := linkConfig(t, f, "guest-vm1")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 
 	// A Connect that fails (nothing listens there).
 	bad := &guestkit.Proxy{Link: "tcp:127.0.0.1:1", Instance: "vm1", Direct: gcm.SM4,
-		Config: attestedlink.ClientConfig{Certificate: cert, Policy: policy}}
+		Config: cfg}
 	if _, err := bad.Connect(ctx); err == nil {
 		t.Fatal("connect to a closed port succeeded")
 	}
@@ -51,7 +40,7 @@ func TestReview16ProxyTPMAfterCloseAndFailedConnect(t *testing.T) {
 	}
 
 	p := &guestkit.Proxy{Link: relay, Instance: "vm1", Direct: gcm.SM4,
-		Config: attestedlink.ClientConfig{Certificate: cert, Policy: policy}}
+		Config: cfg}
 	if _, err := p.Connect(ctx); err != nil {
 		t.Fatalf("connecting through the relay: %v", err)
 	}
@@ -77,8 +66,7 @@ func TestReview16ProxyTPMAfterCloseAndFailedConnect(t *testing.T) {
 	if err := p.Close(); err != nil {
 		t.Fatal(err)
 	}
-	_, err = (tpm2.GetRandom{BytesRequested: 8}).Execute(tpm)
-	if err == nil {
+	if _, err := (tpm2.GetRandom{BytesRequested: 8}).Execute(tpm); err == nil {
 		t.Errorf("a command on the transport of a closed Proxy succeeded")
 	}
 	if _, err := (tpm2.GetRandom{BytesRequested: 8}).Execute(p.TPM()); err == nil {

@@ -22,24 +22,12 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"cvtpm/test/testenv"
 )
-
-func review17AsNobody(argv ...string) []string {
-	return append([]string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"}, argv...)
-}
-
-// review17EnvironReadable: may uid 65534 read /proc/PID/environ (the same
-// check as /proc/PID/mem and ptrace: refused for a non-dumpable process)?
-func review17EnvironReadable(pid int) bool {
-	argv := review17AsNobody("cat", "/proc/"+strconv.Itoa(pid)+"/environ")
-	return exec.Command(argv[0], argv[1:]...).Run() == nil
-}
 
 func TestReview17GuestAttestLinkIsNotDumpable(t *testing.T) {
 	if os.Getuid() != 0 {
@@ -98,14 +86,14 @@ func TestReview17GuestAttestLinkIsNotDumpable(t *testing.T) {
 		}
 	}()
 
-	argv := review17AsNobody(bin, "guest", "attest", "--link", "unix:"+sock, "--instance", "vm1",
+	argv := testenv.AsNobody(bin, "guest", "attest", "--link", "unix:"+sock, "--instance", "vm1",
 		"--tls-cert", filepath.Join(dir, "id.pem"), "--tls-key", filepath.Join(dir, "id.key"),
 		"--policy", filepath.Join(dir, "policy.json"), "--evidence-certs",
 		"--ca", "127.0.0.1:1", "--ca-fingerprint", strings.Repeat("00", 32),
 		"--verifier", "127.0.0.1:1", "--verifier-key", filepath.Join(dir, "verifier.pub"),
 		"--event-log", filepath.Join(dir, "eventlog"), "--timeout", "20s")
 	cmd := exec.Command(argv[0], argv[1:]...)
-	var stderr review17Buf
+	var stderr testenv.SyncBuffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -118,7 +106,7 @@ func TestReview17GuestAttestLinkIsNotDumpable(t *testing.T) {
 		t.Fatalf("guest attest never dialled the link: %s", stderr.String())
 	}
 	// The control: a dumpable process of uid 65534 is readable by it.
-	ctl := exec.Command(review17AsNobody("sleep", "30")[0], review17AsNobody("sleep", "30")[1:]...)
+	ctl := exec.Command(testenv.AsNobody("sleep", "30")[0], testenv.AsNobody("sleep", "30")[1:]...)
 	if err := ctl.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -129,14 +117,14 @@ func TestReview17GuestAttestLinkIsNotDumpable(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if !review17EnvironReadable(ctl.Process.Pid) {
+	if !environReadable(ctl.Process.Pid) {
 		t.Skip("this machine refuses a dumpable process's /proc/PID/environ to its own user")
 	}
 	// setpriv execs cvtpm: the same PID, now holding --tls-key.
 	if b, _ := os.ReadFile("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/comm"); string(b) != "cvtpm\n" {
 		t.Fatalf("pid %d is %q, not cvtpm", cmd.Process.Pid, b)
 	}
-	if review17EnvironReadable(cmd.Process.Pid) {
+	if environReadable(cmd.Process.Pid) {
 		t.Errorf("cvtpm guest attest --link (pid %d) holds its link identity's key (--tls-key) and is dumpable: "+
 			"another process of its user read its /proc/PID/environ (and so may read /proc/PID/mem); "+
 			"cvtpm guest proxy, holding the same key, is not dumpable", cmd.Process.Pid)
@@ -229,11 +217,11 @@ func TestReview17BackendHoldsMasterKeyWhileDumpable(t *testing.T) {
 	if out, err := exec.Command("chown", "-R", "65534:65534", dir).CombinedOutput(); err != nil {
 		t.Fatalf("chown: %v %s", err, out)
 	}
-	argv := review17AsNobody(bin, "backend", "--dir", filepath.Join(dir, "state"), "--master-key-file", filepath.Join(dir, "master.key"),
+	argv := testenv.AsNobody(bin, "backend", "--dir", filepath.Join(dir, "state"), "--master-key-file", filepath.Join(dir, "master.key"),
 		"--migration-key-file", fifo, "--client-ca", filepath.Join(dir, "client-ca.pem"), "--acl", filepath.Join(dir, "acl.json"),
 		"--csv-sim", filepath.Join(dir, "sim"), "--listen", "unix:"+filepath.Join(dir, "link.sock"))
 	cmd := exec.Command(argv[0], argv[1:]...)
-	var stderr review17Buf
+	var stderr testenv.SyncBuffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -253,28 +241,15 @@ func TestReview17BackendHoldsMasterKeyWhileDumpable(t *testing.T) {
 	if !waiting {
 		t.Fatalf("the backend did not reach --migration-key-file: %s", stderr.String())
 	}
-	if review17EnvironReadable(cmd.Process.Pid) {
+	if environReadable(cmd.Process.Pid) {
 		t.Errorf("the backend (pid %d) has read its master key and is still dumpable while it reads --migration-key-file: "+
 			"another process of its user read its /proc/PID/environ (so may read /proc/PID/mem)", cmd.Process.Pid)
 	}
 }
 
+func environReadable(pid int) bool {
+	ok, _ := testenv.EnvironReadableByNobody(pid)
+	return ok
+}
+
 func unixMkfifo(path string) error { return syscall.Mkfifo(path, 0o600) }
-
-// review17Buf is a strings.Builder safe to read while a process writes it.
-type review17Buf struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (b *review17Buf) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *review17Buf) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}

@@ -33,22 +33,23 @@ import (
 type Daemon struct {
 	Name string
 	Cmd  *exec.Cmd
-	Log  *syncBuffer
+	Log  *SyncBuffer
 	done chan struct{}
 }
 
-type syncBuffer struct {
+// SyncBuffer is a log sink goroutines and processes may share.
+type SyncBuffer struct {
 	mu  sync.Mutex
 	buf bytes.Buffer
 }
 
-func (b *syncBuffer) Write(p []byte) (int, error) {
+func (b *SyncBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.Write(p)
 }
 
-func (b *syncBuffer) String() string {
+func (b *SyncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
@@ -72,7 +73,7 @@ func StartLimited(tb testing.TB, nofile int, name string, waitFor []string, args
 // StartCommand is StartDaemon for any command line (argv[0] the program).
 func StartCommand(tb testing.TB, name string, waitFor []string, argv ...string) *Daemon {
 	tb.Helper()
-	d := &Daemon{Name: name, Log: &syncBuffer{}, done: make(chan struct{})}
+	d := &Daemon{Name: name, Log: &SyncBuffer{}, done: make(chan struct{})}
 	d.Cmd = exec.Command(argv[0], argv[1:]...)
 	d.Cmd.Stdout, d.Cmd.Stderr = d.Log, d.Log
 	if err := d.Cmd.Start(); err != nil {

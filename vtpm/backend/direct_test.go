@@ -17,6 +17,7 @@ import (
 	"cvtpm/internal/attestedlink"
 	"cvtpm/internal/directlink"
 	"cvtpm/internal/gcm"
+	"cvtpm/test/testenv"
 	"cvtpm/vtpm/tpmrpc"
 )
 
@@ -252,24 +253,6 @@ func TestDirectSessionChecksLocalityAndOperation(t *testing.T) {
 	}
 }
 
-// lockedBuffer is a log sink that goroutines may share.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // refusedExecutes reads cvtpm_backend_calls_refused_total{op="execute"}.
 func refusedExecutes(t *testing.T) float64 {
 	t.Helper()
@@ -281,7 +264,7 @@ func refusedExecutes(t *testing.T) float64 {
 // refusal of its own callers is: the supervisor never sees the command,
 // so the worker reports it at the next sync.
 func TestDirectSessionRefusalsAreCountedAndLogged(t *testing.T) {
-	var logged lockedBuffer
+	var logged testenv.SyncBuffer
 	f, relay, host := directFixtureLogging(t, "guest", slog.New(slog.NewTextHandler(&logged, nil)))
 	d := openDirect(t, f, relay.addr, gcm.AES256)
 	getRandom := marshalCommand(t, tpm2.GetRandom{BytesRequested: 8})
