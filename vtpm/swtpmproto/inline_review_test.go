@@ -6,6 +6,7 @@ import (
 	"net"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -244,22 +245,26 @@ func TestReviewGOMAXPROCS1SilentClientsFreezeProcess(t *testing.T) {
 // up, so a 2 ms receive timeout is ~8 ms on a HZ=250 kernel (20 ms on
 // HZ=100). The inline phase waits with ppoll's high-resolution timeout
 // instead: a silent connection ends it within about inlineBudget.
+//
+// The median of ten reads is checked, not the longest: a timeout rounded
+// to jiffies makes every read long, while a busy machine (the whole suite
+// running beside it on two CPUs) may deschedule any one of them for
+// longer than the budget (12 ms seen once in CI).
 func TestReviewReadWindow(t *testing.T) {
 	conn, quietListener := socketPair(t), socketPair(t)
-	var worst time.Duration
+	var took []time.Duration
 	for range 10 {
 		start := time.Now()
 		r := &inlineReader{fd: conn[0], lfd: quietListener[0], deadline: start.Add(inlineBudget)}
 		n, err := r.Read(make([]byte, 16))
-		if d := time.Since(start); d > worst {
-			worst = d
-		}
+		took = append(took, time.Since(start))
 		if n != 0 || !errors.Is(err, errHandOff) {
 			t.Fatalf("silent read: %d, %v", n, err)
 		}
 	}
-	if worst > 3*inlineBudget {
-		t.Errorf("a read on a silent connection held the accepting goroutine for %v; inlineBudget is %v", worst, inlineBudget)
+	slices.Sort(took)
+	if median := took[len(took)/2]; median > 3*inlineBudget {
+		t.Errorf("a read on a silent connection held the accepting goroutine for %v (median of 10; all: %v); inlineBudget is %v", median, took, inlineBudget)
 	}
 }
 
