@@ -355,7 +355,7 @@ func (s *server) serveDirect(d *direct) {
 		return
 	}
 	defer func() { s.calls, s.busy = s.calls+1, s.busy+time.Since(start) }()
-	s.out = s.directCall(d, msg, s.out[:0])
+	s.out = s.directCall(d, msg, s.out[:0], start)
 	clear(rec)
 	d.buf = d.buf[:copy(d.buf, rest)]
 	s.rec, err = d.seal.Seal(s.rec[:0], s.out)
@@ -369,8 +369,9 @@ func (s *server) serveDirect(d *direct) {
 }
 
 // directCall performs one call of a direct session, or refuses it with
-// the reason, and appends the encoded response to dst.
-func (s *server) directCall(d *direct, msg, dst []byte) []byte {
+// the reason, and appends the encoded response to dst; now is when its
+// record was taken up (the lease is checked against it).
+func (s *server) directCall(d *direct, msg, dst []byte, now time.Time) []byte {
 	r, err := tpmrpc.ParseRequest(msg)
 	if err != nil {
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: err.Error()})
@@ -378,7 +379,7 @@ func (s *server) directCall(d *direct, msg, dst []byte) []byte {
 	if err := tpmrpc.DirectEligible(r); err != nil {
 		return tpmrpc.AppendResponse(dst, tpmrpc.Response{Err: err.Error() + ": send it through the backend's supervisor"})
 	}
-	if time.Now().After(s.leaseUntil) {
+	if now.After(s.leaseUntil) {
 		// The supervisor renews the lease while the key broker records
 		// this backend's state; it refuses its own callers in the same
 		// case, with the same words.
@@ -396,13 +397,16 @@ func (s *server) directCall(d *direct, msg, dst []byte) []byte {
 // writeDirect sends rec to a direct session, waiting at most
 // directWriteTimeout for a client that does not read.
 func (s *server) writeDirect(d *direct, rec []byte) {
-	deadline := time.Now().Add(directWriteTimeout)
+	var deadline time.Time // from the first write that would block
 	for len(rec) > 0 {
 		n, err := unix.Write(d.fd, rec)
 		switch {
 		case err == unix.EINTR:
 			continue
 		case err == unix.EAGAIN:
+			if deadline.IsZero() {
+				deadline = time.Now().Add(directWriteTimeout)
+			}
 			left := time.Until(deadline)
 			if left <= 0 {
 				s.closeDirect(d, "the client does not take its answers")
