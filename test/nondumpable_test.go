@@ -5,9 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"testing"
-	"time"
 
 	"cvtpm/attest/csv"
 	"cvtpm/ca"
@@ -23,27 +21,7 @@ import (
 // the CA (which is also the key broker), the verifier, the guest proxy and
 // the frontend. The backend is tested in internal/confine.
 func TestKeyHoldingDaemonsAreNotDumpable(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("needs root, to run the daemons as another user")
-	}
-	if _, err := exec.LookPath("setpriv"); err != nil {
-		t.Skip("setpriv (util-linux) is not installed")
-	}
-	control := exec.Command(testenv.AsNobody("sleep", "30")[0], testenv.AsNobody("sleep", "30")[1:]...)
-	if err := control.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer control.Process.Kill()
-	for deadline := 0; deadline < 100; deadline++ { // until setpriv has exec'd sleep
-		if b, _ := os.ReadFile("/proc/" + strconv.Itoa(control.Process.Pid) + "/comm"); string(b) == "sleep\n" {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if ok, out := testenv.EnvironReadableByNobody(control.Process.Pid); !ok {
-		t.Skipf("this machine refuses a dumpable process's /proc/PID/environ to its own user: %s", out)
-	}
-
+	testenv.NeedNobody(t)
 	e := startAttestEnv(t, "vm1")
 	// The test's files (certificates, policies, the simulator's roots)
 	// readable by uid 65534, and a directory of its own to write in.

@@ -1,8 +1,11 @@
 package testenv
 
 import (
+	"os"
 	"os/exec"
 	"strconv"
+	"testing"
+	"time"
 )
 
 // AsNobody is argv run by setpriv as uid and gid 65534 without
@@ -19,4 +22,34 @@ func EnvironReadableByNobody(pid int) (bool, string) {
 	argv := AsNobody("cat", "/proc/"+strconv.Itoa(pid)+"/environ")
 	out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
 	return err == nil, string(out)
+}
+
+// NeedNobody skips tb unless this machine can show a process's
+// dumpability to uid 65534: the test runs as root (to start processes as
+// 65534), setpriv is installed, and a dumpable process of 65534 (a
+// control) is readable by 65534, as the kernel allows.
+func NeedNobody(tb testing.TB) {
+	tb.Helper()
+	if os.Getuid() != 0 {
+		tb.Skip("needs root, to run processes as another user")
+	}
+	if _, err := exec.LookPath("setpriv"); err != nil {
+		tb.Skip("setpriv (util-linux) is not installed")
+	}
+	argv := AsNobody("sleep", "30")
+	control := exec.Command(argv[0], argv[1:]...)
+	if err := control.Start(); err != nil {
+		tb.Fatal(err)
+	}
+	defer func() { control.Process.Kill(); control.Wait() }()
+	comm := "/proc/" + strconv.Itoa(control.Process.Pid) + "/comm"
+	for range 100 { // until setpriv has exec'd sleep
+		if b, _ := os.ReadFile(comm); string(b) == "sleep\n" {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if ok, out := EnvironReadableByNobody(control.Process.Pid); !ok {
+		tb.Skipf("this machine refuses a dumpable process's /proc/PID/environ to its own user: %s", out)
+	}
 }
