@@ -89,12 +89,12 @@ Options:
 	if err := confine.NotDumpable(); err != nil {
 		return fmt.Errorf("making the process non-dumpable: %w", err)
 	}
-	tpmGiven, linkOnly := false, ""
+	tpmGiven, linkOnly := false, link.given(fs)
 	fs.Visit(func(f *flag.Flag) {
 		switch f.Name {
 		case "tpm":
 			tpmGiven = true
-		case "instance", "direct", "tls-cert", "cert", "tls-key", "key", "policy", "cert-dir", "kds", "evidence-certs":
+		case "instance", "direct":
 			linkOnly = f.Name
 		}
 	})

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"slices"
 
 	"cvtpm/attest/csv"
 	"cvtpm/internal/attestedlink"
@@ -16,9 +17,12 @@ import (
 type linkFlags struct {
 	cert, key, policy, certDir, kds *string
 	evidenceCerts                   *bool
+	names                           []string // as registered, aliases included
 }
 
 func addLinkFlags(fs *flag.FlagSet) linkFlags {
+	before := map[string]bool{}
+	fs.VisitAll(func(f *flag.Flag) { before[f.Name] = true })
 	l := linkFlags{
 		cert:          fs.String("tls-cert", "", "this client's link certificate (PEM, e.g. from 'cvtpm ca identity') (required)"),
 		key:           fs.String("tls-key", "", "its private key (PEM) (required)"),
@@ -29,7 +33,24 @@ func addLinkFlags(fs *flag.FlagSet) linkFlags {
 	}
 	cliconf.Alias(fs, "tls-cert", "cert")
 	cliconf.Alias(fs, "tls-key", "key")
+	fs.VisitAll(func(f *flag.Flag) {
+		if !before[f.Name] {
+			l.names = append(l.names, f.Name)
+		}
+	})
 	return l
+}
+
+// given returns the name of a link flag set on fs's command line (or in
+// its configuration file), or "".
+func (l linkFlags) given(fs *flag.FlagSet) string {
+	name := ""
+	fs.Visit(func(f *flag.Flag) {
+		if slices.Contains(l.names, f.Name) {
+			name = f.Name
+		}
+	})
+	return name
 }
 
 func (l linkFlags) load() (attestedlink.ClientConfig, error) {
