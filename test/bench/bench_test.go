@@ -167,19 +167,7 @@ func alternate(b *testing.B, p *pair, label string, op func(t *target) error) {
 	var perOp [2][]float64 // microseconds per operation, one entry per block
 	var ratios []float64
 	block := max(1, b.N/blocks)
-	mode, err := benchPinMode()
-	if err != nil {
-		b.Fatal(err)
-	}
-	cpu, err := clientCPU(mode)
-	if err != nil {
-		b.Fatal(err)
-	}
-	restore, err := pinProcess(cpu)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer restore()
+	defer pinClient(b)()
 	b.ResetTimer()
 	for done, i := 0, 0; done < b.N; i++ {
 		k := min(block, b.N-done)
@@ -213,19 +201,7 @@ func alternateTimed(b *testing.B, p *pair, label string, d time.Duration, op fun
 	b.Helper()
 	var perOp [2][]float64
 	var ratios []float64
-	mode, err := benchPinMode()
-	if err != nil {
-		b.Fatal(err)
-	}
-	cpu, err := clientCPU(mode)
-	if err != nil {
-		b.Fatal(err)
-	}
-	restore, err := pinProcess(cpu)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer restore()
+	defer pinClient(b)()
 	b.ResetTimer()
 	var ops [2]int
 	for i := 0; i < blocks || ops[cv] < b.N || ops[sw] < b.N; i++ {
@@ -250,6 +226,25 @@ func alternateTimed(b *testing.B, p *pair, label string, d time.Duration, op fun
 	}
 	b.StopTimer()
 	report(b, label, medianFloat(perOp[cv]), medianFloat(perOp[sw]), medianFloat(ratios), "us/op")
+}
+
+// pinClient pins this process where CVTPM_BENCH_PIN puts the client and
+// returns what undoes it.
+func pinClient(b *testing.B) (restore func()) {
+	b.Helper()
+	mode, err := benchPinMode()
+	if err != nil {
+		b.Fatal(err)
+	}
+	cpu, err := clientCPU(mode)
+	if err != nil {
+		b.Fatal(err)
+	}
+	restore, err = pinProcess(cpu)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return restore
 }
 
 func medianFloat(v []float64) float64 {
@@ -722,23 +717,12 @@ func BenchmarkGetRandomUnderLoad(b *testing.B) {
 // everything else.
 func BenchmarkGetRandomBursts(b *testing.B) {
 	p := sharedPair(b, unixNet, true)
-	mode, err := benchPinMode()
-	if err != nil {
-		b.Fatal(err)
-	}
-	cpu, err := clientCPU(mode)
-	if err != nil {
-		b.Fatal(err)
-	}
-	restore, err := pinProcess(cpu)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer restore()
+	defer pinClient(b)()
 	bursts := max(blocks, b.N/burstLen)
 	var perOp [2][]float64
 	var ratios []float64
 	var cpuStart, cpuEnd [2]int64
+	var err error
 	for s := range p {
 		if cpuStart[s], err = cpuNanos(p[s].proc.Cmd.Process.Pid); err != nil {
 			b.Fatal(err)
