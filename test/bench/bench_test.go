@@ -12,8 +12,6 @@ import (
 	"runtime"
 	"slices"
 	"sort"
-	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -721,12 +719,9 @@ func BenchmarkGetRandomBursts(b *testing.B) {
 	bursts := max(blocks, b.N/burstLen)
 	var perOp [2][]float64
 	var ratios []float64
-	var cpuStart, cpuEnd [2]int64
-	var err error
+	var cpuStart, cpuEnd [2]time.Duration
 	for s := range p {
-		if cpuStart[s], err = cpuNanos(p[s].proc.Cmd.Process.Pid); err != nil {
-			b.Fatal(err)
-		}
+		cpuStart[s] = testenv.CPUTime(p[s].proc.Cmd.Process.Pid)
 	}
 	b.ResetTimer()
 	for i := range bursts {
@@ -750,14 +745,12 @@ func BenchmarkGetRandomBursts(b *testing.B) {
 	}
 	b.StopTimer()
 	for s := range p {
-		if cpuEnd[s], err = cpuNanos(p[s].proc.Cmd.Process.Pid); err != nil {
-			b.Fatal(err)
-		}
+		cpuEnd[s] = testenv.CPUTime(p[s].proc.Cmd.Process.Pid)
 	}
 	report(b, "GetRandom(8) raw, bursts of 20 after 20 ms idle", medianFloat(perOp[cv]), medianFloat(perOp[sw]), medianFloat(ratios), "us/op")
 	var cpuPerOp [2]float64
 	for s := range p {
-		cpuPerOp[s] = float64(cpuEnd[s]-cpuStart[s]) / 1e3 / float64(bursts*burstLen)
+		cpuPerOp[s] = float64((cpuEnd[s] - cpuStart[s]).Nanoseconds()) / 1e3 / float64(bursts*burstLen)
 	}
 	b.ReportMetric(cpuPerOp[cv], "cvtpm-cpu-us/op")
 	b.ReportMetric(cpuPerOp[sw], "swtpm-cpu-us/op")
@@ -769,33 +762,6 @@ const (
 	burstLen = 20
 	burstGap = 20 * time.Millisecond
 )
-
-// cpuNanos is the CPU time pid's threads have used: the first field of
-// each /proc/PID/task/TID/schedstat, in nanoseconds (exact, where
-// /proc/PID/stat counts 10 ms ticks).
-func cpuNanos(pid int) (int64, error) {
-	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
-	if err != nil || len(tasks) == 0 {
-		return 0, fmt.Errorf("threads of pid %d: %v", pid, err)
-	}
-	var total int64
-	for _, t := range tasks {
-		b, err := os.ReadFile(t)
-		if err != nil {
-			continue // the thread ended
-		}
-		f := strings.Fields(string(b))
-		if len(f) == 0 {
-			continue
-		}
-		ns, err := strconv.ParseInt(f[0], 10, 64)
-		if err != nil {
-			return 0, fmt.Errorf("%s: %w", t, err)
-		}
-		total += ns
-	}
-	return total, nil
-}
 
 // loadBlock is one timed block of BenchmarkGetRandomUnderLoad: several
 // scheduler slices (CFS gives a busy process 3 ms and more at a time).

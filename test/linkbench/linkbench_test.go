@@ -38,6 +38,9 @@ import (
 type path struct {
 	name string
 	tpm  transport.TPMCloser
+	// pids are the processes that serve the path (with everything under
+	// them), for its CPU time; set for the first three paths.
+	pids []int
 }
 
 func dialTCP(b *testing.B, tcti string) transport.TPMCloser {
@@ -61,38 +64,39 @@ func paths(b *testing.B, hops bool) []path {
 	var out []path
 	for _, impl := range testenv.Both {
 		srv := testenv.StartSocket(b, impl, testenv.Options{TCP: true})
-		out = append(out, path{string(impl) + " socket", dialTCP(b, srv.TCTI())})
+		out = append(out, path{name: string(impl) + " socket", tpm: dialTCP(b, srv.TCTI()), pids: []int{srv.Cmd.Process.Pid}})
 	}
 	f := testenv.NewTopologyFiles(b, 0x7)
 	topo := testenv.StartBackend(b, f)
 	topo.Admin(b, "create", "vm1")
-	relay := topo.StartPlainRelay(b)
-	_, tcti := topo.StartGuestProxy(b, relay, "guest-vm1", "vm1", f.Policy)
+	relayd, relay := topo.StartRelayDaemon(b)
+	proxy, tcti := topo.StartGuestProxy(b, relay, "guest-vm1", "vm1", f.Policy)
 	t := dialTCP(b, tcti)
 	if _, err := (tpm2.Startup{StartupType: tpm2.TPMSUClear}).Execute(t); err != nil {
 		b.Fatal(err)
 	}
-	out = append(out, path{"attested (proxy->relay->backend)", t})
+	out = append(out, path{name: "attested (proxy->relay->backend)", tpm: t,
+		pids: []int{proxy.Cmd.Process.Pid, relayd.Cmd.Process.Pid, topo.Backend.Cmd.Process.Pid}})
 	if !hops {
 		return out
 	}
 	_, tcti = topo.StartGuestProxy(b, topo.LinkAddr, "guest-vm1", "vm1", f.Policy)
-	out = append(out, path{"proxy->backend", dialTCP(b, tcti)})
-	out = append(out, path{"link client->backend", linkClient(b, topo, "guest-vm1", "vm1", true)})
+	out = append(out, path{name: "proxy->backend", tpm: dialTCP(b, tcti)})
+	out = append(out, path{name: "link client->backend", tpm: linkClient(b, topo, "guest-vm1", "vm1", true)})
 	// The same two ends with every command through the backend's
 	// supervisor (no direct session), as before direct sessions.
 	_, tcti = topo.StartGuestProxy(b, relay, "guest-vm1", "vm1", f.Policy, "--direct", "off")
-	out = append(out, path{"attested, via the supervisor", dialTCP(b, tcti)})
-	out = append(out, path{"link client->backend, via the supervisor", linkClient(b, topo, "guest-vm1", "vm1", false)})
+	out = append(out, path{name: "attested, via the supervisor", tpm: dialTCP(b, tcti)})
+	out = append(out, path{name: "link client->backend, via the supervisor", tpm: linkClient(b, topo, "guest-vm1", "vm1", false)})
 	// A Go agent in the guest with the link in its own process
 	// (guestkit.Proxy.TPM), no guest proxy: through the copying relay.
-	out = append(out, path{"link client->relay->backend", linkClientVia(b, topo, relay, "guest-vm1", "vm1", true)})
+	out = append(out, path{name: "link client->relay->backend", tpm: linkClientVia(b, topo, relay, "guest-vm1", "vm1", true)})
 	// The relay joined in the kernel (--relay-join on, root only).
 	if sockmapAvailable() {
 		joined := topo.StartPlainRelay(b, "--relay-join", "on")
 		_, tcti = topo.StartGuestProxy(b, joined, "guest-vm1", "vm1", f.Policy)
-		out = append(out, path{"attested, relay joined in the kernel", dialTCP(b, tcti)})
-		out = append(out, path{"link client->joined relay->backend", linkClientVia(b, topo, joined, "guest-vm1", "vm1", true)})
+		out = append(out, path{name: "attested, relay joined in the kernel", tpm: dialTCP(b, tcti)})
+		out = append(out, path{name: "link client->joined relay->backend", tpm: linkClientVia(b, topo, joined, "guest-vm1", "vm1", true)})
 	}
 	return out
 }
@@ -267,6 +271,53 @@ func BenchmarkAttestedGetRandom(b *testing.B) {
 			us(agentJoined), us(agentJoined-socket), meets(us(agentJoined-socket), attestedGoalUs, "us added"))
 	} else {
 		fmt.Println("  the relay joined in the kernel: not measured (needs root and sockmap)")
+	}
+}
+
+// BenchmarkAttestedBursts sends GetRandom(8) in bursts of burstLen
+// commands, each after burstGap of silence, on swtpm, a cvtpm socket and
+// the attested path in turn: how a guest uses its TPM, where every
+// benchmark above keeps each path busy without a pause. It reports each
+// path's latency and the CPU time its processes use per command (the
+// attested path's: guest proxy, relay, backend and workers), which after
+// each pause includes every Go process's sysmon waking up (see
+// test/bench's BenchmarkGetRandomBursts).
+func BenchmarkAttestedBursts(b *testing.B) {
+	const (
+		burstLen = 20
+		burstGap = 20 * time.Millisecond
+	)
+	ps := paths(b, false)
+	bursts := max(20, b.N/burstLen)
+	cpu0 := make([]time.Duration, len(ps))
+	for i, p := range ps {
+		cpu0[i] = testenv.CPUTime(p.pids...)
+	}
+	lat := make([][]time.Duration, len(ps))
+	b.ResetTimer()
+	for range bursts {
+		for i, p := range ps {
+			time.Sleep(burstGap)
+			start := time.Now()
+			for range burstLen {
+				if _, err := (tpm2.GetRandom{BytesRequested: 8}).Execute(p.tpm); err != nil {
+					b.Fatalf("%s: %v", p.name, err)
+				}
+			}
+			lat[i] = append(lat[i], time.Since(start)/burstLen)
+		}
+	}
+	b.StopTimer()
+	if warmUp(b) {
+		return
+	}
+	fmt.Printf("GetRandom(8) in bursts of %d after %v of silence (median per command; CPU of the path's processes per command); %s:\n", burstLen, burstGap, placement())
+	for i, p := range ps {
+		s := lat[i]
+		sort.Slice(s, func(a, c int) bool { return s[a] < s[c] })
+		cpu := (testenv.CPUTime(p.pids...) - cpu0[i]) / time.Duration(bursts*burstLen)
+		fmt.Printf("    %-36s %8.1f us  CPU %8.1f us\n", p.name, us(s[len(s)/2]), us(cpu))
+		b.ReportMetric(us(cpu), fmt.Sprintf("cpu-us/op-%d", i))
 	}
 }
 
@@ -580,7 +631,7 @@ func BenchmarkHostPathGetRandom(b *testing.B) {
 	var ps []path
 	for _, impl := range testenv.Both {
 		srv := testenv.StartSocket(b, impl, testenv.Options{TCP: true})
-		ps = append(ps, path{string(impl) + " socket", dialTCP(b, srv.TCTI())})
+		ps = append(ps, path{name: string(impl) + " socket", tpm: dialTCP(b, srv.TCTI())})
 	}
 	f := testenv.NewTopologyFiles(b, 0x7)
 	topo := testenv.StartBackend(b, f)
@@ -590,7 +641,7 @@ func BenchmarkHostPathGetRandom(b *testing.B) {
 		ctrl := filepath.Join(f.Dir, "vm1-"+mode+".ctrl")
 		testenv.StartDaemon(b, "frontend", []string{"unix:" + ctrl}, "frontend", "--backend", topo.LinkAddr,
 			"--tls-cert", fc[0], "--tls-key", fc[1], "--policy", f.Policy, "--cert-dir", f.CertDir, "--vm", "vm1="+ctrl, "--direct", mode)
-		ps = append(ps, path{"QEMU's path, --direct " + mode, hostPath(b, ctrl)})
+		ps = append(ps, path{name: "QEMU's path, --direct " + mode, tpm: hostPath(b, ctrl)})
 	}
 	if _, err := (tpm2.Startup{StartupType: tpm2.TPMSUClear}).Execute(ps[2].tpm); err != nil {
 		b.Fatal(err)

@@ -412,6 +412,31 @@ func RunErr(env []string, path string, args ...string) (string, error) {
 	return stdout.String(), nil
 }
 
+// CPUTime is the CPU time that the processes pids, and every process
+// under them, have used so far: the first field of each thread's
+// /proc/PID/task/TID/schedstat (nanoseconds, where /proc/PID/stat counts
+// 10 ms ticks). Threads and processes that have ended are not counted.
+func CPUTime(pids ...int) time.Duration {
+	var total time.Duration
+	for len(pids) > 0 {
+		pid := pids[0]
+		pids = append(pids[1:], ChildrenOf(pid)...)
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
+		for _, t := range tasks {
+			b, err := os.ReadFile(t)
+			if err != nil {
+				continue // the thread ended
+			}
+			if f := strings.Fields(string(b)); len(f) > 0 {
+				if ns, err := strconv.ParseInt(f[0], 10, 64); err == nil {
+					total += time.Duration(ns)
+				}
+			}
+		}
+	}
+	return total
+}
+
 // ChildrenOf lists the PIDs of pid's children (every thread's list), e.g.
 // a backend's instance workers and its spare worker.
 func ChildrenOf(pid int) []int {

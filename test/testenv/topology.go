@@ -322,20 +322,28 @@ func (t *Topology) Admin(tb testing.TB, verb string, args ...string) string {
 func (t *Topology) StartRelay(tb testing.TB) (addr, capture string) {
 	tb.Helper()
 	capture = filepath.Join(t.Files.Dir, "relay.capture")
-	return t.startRelay(tb, "--relay-capture", capture), capture
+	_, addr = t.startRelay(tb, "--relay-capture", capture)
+	return addr, capture
 }
 
 // StartPlainRelay runs the relay as in production, without a capture,
 // with extra flags (e.g. --relay-join on).
 func (t *Topology) StartPlainRelay(tb testing.TB, extra ...string) string {
 	tb.Helper()
+	_, addr := t.StartRelayDaemon(tb, extra...)
+	return addr
+}
+
+// StartRelayDaemon is StartPlainRelay that also returns the process.
+func (t *Topology) StartRelayDaemon(tb testing.TB, extra ...string) (*Daemon, string) {
+	tb.Helper()
 	return t.startRelay(tb, extra...)
 }
 
-func (t *Topology) startRelay(tb testing.TB, extra ...string) string {
+func (t *Topology) startRelay(tb testing.TB, extra ...string) (*Daemon, string) {
 	addr := fmt.Sprintf("tcp:127.0.0.1:%d", FreePort(tb))
-	StartDaemon(tb, "frontend relay", []string{addr}, append([]string{"frontend", "--backend", t.LinkAddr, "--relay", addr}, extra...)...)
-	return addr
+	d := StartDaemon(tb, "frontend relay", []string{addr}, append([]string{"frontend", "--backend", t.LinkAddr, "--relay", addr}, extra...)...)
+	return d, addr
 }
 
 // StartGuestProxy runs `cvtpm guest proxy` for instance as identity, over
