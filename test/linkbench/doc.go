@@ -3,7 +3,10 @@
 // backend -> worker, beside a direct cvtpm socket and swtpm in the same
 // run, with a breakdown per hop, the path of a Go agent that holds the
 // link in its own process (guestkit.Proxy.TPM), QEMU's path through the
-// frontend, and the memory of many idle instances in one backend.
+// frontend, the latency and CPU of commands sent in bursts after a pause
+// (BenchmarkAttestedBursts: how guests use a TPM, and where each Go
+// process's sysmon wakes up), and the memory of many idle instances in one
+// backend.
 //
 // CVTPM_BENCH_PIN=same runs the bench process and everything it starts
 // on one CPU (pin_test.go), as test/bench runs its client and servers;
