@@ -2,6 +2,7 @@ package backend
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -161,6 +162,9 @@ func TestHungWorkerKilled(t *testing.T) {
 		t.Fatalf("a worker that answered in time was replaced: PID %d -> %d", info.PID, i.PID)
 	}
 	syscall.Kill(info.PID, syscall.SIGSTOP)
+	// kill returns before every thread of the worker has stopped; a call
+	// sent in between may still be answered (seen once in CI).
+	waitStopped(t, info.PID)
 	start := time.Now()
 	r := call(t, s, "vm1", tpmrpc.Roles["host"], tpmrpc.Request{Op: tpmrpc.OpExecute, Payload: startupClear})
 	if took := time.Since(start); r.Err == "" || took > 5*time.Second {
@@ -183,3 +187,31 @@ func TestHungWorkerKilled(t *testing.T) {
 
 // getRandom8 is TPM2_GetRandom of 8 bytes.
 var getRandom8 = []byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 8}
+
+// waitStopped waits until every thread of pid is stopped (state "T" in
+// /proc/PID/task/TID/stat).
+func waitStopped(t *testing.T, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", pid))
+		stopped := len(tasks) > 0
+		for _, task := range tasks {
+			b, err := os.ReadFile(task)
+			if err != nil {
+				continue // the thread ended
+			}
+			s := string(b)
+			if f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:]); len(f) == 0 || f[0] != "T" {
+				stopped = false
+			}
+		}
+		if stopped {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pid %d not stopped 5 s after SIGSTOP", pid)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
