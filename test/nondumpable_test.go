@@ -28,11 +28,7 @@ func TestKeyHoldingDaemonsAreNotDumpable(t *testing.T) {
 	if out, err := exec.Command("chmod", "-R", "a+rX", e.files.Dir).CombinedOutput(); err != nil {
 		t.Fatalf("chmod: %v %s", err, out)
 	}
-	own, err := os.MkdirTemp("", "cvtpm-nondumpable-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(own) })
+	own := testenv.OpenTempDir(t, "cvtpm-nondumpable-", 0o700)
 	if err := os.Chown(own, 65534, 65534); err != nil {
 		t.Fatal(err)
 	}

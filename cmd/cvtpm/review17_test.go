@@ -32,12 +32,7 @@ import (
 func TestReview17GuestAttestLinkIsNotDumpable(t *testing.T) {
 	testenv.NeedNobody(t)
 	bin := testenv.Binary(t, testenv.Cvtpm)
-	dir, err := os.MkdirTemp("", "cvtpm-review17-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	os.Chmod(dir, 0o755)
+	dir := testenv.OpenTempDir(t, "cvtpm-review17-", 0o755)
 
 	// A link identity as 'cvtpm ca identity' writes it (the key readable
 	// by the command's user), a policy, the verifier's public key, a log.
@@ -124,14 +119,7 @@ func TestReview17SocketExecsAnotherUsersLeanBinary(t *testing.T) {
 		t.Skip("needs root, to plant a file as another user")
 	}
 	bin := testenv.Binary(t, testenv.Cvtpm)
-	shared, err := os.MkdirTemp("", "cvtpm-review17-shared-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(shared) })
-	if err := os.Chmod(shared, 0o1777); err != nil { // like /tmp
-		t.Fatal(err)
-	}
+	shared := testenv.OpenTempDir(t, "cvtpm-review17-shared-", 0o1777) // like /tmp
 	// cvtpm installed there by root: other users cannot replace it.
 	b, err := os.ReadFile(bin)
 	if err != nil {
@@ -168,11 +156,7 @@ func TestReview17SocketExecsAnotherUsersLeanBinary(t *testing.T) {
 func TestReview17BackendHoldsMasterKeyWhileDumpable(t *testing.T) {
 	testenv.NeedNobody(t)
 	bin := testenv.Binary(t, testenv.Cvtpm)
-	dir, err := os.MkdirTemp("", "cvtpm-review17-backend-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := testenv.OpenTempDir(t, "cvtpm-review17-backend-", 0o700)
 	if out, err := exec.Command(bin, "csv", "simulate", "--out", filepath.Join(dir, "sim")).CombinedOutput(); err != nil {
 		t.Fatalf("csv simulate: %v %s", err, out)
 	}

@@ -53,3 +53,19 @@ func NeedNobody(tb testing.TB) {
 		tb.Skipf("this machine refuses a dumpable process's /proc/PID/environ to its own user: %s", out)
 	}
 }
+
+// OpenTempDir is a directory for tb, removed at its end, outside
+// tb.TempDir, whose parents are closed to other users: one that another
+// user (65534) can reach, or a shared one, with the given mode.
+func OpenTempDir(tb testing.TB, prefix string, mode os.FileMode) string {
+	tb.Helper()
+	dir, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, mode); err != nil {
+		tb.Fatal(err)
+	}
+	return dir
+}
