@@ -4,9 +4,11 @@
 // and info. libtpms keeps global C state, so a process holds at most one TPM;
 // New enforces that.
 //
-// Every libtpms call happens on the caller's goroutine under one mutex: no
-// goroutine hand-off per command, because on loopback the I/O path, not
-// libtpms, dominates small-command latency.
+// Every libtpms call happens on the caller's goroutine (or a stream loop's
+// thread, stream.go) under one mutex: no goroutine hand-off per command,
+// because on loopback the I/O path, not libtpms, dominates small-command
+// latency. The mutex is a C one (stream.c), so that a stream loop can take
+// it without returning to Go.
 package engine
 
 /*
@@ -16,6 +18,7 @@ package engine
 #include <libtpms/tpm_library.h>
 #include <libtpms/tpm_error.h>
 #include <libtpms/tpm_tis.h>
+#include "stream.h"
 
 extern TPM_MODIFIER_INDICATOR cvtpm_locality;
 TPM_RESULT cvtpm_register_callbacks(void);
@@ -27,6 +30,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"slices"
 	"sync"
 	"unsafe"
 )
@@ -103,8 +107,8 @@ const (
 
 // TPM 2.0 response codes swtpm puts in its own error responses.
 const (
-	tpm2RCInsufficient = 0x09a
-	tpm2RCFailure      = 0x101
+	tpm2RCInsufficient = C.CVTPM_RC_INSUFFICIENT
+	tpm2RCFailure      = C.CVTPM_RC_FAILURE
 )
 
 // active is the process's one TPM, used by the C callbacks.
@@ -113,18 +117,19 @@ var (
 	active   *TPM
 )
 
-// TPM is the process's libtpms TPM 2.0. All methods are safe for concurrent use.
+// TPM is the process's libtpms TPM 2.0. All methods are safe for concurrent
+// use. Its running flag, locality and response buffer are C globals under
+// the engine's C mutex (stream.c), since a stream loop reads them too.
 type TPM struct {
-	mu       sync.Mutex
-	store    Storage
-	log      *slog.Logger
-	running  bool
-	locality uint8
-
-	// libtpms' response buffer, reused across commands (it grows, never shrinks).
-	rbuf   *C.uchar
-	rTotal C.uint32_t
+	store Storage
+	log   *slog.Logger
 }
+
+// lock and unlock take the engine's mutex; every libtpms call holds it.
+func (t *TPM) lock()   { C.cvtpm_lock() }
+func (t *TPM) unlock() { C.cvtpm_unlock() }
+
+func (t *TPM) running() bool { return C.cvtpm_running != 0 }
 
 // ErrInUse is returned by New when the process already has a TPM.
 var ErrInUse = errors.New("engine: this process already runs a TPM (libtpms keeps global state)")
@@ -149,19 +154,19 @@ func New(store Storage, logger *slog.Logger) (*TPM, error) {
 		return nil, fmt.Errorf("engine: libtpms has no TPM 2.0: TPM result 0x%x", uint32(rc))
 	}
 	t := &TPM{store: store, log: logger}
+	C.cvtpm_lock()
+	C.cvtpm_locality, C.cvtpm_running = 0, 0
+	C.cvtpm_unlock()
 	active = t
 	return t, nil
 }
 
 // Close stops the TPM and lets the process create another one.
 func (t *TPM) Close() {
-	t.mu.Lock()
+	t.lock()
 	t.terminate()
-	if t.rbuf != nil {
-		C.free(unsafe.Pointer(t.rbuf))
-		t.rbuf, t.rTotal = nil, 0
-	}
-	t.mu.Unlock()
+	C.cvtpm_free_response_buffer()
+	t.unlock()
 	activeMu.Lock()
 	if active == t {
 		active = nil
@@ -171,15 +176,15 @@ func (t *TPM) Close() {
 
 func (t *TPM) terminate() {
 	C.TPMLIB_Terminate()
-	t.running = false
+	C.cvtpm_running = 0
 }
 
 // Init (re)starts the TPM from its stored state, as swtpm's CMD_INIT:
 // libtpms is terminated first; flags may hold InitDeleteVolatile.
 // It returns a TPM result code.
 func (t *TPM) Init(flags uint32) uint32 {
-	t.mu.Lock()
-	defer t.mu.Unlock()
+	t.lock()
+	defer t.unlock()
 	t.terminate()
 	if rc := C.TPMLIB_ChooseTPMVersion(C.TPMLIB_TPM_VERSION_2); rc != 0 {
 		t.log.Error("libtpms: choosing TPM 2.0 failed", "rc", uint32(rc))
@@ -196,7 +201,7 @@ func (t *TPM) Init(flags uint32) uint32 {
 			return RCFail
 		}
 	}
-	t.running = true
+	C.cvtpm_running = 1
 	// Starting libtpms allocates and frees far more than it keeps; hand
 	// the freed pages back, since a TPM mostly idles between commands.
 	C.malloc_trim(0)
@@ -205,23 +210,23 @@ func (t *TPM) Init(flags uint32) uint32 {
 
 // Stop terminates libtpms; the TPM answers commands with an error until Init.
 func (t *TPM) Stop() {
-	t.mu.Lock()
+	t.lock()
 	t.terminate()
-	t.mu.Unlock()
+	t.unlock()
 }
 
 // Running reports whether the TPM has been initialized and not stopped.
 func (t *TPM) Running() bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.running
+	t.lock()
+	defer t.unlock()
+	return t.running()
 }
 
 // Locality returns the locality commands run at.
 func (t *TPM) Locality() uint8 {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.locality
+	t.lock()
+	defer t.unlock()
+	return uint8(C.cvtpm_locality)
 }
 
 // SetLocality sets the locality for the following commands (0..4).
@@ -229,9 +234,9 @@ func (t *TPM) SetLocality(loc uint8) uint32 {
 	if loc > 4 {
 		return RCBadLocality
 	}
-	t.mu.Lock()
-	t.locality = loc
-	t.mu.Unlock()
+	t.lock()
+	C.cvtpm_locality = C.TPM_MODIFIER_INDICATOR(loc)
+	t.unlock()
 	return RCSuccess
 }
 
@@ -239,35 +244,40 @@ func (t *TPM) SetLocality(loc uint8) uint32 {
 // response to dst. A stopped TPM answers TPM_RC_FAILURE, a command shorter
 // than a header TPM_RC_INSUFFICIENT, exactly as swtpm does.
 func (t *TPM) Execute(dst, cmd []byte) []byte {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.execute(dst, cmd)
+	return t.execute(dst, cmd, -1)
 }
 
 // ExecuteAt sets the locality (as the TPM_SEND_COMMAND prefix does, it
 // stays set) and runs cmd. A locality above 4 gets TPM_RC_LOCALITY.
 func (t *TPM) ExecuteAt(dst, cmd []byte, locality uint8) []byte {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.locality = locality
-	return t.execute(dst, cmd)
+	if locality > 4 {
+		return AppendErrorResponse(dst, C.CVTPM_RC_LOCALITY)
+	}
+	return t.execute(dst, cmd, int(locality))
 }
 
-func (t *TPM) execute(dst, cmd []byte) []byte {
-	if !t.running {
-		return AppendErrorResponse(dst, tpm2RCFailure)
+// execute is one C call: the lock, libtpms and the copy into dst's spare
+// capacity; a response that does not fit waits under the lock while dst
+// grows.
+func (t *TPM) execute(dst, cmd []byte, loc int) []byte {
+	if cap(dst)-len(dst) < 10 {
+		dst = slices.Grow(dst, 4096)
 	}
-	if len(cmd) < 10 {
-		return AppendErrorResponse(dst, tpm2RCInsufficient)
+	var rc C.uint32_t
+	var cmdp *C.uchar
+	if len(cmd) > 0 {
+		cmdp = (*C.uchar)(unsafe.Pointer(&cmd[0]))
 	}
-	C.cvtpm_locality = C.TPM_MODIFIER_INDICATOR(t.locality)
-	var rlen C.uint32_t
-	rc := C.TPMLIB_Process(&t.rbuf, &rlen, &t.rTotal, (*C.uchar)(unsafe.Pointer(&cmd[0])), C.uint32_t(len(cmd)))
-	if rc != 0 || rlen == 0 {
-		t.log.Error("libtpms: processing a command failed", "rc", uint32(rc))
-		return AppendErrorResponse(dst, tpm2RCFailure)
+	room := dst[len(dst):cap(dst)]
+	n := int(C.cvtpm_execute(C.int(loc), cmdp, C.uint32_t(len(cmd)), (*C.uchar)(unsafe.Pointer(&room[0])), C.uint32_t(len(room)), &rc))
+	if n > len(room) {
+		dst = slices.Grow(dst, n)
+		C.cvtpm_take_response((*C.uchar)(unsafe.Pointer(&dst[len(dst):cap(dst)][0])))
 	}
-	return append(dst, unsafe.Slice((*byte)(unsafe.Pointer(t.rbuf)), int(rlen))...)
+	if rc != 0 {
+		processFailed(t.log, uint32(rc))
+	}
+	return dst[:len(dst)+n]
 }
 
 // AppendErrorResponse appends a 10-byte TPM 2.0 error response with code rc.
@@ -277,9 +287,9 @@ func AppendErrorResponse(dst []byte, rc uint32) []byte {
 
 // running-only wrapper: swtpm answers TPM_BAD_ORDINAL while stopped.
 func (t *TPM) whileRunning(f func() uint32) uint32 {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if !t.running {
+	t.lock()
+	defer t.unlock()
+	if !t.running() {
 		return RCBadOrdinal
 	}
 	return f()
@@ -299,9 +309,10 @@ func (t *TPM) ResetEstablished(loc uint8) uint32 {
 		if loc > 4 {
 			return RCBadLocality
 		}
+		cur := C.cvtpm_locality
 		C.cvtpm_locality = C.TPM_MODIFIER_INDICATOR(loc)
 		rc := uint32(C.TPM_IO_TpmEstablished_Reset())
-		C.cvtpm_locality = C.TPM_MODIFIER_INDICATOR(t.locality)
+		C.cvtpm_locality = cur
 		return rc
 	})
 }
@@ -362,9 +373,9 @@ var ErrRunning = errors.New("engine: not allowed while the TPM is running")
 // SetBufferSize sets libtpms' I/O buffer size (0 only queries) and returns
 // the size in use and the supported range. Changing it needs a stopped TPM.
 func (t *TPM) SetBufferSize(wanted uint32) (size, minSize, maxSize uint32, err error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if wanted > 0 && t.running {
+	t.lock()
+	defer t.unlock()
+	if wanted > 0 && t.running() {
 		return 0, 0, 0, ErrRunning
 	}
 	var lo, hi C.uint32_t
@@ -374,8 +385,8 @@ func (t *TPM) SetBufferSize(wanted uint32) (size, minSize, maxSize uint32, err e
 
 // MaxCommandSize is the largest TPM command libtpms accepts.
 func (t *TPM) MaxCommandSize() int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
+	t.lock()
+	defer t.unlock()
 	var v C.int
 	if rc := C.TPMLIB_GetTPMProperty(C.TPMPROP_TPM_BUFFER_MAX, &v); rc != 0 || v <= 0 {
 		return 4096
@@ -386,8 +397,8 @@ func (t *TPM) MaxCommandSize() int {
 // Info returns libtpms' JSON info for flags (1 specification, 2
 // attributes, 4 features; ORed).
 func (t *TPM) Info(flags uint64) (string, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
+	t.lock()
+	defer t.unlock()
 	p := C.TPMLIB_GetInfo(C.enum_TPMLIB_InfoFlags(flags))
 	if p == nil {
 		return "", errors.New("engine: libtpms returned no info")
@@ -400,9 +411,9 @@ func (t *TPM) Info(flags uint64) (string, error) {
 // gets it: the volatile state from libtpms (nothing is written), the others
 // from storage.
 func (t *TPM) GetState(st uint32) ([]byte, uint32) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if !t.running {
+	t.lock()
+	defer t.unlock()
+	if !t.running() {
 		return nil, RCBadOrdinal
 	}
 	name := StateName(st)
@@ -437,9 +448,9 @@ func (t *TPM) GetState(st uint32) ([]byte, uint32) {
 // (swtpm's CMD_SET_STATEBLOB); an empty blob clears a pending one. The TPM
 // must be stopped.
 func (t *TPM) SetState(st uint32, blob []byte) uint32 {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.running {
+	t.lock()
+	defer t.unlock()
+	if t.running() {
 		return RCBadOrdinal
 	}
 	lt := libtpmsStateType(st)

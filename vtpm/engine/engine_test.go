@@ -294,3 +294,31 @@ func TestInfo(t *testing.T) {
 		}
 	}
 }
+
+// Execute appends to dst: into its spare capacity when the response fits,
+// growing it (the response waits under the lock) when it does not; the
+// bytes before len(dst) are kept either way.
+func TestExecuteAppends(t *testing.T) {
+	tpm := startTPM(t, newMem())
+	getRandom := []byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 32} // a 44-byte answer
+	tests := []struct {
+		name string
+		dst  []byte
+	}{
+		{"nil", nil},
+		{"no room", []byte("prefix")},
+		{"room for an error only", append(make([]byte, 0, 16), "pre"...)},
+		{"room", append(make([]byte, 0, 4096), "prefix"...)},
+	}
+	for _, tc := range tests {
+		pre := bytes.Clone(tc.dst)
+		got := tpm.Execute(tc.dst, getRandom)
+		if !bytes.Equal(got[:len(pre)], pre) || len(got) != len(pre)+44 || rcOf(got[len(pre):]) != 0 {
+			t.Errorf("%s: got % x", tc.name, got)
+		}
+	}
+	// The lock was released every time.
+	if _, rc := tpm.Established(); rc != 0 {
+		t.Errorf("Established after the appends: rc %d", rc)
+	}
+}

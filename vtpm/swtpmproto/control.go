@@ -438,7 +438,7 @@ func (s *Server) setDataFD(fd int) uint32 {
 	go func() {
 		defer s.conns.Done()
 		defer cancel()
-		s.handleDataConn(ctx, c, false)
+		s.handleDataConn(ctx, c, false, true)
 		c.Close()
 		s.mu.Lock()
 		s.dataFD = nil

@@ -68,7 +68,7 @@ func (s *Server) ServeData(ctx context.Context, ln net.Listener, disconnect bool
 		return err
 	}
 	return s.serve(ctx, ln, func(ctx context.Context, c net.Conn) {
-		s.handleDataConn(ctx, c, disconnect)
+		s.handleDataConn(ctx, c, disconnect, false)
 	})
 }
 
@@ -105,6 +105,10 @@ func (s *Server) handleData(ctx context.Context, rw io.ReadWriter, once bool, bu
 		n := copy(in, in[f.End:])
 		in = in[:n]
 		if once {
+			return
+		}
+		// A connection that keeps talking goes on in the TPM's own loop.
+		if l, ok := rw.(*lazyConn); ok && l.stream(s, in) {
 			return
 		}
 	}

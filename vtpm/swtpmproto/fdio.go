@@ -171,21 +171,45 @@ type lazyConn struct {
 	fast  bool
 	reads int
 	stop  func() bool
+
+	reserved bool // needs no Streamer slot (the CMD_SET_DATAFD connection)
+	tried    bool // stream was tried
 }
 
 func (l *lazyConn) Read(b []byte) (int, error) {
 	if !l.fast && l.reads >= 2 {
-		if f, ok := blockingFD(l.c); ok {
-			l.f, l.owned, l.fast = f, &ownedFD{fd: f.fd}, true
-			// Closing c would not wake a read blocked on the duplicate; shutdown does.
-			l.stop = context.AfterFunc(l.ctx, l.owned.shutdown)
-		}
+		l.toBlocking()
 	}
 	l.reads++
 	if l.fast {
 		return l.f.Read(b)
 	}
 	return l.c.Read(b)
+}
+
+// toBlocking moves the connection to a blocking duplicate of its
+// descriptor (or leaves it on the netpoller if it cannot).
+func (l *lazyConn) toBlocking() {
+	if f, ok := blockingFD(l.c); ok {
+		l.f, l.owned, l.fast = f, &ownedFD{fd: f.fd}, true
+		// Closing c would not wake a read blocked on the duplicate; shutdown does.
+		l.stop = context.AfterFunc(l.ctx, l.owned.shutdown)
+	}
+}
+
+// stream hands the connection, whose next bytes are in, to the TPM's
+// Streamer once it has answered a command and stays open; it reports
+// whether the connection was served to its end there. It is tried once.
+func (l *lazyConn) stream(s *Server, in []byte) bool {
+	if l.tried || l.fast || s.streamer() == nil {
+		return false
+	}
+	l.tried = true
+	l.toBlocking()
+	if !l.fast {
+		return false
+	}
+	return s.serveStream(l.ctx, l.owned, in, false, l.reserved)
 }
 
 func (l *lazyConn) Write(b []byte) (int, error) {
@@ -204,8 +228,9 @@ func (l *lazyConn) close() {
 
 // handleDataConn serves the data channel on c, switching to blocking I/O
 // when it carries a stream of commands.
-func (s *Server) handleDataConn(ctx context.Context, c net.Conn, once bool) {
-	l := &lazyConn{ctx: ctx, c: c}
+// reserved says it needs no Streamer slot (stream.go).
+func (s *Server) handleDataConn(ctx context.Context, c net.Conn, once, reserved bool) {
+	l := &lazyConn{ctx: ctx, c: c, reserved: reserved}
 	defer l.close()
 	s.HandleData(ctx, l, once)
 	s.dataConnEnded(ctx)

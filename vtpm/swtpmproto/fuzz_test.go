@@ -13,6 +13,19 @@ func FuzzParseFrame(f *testing.F) {
 	f.Add([]byte{0x80, 0x01, 0, 0})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		fr, need, err := ParseFrame(b, 4096+prefixLen)
+		// The engine's stream loop parses the same bytes in C: it must
+		// agree on every frame, every refusal and every byte it waits for.
+		cPrefixed, cLoc, cStart, cEnd, cNeed := engine.ParseFrame(b, 4096+prefixLen)
+		switch {
+		case err != nil:
+			if cNeed != 0 {
+				t.Fatalf("Go refuses (%v), C needs %d", err, cNeed)
+			}
+		case cNeed != need:
+			t.Fatalf("Go needs %d, C %d", need, cNeed)
+		case len(b) >= need && (cPrefixed != fr.Prefixed || cLoc != fr.Locality || cStart != fr.Start || cEnd != fr.End):
+			t.Fatalf("Go frame %+v, C prefixed=%v locality=%d %d..%d", fr, cPrefixed, cLoc, cStart, cEnd)
+		}
 		if err != nil {
 			return
 		}

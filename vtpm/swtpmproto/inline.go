@@ -238,7 +238,7 @@ func (s *Server) handOff(ctx context.Context, fd int, once bool, bufs *connBuffe
 			defer c.Close()
 			unblock := context.AfterFunc(ctx, func() { c.Close() })
 			defer unblock()
-			s.handleDataConn(ctx, c, once)
+			s.handleDataConn(ctx, c, once, false)
 		}()
 		return
 	}
@@ -255,9 +255,14 @@ func (s *Server) handOff(ctx context.Context, fd int, once bool, bufs *connBuffe
 	go func() {
 		defer s.conns.Done()
 		conn := &ownedFD{fd: fd}
-		stop := context.AfterFunc(ctx, conn.shutdown)
-		s.handleData(ctx, fdConn{fd: fd}, once, bufs, in)
-		stop()
+		if s.serveStream(ctx, conn, in, once, false) {
+			bufs.in, bufs.out = in[:0], bufs.out[:0]
+			s.buffers.Put(bufs)
+		} else {
+			stop := context.AfterFunc(ctx, conn.shutdown)
+			s.handleData(ctx, fdConn{fd: fd}, once, bufs, in)
+			stop()
+		}
 		conn.close()
 		s.dataConnEnded(ctx)
 	}()

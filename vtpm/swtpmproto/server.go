@@ -61,6 +61,9 @@ type Options struct {
 	TerminateOnDisconnect bool
 	// RejectLocality4 refuses locality 4 (swtpm's --locality reject-locality-4).
 	RejectLocality4 bool
+	// NoStreamLoop serves every data connection command by command in Go,
+	// even when the TPM is a Streamer (for tests and comparisons).
+	NoStreamLoop bool
 }
 
 // BlobSealer encrypts state blobs in transit (the --migration-key).
@@ -79,10 +82,12 @@ type Server struct {
 	once       sync.Once
 	conns      sync.WaitGroup
 
-	handOffs   atomic.Uint64 // data connections moved off the accepting goroutine (inline.go)
-	buffers    sync.Pool     // *connBuffers
-	maxCmdOnce sync.Once
-	maxCmd     int
+	handOffs      atomic.Uint64 // data connections moved off the accepting goroutine (inline.go)
+	streams       atomic.Int32  // connections the Streamer serves now (stream.go)
+	streamsServed atomic.Uint64 // connections handed to the Streamer
+	buffers       sync.Pool     // *connBuffers
+	maxCmdOnce    sync.Once
+	maxCmd        int
 }
 
 // New returns a Server for tpm.

@@ -26,13 +26,19 @@ func newMem() *memstore.Store { return memstore.New() }
 // sockets in a temporary directory; it returns the control and data paths.
 func cvtpmServer(t testing.TB) (srv *Server, ctrlPath, dataPath string) {
 	t.Helper()
+	return cvtpmServerWith(t, Options{})
+}
+
+// cvtpmServerWith is cvtpmServer with opts.
+func cvtpmServerWith(t testing.TB, opts Options) (srv *Server, ctrlPath, dataPath string) {
+	t.Helper()
 	tpm, err := engine.New(newMem(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
 	ctrlPath, dataPath = filepath.Join(dir, "ctrl"), filepath.Join(dir, "data")
-	srv = New(tpm, Options{})
+	srv = New(tpm, opts)
 	ctx, cancel := context.WithCancel(context.Background())
 	cl, err := net.Listen("unix", ctrlPath)
 	if err != nil {

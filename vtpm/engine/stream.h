@@ -1,0 +1,44 @@
+// Shared between stream.c and the Go side of the engine (stream.go).
+#ifndef CVTPM_STREAM_H
+#define CVTPM_STREAM_H
+#include <stdint.h>
+
+#define CVTPM_TPM_SEND_COMMAND 8 // the mssim prefix: u32 8 | u8 locality | u32 size
+#define CVTPM_PREFIX_LEN 9
+
+// TPM 2.0 response codes swtpm puts in its own error responses.
+#define CVTPM_RC_INSUFFICIENT 0x09a
+#define CVTPM_RC_LOCALITY 0x107
+#define CVTPM_RC_FAILURE 0x101
+
+// How a stream ended.
+#define CVTPM_STREAM_EOF 0       // the peer closed between commands (or once was set)
+#define CVTPM_STREAM_TRUNCATED 1 // the peer closed within a command
+#define CVTPM_STREAM_STOPPED 2   // *stop was set
+#define CVTPM_STREAM_BAD_FRAME 3 // bytes that cannot be a command: header holds them
+#define CVTPM_STREAM_IOERR 4     // a read, write or poll failed: err is its errno
+
+struct cvtpm_frame {
+    int prefixed;
+    uint8_t locality;
+    uint32_t start, end;
+};
+
+struct cvtpm_stream_end {
+    int err;
+    uint64_t commands;
+    unsigned char header[CVTPM_PREFIX_LEN];
+    int header_len;
+};
+
+void cvtpm_lock(void);
+void cvtpm_unlock(void);
+extern int cvtpm_running;
+void cvtpm_free_response_buffer(void);
+uint32_t cvtpm_execute(int loc, const unsigned char *cmd, uint32_t len,
+                       unsigned char *out, uint32_t room, uint32_t *rc);
+void cvtpm_take_response(unsigned char *out);
+uint32_t cvtpm_parse_frame(const unsigned char *b, uint32_t n, uint32_t maxcmd, struct cvtpm_frame *f);
+int cvtpm_serve_stream(int fd, const unsigned char *pending, uint32_t npending, uint32_t maxcmd,
+                       int reject_loc4, int once, const int32_t *stop, struct cvtpm_stream_end *end);
+#endif
