@@ -221,7 +221,7 @@ int cvtpm_serve_stream(int fd, const unsigned char *pending, uint32_t npending, 
 {
     // A frame is at most the prefix and maxcmd bytes; reading ahead up
     // to a page more keeps a pipelined next command in one read.
-    uint32_t incap = CVTPM_PREFIX_LEN + maxcmd + 4096, outcap = 4096 + 8;
+    uint32_t incap = CVTPM_PREFIX_LEN + maxcmd + 4096 + npending, outcap = 4096 + 8;
     uint32_t len = 0, need, rc;
     int status = CVTPM_STREAM_EOF;
     unsigned char *in = malloc(incap), *out = malloc(outcap);
@@ -233,8 +233,6 @@ int cvtpm_serve_stream(int fd, const unsigned char *pending, uint32_t npending, 
         status = CVTPM_STREAM_IOERR;
         goto done;
     }
-    if (npending > incap)
-        npending = incap; // cannot happen: the caller holds less than a frame
     memcpy(in, pending, npending);
     len = npending;
     for (;;) {

@@ -43,8 +43,8 @@ import (
 // It holds the calling thread for the connection's life, so a server
 // bounds how many connections it serves this way.
 func (t *TPM) ServeStream(fd int, pending []byte, maxCommand int, once, rejectLocality4 bool, stop *atomic.Int32) (commands uint64, err error) {
-	if maxCommand < 10 || len(pending) > maxCommand+C.CVTPM_PREFIX_LEN {
-		return 0, fmt.Errorf("engine: stream with %d pending bytes and commands of at most %d bytes", len(pending), maxCommand)
+	if maxCommand < 10 || maxCommand > 1<<24 || len(pending) > 1<<24 {
+		return 0, fmt.Errorf("engine: a stream of commands of at most %d bytes with %d pending", maxCommand, len(pending))
 	}
 	var p *C.uchar
 	if len(pending) > 0 {
