@@ -155,7 +155,7 @@ static int wait_fd(int fd, short events)
     }
 }
 
-static int write_all(int fd, const unsigned char *b, uint32_t n)
+int cvtpm_write_all(int fd, const unsigned char *b, uint32_t n)
 {
     while (n > 0) {
         ssize_t w = send(fd, b, n, MSG_NOSIGNAL);
@@ -177,9 +177,9 @@ static int write_all(int fd, const unsigned char *b, uint32_t n)
     return 0;
 }
 
-// answer runs frame f of in and puts the full reply in *out (of *outcap
+// cvtpm_answer runs frame f of in and puts the full reply in *out (of *outcap
 // bytes, grown when a response needs it); it returns the reply's length.
-static uint32_t answer(const unsigned char *in, const struct cvtpm_frame *f, int reject_loc4,
+uint32_t cvtpm_answer(const unsigned char *in, const struct cvtpm_frame *f, int reject_loc4,
                        unsigned char **out, uint32_t *outcap, uint32_t *rc)
 {
     const unsigned char *cmd = in + f->start, *p;
@@ -270,10 +270,10 @@ int cvtpm_serve_stream(int fd, const unsigned char *pending, uint32_t npending, 
             status = CVTPM_STREAM_STOPPED;
             goto done;
         }
-        uint32_t n = answer(in, &f, reject_loc4, &out, &outcap, &rc);
+        uint32_t n = cvtpm_answer(in, &f, reject_loc4, &out, &outcap, &rc);
         if (rc != 0)
             cvtpmGoProcessFailed(rc);
-        int err = write_all(fd, out, n);
+        int err = cvtpm_write_all(fd, out, n);
         if (err) {
             end->err = -err;
             status = CVTPM_STREAM_IOERR;

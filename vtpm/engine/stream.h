@@ -31,6 +31,24 @@ struct cvtpm_stream_end {
     int header_len;
 };
 
+// How an accept loop call ended (cvtpm_serve_listener).
+#define CVTPM_ACCEPT_NEXT 0      // internal: the connection is done with, accept the next
+#define CVTPM_ACCEPT_HANDOFF 1   // fd goes on elsewhere, its first pending bytes in buf
+#define CVTPM_ACCEPT_TIMEOUT 2   // nothing to accept before the timeout
+#define CVTPM_ACCEPT_STOPPED 3   // *stop was set
+#define CVTPM_ACCEPT_ERR 4       // accept or poll failed: err
+#define CVTPM_ACCEPT_CONN_ERR 5  // a connection failed (closed): err
+#define CVTPM_ACCEPT_TRUNCATED 6 // a connection closed within its first command (closed)
+#define CVTPM_ACCEPT_BAD_FRAME 7 // a connection sent bytes that cannot be a command (closed): header
+
+struct cvtpm_accept_result {
+    int fd, idle, err;
+    uint32_t pending;
+    uint64_t accepted;
+    unsigned char header[CVTPM_PREFIX_LEN];
+    int header_len;
+};
+
 void cvtpm_lock(void);
 void cvtpm_unlock(void);
 extern int cvtpm_running;
@@ -41,4 +59,10 @@ void cvtpm_take_response(unsigned char *out);
 uint32_t cvtpm_parse_frame(const unsigned char *b, uint32_t n, uint32_t maxcmd, struct cvtpm_frame *f);
 int cvtpm_serve_stream(int fd, const unsigned char *pending, uint32_t npending, uint32_t maxcmd,
                        int reject_loc4, int once, const int32_t *stop, struct cvtpm_stream_end *end);
+uint32_t cvtpm_answer(const unsigned char *in, const struct cvtpm_frame *f, int reject_loc4,
+                      unsigned char **out, uint32_t *outcap, uint32_t *rc);
+int cvtpm_write_all(int fd, const unsigned char *b, uint32_t n);
+int cvtpm_serve_listener(int lfd, int stopfd, int timeout_ms, int tcp, uint32_t maxcmd, int reject_loc4,
+                         int once, const int32_t *stop, unsigned char *buf, uint32_t bufcap,
+                         struct cvtpm_accept_result *res);
 #endif

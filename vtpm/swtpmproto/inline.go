@@ -54,6 +54,16 @@ const listenerCheck = 500 * time.Millisecond
 // serveDataInline is ServeData on a listener whose descriptor it can
 // accept on; ok is false (and nothing was done) for any other listener.
 func (s *Server) serveDataInline(ctx context.Context, ln net.Listener, once bool) (ok bool, err error) {
+	if acc := s.listenerServer(); acc != nil {
+		// A plain duplicate: as an *os.File it would be registered with
+		// the netpoller, which every connection would then wake.
+		lfd, lnRaw, err := dupListener(ln)
+		if err != nil {
+			return false, nil
+		}
+		defer syscall.Close(lfd)
+		return true, s.serveListenerInC(ctx, ln, lnRaw, lfd, ln.Addr().Network() == "tcp", once, acc)
+	}
 	lnFile, lfd, err := listenerFile(ln)
 	if err != nil {
 		return false, nil
@@ -126,26 +136,36 @@ func (s *Server) serveDataInline(ctx context.Context, ln net.Listener, once bool
 // SyscallConn, unlike a listener's, can wait in the netpoller for a
 // connection to accept, and the duplicate's number.
 func listenerFile(ln net.Listener) (*os.File, int, error) {
+	dup, _, err := dupListener(ln)
+	if err != nil {
+		return nil, -1, err
+	}
+	// The duplicate shares the listener's O_NONBLOCK, so os.NewFile
+	// registers it with the netpoller.
+	return os.NewFile(uintptr(dup), "data listener"), dup, nil
+}
+
+// dupListener duplicates ln's descriptor (close-on-exec) and returns it
+// with ln's RawConn.
+func dupListener(ln net.Listener) (int, syscall.RawConn, error) {
 	sc, ok := ln.(syscall.Conn)
 	if !ok {
-		return nil, -1, errors.New("listener has no descriptor")
+		return -1, nil, errors.New("listener has no descriptor")
 	}
 	raw, err := sc.SyscallConn()
 	if err != nil {
-		return nil, -1, err
+		return -1, nil, err
 	}
 	dup, dupErr := -1, error(nil)
 	if err := raw.Control(func(fd uintptr) {
 		dup, dupErr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
 	}); err != nil {
-		return nil, -1, err
+		return -1, nil, err
 	}
 	if dupErr != nil {
-		return nil, -1, dupErr
+		return -1, nil, dupErr
 	}
-	// The duplicate shares the listener's O_NONBLOCK, so os.NewFile
-	// registers it with the netpoller.
-	return os.NewFile(uintptr(dup), "data listener"), dup, nil
+	return dup, raw, nil
 }
 
 // serveFirstCommand answers fd's first command on the calling goroutine and

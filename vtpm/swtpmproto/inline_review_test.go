@@ -36,6 +36,23 @@ func (s *stopWatchTPM) ExecuteAt(dst, cmd []byte, loc uint8) []byte {
 	return s.TPM.ExecuteAt(dst, cmd, loc)
 }
 
+// The engine's C loops run commands without Execute: late counts none of
+// theirs (the tests check the client's answers instead).
+func (s *stopWatchTPM) ServeStream(fd int, pending []byte, maxCommand int, once, rejectLocality4 bool, stop *atomic.Int32) (uint64, error) {
+	return s.TPM.(Streamer).ServeStream(fd, pending, maxCommand, once, rejectLocality4, stop)
+}
+
+func (s *stopWatchTPM) ServeListener(lfd, stopfd int, timeout time.Duration, tcp bool, maxCommand int, rejectLocality4, once bool, stop *atomic.Int32, buf []byte) (int, int, bool, error) {
+	return s.TPM.(ListenerServer).ServeListener(lfd, stopfd, timeout, tcp, maxCommand, rejectLocality4, once, stop, buf)
+}
+
+// forEachPath runs f for the engine served by its C loops (ServeListener,
+// ServeStream) and for it served command by command in Go.
+func forEachPath(t *testing.T, f func(t *testing.T, paths Options)) {
+	t.Run("C loops", func(t *testing.T) { f(t, Options{}) })
+	t.Run("Go", func(t *testing.T) { f(t, Options{NoStreamLoop: true}) })
+}
+
 // Regression tests from an adversarial review of the inline data path
 // (inline.go): each reproduced a finding against its first version.
 
@@ -90,64 +107,68 @@ func reviewServe(t *testing.T, tpm TPM, network string, opts Options) (srv *Serv
 // client that queued N silent connections delayed every other client by
 // N x 8 ms. The inline phase now ends as soon as another connection waits.
 func TestReviewSilentConnectionsStallListener(t *testing.T) {
-	_, _, ln, _, _ := reviewServer(t, "unix", Options{})
-	path := ln.Addr().String()
-	getRandomOn(t, path) // warm up
-	var held []net.Conn
-	defer func() {
-		for _, c := range held {
-			c.Close()
+	forEachPath(t, func(t *testing.T, paths Options) {
+		_, _, ln, _, _ := reviewServer(t, "unix", paths)
+		path := ln.Addr().String()
+		getRandomOn(t, path) // warm up
+		var held []net.Conn
+		defer func() {
+			for _, c := range held {
+				c.Close()
+			}
+		}()
+		for range 500 {
+			c, err := net.Dial("unix", path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			held = append(held, c)
 		}
-	}()
-	for range 500 {
-		c, err := net.Dial("unix", path)
-		if err != nil {
-			t.Fatal(err)
+		start := time.Now()
+		getRandomOn(t, path)
+		// Stalled for inlineBudget on each, it would wait 500 x 2 ms = 1 s;
+		// served, 0.1 s here (0.25 s under -race on a loaded machine).
+		if d := time.Since(start); d > 500*time.Millisecond {
+			t.Errorf("a client queued behind 500 silent connections (no bytes sent) waited %v for GetRandom", d)
 		}
-		held = append(held, c)
-	}
-	start := time.Now()
-	getRandomOn(t, path)
-	// Stalled for inlineBudget on each, it would wait 500 x 2 ms = 1 s;
-	// served, 0.1 s here (0.25 s under -race on a loaded machine).
-	if d := time.Since(start); d > 500*time.Millisecond {
-		t.Errorf("a client queued behind 500 silent connections (no bytes sent) waited %v for GetRandom", d)
-	}
+	})
 }
 
 // Finding 2: a command whose last bytes arrived after the server's context
 // ended was still executed and answered (the inline phase did not check
 // ctx before answering; handleData had the same, narrower, race).
 func TestReviewInlineCommandRunsAfterStop(t *testing.T) {
-	_, tpm, _, _, _ := reviewServer(t, "unix", Options{})
-	const tries = 50
-	answered := 0
-	for range tries {
-		srv, ln, cancel, done := reviewServe(t, tpm, "unix", Options{})
-		c, err := net.Dial("unix", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
+	forEachPath(t, func(t *testing.T, paths Options) {
+		_, tpm, _, _, _ := reviewServer(t, "unix", paths)
+		const tries = 50
+		answered := 0
+		for range tries {
+			srv, ln, cancel, done := reviewServe(t, tpm, "unix", paths)
+			c, err := net.Dial("unix", ln.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.Write(tpm2GetRandom8[:len(tpm2GetRandom8)-1])
+			time.Sleep(300 * time.Microsecond) // accepted, first bytes read, waiting for the rest
+			tpm.stopped.Store(true)
+			cancel()
+			time.Sleep(time.Millisecond) // the server has had 1 ms to notice the stop
+			c.Write(tpm2GetRandom8[len(tpm2GetRandom8)-1:])
+			c.SetReadDeadline(time.Now().Add(2 * time.Second))
+			buf := make([]byte, 64)
+			n, _ := c.Read(buf)
+			c.Close()
+			<-done
+			srv.Wait()
+			if n > 0 {
+				answered++
+			}
+			tpm.stopped.Store(false)
 		}
-		c.Write(tpm2GetRandom8[:len(tpm2GetRandom8)-1])
-		time.Sleep(300 * time.Microsecond) // accepted, first bytes read, waiting for the rest
-		tpm.stopped.Store(true)
-		cancel()
-		time.Sleep(time.Millisecond) // the server has had 1 ms to notice the stop
-		c.Write(tpm2GetRandom8[len(tpm2GetRandom8)-1:])
-		c.SetReadDeadline(time.Now().Add(2 * time.Second))
-		buf := make([]byte, 64)
-		n, _ := c.Read(buf)
-		c.Close()
-		<-done
-		srv.Wait()
-		if n > 0 {
-			answered++
+		if late := tpm.late.Load(); late > 0 || answered > 0 {
+			t.Errorf("%d of %d commands completed after cancel were executed, %d answered to the client", late, tries, answered)
 		}
-		tpm.stopped.Store(false)
-	}
-	if late := tpm.late.Load(); late > 0 {
-		t.Errorf("%d of %d commands completed after cancel were executed (%d answered to the client)", late, tries, answered)
-	}
+	})
 }
 
 // Finding 3: closing the listener did not end ServeData in the first
@@ -155,32 +176,34 @@ func TestReviewInlineCommandRunsAfterStop(t *testing.T) {
 // answering after ln.Close(). ServeData returns nil on a closed listener,
 // as ServeControl does.
 func TestReviewListenerCloseEndsServeData(t *testing.T) {
-	_, _, ln, _, done := reviewServer(t, "tcp", Options{})
-	addr := ln.Addr().String()
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dataRoundTrip(t, c, tpm2GetRandom8)
-	c.Close()
-	ln.Close()
-	select {
-	case err := <-done:
+	forEachPath(t, func(t *testing.T, paths Options) {
+		_, _, ln, _, done := reviewServer(t, "tcp", paths)
+		addr := ln.Addr().String()
+		c, err := net.Dial("tcp", addr)
 		if err != nil {
-			t.Errorf("ServeData after ln.Close: %v", err)
+			t.Fatal(err)
 		}
-	case <-time.After(2 * time.Second):
-		t.Errorf("ServeData still running 2 s after its listener was closed")
-	}
-	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
-		c.SetReadDeadline(time.Now().Add(time.Second))
-		c.Write(tpm2GetRandom8)
-		n, rerr := c.Read(make([]byte, 64))
+		dataRoundTrip(t, c, tpm2GetRandom8)
 		c.Close()
-		t.Errorf("closed listener's port still accepts connections (answer %d bytes, %v)", n, rerr)
-	} else if !errors.Is(err, syscall.ECONNREFUSED) {
-		t.Logf("dial after close: %v", err)
-	}
+		ln.Close()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("ServeData after ln.Close: %v", err)
+			}
+		case <-time.After(2 * time.Second):
+			t.Errorf("ServeData still running 2 s after its listener was closed")
+		}
+		if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+			c.SetReadDeadline(time.Now().Add(time.Second))
+			c.Write(tpm2GetRandom8)
+			n, rerr := c.Read(make([]byte, 64))
+			c.Close()
+			t.Errorf("closed listener's port still accepts connections (answer %d bytes, %v)", n, rerr)
+		} else if !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Logf("dial after close: %v", err)
+		}
+	})
 }
 
 // Finding 4: with GOMAXPROCS=1 every silent connection froze the whole
@@ -190,55 +213,57 @@ func TestReviewListenerCloseEndsServeData(t *testing.T) {
 // P. The inline phase now waits in ppoll (a system call that gives up the
 // P) and an idle handed-off connection starts in the netpoller.
 func TestReviewGOMAXPROCS1SilentClientsFreezeProcess(t *testing.T) {
-	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
-	_, _, ln, _, _ := reviewServer(t, "unix", Options{})
-	path := ln.Addr().String()
-	getRandomOn(t, path)
-	// The fault froze the process once per silent connection (8-32 ms
-	// each); a loaded machine can delay the sleeper a few milliseconds now
-	// and then. So count the long gaps rather than take the longest.
-	var maxGap, longGaps atomic.Int64
-	stop := make(chan struct{})
-	probed := make(chan struct{})
-	go func() {
-		defer close(probed)
-		last := time.Now()
-		for {
-			select {
-			case <-stop:
-				return
-			default:
+	forEachPath(t, func(t *testing.T, paths Options) {
+		defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+		_, _, ln, _, _ := reviewServer(t, "unix", paths)
+		path := ln.Addr().String()
+		getRandomOn(t, path)
+		// The fault froze the process once per silent connection (8-32 ms
+		// each); a loaded machine can delay the sleeper a few milliseconds now
+		// and then. So count the long gaps rather than take the longest.
+		var maxGap, longGaps atomic.Int64
+		stop := make(chan struct{})
+		probed := make(chan struct{})
+		go func() {
+			defer close(probed)
+			last := time.Now()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				time.Sleep(200 * time.Microsecond)
+				now := time.Now()
+				g := int64(now.Sub(last))
+				if g > maxGap.Load() {
+					maxGap.Store(g)
+				}
+				if g > int64(5*time.Millisecond) {
+					longGaps.Add(1)
+				}
+				last = now
 			}
-			time.Sleep(200 * time.Microsecond)
-			now := time.Now()
-			g := int64(now.Sub(last))
-			if g > maxGap.Load() {
-				maxGap.Store(g)
+		}()
+		var held []net.Conn
+		for range 20 {
+			c, err := net.Dial("unix", path)
+			if err != nil {
+				t.Fatal(err)
 			}
-			if g > int64(5*time.Millisecond) {
-				longGaps.Add(1)
-			}
-			last = now
+			held = append(held, c)
+			time.Sleep(5 * time.Millisecond)
 		}
-	}()
-	var held []net.Conn
-	for range 20 {
-		c, err := net.Dial("unix", path)
-		if err != nil {
-			t.Fatal(err)
+		time.Sleep(100 * time.Millisecond)
+		close(stop)
+		<-probed
+		for _, c := range held {
+			c.Close()
 		}
-		held = append(held, c)
-		time.Sleep(5 * time.Millisecond)
-	}
-	time.Sleep(100 * time.Millisecond)
-	close(stop)
-	<-probed
-	for _, c := range held {
-		c.Close()
-	}
-	if n := longGaps.Load(); n >= 5 {
-		t.Errorf("GOMAXPROCS=1: a goroutine sleeping 200 us was held up over 5 ms %d times (longest %v) while a client opened 20 silent data connections", n, time.Duration(maxGap.Load()))
-	}
+		if n := longGaps.Load(); n >= 5 {
+			t.Errorf("GOMAXPROCS=1: a goroutine sleeping 200 us was held up over 5 ms %d times (longest %v) while a client opened 20 silent data connections", n, time.Duration(maxGap.Load()))
+		}
+	})
 }
 
 // Finding 5 (cause of 1 and 4): SO_RCVTIMEO is kept in jiffies and rounded
@@ -251,21 +276,23 @@ func TestReviewGOMAXPROCS1SilentClientsFreezeProcess(t *testing.T) {
 // running beside it on two CPUs) may deschedule any one of them for
 // longer than the budget (12 ms seen once in CI).
 func TestReviewReadWindow(t *testing.T) {
-	conn, quietListener := socketPair(t), socketPair(t)
-	var took []time.Duration
-	for range 10 {
-		start := time.Now()
-		r := &inlineReader{fd: conn[0], lfd: quietListener[0], deadline: start.Add(inlineBudget)}
-		n, err := r.Read(make([]byte, 16))
-		took = append(took, time.Since(start))
-		if n != 0 || !errors.Is(err, errHandOff) {
-			t.Fatalf("silent read: %d, %v", n, err)
+	forEachPath(t, func(t *testing.T, paths Options) {
+		conn, quietListener := socketPair(t), socketPair(t)
+		var took []time.Duration
+		for range 10 {
+			start := time.Now()
+			r := &inlineReader{fd: conn[0], lfd: quietListener[0], deadline: start.Add(inlineBudget)}
+			n, err := r.Read(make([]byte, 16))
+			took = append(took, time.Since(start))
+			if n != 0 || !errors.Is(err, errHandOff) {
+				t.Fatalf("silent read: %d, %v", n, err)
+			}
 		}
-	}
-	slices.Sort(took)
-	if median := took[len(took)/2]; median > 3*inlineBudget {
-		t.Errorf("a read on a silent connection held the accepting goroutine for %v (median of 10; all: %v); inlineBudget is %v", median, took, inlineBudget)
-	}
+		slices.Sort(took)
+		if median := took[len(took)/2]; median > 3*inlineBudget {
+			t.Errorf("a read on a silent connection held the accepting goroutine for %v (median of 10; all: %v); inlineBudget is %v", median, took, inlineBudget)
+		}
+	})
 }
 
 // socketPair is a connected pair of unix stream sockets, closed when the

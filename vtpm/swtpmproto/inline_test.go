@@ -52,160 +52,166 @@ func readAnswers(t *testing.T, c net.Conn, n int) {
 // handed to one of its own, and leaves the listener serving the next
 // client. handOffs says how many hand-offs the case must cause.
 func TestInlineFirstCommand(t *testing.T) {
-	pause := 3 * fastReadWindow * time.Microsecond
-	tests := []struct {
-		name     string
-		handOffs uint64
-		client   func(t *testing.T, c net.Conn)
-	}{
-		{"connection per command", 0, func(t *testing.T, c net.Conn) {
-			c.Write(tpm2GetRandom8)
-			readAnswers(t, c, 1)
-		}},
-		{"keeps the connection, idle between commands", 1, func(t *testing.T, c net.Conn) {
-			for range 3 {
+	forEachPath(t, func(t *testing.T, paths Options) {
+		pause := 3 * fastReadWindow * time.Microsecond
+		tests := []struct {
+			name     string
+			handOffs uint64
+			client   func(t *testing.T, c net.Conn)
+		}{
+			{"connection per command", 0, func(t *testing.T, c net.Conn) {
 				c.Write(tpm2GetRandom8)
 				readAnswers(t, c, 1)
-				time.Sleep(pause)
-			}
-		}},
-		{"back-to-back commands", 1, func(t *testing.T, c net.Conn) {
-			for range 5 {
+			}},
+			{"keeps the connection, idle between commands", 1, func(t *testing.T, c net.Conn) {
+				for range 3 {
+					c.Write(tpm2GetRandom8)
+					readAnswers(t, c, 1)
+					time.Sleep(pause)
+				}
+			}},
+			{"back-to-back commands", 1, func(t *testing.T, c net.Conn) {
+				for range 5 {
+					c.Write(tpm2GetRandom8)
+					readAnswers(t, c, 1)
+				}
+			}},
+			{"two commands in one write", 1, func(t *testing.T, c net.Conn) {
+				c.Write(append(bytes.Clone(tpm2GetRandom8), tpm2GetRandom8...))
+				readAnswers(t, c, 2)
+			}},
+			{"silent before its command", 1, func(t *testing.T, c net.Conn) {
+				time.Sleep(10 * pause)
 				c.Write(tpm2GetRandom8)
 				readAnswers(t, c, 1)
-			}
-		}},
-		{"two commands in one write", 1, func(t *testing.T, c net.Conn) {
-			c.Write(append(bytes.Clone(tpm2GetRandom8), tpm2GetRandom8...))
-			readAnswers(t, c, 2)
-		}},
-		{"silent before its command", 1, func(t *testing.T, c net.Conn) {
-			time.Sleep(10 * pause)
-			c.Write(tpm2GetRandom8)
-			readAnswers(t, c, 1)
-		}},
-		{"command trickled a byte at a time", 1, func(t *testing.T, c net.Conn) {
-			for _, b := range tpm2GetRandom8 {
-				c.Write([]byte{b})
-				time.Sleep(fastReadWindow * time.Microsecond / 2)
-			}
-			readAnswers(t, c, 1)
-		}},
-		{"prefixed command (TPM_SEND_COMMAND)", 0, func(t *testing.T, c net.Conn) {
-			b := binary.BigEndian.AppendUint32([]byte{0, 0, 0, 8, 0}, uint32(len(tpm2GetRandom8)))
-			c.Write(append(b, tpm2GetRandom8...))
-			c.SetReadDeadline(time.Now().Add(10 * time.Second))
-			buf := make([]byte, 4+20+4)
-			if _, err := io.ReadFull(c, buf); err != nil || binary.BigEndian.Uint32(buf) != 20 || rcOf(buf[4:]) != 0 {
-				t.Fatalf("prefixed answer % x, %v", buf, err)
-			}
-		}},
-		{"malformed frame", 0, func(t *testing.T, c net.Conn) {
-			c.Write([]byte{0x80, 0x01, 0xff, 0xff, 0xff, 0xff, 0, 0, 0x01, 0x7b})
-			c.SetReadDeadline(time.Now().Add(10 * time.Second))
-			if n, err := c.Read(make([]byte, 64)); err != io.EOF {
-				t.Fatalf("malformed frame: read %d, %v; want the connection closed", n, err)
-			}
-		}},
-		{"closes half-way through its command", 0, func(t *testing.T, c net.Conn) {
-			c.Write(tpm2GetRandom8[:7])
-		}},
-		{"connects and closes", 0, func(t *testing.T, c net.Conn) {}},
-	}
-	srv, path, _, _ := startedServer(t, Options{})
-	// With one P the client in this process cannot run to close its
-	// connection while the server waits in ppoll (a P is taken from a
-	// system call only by sysmon, after up to 10 ms): the answers are
-	// checked, the hand-offs are not.
-	oneP := runtime.GOMAXPROCS(0) == 1
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			// Staying inline depends on the client closing within the read
-			// window, which a loaded test machine may miss now and then:
-			// the case must come out as expected in one of five tries.
-			var got uint64
-			for range 5 {
-				before := srv.handOffs.Load()
-				c, err := net.Dial("unix", path)
-				if err != nil {
-					t.Fatal(err)
+			}},
+			{"command trickled a byte at a time", 1, func(t *testing.T, c net.Conn) {
+				for _, b := range tpm2GetRandom8 {
+					c.Write([]byte{b})
+					time.Sleep(fastReadWindow * time.Microsecond / 2)
 				}
-				tc.client(t, c)
-				c.Close()
-				getRandomOn(t, path) // the listener still serves
-				if got = srv.handOffs.Load() - before; got == tc.handOffs || oneP {
-					return
+				readAnswers(t, c, 1)
+			}},
+			{"prefixed command (TPM_SEND_COMMAND)", 0, func(t *testing.T, c net.Conn) {
+				b := binary.BigEndian.AppendUint32([]byte{0, 0, 0, 8, 0}, uint32(len(tpm2GetRandom8)))
+				c.Write(append(b, tpm2GetRandom8...))
+				c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				buf := make([]byte, 4+20+4)
+				if _, err := io.ReadFull(c, buf); err != nil || binary.BigEndian.Uint32(buf) != 20 || rcOf(buf[4:]) != 0 {
+					t.Fatalf("prefixed answer % x, %v", buf, err)
 				}
-			}
-			t.Errorf("%d hand-offs to a goroutine of its own, want %d", got, tc.handOffs)
-		})
-	}
+			}},
+			{"malformed frame", 0, func(t *testing.T, c net.Conn) {
+				c.Write([]byte{0x80, 0x01, 0xff, 0xff, 0xff, 0xff, 0, 0, 0x01, 0x7b})
+				c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				if n, err := c.Read(make([]byte, 64)); err != io.EOF {
+					t.Fatalf("malformed frame: read %d, %v; want the connection closed", n, err)
+				}
+			}},
+			{"closes half-way through its command", 0, func(t *testing.T, c net.Conn) {
+				c.Write(tpm2GetRandom8[:7])
+			}},
+			{"connects and closes", 0, func(t *testing.T, c net.Conn) {}},
+		}
+		srv, path, _, _ := startedServer(t, paths)
+		// With one P the client in this process cannot run to close its
+		// connection while the server waits in ppoll (a P is taken from a
+		// system call only by sysmon, after up to 10 ms): the answers are
+		// checked, the hand-offs are not.
+		oneP := runtime.GOMAXPROCS(0) == 1
+		for _, tc := range tests {
+			t.Run(tc.name, func(t *testing.T) {
+				// Staying inline depends on the client closing within the read
+				// window, which a loaded test machine may miss now and then:
+				// the case must come out as expected in one of five tries.
+				var got uint64
+				for range 5 {
+					before := srv.handOffs.Load()
+					c, err := net.Dial("unix", path)
+					if err != nil {
+						t.Fatal(err)
+					}
+					tc.client(t, c)
+					c.Close()
+					getRandomOn(t, path) // the listener still serves
+					if got = srv.handOffs.Load() - before; got == tc.handOffs || oneP {
+						return
+					}
+				}
+				t.Errorf("%d hand-offs to a goroutine of its own, want %d", got, tc.handOffs)
+			})
+		}
+	})
 }
 
 // A client that holds its connection silent, or trickles its command, does
 // not keep others waiting: the accepting goroutine hands it off after a
 // few bounded reads.
 func TestInlineSlowClientDoesNotBlockOthers(t *testing.T) {
-	_, path, _, _ := startedServer(t, Options{})
-	for _, hold := range []func(c net.Conn){
-		func(c net.Conn) {}, // silent
-		func(c net.Conn) { c.Write(tpm2GetRandom8[:1]) }, // one byte of a command
-		func(c net.Conn) { c.Write(tpm2GetRandom8[:6]) }, // a header, no body
-	} {
-		var held []net.Conn
-		for range 20 {
-			c, err := net.Dial("unix", path)
-			if err != nil {
-				t.Fatal(err)
+	forEachPath(t, func(t *testing.T, paths Options) {
+		_, path, _, _ := startedServer(t, paths)
+		for _, hold := range []func(c net.Conn){
+			func(c net.Conn) {}, // silent
+			func(c net.Conn) { c.Write(tpm2GetRandom8[:1]) }, // one byte of a command
+			func(c net.Conn) { c.Write(tpm2GetRandom8[:6]) }, // a header, no body
+		} {
+			var held []net.Conn
+			for range 20 {
+				c, err := net.Dial("unix", path)
+				if err != nil {
+					t.Fatal(err)
+				}
+				hold(c)
+				held = append(held, c)
 			}
-			hold(c)
-			held = append(held, c)
+			start := time.Now()
+			getRandomOn(t, path)
+			// 20 held connections cost the listener at most 20 x 4 bounded
+			// reads (160 ms); a listener stuck on one would not answer at all.
+			if d := time.Since(start); d > 2*time.Second {
+				t.Errorf("a client behind 20 stalled connections waited %v", d)
+			}
+			for _, c := range held {
+				c.Close()
+			}
 		}
-		start := time.Now()
-		getRandomOn(t, path)
-		// 20 held connections cost the listener at most 20 x 4 bounded
-		// reads (160 ms); a listener stuck on one would not answer at all.
-		if d := time.Since(start); d > 2*time.Second {
-			t.Errorf("a client behind 20 stalled connections waited %v", d)
-		}
-		for _, c := range held {
-			c.Close()
-		}
-	}
+	})
 }
 
 // Stopping the server ends connections wherever they wait: a handed-off
 // connection blocked in its read, and the accept loop itself.
 func TestInlineStop(t *testing.T) {
-	srv, path, cancel, done := startedServer(t, Options{})
-	c, err := net.Dial("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.Write(tpm2GetRandom8)
-	readAnswers(t, c, 1)
-	time.Sleep(3 * fastReadWindow * time.Microsecond) // handed off, idle
-	cancel()
-	select {
-	case err := <-done:
+	forEachPath(t, func(t *testing.T, paths Options) {
+		srv, path, cancel, done := startedServer(t, paths)
+		c, err := net.Dial("unix", path)
 		if err != nil {
-			t.Errorf("ServeData after stop: %v", err)
+			t.Fatal(err)
 		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("ServeData still running 5 s after its context ended")
-	}
-	waited := make(chan struct{})
-	go func() { srv.Wait(); close(waited) }()
-	select {
-	case <-waited:
-	case <-time.After(5 * time.Second):
-		t.Fatal("a data connection outlived the server by 5 s")
-	}
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := c.Read(make([]byte, 1)); err != io.EOF {
-		t.Errorf("client after stop: %v, want EOF", err)
-	}
+		defer c.Close()
+		c.Write(tpm2GetRandom8)
+		readAnswers(t, c, 1)
+		time.Sleep(3 * fastReadWindow * time.Microsecond) // handed off, idle
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("ServeData after stop: %v", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("ServeData still running 5 s after its context ended")
+		}
+		waited := make(chan struct{})
+		go func() { srv.Wait(); close(waited) }()
+		select {
+		case <-waited:
+		case <-time.After(5 * time.Second):
+			t.Fatal("a data connection outlived the server by 5 s")
+		}
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); err != io.EOF {
+			t.Errorf("client after stop: %v, want EOF", err)
+		}
+	})
 }
 
 // --terminate: the end of a connection served inline requests shutdown,

@@ -3,9 +3,16 @@ package swtpmproto
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"net"
 	"sync/atomic"
 	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"cvtpm/internal/netaddr"
 )
 
 // Streamer is a TPM that serves a kept data connection's commands itself,
@@ -62,10 +69,96 @@ func (s *Server) serveStream(ctx context.Context, fd *ownedFD, in []byte, once, 
 	// Closing fd would not wake a read blocked on it; shutdown does.
 	unblock := context.AfterFunc(ctx, func() { stop.Store(1); fd.shutdown() })
 	defer unblock()
+	if ctx.Err() != nil {
+		// Stopped already: AfterFunc's goroutine may run only after the
+		// loop has read a command, which must not be executed.
+		stop.Store(1)
+	}
 	s.streamsServed.Add(1)
 	_, err := st.ServeStream(fd.fd, in, s.maxCommandSize()+prefixLen, once, s.opts.RejectLocality4, &stop)
 	if err != nil && ctx.Err() == nil && !errors.Is(err, io.EOF) {
 		s.log.Debug("data channel closed", "err", err)
 	}
 	return true
+}
+
+// ListenerServer is a TPM that runs a data listener's accept loop and the
+// inline phase of each connection (inline.go's policy) itself (*engine.TPM,
+// in C: engine/accept.go says why), handing back the connections that go
+// on.
+type ListenerServer interface {
+	// ServeListener serves lfd until a connection goes on elsewhere
+	// (fd >= 0, its first bytes in buf[:pending], idle when nothing came
+	// after its answer), until timeout or stop (fd < 0, nil), or until
+	// accepting fails (an error).
+	ServeListener(lfd, stopfd int, timeout time.Duration, tcp bool, maxCommand int, rejectLocality4, once bool, stop *atomic.Int32, buf []byte) (fd, pending int, idle bool, err error)
+}
+
+// listenerServer returns the TPM's ListenerServer, or nil when it has
+// none, the server is told not to use it, or --terminate needs every
+// connection's end reported (dataConnEnded).
+func (s *Server) listenerServer() ListenerServer {
+	if s.opts.NoStreamLoop || s.opts.TerminateOnDisconnect {
+		return nil
+	}
+	acc, _ := s.tpm.(ListenerServer)
+	return acc
+}
+
+// serveListenerInC is serveDataInline's accept loop run by the TPM (lfd is
+// a duplicate of ln's descriptor that only this goroutine closes). It
+// returns to Go for the connections that go on, at every listenerCheck
+// (ln closed?) and at the stop.
+func (s *Server) serveListenerInC(ctx context.Context, ln net.Listener, lnRaw syscall.RawConn, lfd int, tcp, once bool, acc ListenerServer) error {
+	stopfd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		return fmt.Errorf("serving %s: %w", ln.Addr(), err)
+	}
+	var stop atomic.Int32
+	woken := make(chan struct{})
+	wake := context.AfterFunc(ctx, func() {
+		defer close(woken)
+		stop.Store(1)
+		unix.Write(stopfd, []byte{1, 0, 0, 0, 0, 0, 0, 0})
+		ln.Close()
+	})
+	defer func() {
+		if !wake() {
+			<-woken // it writes stopfd: close it after
+		}
+		unix.Close(stopfd)
+	}()
+	maxCmd := s.maxCommandSize() + prefixLen
+	var pause netaddr.AcceptPause
+	for {
+		if ctx.Err() != nil {
+			return nil
+		}
+		if lnRaw.Control(func(uintptr) {}) != nil {
+			return nil // ln closed
+		}
+		bufs := s.buffers.Get().(*connBuffers)
+		if cap(bufs.in) < maxCmd+prefixLen {
+			bufs.in = make([]byte, 0, maxCmd+prefixLen)
+		}
+		s.conns.Add(1) // Wait covers commands run there too
+		fd, pending, idle, err := acc.ServeListener(lfd, stopfd, listenerCheck, tcp, maxCmd, s.opts.RejectLocality4, once, &stop, bufs.in[:cap(bufs.in)])
+		s.conns.Done()
+		if fd >= 0 {
+			pause.Reset()
+			s.handOff(ctx, fd, once, bufs, bufs.in[:pending], idle)
+			continue
+		}
+		s.buffers.Put(bufs)
+		if err == nil {
+			continue // time to check ln, or stopped
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		if !netaddr.Temporary(err) {
+			return fmt.Errorf("accept on %s: %w", ln.Addr(), err)
+		}
+		pause.Wait(s.log, ln.Addr().String(), err)
+	}
 }

@@ -6,7 +6,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"io/fs"
 	"net"
+	"os"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -300,4 +303,102 @@ func TestStreamLoopStopWhileIdle(t *testing.T) {
 	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
 		t.Errorf("client read after the stop: %v, want EOF", err)
 	}
+}
+
+// A Listener (the drop-in's data socket, out of the netpoller) serves in
+// both paths; closing it ends ServeData, refuses new connections and
+// removes the socket's file; Accept works through a registered duplicate.
+func TestUnpolledListener(t *testing.T) {
+	forEachPath(t, func(t *testing.T, paths Options) {
+		tpm, err := engine.New(newMem(), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tpm.Close()
+		tpm.Init(0)
+		tpm.Execute(nil, tpm2StartupClr)
+		path := filepath.Join(t.TempDir(), "data")
+		ln, err := net.Listen("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ul, err := Unpolled(ln, path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv := New(tpm, paths)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		done := make(chan error, 1)
+		go func() { done <- srv.ServeData(ctx, ul, false) }()
+		getRandomOn(t, path)
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for range 3 { // kept: handed off
+			c.Write(tpm2GetRandom8)
+			readAnswers(t, c, 1)
+		}
+		c.Close()
+		if err := ul.Close(); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("ServeData after Close: %v", err)
+			}
+		case <-time.After(2 * time.Second):
+			t.Fatal("ServeData still running 2 s after its Listener was closed")
+		}
+		srv.Wait()
+		if _, err := os.Stat(path); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("socket file after Close: %v", err)
+		}
+		if c, err := net.Dial("unix", path); err == nil {
+			c.Close()
+			t.Error("a closed Listener's socket still accepts")
+		}
+		if err := ul.Close(); !errors.Is(err, net.ErrClosed) {
+			t.Errorf("second Close: %v", err)
+		}
+		raw, _ := ul.SyscallConn()
+		if err := raw.Control(func(uintptr) {}); !errors.Is(err, net.ErrClosed) {
+			t.Errorf("Control after Close: %v", err)
+		}
+	})
+	t.Run("Accept", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "l")
+		ln, err := net.Listen("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ul, err := Unpolled(ln, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() {
+			if c, err := net.Dial("unix", path); err == nil {
+				c.Write([]byte("hi"))
+				c.Close()
+			}
+		}()
+		c, err := ul.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(c)
+		c.Close()
+		if string(b) != "hi" {
+			t.Errorf("accepted connection read %q", b)
+		}
+		ul.Close()
+		if _, err := ul.Accept(); !errors.Is(err, net.ErrClosed) {
+			t.Errorf("Accept after Close: %v", err)
+		}
+		if _, err := os.Stat(path); err != nil {
+			t.Errorf("Close removed a file it was not given: %v", err)
+		}
+	})
 }

@@ -792,6 +792,19 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 		if err != nil {
 			return err
 		}
+		if ln != nil {
+			// Out of the netpoller: the engine accepts on it in C.
+			unlink := ""
+			if cfg.server.fd < 0 && cfg.server.typ != "tcp" {
+				unlink = cfg.server.path
+			}
+			ul, err := swtpmproto.Unpolled(ln, unlink)
+			if err != nil {
+				ln.Close()
+				return fmt.Errorf("--server: %w", err)
+			}
+			ln = ul
+		}
 		opened = append(opened, closerOf(ln, conn))
 		if ln != nil {
 			start(func() error { return srv.ServeData(ctx, ln, cfg.server.disconnect) })

@@ -1,0 +1,122 @@
+package swtpmproto
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Listener is a listening socket kept out of the Go runtime's netpoller.
+// ServeData on a TPM that is a ListenerServer accepts on it in C; a
+// net.Listener would stay registered with the netpoller meanwhile, and
+// every connection that arrives would wake a runtime thread blocked in
+// epoll_pwait for nothing (two epoll_pwait calls and a context switch per
+// connection, about half of what separated a connection per command from
+// swtpm's). Accept works too: the first call registers a duplicate.
+type Listener struct {
+	mu     sync.Mutex
+	fd     int // -1 once closed
+	addr   net.Addr
+	unlink string       // a unix socket's path, removed by Close
+	polled net.Listener // the duplicate Accept uses, made on its first call
+}
+
+// Unpolled moves ln's socket into a Listener and closes ln (without
+// removing a unix socket's file). unlink, if not empty, is the path Close
+// removes.
+func Unpolled(ln net.Listener, unlink string) (*Listener, error) {
+	sc, ok := ln.(syscall.Conn)
+	if !ok {
+		return nil, errors.New("swtpmproto: listener has no descriptor")
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	fd, dupErr := -1, error(nil)
+	if err := raw.Control(func(orig uintptr) { fd, dupErr = unix.FcntlInt(orig, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return nil, err
+	}
+	if dupErr != nil {
+		return nil, fmt.Errorf("swtpmproto: duplicating the listener: %w", dupErr)
+	}
+	if ul, ok := ln.(*net.UnixListener); ok {
+		ul.SetUnlinkOnClose(false)
+	}
+	l := &Listener{fd: fd, addr: ln.Addr(), unlink: unlink}
+	ln.Close()
+	return l, nil
+}
+
+// Accept waits for and returns the next connection, through the netpoller.
+func (l *Listener) Accept() (net.Conn, error) {
+	l.mu.Lock()
+	if l.fd < 0 {
+		l.mu.Unlock()
+		return nil, net.ErrClosed
+	}
+	if l.polled == nil {
+		d, err := unix.FcntlInt(uintptr(l.fd), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			l.mu.Unlock()
+			return nil, err
+		}
+		f := os.NewFile(uintptr(d), "listener")
+		l.polled, err = net.FileListener(f)
+		f.Close()
+		if err != nil {
+			l.mu.Unlock()
+			return nil, err
+		}
+	}
+	polled := l.polled
+	l.mu.Unlock()
+	return polled.Accept()
+}
+
+// Close stops accepting: the socket closes once ServeData, which holds a
+// duplicate, notices (at once when stopped through its context, within
+// half a second otherwise).
+func (l *Listener) Close() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.fd < 0 {
+		return net.ErrClosed
+	}
+	unix.Close(l.fd)
+	l.fd = -1
+	if l.polled != nil {
+		l.polled.Close()
+	}
+	if l.unlink != "" {
+		os.Remove(l.unlink)
+	}
+	return nil
+}
+
+// Addr returns the listener's address.
+func (l *Listener) Addr() net.Addr { return l.addr }
+
+// SyscallConn gives the descriptor to Control (which fails once the
+// listener is closed); Read and Write are not supported.
+func (l *Listener) SyscallConn() (syscall.RawConn, error) { return listenerRaw{l}, nil }
+
+type listenerRaw struct{ l *Listener }
+
+func (r listenerRaw) Control(f func(fd uintptr)) error {
+	r.l.mu.Lock()
+	defer r.l.mu.Unlock()
+	if r.l.fd < 0 {
+		return net.ErrClosed
+	}
+	f(uintptr(r.l.fd))
+	return nil
+}
+
+func (listenerRaw) Read(func(fd uintptr) bool) error  { return errors.ErrUnsupported }
+func (listenerRaw) Write(func(fd uintptr) bool) error { return errors.ErrUnsupported }
