@@ -257,25 +257,26 @@ func (t *TPM) ExecuteAt(dst, cmd []byte, locality uint8) []byte {
 }
 
 // execute is one C call: the lock, libtpms and the copy into dst's spare
-// capacity; a response that does not fit waits under the lock while dst
-// grows.
+// capacity (or, for a response that does not fit, into a C copy taken
+// here).
 func (t *TPM) execute(dst, cmd []byte, loc int) []byte {
 	if cap(dst)-len(dst) < 10 {
 		dst = slices.Grow(dst, 4096)
 	}
 	var rc C.uint32_t
-	var cmdp *C.uchar
+	var cmdp, big *C.uchar
 	if len(cmd) > 0 {
 		cmdp = (*C.uchar)(unsafe.Pointer(&cmd[0]))
 	}
 	room := dst[len(dst):cap(dst)]
-	n := int(C.cvtpm_execute(C.int(loc), cmdp, C.uint32_t(len(cmd)), (*C.uchar)(unsafe.Pointer(&room[0])), C.uint32_t(len(room)), &rc))
-	if n > len(room) {
-		dst = slices.Grow(dst, n)
-		C.cvtpm_take_response((*C.uchar)(unsafe.Pointer(&dst[len(dst):cap(dst)][0])))
-	}
+	n := int(C.cvtpm_execute(C.int(loc), cmdp, C.uint32_t(len(cmd)), (*C.uchar)(unsafe.Pointer(&room[0])), C.uint32_t(len(room)), &big, &rc))
 	if rc != 0 {
 		processFailed(t.log, uint32(rc))
+	}
+	if big != nil {
+		dst = append(dst, unsafe.Slice((*byte)(unsafe.Pointer(big)), n)...)
+		C.free(unsafe.Pointer(big))
+		return dst
 	}
 	return dst[:len(dst)+n]
 }

@@ -44,11 +44,8 @@ static uint32_t put_error(unsigned char *out, uint32_t rc)
     return 10;
 }
 
-// An error response made under the lock, and the response a caller whose
-// buffer was too small takes with cvtpm_take_response.
+// An error response made under the lock.
 static unsigned char errbuf[10];
-static const unsigned char *pending;
-static uint32_t npending;
 
 // execute_locked runs cmd at locality loc (below 0: the current one;
 // otherwise it becomes the current one) and returns the response, in
@@ -83,27 +80,27 @@ static const unsigned char *execute_locked(int loc, const unsigned char *cmd, ui
 }
 
 uint32_t cvtpm_execute(int loc, const unsigned char *cmd, uint32_t len,
-                       unsigned char *out, uint32_t room, uint32_t *rc)
+                       unsigned char *out, uint32_t room, unsigned char **big, uint32_t *rc)
 {
     uint32_t n;
+    *big = NULL;
     pthread_mutex_lock(&cvtpm_mu);
     const unsigned char *p = execute_locked(loc, cmd, len, &n, rc);
     if (n > room) {
-        // Still locked: the caller makes room and takes it.
-        pending = p;
-        npending = n;
-        return n;
+        // A copy for the caller to take and free: the lock is released
+        // here, on the thread that took it.
+        if ((*big = malloc(n)) != NULL) {
+            memcpy(*big, p, n);
+        } else {
+            if (*rc == 0)
+                *rc = TPM_SIZE;
+            n = put_error(out, CVTPM_RC_FAILURE);
+        }
+    } else {
+        memcpy(out, p, n);
     }
-    memcpy(out, p, n);
     pthread_mutex_unlock(&cvtpm_mu);
     return n;
-}
-
-void cvtpm_take_response(unsigned char *out)
-{
-    memcpy(out, pending, npending);
-    pending = NULL;
-    pthread_mutex_unlock(&cvtpm_mu);
 }
 
 static uint32_t be32(const unsigned char *b)

@@ -53,9 +53,11 @@ void cvtpm_lock(void);
 void cvtpm_unlock(void);
 extern int cvtpm_running;
 void cvtpm_free_response_buffer(void);
+// cvtpm_execute runs cmd (at locality loc; below 0 the current one) and
+// copies the response to out when it fits in room (at least 10), or to
+// *big, which the caller frees, when it does not.
 uint32_t cvtpm_execute(int loc, const unsigned char *cmd, uint32_t len,
-                       unsigned char *out, uint32_t room, uint32_t *rc);
-void cvtpm_take_response(unsigned char *out);
+                       unsigned char *out, uint32_t room, unsigned char **big, uint32_t *rc);
 uint32_t cvtpm_parse_frame(const unsigned char *b, uint32_t n, uint32_t maxcmd, struct cvtpm_frame *f);
 int cvtpm_serve_stream(int fd, const unsigned char *pending, uint32_t npending, uint32_t maxcmd,
                        int reject_loc4, int once, const int32_t *stop, struct cvtpm_stream_end *end);

@@ -57,12 +57,12 @@ func (s *Server) serveDataInline(ctx context.Context, ln net.Listener, once bool
 	if acc := s.listenerServer(); acc != nil {
 		// A plain duplicate: as an *os.File it would be registered with
 		// the netpoller, which every connection would then wake.
-		lfd, lnRaw, err := dupListener(ln)
-		if err != nil {
-			return false, nil
+		if lfd, lnRaw, err := dupListener(ln); err == nil {
+			defer syscall.Close(lfd)
+			if isStreamSocket(lfd) {
+				return true, s.serveListenerInC(ctx, ln, lnRaw, lfd, ln.Addr().Network() == "tcp", once, acc)
+			}
 		}
-		defer syscall.Close(lfd)
-		return true, s.serveListenerInC(ctx, ln, lnRaw, lfd, ln.Addr().Network() == "tcp", once, acc)
 	}
 	lnFile, lfd, err := listenerFile(ln)
 	if err != nil {

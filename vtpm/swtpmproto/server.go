@@ -8,7 +8,11 @@
 // directly: no per-command hand-off, and per-connection buffers are reused.
 // A data connection's first command is answered on the accepting goroutine
 // (inline.go), so a client that opens a connection per command, as
-// tpm2-tss's swtpm TCTI does, costs no goroutine at all.
+// tpm2-tss's swtpm TCTI does, costs no goroutine at all. When the TPM is
+// the local engine, the data listener's accept loop with each connection's
+// first command (ListenerServer), and every connection that keeps talking
+// (Streamer), run in the engine's C code instead, outside the Go scheduler
+// (stream.go; engine/stream.go says why); a remote TPM is served in Go.
 package swtpmproto
 
 import (

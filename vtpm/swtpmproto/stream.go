@@ -52,7 +52,7 @@ func (s *Server) streamer() Streamer {
 // does not need one of the maxStreams slots.
 func (s *Server) serveStream(ctx context.Context, fd *ownedFD, in []byte, once, reserved bool) bool {
 	st := s.streamer()
-	if st == nil {
+	if st == nil || !isStreamSocket(fd.fd) {
 		return false
 	}
 	if !reserved {
@@ -161,4 +161,14 @@ func (s *Server) serveListenerInC(ctx context.Context, ln net.Listener, lnRaw sy
 		}
 		pause.Wait(s.log, ln.Addr().String(), err)
 	}
+}
+
+// isStreamSocket reports whether fd is a SOCK_STREAM socket, the only kind
+// the C loops serve: their blocking writes are woken by shutdown(2) on
+// their own end, which does not hold for a datagram socket whose peer's
+// queue is full (a CMD_SET_DATAFD client may pass any socket; such a
+// connection is served in Go, which waits in the netpoller).
+func isStreamSocket(fd int) bool {
+	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+	return err == nil && typ == unix.SOCK_STREAM
 }

@@ -914,8 +914,11 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 // incoming instance takes the directory lock when its state arrives or it
 // is initialised (retrying while the source releases it), an outgoing one
 // releases it once the savestate blob, the last QEMU reads, has been read.
+//
+// Commands need no locking of their own, so the engine's C loops serve
+// them through it (ServeStream, ServeListener).
 type migrationLocking struct {
-	swtpmproto.TPM
+	*engine.TPM
 	store           stateStore
 	incoming        bool
 	releaseOutgoing bool
@@ -967,6 +970,14 @@ func (m *migrationLocking) GetState(blobType uint32) ([]byte, uint32) {
 	}
 	return b, rc
 }
+
+// migrationLocking must hand the engine's C loops on: it is a
+// swtpmproto.TPM like the engine, and serving its commands in Go would
+// only be slower.
+var (
+	_ swtpmproto.Streamer       = (*migrationLocking)(nil)
+	_ swtpmproto.ListenerServer = (*migrationLocking)(nil)
+)
 
 // closerOf returns whichever of ln and c listen returned.
 func closerOf(ln net.Listener, c net.Conn) io.Closer {
