@@ -24,6 +24,20 @@ type Listener struct {
 	addr   net.Addr
 	unlink string       // a unix socket's path, removed by Close
 	polled net.Listener // the duplicate Accept uses, made on its first call
+	closed func()       // tells ServeData's C loop of a Close (onClose)
+}
+
+// onClose has f called (under the Listener's lock) when l is closed, in
+// place of any earlier f, or at once if it is closed already; nil removes
+// it. The C accept loop then needs no timer to notice a Close.
+func (l *Listener) onClose(f func()) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.fd < 0 && f != nil {
+		f()
+		return
+	}
+	l.closed = f
 }
 
 // Unpolled moves ln's socket into a Listener and closes ln (without
@@ -80,8 +94,7 @@ func (l *Listener) Accept() (net.Conn, error) {
 }
 
 // Close stops accepting: the socket closes once ServeData, which holds a
-// duplicate, notices (at once when stopped through its context, within
-// half a second otherwise).
+// duplicate, has returned (at once).
 func (l *Listener) Close() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -90,6 +103,9 @@ func (l *Listener) Close() error {
 	}
 	unix.Close(l.fd)
 	l.fd = -1
+	if l.closed != nil {
+		l.closed()
+	}
 	if l.polled != nil {
 		l.polled.Close()
 	}

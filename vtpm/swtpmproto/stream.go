@@ -122,7 +122,21 @@ func (s *Server) serveListenerInC(ctx context.Context, ln net.Listener, lnRaw sy
 		unix.Write(stopfd, []byte{1, 0, 0, 0, 0, 0, 0, 0})
 		ln.Close()
 	})
+	// A Listener tells of its Close at once; any other listener is
+	// checked every listenerCheck.
+	check := listenerCheck
+	ul, _ := ln.(*Listener)
+	if ul != nil {
+		check = time.Hour
+		ul.onClose(func() {
+			stop.Store(1)
+			unix.Write(stopfd, []byte{1, 0, 0, 0, 0, 0, 0, 0})
+		})
+	}
 	defer func() {
+		if ul != nil {
+			ul.onClose(nil) // under its lock: no write to stopfd after this
+		}
 		if !wake() {
 			<-woken // it writes stopfd: close it after
 		}
@@ -142,7 +156,7 @@ func (s *Server) serveListenerInC(ctx context.Context, ln net.Listener, lnRaw sy
 			bufs.in = make([]byte, 0, maxCmd+prefixLen)
 		}
 		s.conns.Add(1) // Wait covers commands run there too
-		fd, pending, idle, err := acc.ServeListener(lfd, stopfd, listenerCheck, tcp, maxCmd, s.opts.RejectLocality4, once, &stop, bufs.in[:cap(bufs.in)])
+		fd, pending, idle, err := acc.ServeListener(lfd, stopfd, check, tcp, maxCmd, s.opts.RejectLocality4, once, &stop, bufs.in[:cap(bufs.in)])
 		s.conns.Done()
 		if fd >= 0 {
 			pause.Reset()
