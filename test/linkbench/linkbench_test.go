@@ -395,6 +395,14 @@ func BenchmarkIdleInstances(b *testing.B) {
 	}
 	created := time.Since(start)
 	time.Sleep(2 * time.Second) // let the workers settle
+	// What idle instances cost in CPU: every wake-up of a worker's or the
+	// backend's threads (timers, the Go runtime's sysmon) counts here.
+	const idleFor = 5 * time.Second
+	cpu0 := testenv.CPUTime(topo.Backend.Cmd.Process.Pid)
+	time.Sleep(idleFor)
+	idleCPU := testenv.CPUTime(topo.Backend.Cmd.Process.Pid) - cpu0
+	idleUsPerSec := float64(idleCPU.Microseconds()) / idleFor.Seconds() / float64(n)
+	b.ReportMetric(idleUsPerSec, "idle-cpu-us/s/instance")
 	resp, err := c.ListInstances(context.Background(), &backendpb.ListInstancesRequest{})
 	if err != nil || len(resp.Instances) != n {
 		b.Fatalf("list: %d instances, %v", len(resp.Instances), err)
@@ -424,6 +432,8 @@ func BenchmarkIdleInstances(b *testing.B) {
 	perCreate := created.Seconds() / float64(n) * 1e3
 	fmt.Printf("%d idle instances in one backend: %.2f MiB per instance proportional (PSS of the backend, its workers and its spare worker, per instance%s; %.2f MiB anonymous; RSS %.1f MiB counts the shared binary once per worker); created in %.1f s (%.1f ms each%s); %d CPUs\n",
 		n, mib(pss), meets(mib(pss), idleInstanceGoalMiB, "MiB"), mib(anon), mib(rss), created.Seconds(), perCreate, meets(perCreate, createGoalMs, "ms"), runtime.NumCPU())
+	fmt.Printf("the same instances idle for %v: %.1f us of CPU per second per instance (the backend and every process under it: %v in all, after %v for starting them)\n",
+		idleFor, idleUsPerSec, idleCPU.Round(time.Microsecond), cpu0.Round(time.Millisecond))
 	if n > 0 {
 		if bd, err := memoryBreakdown(int(resp.Instances[0].Pid)); err == nil {
 			fmt.Printf("one idle worker (pid %d), by owner:\n%s", resp.Instances[0].Pid, bd)
