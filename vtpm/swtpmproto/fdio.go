@@ -226,9 +226,16 @@ func (l *lazyConn) close() {
 	}
 }
 
-// handleDataConn serves the data channel on c, switching to blocking I/O
-// when it carries a stream of commands.
-// reserved says it needs no Streamer slot (stream.go).
+// HandleDataConn serves the data channel on c, a connection the server
+// did not accept (swtpm's --server ...,clientfd=), until it ends; with the
+// engine, in its C loop after the first command, as an accepted one.
+func (s *Server) HandleDataConn(ctx context.Context, c net.Conn) {
+	s.handleDataConn(ctx, c, false, true)
+}
+
+// handleDataConn serves the data channel on c, switching to blocking I/O,
+// or to the TPM's own loop (stream.go), when it carries a stream of
+// commands. reserved says it needs no Streamer slot.
 func (s *Server) handleDataConn(ctx context.Context, c net.Conn, once, reserved bool) {
 	l := &lazyConn{ctx: ctx, c: c, reserved: reserved}
 	defer l.close()

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -401,4 +402,42 @@ func TestUnpolledListener(t *testing.T) {
 			t.Errorf("Close removed a file it was not given: %v", err)
 		}
 	})
+}
+
+// A connection the server did not accept (swtpm's clientfd=) goes to the
+// stream loop after its first command too, and ends when the client does.
+func TestHandleDataConnStreams(t *testing.T) {
+	tpm := startedEngine(t)
+	srv := New(tpm, Options{})
+	p, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(p[0]), "server end")
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { defer close(done); defer c.Close(); srv.HandleDataConn(context.Background(), c) }()
+	client := os.NewFile(uintptr(p[1]), "client end")
+	cc, err := net.FileConn(client)
+	client.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 5 {
+		cc.Write(tpm2GetRandom8)
+		readAnswers(t, cc, 1)
+	}
+	if got := srv.streamsServed.Load(); got != 1 {
+		t.Errorf("%d connections in the stream loop, want 1", got)
+	}
+	cc.Close()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("HandleDataConn still serving 5 s after the client closed")
+	}
 }

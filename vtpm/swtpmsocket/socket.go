@@ -812,7 +812,7 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 			start(func() error {
 				defer context.AfterFunc(ctx, func() { conn.Close() })()
 				defer conn.Close()
-				srv.HandleData(ctx, conn, false)
+				srv.HandleDataConn(ctx, conn)
 				return nil
 			})
 		}
