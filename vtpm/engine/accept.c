@@ -110,6 +110,24 @@ static int read_inline(struct inline_reader *r, unsigned char *b, uint32_t n, ui
     }
 }
 
+// hand_off ends the inline phase: fd, with its first pending bytes in the
+// caller's buffer, goes on elsewhere.
+static int hand_off(struct cvtpm_accept_result *res, int fd, uint32_t pending, int idle)
+{
+    res->fd = fd;
+    res->pending = pending;
+    res->idle = idle;
+    return CVTPM_ACCEPT_HANDOFF;
+}
+
+// conn_failed closes fd, which failed with errno err.
+static int conn_failed(struct cvtpm_accept_result *res, int fd, int err)
+{
+    close(fd);
+    res->err = err;
+    return CVTPM_ACCEPT_CONN_ERR;
+}
+
 // serve_first answers fd's first command and waits (bounded) for the
 // client to close. It returns CVTPM_ACCEPT_NEXT when fd is done with
 // (closed), or a status for the caller with res filled and fd open
@@ -125,17 +143,10 @@ static int serve_first(int fd, int lfd, uint32_t maxcmd, int reject_loc4, int on
 
     while ((need = cvtpm_parse_frame(buf, len, maxcmd, &f)) > len) {
         err = read_inline(&r, buf + len, bufcap - len, &got);
-        if (err == HANDOFF) {
-            res->fd = fd;
-            res->pending = len;
-            res->idle = len == 0;
-            return CVTPM_ACCEPT_HANDOFF;
-        }
-        if (err < 0) {
-            close(fd);
-            res->err = -err;
-            return CVTPM_ACCEPT_CONN_ERR;
-        }
+        if (err == HANDOFF)
+            return hand_off(res, fd, len, len == 0);
+        if (err < 0)
+            return conn_failed(res, fd, -err);
         if (got == 0) {
             close(fd);
             return len > 0 ? CVTPM_ACCEPT_TRUNCATED : CVTPM_ACCEPT_NEXT;
@@ -155,45 +166,31 @@ static int serve_first(int fd, int lfd, uint32_t maxcmd, int reject_loc4, int on
     uint32_t n = cvtpm_answer(buf, &f, reject_loc4, out, outcap, &rc);
     if (rc != 0)
         cvtpmGoProcessFailed(rc);
-    if ((err = cvtpm_write_all(fd, *out, n)) != 0) {
-        close(fd);
-        res->err = -err;
-        return CVTPM_ACCEPT_CONN_ERR;
-    }
+    if ((err = cvtpm_write_all(fd, *out, n)) != 0)
+        return conn_failed(res, fd, -err);
     len -= f.end;
     memmove(buf, buf + f.end, len);
     if (once) {
         close(fd);
         return CVTPM_ACCEPT_NEXT;
     }
-    if (len > 0) { // pipelined
-        res->fd = fd;
-        res->pending = len;
-        return CVTPM_ACCEPT_HANDOFF;
-    }
+    if (len > 0) // pipelined
+        return hand_off(res, fd, len, 0);
     // A connection-per-command client closes now: wait (bounded) for it.
     // It has not closed yet (it is reading the answer), so poll first.
     r.deadline = now_ns() + INLINE_BUDGET_NS;
     r.poll_first = 1;
     r.reads = 0;
     err = read_inline(&r, buf, bufcap, &got);
-    if (err == HANDOFF) {
-        res->fd = fd;
-        res->idle = 1;
-        return CVTPM_ACCEPT_HANDOFF;
-    }
-    if (err < 0) {
-        close(fd);
-        res->err = -err;
-        return CVTPM_ACCEPT_CONN_ERR;
-    }
+    if (err == HANDOFF)
+        return hand_off(res, fd, 0, 1);
+    if (err < 0)
+        return conn_failed(res, fd, -err);
     if (got == 0) {
         close(fd);
         return CVTPM_ACCEPT_NEXT;
     }
-    res->fd = fd;
-    res->pending = got;
-    return CVTPM_ACCEPT_HANDOFF;
+    return hand_off(res, fd, got, 0);
 }
 
 int cvtpm_serve_listener(int lfd, int stopfd, int timeout_ms, int tcp, uint32_t maxcmd, int reject_loc4,

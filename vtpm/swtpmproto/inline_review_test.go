@@ -46,6 +46,41 @@ func (s *stopWatchTPM) ServeListener(lfd, stopfd int, timeout time.Duration, tcp
 	return s.TPM.(ListenerServer).ServeListener(lfd, stopfd, timeout, tcp, maxCommand, rejectLocality4, once, stop, buf)
 }
 
+// gapProbe starts a goroutine that sleeps 200 us at a time; stop ends it
+// and returns the longest time between its wake-ups and how many exceeded
+// 5 ms (a process frozen by a goroutine that holds the only P).
+func gapProbe() (stop func() (longest time.Duration, over5ms int64)) {
+	var maxGap, longGaps atomic.Int64
+	quit := make(chan struct{})
+	probed := make(chan struct{})
+	go func() {
+		defer close(probed)
+		last := time.Now()
+		for {
+			select {
+			case <-quit:
+				return
+			default:
+			}
+			time.Sleep(200 * time.Microsecond)
+			now := time.Now()
+			g := int64(now.Sub(last))
+			if g > maxGap.Load() {
+				maxGap.Store(g)
+			}
+			if g > int64(5*time.Millisecond) {
+				longGaps.Add(1)
+			}
+			last = now
+		}
+	}()
+	return func() (time.Duration, int64) {
+		close(quit)
+		<-probed
+		return time.Duration(maxGap.Load()), longGaps.Load()
+	}
+}
+
 // forEachPath runs f for the engine served by its C loops (ServeListener,
 // ServeStream) and for it served command by command in Go.
 func forEachPath(t *testing.T, f func(t *testing.T, paths Options)) {
@@ -221,30 +256,7 @@ func TestReviewGOMAXPROCS1SilentClientsFreezeProcess(t *testing.T) {
 		// The fault froze the process once per silent connection (8-32 ms
 		// each); a loaded machine can delay the sleeper a few milliseconds now
 		// and then. So count the long gaps rather than take the longest.
-		var maxGap, longGaps atomic.Int64
-		stop := make(chan struct{})
-		probed := make(chan struct{})
-		go func() {
-			defer close(probed)
-			last := time.Now()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				time.Sleep(200 * time.Microsecond)
-				now := time.Now()
-				g := int64(now.Sub(last))
-				if g > maxGap.Load() {
-					maxGap.Store(g)
-				}
-				if g > int64(5*time.Millisecond) {
-					longGaps.Add(1)
-				}
-				last = now
-			}
-		}()
+		stopProbe := gapProbe()
 		var held []net.Conn
 		for range 20 {
 			c, err := net.Dial("unix", path)
@@ -255,13 +267,12 @@ func TestReviewGOMAXPROCS1SilentClientsFreezeProcess(t *testing.T) {
 			time.Sleep(5 * time.Millisecond)
 		}
 		time.Sleep(100 * time.Millisecond)
-		close(stop)
-		<-probed
+		longest, n := stopProbe()
 		for _, c := range held {
 			c.Close()
 		}
-		if n := longGaps.Load(); n >= 5 {
-			t.Errorf("GOMAXPROCS=1: a goroutine sleeping 200 us was held up over 5 ms %d times (longest %v) while a client opened 20 silent data connections", n, time.Duration(maxGap.Load()))
+		if n >= 5 {
+			t.Errorf("GOMAXPROCS=1: a goroutine sleeping 200 us was held up over 5 ms %d times (longest %v) while a client opened 20 silent data connections", n, longest)
 		}
 	})
 }

@@ -61,6 +61,27 @@ func readReply(t *testing.T, c net.Conn, prefixed bool) []byte {
 	return b
 }
 
+// initedServer is cvtpmServerWith whose TPM has been through CMD_INIT and
+// TPM2_Startup, with its control connection (closed when the test ends).
+func initedServer(t *testing.T, opts Options) (srv *Server, ctrl *net.UnixConn, dataPath string) {
+	t.Helper()
+	srv, ctrlPath, dataPath := cvtpmServerWith(t, opts)
+	ctrl, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: ctrlPath, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ctrl.Close() })
+	roundTrip(t, ctrl, ctrlMsg(CmdInit, 0, 0, 0, 0), -1)
+	d, err := net.Dial("unix", dataPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	d.Write(tpm2StartupClr)
+	readReply(t, d, false)
+	return srv, ctrl, dataPath
+}
+
 // The engine's C stream loop (engine.ServeStream) and the Go path answer
 // the same script byte for byte: raw and prefixed commands, localities,
 // a stopped TPM, pipelined commands, QEMU's CMD_SET_DATAFD connection.
@@ -137,20 +158,7 @@ func TestStreamLoopMatchesGoPath(t *testing.T) {
 // A stream that turns into bytes that cannot be a command, or ends within
 // one, is closed; the server goes on serving.
 func TestStreamLoopBadBytes(t *testing.T) {
-	srv, ctrl, dataPath := cvtpmServer(t)
-	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: ctrl, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	roundTrip(t, c, ctrlMsg(CmdInit, 0, 0, 0, 0), -1)
-	d, err := net.Dial("unix", dataPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d.Write(tpm2StartupClr)
-	readReply(t, d, false)
-	d.Close()
+	srv, _, dataPath := initedServer(t, Options{})
 	tests := []struct {
 		name  string
 		bytes []byte
