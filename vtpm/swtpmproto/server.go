@@ -136,5 +136,6 @@ func (s *Server) serve(ctx context.Context, ln net.Listener, handle func(context
 	}
 }
 
-// Wait waits for all connection goroutines to end.
+// Wait waits for all connection goroutines to end (the engine's C accept
+// loop ends with ServeData, and runs no command after the stop).
 func (s *Server) Wait() { s.conns.Wait() }

@@ -142,6 +142,10 @@ func (s *Server) serveListenerInC(ctx context.Context, ln net.Listener, lnRaw sy
 		}
 		unix.Close(stopfd)
 	}()
+	// Not counted by Wait (a count could start while a Wait that followed
+	// the stop is already waiting): the loop runs no command once stopped,
+	// returns at once, and a command it was running holds the engine's
+	// lock, which Stop and Close take.
 	maxCmd := s.maxCommandSize() + prefixLen
 	var pause netaddr.AcceptPause
 	for {
@@ -155,9 +159,7 @@ func (s *Server) serveListenerInC(ctx context.Context, ln net.Listener, lnRaw sy
 		if cap(bufs.in) < maxCmd+prefixLen {
 			bufs.in = make([]byte, 0, maxCmd+prefixLen)
 		}
-		s.conns.Add(1) // Wait covers commands run there too
 		fd, pending, idle, err := acc.ServeListener(lfd, stopfd, check, tcp, maxCmd, s.opts.RejectLocality4, once, &stop, bufs.in[:cap(bufs.in)])
-		s.conns.Done()
 		if fd >= 0 {
 			pause.Reset()
 			s.handOff(ctx, fd, once, bufs, bufs.in[:pending], idle)
