@@ -23,9 +23,12 @@ build:
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/cvtpm-swtpm ./cmd/cvtpm-swtpm
 
 # The full suite: unit tests, cross-component tests against the real peers
-# (tpm2-tools, swtpm-tools, QEMU), then a short run of every fuzz target.
+# (tpm2-tools, swtpm-tools, QEMU), the TPM's data path again under the race
+# detector (its C loops and Go share the engine), then a short run of every
+# fuzz target.
 test: deps build
 	CVTPM_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 15m ./...
+	$(GO) test -race -count=1 -timeout 5m ./vtpm/engine ./vtpm/swtpmproto ./vtpm/swtpmsocket
 	@scripts/fuzz.sh 10s
 
 fuzz: deps
