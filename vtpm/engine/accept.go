@@ -30,7 +30,7 @@ import (
 // each, answers its first command inline: it waits at most 2 ms for the
 // command's bytes and then for the client to close, and not at all while
 // another connection is waiting (the policy of swtpmproto's inline.go).
-// It returns:
+// It returns the number of connections it accepted, and:
 //   - fd >= 0: a connection that goes on elsewhere (it kept talking,
 //     pipelined, trickled or stayed silent), its first pending bytes in
 //     buf[:pending]; idle says nothing arrived after its last answer;
@@ -42,9 +42,9 @@ import (
 // is closed here (logged at debug level). buf must hold a whole frame: the
 // prefix and maxCommand bytes. once closes each connection after its
 // answer; tcp sets TCP_NODELAY on each.
-func (t *TPM) ServeListener(lfd, stopfd int, timeout time.Duration, tcp bool, maxCommand int, rejectLocality4, once bool, stop *atomic.Int32, buf []byte) (fd, pending int, idle bool, err error) {
+func (t *TPM) ServeListener(lfd, stopfd int, timeout time.Duration, tcp bool, maxCommand int, rejectLocality4, once bool, stop *atomic.Int32, buf []byte) (fd, pending int, idle bool, accepted uint64, err error) {
 	if maxCommand < 10 || len(buf) < maxCommand+C.CVTPM_PREFIX_LEN {
-		return -1, 0, false, fmt.Errorf("engine: a %d-byte buffer for commands of at most %d bytes", len(buf), maxCommand)
+		return -1, 0, false, 0, fmt.Errorf("engine: a %d-byte buffer for commands of at most %d bytes", len(buf), maxCommand)
 	}
 	deadline := time.Now().Add(timeout)
 	var res C.struct_cvtpm_accept_result
@@ -56,13 +56,14 @@ func (t *TPM) ServeListener(lfd, stopfd int, timeout time.Duration, tcp bool, ma
 		status := C.cvtpm_serve_listener(C.int(lfd), C.int(stopfd), C.int(min(ms, 1<<30)), cBool(tcp), C.uint32_t(maxCommand),
 			cBool(rejectLocality4), cBool(once), (*C.int32_t)(unsafe.Pointer(stop)),
 			(*C.uchar)(unsafe.Pointer(&buf[0])), C.uint32_t(len(buf)), &res)
+		accepted += uint64(res.accepted)
 		switch status {
 		case C.CVTPM_ACCEPT_HANDOFF:
-			return int(res.fd), int(res.pending), res.idle != 0, nil
+			return int(res.fd), int(res.pending), res.idle != 0, accepted, nil
 		case C.CVTPM_ACCEPT_TIMEOUT, C.CVTPM_ACCEPT_STOPPED:
-			return -1, 0, false, nil
+			return -1, 0, false, accepted, nil
 		case C.CVTPM_ACCEPT_ERR:
-			return -1, 0, false, fmt.Errorf("engine: accepting data connections: %w", syscall.Errno(res.err))
+			return -1, 0, false, accepted, fmt.Errorf("engine: accepting data connections: %w", syscall.Errno(res.err))
 		}
 		// A connection ended badly: say why, then go on accepting.
 		var why error
@@ -76,7 +77,7 @@ func (t *TPM) ServeListener(lfd, stopfd int, timeout time.Duration, tcp bool, ma
 		}
 		t.log.Debug("data channel closed", "err", why)
 		if stop.Load() != 0 || !time.Now().Before(deadline) {
-			return -1, 0, false, nil
+			return -1, 0, false, accepted, nil
 		}
 	}
 }

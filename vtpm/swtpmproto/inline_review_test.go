@@ -42,7 +42,7 @@ func (s *stopWatchTPM) ServeStream(fd int, pending []byte, maxCommand int, once,
 	return s.TPM.(Streamer).ServeStream(fd, pending, maxCommand, once, rejectLocality4, stop)
 }
 
-func (s *stopWatchTPM) ServeListener(lfd, stopfd int, timeout time.Duration, tcp bool, maxCommand int, rejectLocality4, once bool, stop *atomic.Int32, buf []byte) (int, int, bool, error) {
+func (s *stopWatchTPM) ServeListener(lfd, stopfd int, timeout time.Duration, tcp bool, maxCommand int, rejectLocality4, once bool, stop *atomic.Int32, buf []byte) (int, int, bool, uint64, error) {
 	return s.TPM.(ListenerServer).ServeListener(lfd, stopfd, timeout, tcp, maxCommand, rejectLocality4, once, stop, buf)
 }
 

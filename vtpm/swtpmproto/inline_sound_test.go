@@ -349,8 +349,13 @@ func stopAndCountFDs(t *testing.T, srv *Server, cancel context.CancelFunc, done 
 	cancel()
 	<-done
 	srv.Wait()
-	time.Sleep(50 * time.Millisecond)
-	if after := openFDs(t); after > before {
+	// Descriptors closed by other goroutines (and, under the race
+	// detector, late) may take a moment.
+	after := openFDs(t)
+	for deadline := time.Now().Add(2 * time.Second); after > before && time.Now().Before(deadline); after = openFDs(t) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if after > before {
 		t.Errorf("%d descriptors before, %d after", before, after)
 	}
 }

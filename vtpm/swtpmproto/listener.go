@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strings"
 	"sync"
 	"syscall"
 
@@ -24,25 +25,34 @@ type Listener struct {
 	addr   net.Addr
 	unlink string       // a unix socket's path, removed by Close
 	polled net.Listener // the duplicate Accept uses, made on its first call
-	closed func()       // tells ServeData's C loop of a Close (onClose)
+	closed map[*func()]bool // tell ServeData's C loops of a Close (onClose)
 }
 
-// onClose has f called (under the Listener's lock) when l is closed, in
-// place of any earlier f, or at once if it is closed already; nil removes
-// it. The C accept loop then needs no timer to notice a Close.
-func (l *Listener) onClose(f func()) {
+// onClose has f called (under the Listener's lock) when l is closed, or
+// at once if it is closed already, until remove is called (also under the
+// lock: f is not called after remove returns). Each ServeData's C accept
+// loop registers one, and then needs no timer to notice a Close.
+func (l *Listener) onClose(f func()) (remove func()) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.fd < 0 && f != nil {
+	if l.fd < 0 {
 		f()
-		return
+		return func() {}
 	}
-	l.closed = f
+	if l.closed == nil {
+		l.closed = make(map[*func()]bool)
+	}
+	l.closed[&f] = true
+	return func() {
+		l.mu.Lock()
+		delete(l.closed, &f)
+		l.mu.Unlock()
+	}
 }
 
 // Unpolled moves ln's socket into a Listener and closes ln (without
 // removing a unix socket's file). unlink, if not empty, is the path Close
-// removes.
+// removes (not a name in the abstract namespace, "@...", which has none).
 func Unpolled(ln net.Listener, unlink string) (*Listener, error) {
 	sc, ok := ln.(syscall.Conn)
 	if !ok {
@@ -61,6 +71,9 @@ func Unpolled(ln net.Listener, unlink string) (*Listener, error) {
 	}
 	if ul, ok := ln.(*net.UnixListener); ok {
 		ul.SetUnlinkOnClose(false)
+	}
+	if strings.HasPrefix(unlink, "@") {
+		unlink = "" // an abstract socket: no file to remove
 	}
 	l := &Listener{fd: fd, addr: ln.Addr(), unlink: unlink}
 	ln.Close()
@@ -103,9 +116,10 @@ func (l *Listener) Close() error {
 	}
 	unix.Close(l.fd)
 	l.fd = -1
-	if l.closed != nil {
-		l.closed()
+	for f := range l.closed {
+		(*f)()
 	}
+	l.closed = nil
 	if l.polled != nil {
 		l.polled.Close()
 	}

@@ -90,8 +90,8 @@ type ListenerServer interface {
 	// ServeListener serves lfd until a connection goes on elsewhere
 	// (fd >= 0, its first bytes in buf[:pending], idle when nothing came
 	// after its answer), until timeout or stop (fd < 0, nil), or until
-	// accepting fails (an error).
-	ServeListener(lfd, stopfd int, timeout time.Duration, tcp bool, maxCommand int, rejectLocality4, once bool, stop *atomic.Int32, buf []byte) (fd, pending int, idle bool, err error)
+	// accepting fails (an error); accepted counts the connections it took.
+	ServeListener(lfd, stopfd int, timeout time.Duration, tcp bool, maxCommand int, rejectLocality4, once bool, stop *atomic.Int32, buf []byte) (fd, pending int, idle bool, accepted uint64, err error)
 }
 
 // listenerServer returns the TPM's ListenerServer, or nil when it has
@@ -125,18 +125,16 @@ func (s *Server) serveListenerInC(ctx context.Context, ln net.Listener, lnRaw sy
 	// A Listener tells of its Close at once; any other listener is
 	// checked every listenerCheck.
 	check := listenerCheck
-	ul, _ := ln.(*Listener)
-	if ul != nil {
+	unhook := func() {}
+	if ul, ok := ln.(*Listener); ok {
 		check = time.Hour
-		ul.onClose(func() {
+		unhook = ul.onClose(func() {
 			stop.Store(1)
 			unix.Write(stopfd, []byte{1, 0, 0, 0, 0, 0, 0, 0})
 		})
 	}
 	defer func() {
-		if ul != nil {
-			ul.onClose(nil) // under its lock: no write to stopfd after this
-		}
+		unhook() // under the Listener's lock: no write to stopfd after this
 		if !wake() {
 			<-woken // it writes stopfd: close it after
 		}
@@ -159,9 +157,11 @@ func (s *Server) serveListenerInC(ctx context.Context, ln net.Listener, lnRaw sy
 		if cap(bufs.in) < maxCmd+prefixLen {
 			bufs.in = make([]byte, 0, maxCmd+prefixLen)
 		}
-		fd, pending, idle, err := acc.ServeListener(lfd, stopfd, check, tcp, maxCmd, s.opts.RejectLocality4, once, &stop, bufs.in[:cap(bufs.in)])
+		fd, pending, idle, accepted, err := acc.ServeListener(lfd, stopfd, check, tcp, maxCmd, s.opts.RejectLocality4, once, &stop, bufs.in[:cap(bufs.in)])
+		if accepted > 0 {
+			pause.Reset() // accepting works again: a later failure starts the back-off afresh
+		}
 		if fd >= 0 {
-			pause.Reset()
 			s.handOff(ctx, fd, once, bufs, bufs.in[:pending], idle)
 			continue
 		}
