@@ -23,8 +23,8 @@ type Listener struct {
 	mu     sync.Mutex
 	fd     int // -1 once closed
 	addr   net.Addr
-	unlink string       // a unix socket's path, removed by Close
-	polled net.Listener // the duplicate Accept uses, made on its first call
+	unlink string           // a unix socket's path, removed by Close
+	polled net.Listener     // the duplicate Accept uses, made on its first call
 	closed map[*func()]bool // tell ServeData's C loops of a Close (onClose)
 }
 
