@@ -208,37 +208,7 @@ func TestAcceptProbeEMFILE(t *testing.T) {
 			_, err = io.ReadFull(c, make([]byte, 20))
 			return err
 		}
-		if err := rt(); err != nil {
-			t.Fatal(err)
-		}
-		before := openFDs(t)
-		var old syscall.Rlimit
-		syscall.Getrlimit(syscall.RLIMIT_NOFILE, &old)
-		lim := old
-		lim.Cur = uint64(before + 20)
-		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-			t.Skip(err)
-		}
-		var held []net.Conn
-		for range 40 {
-			c, err := net.Dial("unix", addr)
-			if err != nil {
-				break
-			}
-			held = append(held, c)
-		}
-		time.Sleep(2 * time.Second) // the pause grows to 1 s
-		for _, c := range held {
-			c.Close()
-		}
-		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old)
-		deadline := time.Now().Add(5 * time.Second)
-		for rt() != nil {
-			if time.Now().After(deadline) {
-				t.Fatal("not serving after EMFILE")
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+		before := atDescriptorLimit(t, addr, rt, 2*time.Second) // the pause grows to 1 s
 		start := time.Now()
 		cancel()
 		select {
@@ -247,7 +217,7 @@ func TestAcceptProbeEMFILE(t *testing.T) {
 			t.Fatal("ServeData did not return after cancel")
 		}
 		srv.Wait()
-		t.Logf("held %d; stop took %v", len(held), time.Since(start))
+		t.Logf("stop took %v", time.Since(start))
 		time.Sleep(100 * time.Millisecond)
 		if after := openFDs(t); after > before+1 {
 			t.Errorf("%d descriptors before, %d after", before, after)

@@ -160,6 +160,50 @@ func TestSoundEchoStress(t *testing.T) {
 }
 
 // Accept failing with EMFILE pauses and recovers; nothing leaks.
+// atDescriptorLimit checks rt, then keeps the process at its descriptor
+// limit for hold with connections to addr (the server's accepts fail with
+// EMFILE), lifts it, and waits until rt succeeds again. It returns the
+// descriptors open before.
+func atDescriptorLimit(t *testing.T, addr string, rt func() error, hold time.Duration) (before int) {
+	t.Helper()
+	if err := rt(); err != nil {
+		t.Fatal(err)
+	}
+	before = openFDs(t)
+	var old syscall.Rlimit
+	syscall.Getrlimit(syscall.RLIMIT_NOFILE, &old)
+	lim := old
+	lim.Cur = uint64(before + 20)
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		t.Skip(err)
+	}
+	var held []net.Conn
+	for range 40 { // more than fit: the server side hits EMFILE
+		c, err := net.Dial("unix", addr)
+		if err != nil {
+			break
+		}
+		held = append(held, c)
+	}
+	time.Sleep(hold)
+	for _, c := range held {
+		c.Close()
+	}
+	syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old)
+	t.Logf("held %d connections at the limit", len(held))
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		err := rt()
+		if err == nil {
+			return before
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not serving after EMFILE: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 func TestSoundEMFILE(t *testing.T) {
 	srv, addr, cancel, done := serveEcho(t, "unix", false, Options{})
 	defer func() { cancel(); <-done; srv.Wait() }()
@@ -176,42 +220,7 @@ func TestSoundEMFILE(t *testing.T) {
 		_, err = io.ReadFull(c, got)
 		return err
 	}
-	if err := rt(); err != nil {
-		t.Fatal(err)
-	}
-	before := openFDs(t)
-	var old syscall.Rlimit
-	syscall.Getrlimit(syscall.RLIMIT_NOFILE, &old)
-	lim := old
-	lim.Cur = uint64(before + 20)
-	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		t.Skip(err)
-	}
-	var held []net.Conn
-	for range 40 { // more than fit: the server side hits EMFILE
-		c, err := net.Dial("unix", addr)
-		if err != nil {
-			break
-		}
-		held = append(held, c)
-	}
-	time.Sleep(300 * time.Millisecond)
-	for _, c := range held {
-		c.Close()
-	}
-	syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old)
-	t.Logf("held %d connections at the limit", len(held))
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		err := rt()
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("not serving after EMFILE: %v", err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	before := atDescriptorLimit(t, addr, rt, 300*time.Millisecond)
 	time.Sleep(1500 * time.Millisecond) // the pause and the held connections drain
 	if after := openFDs(t); after > before+1 {
 		t.Errorf("%d descriptors before, %d after", before, after)
