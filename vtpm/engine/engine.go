@@ -5,10 +5,10 @@
 // New enforces that.
 //
 // Every libtpms call happens on the caller's goroutine (or a stream loop's
-// thread, stream.go) under one mutex: no goroutine hand-off per command,
+// thread, stream.go) under one lock: no goroutine hand-off per command,
 // because on loopback the I/O path, not libtpms, dominates small-command
-// latency. The mutex is a C one (stream.c), so that a stream loop can take
-// it without returning to Go.
+// latency. The lock is C's (stream.c), so that a stream loop can take it
+// without returning to Go.
 package engine
 
 /*
@@ -119,13 +119,13 @@ var (
 
 // TPM is the process's libtpms TPM 2.0. All methods are safe for concurrent
 // use. Its running flag, locality and response buffer are C globals under
-// the engine's C mutex (stream.c), since a stream loop reads them too.
+// the engine's C lock (stream.c), since a stream loop reads them too.
 type TPM struct {
 	store Storage
 	log   *slog.Logger
 }
 
-// lock and unlock take the engine's mutex; every libtpms call holds it.
+// lock and unlock take the engine's lock; every libtpms call holds it.
 func (t *TPM) lock()   { C.cvtpm_lock() }
 func (t *TPM) unlock() { C.cvtpm_unlock() }
 

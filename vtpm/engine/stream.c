@@ -2,7 +2,7 @@
 // stream loop (stream.go says why it is in C).
 #include <errno.h>
 #include <poll.h>
-#include <pthread.h>
+#include <semaphore.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,9 +13,12 @@
 #include "stream.h"
 #include "_cgo_export.h"
 
-// Every libtpms call, from Go or from a stream loop, holds cvtpm_mu; so do
-// cvtpm_running, cvtpm_locality and the response buffer.
-static pthread_mutex_t cvtpm_mu = PTHREAD_MUTEX_INITIALIZER;
+// Every libtpms call, from Go or from a stream loop, holds the engine's
+// lock; so do cvtpm_running, cvtpm_locality and the response buffer. It is
+// a semaphore, not a mutex: Go takes it and releases it in separate cgo
+// calls, between which the goroutine may move to another thread, and a
+// mutex must be unlocked by the thread that locked it.
+static sem_t cvtpm_sem;
 int cvtpm_running;
 extern TPM_MODIFIER_INDICATOR cvtpm_locality;
 
@@ -23,8 +26,15 @@ extern TPM_MODIFIER_INDICATOR cvtpm_locality;
 static unsigned char *rbuf;
 static uint32_t rtotal;
 
-void cvtpm_lock(void) { pthread_mutex_lock(&cvtpm_mu); }
-void cvtpm_unlock(void) { pthread_mutex_unlock(&cvtpm_mu); }
+__attribute__((constructor)) static void cvtpm_sem_init(void) { sem_init(&cvtpm_sem, 0, 1); }
+
+void cvtpm_lock(void)
+{
+    while (sem_wait(&cvtpm_sem) != 0) // only EINTR
+        ;
+}
+
+void cvtpm_unlock(void) { sem_post(&cvtpm_sem); }
 
 void cvtpm_free_response_buffer(void)
 {
@@ -84,7 +94,7 @@ uint32_t cvtpm_execute(int loc, const unsigned char *cmd, uint32_t len,
 {
     uint32_t n;
     *big = NULL;
-    pthread_mutex_lock(&cvtpm_mu);
+    cvtpm_lock();
     const unsigned char *p = execute_locked(loc, cmd, len, &n, rc);
     if (n > room) {
         // A copy for the caller to take and free: the lock is released
@@ -99,7 +109,7 @@ uint32_t cvtpm_execute(int loc, const unsigned char *cmd, uint32_t len,
     } else {
         memcpy(out, p, n);
     }
-    pthread_mutex_unlock(&cvtpm_mu);
+    cvtpm_unlock();
     return n;
 }
 
@@ -187,7 +197,7 @@ uint32_t cvtpm_answer(const unsigned char *in, const struct cvtpm_frame *f, int 
     if (f->prefixed && (f->locality > 4 || (f->locality == 4 && reject_loc4))) {
         n = put_error(*out + head, CVTPM_RC_LOCALITY);
     } else {
-        pthread_mutex_lock(&cvtpm_mu);
+        cvtpm_lock();
         p = execute_locked(f->prefixed ? f->locality : -1, cmd, len, &n, rc);
         if (n + 8 > *outcap && (o = realloc(*out, n + 8)) != NULL) {
             *out = o;
@@ -200,7 +210,7 @@ uint32_t cvtpm_answer(const unsigned char *in, const struct cvtpm_frame *f, int 
         } else {
             memcpy(*out + head, p, n);
         }
-        pthread_mutex_unlock(&cvtpm_mu);
+        cvtpm_unlock();
     }
     if (!f->prefixed)
         return n;
