@@ -45,19 +45,7 @@ func serveEngine(t *testing.T, network string, paths Options) (srv *Server, addr
 }
 
 func serveEngineOn(t *testing.T, tpm TPM, network string, paths Options) (srv *Server, addr string, cancel context.CancelFunc, done chan error) {
-	srv = New(tpm, paths)
-	a := "127.0.0.1:0"
-	if network == "unix" {
-		a = filepath.Join(t.TempDir(), "d")
-	}
-	ln, err := net.Listen(network, a)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done = make(chan error, 1)
-	go func() { done <- srv.ServeData(ctx, ln, false) }()
-	return srv, ln.Addr().String(), cancel, done
+	return serveOn(t, tpm, network, false, paths)
 }
 
 // P-1: many clients of every kind at once against the C loop (the sound

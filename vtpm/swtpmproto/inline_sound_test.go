@@ -53,7 +53,21 @@ func echoAnswer(cmd []byte) []byte {
 }
 
 func serveEcho(t *testing.T, network string, disconnect bool, opts Options) (srv *Server, addr string, cancel context.CancelFunc, done chan struct{}) {
-	srv = New(echoTPM{}, opts)
+	srv, addr, cancel, errc := serveOn(t, echoTPM{}, network, disconnect, opts)
+	done = make(chan struct{})
+	go func() {
+		if err := <-errc; err != nil {
+			t.Errorf("ServeData: %v", err)
+		}
+		close(done)
+	}()
+	return srv, addr, cancel, done
+}
+
+// serveOn serves tpm's data channel on a new listener of network ("unix"
+// or "tcp"); done receives ServeData's result.
+func serveOn(t *testing.T, tpm TPM, network string, disconnect bool, opts Options) (srv *Server, addr string, cancel context.CancelFunc, done chan error) {
+	srv = New(tpm, opts)
 	a := "127.0.0.1:0"
 	if network == "unix" {
 		a = filepath.Join(t.TempDir(), "d")
@@ -63,13 +77,8 @@ func serveEcho(t *testing.T, network string, disconnect bool, opts Options) (srv
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	done = make(chan struct{})
-	go func() {
-		if err := srv.ServeData(ctx, ln, disconnect); err != nil {
-			t.Errorf("ServeData: %v", err)
-		}
-		close(done)
-	}()
+	done = make(chan error, 1)
+	go func() { done <- srv.ServeData(ctx, ln, disconnect) }()
 	return srv, ln.Addr().String(), cancel, done
 }
 
