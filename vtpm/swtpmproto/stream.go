@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -95,10 +96,14 @@ type ListenerServer interface {
 }
 
 // listenerServer returns the TPM's ListenerServer, or nil when it has
-// none, the server is told not to use it, or --terminate needs every
-// connection's end reported (dataConnEnded).
+// none, the server is told not to use it, --terminate needs every
+// connection's end reported (dataConnEnded), or the process has one P:
+// the loop re-enters its cgo call after every hand-off, and each time the
+// only P waits in it until sysmon takes it back (up to 10 ms later once
+// sysmon has backed off), stalling every goroutine
+// (TestReviewGOMAXPROCS1SilentClientsFreezeProcess failed 1 run in 15).
 func (s *Server) listenerServer() ListenerServer {
-	if s.opts.NoStreamLoop || s.opts.TerminateOnDisconnect {
+	if s.opts.NoStreamLoop || s.opts.TerminateOnDisconnect || runtime.GOMAXPROCS(0) < 2 {
 		return nil
 	}
 	acc, _ := s.tpm.(ListenerServer)
