@@ -8,10 +8,12 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"syscall"
 
 	"cvtpm/internal/attestedlink"
 	"cvtpm/internal/logfield"
 	"cvtpm/internal/netaddr"
+	"cvtpm/internal/pump"
 	"cvtpm/internal/sockmap"
 	"cvtpm/vtpm/swtpmproto"
 	"cvtpm/vtpm/tpmrpc"
@@ -205,6 +207,20 @@ func (r *Relay) Serve(ctx context.Context, ln net.Listener) error {
 				// requires; nothing has been forwarded yet.
 				err := r.Joiner.Join(ctx, in, out)
 				if !errors.Is(err, sockmap.ErrUnsupported) {
+					return
+				}
+			}
+			inFD, ok1 := in.(syscall.Conn)
+			outFD, ok2 := out.(syscall.Conn)
+			if r.Tap == nil && ok1 && ok2 {
+				// A thread of its own copies the pair, outside Go's
+				// scheduler (internal/pump); connections without a
+				// descriptor are copied here.
+				err := pump.Run(ctx, inFD, outFD)
+				if !errors.Is(err, pump.ErrUnsupported) {
+					if err != nil {
+						log.Warn("relay: copying a connection", "err", err)
+					}
 					return
 				}
 			}

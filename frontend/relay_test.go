@@ -67,3 +67,54 @@ func TestRelayCapsConnectionsPerSource(t *testing.T) {
 	}
 	b.Close()
 }
+
+// Stopping the relay ends the connections it copies (on their copy
+// threads, internal/pump) and Serve returns only after they ended.
+func TestRelayStopEndsRelayedConnections(t *testing.T) {
+	echo, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer echo.Close()
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	r := &Relay{Backend: "tcp:" + echo.Addr().String()}
+	go func() { served <- r.Serve(ctx, ln) }()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, make([]byte, 4)); err != nil {
+		t.Fatalf("not relayed: %v", err)
+	}
+	cancel()
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Fatalf("Serve: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return after its context ended")
+	}
+	if n, err := c.Read(make([]byte, 1)); err == nil {
+		t.Fatalf("the relayed connection is still open after the relay stopped (read %d bytes)", n)
+	}
+}
