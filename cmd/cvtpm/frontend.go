@@ -60,7 +60,7 @@ Options:
 	perSource := fs.Int("relay-per-source", 64, "relay at most this many connections at once from one guest (source address); more are closed and logged")
 	capture := fs.String("relay-capture", "", "append every relayed byte to FILE (debugging: shows the host sees only ciphertext)")
 	direct := fs.String("direct", gcm.AES256, "QEMU's ordinary TPM commands go through a second attested session per VM that the backend hands to the instance's worker, sealed with this cipher ("+gcm.AES256+" or "+gcm.SM4+"), skipping the backend's supervisor; \"off\": everything through the supervisor")
-	relayJoin := fs.String("relay-join", "off", "on: forward relayed TCP connections in the kernel (a BPF sockmap; needs root), which takes the relay's wake-ups off the attested path but gives up TCP's backpressure: a guest that sends without reading makes the host's kernel queue without bound (see internal/sockmap); off: copy through this process")
+	relayJoin := fs.String("relay-join", "off", "on: forward relayed TCP connections in the kernel (a BPF sockmap; needs root), which takes the relay's wake-ups off the attested path (measured no faster than the default copy thread) but gives up TCP's backpressure: a guest that sends without reading makes the host's kernel queue without bound (see internal/sockmap); off: copy through this process")
 	sockMode := fs.String("socket-mode", "0600", "permissions of the --vm sockets (octal; e.g. 0660 with a group QEMU runs in)")
 	link := addLinkFlags(fs)
 	logFlags := obs.AddLogFlags(fs)
