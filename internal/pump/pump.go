@@ -28,9 +28,16 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ErrUnsupported is returned by Run when a connection has no descriptor to
-// hand to the copy thread; nothing was read, and the caller copies in Go.
-var ErrUnsupported = errors.New("pump: connection has no socket descriptor")
+// ErrUnsupported is returned by Run when it cannot copy the pair on a
+// thread (a connection without a descriptor, or no thread to be had);
+// nothing was read, both connections are as they were, and the caller
+// copies in Go.
+var ErrUnsupported = errors.New("pump: cannot copy this pair on a thread")
+
+// startThread starts the C copy loop; tests replace it.
+var startThread = func(a, b, stop, done int) syscall.Errno {
+	return syscall.Errno(C.cvtpm_pump_start(C.int(a), C.int(b), C.int(stop), C.int(done)))
+}
 
 // Run copies between a and b until either ends (it then half-closes the
 // other's sending, as io.Copy users do, and ends the pair) or ctx ends.
@@ -46,38 +53,33 @@ func Run(ctx context.Context, a, b syscall.Conn) error {
 		unix.Close(fa)
 		return err
 	}
-	// The originals leave Go's netpoller now: left registered, every
-	// message would wake it for a descriptor no goroutine reads.
-	closeConn(a)
-	closeConn(b)
 	stop, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
 		unix.Close(fa)
 		unix.Close(fb)
-		return fmt.Errorf("pump: eventfd: %w", err)
+		return fmt.Errorf("%w: eventfd: %v", ErrUnsupported, err)
 	}
-	defer unix.Close(stop)
-	doneR, doneW, err := os.Pipe()
-	if err != nil {
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
 		unix.Close(fa)
 		unix.Close(fb)
-		return fmt.Errorf("pump: pipe: %w", err)
+		unix.Close(stop)
+		return fmt.Errorf("%w: pipe: %v", ErrUnsupported, err)
 	}
-	defer doneR.Close()
-	// The thread owns fa, fb and the pipe's write end from here on.
-	wfd, err := unix.FcntlInt(doneW.Fd(), unix.F_DUPFD_CLOEXEC, 0)
-	doneW.Close()
-	if err != nil {
-		unix.Close(fa)
-		unix.Close(fb)
-		return fmt.Errorf("pump: dup: %w", err)
+	// The thread owns fa, fb and the pipe's write end once it runs.
+	if errno := startThread(fa, fb, stop, p[1]); errno != 0 {
+		for _, fd := range []int{fa, fb, stop, p[0], p[1]} {
+			unix.Close(fd)
+		}
+		return fmt.Errorf("%w: starting the copy thread: %v", ErrUnsupported, errno)
 	}
-	if errno := C.cvtpm_pump_start(C.int(fa), C.int(fb), C.int(stop), C.int(wfd)); errno != 0 {
-		unix.Close(fa)
-		unix.Close(fb)
-		unix.Close(wfd)
-		return fmt.Errorf("pump: starting the copy thread: %w", syscall.Errno(errno))
-	}
+	defer unix.Close(stop) // after the thread ended: it polls stop until then
+	// The originals leave Go's netpoller now: left registered, every
+	// message would wake it for a descriptor no goroutine reads.
+	closeConn(a)
+	closeConn(b)
+	done := os.NewFile(uintptr(p[0]), "pump-done") // non-blocking: read in the netpoller
+	defer done.Close()
 	cancel := context.AfterFunc(ctx, func() {
 		unix.Write(stop, []byte{1, 0, 0, 0, 0, 0, 0, 0})
 	})
@@ -85,10 +87,9 @@ func Run(ctx context.Context, a, b syscall.Conn) error {
 	// The thread closes its end when it is done; the read waits in the
 	// netpoller meanwhile, holding no thread.
 	var one [1]byte
-	if _, err := doneR.Read(one[:]); err != nil && !errors.Is(err, io.EOF) {
+	if _, err := done.Read(one[:]); err != nil && !errors.Is(err, io.EOF) {
 		return fmt.Errorf("pump: waiting for the copy thread: %w", err)
 	}
-	// stop stays open until here: the thread polls it until it ends.
 	return nil
 }
 
@@ -111,7 +112,7 @@ func dupSocket(c syscall.Conn) (int, error) {
 		return -1, ErrUnsupported
 	}
 	if dupErr != nil {
-		return -1, fmt.Errorf("pump: dup: %w", dupErr)
+		return -1, fmt.Errorf("%w: dup: %v", ErrUnsupported, dupErr)
 	}
 	return fd, nil
 }

@@ -154,3 +154,22 @@ func TestRunUnsupportedLeavesConnectionsOpen(t *testing.T) {
 	b.Close()
 	server.Close()
 }
+
+// With no thread to be had (a service's task limit, say), Run leaves both
+// connections open for the caller to copy in Go.
+func TestRunWithoutThreadLeavesConnectionsOpen(t *testing.T) {
+	client, a, b, server := pair(t)
+	orig := startThread
+	startThread = func(int, int, int, int) syscall.Errno { return syscall.EAGAIN }
+	defer func() { startThread = orig }()
+	if err := Run(context.Background(), a.(*net.TCPConn), b.(*net.TCPConn)); !errors.Is(err, ErrUnsupported) {
+		t.Fatalf("Run without a thread: %v, want ErrUnsupported", err)
+	}
+	for _, c := range []struct{ from, to net.Conn }{{client, a}, {server, b}} {
+		go c.from.Write([]byte("z"))
+		c.to.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(c.to, make([]byte, 1)); err != nil {
+			t.Fatalf("a connection after a failed thread start: %v", err)
+		}
+	}
+}

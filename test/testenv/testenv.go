@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	mathrand "math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -358,12 +359,17 @@ func FreePort(tb testing.TB) int {
 }
 
 func freePort() (int, error) {
-	for range 50 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+	// Below the kernel's ephemeral range: a port from there (what a
+	// listen on port 0 returns) can be taken by any outgoing connection
+	// of a test running in parallel between this check and the server's
+	// bind ("address already in use", seen in TestManInTheMiddle...).
+	lo, hi := 10000, ephemeralLow()-2
+	for range 200 {
+		p := lo + mathrand.IntN(hi-lo)
+		l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p))
 		if err != nil {
-			return 0, fmt.Errorf("reserve a loopback port: %w", err)
+			continue
 		}
-		p := l.Addr().(*net.TCPAddr).Port
 		l2, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p+1))
 		l.Close()
 		if err == nil {
@@ -372,6 +378,24 @@ func freePort() (int, error) {
 		}
 	}
 	return 0, errors.New("no free pair of loopback ports")
+}
+
+// ephemeralLow is the first port of the kernel's range for outgoing
+// connections (net.ipv4.ip_local_port_range), 32768 if unknown.
+func ephemeralLow() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 32768
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return 32768
+	}
+	n, err := strconv.Atoi(f[0])
+	if err != nil || n < 12000 {
+		return 32768
+	}
+	return n
 }
 
 // SockDir is a short temporary directory for unix sockets (their paths are
