@@ -19,6 +19,7 @@ import (
 )
 
 func main() {
+	swtpmsocket.TuneRuntime()
 	args := os.Args[1:]
 	if len(args) == 1 && (args[0] == "--version" || args[0] == "version") {
 		fmt.Println(version.String("cvtpm-swtpm"))

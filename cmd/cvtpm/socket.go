@@ -34,6 +34,7 @@ func runSocket(ctx context.Context, args []string) error {
 			// Only an exec that failed returns: serve from here.
 		}
 	}
+	swtpmsocket.TuneRuntime()
 	err := swtpmsocket.Run(ctx, args)
 	var e swtpmsocket.ExitError
 	if errors.As(err, &e) {
