@@ -8,23 +8,31 @@ import (
 	"time"
 )
 
-// One source gets at most MaxPerSource relayed connections at a time; the
-// rest are closed at once, and a slot frees when a connection ends.
-func TestRelayCapsConnectionsPerSource(t *testing.T) {
-	echo, err := net.Listen("tcp", "127.0.0.1:0")
+// startBackend listens on loopback and runs serve on each connection
+// (then closes it) until the test ends.
+func startBackend(t *testing.T, serve func(net.Conn)) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer echo.Close()
+	t.Cleanup(func() { ln.Close() })
 	go func() {
 		for {
-			c, err := echo.Accept()
+			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			go func() { io.Copy(c, c); c.Close() }()
+			go func() { serve(c); c.Close() }()
 		}
 	}()
+	return ln
+}
+
+// One source gets at most MaxPerSource relayed connections at a time; the
+// rest are closed at once, and a slot frees when a connection ends.
+func TestRelayCapsConnectionsPerSource(t *testing.T) {
+	echo := startBackend(t, func(c net.Conn) { io.Copy(c, c) })
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -71,20 +79,7 @@ func TestRelayCapsConnectionsPerSource(t *testing.T) {
 // Stopping the relay ends the connections it copies (on their copy
 // threads, internal/pump) and Serve returns only after they ended.
 func TestRelayStopEndsRelayedConnections(t *testing.T) {
-	echo, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer echo.Close()
-	go func() {
-		for {
-			c, err := echo.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
+	echo := startBackend(t, func(c net.Conn) { io.Copy(c, c) })
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

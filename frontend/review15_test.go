@@ -35,20 +35,7 @@ func (l *lockedBuf) String() string {
 // in a loop — well within its 64-connection share — grows the frontend's
 // log at its connection rate.
 func TestReview15RelayLogPerConnection(t *testing.T) {
-	echo, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer echo.Close()
-	go func() {
-		for {
-			c, err := echo.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(io.Discard, c); c.Close() }()
-		}
-	}()
+	echo := startBackend(t, func(c net.Conn) { io.Copy(io.Discard, c) })
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
