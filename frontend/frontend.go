@@ -224,52 +224,64 @@ func (r *Relay) Serve(ctx context.Context, ln net.Listener) error {
 					return
 				}
 			}
+			// Both directions, as the copy thread does: a side's end is
+			// passed on as a half-close and the other goes on.
 			done := make(chan struct{}, 2)
 			go func() { r.copy(out, in); done <- struct{}{} }()
 			go func() { r.copy(in, out); done <- struct{}{} }()
-			select {
-			case <-done:
-			case <-ctx.Done():
+			for range 2 {
+				select {
+				case <-done:
+				case <-ctx.Done():
+					return
+				}
 			}
 		}()
 	}
 }
 
+// copy copies src to dst until src ends, then passes the end on: a
+// half-close of dst's sending at src's EOF, or, when either side failed,
+// both closed (which ends the other direction's copy too).
 func (r *Relay) copy(dst, src net.Conn) {
+	var err error
 	if r.Tap == nil {
 		// Between two TCP sockets io.Copy splices in the kernel.
-		io.Copy(dst, src)
-		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
-			cw.CloseWrite()
-		} else {
-			dst.Close()
-		}
+		_, err = io.Copy(dst, src)
+	} else {
+		err = r.copyTapped(dst, src)
+	}
+	if err != nil {
+		src.Close()
+		dst.Close()
 		return
 	}
+	if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	} else {
+		dst.Close()
+	}
+}
+
+// copyTapped is io.Copy that also hands every byte to r.Tap; nil at
+// src's EOF.
+func (r *Relay) copyTapped(dst, src net.Conn) error {
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := src.Read(buf)
 		if n > 0 {
-			if r.Tap != nil {
-				r.tapMu.Lock()
-				r.Tap.Write(buf[:n])
-				r.tapMu.Unlock()
-			}
+			r.tapMu.Lock()
+			r.Tap.Write(buf[:n])
+			r.tapMu.Unlock()
 			if _, werr := dst.Write(buf[:n]); werr != nil {
-				return
+				return werr
 			}
 		}
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
 		if err != nil {
-			if !errors.Is(err, io.EOF) {
-				return
-			}
-			// Half-close so the other side sees EOF too.
-			if cw, ok := dst.(interface{ CloseWrite() error }); ok {
-				cw.CloseWrite()
-			} else {
-				dst.Close()
-			}
-			return
+			return err
 		}
 	}
 }

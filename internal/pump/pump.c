@@ -16,7 +16,8 @@ struct pump_dir {
 	int src, dst;
 	char buf[pump_buf];
 	size_t off, len; /* buffered bytes not yet sent: buf[off:len] */
-	int eof;         /* src ended; dst half-closed once flushed */
+	int eof;         /* src ended; dst is half-closed once flushed */
+	int shut;        /* dst half-closed: this direction is done */
 };
 
 struct pump {
@@ -68,21 +69,25 @@ static void *pump_run(void *arg)
 		struct pollfd fds[3] = {
 			{ .fd = p->a }, { .fd = p->b }, { .fd = p->stop, .events = POLLIN },
 		};
-		int ended = 0;
 		for (int i = 0; i < 2; i++) {
 			struct pump_dir *dir = &p->d[i];
-			if (dir->eof && dir->len == 0) {
-				/* Half-close so that the other side sees the end too,
-				 * then end the pair, as the Go copy does. */
+			if (dir->eof && dir->len == 0 && !dir->shut) {
+				/* Pass the half-close on; the other direction goes on
+				 * until its side ends too (a client that sends its
+				 * request, shuts down its sending and waits for the
+				 * answer gets it). */
 				shutdown(dir->dst, SHUT_WR);
-				ended = 1;
+				dir->shut = 1;
+			}
+			if (dir->shut) {
+				continue;
 			} else if (dir->len > 0) {
 				fds[1 - i].events |= POLLOUT; /* fds[1-i].fd == dir->dst */
 			} else {
 				fds[i].events |= POLLIN;
 			}
 		}
-		if (ended)
+		if (p->d[0].shut && p->d[1].shut)
 			break;
 		/* A side nobody waits on is left out: its POLLHUP alone would
 		 * otherwise wake this loop again and again while the other side
@@ -100,7 +105,9 @@ static void *pump_run(void *arg)
 		int failed = 0;
 		for (int i = 0; i < 2 && !failed; i++) {
 			struct pump_dir *dir = &p->d[i];
-			if (dir->len > 0) {
+			if (dir->shut) {
+				continue;
+			} else if (dir->len > 0) {
 				if (fds[1 - i].revents)
 					failed = flush(dir) < 0;
 			} else if (fds[i].revents) {
