@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -18,16 +17,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func rvThreads() int {
-	b, _ := os.ReadFile("/proc/self/status")
-	for _, l := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(l, "Threads:") {
-			n, _ := strconv.Atoi(strings.TrimSpace(l[len("Threads:"):]))
-			return n
-		}
-	}
-	return -1
-}
 
 // Every relayed pair now costs an OS thread, and the relay admits up to
 // Max (4096) pairs, 64 per guest. Where the service has a task limit
@@ -98,7 +87,7 @@ func TestReviewPumpThreadsStarveRuntime(t *testing.T) {
 }
 
 func reviewPumpChild(t *testing.T) {
-	base := rvThreads()
+	base := ownThreads()
 	limit := uint64(base + 40)
 	if err := unix.Setrlimit(unix.RLIMIT_NPROC, &unix.Rlimit{Cur: limit, Max: limit}); err != nil {
 		t.Fatal(err)
@@ -148,6 +137,6 @@ func reviewPumpChild(t *testing.T) {
 			time.Sleep(time.Millisecond)
 		}
 	}
-	fmt.Printf("review child: survived with %d threads\n", rvThreads())
+	fmt.Printf("review child: survived with %d threads\n", ownThreads())
 	_ = keep
 }
