@@ -17,7 +17,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-
 // Every relayed pair now costs an OS thread, and the relay admits up to
 // Max (4096) pairs, 64 per guest. Where the service has a task limit
 // (systemd's TasksMax, a container's pids.max, ulimit -u), guests'
