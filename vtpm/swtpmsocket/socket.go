@@ -724,13 +724,40 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 	if err := os.MkdirAll(cfg.stateDir, 0o750); err != nil {
 		return fmt.Errorf("--tpmstate: %w", err)
 	}
+	store, sealer, err := openState(cfg, log)
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+
+	tpm, err := engine.New(store, log)
+	if err != nil {
+		return err
+	}
+	defer tpm.Close()
+
+	var served swtpmproto.TPM = tpm
+	if cfg.migrationIncoming || cfg.releaseLockOutgoing {
+		served = &migrationLocking{TPM: tpm, store: store, incoming: cfg.migrationIncoming && cfg.stateLock,
+			releaseOutgoing: cfg.releaseLockOutgoing, log: log}
+	}
+	opts := swtpmproto.Options{
+		Logger:                log,
+		FileKey:               cfg.key != nil,
+		MigrationKey:          sealer != nil,
+		RejectLocality4:       cfg.rejectLocality4,
+		TerminateOnDisconnect: cfg.terminate,
+		LockStorage:           storageLocker(store, cfg.stateLock && !cfg.migrationIncoming),
+	}
+	if sealer != nil {
+		opts.Migration = sealer
+	}
+	srv := swtpmproto.New(served, opts)
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	// Listen first, then read the state and initialise the TPM, and serve
-	// after that, as swtpm does: the sockets exist early (libvirt and
-	// QEMU wait for them) and early clients wait in the backlog.
-	var srv *swtpmproto.Server // set once the state is read, before any server starts
+	// Listen first and serve after the TPM is initialized, as swtpm does:
+	// the sockets exist early and early clients wait in the backlog.
 	errc := make(chan error, 8)
 	var running int
 	var servers []func() error
@@ -804,36 +831,6 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 		start(func() error { return srv.ServeMssimCommand(ctx, cmdLn) })
 		start(func() error { return srv.ServeMssimPlatform(ctx, platLn) })
 	}
-	store, sealer, err := openState(cfg, log)
-	if err != nil {
-		return err
-	}
-	defer store.Close()
-
-	tpm, err := engine.New(store, log)
-	if err != nil {
-		return err
-	}
-	defer tpm.Close()
-
-	var served swtpmproto.TPM = tpm
-	if cfg.migrationIncoming || cfg.releaseLockOutgoing {
-		served = &migrationLocking{TPM: tpm, store: store, incoming: cfg.migrationIncoming && cfg.stateLock,
-			releaseOutgoing: cfg.releaseLockOutgoing, log: log}
-	}
-	opts := swtpmproto.Options{
-		Logger:                log,
-		FileKey:               cfg.key != nil,
-		MigrationKey:          sealer != nil,
-		RejectLocality4:       cfg.rejectLocality4,
-		TerminateOnDisconnect: cfg.terminate,
-		LockStorage:           storageLocker(store, cfg.stateLock && !cfg.migrationIncoming),
-	}
-	if sealer != nil {
-		opts.Migration = sealer
-	}
-	srv = swtpmproto.New(served, opts)
-
 	if len(servers) == 0 {
 		return errors.New("nothing to serve: give --ctrl, --server or --mssim")
 	}
