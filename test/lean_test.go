@@ -200,3 +200,45 @@ func TestSocketExecsBeforeTheFullRuntime(t *testing.T) {
 		}
 	}
 }
+
+// A second `cvtpm socket` started on a running instance's state directory
+// and socket paths (a double start by a management tool) fails on the
+// directory's lock and leaves the running instance reachable: its
+// sockets must not be taken over on the way (binding first would remove
+// the live socket file, then fail on the lock).
+func TestSocketSecondStartLeavesTheFirstReachable(t *testing.T) {
+	bin := testenv.Binary(t, testenv.Cvtpm)
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "tpm.sock")
+	args := []string{"socket", "--tpm2", "--tpmstate", "dir=" + dir, "--flags", "not-need-init,startup-clear",
+		"--server", "type=unixio,path=" + sock, "--ctrl", "type=unixio,path=" + sock + ".ctrl"}
+	first := exec.Command(bin, args...)
+	if err := first.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { first.Process.Signal(syscall.SIGTERM); first.Wait() }()
+	getRandom := func() error {
+		tpm, err := tpmsock.Dial(context.Background(), "unix", sock)
+		if err != nil {
+			return err
+		}
+		defer tpm.Close()
+		_, err = tpm.Send([]byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 8})
+		return err
+	}
+	for deadline := time.Now().Add(10 * time.Second); getRandom() != nil; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the first instance does not serve")
+		}
+	}
+	out, err := exec.Command(bin, args...).CombinedOutput()
+	if err == nil {
+		t.Fatalf("a second instance on the same directory started:\n%s", out)
+	}
+	if !strings.Contains(string(out), "in use") {
+		t.Errorf("the second start failed, but not on the lock:\n%s", out)
+	}
+	if err := getRandom(); err != nil {
+		t.Fatalf("after a second start failed, the first instance is unreachable: %v", err)
+	}
+}
