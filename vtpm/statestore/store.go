@@ -48,6 +48,9 @@ type Options struct {
 	Key *Key
 	// Lock takes the directory's exclusive lock at Open.
 	Lock bool
+	// Locked is the directory's lock, taken already (LockDir): Open
+	// keeps it as if Lock had taken it, and releases it if it fails.
+	Locked *dirlock.Lock
 	// ImportSwtpm imports swtpm's unencrypted state files (tpm2-00.*) into
 	// a directory with no cvtpm state. Without it such files are ignored
 	// when there is no Key, and refused with a Key: plaintext state
@@ -100,15 +103,18 @@ func Open(dir string, opts Options) (*Store, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	if err := os.MkdirAll(dir, 0o750); err != nil {
+		opts.Locked.Release()
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
 	dirFD, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
+		opts.Locked.Release()
 		return nil, fmt.Errorf("state directory %s: %w", dir, err)
 	}
 	var tag [4]byte
 	rand.Read(tag[:])
 	s := &Store{dir: dir, dirFD: dirFD, tmpSuffix: "." + hex.EncodeToString(tag[:]) + ".tmp", key: opts.Key, log: log, blobs: map[string]manifestEntry{}}
+	s.lock = opts.Locked
 	if opts.Lock {
 		if err := s.Lock(); err != nil {
 			s.Close()
@@ -505,16 +511,28 @@ func (s *Store) Lock() error {
 	if s.lock != nil {
 		return nil
 	}
-	l, err := dirlock.Take(s.dir)
-	var inUse *dirlock.InUseError
-	switch {
-	case errors.As(err, &inUse):
-		return fmt.Errorf("state directory %s is in use by %s", s.dir, inUse.Holder)
-	case err != nil:
-		return fmt.Errorf("locking state directory: %w", err)
+	l, err := LockDir(s.dir)
+	if err != nil {
+		return err
 	}
 	s.lock = l
 	return nil
+}
+
+// LockDir takes dir's exclusive lock before its state is opened (Options
+// Locked), for a server that must not touch anything else of an
+// instance, its sockets say, while another process serves it. It fails at
+// once if another process holds it.
+func LockDir(dir string) (*dirlock.Lock, error) {
+	l, err := dirlock.Take(dir)
+	var inUse *dirlock.InUseError
+	switch {
+	case errors.As(err, &inUse):
+		return nil, fmt.Errorf("state directory %s is in use by %s", dir, inUse.Holder)
+	case err != nil:
+		return nil, fmt.Errorf("locking state directory: %w", err)
+	}
+	return l, nil
 }
 
 // Unlock releases the directory lock.

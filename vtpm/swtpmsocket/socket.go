@@ -26,7 +26,9 @@ import (
 	"syscall"
 	"time"
 
+	"cvtpm/internal/dirlock"
 	"cvtpm/vtpm/engine"
+	"cvtpm/vtpm/statestore"
 	"cvtpm/vtpm/swtpmproto"
 )
 
@@ -724,40 +726,26 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 	if err := os.MkdirAll(cfg.stateDir, 0o750); err != nil {
 		return fmt.Errorf("--tpmstate: %w", err)
 	}
-	store, sealer, err := openState(cfg, log)
-	if err != nil {
-		return err
-	}
-	defer store.Close()
 
-	tpm, err := engine.New(store, log)
-	if err != nil {
-		return err
+	// The directory's lock first: a second start on a running instance
+	// must fail before it touches that instance's sockets (listen removes
+	// a socket file at its path).
+	var held *dirlock.Lock
+	if cfg.stateLock && !cfg.migrationIncoming {
+		l, err := statestore.LockDir(cfg.stateDir)
+		if err != nil {
+			return fmt.Errorf("--tpmstate: %w", err)
+		}
+		held = l
+		defer func() { held.Release() }() // until openState takes it
 	}
-	defer tpm.Close()
-
-	var served swtpmproto.TPM = tpm
-	if cfg.migrationIncoming || cfg.releaseLockOutgoing {
-		served = &migrationLocking{TPM: tpm, store: store, incoming: cfg.migrationIncoming && cfg.stateLock,
-			releaseOutgoing: cfg.releaseLockOutgoing, log: log}
-	}
-	opts := swtpmproto.Options{
-		Logger:                log,
-		FileKey:               cfg.key != nil,
-		MigrationKey:          sealer != nil,
-		RejectLocality4:       cfg.rejectLocality4,
-		TerminateOnDisconnect: cfg.terminate,
-		LockStorage:           storageLocker(store, cfg.stateLock && !cfg.migrationIncoming),
-	}
-	if sealer != nil {
-		opts.Migration = sealer
-	}
-	srv := swtpmproto.New(served, opts)
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	// Listen first and serve after the TPM is initialized, as swtpm does:
-	// the sockets exist early and early clients wait in the backlog.
+	// Listen, then read the state and initialise the TPM, then serve, as
+	// swtpm does: the sockets exist early (libvirt and QEMU wait for
+	// them) and early clients wait in the backlog.
+	var srv *swtpmproto.Server // set once the state is read, before any server starts
 	errc := make(chan error, 8)
 	var running int
 	var servers []func() error
@@ -831,6 +819,37 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 		start(func() error { return srv.ServeMssimCommand(ctx, cmdLn) })
 		start(func() error { return srv.ServeMssimPlatform(ctx, platLn) })
 	}
+	store, sealer, err := openState(cfg, log, held)
+	held = nil // the store's now, or released
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+
+	tpm, err := engine.New(store, log)
+	if err != nil {
+		return err
+	}
+	defer tpm.Close()
+
+	var served swtpmproto.TPM = tpm
+	if cfg.migrationIncoming || cfg.releaseLockOutgoing {
+		served = &migrationLocking{TPM: tpm, store: store, incoming: cfg.migrationIncoming && cfg.stateLock,
+			releaseOutgoing: cfg.releaseLockOutgoing, log: log}
+	}
+	opts := swtpmproto.Options{
+		Logger:                log,
+		FileKey:               cfg.key != nil,
+		MigrationKey:          sealer != nil,
+		RejectLocality4:       cfg.rejectLocality4,
+		TerminateOnDisconnect: cfg.terminate,
+		LockStorage:           storageLocker(store, cfg.stateLock && !cfg.migrationIncoming),
+	}
+	if sealer != nil {
+		opts.Migration = sealer
+	}
+	srv = swtpmproto.New(served, opts)
+
 	if len(servers) == 0 {
 		return errors.New("nothing to serve: give --ctrl, --server or --mssim")
 	}

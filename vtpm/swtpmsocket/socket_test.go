@@ -188,7 +188,7 @@ func TestMigrationKeySealsStateBlobs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	store, sealer, err := openState(cfg, nil)
+	store, sealer, err := openState(cfg, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

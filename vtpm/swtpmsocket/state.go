@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 
+	"cvtpm/internal/dirlock"
 	"cvtpm/vtpm/engine"
 	"cvtpm/vtpm/statestore"
 	"cvtpm/vtpm/swtpmproto"
@@ -26,21 +27,26 @@ type stateStore interface {
 // openState opens the state directory named by --tpmstate, sealed with the
 // --key, and returns the --migration-key's sealer for state blobs. A
 // directory that only holds unencrypted swtpm state is imported.
-func openState(cfg *socketConfig, log *slog.Logger) (stateStore, swtpmproto.BlobSealer, error) {
+// openState opens the state directory; locked is its lock if the caller
+// took it already (released here if opening fails).
+func openState(cfg *socketConfig, log *slog.Logger, locked *dirlock.Lock) (stateStore, swtpmproto.BlobSealer, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	key, err := loadKey("--key", cfg.key, log)
 	if err != nil {
+		locked.Release()
 		return nil, nil, err
 	}
 	migrationKey, err := loadKey("--migration-key", cfg.migrationKey, log)
 	if err != nil {
+		locked.Release()
 		return nil, nil, err
 	}
 	store, err := statestore.Open(cfg.stateDir, statestore.Options{
-		Key:  key,
-		Lock: cfg.stateLock && !cfg.migrationIncoming,
+		Key:    key,
+		Lock:   cfg.stateLock && !cfg.migrationIncoming,
+		Locked: locked,
 		// As swtpm: a directory swtpm_setup prepared is used as it is.
 		// `cvtpm socket` runs on the operator's own machine; the backend's
 		// workers never import implicitly.
