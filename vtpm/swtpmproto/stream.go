@@ -102,6 +102,8 @@ type ListenerServer interface {
 // only P waits in it until sysmon takes it back (up to 10 ms later once
 // sysmon has backed off), stalling every goroutine
 // (TestReviewGOMAXPROCS1SilentClientsFreezeProcess failed 1 run in 15).
+// The drop-in's binaries keep two Ps even on one CPU for this
+// (swtpmsocket.TuneRuntime).
 func (s *Server) listenerServer() ListenerServer {
 	if s.opts.NoStreamLoop || s.opts.TerminateOnDisconnect || runtime.GOMAXPROCS(0) < 2 {
 		return nil
