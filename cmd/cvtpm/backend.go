@@ -562,6 +562,15 @@ func trustedSibling(name string) (string, bool) {
 		return "", false
 	}
 	path := filepath.Join(filepath.Dir(exe), name)
+	// The directory entry too: a symlink another user planted in a shared
+	// directory is refused even when it points at a root-owned program.
+	entry, err := os.Lstat(path)
+	if err != nil {
+		return "", false
+	}
+	if e, s := entry.Sys().(*syscall.Stat_t), self.Sys().(*syscall.Stat_t); e == nil || s == nil || e.Uid != 0 && e.Uid != s.Uid {
+		return "", false
+	}
 	fi, err := os.Stat(path)
 	if err != nil || !fi.Mode().IsRegular() || fi.Mode()&0o111 == 0 || fi.Mode()&0o022 != 0 {
 		return "", false

@@ -45,7 +45,12 @@ __attribute__((constructor)) static void cvtpm_socket_early(int argc, char **arg
 		return;
 	}
 	// A regular, executable file that only its owner may write, owned by
-	// root or by this binary's owner (trustedSibling).
+	// root or by this binary's owner, and so is the directory entry
+	// itself: a symlink another user planted is refused (trustedSibling).
+	struct stat entry;
+	if (lstat(path, &entry) != 0 || (entry.st_uid != 0 && entry.st_uid != self.st_uid)) {
+		return;
+	}
 	if (stat(path, &st) != 0 || !S_ISREG(st.st_mode) || (st.st_mode & 0111) == 0 || (st.st_mode & 022) != 0) {
 		return;
 	}

@@ -426,6 +426,7 @@ func parseSocketArgs(args []string, getenv func(string) string) (*socketConfig, 
 	}
 	if c.stateDir == "" {
 		c.stateDir = getenv("TPM_PATH")
+		c.stateLock = true // as for --tpmstate: one process per directory
 	}
 	if c.server != nil && c.server.typ == "tcp" && c.server.port < 0 && c.server.fd < 0 {
 		p, err := strconv.Atoi(getenv("TPM_PORT"))
@@ -689,7 +690,14 @@ func listen(opt string, e *endpoint) (net.Listener, net.Conn, error) {
 		return ln, nil, nil
 	}
 	if fi, err := os.Lstat(e.path); err == nil && fi.Mode()&os.ModeSocket != 0 {
-		os.Remove(e.path) // a stale socket of an earlier run, as swtpm does
+		// A stale socket of an earlier run is removed, as swtpm does; one
+		// that a running server accepts on is not (a second start, say
+		// an incoming migration's, on a live instance's paths).
+		if c, err := net.DialTimeout("unix", e.path, time.Second); err == nil {
+			c.Close()
+			return nil, nil, fmt.Errorf("%s: %s: a running server listens on it", opt, e.path)
+		}
+		os.Remove(e.path)
 	}
 	ln, err := net.Listen("unix", e.path)
 	if err != nil {
@@ -854,7 +862,9 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 		return errors.New("nothing to serve: give --ctrl, --server or --mssim")
 	}
 	if cfg.notNeedInit {
-		if rc := tpm.Init(0); rc != 0 {
+		// Through served: an incoming instance takes the directory's lock
+		// first, as CMD_INIT would have it do.
+		if rc := served.Init(0); rc != 0 {
 			return fmt.Errorf("--flags not-need-init: initializing the TPM failed: TPM result 0x%x", rc)
 		}
 		var su uint16 = 0xffff
