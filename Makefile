@@ -14,13 +14,22 @@ deps:
 
 COMMIT := $(shell git describe --always --dirty 2>/dev/null || echo unknown)
 LDFLAGS := -X cvtpm/internal/version.Commit=$(COMMIT)
+# The two binaries that run once per TPM (a backend's workers, the swtpm
+# drop-in) are linked fully statically, C library included: no dynamic
+# loader at start, no relocated library pages per process
+# (vtpm/engine/link_fullstatic.go). The pure-Go resolver and user lookup
+# (netgo, osusergo) replace glibc's NSS, which a static program cannot load;
+# --no-warnings silences glibc's notes that libcrypto's unused
+# getaddrinfo/dlopen paths would need it.
+STATIC := -tags fullstatic,netgo,osusergo
+STATIC_LD := -linkmode external -extldflags '-static -Wl,--no-warnings'
 
 build:
 	@mkdir -p bin
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/cvtpm
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/cvtpm-verifier ./cmd/cvtpm-verifier
-	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/cvtpm-worker ./cmd/cvtpm-worker
-	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/cvtpm-swtpm ./cmd/cvtpm-swtpm
+	$(GO) build -trimpath $(STATIC) -ldflags "$(LDFLAGS) $(STATIC_LD)" -o bin/cvtpm-worker ./cmd/cvtpm-worker
+	$(GO) build -trimpath $(STATIC) -ldflags "$(LDFLAGS) $(STATIC_LD)" -o bin/cvtpm-swtpm ./cmd/cvtpm-swtpm
 
 # The full suite: unit tests, cross-component tests against the real peers
 # (tpm2-tools, swtpm-tools, QEMU), the TPM's data path again under the race

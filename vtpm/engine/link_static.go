@@ -1,4 +1,4 @@
-//go:build !libtpms_dynamic
+//go:build !libtpms_dynamic && !fullstatic
 
 package engine
 
