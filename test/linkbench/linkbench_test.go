@@ -254,6 +254,7 @@ func BenchmarkAttestedGetRandom(b *testing.B) {
 		"    the supervisor hop (TLS, supervisor->worker)  %+8.1f us  (link client via the supervisor %.1f - link client direct); see BenchmarkCall and BenchmarkSupervisorGetRandom below\n",
 		us(full-noRelay), us(full), us(noRelay), us(noRelay-inProcess), us(inProcess), us(inProcess-socket), us(socket),
 		us(viaSup), us(viaSup-socket), us(viaSupInProcess-inProcess), us(viaSupInProcess))
+	cpuByProcess(b, ps[2])
 	agent := med[7]
 	b.ReportMetric(us(agent-socket), "added-agent-us")
 	fmt.Printf("  a Go agent with the link in its own process (guestkit.Proxy.TPM; no guest proxy process):\n"+
@@ -669,4 +670,39 @@ func BenchmarkHostPathGetRandom(b *testing.B) {
 	}
 	fmt.Printf("GetRandom(8), QEMU's path (frontend -> backend): swtpm %.1f us | cvtpm socket %.1f us | direct session %.1f us (added %+.1f) | through the supervisor %.1f us (added %+.1f)\n",
 		us(sw), us(socket), us(direct), us(direct-socket), us(viaSup), us(viaSup-socket))
+}
+
+// cpuByProcess runs GetRandom(8) on the attested path alone and prints the
+// CPU time each process on it uses per command (its threads' schedstat):
+// on one CPU the path's latency is about the sum of these, so they say
+// where its time goes without the noise of differences between paths.
+// p.pids is the guest proxy, the relay and the backend (whose children
+// are the workers).
+func cpuByProcess(b *testing.B, p path) {
+	const n = 2000
+	proxy, relay, backend := p.pids[0], p.pids[1], p.pids[2]
+	sample := func() [5]time.Duration {
+		return [5]time.Duration{
+			testenv.ThreadsCPU(os.Getpid()), testenv.CPUTime(proxy), testenv.CPUTime(relay),
+			testenv.ThreadsCPU(backend), testenv.CPUTime(testenv.ChildrenOf(backend)...),
+		}
+	}
+	before := sample()
+	start := time.Now()
+	for range n {
+		if _, err := (tpm2.GetRandom{BytesRequested: 8}).Execute(p.tpm); err != nil {
+			b.Fatalf("%s: %v", p.name, err)
+		}
+	}
+	wall := time.Since(start) / n
+	after := sample()
+	names := [5]string{"the client (this process: go-tpm, TCP)", "guest proxy", "relay", "backend's supervisor", "workers"}
+	fmt.Printf("  CPU per command by process on the attested path (%d GetRandoms, %.1f us each):\n", n, us(wall))
+	var sum time.Duration
+	for i := range names {
+		d := (after[i] - before[i]) / n
+		sum += d
+		fmt.Printf("    %-40s %8.1f us\n", names[i], us(d))
+	}
+	fmt.Printf("    %-40s %8.1f us\n", "all", us(sum))
 }

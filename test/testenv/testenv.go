@@ -445,16 +445,24 @@ func CPUTime(pids ...int) time.Duration {
 	for len(pids) > 0 {
 		pid := pids[0]
 		pids = append(pids[1:], ChildrenOf(pid)...)
-		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
-		for _, t := range tasks {
-			b, err := os.ReadFile(t)
-			if err != nil {
-				continue // the thread ended
-			}
-			if f := strings.Fields(string(b)); len(f) > 0 {
-				if ns, err := strconv.ParseInt(f[0], 10, 64); err == nil {
-					total += time.Duration(ns)
-				}
+		total += ThreadsCPU(pid)
+	}
+	return total
+}
+
+// ThreadsCPU is the CPU time of pid's own threads (schedstat), without
+// its children's.
+func ThreadsCPU(pid int) time.Duration {
+	var total time.Duration
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
+	for _, t := range tasks {
+		b, err := os.ReadFile(t)
+		if err != nil {
+			continue // the thread ended
+		}
+		if f := strings.Fields(string(b)); len(f) > 0 {
+			if ns, err := strconv.ParseInt(f[0], 10, 64); err == nil {
+				total += time.Duration(ns)
 			}
 		}
 	}
