@@ -37,18 +37,15 @@ import (
 // rssKiB is a process's resident set (VmRSS) in KiB.
 func rssKiB(t *testing.T, pid int) int {
 	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	v, err := testenv.ProcStatus(pid, "VmRSS")
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmRSS:" {
-			n, _ := strconv.Atoi(f[1])
-			return n
-		}
+	n, err := strconv.Atoi(strings.TrimSuffix(v, " kB"))
+	if err != nil {
+		t.Fatalf("VmRSS of pid %d: %q", pid, v)
 	}
-	t.Fatalf("no VmRSS for pid %d", pid)
-	return 0
+	return n
 }
 
 // flood opens n connections to addr ("tcp:H:P" or "unix:PATH") and holds

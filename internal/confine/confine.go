@@ -1,5 +1,6 @@
-// Package confine takes from a vTPM worker process what it does not need
-// to serve its instance, so that code running in it cannot reach further.
+// Package confine takes from a vTPM worker process, and from the swtpm
+// drop-in, what it does not need to serve its TPM, so that code running
+// in it cannot reach further.
 //
 // A worker runs libtpms on TPM commands that the host (through its
 // frontend) and the guest send, and on state read from a disk the host
@@ -22,6 +23,12 @@
 // ptrace, signals or limits for other processes, no new processes or
 // namespaces, no other system-call ABI (32-bit or x32). The supervisor
 // logs the death and restarts the worker from its sealed state.
+//
+// The swtpm drop-in (cvtpm-swtpm, `cvtpm socket`) installs a filter too,
+// with the worker's list and accepting connections besides (DropIn): on
+// the host it runs libtpms on a guest's commands, and a bug there must
+// not reach the host further than serving that TPM takes. It has no
+// early step: it is started as swtpm is, by libvirt or an operator.
 //
 // The list is an allow-list: a system call not named here, including one
 // added to a future kernel, is refused. ModeLog lets every call through and
@@ -76,19 +83,40 @@ func Worker(mode Mode) error {
 	if err := checkEarly(); err != nil {
 		return err
 	}
+	return install(workerSyscalls, mode, "the worker's")
+}
+
+// DropIn installs the swtpm drop-in's filter (cvtpm-swtpm, cvtpm socket)
+// on every thread of the process: the worker's list and what serving
+// swtpm's sockets takes besides (accepting connections on the listeners
+// it already has). It cannot be undone. Call it once the sockets listen
+// and the state directory is open, before the first command or control
+// message is read. It is what swtpm's own --seccomp action=kill|log
+// gives: a libtpms bug that a guest's commands reach runs with no more
+// than serving its TPM takes, on the host that runs the drop-in.
+func DropIn(mode Mode) error {
+	if runtime.GOOS != "linux" || runtime.GOARCH != "amd64" {
+		return ErrUnsupported
+	}
+	return install(dropInSyscalls, mode, "the drop-in's")
+}
+
+// install assembles a filter allowing allowed (and the calls whose
+// arguments filter checks) and installs it on every thread.
+func install(allowed []uint32, mode Mode, whose string) error {
 	refuse := uint32(unix.SECCOMP_RET_KILL_PROCESS)
 	if mode == ModeLog {
 		refuse = unix.SECCOMP_RET_LOG
 	}
-	prog, err := bpf.Assemble(workerFilter(refuse, uint32(os.Getpid())))
+	prog, err := bpf.Assemble(filter(allowed, refuse, uint32(os.Getpid())))
 	if err != nil {
-		return fmt.Errorf("assembling the worker's seccomp filter: %w", err)
+		return fmt.Errorf("assembling %s seccomp filter: %w", whose, err)
 	}
-	filter := make([]unix.SockFilter, len(prog))
+	sf := make([]unix.SockFilter, len(prog))
 	for i, in := range prog {
-		filter[i] = unix.SockFilter{Code: in.Op, Jt: in.Jt, Jf: in.Jf, K: in.K}
+		sf[i] = unix.SockFilter{Code: in.Op, Jt: in.Jt, Jf: in.Jf, K: in.K}
 	}
-	fprog := unix.SockFprog{Len: uint16(len(filter)), Filter: &filter[0]}
+	fprog := unix.SockFprog{Len: uint16(len(sf)), Filter: &sf[0]}
 	// no_new_privs belongs to a thread, and the kernel asks it of the
 	// thread that installs the filter: both calls on one thread (TSYNC
 	// then sets it on the others).
@@ -97,18 +125,18 @@ func Worker(mode Mode) error {
 	// No privileges gained through exec from here on: the kernel's
 	// condition for an unprivileged process to install a filter.
 	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
-		return fmt.Errorf("installing the worker's seccomp filter: no_new_privs: %w", err)
+		return fmt.Errorf("installing %s seccomp filter: no_new_privs: %w", whose, err)
 	}
 	// TSYNC: every thread the process already has, not only this one (new
 	// threads inherit the filter).
 	r, _, e := unix.RawSyscall(unix.SYS_SECCOMP, unix.SECCOMP_SET_MODE_FILTER, unix.SECCOMP_FILTER_FLAG_TSYNC, uintptr(unsafe.Pointer(&fprog)))
 	if e != 0 {
-		return fmt.Errorf("installing the worker's seccomp filter: %w", e)
+		return fmt.Errorf("installing %s seccomp filter: %w", whose, e)
 	}
 	if r != 0 {
 		// TSYNC's failure is not an errno: the id of a thread that could
 		// not take the filter, and then no thread has it.
-		return fmt.Errorf("installing the worker's seccomp filter: thread %d could not take it", r)
+		return fmt.Errorf("installing %s seccomp filter: thread %d could not take it", whose, r)
 	}
 	return nil
 }
@@ -117,7 +145,7 @@ func Worker(mode Mode) error {
 // runtime, glibc's thread start for cgo, libtpms with OpenSSL, the state
 // store), checked by running the whole test suite with ModeLog and
 // an empty kernel log of refusals. The busiest come first: the filter
-// tries them in order. Calls whose arguments decide are in workerFilter.
+// tries them in order. Calls whose arguments decide are in filter.
 var workerSyscalls = []uint32{
 	// The inherited socket to the supervisor (read and written as a
 	// blocking file), and the netpoller's own descriptors. No socket,
@@ -147,6 +175,17 @@ var workerSyscalls = []uint32{
 	unix.SYS_GETRANDOM, unix.SYS_GETRLIMIT, unix.SYS_UNAME,
 }
 
+// dropInSyscalls is the worker's list and what the swtpm drop-in does
+// besides once it serves: accept connections on its listeners (it opens
+// no socket and connects nowhere; CMD_SET_DATAFD's descriptor arrives
+// with recvmsg), dup2 (its --daemon child's stderr onto /dev/null), and
+// time for a C library without the vDSO. Checked as the worker's was:
+// the whole suite, whose tests run the drop-in under libvirt, QEMU,
+// swtpm_setup and tpm2-tools, with ModeLog and no refusal in the kernel
+// log.
+var dropInSyscalls = append(append([]uint32{}, workerSyscalls...),
+	unix.SYS_ACCEPT4, unix.SYS_ACCEPT, unix.SYS_DUP2, unix.SYS_TIME)
+
 // workerFcntls are the fcntl commands a worker uses (descriptor flags,
 // status flags, duplicates, locks). Not F_SETOWN, F_SETOWN_EX or F_SETSIG:
 // with O_ASYNC they make the kernel signal any process of the user, around
@@ -172,8 +211,8 @@ const (
 func offArgLow(n uint32) uint32  { return 16 + 8*n }
 func offArgHigh(n uint32) uint32 { return 16 + 8*n + 4 }
 
-// workerFilter is the classic BPF program: the x86-64 ABI only (no i386,
-// no x32), the listed calls, and these with their arguments checked:
+// filter is the classic BPF program: the x86-64 ABI only (no i386,
+// no x32), the calls in allowed, and these with their arguments checked:
 //
 //   - kill and tgkill to pid only (the Go runtime preempts its threads
 //     with tgkill and re-raises fatal signals with kill, both to itself);
@@ -185,13 +224,13 @@ func offArgHigh(n uint32) uint32 { return 16 + 8*n + 4 }
 //     ENOSYS, on which glibc starts its thread with clone.
 //
 // Everything else gets refuse.
-func workerFilter(refuse, pid uint32) []bpf.Instruction {
+func filter(allowed []uint32, refuse, pid uint32) []bpf.Instruction {
 	var b builder
 	b.load(offArch)
 	b.jumpUnless(unix.AUDIT_ARCH_X86_64, "refuse")
 	b.load(offNr)
 	b.add(bpf.JumpIf{Cond: bpf.JumpGreaterOrEqual, Val: x32SyscallBit}, "refuse", "")
-	for _, nr := range workerSyscalls {
+	for _, nr := range allowed {
 		b.jumpIf(nr, "allow")
 	}
 	b.jumpIf(unix.SYS_KILL, "self")

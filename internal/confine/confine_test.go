@@ -294,23 +294,11 @@ func TestParseMode(t *testing.T) {
 // produce (the 32-bit ABI is off on some kernels).
 func TestWorkerFilterProgram(t *testing.T) {
 	const pid = 4242
-	vm, err := bpf.NewVM(workerFilter(unix.SECCOMP_RET_KILL_PROCESS, pid))
+	vm, err := bpf.NewVM(filter(workerSyscalls, unix.SECCOMP_RET_KILL_PROCESS, pid))
 	if err != nil {
 		t.Fatal(err)
 	}
-	// data is struct seccomp_data. The interpreter loads words big-endian
-	// where the kernel loads them in the machine's order, so each 32-bit
-	// word is written big-endian here.
-	data := func(arch, nr uint32, args ...uint64) []byte {
-		b := make([]byte, 64)
-		binary.BigEndian.PutUint32(b[0:], nr)
-		binary.BigEndian.PutUint32(b[4:], arch)
-		for i, a := range args {
-			binary.BigEndian.PutUint32(b[16+8*i:], uint32(a))
-			binary.BigEndian.PutUint32(b[20+8*i:], uint32(a>>32))
-		}
-		return b
-	}
+	data := seccompData
 	const x86_64, i386 = unix.AUDIT_ARCH_X86_64, unix.AUDIT_ARCH_I386
 	for _, c := range []struct {
 		name      string
@@ -373,8 +361,90 @@ func TestWorkerFilterProgram(t *testing.T) {
 		t.Errorf("clone3: filter returned %#x, want ERRNO(ENOSYS)", got)
 	}
 	// The other mode only changes what a refusal is.
-	vm, _ = bpf.NewVM(workerFilter(unix.SECCOMP_RET_LOG, pid))
+	vm, _ = bpf.NewVM(filter(workerSyscalls, unix.SECCOMP_RET_LOG, pid))
 	if got, _ := vm.Run(data(x86_64, unix.SYS_SOCKET, 2)); uint32(got) != unix.SECCOMP_RET_LOG {
 		t.Errorf("log mode: socket gets %#x, want SECCOMP_RET_LOG", got)
+	}
+}
+
+// seccompData is struct seccomp_data. The interpreter loads words
+// big-endian where the kernel loads them in the machine's order, so each
+// 32-bit word is written big-endian here.
+func seccompData(arch, nr uint32, args ...uint64) []byte {
+	b := make([]byte, 64)
+	binary.BigEndian.PutUint32(b[0:], nr)
+	binary.BigEndian.PutUint32(b[4:], arch)
+	for i, a := range args {
+		binary.BigEndian.PutUint32(b[16+8*i:], uint32(a))
+		binary.BigEndian.PutUint32(b[20+8*i:], uint32(a>>32))
+	}
+	return b
+}
+
+// TestDropInFilterProgram: the swtpm drop-in keeps accepting on the
+// listeners it has, and gets none of what a guest that took it over
+// through libtpms would reach for on the host: no new socket or
+// connection, no exec, no device, no other process, no kernel attack
+// surface beyond serving.
+func TestDropInFilterProgram(t *testing.T) {
+	const pid = 4242
+	vm, err := bpf.NewVM(filter(dropInSyscalls, unix.SECCOMP_RET_KILL_PROCESS, pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const x86_64 = unix.AUDIT_ARCH_X86_64
+	for _, c := range []struct {
+		name      string
+		nr        uint32
+		arg0      uint64
+		wantAllow bool
+	}{
+		{"accept4", unix.SYS_ACCEPT4, 3, true},
+		{"accept", unix.SYS_ACCEPT, 3, true},
+		{"recvmsg (CMD_SET_DATAFD's descriptor)", unix.SYS_RECVMSG, 3, true},
+		{"dup2", unix.SYS_DUP2, 3, true},
+		{"ppoll", unix.SYS_PPOLL, 0, true},
+		{"fsync", unix.SYS_FSYNC, 3, true},
+		{"renameat", unix.SYS_RENAMEAT, 3, true},
+		{"unlinkat (its socket files at exit)", unix.SYS_UNLINKAT, 3, true},
+		{"tgkill to itself", unix.SYS_TGKILL, pid, true},
+		{"kill to another process", unix.SYS_KILL, pid + 1, false},
+		{"socket", unix.SYS_SOCKET, 2, false},
+		{"socketpair", unix.SYS_SOCKETPAIR, 1, false},
+		{"connect", unix.SYS_CONNECT, 3, false},
+		{"bind", unix.SYS_BIND, 3, false},
+		{"listen", unix.SYS_LISTEN, 3, false},
+		{"ioctl", unix.SYS_IOCTL, 3, false},
+		{"execve", unix.SYS_EXECVE, 0, false},
+		{"execveat", unix.SYS_EXECVEAT, 0, false},
+		{"fork", unix.SYS_FORK, 0, false},
+		{"clone of a process", unix.SYS_CLONE, uint64(unix.SIGCHLD), false},
+		{"ptrace", unix.SYS_PTRACE, 0, false},
+		{"process_vm_writev", unix.SYS_PROCESS_VM_WRITEV, 1, false},
+		{"mount", unix.SYS_MOUNT, 0, false},
+		{"unshare", unix.SYS_UNSHARE, 0, false},
+		{"setns", unix.SYS_SETNS, 3, false},
+		{"bpf", unix.SYS_BPF, 0, false},
+		{"perf_event_open", unix.SYS_PERF_EVENT_OPEN, 0, false},
+		{"io_uring_setup", unix.SYS_IO_URING_SETUP, 0, false},
+		{"keyctl", unix.SYS_KEYCTL, 0, false},
+		{"userfaultfd", unix.SYS_USERFAULTFD, 0, false},
+		{"fchmodat", unix.SYS_FCHMODAT, 0, false},
+		{"fchownat", unix.SYS_FCHOWNAT, 0, false},
+		{"symlinkat", unix.SYS_SYMLINKAT, 0, false},
+		{"linkat", unix.SYS_LINKAT, 0, false},
+	} {
+		got, err := vm.Run(seccompData(x86_64, c.nr, c.arg0))
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if allowed := uint32(got) == unix.SECCOMP_RET_ALLOW; allowed != c.wantAllow {
+			t.Errorf("%s: filter returned %#x, want allowed=%v", c.name, got, c.wantAllow)
+		}
+	}
+	// The worker's list stays without accept: a worker takes no connection.
+	wvm, _ := bpf.NewVM(filter(workerSyscalls, unix.SECCOMP_RET_KILL_PROCESS, pid))
+	if got, _ := wvm.Run(seccompData(x86_64, unix.SYS_ACCEPT4, 3)); uint32(got) == unix.SECCOMP_RET_ALLOW {
+		t.Error("the worker's filter allows accept4")
 	}
 }

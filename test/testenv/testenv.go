@@ -484,3 +484,18 @@ func ChildrenOf(pid int) []int {
 	}
 	return out
 }
+
+// ProcStatus is one field of /proc/PID/status ("Threads", "VmRSS",
+// "Seccomp", ...), its value with the spaces around it removed.
+func ProcStatus(pid int, field string) (string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return "", err
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, field+":"); ok {
+			return strings.TrimSpace(v), nil
+		}
+	}
+	return "", fmt.Errorf("no %s in /proc/%d/status", field, pid)
+}

@@ -26,6 +26,7 @@ import (
 	"syscall"
 	"time"
 
+	"cvtpm/internal/confine"
 	"cvtpm/internal/dirlock"
 	"cvtpm/vtpm/engine"
 	"cvtpm/vtpm/statestore"
@@ -87,6 +88,12 @@ type socketConfig struct {
 	daemon                                 bool
 	terminate                              bool
 	help, version                          bool
+	// seccomp is --seccomp's action: kill (swtpm's default), log or none.
+	seccomp string
+	// confine installs the seccomp filter (confine.DropIn); Run sets it.
+	// nil in tests that serve in their own process, which the filter
+	// would kill at their next dial or exec.
+	confine func(confine.Mode) error
 }
 
 // optParams splits swtpm's "k=v,k2,k3=v3" option value, checking keys
@@ -250,7 +257,7 @@ func parseKeySpec(opt, val string) (*keySpec, error) {
 // parseSocketArgs parses swtpm 0.7's socket command line. getenv supplies
 // TPM_PATH and TPM_PORT as swtpm reads them.
 func parseSocketArgs(args []string, getenv func(string) string) (*socketConfig, error) {
-	c := &socketConfig{mssimPort: -1, pidFD: -1, logFD: -1, logLevel: -1}
+	c := &socketConfig{mssimPort: -1, pidFD: -1, logFD: -1, logLevel: -1, seccomp: "kill"}
 	withValue := map[string]bool{
 		"server": true, "ctrl": true, "tpmstate": true, "flags": true, "pid": true, "log": true,
 		"key": true, "migration-key": true, "migration": true, "locality": true, "seccomp": true, "mssim": true,
@@ -392,12 +399,11 @@ func parseSocketArgs(args []string, getenv func(string) string) (*socketConfig, 
 			if m, err = optParams(opt, val, "action"); err != nil {
 				break
 			}
-			switch m["action"] {
-			case "none", "log":
-				// cvtpm installs no seccomp filter; these actions ask for none
-				// or only logging, so accepting them changes nothing.
+			switch a := m["action"]; a {
+			case "none", "log", "kill":
+				c.seccomp = a
 			default:
-				err = fmt.Errorf("%s: action=%q: cvtpm installs no seccomp profile; only action=none or action=log are accepted", opt, m["action"])
+				err = fmt.Errorf("%s: action=%q: want none, log or kill", opt, a)
 			}
 		case "mssim":
 			var m map[string]string
@@ -484,7 +490,13 @@ A TPM 2.0 (libtpms) served over swtpm's control and data channels.
 --pid file=F|fd=N      write the process ID
 --log file=F|fd=N[,level=n][,prefix=S][,truncate]
 --locality reject-locality-4
---seccomp action=none|log   accepted; cvtpm installs no seccomp filter
+--seccomp action=kill|log|none
+                       once the sockets listen, before the state is read,
+                       the process keeps only the system calls serving
+                       takes (an allow-list, internal/confine); any other
+                       call kills it (kill, the default, as swtpm's), is
+                       logged by the kernel and allowed (log), or no
+                       filter is installed (none)
 --print-capabilities   print swtpm-style capabilities JSON and exit
 --daemon               run in the background once the sockets listen
 -t, --terminate        exit when the data connection is lost
@@ -514,6 +526,7 @@ func Run(ctx context.Context, args []string) error {
 	if cfg.daemon && os.Getenv(daemonReadyEnv) == "" {
 		return daemonize(args)
 	}
+	cfg.confine = confine.DropIn
 	return serveSocket(ctx, cfg)
 }
 
@@ -827,6 +840,12 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 		start(func() error { return srv.ServeMssimCommand(ctx, cmdLn) })
 		start(func() error { return srv.ServeMssimPlatform(ctx, platLn) })
 	}
+	// From here on the process reads state files and, once it serves,
+	// commands a guest sends (libtpms parses both): it keeps only the
+	// system calls that takes.
+	if err := confineDropIn(cfg, log); err != nil {
+		return err
+	}
 	store, sealer, err := openState(cfg, log, held)
 	held = nil // the store's now, or released
 	if err != nil {
@@ -937,6 +956,22 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 	srv.Wait()
 	tpm.Stop()
 	return runErr
+}
+
+// confineDropIn installs the drop-in's seccomp filter as --seccomp says.
+func confineDropIn(cfg *socketConfig, log *slog.Logger) error {
+	if cfg.confine == nil || cfg.seccomp == "none" {
+		return nil
+	}
+	err := cfg.confine(confine.Mode(cfg.seccomp))
+	if errors.Is(err, confine.ErrUnsupported) {
+		log.Warn("no seccomp filter on this platform (there is one for linux/amd64 only); serving without", "seccomp", cfg.seccomp)
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("--seccomp action=%s: %w", cfg.seccomp, err)
+	}
+	return nil
 }
 
 // migrationLocking is the TPM as --migration has it lock its storage: an
