@@ -14,7 +14,18 @@ package engine
 // case anyway. Build with -tags libtpms_dynamic to link the shared
 // libraries instead.
 
+// As in the fully static build (link_fullstatic.go), libcrypto reads no
+// openssl.cnf: the TPM's algorithms are the built-in default provider in
+// every build, and a configured engine or provider that opens a device or
+// a socket cannot run (nor be killed by the drop-in's seccomp filter, as
+// `cvtpm socket` in the full binary was: TestReviewS31FullBinaryOpenSSLConfigUnderFilter).
+
 /*
 #cgo LDFLAGS: -Wl,-Bstatic -ltpms -lcrypto -Wl,-Bdynamic -ldl -lpthread
+#include <openssl/crypto.h>
+
+__attribute__((constructor)) static void cvtpm_openssl_no_config(void) {
+	OPENSSL_init_crypto(OPENSSL_INIT_NO_LOAD_CONFIG, NULL);
+}
 */
 import "C"

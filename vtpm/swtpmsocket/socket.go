@@ -493,8 +493,10 @@ A TPM 2.0 (libtpms) served over swtpm's control and data channels.
 --seccomp action=kill|log|none
                        once the sockets listen, before the state is read,
                        the process keeps only the system calls serving
-                       takes (an allow-list, internal/confine); any other
-                       call kills it (kill, the default, as swtpm's), is
+                       takes (an allow-list, internal/confine: no exec,
+                       socket, connect, ioctl, ptrace or signals to
+                       others; files its user may open stay reachable);
+                       any other call kills it (kill, the default, as swtpm's), is
                        logged by the kernel and allowed (log), or no
                        filter is installed (none)
 --print-capabilities   print swtpm-style capabilities JSON and exit
@@ -960,12 +962,21 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 
 // confineDropIn installs the drop-in's seccomp filter as --seccomp says.
 func confineDropIn(cfg *socketConfig, log *slog.Logger) error {
-	if cfg.confine == nil || cfg.seccomp == "none" {
+	if cfg.confine == nil {
+		return nil
+	}
+	// Non-dumpable first, whatever --seccomp says: processes of the same
+	// user (another guest's drop-in, taken over) can then neither read nor
+	// write its memory through /proc/PID/mem nor reopen its descriptors.
+	if err := confine.NotDumpable(); err != nil {
+		return fmt.Errorf("making the process non-dumpable: %w", err)
+	}
+	if cfg.seccomp == "none" {
 		return nil
 	}
 	err := cfg.confine(confine.Mode(cfg.seccomp))
 	if errors.Is(err, confine.ErrUnsupported) {
-		log.Warn("no seccomp filter on this platform (there is one for linux/amd64 only); serving without", "seccomp", cfg.seccomp)
+		log.Error("no seccomp filter on this platform (there is one for linux/amd64 only); serving without", "seccomp", cfg.seccomp)
 		return nil
 	}
 	if err != nil {
