@@ -26,9 +26,9 @@
 //
 // The swtpm drop-in (cvtpm-swtpm, `cvtpm socket`) installs a filter too,
 // with the worker's list and accepting connections besides (DropIn): on
-// the host it runs libtpms on a guest's commands, and a bug there must
-// not reach the host further than serving that TPM takes. It has no
-// early step: it is started as swtpm is, by libvirt or an operator.
+// the host it runs libtpms on a guest's commands. It has no early step
+// (no mount namespace, no dropped capabilities): it is started as swtpm
+// is, by libvirt or an operator, and its user's files stay in reach.
 //
 // The list is an allow-list: a system call not named here, including one
 // added to a future kernel, is refused. ModeLog lets every call through and
@@ -89,11 +89,12 @@ func Worker(mode Mode) error {
 // DropIn installs the swtpm drop-in's filter (cvtpm-swtpm, cvtpm socket)
 // on every thread of the process: the worker's list and what serving
 // swtpm's sockets takes besides (accepting connections on the listeners
-// it already has). It cannot be undone. Call it once the sockets listen
-// and the state directory is open, before the first command or control
-// message is read. It is what swtpm's own --seccomp action=kill|log
-// gives: a libtpms bug that a guest's commands reach runs with no more
-// than serving its TPM takes, on the host that runs the drop-in.
+// it already has). It cannot be undone. Call it once the sockets listen,
+// before the state is read and the first command or control message is
+// served. It is what swtpm's own --seccomp action=kill|log gives: a
+// libtpms bug that a guest's commands reach gets no exec, no new socket
+// or connection, no ioctl and no other process. The drop-in has no mount
+// namespace: the files its user may open stay within reach.
 func DropIn(mode Mode) error {
 	if runtime.GOOS != "linux" || runtime.GOARCH != "amd64" {
 		return ErrUnsupported
