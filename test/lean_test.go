@@ -49,6 +49,15 @@ func TestLeanBinaries(t *testing.T) {
 				if p.Type == elf.PT_INTERP || p.Type == elf.PT_DYNAMIC {
 					t.Errorf("%s has a %v program header: it starts through the dynamic loader", name, p.Type)
 				}
+				// An executable stack would have glibc map each new
+				// thread's stack with PROT_EXEC, which the seccomp filter
+				// refuses (internal/confine: no executable memory).
+				if p.Type == elf.PT_GNU_STACK && p.Flags&elf.PF_X != 0 {
+					t.Errorf("%s asks for an executable stack (PT_GNU_STACK %v): an object linked into it lacks .note.GNU-stack", name, p.Flags)
+				}
+			}
+			if !slices.ContainsFunc(f.Progs, func(p *elf.Prog) bool { return p.Type == elf.PT_GNU_STACK }) {
+				t.Errorf("%s has no PT_GNU_STACK header: the kernel would give it an executable stack", name)
 			}
 			mods, err := exec.Command("go", "version", "-m", bin).CombinedOutput()
 			if err != nil {

@@ -20,15 +20,20 @@
 // leaves what serving takes (its inherited socket, its state directory's
 // files, memory, threads, time) and kills the process on anything else: no
 // new sockets or connections, no ioctl (so no CSV reports), no exec, no
-// ptrace, signals or limits for other processes, no new processes or
-// namespaces, no other system-call ABI (32-bit or x32). The supervisor
+// executable memory (mmap or mprotect with PROT_EXEC), no ptrace, signals
+// or limits for other processes, no new processes or namespaces, no other
+// system-call ABI (32-bit or x32). The supervisor
 // logs the death and restarts the worker from its sealed state.
 //
 // The swtpm drop-in (cvtpm-swtpm, `cvtpm socket`) installs a filter too,
 // with the worker's list and accepting connections besides (DropIn): on
-// the host it runs libtpms on a guest's commands. It has no early step
-// (no mount namespace, no dropped capabilities): it is started as swtpm
-// is, by libvirt or an operator, and its user's files stay in reach.
+// the host it runs libtpms on a guest's commands. Its early step is
+// smaller (no mount namespace, no dropped capabilities: it is started as
+// swtpm is, by libvirt or an operator, and its user's files stay in
+// reach): it records the descriptors it inherited (DropInInherited), and
+// has Landlock refuse it opening files beneath /proc and /sys for
+// writing (DropInLandlock), without which /proc/self/mem would let it
+// write its own code past the filter's refusal of executable memory.
 //
 // The list is an allow-list: a system call not named here, including one
 // added to a future kernel, is refused. ModeLog lets every call through and
@@ -91,9 +96,10 @@ func Worker(mode Mode) error {
 // swtpm's sockets takes besides (accepting connections on the listeners
 // it already has). It cannot be undone. Call it once the sockets listen,
 // before the state is read and the first command or control message is
-// served. It is what swtpm's own --seccomp action=kill|log gives: a
-// libtpms bug that a guest's commands reach gets no exec, no new socket
-// or connection, no ioctl and no other process. The drop-in has no mount
+// served. It is what swtpm's own --seccomp action=kill|log gives, and
+// more: a libtpms bug that a guest's commands reach gets no exec, no new
+// socket or connection, no ioctl, no executable memory and no other
+// process. The drop-in has no mount
 // namespace: the files its user may open stay within reach.
 func DropIn(mode Mode) error {
 	if runtime.GOOS != "linux" || runtime.GOARCH != "amd64" {
@@ -164,8 +170,8 @@ var workerSyscalls = []uint32{
 	unix.SYS_FSYNC, unix.SYS_FDATASYNC, unix.SYS_FTRUNCATE, unix.SYS_FALLOCATE, unix.SYS_FLOCK,
 	unix.SYS_RENAMEAT, unix.SYS_RENAMEAT2, unix.SYS_UNLINKAT, unix.SYS_MKDIRAT, unix.SYS_GETDENTS64,
 	unix.SYS_READLINKAT, unix.SYS_FACCESSAT, unix.SYS_FACCESSAT2,
-	// Memory.
-	unix.SYS_MMAP, unix.SYS_MUNMAP, unix.SYS_MPROTECT, unix.SYS_MADVISE, unix.SYS_MREMAP, unix.SYS_BRK,
+	// Memory (mmap and mprotect are checked in filter: never executable).
+	unix.SYS_MUNMAP, unix.SYS_MADVISE, unix.SYS_MREMAP, unix.SYS_BRK,
 	// Threads (clone is checked below), time.
 	unix.SYS_SET_ROBUST_LIST, unix.SYS_RSEQ, unix.SYS_SET_TID_ADDRESS,
 	unix.SYS_SCHED_GETAFFINITY, unix.SYS_GETTID, unix.SYS_GETPID, unix.SYS_EXIT, unix.SYS_EXIT_GROUP,
@@ -222,7 +228,13 @@ func offArgHigh(n uint32) uint32 { return 16 + 8*n + 4 }
 //   - clone of a thread (CLONE_THREAD) without new namespaces: no new
 //     process, which the backend's kill of the worker would not reach;
 //   - clone3, whose flags sit in memory the filter cannot read, fails with
-//     ENOSYS, on which glibc starts its thread with clone.
+//     ENOSYS, on which glibc starts its thread with clone;
+//   - mmap and mprotect without PROT_EXEC: no memory becomes executable
+//     once the process serves (W^X), so a bug that lets a guest's bytes
+//     write memory cannot make them code, and has to reuse the code the
+//     binary has. Neither the Go runtime, nor libtpms, OpenSSL or glibc's
+//     thread start (the binaries' stacks are not executable, as
+//     TestLeanBinaries checks) map code after start-up.
 //
 // Everything else gets refuse.
 func filter(allowed []uint32, refuse, pid uint32) []bpf.Instruction {
@@ -240,7 +252,17 @@ func filter(allowed []uint32, refuse, pid uint32) []bpf.Instruction {
 	b.jumpIf(unix.SYS_FCNTL, "fcntl")
 	b.jumpIf(unix.SYS_CLONE, "clone")
 	b.jumpIf(unix.SYS_CLONE3, "enosys")
+	b.jumpIf(unix.SYS_MMAP, "not executable")
+	b.jumpIf(unix.SYS_MPROTECT, "not executable")
 	b.ret(refuse)
+
+	// prot is the third argument of both; its upper half has no flag a
+	// caller needs.
+	b.label("not executable")
+	b.load(offArgHigh(2))
+	b.jumpUnless(0, "refuse")
+	b.load(offArgLow(2))
+	b.add(bpf.JumpIf{Cond: bpf.JumpBitsSet, Val: unix.PROT_EXEC}, "refuse", "allow")
 
 	// The whole 64-bit first argument must be pid (or 0): the kernel reads
 	// a pid_t from the low half, but a caller has no reason to set the

@@ -26,6 +26,11 @@ func TestMain(m *testing.M) {
 	if what := os.Getenv("CONFINE_CHILD"); what != "" {
 		os.Exit(child(what))
 	}
+	// A drop-in's child: started as "<test binary> socket", so that the
+	// constructor confines it as it does cvtpm-swtpm socket.
+	if what := os.Getenv("REVIEW_S32_CHILD"); what != "" {
+		os.Exit(reviewS32Child(what))
+	}
 	os.Exit(m.Run())
 }
 
@@ -88,6 +93,15 @@ func child(what string) int {
 		_, err = unix.ProcessVMReadv(ppid, []unix.Iovec{{Base: new(byte), Len: 1}}, []unix.RemoteIovec{{Base: 0x1000, Len: 1}}, 0)
 	case "mounts":
 		err = mountsIsolated(dir)
+	case "mmap-exec":
+		// Code made from bytes a guest wrote: the first step of most
+		// exploits that do not only reuse the binary's own code.
+		_, err = unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE|unix.PROT_EXEC, unix.MAP_PRIVATE|unix.MAP_ANON)
+	case "mprotect-exec":
+		var b []byte
+		if b, err = unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANON); err == nil {
+			err = unix.Mprotect(b, unix.PROT_READ|unix.PROT_EXEC)
+		}
 	case "int80":
 		// The 32-bit ABI of a 64-bit process, a classic way around a
 		// filter written for one ABI.
@@ -227,7 +241,7 @@ func TestWorkerFilter(t *testing.T) {
 			t.Fatalf("output %q", out)
 		}
 	})
-	for _, what := range []string{"socket", "connect", "ioctl", "exec", "kill-parent", "ptrace", "process_vm_readv", "int80"} {
+	for _, what := range []string{"socket", "connect", "ioctl", "exec", "kill-parent", "ptrace", "process_vm_readv", "int80", "mmap-exec", "mprotect-exec"} {
 		t.Run(what, func(t *testing.T) {
 			if what == "int80" {
 				if _, _, err := runChild(t, "int80-unfiltered", ""); err != nil {
@@ -344,6 +358,14 @@ func TestWorkerFilterProgram(t *testing.T) {
 		{"clone of a process (fork)", x86_64, unix.SYS_CLONE, uint64(unix.SIGCHLD), false, nil},
 		{"clone of a thread in a new user namespace", x86_64, unix.SYS_CLONE, unix.CLONE_VM | unix.CLONE_SIGHAND | unix.CLONE_THREAD | unix.CLONE_NEWUSER, false, nil},
 		{"clone of a process in new namespaces", x86_64, unix.SYS_CLONE, unix.CLONE_NEWUSER | unix.CLONE_NEWNET | unix.CLONE_NEWNS | uint64(unix.SIGCHLD), false, nil},
+		{"mmap of memory", x86_64, unix.SYS_MMAP, 0, true, []uint64{1 << 20, unix.PROT_READ | unix.PROT_WRITE}},
+		{"mmap of nothing accessible (Go reserves its heap so)", x86_64, unix.SYS_MMAP, 0, true, []uint64{1 << 20, unix.PROT_NONE}},
+		{"mprotect to read only (glibc's RELRO, a thread's guard)", x86_64, unix.SYS_MPROTECT, 0x1000, true, []uint64{4096, unix.PROT_READ}},
+		{"mmap of executable memory", x86_64, unix.SYS_MMAP, 0, false, []uint64{1 << 20, unix.PROT_READ | unix.PROT_EXEC}},
+		{"mmap of writable, executable memory", x86_64, unix.SYS_MMAP, 0, false, []uint64{1 << 20, unix.PROT_READ | unix.PROT_WRITE | unix.PROT_EXEC}},
+		{"mprotect making memory executable", x86_64, unix.SYS_MPROTECT, 0x1000, false, []uint64{4096, unix.PROT_READ | unix.PROT_EXEC}},
+		{"mprotect with upper bits of prot set", x86_64, unix.SYS_MPROTECT, 0x1000, false, []uint64{4096, 1<<32 | unix.PROT_READ}},
+		{"pkey_mprotect (not needed; could make memory executable)", x86_64, unix.SYS_PKEY_MPROTECT, 0x1000, false, []uint64{4096, unix.PROT_READ}},
 		{"read through the i386 ABI", i386, 3, 3, false, nil},
 		{"read through the x32 ABI", x86_64, 0x40000000 | unix.SYS_READ, 3, false, nil},
 	} {

@@ -8,6 +8,7 @@ package confine
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <sched.h>
 #include <stdint.h>
@@ -249,6 +250,198 @@ static void cvtpm_close_inherited(int keep1, int keep2) {
 	cvtpm_close_range(from, ~0U);
 }
 
+// The descriptors above stderr that a swtpm drop-in ("... socket ...")
+// had when it was executed, recorded before the Go runtime opens any of
+// its own, so that DropInInherited can tell them from those. -1: not
+// recorded (not a drop-in, or /proc/self/fd could not be read); -2: more
+// than the list holds.
+#define CVTPM_MAX_INHERITED 1024
+static int cvtpm_inherited[CVTPM_MAX_INHERITED];
+static int cvtpm_inherited_count = -1;
+static int cvtpm_inherited_errno = 0;
+
+struct cvtpm_dirent64 {
+	uint64_t d_ino;
+	int64_t d_off;
+	unsigned short d_reclen;
+	unsigned char d_type;
+	char d_name[];
+};
+
+static void cvtpm_record_inherited(void) {
+	int dfd = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dfd < 0) {
+		cvtpm_inherited_errno = errno;
+		return;
+	}
+	char buf[4096] __attribute__((aligned(8)));
+	int n = 0;
+	for (;;) {
+		long got = syscall(SYS_getdents64, dfd, buf, sizeof buf);
+		if (got < 0) {
+			cvtpm_inherited_errno = errno;
+			close(dfd);
+			return;
+		}
+		if (got == 0) {
+			break;
+		}
+		for (long off = 0; off < got;) {
+			struct cvtpm_dirent64 *d = (struct cvtpm_dirent64 *)(buf + off);
+			off += d->d_reclen;
+			if (d->d_name[0] < '0' || d->d_name[0] > '9') {
+				continue;
+			}
+			int fd = atoi(d->d_name);
+			if (fd <= 2 || fd == dfd) {
+				continue;
+			}
+			if (n == CVTPM_MAX_INHERITED) {
+				close(dfd);
+				cvtpm_inherited_count = -2;
+				return;
+			}
+			cvtpm_inherited[n++] = fd;
+		}
+	}
+	close(dfd);
+	cvtpm_inherited_count = n;
+}
+
+static int cvtpm_inherited_n(void) { return cvtpm_inherited_count; }
+static int cvtpm_inherited_err(void) { return cvtpm_inherited_errno; }
+static int cvtpm_inherited_fd(int i) { return cvtpm_inherited[i]; }
+
+// Landlock (Linux 5.13), by hand: glibc has no wrappers, and
+// linux/landlock.h is missing from older headers.
+#define CVTPM_SYS_landlock_create_ruleset 444
+#define CVTPM_SYS_landlock_add_rule 445
+#define CVTPM_SYS_landlock_restrict_self 446
+#define CVTPM_LANDLOCK_RULE_PATH_BENEATH 1
+#define CVTPM_LANDLOCK_ACCESS_FS_WRITE_FILE (1ULL << 1)
+struct cvtpm_landlock_ruleset_attr {
+	uint64_t handled_access_fs;
+};
+struct cvtpm_landlock_path_beneath_attr {
+	uint64_t allowed_access;
+	int32_t parent_fd;
+} __attribute__((packed));
+
+// What the drop-in's Landlock step did: -1 not attempted, 0 done, or the
+// errno of the step that failed (cvtpm_landlock_step).
+static int cvtpm_landlock_errno = -1;
+static const char *cvtpm_landlock_step = "";
+
+static void cvtpm_landlock_fail(const char *step) {
+	cvtpm_landlock_step = step;
+	cvtpm_landlock_errno = errno ? errno : EINVAL;
+}
+
+// cvtpm_no_writes_in_proc_sys keeps the drop-in, and every thread it will
+// have, from opening a file for writing beneath /proc or /sys: through
+// /proc/self/mem a process writes its own code (the kernel forces the
+// write through the read-only mapping), which would undo the seccomp
+// filter's refusal of executable memory, and /proc/PID/mem, /proc/sys
+// and /sys are where code taken over in it would go next on the host.
+// Landlock denies the rights a ruleset handles except beneath the paths
+// it names; this one handles only opening for writing, and names every
+// entry of / but proc and sys, so everything else the drop-in (and its
+// user) could write stays writable. It belongs to the calling thread and
+// the threads it starts, so it is done here, while the process has one
+// thread: Go cannot apply it to threads that already run (no TSYNC
+// before Linux 6.x, no AllThreadsSyscall with cgo). A procfs mounted
+// elsewhere than /proc (in a container's tree, say) is not covered.
+static void cvtpm_no_writes_in_proc_sys(void) {
+	errno = 0;
+	struct cvtpm_landlock_ruleset_attr attr = {CVTPM_LANDLOCK_ACCESS_FS_WRITE_FILE};
+	int rs = syscall(CVTPM_SYS_landlock_create_ruleset, &attr, sizeof attr, 0);
+	if (rs < 0) {
+		cvtpm_landlock_fail("creating a Landlock ruleset (Landlock needs Linux 5.13 and lsm=landlock)");
+		return;
+	}
+	int root = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (root < 0) {
+		cvtpm_landlock_fail("opening /");
+		close(rs);
+		return;
+	}
+	char buf[4096] __attribute__((aligned(8)));
+	for (;;) {
+		long got = syscall(SYS_getdents64, root, buf, sizeof buf);
+		if (got < 0) {
+			cvtpm_landlock_fail("reading /");
+			close(root);
+			close(rs);
+			return;
+		}
+		if (got == 0) {
+			break;
+		}
+		for (long off = 0; off < got;) {
+			struct cvtpm_dirent64 *d = (struct cvtpm_dirent64 *)(buf + off);
+			off += d->d_reclen;
+			const char *n = d->d_name;
+			if (strcmp(n, ".") == 0 || strcmp(n, "..") == 0 || strcmp(n, "proc") == 0 || strcmp(n, "sys") == 0) {
+				continue;
+			}
+			// Symlinks (/lib -> usr/lib) need no rule: Landlock checks the
+			// path a file is reached by once resolved, and that path
+			// runs through another entry of / (or through /proc or /sys,
+			// which stay denied). Fewer rules, a shorter start.
+			struct stat st;
+			if (d->d_type == DT_LNK ||
+				(d->d_type == DT_UNKNOWN && fstatat(root, n, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISLNK(st.st_mode))) {
+				continue;
+			}
+			int fd = openat(root, n, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+			if (fd < 0) {
+				continue;
+			}
+			struct cvtpm_landlock_path_beneath_attr pb = {CVTPM_LANDLOCK_ACCESS_FS_WRITE_FILE, fd};
+			long r = syscall(CVTPM_SYS_landlock_add_rule, rs, CVTPM_LANDLOCK_RULE_PATH_BENEATH, &pb, 0);
+			close(fd);
+			if (r != 0) {
+				cvtpm_landlock_fail("adding a Landlock rule");
+				close(root);
+				close(rs);
+				return;
+			}
+		}
+	}
+	close(root);
+	// The kernel asks no_new_privs of an unprivileged process that
+	// restricts itself; the seccomp filter sets it later anyway.
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) {
+		cvtpm_landlock_fail("no_new_privs");
+		close(rs);
+		return;
+	}
+	if (syscall(CVTPM_SYS_landlock_restrict_self, rs, 0) != 0) {
+		cvtpm_landlock_fail("landlock_restrict_self");
+		close(rs);
+		return;
+	}
+	close(rs);
+	cvtpm_landlock_errno = 0;
+}
+
+static int cvtpm_landlock_result(void) { return cvtpm_landlock_errno; }
+static const char *cvtpm_landlock_failed_step(void) { return cvtpm_landlock_step; }
+
+// cvtpm_unconfined says whether the drop-in's command line asks for no
+// confinement (--seccomp action=none, as swtpm spells it).
+static int cvtpm_unconfined(int argc, char **argv) {
+	for (int i = 2; i < argc && argv[i] != NULL; i++) {
+		if (strcmp(argv[i], "--seccomp") == 0 && i + 1 < argc && argv[i + 1] != NULL && strcmp(argv[i + 1], "action=none") == 0) {
+			return 1;
+		}
+		if (strcmp(argv[i], "--seccomp=action=none") == 0) {
+			return 1;
+		}
+	}
+	return 0;
+}
+
 // A worker (any process started with --conn-fd, the worker's one required
 // flag, whichever binary runs it) gives up, before the Go runtime starts a
 // single thread, what would let code running in it reach other processes:
@@ -280,6 +473,17 @@ __attribute__((constructor)) static void cvtpm_confine_worker_early(int argc, ch
 		}
 	}
 	if (!worker) {
+		// The swtpm drop-in (cvtpm-swtpm socket, cvtpm socket): it closes
+		// what it inherited and was not told to use once it serves
+		// (DropInInherited), so record what that is; and unless told
+		// --seccomp action=none, it gives up writing beneath /proc and
+		// /sys now, while it has one thread (DropInLandlock).
+		if (argc > 1 && argv != NULL && argv[1] != NULL && strcmp(argv[1], "socket") == 0) {
+			cvtpm_record_inherited();
+			if (!cvtpm_unconfined(argc, argv)) {
+				cvtpm_no_writes_in_proc_sys();
+			}
+		}
 		return;
 	}
 	cvtpm_close_inherited(conn_fd, key_fd);
@@ -309,6 +513,7 @@ static const char *cvtpm_mounts_failed_step(void) { return cvtpm_mounts_step; }
 import "C"
 
 import (
+	"errors"
 	"fmt"
 	"syscall"
 
@@ -353,4 +558,51 @@ func checkEarly() error {
 // supervisor, which holds every key, calls it first thing.
 func NotDumpable() error {
 	return unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0)
+}
+
+// ErrNoLandlock: the kernel offers no Landlock (before Linux 5.13, or
+// not in its lsm= list), so the drop-in could not give up writing beneath
+// /proc and /sys.
+var ErrNoLandlock = errors.New("confine: no Landlock in this kernel")
+
+// DropInLandlock reports what the swtpm drop-in's constructor did, before
+// the Go runtime started, about files beneath /proc and /sys: nil if the
+// process (every thread of it) can no longer open one for writing, most
+// of all /proc/self/mem, through which it could write its own code past
+// the seccomp filter's refusal of executable memory. ok is false if it was
+// not attempted (not a drop-in's command line, or --seccomp action=none).
+func DropInLandlock() (ok bool, err error) {
+	switch e := int(C.cvtpm_landlock_result()); {
+	case e == -1:
+		return false, nil
+	case e == 0:
+		return true, nil
+	case e == int(syscall.ENOSYS) || e == int(syscall.EOPNOTSUPP):
+		return true, fmt.Errorf("%w (%s): %w", ErrNoLandlock, C.GoString(C.cvtpm_landlock_failed_step()), syscall.Errno(e))
+	default:
+		return true, fmt.Errorf("confining writes beneath /proc and /sys (%s): %w", C.GoString(C.cvtpm_landlock_failed_step()), syscall.Errno(e))
+	}
+}
+
+// DropInInherited is the descriptors above stderr the process had when it
+// was executed as a swtpm drop-in (its first argument "socket"), recorded
+// before the Go runtime started. ok is false when they were not recorded
+// (another command, or /proc/self/fd unreadable); an error says there were
+// more than the record holds.
+func DropInInherited() (fds []int, ok bool, err error) {
+	n := int(C.cvtpm_inherited_n())
+	switch {
+	case n == -2:
+		return nil, false, fmt.Errorf("the process inherited more than %d descriptors", C.CVTPM_MAX_INHERITED)
+	case n < 0 && C.cvtpm_inherited_err() != 0:
+		// Recorded nothing, for the drop-in's command line: a start with
+		// every descriptor the limit allows in use (EMFILE), or no /proc.
+		return nil, false, fmt.Errorf("listing the descriptors the process inherited (/proc/self/fd): %w", syscall.Errno(C.cvtpm_inherited_err()))
+	case n < 0:
+		return nil, false, nil
+	}
+	for i := range n {
+		fds = append(fds, int(C.cvtpm_inherited_fd(C.int(i))))
+	}
+	return fds, true, nil
 }

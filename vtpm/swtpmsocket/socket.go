@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -494,11 +495,17 @@ A TPM 2.0 (libtpms) served over swtpm's control and data channels.
                        once the sockets listen, before the state is read,
                        the process keeps only the system calls serving
                        takes (an allow-list, internal/confine: no exec,
-                       socket, connect, ioctl, ptrace or signals to
-                       others; files its user may open stay reachable);
-                       any other call kills it (kill, the default, as swtpm's), is
-                       logged by the kernel and allowed (log), or no
-                       filter is installed (none)
+                       socket, connect, ioctl, executable memory, ptrace
+                       or signals to others; files its user may open
+                       stay reachable); any other call kills it (kill,
+                       the default, as swtpm's), is logged by the kernel
+                       and allowed (log), or no filter is installed
+                       (none). Unless none, files beneath /proc and
+                       /sys cannot be opened for writing from the start
+                       (Landlock). Whatever the action, descriptors the
+                       process inherited, no option names (fd=,
+                       clientfd=, pwdfd=, --pid fd=, --log fd=) and that
+                       hold no lock are closed first
 --print-capabilities   print swtpm-style capabilities JSON and exit
 --daemon               run in the background once the sockets listen
 -t, --terminate        exit when the data connection is lost
@@ -960,10 +967,26 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 	return runErr
 }
 
-// confineDropIn installs the drop-in's seccomp filter as --seccomp says.
+// confineDropIn closes the descriptors the process inherited and no
+// option names, and installs the drop-in's seccomp filter as --seccomp
+// says.
 func confineDropIn(cfg *socketConfig, log *slog.Logger) error {
 	if cfg.confine == nil {
 		return nil
+	}
+	if err := closeInherited(cfg, log); err != nil {
+		return err
+	}
+	// Done before Go started (internal/confine, early_linux.go): no file
+	// beneath /proc or /sys opens for writing, so no /proc/self/mem to
+	// write code through past the filter's refusal of executable memory.
+	switch ok, err := confine.DropInLandlock(); {
+	case errors.Is(err, confine.ErrNoLandlock):
+		log.Error("this kernel has no Landlock; serving with files beneath /proc and /sys writable (/proc/self/mem among them)", "err", err)
+	case err != nil:
+		return err
+	case !ok && cfg.seccomp != "none":
+		log.Error("files beneath /proc and /sys were not confined at start (the command line did not begin with \"socket\"); serving without")
 	}
 	// Non-dumpable first, whatever --seccomp says: processes of the same
 	// user (another guest's drop-in, taken over) can then neither read nor
@@ -983,6 +1006,74 @@ func confineDropIn(cfg *socketConfig, log *slog.Logger) error {
 		return fmt.Errorf("--seccomp action=%s: %w", cfg.seccomp, err)
 	}
 	return nil
+}
+
+// closeInherited closes every descriptor above stderr that the process
+// had when it was executed and that no option names (fd=, clientfd=,
+// pwdfd=, --pid fd=, --log fd=, --fd, --daemon's readiness pipe): what a
+// parent left open without close-on-exec (a directory, a socket, another
+// instance's state file) would otherwise stay in reach of code a guest
+// ran in this process through a libtpms bug, past the seccomp filter,
+// which allows reading and writing any descriptor. libvirt passes none;
+// a shell or a service manager may. swtpm keeps them.
+func closeInherited(cfg *socketConfig, log *slog.Logger) error {
+	fds, ok, err := confine.DropInInherited()
+	if err != nil {
+		return fmt.Errorf("closing inherited descriptors: %w", err)
+	}
+	if !ok {
+		log.Warn("the descriptors this process inherited were not recorded at its start (is /proc mounted?); any it was not told to use stay open")
+		return nil
+	}
+	named := cfg.namedDescriptors()
+	var closed, locked []int
+	for _, fd := range fds {
+		switch {
+		case slices.Contains(named, fd):
+		case holdsLock(fd):
+			// Closing it would drop the lock, which is the parent's way to
+			// know this process runs: libvirt passes its pid file locked
+			// and reads the pid only while the lock is held.
+			locked = append(locked, fd)
+		default:
+			syscall.Close(fd)
+			closed = append(closed, fd)
+		}
+	}
+	if len(closed) > 0 {
+		log.Info("closed inherited descriptors that no option names", "fds", closed)
+	}
+	if len(locked) > 0 {
+		log.Info("kept inherited descriptors that hold a lock (a pid file's, as libvirt passes it)", "fds", locked)
+	}
+	return nil
+}
+
+// holdsLock says whether the process holds a lock (POSIX, OFD or flock)
+// through descriptor fd: /proc/self/fdinfo lists them as "lock:" lines.
+func holdsLock(fd int) bool {
+	b, err := os.ReadFile("/proc/self/fdinfo/" + strconv.Itoa(fd))
+	return err == nil && (strings.HasPrefix(string(b), "lock:") || strings.Contains(string(b), "\nlock:"))
+}
+
+// namedDescriptors is every descriptor the options (and --daemon's
+// environment) tell the process to use.
+func (c *socketConfig) namedDescriptors() []int {
+	named := []int{c.pidFD, c.logFD}
+	for _, e := range []*endpoint{c.server, c.ctrl} {
+		if e != nil {
+			named = append(named, e.fd, e.clientfd)
+		}
+	}
+	for _, k := range []*keySpec{c.key, c.migrationKey} {
+		if k != nil {
+			named = append(named, k.fd, k.pwdfd)
+		}
+	}
+	if n, err := strconv.Atoi(os.Getenv(daemonReadyEnv)); err == nil {
+		named = append(named, n)
+	}
+	return named
 }
 
 // migrationLocking is the TPM as --migration has it lock its storage: an
