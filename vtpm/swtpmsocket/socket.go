@@ -968,8 +968,9 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 }
 
 // confineDropIn closes the descriptors the process inherited and no
-// option names, and installs the drop-in's seccomp filter as --seccomp
-// says.
+// option names, checks what the constructor did about writes beneath
+// /proc and /sys, makes the process non-dumpable and installs the
+// drop-in's seccomp filter as --seccomp says.
 func confineDropIn(cfg *socketConfig, log *slog.Logger) error {
 	if cfg.confine == nil {
 		return nil
@@ -1009,13 +1010,15 @@ func confineDropIn(cfg *socketConfig, log *slog.Logger) error {
 }
 
 // closeInherited closes every descriptor above stderr that the process
-// had when it was executed and that no option names (fd=, clientfd=,
-// pwdfd=, --pid fd=, --log fd=, --fd, --daemon's readiness pipe): what a
-// parent left open without close-on-exec (a directory, a socket, another
-// instance's state file) would otherwise stay in reach of code a guest
-// ran in this process through a libtpms bug, past the seccomp filter,
-// which allows reading and writing any descriptor. libvirt passes none;
-// a shell or a service manager may. swtpm keeps them.
+// had when it was executed, that no option names (fd=, clientfd=,
+// pwdfd=, --pid fd=, --log fd=, --fd, --daemon's readiness pipe) and
+// that holds no lock: what a parent left open without close-on-exec (a
+// directory, a socket, another instance's state file) would otherwise
+// stay in reach of code a guest ran in this process through a libtpms
+// bug, past the seccomp filter, which allows reading and writing any
+// descriptor. A shell or a service manager may leave such descriptors;
+// libvirt passes one, its locked pid file, which is kept. swtpm keeps
+// them all.
 func closeInherited(cfg *socketConfig, log *slog.Logger) error {
 	fds, ok, err := confine.DropInInherited()
 	if err != nil {
