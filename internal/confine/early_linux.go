@@ -268,44 +268,65 @@ struct cvtpm_dirent64 {
 	char d_name[];
 };
 
+// cvtpm_each_entry calls fn on every entry of the directory open at dfd
+// (raw getdents64: no allocation, no descriptor of its own) until fn
+// returns nonzero, which it returns; -1 with errno if reading failed.
+static int cvtpm_each_entry(int dfd, int (*fn)(int dfd, struct cvtpm_dirent64 *d, void *arg), void *arg) {
+	char buf[4096] __attribute__((aligned(8)));
+	for (;;) {
+		long got = syscall(SYS_getdents64, dfd, buf, sizeof buf);
+		if (got < 0) {
+			return -1;
+		}
+		if (got == 0) {
+			return 0;
+		}
+		for (long off = 0; off < got;) {
+			struct cvtpm_dirent64 *d = (struct cvtpm_dirent64 *)(buf + off);
+			off += d->d_reclen;
+			int r = fn(dfd, d, arg);
+			if (r != 0) {
+				return r;
+			}
+		}
+	}
+}
+
+// cvtpm_record_fd adds an entry of /proc/self/fd to the record; 1 when
+// the record is full.
+static int cvtpm_record_fd(int dfd, struct cvtpm_dirent64 *d, void *arg) {
+	int *n = arg;
+	if (d->d_name[0] < '0' || d->d_name[0] > '9') {
+		return 0;
+	}
+	int fd = atoi(d->d_name);
+	if (fd <= 2 || fd == dfd) {
+		return 0;
+	}
+	if (*n == CVTPM_MAX_INHERITED) {
+		return 1;
+	}
+	cvtpm_inherited[(*n)++] = fd;
+	return 0;
+}
+
 static void cvtpm_record_inherited(void) {
 	int dfd = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (dfd < 0) {
 		cvtpm_inherited_errno = errno;
 		return;
 	}
-	char buf[4096] __attribute__((aligned(8)));
 	int n = 0;
-	for (;;) {
-		long got = syscall(SYS_getdents64, dfd, buf, sizeof buf);
-		if (got < 0) {
-			cvtpm_inherited_errno = errno;
-			close(dfd);
-			return;
-		}
-		if (got == 0) {
-			break;
-		}
-		for (long off = 0; off < got;) {
-			struct cvtpm_dirent64 *d = (struct cvtpm_dirent64 *)(buf + off);
-			off += d->d_reclen;
-			if (d->d_name[0] < '0' || d->d_name[0] > '9') {
-				continue;
-			}
-			int fd = atoi(d->d_name);
-			if (fd <= 2 || fd == dfd) {
-				continue;
-			}
-			if (n == CVTPM_MAX_INHERITED) {
-				close(dfd);
-				cvtpm_inherited_count = -2;
-				return;
-			}
-			cvtpm_inherited[n++] = fd;
-		}
+	int r = cvtpm_each_entry(dfd, cvtpm_record_fd, &n);
+	if (r < 0) {
+		cvtpm_inherited_errno = errno;
 	}
 	close(dfd);
-	cvtpm_inherited_count = n;
+	if (r == 0) {
+		cvtpm_inherited_count = n;
+	} else if (r == 1) {
+		cvtpm_inherited_count = -2;
+	}
 }
 
 static int cvtpm_inherited_n(void) { return cvtpm_inherited_count; }
@@ -337,6 +358,36 @@ static void cvtpm_landlock_fail(const char *step) {
 	cvtpm_landlock_errno = errno ? errno : EINVAL;
 }
 
+// cvtpm_allow_writes_beneath adds a rule allowing writes beneath one
+// entry of / (dfd) to the ruleset *arg, unless it is proc, sys or a
+// symlink; 1 (errno set) if the kernel refused the rule.
+static int cvtpm_allow_writes_beneath(int dfd, struct cvtpm_dirent64 *d, void *arg) {
+	int rs = *(int *)arg;
+	const char *n = d->d_name;
+	if (strcmp(n, ".") == 0 || strcmp(n, "..") == 0 || strcmp(n, "proc") == 0 || strcmp(n, "sys") == 0) {
+		return 0;
+	}
+	// Symlinks (/lib -> usr/lib) need no rule: Landlock checks the path a
+	// file is reached by once resolved, and that path runs through
+	// another entry of / (or through /proc or /sys, which stay denied).
+	// Fewer rules, a shorter start.
+	struct stat st;
+	if (d->d_type == DT_LNK ||
+		(d->d_type == DT_UNKNOWN && fstatat(dfd, n, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISLNK(st.st_mode))) {
+		return 0;
+	}
+	int fd = openat(dfd, n, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0) {
+		return 0; // gone meanwhile
+	}
+	struct cvtpm_landlock_path_beneath_attr pb = {CVTPM_LANDLOCK_ACCESS_FS_WRITE_FILE, fd};
+	long r = syscall(CVTPM_SYS_landlock_add_rule, rs, CVTPM_LANDLOCK_RULE_PATH_BENEATH, &pb, 0);
+	int e = errno;
+	close(fd);
+	errno = e;
+	return r != 0;
+}
+
 // cvtpm_no_writes_in_proc_sys keeps the drop-in, and every thread it will
 // have, from opening a file for writing beneath /proc or /sys: through
 // /proc/self/mem a process writes its own code (the kernel forces the
@@ -365,48 +416,12 @@ static void cvtpm_no_writes_in_proc_sys(void) {
 		close(rs);
 		return;
 	}
-	char buf[4096] __attribute__((aligned(8)));
-	for (;;) {
-		long got = syscall(SYS_getdents64, root, buf, sizeof buf);
-		if (got < 0) {
-			cvtpm_landlock_fail("reading /");
-			close(root);
-			close(rs);
-			return;
-		}
-		if (got == 0) {
-			break;
-		}
-		for (long off = 0; off < got;) {
-			struct cvtpm_dirent64 *d = (struct cvtpm_dirent64 *)(buf + off);
-			off += d->d_reclen;
-			const char *n = d->d_name;
-			if (strcmp(n, ".") == 0 || strcmp(n, "..") == 0 || strcmp(n, "proc") == 0 || strcmp(n, "sys") == 0) {
-				continue;
-			}
-			// Symlinks (/lib -> usr/lib) need no rule: Landlock checks the
-			// path a file is reached by once resolved, and that path
-			// runs through another entry of / (or through /proc or /sys,
-			// which stay denied). Fewer rules, a shorter start.
-			struct stat st;
-			if (d->d_type == DT_LNK ||
-				(d->d_type == DT_UNKNOWN && fstatat(root, n, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISLNK(st.st_mode))) {
-				continue;
-			}
-			int fd = openat(root, n, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-			if (fd < 0) {
-				continue;
-			}
-			struct cvtpm_landlock_path_beneath_attr pb = {CVTPM_LANDLOCK_ACCESS_FS_WRITE_FILE, fd};
-			long r = syscall(CVTPM_SYS_landlock_add_rule, rs, CVTPM_LANDLOCK_RULE_PATH_BENEATH, &pb, 0);
-			close(fd);
-			if (r != 0) {
-				cvtpm_landlock_fail("adding a Landlock rule");
-				close(root);
-				close(rs);
-				return;
-			}
-		}
+	int r = cvtpm_each_entry(root, cvtpm_allow_writes_beneath, &rs);
+	if (r != 0) {
+		cvtpm_landlock_fail(r < 0 ? "reading /" : "adding a Landlock rule");
+		close(root);
+		close(rs);
+		return;
 	}
 	close(root);
 	// The kernel asks no_new_privs of an unprivileged process that
