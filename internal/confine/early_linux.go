@@ -351,6 +351,7 @@ struct cvtpm_landlock_path_beneath_attr {
 // What the drop-in's Landlock step did: -1 not attempted, 0 done, or the
 // errno of the step that failed (cvtpm_landlock_step).
 static int cvtpm_landlock_errno = -1;
+static int cvtpm_landlock_unavailable = 0;
 static const char *cvtpm_landlock_step = "";
 
 static void cvtpm_landlock_fail(const char *step) {
@@ -407,6 +408,10 @@ static void cvtpm_no_writes_in_proc_sys(void) {
 	struct cvtpm_landlock_ruleset_attr attr = {CVTPM_LANDLOCK_ACCESS_FS_WRITE_FILE};
 	int rs = syscall(CVTPM_SYS_landlock_create_ruleset, &attr, sizeof attr, 0);
 	if (rs < 0) {
+		// ENOSYS, EOPNOTSUPP: no Landlock in this kernel; EPERM: none for
+		// this process (a container's seccomp profile older than Landlock
+		// answers so; Landlock itself never does here).
+		cvtpm_landlock_unavailable = errno == ENOSYS || errno == EOPNOTSUPP || errno == EPERM;
 		cvtpm_landlock_fail("creating a Landlock ruleset (Landlock needs Linux 5.13 and lsm=landlock)");
 		return;
 	}
@@ -441,20 +446,22 @@ static void cvtpm_no_writes_in_proc_sys(void) {
 }
 
 static int cvtpm_landlock_result(void) { return cvtpm_landlock_errno; }
+static int cvtpm_landlock_none(void) { return cvtpm_landlock_unavailable; }
 static const char *cvtpm_landlock_failed_step(void) { return cvtpm_landlock_step; }
 
 // cvtpm_unconfined says whether the drop-in's command line asks for no
-// confinement (--seccomp action=none, as swtpm spells it).
+// confinement: its last --seccomp (the one the Go parser keeps) says
+// action=none, spelt "--seccomp action=none" or "--seccomp=action=none".
 static int cvtpm_unconfined(int argc, char **argv) {
+	const char *last = NULL;
 	for (int i = 2; i < argc && argv[i] != NULL; i++) {
-		if (strcmp(argv[i], "--seccomp") == 0 && i + 1 < argc && argv[i + 1] != NULL && strcmp(argv[i + 1], "action=none") == 0) {
-			return 1;
-		}
-		if (strcmp(argv[i], "--seccomp=action=none") == 0) {
-			return 1;
+		if (strcmp(argv[i], "--seccomp") == 0 && i + 1 < argc && argv[i + 1] != NULL) {
+			last = argv[++i];
+		} else if (strncmp(argv[i], "--seccomp=", 10) == 0) {
+			last = argv[i] + 10;
 		}
 	}
-	return 0;
+	return last != NULL && strcmp(last, "action=none") == 0;
 }
 
 // A worker (any process started with --conn-fd, the worker's one required
@@ -576,8 +583,9 @@ func NotDumpable() error {
 }
 
 // ErrNoLandlock: the kernel offers no Landlock (before Linux 5.13, or
-// not in its lsm= list), so the drop-in could not give up writing beneath
-// /proc and /sys.
+// not in its lsm= list) or the process may not use it (a seccomp profile
+// of its container that refuses the calls), so the drop-in could not give
+// up writing beneath /proc and /sys.
 var ErrNoLandlock = errors.New("confine: no Landlock in this kernel")
 
 // DropInLandlock reports what the swtpm drop-in's constructor did, before
@@ -592,7 +600,7 @@ func DropInLandlock() (ok bool, err error) {
 		return false, nil
 	case e == 0:
 		return true, nil
-	case e == int(syscall.ENOSYS) || e == int(syscall.EOPNOTSUPP):
+	case C.cvtpm_landlock_none() != 0:
 		return true, fmt.Errorf("%w (%s): %w", ErrNoLandlock, C.GoString(C.cvtpm_landlock_failed_step()), syscall.Errno(e))
 	default:
 		return true, fmt.Errorf("confining writes beneath /proc and /sys (%s): %w", C.GoString(C.cvtpm_landlock_failed_step()), syscall.Errno(e))

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -75,11 +77,30 @@ func TestRunCopiesBothWays(t *testing.T) {
 			t.Fatalf("%d bytes server->client: err %v", size, err)
 		}
 	}
+	// The copy runs on a thread named for ps and top (and for the relay's
+	// leak test, which counts these threads).
+	if n := namedThreads(t, "cvtpm-pump"); n != 1 {
+		t.Errorf("%d threads named cvtpm-pump while one pair is copied, want 1", n)
+	}
 	client.Close()
 	server.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if n, err := server.Read(make([]byte, 1)); n != 0 || err != io.EOF {
 		t.Fatalf("after the client closed, the server read %d, %v; want EOF", n, err)
 	}
+}
+
+func namedThreads(t *testing.T, name string) int {
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, task := range tasks {
+		if b, err := os.ReadFile("/proc/self/task/" + task.Name() + "/comm"); err == nil && strings.TrimSpace(string(b)) == name {
+			n++
+		}
+	}
+	return n
 }
 
 // A side that does not read holds the other back: the pump reads no more

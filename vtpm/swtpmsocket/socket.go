@@ -747,6 +747,9 @@ func tpm2Startup(su uint16) []byte {
 }
 
 func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
+	if err := refuseNewInRoot(cfg); err != nil {
+		return err
+	}
 	log, closeLog, err := newLogger(cfg)
 	if err != nil {
 		return err
@@ -988,6 +991,11 @@ func confineDropIn(cfg *socketConfig, log *slog.Logger) error {
 		return err
 	case !ok && cfg.seccomp != "none":
 		log.Error("files beneath /proc and /sys were not confined at start (the command line did not begin with \"socket\"); serving without")
+	case ok:
+		mountinfo, _ := os.ReadFile("/proc/self/mountinfo")
+		for _, at := range procfsElsewhere(string(mountinfo)) {
+			log.Error("a procfs is mounted outside /proc; writes beneath it (its self/mem among them) are not refused", "at", at)
+		}
 	}
 	// Non-dumpable first, whatever --seccomp says: processes of the same
 	// user (another guest's drop-in, taken over) can then neither read nor
@@ -1007,6 +1015,48 @@ func confineDropIn(cfg *socketConfig, log *slog.Logger) error {
 		return fmt.Errorf("--seccomp action=%s: %w", cfg.seccomp, err)
 	}
 	return nil
+}
+
+// refuseNewInRoot refuses a state directory, pid file or log file that
+// the drop-in would create directly in / while Landlock confines its
+// writes (internal/confine, DropInLandlock): they are allowed only
+// beneath the entries / had when the process started, so such a path
+// would fail later with a bare "permission denied".
+func refuseNewInRoot(cfg *socketConfig) error {
+	if cfg.confine == nil {
+		return nil
+	}
+	if ok, err := confine.DropInLandlock(); !ok || err != nil {
+		return nil
+	}
+	for _, p := range []struct{ opt, path string }{{"--tpmstate dir", cfg.stateDir}, {"--pid file", cfg.pidFile}, {"--log file", cfg.logFile}} {
+		if p.path == "" {
+			continue
+		}
+		abs, err := filepath.Abs(p.path)
+		if err != nil || filepath.Dir(abs) != "/" {
+			continue
+		}
+		if _, err := os.Lstat(abs); errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("%s=%s: cannot be created directly in / (the drop-in opens files for writing only beneath entries / had at its start, which keeps /proc and /sys out of reach); create it first or choose a path in a directory", p.opt, p.path)
+		}
+	}
+	return nil
+}
+
+// procfsElsewhere lists, from /proc/self/mountinfo's text, the mount
+// points of procfs instances other than /proc (a chroot's, say), where
+// Landlock's rule over /'s entries lets writes through.
+func procfsElsewhere(mountinfo string) []string {
+	var out []string
+	for _, line := range strings.Split(mountinfo, "\n") {
+		pre, post, ok := strings.Cut(line, " - ")
+		f, g := strings.Fields(pre), strings.Fields(post)
+		if ok && len(f) >= 5 && len(g) >= 1 && g[0] == "proc" && f[4] != "/proc" {
+			out = append(out, f[4])
+		}
+	}
+	return out
 }
 
 // closeInherited closes every descriptor above stderr that the process

@@ -218,3 +218,22 @@ func TestMigrationKeySealsStateBlobs(t *testing.T) {
 		t.Errorf("open without a key: err %v, want ErrBlobNeedsKey", err)
 	}
 }
+
+// TestProcfsElsewhere: the drop-in names every procfs mounted outside
+// /proc, which its Landlock step does not cover.
+func TestProcfsElsewhere(t *testing.T) {
+	const mountinfo = `22 27 0:21 / /proc rw,relatime - proc proc rw
+23 27 0:22 / /sys rw,nosuid - sysfs sysfs rw
+27 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw
+40 27 0:21 / /srv/chroot/proc rw,relatime shared:5 - proc proc rw
+41 27 0:45 / /srv/proc-lookalike rw - tmpfs proc rw
+`
+	got := procfsElsewhere(mountinfo)
+	if len(got) != 1 || got[0] != "/srv/chroot/proc" {
+		t.Errorf("procfsElsewhere = %q, want [/srv/chroot/proc]", got)
+	}
+	if got := procfsElsewhere(""); len(got) != 0 {
+		t.Errorf("empty mountinfo: %q", got)
+	}
+}
+
