@@ -236,4 +236,3 @@ func TestProcfsElsewhere(t *testing.T) {
 		t.Errorf("empty mountinfo: %q", got)
 	}
 }
-
