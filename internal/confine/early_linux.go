@@ -586,7 +586,7 @@ func NotDumpable() error {
 // not in its lsm= list) or the process may not use it (a seccomp profile
 // of its container that refuses the calls), so the drop-in could not give
 // up writing beneath /proc and /sys.
-var ErrNoLandlock = errors.New("confine: no Landlock in this kernel")
+var ErrNoLandlock = errors.New("confine: Landlock is not available to this process")
 
 // DropInLandlock reports what the swtpm drop-in's constructor did, before
 // the Go runtime started, about files beneath /proc and /sys: nil if the

@@ -986,7 +986,7 @@ func confineDropIn(cfg *socketConfig, log *slog.Logger) error {
 	// write code through past the filter's refusal of executable memory.
 	switch ok, err := confine.DropInLandlock(); {
 	case errors.Is(err, confine.ErrNoLandlock):
-		log.Error("this kernel has no Landlock; serving with files beneath /proc and /sys writable (/proc/self/mem among them)", "err", err)
+		log.Error("no Landlock for this process (an old kernel, or a container that refuses it); serving with files beneath /proc and /sys writable (/proc/self/mem among them)", "err", err)
 	case err != nil:
 		return err
 	case !ok && cfg.seccomp != "none":
