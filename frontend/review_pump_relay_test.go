@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"cvtpm/test/testenv"
 )
 
 func rvFDs(t *testing.T) int {
@@ -22,23 +24,6 @@ func rvFDs(t *testing.T) int {
 		t.Fatal(err)
 	}
 	return len(ents)
-}
-
-// rvPumpThreads counts this process's relay copy threads (internal/pump
-// names them): the Go runtime's own threads never exit, so the process's
-// thread count can grow between two loads without a leak.
-func rvPumpThreads(t *testing.T) int {
-	tasks, err := os.ReadDir("/proc/self/task")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, task := range tasks {
-		if b, err := os.ReadFile("/proc/self/task/" + task.Name() + "/comm"); err == nil && strings.TrimSpace(string(b)) == "cvtpm-pump" {
-			n++
-		}
-	}
-	return n
 }
 
 func rvStatus(t *testing.T, key string) int {
@@ -198,7 +183,7 @@ func TestReviewPumpRelayNoLeaks(t *testing.T) {
 		deadline := time.Now().Add(8 * time.Second)
 		var fd1, th1 int
 		for time.Now().Before(deadline) {
-			fd1, th1 = rvFDs(t), rvPumpThreads(t)
+			fd1, th1 = rvFDs(t), testenv.ThreadsNamed(os.Getpid(), "cvtpm-pump")
 			if fd1 <= fd0 && th1 <= th0 {
 				break
 			}
@@ -208,7 +193,7 @@ func TestReviewPumpRelayNoLeaks(t *testing.T) {
 	}
 	load()
 	time.Sleep(500 * time.Millisecond)
-	fd0, th0 := rvFDs(t), rvPumpThreads(t)
+	fd0, th0 := rvFDs(t), testenv.ThreadsNamed(os.Getpid(), "cvtpm-pump")
 	load()
 	fd1, th1 := settle(fd0, th0)
 	t.Logf("after a first load: fds %d, pump threads %d; after a second: fds %d, pump threads %d", fd0, th0, fd1, th1)

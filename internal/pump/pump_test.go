@@ -8,10 +8,11 @@ import (
 	"io"
 	"net"
 	"os"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"cvtpm/test/testenv"
 )
 
 // pair returns the relay's two sides: the client's end of a connection
@@ -79,7 +80,7 @@ func TestRunCopiesBothWays(t *testing.T) {
 	}
 	// The copy runs on a thread named for ps and top (and for the relay's
 	// leak test, which counts these threads).
-	if n := namedThreads(t, "cvtpm-pump"); n != 1 {
+	if n := testenv.ThreadsNamed(os.Getpid(), "cvtpm-pump"); n != 1 {
 		t.Errorf("%d threads named cvtpm-pump while one pair is copied, want 1", n)
 	}
 	client.Close()
@@ -87,20 +88,6 @@ func TestRunCopiesBothWays(t *testing.T) {
 	if n, err := server.Read(make([]byte, 1)); n != 0 || err != io.EOF {
 		t.Fatalf("after the client closed, the server read %d, %v; want EOF", n, err)
 	}
-}
-
-func namedThreads(t *testing.T, name string) int {
-	tasks, err := os.ReadDir("/proc/self/task")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, task := range tasks {
-		if b, err := os.ReadFile("/proc/self/task/" + task.Name() + "/comm"); err == nil && strings.TrimSpace(string(b)) == name {
-			n++
-		}
-	}
-	return n
 }
 
 // A side that does not read holds the other back: the pump reads no more

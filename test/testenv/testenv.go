@@ -485,6 +485,20 @@ func ChildrenOf(pid int) []int {
 	return out
 }
 
+// ThreadsNamed counts the threads of process pid whose name (comm) is
+// name: a C thread a package names, where the Go runtime's own threads,
+// which never exit, would hide a leak in the process's thread count.
+func ThreadsNamed(pid int, name string) int {
+	comms, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/comm", pid))
+	n := 0
+	for _, c := range comms {
+		if b, err := os.ReadFile(c); err == nil && strings.TrimSpace(string(b)) == name {
+			n++
+		}
+	}
+	return n
+}
+
 // ProcStatus is one field of /proc/PID/status ("Threads", "VmRSS",
 // "Seccomp", ...), its value with the spaces around it removed.
 func ProcStatus(pid int, field string) (string, error) {
