@@ -244,6 +244,19 @@ int cvtpm_serve_stream(int fd, const unsigned char *pending, uint32_t npending, 
     len = npending;
     for (;;) {
         while ((need = cvtpm_parse_frame(in, len, maxcmd, &f)) > len) {
+            // Wait in poll for POLLIN, as swtpm does, and only then read:
+            // a thread blocked in read(2) on a unix socket also wakes each
+            // time the peer takes bytes from it (the kernel's write-space
+            // wake-up shares the socket's wait queue and is not filtered
+            // by event), so a client that reads an answer and then works
+            // before its next command cost this thread a second wake-up
+            // and sleep per command; poll's wait is filtered.
+            int werr = wait_fd(fd, POLLIN);
+            if (werr) {
+                end->err = -werr;
+                status = CVTPM_STREAM_IOERR;
+                goto done;
+            }
             ssize_t r = read(fd, in + len, incap - len);
             if (r > 0) {
                 len += (uint32_t)r;

@@ -26,7 +26,7 @@ import (
 // poll, 7-8x swtpm's CPU for a burst of commands). ServeStream runs a
 // connection's whole read, libtpms and write loop in one cgo call, on the
 // calling goroutine's thread: between commands that thread waits in
-// read(2) like swtpm's, and the Go runtime is not entered again (the P is
+// poll(2) and reads, like swtpm's, and the Go runtime is not entered again (the P is
 // given back to other goroutines; only a state write, through the NVRAM
 // callbacks, calls back into Go).
 
