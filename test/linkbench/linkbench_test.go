@@ -681,13 +681,22 @@ func BenchmarkHostPathGetRandom(b *testing.B) {
 func cpuByProcess(b *testing.B, p path) {
 	const n = 2000
 	proxy, relay, backend := p.pids[0], p.pids[1], p.pids[2]
-	sample := func() [5]time.Duration {
-		return [5]time.Duration{
-			testenv.ThreadsCPU(os.Getpid()), testenv.CPUTime(proxy), testenv.CPUTime(relay),
-			testenv.ThreadsCPU(backend), testenv.CPUTime(testenv.ChildrenOf(backend)...),
+	workersRuns := func() (r int64) {
+		for _, w := range testenv.ChildrenOf(backend) {
+			r += testenv.ThreadsRuns(w)
 		}
+		return r
 	}
-	before := sample()
+	sample := func() (cpu [5]time.Duration, runs [5]int64) {
+		return [5]time.Duration{
+				testenv.ThreadsCPU(os.Getpid()), testenv.CPUTime(proxy), testenv.CPUTime(relay),
+				testenv.ThreadsCPU(backend), testenv.CPUTime(testenv.ChildrenOf(backend)...),
+			}, [5]int64{
+				testenv.ThreadsRuns(os.Getpid()), testenv.ThreadsRuns(proxy), testenv.ThreadsRuns(relay),
+				testenv.ThreadsRuns(backend), workersRuns(),
+			}
+	}
+	before, runsBefore := sample()
 	start := time.Now()
 	for range n {
 		if _, err := (tpm2.GetRandom{BytesRequested: 8}).Execute(p.tpm); err != nil {
@@ -695,14 +704,17 @@ func cpuByProcess(b *testing.B, p path) {
 		}
 	}
 	wall := time.Since(start) / n
-	after := sample()
+	after, runsAfter := sample()
 	names := [5]string{"the client (this process: go-tpm, TCP)", "guest proxy", "relay", "backend's supervisor", "workers"}
-	fmt.Printf("  CPU per command by process on the attested path (%d GetRandoms, %.1f us each):\n", n, us(wall))
+	fmt.Printf("  CPU per command by process on the attested path (%d GetRandoms, %.1f us each), and how often its threads were put on a CPU:\n", n, us(wall))
 	var sum time.Duration
+	var runs float64
 	for i := range names {
 		d := (after[i] - before[i]) / n
+		r := float64(runsAfter[i]-runsBefore[i]) / n
 		sum += d
-		fmt.Printf("    %-40s %8.1f us\n", names[i], us(d))
+		runs += r
+		fmt.Printf("    %-40s %8.1f us %6.2f runs\n", names[i], us(d), r)
 	}
-	fmt.Printf("    %-40s %8.1f us\n", "all", us(sum))
+	fmt.Printf("    %-40s %8.1f us %6.2f runs\n", "all", us(sum), runs)
 }

@@ -453,16 +453,29 @@ func CPUTime(pids ...int) time.Duration {
 // ThreadsCPU is the CPU time of pid's own threads (schedstat), without
 // its children's.
 func ThreadsCPU(pid int) time.Duration {
-	var total time.Duration
+	return time.Duration(threadsSchedstat(pid, 0))
+}
+
+// ThreadsRuns is how many times pid's own threads have been put on a CPU
+// so far (the third field of schedstat): each wake-up of a sleeping
+// thread counts one, so the difference over n commands says how many
+// times per command the process woke.
+func ThreadsRuns(pid int) int64 {
+	return threadsSchedstat(pid, 2)
+}
+
+// threadsSchedstat sums field i of every thread's schedstat.
+func threadsSchedstat(pid, i int) int64 {
+	var total int64
 	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
 	for _, t := range tasks {
 		b, err := os.ReadFile(t)
 		if err != nil {
 			continue // the thread ended
 		}
-		if f := strings.Fields(string(b)); len(f) > 0 {
-			if ns, err := strconv.ParseInt(f[0], 10, 64); err == nil {
-				total += time.Duration(ns)
+		if f := strings.Fields(string(b)); len(f) > i {
+			if v, err := strconv.ParseInt(f[i], 10, 64); err == nil {
+				total += v
 			}
 		}
 	}
