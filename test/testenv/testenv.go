@@ -13,6 +13,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -118,6 +119,9 @@ type Options struct {
 	NoFlags   bool     // no --flags at all (QEMU initialises the TPM itself)
 	MSSIM     bool     // also serve --mssim (cvtpm only)
 	ExtraArgs []string // appended verbatim, e.g. --key ...
+	// RunAs passes --runas RunAs and gives the state and socket
+	// directories to that user (a name in /etc/passwd); needs root.
+	RunAs string
 
 	// Start starts the prepared command; default (*exec.Cmd).Start. The
 	// benchmarks use it to start the server pinned to a CPU.
@@ -211,6 +215,13 @@ func Launch(ctx context.Context, impl Impl, bin string, opts Options) (*Server, 
 		}
 		args = append(args, "--mssim", fmt.Sprintf("port=%d,bindaddr=127.0.0.1", s.MSSIMPort))
 	}
+	if opts.RunAs != "" {
+		if err := chownTo(opts.RunAs, s.StateDir, sockDir); err != nil {
+			os.RemoveAll(sockDir)
+			return nil, err
+		}
+		args = append(args, "--runas", opts.RunAs)
+	}
 	args = append(args, opts.ExtraArgs...)
 	s.Cmd = exec.Command(bin, args...)
 	s.Cmd.Stdout, s.Cmd.Stderr = s.Log, s.Log
@@ -230,6 +241,32 @@ func Launch(ctx context.Context, impl Impl, bin string, opts Options) (*Server, 
 	}
 	s.StartDur = time.Since(t0)
 	return s, nil
+}
+
+// chownTo gives dirs to the user name and that user's primary group, or,
+// for a number, to that uid and the gid of the same number (--runas's
+// reading).
+func chownTo(name string, dirs ...string) error {
+	uid, err := strconv.Atoi(name)
+	gid := uid
+	if err != nil {
+		u, err := user.Lookup(name)
+		if err != nil {
+			return err
+		}
+		if uid, err = strconv.Atoi(u.Uid); err != nil {
+			return err
+		}
+		if gid, err = strconv.Atoi(u.Gid); err != nil {
+			return err
+		}
+	}
+	for _, d := range dirs {
+		if err := os.Chown(d, uid, gid); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // waitServing polls until the data socket accepts a connection and the

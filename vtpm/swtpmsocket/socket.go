@@ -88,7 +88,10 @@ type socketConfig struct {
 	printStates                            bool
 	daemon                                 bool
 	terminate                              bool
-	help, version                          bool
+	// runas is --runas: the user, a name or a numeric uid, the process
+	// becomes before it opens any file (runAs).
+	runas         string
+	help, version bool
 	// seccomp is --seccomp's action: kill (swtpm's default), log or none.
 	seccomp string
 	// confine installs the seccomp filter (confine.DropIn); Run sets it.
@@ -418,8 +421,13 @@ func parseSocketArgs(args []string, getenv func(string) string) (*socketConfig, 
 			if c.mssimBind == "" {
 				c.mssimBind = "127.0.0.1"
 			}
-		case "runas", "chroot":
-			err = fmt.Errorf("%s is not supported: start cvtpm as the target user (or let systemd/libvirt drop privileges)", opt)
+		case "runas":
+			if val == "" {
+				err = fmt.Errorf("%s: no user given", opt)
+			}
+			c.runas = val
+		case "chroot":
+			err = fmt.Errorf("%s is not supported (swtpm 0.7 has no such option): confine the process with a mount namespace or a service manager instead", opt)
 		case "terminate":
 			c.terminate = true
 		case "print-states":
@@ -488,6 +496,11 @@ A TPM 2.0 (libtpms) served over swtpm's control and data channels.
                        directory's lock only when the state arrives (or at
                        INIT); release-lock-outgoing releases it once the
                        savestate blob has been read
+-r, --runas USER       become USER (a name, or a numeric uid whose group is
+                       the same number) before opening any file: sockets,
+                       state, pid and log files are then that user's; needs
+                       root. Supplementary groups become USER's (none for a
+                       number)
 --pid file=F|fd=N      write the process ID
 --log file=F|fd=N[,level=n][,prefix=S][,truncate]
 --locality reject-locality-4
@@ -529,11 +542,17 @@ func Run(ctx context.Context, args []string) error {
 		return nil
 	case cfg.printCaps:
 		return printCapabilities(os.Stdout)
-	case cfg.printStates:
-		return printStates(os.Stdout, cfg.stateDir)
 	}
-	if cfg.daemon && os.Getenv(daemonReadyEnv) == "" {
-		return daemonize(args)
+	if cfg.daemon && !cfg.printStates && os.Getenv(daemonReadyEnv) == "" {
+		return daemonize(args) // the background process changes user, not this one
+	}
+	if cfg.runas != "" {
+		if err := runAs(cfg.runas); err != nil {
+			return err
+		}
+	}
+	if cfg.printStates {
+		return printStates(os.Stdout, cfg.stateDir)
 	}
 	cfg.confine = confine.DropIn
 	return serveSocket(ctx, cfg)
