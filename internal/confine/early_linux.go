@@ -464,6 +464,42 @@ static int cvtpm_unconfined(int argc, char **argv) {
 	return last != NULL && strcmp(last, "action=none") == 0;
 }
 
+// cvtpm_wants_runas says whether the drop-in's command line has swtpm's
+// --runas (-r, also with its value joined: -rUSER, --runas=USER).
+static int cvtpm_wants_runas(int argc, char **argv) {
+	for (int i = 2; i < argc && argv[i] != NULL; i++) {
+		if (strcmp(argv[i], "--runas") == 0 || strncmp(argv[i], "--runas=", 8) == 0 ||
+			strncmp(argv[i], "-r", 2) == 0) {
+			return 1;
+		}
+	}
+	return 0;
+}
+
+// cvtpm_prepare_runas readies a drop-in that will change user (--runas,
+// in Go: swtpmsocket's runAs) to keep no capability once it has: the
+// kernel clears a process's effective and permitted capabilities when
+// root becomes another user, unless SECBIT_NO_SETUID_FIXUP or
+// SECBIT_KEEP_CAPS says otherwise (a service manager's SecureBits=), and
+// it never clears the inheritable and ambient sets. Capabilities belong
+// to threads, so this runs while the process has one. Each step may fail
+// (a locked securebit, no CAP_SETPCAP); Go checks every thread's
+// capabilities after the change and refuses to serve with any left.
+static void cvtpm_prepare_runas(void) {
+	prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+	int bits = prctl(PR_GET_SECUREBITS, 0, 0, 0, 0);
+	int keep = SECBIT_NO_SETUID_FIXUP | SECBIT_KEEP_CAPS;
+	if (bits > 0 && (bits & keep) != 0) {
+		prctl(PR_SET_SECUREBITS, bits & ~keep, 0, 0, 0);
+	}
+	struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+	struct __user_cap_data_struct data[2];
+	if (syscall(SYS_capget, &hdr, data) == 0) {
+		data[0].inheritable = data[1].inheritable = 0;
+		syscall(SYS_capset, &hdr, data);
+	}
+}
+
 // A worker (any process started with --conn-fd, the worker's one required
 // flag, whichever binary runs it) gives up, before the Go runtime starts a
 // single thread, what would let code running in it reach other processes:
@@ -502,6 +538,9 @@ __attribute__((constructor)) static void cvtpm_confine_worker_early(int argc, ch
 		// /sys now, while it has one thread (DropInLandlock).
 		if (argc > 1 && argv != NULL && argv[1] != NULL && strcmp(argv[1], "socket") == 0) {
 			cvtpm_record_inherited();
+			if (cvtpm_wants_runas(argc, argv)) {
+				cvtpm_prepare_runas();
+			}
 			if (!cvtpm_unconfined(argc, argv)) {
 				cvtpm_no_writes_in_proc_sys();
 			}

@@ -24,6 +24,14 @@ import (
 // and /etc/group only: the drop-in is linked statically and loads no NSS
 // module, so a directory user (LDAP, sssd) needs its numeric uid.
 //
+// Once it has changed, no thread may hold a capability (effective,
+// permitted, inheritable or ambient): the C constructor cleared the
+// inheritable and ambient sets and the securebits that keep capabilities
+// across the change while the process had one thread
+// (internal/confine), and the kernel clears the rest as root becomes
+// another user. A caller whose capabilities survive (a locked securebit,
+// a non-root caller with CAP_SETUID) is refused, not served with them.
+//
 // Already running as that user (uid and gid), it changes nothing: a
 // non-root caller that names itself is not refused.
 func runAs(spec string) error {
@@ -32,7 +40,7 @@ func runAs(spec string) error {
 		return fmt.Errorf("--runas %s: %w", spec, err)
 	}
 	if os.Getuid() == uid && os.Geteuid() == uid && os.Getgid() == gid && os.Getegid() == gid && uid != 0 {
-		return nil
+		return checkThreadsRunAs(uid, gid)
 	}
 	// Groups first, then the gid, then the uid: once the uid is not 0 the
 	// others can no longer change. Go applies each to every thread (with
@@ -50,14 +58,16 @@ func runAs(spec string) error {
 }
 
 // lookupRunAs resolves --runas's value to a uid, a gid and the
-// supplementary groups.
+// supplementary groups. A number is read as swtpm reads it (strtoul):
+// leading blanks and a plus sign are allowed.
 func lookupRunAs(spec string) (uid, gid int, groups []int, err error) {
-	if n, err := strconv.ParseUint(spec, 10, 32); err == nil {
+	num := strings.TrimPrefix(strings.TrimLeft(spec, " \t\n\v\f\r"), "+")
+	if n, err := strconv.ParseUint(num, 10, 32); err == nil {
 		if n == 1<<32-1 {
 			return 0, 0, nil, fmt.Errorf("uid %d is not a user (it means \"unchanged\" to the kernel)", n)
 		}
 		return int(n), int(n), []int{}, nil
-	} else if strings.Trim(spec, "0123456789") == "" {
+	} else if num != "" && strings.Trim(num, "0123456789") == "" {
 		return 0, 0, nil, fmt.Errorf("uid outside the valid range: %w", err)
 	}
 	u, err := user.Lookup(spec)
@@ -86,17 +96,21 @@ func lookupRunAs(spec string) (uid, gid int, groups []int, err error) {
 }
 
 // checkThreadsRunAs confirms that every thread of the process now has
-// uid and gid as its real, effective, saved and filesystem ids. The Go
-// runtime starts threads of its own before main; one left as root would
-// undo --runas.
+// uid and gid as its real, effective, saved and filesystem ids, and no
+// capability in any set. The Go runtime starts threads of its own before
+// main; one left as root, or with a capability, would undo --runas.
 func checkThreadsRunAs(uid, gid int) error {
 	tasks, err := filepath.Glob("/proc/self/task/*/status")
 	if err != nil || len(tasks) == 0 {
 		return fmt.Errorf("--runas: cannot list this process's threads in /proc to confirm the change: %v", err)
 	}
 	want := map[string]string{
-		"Uid:": fmt.Sprintf("%d %d %d %d", uid, uid, uid, uid),
-		"Gid:": fmt.Sprintf("%d %d %d %d", gid, gid, gid, gid),
+		"Uid:":    fmt.Sprintf("%d %d %d %d", uid, uid, uid, uid),
+		"Gid:":    fmt.Sprintf("%d %d %d %d", gid, gid, gid, gid),
+		"CapInh:": "0000000000000000",
+		"CapPrm:": "0000000000000000",
+		"CapEff:": "0000000000000000",
+		"CapAmb:": "0000000000000000",
 	}
 	for _, t := range tasks {
 		f, err := os.Open(t)
@@ -106,12 +120,20 @@ func checkThreadsRunAs(uid, gid int) error {
 		sc := bufio.NewScanner(f)
 		for sc.Scan() {
 			fields := strings.Fields(sc.Text())
-			if len(fields) < 5 {
+			if len(fields) < 2 {
 				continue
 			}
-			if w, ok := want[fields[0]]; ok && strings.Join(fields[1:5], " ") != w {
+			w, ok := want[fields[0]]
+			if !ok {
+				continue
+			}
+			if got := strings.Join(fields[1:], " "); got != w {
 				f.Close()
-				return fmt.Errorf("--runas: thread %s still has %s %s after the change", filepath.Base(filepath.Dir(t)), fields[0], strings.Join(fields[1:5], " "))
+				thread := filepath.Base(filepath.Dir(t))
+				if strings.HasPrefix(fields[0], "Cap") {
+					return fmt.Errorf("--runas: thread %s still has capabilities after the change (%s %s): the caller keeps them across a change of user (securebits no-setuid-fixup or keep-caps locked, or a non-root caller with CAP_SETUID); start it without", thread, fields[0], got)
+				}
+				return fmt.Errorf("--runas: thread %s still has %s %s after the change", thread, fields[0], got)
 			}
 		}
 		f.Close()

@@ -30,6 +30,9 @@ func TestLookupRunAs(t *testing.T) {
 	}{
 		{spec: "65534", uid: 65534, gid: 65534, groups: []int{}},
 		{spec: "0", uid: 0, gid: 0, groups: []int{}},
+		{spec: "+65534", uid: 65534, gid: 65534, groups: []int{}},
+		{spec: " 65534", uid: 65534, gid: 65534, groups: []int{}},
+		{spec: "+", wantErr: "unknown user +"},
 		{spec: "root", uid: 0, gid: 0, groups: wantRootGroups},
 		{spec: "4294967295", wantErr: `means "unchanged"`},
 		{spec: "99999999999", wantErr: "uid outside the valid range"},

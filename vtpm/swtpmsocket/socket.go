@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -277,6 +278,9 @@ func parseSocketArgs(args []string, getenv func(string) string) (*socketConfig, 
 			name, val, hasVal = strings.Cut(a[2:], "=")
 		case strings.HasPrefix(a, "-") && len(a) == 2 && short[a[1:]] != "":
 			name = short[a[1:]]
+		case strings.HasPrefix(a, "-") && len(a) > 2 && a[1] != '-' && withValue[short[a[1:2]]]:
+			// getopt's joined value, as swtpm takes it: -rtss, -p2321.
+			name, val, hasVal = short[a[1:2]], a[2:], true
 		default:
 			return nil, fmt.Errorf("unexpected argument %q (options start with --)", a)
 		}
@@ -500,7 +504,8 @@ A TPM 2.0 (libtpms) served over swtpm's control and data channels.
                        the same number) before opening any file: sockets,
                        state, pid and log files are then that user's; needs
                        root. Supplementary groups become USER's (none for a
-                       number)
+                       number); no capability is left (a start that would
+                       keep one is refused)
 --pid file=F|fd=N      write the process ID
 --log file=F|fd=N[,level=n][,prefix=S][,truncate]
 --locality reject-locality-4
@@ -591,7 +596,13 @@ func printStates(w io.Writer, dir string) error {
 	states := []state{}
 	for _, name := range []string{"permall", "volatilestate", "savestate"} {
 		for _, file := range []string{"cvtpm." + name, "tpm2-00." + name} {
-			if fi, err := os.Stat(filepath.Join(dir, file)); err == nil && fi.Mode().IsRegular() {
+			fi, err := os.Stat(filepath.Join(dir, file))
+			if err != nil && !errors.Is(err, fs.ErrNotExist) {
+				// Unreadable is not absent: swtpm_setup --not-overwrite
+				// and libvirt would take it for "no state here".
+				return fmt.Errorf("--print-states: %w", err)
+			}
+			if err == nil && fi.Mode().IsRegular() {
 				states = append(states, state{name, fi.Size()})
 				break
 			}

@@ -70,6 +70,8 @@ func TestParseSocketArgs(t *testing.T) {
 		{"two key sources", []string{"--tpm2", "--tpmstate", "dir=/s", "--key", "file=/a,fd=3"}, none, "--key: give exactly one", nil},
 		{"runas", []string{"--tpm2", "--tpmstate", "dir=/s", "--runas", "tss"}, none, "", func(c *socketConfig) bool { return c.runas == "tss" }},
 		{"runas, short", []string{"--tpm2", "--tpmstate", "dir=/s", "-r", "65534"}, none, "", func(c *socketConfig) bool { return c.runas == "65534" }},
+		{"runas, joined", []string{"--tpm2", "--tpmstate", "dir=/s", "-rtss"}, none, "", func(c *socketConfig) bool { return c.runas == "tss" }},
+		{"port, joined", []string{"--tpm2", "--tpmstate", "dir=/s", "-p2321"}, none, "", func(c *socketConfig) bool { return c.server != nil && c.server.port == 2321 }},
 		{"runas, empty", []string{"--tpm2", "--tpmstate", "dir=/s", "--runas="}, none, "--runas: no user given", nil},
 		{"chroot", []string{"--tpm2", "--tpmstate", "dir=/s", "--chroot", "/srv/jail"}, none, "--chroot is not supported", nil},
 		{"backend uri", []string{"--tpm2", "--tpmstate", "backend-uri=file:///x"}, none, "--tpmstate: backend-uri", nil},
