@@ -31,6 +31,9 @@ func TestMain(m *testing.M) {
 	if what := os.Getenv("REVIEW_S32_CHILD"); what != "" {
 		os.Exit(reviewS32Child(what))
 	}
+	if os.Getenv("DROPIN_WRITES_CHILD") != "" {
+		os.Exit(dropInWritesChild())
+	}
 	os.Exit(m.Run())
 }
 

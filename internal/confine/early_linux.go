@@ -46,8 +46,8 @@ static void cvtpm_fail(const char *step) {
 	cvtpm_mounts_errno = errno ? errno : EINVAL;
 }
 
-// cvtpm_mkdirs creates base + path, component by component.
-static int cvtpm_mkdirs(const char *base, const char *path) {
+// cvtpm_mkdirs creates base + path, component by component, with mode.
+static int cvtpm_mkdirs(const char *base, const char *path, mode_t mode) {
 	char buf[4096];
 	if (strlen(base) + strlen(path) + 2 >= sizeof buf) {
 		errno = ENAMETOOLONG;
@@ -66,7 +66,7 @@ static int cvtpm_mkdirs(const char *base, const char *path) {
 		buf[l] = '/';
 		memcpy(buf + l + 1, p, n);
 		buf[l + 1 + n] = 0;
-		if (mkdir(buf, 0755) != 0 && errno != EEXIST) {
+		if (mkdir(buf, mode) != 0 && errno != EEXIST) {
 			return -1;
 		}
 		p += n;
@@ -172,7 +172,7 @@ static void cvtpm_isolate_mounts(const char *state_root) {
 	char target[4096], old[4096];
 	snprintf(target, sizeof target, "%s%s", state_root, state_root);
 	snprintf(old, sizeof old, "%s/.oldroot", state_root);
-	if (cvtpm_mkdirs(state_root, state_root) != 0 || cvtpm_mkdirs(state_root, "/.oldroot") != 0) {
+	if (cvtpm_mkdirs(state_root, state_root, 0755) != 0 || cvtpm_mkdirs(state_root, "/.oldroot", 0755) != 0) {
 		cvtpm_fail("making the new root's directories");
 		return;
 	}
@@ -445,6 +445,276 @@ static void cvtpm_no_writes_in_proc_sys(void) {
 	cvtpm_landlock_errno = 0;
 }
 
+// The drop-in's second Landlock layer: writes only where its command
+// line says it writes. Access rights of Landlock's file system ABI.
+#define CVTPM_LL_WRITE_FILE (1ULL << 1)
+#define CVTPM_LL_REMOVE_DIR (1ULL << 4)
+#define CVTPM_LL_REMOVE_FILE (1ULL << 5)
+#define CVTPM_LL_MAKE_CHAR (1ULL << 6)
+#define CVTPM_LL_MAKE_DIR (1ULL << 7)
+#define CVTPM_LL_MAKE_REG (1ULL << 8)
+#define CVTPM_LL_MAKE_SOCK (1ULL << 9)
+#define CVTPM_LL_MAKE_FIFO (1ULL << 10)
+#define CVTPM_LL_MAKE_BLOCK (1ULL << 11)
+#define CVTPM_LL_MAKE_SYM (1ULL << 12)
+#define CVTPM_LL_TRUNCATE (1ULL << 14) // ABI 3 (Linux 6.2)
+#define CVTPM_LL_CREATE_RULESET_VERSION 1
+
+// What the second layer did: -1 not attempted, 0 done, or the errno of
+// the step that failed (cvtpm_named_step).
+static int cvtpm_named_errno = -1;
+static const char *cvtpm_named_step = "";
+static char cvtpm_named_path[4096];
+static int cvtpm_named_state_missing = 0;
+
+static void cvtpm_named_fail(const char *step, const char *path) {
+	cvtpm_named_errno = errno ? errno : EINVAL;
+	cvtpm_named_step = step;
+	snprintf(cvtpm_named_path, sizeof cvtpm_named_path, "%s", path ? path : "");
+}
+
+// cvtpm_param copies the value of key in an option value "k=v,k2,k3=v3"
+// (swtpm's syntax, as vtpm/swtpmsocket parses it) to out, "" for a bare
+// key; NULL if absent.
+static const char *cvtpm_param(const char *val, const char *key, char *out, size_t n) {
+	size_t kl = strlen(key);
+	for (const char *p = val; p != NULL && *p;) {
+		const char *e = strchr(p, ',');
+		size_t l = e ? (size_t)(e - p) : strlen(p);
+		if (l >= kl && strncmp(p, key, kl) == 0 && (l == kl || p[kl] == '=')) {
+			size_t vl = l == kl ? 0 : l - kl - 1;
+			if (vl >= n) {
+				return NULL;
+			}
+			memcpy(out, p + l - vl, vl);
+			out[vl] = 0;
+			return out;
+		}
+		p = e ? e + 1 : NULL;
+	}
+	return NULL;
+}
+
+// cvtpm_parent copies the directory that holds path to out.
+static void cvtpm_parent(const char *path, char *out, size_t n) {
+	snprintf(out, n, "%s", path);
+	size_t l = strlen(out);
+	while (l > 1 && out[l - 1] == '/') {
+		out[--l] = 0;
+	}
+	char *slash = strrchr(out, '/');
+	if (slash == NULL) {
+		snprintf(out, n, ".");
+	} else if (slash == out) {
+		out[1] = 0;
+	} else {
+		*slash = 0;
+	}
+}
+
+// cvtpm_allow adds a rule granting rights beneath (or on) path; a file
+// takes only the rights that apply to files. A path that cannot be opened
+// gets no rule (the start then fails on it, naming it). 0, or -1 with the
+// failure recorded.
+static int cvtpm_allow(int rs, const char *path, uint64_t rights, uint64_t handled) {
+	int fd = open(path, O_PATH | O_CLOEXEC);
+	if (fd < 0) {
+		return 0;
+	}
+	struct stat st;
+	if (fstat(fd, &st) == 0 && !S_ISDIR(st.st_mode)) {
+		rights &= CVTPM_LL_WRITE_FILE | CVTPM_LL_TRUNCATE;
+	}
+	struct cvtpm_landlock_path_beneath_attr pb = {rights & handled, fd};
+	long r = pb.allowed_access ? syscall(CVTPM_SYS_landlock_add_rule, rs, CVTPM_LANDLOCK_RULE_PATH_BENEATH, &pb, 0) : 0;
+	int e = errno;
+	close(fd);
+	if (r != 0) {
+		errno = e;
+		cvtpm_named_fail("adding a Landlock rule for", path);
+		return -1;
+	}
+	return 0;
+}
+
+// cvtpm_allow_file lets the process write one file (create, write,
+// truncate), which it may create first: a rule on a directory covers
+// everything beneath it, so a file that exists gets a rule of its own and
+// its directory none. One that does not is created here (empty, mode as
+// Go would give it) unless the process will change user (--runas), which
+// needs Go's create as that user: then its directory gets the rule.
+static int cvtpm_allow_file(int rs, const char *path, mode_t mode, int runas, uint64_t handled) {
+	char dir[4096];
+	if (access(path, F_OK) != 0 && errno == ENOENT && !runas) {
+		int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, mode);
+		if (fd >= 0) {
+			close(fd);
+		}
+	}
+	if (access(path, F_OK) == 0) {
+		return cvtpm_allow(rs, path, CVTPM_LL_WRITE_FILE | CVTPM_LL_TRUNCATE, handled);
+	}
+	cvtpm_parent(path, dir, sizeof dir);
+	return cvtpm_allow(rs, dir, CVTPM_LL_MAKE_REG | CVTPM_LL_WRITE_FILE | CVTPM_LL_TRUNCATE, handled);
+}
+
+static int cvtpm_wants_runas(int argc, char **argv);
+
+// The drop-in's paths, as the Go parser keeps them: the last of each.
+struct cvtpm_named {
+	char state[4096], server[4096], ctrl[4096], pid[4096], log[4096], key[2][4096];
+};
+
+// cvtpm_writes_only_where_named confines a drop-in (not --seccomp
+// action=none) to writing where its command line says it writes: beneath
+// its state directory (--tpmstate dir= or backend-uri=dir://, else
+// TPM_PATH), created if missing; its pid and log files; its unix sockets'
+// directories (create a socket; remove one, a stale one at start and its
+// own at exit), the pid file's directory (remove it at exit), a key
+// file's directory with remove=, and /dev/null. Every other file the user
+// may write (other instances' state, the user's home) can no longer be
+// created, written, truncated, renamed or removed. A second Landlock
+// layer, on top of cvtpm_no_writes_in_proc_sys's, for the same reason
+// done here: while the process has one thread.
+static void cvtpm_writes_only_where_named(int argc, char **argv) {
+	static const char *valued[] = {"server", "ctrl", "tpmstate", "flags", "pid", "log", "key", "migration-key",
+		"migration", "locality", "seccomp", "mssim", "runas", "chroot", "port", "fd", NULL};
+	static struct cvtpm_named nm;
+	errno = 0;
+	long abi = syscall(CVTPM_SYS_landlock_create_ruleset, NULL, 0, CVTPM_LL_CREATE_RULESET_VERSION);
+	if (abi < 1) {
+		cvtpm_named_fail("asking the Landlock ABI version", NULL);
+		return;
+	}
+	uint64_t handled = CVTPM_LL_WRITE_FILE | CVTPM_LL_REMOVE_DIR | CVTPM_LL_REMOVE_FILE | CVTPM_LL_MAKE_CHAR |
+		CVTPM_LL_MAKE_DIR | CVTPM_LL_MAKE_REG | CVTPM_LL_MAKE_SOCK | CVTPM_LL_MAKE_FIFO | CVTPM_LL_MAKE_BLOCK |
+		CVTPM_LL_MAKE_SYM | (abi >= 3 ? CVTPM_LL_TRUNCATE : 0);
+	memset(&nm, 0, sizeof nm);
+	int runas = cvtpm_wants_runas(argc, argv);
+	char v[4096], t[64];
+	for (int i = 2; i < argc && argv[i] != NULL; i++) {
+		const char *a = argv[i], *name = NULL, *val = NULL;
+		if (strncmp(a, "--", 2) != 0) {
+			continue;
+		}
+		for (int k = 0; valued[k] != NULL; k++) {
+			size_t l = strlen(valued[k]);
+			if (strncmp(a + 2, valued[k], l) == 0 && (a[2 + l] == 0 || a[2 + l] == '=')) {
+				name = valued[k];
+				if (a[2 + l] == '=') {
+					val = a + 3 + l;
+				} else if (i + 1 < argc && argv[i + 1] != NULL) {
+					val = argv[++i];
+				}
+				break;
+			}
+		}
+		if (name == NULL || val == NULL) {
+			continue;
+		}
+		if (strcmp(name, "tpmstate") == 0) {
+			nm.state[0] = 0;
+			if (cvtpm_param(val, "dir", v, sizeof v) && *v) {
+				snprintf(nm.state, sizeof nm.state, "%s", v);
+			} else if (cvtpm_param(val, "backend-uri", v, sizeof v) && strncmp(v, "dir://", 6) == 0) {
+				snprintf(nm.state, sizeof nm.state, "%s", v + 6);
+			}
+		} else if (strcmp(name, "server") == 0 || strcmp(name, "ctrl") == 0) {
+			char *dst = strcmp(name, "server") == 0 ? nm.server : nm.ctrl;
+			dst[0] = 0;
+			if (cvtpm_param(val, "type", t, sizeof t) && strcmp(t, "unixio") == 0 && cvtpm_param(val, "path", v, sizeof v) && *v) {
+				snprintf(dst, sizeof nm.server, "%s", v);
+			}
+		} else if (strcmp(name, "pid") == 0) {
+			nm.pid[0] = 0;
+			if (cvtpm_param(val, "file", v, sizeof v) && *v) {
+				snprintf(nm.pid, sizeof nm.pid, "%s", v);
+			}
+		} else if (strcmp(name, "log") == 0) {
+			nm.log[0] = 0;
+			if (cvtpm_param(val, "file", v, sizeof v) && *v && strcmp(v, "-") != 0) {
+				snprintf(nm.log, sizeof nm.log, "%s", v);
+			}
+		} else if (strcmp(name, "key") == 0 || strcmp(name, "migration-key") == 0) {
+			char *dst = nm.key[strcmp(name, "key") == 0 ? 0 : 1];
+			dst[0] = 0;
+			// remove as vtpm/swtpmsocket's paramBool reads it: bare, true, 1, yes.
+			if (cvtpm_param(val, "remove", t, sizeof t) &&
+				(!*t || strcmp(t, "true") == 0 || strcmp(t, "1") == 0 || strcmp(t, "yes") == 0) &&
+				((cvtpm_param(val, "file", v, sizeof v) && *v) || (cvtpm_param(val, "pwdfile", v, sizeof v) && *v))) {
+				snprintf(dst, sizeof nm.key[0], "%s", v);
+			}
+		}
+	}
+	if (!nm.state[0]) {
+		const char *env = getenv("TPM_PATH");
+		if (env != NULL) {
+			snprintf(nm.state, sizeof nm.state, "%s", env);
+		}
+	}
+	struct stat st;
+	if (nm.state[0] && stat(nm.state, &st) != 0 && errno == ENOENT) {
+		// A rule needs the directory itself (one on the directory above
+		// would open its siblings, other instances' state), so it is
+		// created here, as Go's MkdirAll would (mode 0750); not for a
+		// process that will change user (it would be root's), nor
+		// directly in / (the first layer covers only what / held at
+		// start: Go refuses that with its reason). Then Go refuses.
+		cvtpm_parent(nm.state, v, sizeof v);
+		if (runas || strcmp(v, "/") == 0 || cvtpm_mkdirs(nm.state[0] == '/' ? "" : ".", nm.state, 0750) != 0) {
+			cvtpm_named_state_missing = 1;
+			return;
+		}
+	}
+	struct cvtpm_landlock_ruleset_attr attr = {handled};
+	int rs = syscall(CVTPM_SYS_landlock_create_ruleset, &attr, sizeof attr, 0);
+	if (rs < 0) {
+		cvtpm_named_fail("creating a Landlock ruleset", NULL);
+		return;
+	}
+	int failed = cvtpm_allow(rs, "/dev/null", CVTPM_LL_WRITE_FILE, handled);
+	if (!failed && nm.state[0]) {
+		failed = cvtpm_allow(rs, nm.state, handled, handled);
+	}
+	const char *sockets[2] = {nm.server, nm.ctrl};
+	for (int i = 0; !failed && i < 2; i++) {
+		if (sockets[i][0]) {
+			cvtpm_parent(sockets[i], v, sizeof v);
+			failed = cvtpm_allow(rs, v, CVTPM_LL_MAKE_SOCK | CVTPM_LL_REMOVE_FILE, handled);
+		}
+	}
+	if (!failed && nm.pid[0]) {
+		failed = cvtpm_allow_file(rs, nm.pid, 0644, runas, handled);
+		cvtpm_parent(nm.pid, v, sizeof v);
+		failed = failed || cvtpm_allow(rs, v, CVTPM_LL_REMOVE_FILE, handled);
+	}
+	if (!failed && nm.log[0]) {
+		failed = cvtpm_allow_file(rs, nm.log, 0640, runas, handled);
+	}
+	for (int i = 0; !failed && i < 2; i++) {
+		if (nm.key[i][0]) {
+			cvtpm_parent(nm.key[i], v, sizeof v);
+			failed = cvtpm_allow(rs, v, CVTPM_LL_REMOVE_FILE, handled);
+		}
+	}
+	if (failed) {
+		close(rs);
+		return;
+	}
+	if (syscall(CVTPM_SYS_landlock_restrict_self, rs, 0) != 0) {
+		cvtpm_named_fail("landlock_restrict_self", NULL);
+		close(rs);
+		return;
+	}
+	close(rs);
+	cvtpm_named_errno = 0;
+}
+
+static int cvtpm_named_state_is_missing(void) { return cvtpm_named_state_missing; }
+static int cvtpm_named_result(void) { return cvtpm_named_errno; }
+static const char *cvtpm_named_failed_step(void) { return cvtpm_named_step; }
+static const char *cvtpm_named_failed_path(void) { return cvtpm_named_path; }
+
 static int cvtpm_landlock_result(void) { return cvtpm_landlock_errno; }
 static int cvtpm_landlock_none(void) { return cvtpm_landlock_unavailable; }
 static const char *cvtpm_landlock_failed_step(void) { return cvtpm_landlock_step; }
@@ -543,6 +813,9 @@ __attribute__((constructor)) static void cvtpm_confine_worker_early(int argc, ch
 			}
 			if (!cvtpm_unconfined(argc, argv)) {
 				cvtpm_no_writes_in_proc_sys();
+				if (cvtpm_landlock_errno == 0) {
+					cvtpm_writes_only_where_named(argc, argv);
+				}
 			}
 		}
 		return;
@@ -628,22 +901,44 @@ func NotDumpable() error {
 var ErrNoLandlock = errors.New("confine: Landlock is not available to this process")
 
 // DropInLandlock reports what the swtpm drop-in's constructor did, before
-// the Go runtime started, about files beneath /proc and /sys: nil if the
-// process (every thread of it) can no longer open one for writing, most
-// of all /proc/self/mem, through which it could write its own code past
-// the seccomp filter's refusal of executable memory. ok is false if it was
-// not attempted (not a drop-in's command line, or --seccomp action=none).
+// the Go runtime started, with Landlock: nil if the process (every thread
+// of it) can no longer open a file beneath /proc or /sys for writing,
+// most of all /proc/self/mem, through which it could write its own code
+// past the seccomp filter's refusal of executable memory; and can create,
+// write, truncate, rename or remove files only where its command line
+// says it writes (its state directory, its sockets', pid file's and log
+// file's directories, /dev/null). ok is false if it was not attempted
+// (not a drop-in's command line, or --seccomp action=none).
 func DropInLandlock() (ok bool, err error) {
 	switch e := int(C.cvtpm_landlock_result()); {
 	case e == -1:
 		return false, nil
 	case e == 0:
+		if n := int(C.cvtpm_named_result()); n > 0 {
+			what := C.GoString(C.cvtpm_named_failed_step())
+			if p := C.GoString(C.cvtpm_named_failed_path()); p != "" {
+				what += " " + p
+			}
+			return true, fmt.Errorf("confining writes to the paths the command line names (%s): %w", what, syscall.Errno(n))
+		}
 		return true, nil
 	case C.cvtpm_landlock_none() != 0:
 		return true, fmt.Errorf("%w (%s): %w", ErrNoLandlock, C.GoString(C.cvtpm_landlock_failed_step()), syscall.Errno(e))
 	default:
 		return true, fmt.Errorf("confining writes beneath /proc and /sys (%s): %w", C.GoString(C.cvtpm_landlock_failed_step()), syscall.Errno(e))
 	}
+}
+
+// DropInStateDirMissing reports that the drop-in's constructor found no
+// state directory where its command line names one (--tpmstate dir=,
+// backend-uri=dir://, TPM_PATH) and did not create it (the process will
+// change user, or the directory would be directly in /), and so did not
+// confine its writes: a Landlock rule must name the directory itself, and
+// one on the directory above would open its siblings, other instances'
+// state among them. The drop-in refuses to start then; swtpm needs the
+// directory to exist too.
+func DropInStateDirMissing() bool {
+	return C.cvtpm_named_state_is_missing() != 0
 }
 
 // DropInInherited is the descriptors above stderr the process had when it

@@ -514,16 +514,20 @@ A TPM 2.0 (libtpms) served over swtpm's control and data channels.
                        the process keeps only the system calls serving
                        takes (an allow-list, internal/confine: no exec,
                        socket, connect, ioctl, executable memory, ptrace
-                       or signals to others; files its user may open
-                       stay reachable); any other call kills it (kill,
+                       or signals to others); any other call kills it (kill,
                        the default, as swtpm's), is logged by the kernel
                        and allowed (log), or no filter is installed
-                       (none). Unless none, files beneath /proc and
-                       /sys cannot be opened for writing from the start
-                       (Landlock). Whatever the action, descriptors the
-                       process inherited, no option names (fd=,
-                       clientfd=, pwdfd=, --pid fd=, --log fd=) and that
-                       hold no lock are closed first
+                       (none). Unless none, from the start (Landlock)
+                       no file beneath /proc or /sys opens for writing,
+                       and files are created, written, truncated,
+                       renamed or removed only beneath the state
+                       directory (created first if missing), in the pid
+                       and log files and /dev/null; sockets are made and
+                       files removed in the sockets' directories, the
+                       pid file removed in its own. Whatever the action,
+                       descriptors the process inherited, no option
+                       names (fd=, clientfd=, pwdfd=, --pid fd=, --log
+                       fd=) and that hold no lock are closed first
 --print-capabilities   print swtpm-style capabilities JSON and exit
 --daemon               run in the background once the sockets listen
 -t, --terminate        exit when the data connection is lost
@@ -786,6 +790,9 @@ func serveSocket(ctx context.Context, cfg *socketConfig) (err error) {
 	}
 	defer closeLog()
 
+	if confine.DropInStateDirMissing() {
+		return fmt.Errorf("--tpmstate: %s does not exist: create it first, as swtpm needs (with --runas the drop-in does not create it as root, and its writes are confined to that directory before it becomes the user)", cfg.stateDir)
+	}
 	if err := os.MkdirAll(cfg.stateDir, 0o750); err != nil {
 		return fmt.Errorf("--tpmstate: %w", err)
 	}
