@@ -134,6 +134,18 @@ func TestDropInRunAsNumeric(t *testing.T) {
 	}
 }
 
+// TestDropInRunAsRoot: --runas root (or 0) is root, as with swtpm: not
+// refused for keeping root's capabilities.
+func TestDropInRunAsRoot(t *testing.T) {
+	needRootAndNobody(t)
+	for _, who := range []string{"root", "0"} {
+		srv := testenv.StartSocket(t, testenv.Cvtpm, testenv.Options{StateDir: runAsStateDir(t), RunAs: who})
+		if uid, err := testenv.ProcStatus(srv.Cmd.Process.Pid, "Uid"); err != nil || uid != "0\t0\t0\t0" {
+			t.Errorf("--runas %s: Uid %q, %v", who, uid, err)
+		}
+	}
+}
+
 // TestDropInRunAsRefused: a user that does not exist, and a state directory
 // the user may not write, end the start with an error naming them; swtpm
 // refuses both too.
