@@ -590,7 +590,16 @@ static void cvtpm_writes_only_where_named(int argc, char **argv) {
 		CVTPM_LL_MAKE_DIR | CVTPM_LL_MAKE_REG | CVTPM_LL_MAKE_SOCK | CVTPM_LL_MAKE_FIFO | CVTPM_LL_MAKE_BLOCK |
 		CVTPM_LL_MAKE_SYM | (abi >= 3 ? CVTPM_LL_TRUNCATE : 0);
 	memset(&nm, 0, sizeof nm);
-	int runas = cvtpm_wants_runas(argc, argv);
+	// A process that only answers a question (--print-states from
+	// swtpm_setup, --print-capabilities, --help, --version) creates
+	// nothing: no state directory, pid or log file made for it.
+	int runas = cvtpm_wants_runas(argc, argv), query = 0;
+	for (int i = 2; i < argc && argv[i] != NULL; i++) {
+		const char *a = argv[i];
+		query |= strcmp(a, "--print-states") == 0 || strcmp(a, "--print-capabilities") == 0 ||
+			strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0 || strcmp(a, "--version") == 0 || strcmp(a, "-v") == 0;
+	}
+	runas |= query; // creates nothing, as under --runas
 	char v[4096], t[64];
 	for (int i = 2; i < argc && argv[i] != NULL; i++) {
 		const char *a = argv[i], *name = NULL, *val = NULL;
